@@ -1,0 +1,660 @@
+"""Configuration: one TOML file turned into frozen dataclasses.
+
+Every problem is found at start-up, before a socket is opened, and is reported as a
+:class:`ConfigError` naming the file, the dotted key (``smtp.listen[1]``) and what was
+expected, so that an administrator can fix the file without reading the source.
+
+Validation is table-driven: each table is a dataclass plus a mapping of its keys to a
+:class:`_Key` (a description of what the key takes and a converter).  A key that is absent
+from the file takes the dataclass default; a dataclass field without a default is a
+required key.  Unknown keys are errors rather than being ignored, because a misspelt
+``max_recipents`` silently keeping its default is the kind of mistake nobody notices until
+it matters.
+
+The only I/O here is reading the configuration file (:func:`load_config`) and creating and
+probing the two data directories (:func:`prepare_directories`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import math
+import os
+import re
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mailsrv.address import normalise_domain
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "ConfigError",
+    "DomainsConfig",
+    "MailboxesConfig",
+    "QueueConfig",
+    "RelayConfig",
+    "SmtpConfig",
+    "demo_config",
+    "load_config",
+    "parse_config",
+    "prepare_directories",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailsrv/mailsrv.toml")
+
+#: What ConfigError.file says when the configuration is the built-in demo.
+DEMO_SOURCE = "<built-in demo>"
+
+
+class ConfigError(Exception):
+    """A configuration problem found at start-up.
+
+    ``str(err)`` is ``"<file>: <key>: <expected>"``, e.g.
+    ``/etc/mailsrv/mailsrv.toml: smtp.max_recipients: expected an integer >= 1, got 'ten'``.
+    """
+
+    def __init__(self, file: str | os.PathLike[str] | None, key: str, expected: str) -> None:
+        self.file: str = DEMO_SOURCE if file is None else os.fspath(file)
+        self.key = key
+        self.expected = expected
+        super().__init__(f"{self.file}: {key}: {expected}")
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The SMTP listener and the limits it enforces on every client."""
+
+    listen: tuple[str, ...] = ("tcp:25",)  # Twisted server endpoint strings
+    max_message_size: int = 26214400  # bytes, advertised with SIZE
+    max_recipients: int = 100  # per transaction; more get 452 4.5.3
+    idle_timeout: float = 300.0  # seconds without a command before 421 4.4.2
+    data_timeout: float = 600.0  # seconds the whole DATA phase may take
+    max_connections: int = 100  # in total
+    max_connections_per_ip: int = 10
+    max_received_headers: int = 50  # more Received: hops than this is a loop (554 5.4.6)
+    reverse_dns: bool = True  # look up the client's PTR name for Received:
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    """The domains whose mail is delivered here (normalised: lowercase IDNA A-labels)."""
+
+    local: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MailboxesConfig:
+    """Where local mail goes and who may receive it."""
+
+    root: Path  # <root>/<domain>/<user>/{tmp,new,cur}
+    users: Path | None = None  # None: every safe local part of a local domain is a mailbox
+    aliases: Path | None = None
+    recipient_delimiter: str = "+"  # "" disables plus-addressing
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The durable outbound queue."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Who may relay, and how remote mail is sent."""
+
+    trusted_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    dns_servers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
+    port: int = 25  # port used on MX hosts (tests use another)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration.  ``source`` is the file it came from, None for the demo."""
+
+    hostname: str
+    smtp: SmtpConfig
+    domains: DomainsConfig
+    mailboxes: MailboxesConfig
+    queue: QueueConfig
+    relay: RelayConfig
+    source: Path | None = None
+
+
+# --------------------------------------------------------------------------- validators
+
+
+class _Invalid(Exception):
+    """Raised by a converter; parse_config turns it into a ConfigError with file and key.
+
+    ``where`` is appended to the key (``"[1]"`` for the second list element); ``why`` is an
+    optional explanation added after the offending value.
+    """
+
+    def __init__(self, wanted: str, value: Any, where: str = "", why: str = "") -> None:
+        expected = f"expected {wanted}, got {value!r}"
+        if why:
+            expected += f" ({why})"
+        super().__init__(expected)
+        self.expected = expected
+        self.where = where
+
+
+#: A converter takes the TOML value and the directory relative paths are resolved against,
+#: and returns the Python value or raises _Invalid.
+Converter = Callable[[Any, Path], Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    wanted: str  # what the key takes, in words: used when it is missing
+    convert: Converter
+
+
+def _integer(minimum: int, maximum: int | None = None) -> _Key:
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        wanted = f"an integer from {minimum} to {maximum}"
+
+    def convert(value: Any, base: Path) -> int:
+        # type() rather than isinstance(): TOML true is a bool, and bool is a subclass of int.
+        if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+            raise _Invalid(wanted, value)
+        return value
+
+    return _Key(wanted, convert)
+
+
+def _seconds() -> _Key:
+    wanted = "a number of seconds > 0"
+
+    def convert(value: Any, base: Path) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise _Invalid(wanted, value)
+        return float(value)
+
+    return _Key(wanted, convert)
+
+
+def _boolean() -> _Key:
+    wanted = "true or false"
+
+    def convert(value: Any, base: Path) -> bool:
+        if type(value) is not bool:
+            raise _Invalid(wanted, value)
+        return value
+
+    return _Key(wanted, convert)
+
+
+def _path() -> _Key:
+    wanted = "a path (a non-empty string)"
+
+    def convert(value: Any, base: Path) -> Path:
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise _Invalid(wanted, value)
+        # Relative paths are relative to the configuration file, not to wherever twistd
+        # happened to be started; an absolute path makes ``base /`` a no-op.
+        return base / value
+
+    return _Key(wanted, convert)
+
+
+def _delimiter() -> _Key:
+    allowed = "+-_="
+    wanted = f'"" or one of the characters {allowed}'
+
+    def convert(value: Any, base: Path) -> str:
+        # Substring test: "" (plus-addressing off) is in every string; len() stops "+-".
+        if not isinstance(value, str) or len(value) > 1 or value not in allowed:
+            raise _Invalid(wanted, value)
+        return value
+
+    return _Key(wanted, convert)
+
+
+def _list_of(
+    wanted: str, element_wanted: str, element: Callable[[str], Any], non_empty: bool
+) -> _Key:
+    """A list of strings, each converted by ``element`` (which raises ValueError with a reason)."""
+
+    def convert(value: Any, base: Path) -> tuple[Any, ...]:
+        if not isinstance(value, list) or (non_empty and not value):
+            raise _Invalid(wanted, value)
+        result = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _Invalid(element_wanted, item, where=f"[{index}]")
+            try:
+                result.append(element(item))
+            except ValueError as exc:
+                raise _Invalid(element_wanted, item, where=f"[{index}]", why=str(exc)) from None
+        return tuple(result)
+
+    return _Key(wanted, convert)
+
+
+# ----- domain names (normalised by address.normalise_domain, so that the domains here and
+# the domains of RCPT TO compare with ==)
+
+
+def _domain_list() -> _Key:
+    inner = _list_of(
+        "a non-empty list of domain names", "a domain name", normalise_domain, non_empty=True
+    )
+
+    def convert(value: Any, base: Path) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(inner.convert(value, base)))  # de-duplicate, keep order
+
+    return _Key(inner.wanted, convert)
+
+
+def _hostname() -> _Key:
+    wanted = "a domain name"
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str):
+            raise _Invalid(wanted, value)
+        try:
+            return normalise_domain(value)
+        except ValueError as exc:
+            raise _Invalid(wanted, value, why=str(exc)) from None
+
+    return _Key(wanted, convert)
+
+
+# ----- listen endpoints
+
+# Parameter names of Twisted's server endpoint parsers, in their positional order
+# (twisted.internet.endpoints._parseTCP, _TCP6ServerParser._parseServer, _parseSSL,
+# _parseUNIX; identical in Twisted 22.4 and 26.10).
+_ENDPOINT_PARAMS: dict[str, tuple[str, ...]] = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
+# ssl needs privateKey: Twisted's default is "server.pem" in the current directory.
+_ENDPOINT_REQUIRED: dict[str, tuple[str, ...]] = {
+    "tcp": ("port",),
+    "tcp6": ("port",),
+    "ssl": ("port", "privateKey"),
+    "unix": ("address",),
+}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_decimal(text: str, low: int, high: int) -> bool:
+    return text.isascii() and text.isdigit() and low <= int(text) <= high
+
+
+# option name -> (what it takes, test)
+_ENDPOINT_OPTIONS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "port": ("a number from 0 to 65535", lambda v: _is_decimal(v, 0, 65535)),
+    "interface": ("an IP address", _is_ip),
+    "backlog": ("an integer >= 1", lambda v: _is_decimal(v, 1, 2**31 - 1)),
+    "address": ("a socket path", bool),
+    "mode": ("an octal mode such as 660", lambda v: re.fullmatch(r"[0-7]{1,4}", v) is not None),
+    "lockfile": ("0 or 1", lambda v: v in ("0", "1")),
+    "privateKey": ("a file name", bool),
+    "certKey": ("a file name", bool),
+    "extraCertChain": ("a file name", bool),
+    "dhParameters": ("a file name", bool),
+    "sslmethod": ("an OpenSSL method name such as TLS_METHOD", str.isidentifier),
+}
+
+
+def _split_endpoint(text: str) -> list[list[str]]:
+    """Split an endpoint string the way Twisted's ``endpoints._parse`` does.
+
+    ``:`` separates fields, the first ``=`` of a field makes it ``key=value``, and a
+    backslash takes the next character literally (``interface=\\:\\:1``).  Each field is
+    returned as ``[value]`` or ``[key, value]``.
+    """
+    fields: list[list[str]] = []
+    current = [""]
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("ends with a lone backslash")
+            current[-1] += escaped
+        elif char == ":":
+            fields.append(current)
+            current = [""]
+        elif char == "=" and len(current) == 1:
+            current.append("")
+        else:
+            current[-1] += char
+    fields.append(current)
+    return fields
+
+
+def _check_endpoint(text: str) -> str:
+    """Validate one Twisted server endpoint string; return it unchanged.
+
+    Only the endpoint types mailsrv supports are accepted, with the options Twisted's own
+    parser takes, so a typo fails here with a clear message instead of in the reactor.
+    """
+    try:
+        _check_endpoint_fields(_split_endpoint(text))
+    except ValueError as exc:
+        # The classic mistake: "interface=::1" is split at its colons into other fields.
+        unescaped = re.search(r"interface=([0-9A-Fa-f.:]*)", text)
+        if unescaped and unescaped.group(1).count(":") >= 2:
+            raise ValueError(f"{exc}; escape the colons of an IPv6 address: \\:") from None
+        raise
+    return text
+
+
+def _check_endpoint_fields(fields: list[list[str]]) -> None:
+    kind = fields[0][0] if len(fields[0]) == 1 else ""
+    if kind not in _ENDPOINT_PARAMS:
+        raise ValueError(f"the type must be one of {', '.join(_ENDPOINT_PARAMS)}")
+    params = _ENDPOINT_PARAMS[kind]
+    # As in Twisted, plain values fill the parameters in order wherever they appear, and
+    # key=value fields name them.
+    positional = [field[0] for field in fields[1:] if len(field) == 1]
+    if len(positional) > len(params):
+        raise ValueError(f"too many plain values for {kind} (it takes {', '.join(params)})")
+    named = [(params[i], value) for i, value in enumerate(positional)]
+    named += [(field[0], field[1]) for field in fields[1:] if len(field) == 2]
+    options: dict[str, str] = {}
+    for name, value in named:
+        if name not in params:
+            raise ValueError(f"unknown option {name!r} for {kind} (allowed: {', '.join(params)})")
+        if name in options:
+            raise ValueError(f"{name} given twice")
+        options[name] = value
+    for name in _ENDPOINT_REQUIRED[kind]:
+        if name not in options:
+            raise ValueError(f"{kind} needs {name}")
+    for name, value in options.items():
+        what, test = _ENDPOINT_OPTIONS[name]
+        if not test(value):
+            raise ValueError(f"{name} must be {what}")
+
+
+def _listen() -> _Key:
+    return _list_of(
+        "a non-empty list of endpoint strings",
+        "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', "
+        "'ssl:465:privateKey=key.pem:certKey=cert.pem' or 'unix:/run/mailsrv.sock'",
+        _check_endpoint,
+        non_empty=True,
+    )
+
+
+# ----- relay
+
+
+def _network(text: str) -> IPNetwork:
+    # strict=True: "10.0.0.1/8" is almost certainly a typo for a host or for "10.0.0.0/8",
+    # and guessing which one would silently widen who may relay.
+    return ipaddress.ip_network(text, strict=True)
+
+
+def _dns_server(text: str) -> tuple[str, int]:
+    """``"192.0.2.1"``, ``"192.0.2.1:5353"``, ``"::1"`` or ``"[::1]:5353"`` -> (host, port)."""
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+        if not isinstance(_ip(host), ipaddress.IPv6Address):
+            raise ValueError("only an IPv6 address goes in brackets")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        if not isinstance(_ip(host), ipaddress.IPv4Address):
+            raise ValueError("write an IPv6 address with a port as [address]:port")
+    else:
+        host, port = text, None
+    address = _ip(host)
+    if port is None:
+        return (str(address), 53)
+    if not _is_decimal(port, 1, 65535):
+        raise ValueError("the port must be from 1 to 65535")
+    return (str(address), int(port))
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+# --------------------------------------------------------------------------- schema
+
+# table name -> (dataclass, its keys).  Required keys are the dataclass fields without a
+# default; a table holding a required key is itself required.
+_TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
+    "smtp": (
+        SmtpConfig,
+        {
+            "listen": _listen(),
+            "max_message_size": _integer(1024),
+            "max_recipients": _integer(1),
+            "idle_timeout": _seconds(),
+            "data_timeout": _seconds(),
+            "max_connections": _integer(1),
+            "max_connections_per_ip": _integer(1),
+            "max_received_headers": _integer(1),
+            "reverse_dns": _boolean(),
+        },
+    ),
+    "domains": (DomainsConfig, {"local": _domain_list()}),
+    "mailboxes": (
+        MailboxesConfig,
+        {
+            "root": _path(),
+            "users": _path(),
+            "aliases": _path(),
+            "recipient_delimiter": _delimiter(),
+        },
+    ),
+    "queue": (QueueConfig, {"path": _path()}),
+    "relay": (
+        RelayConfig,
+        {
+            "trusted_networks": _list_of(
+                "a list of networks",
+                "a network such as '192.0.2.0/24' or '2001:db8::/32' with no host bits set",
+                _network,
+                non_empty=False,
+            ),
+            "dns_servers": _list_of(
+                "a list of DNS server addresses",
+                "an IP address with an optional port: '192.0.2.53', '192.0.2.53:5353', "
+                "'2001:db8::53' or '[2001:db8::53]:5353'",
+                _dns_server,
+                non_empty=False,
+            ),
+            "port": _integer(1, 65535),
+        },
+    ),
+}
+_TOP_LEVEL_KEYS = ("hostname", *_TABLES)
+_HOSTNAME = _hostname()
+
+
+def _required_fields(cls: type) -> list[str]:
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+
+
+def _reject_unknown(
+    table: dict[str, Any], allowed: tuple[str, ...], prefix: str, source: Path | None
+) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                source, f"{prefix}{key}", f"unknown key; allowed keys: {', '.join(allowed)}"
+            )
+
+
+def _build_table(name: str, raw: Any, base: Path, source: Path | None) -> Any:
+    cls, keys = _TABLES[name]
+    required = _required_fields(cls)
+    if raw is None:
+        if required:
+            raise ConfigError(
+                source,
+                name,
+                f"missing required table; expected a [{name}] table with {', '.join(required)}",
+            )
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, name, f"expected a table, got {raw!r}")
+    _reject_unknown(raw, tuple(keys), f"{name}.", source)
+    values: dict[str, Any] = {}
+    for key, spec in keys.items():
+        if key in raw:
+            try:
+                values[key] = spec.convert(raw[key], base)
+            except _Invalid as exc:
+                raise ConfigError(source, f"{name}.{key}{exc.where}", exc.expected) from None
+        elif key in required:
+            raise ConfigError(
+                source, f"{name}.{key}", f"missing required key; expected {spec.wanted}"
+            )
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_config(data: dict[str, Any], source: Path | None) -> Config:
+    """Validate the parsed TOML ``data`` and build a :class:`Config`.
+
+    ``source`` is the file the data came from: it is named in errors and relative paths
+    are resolved against its directory (against the current directory when None).
+    Raises :class:`ConfigError` for the first problem found.
+    """
+    source = None if source is None else Path(source)
+    base = Path.cwd() if source is None else source.absolute().parent
+    if not isinstance(data, dict):
+        raise ConfigError(source, "(top level)", f"expected a table, got {data!r}")
+    _reject_unknown(data, _TOP_LEVEL_KEYS, "", source)
+
+    if "hostname" in data:
+        try:
+            hostname = _HOSTNAME.convert(data["hostname"], base)
+        except _Invalid as exc:
+            raise ConfigError(source, "hostname", exc.expected) from None
+    else:
+        fqdn = socket.getfqdn()
+        try:
+            hostname = normalise_domain(fqdn)
+        except ValueError as exc:
+            raise ConfigError(
+                source,
+                "hostname",
+                f"expected a domain name, got {fqdn!r} from socket.getfqdn() ({exc}); "
+                "set hostname in the file",
+            ) from None
+
+    tables = {name: _build_table(name, data.get(name), base, source) for name in _TABLES}
+    return Config(hostname=hostname, source=source, **tables)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``."""
+    try:
+        with open(path, "rb") as stream:
+            data = tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"a readable TOML file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "(syntax)", str(exc)) from None
+    except UnicodeDecodeError as exc:  # TOML must be UTF-8; tomllib lets this through
+        raise ConfigError(path, "(syntax)", f"not valid UTF-8: {exc}") from None
+    return parse_config(data, Path(path))
+
+
+def demo_config(base: Path) -> Config:
+    """The safe demo used when there is no configuration file at all.
+
+    Loopback only, an unprivileged port, the local domain ``localhost`` with a catch-all
+    mailbox per local part, and every file under ``base/demo-mail``.
+    """
+    demo = Path(base).absolute() / "demo-mail"
+    return Config(
+        hostname="localhost",
+        smtp=SmtpConfig(listen=("tcp:2525:interface=127.0.0.1",)),
+        domains=DomainsConfig(local=("localhost",)),
+        mailboxes=MailboxesConfig(root=demo / "mailboxes"),
+        queue=QueueConfig(path=demo / "queue"),
+        relay=RelayConfig(),
+        source=None,
+    )
+
+
+def prepare_directories(config: Config) -> None:
+    """Create the mailbox root and the queue directory, and prove both can be written.
+
+    Finding out at start-up is the point: otherwise the first message would be accepted
+    up to DATA and then fail with 451.  Permission bits are not inspected (root ignores
+    them); a probe file is created and removed instead.
+    """
+    directories = (("mailboxes.root", config.mailboxes.root), ("queue.path", config.queue.path))
+    for key, path in directories:
+        try:
+            _make_directory(path)
+            probe = path / f".mailsrv-probe-{os.getpid()}-{secrets.token_hex(4)}"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(
+                config.source, key, f"a directory mailsrv can write: {exc}"
+            ) from None
+
+
+def _make_directory(path: Path) -> None:
+    """``mkdir -p`` where every directory created gets mode 0700 (parents included)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _make_directory(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR, "exists and is not a directory", str(path)
+            ) from None
