@@ -1,0 +1,87 @@
+"""
+Every SMTP reply mailsrv sends, with its RFC 3463 enhanced status code.
+
+Kept in one table so that the codes stay consistent across the protocol, the policy and the
+delivery code, and so that an administrator can read in one place what a client will be told.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Reply(NamedTuple):
+    code: int
+    status: str  # enhanced status code, e.g. "5.1.1"
+    text: str
+
+    def with_text(self, text: str) -> "Reply":
+        return self._replace(text=text)
+
+
+class SMTPReplyError(Exception):
+    """Raised by policy and delivery code to make the protocol answer with ``reply``."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(f"{reply.code} {reply.status} {reply.text}")
+        self.reply = reply
+
+
+# Positive replies
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT. See RFC 5321"
+)
+BYE = Reply(221, "2.0.0", "Bye")
+
+# Sequencing and syntax
+COMMAND_UNRECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Error: invalid characters in command")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+NO_ARGUMENTS_ALLOWED = Reply(501, "5.5.4", "Syntax: {verb} takes no arguments")
+HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: {verb} domain-or-address-literal")
+HELO_BAD_DOMAIN = Reply(501, "5.5.4", "Error: invalid {verb} domain")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+UNSUPPORTED_PARAMETER = Reply(501, "5.5.4", "Error: unsupported parameter {name}")
+BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Error: bad value for parameter {name}")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+
+# Limits
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message line longer than 1000 octets")
+BARE_LINE_END = Reply(554, "5.6.0", "Error: bare CR or LF in message; message refused")
+BARE_LINE_END_COMMAND = Reply(421, "4.5.2", "Error: bare CR or LF in command; closing connection")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many Received: headers (mail loop?)")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded; closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Error: too many connections; try again later")
+TOO_MANY_CONNECTIONS_FROM_IP = Reply(
+    421, "4.7.0", "Error: too many connections from your address; try again later"
+)
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors; closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Error: server shutting down; try again later")
+
+# Delivery
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing; try again later")
+DISK_FULL = Reply(452, "4.3.1", "Error: insufficient system storage; try again later")
+
+
+def format_reply(reply: Reply, **values: str) -> bytes:
+    """The reply as wire lines (without the final CRLF), multi-line when the text has newlines."""
+    text = reply.text.format(**values) if values else reply.text
+    lines = text.split("\n")
+    out = []
+    for index, line in enumerate(lines):
+        sep = "-" if index < len(lines) - 1 else " "
+        prefix = f"{reply.code}{sep}{reply.status} " if reply.status else f"{reply.code}{sep}"
+        out.append((prefix + line).encode("ascii", "replace"))
+    return b"\r\n".join(out)
