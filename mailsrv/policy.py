@@ -1,0 +1,67 @@
+"""
+Relay and recipient rules: may this client send to this recipient, and where does it go?
+
+One function decides each ``RCPT TO``, so that the rules that keep the server from being an
+open relay are in one place and are tested without a network.  Pure: the caller supplies the
+parsed mailbox, the :class:`~mailsrv.router.Directory` and whether the client may relay
+(a trusted network or, later, an authenticated session).
+"""
+
+from __future__ import annotations
+
+from mailsrv.address import Mailbox, is_safe_local_part
+from mailsrv.router import Directory, RemoteTarget, Target, UnknownRecipient
+
+__all__ = ["Refusal", "recipient_targets"]
+
+
+class Refusal(Exception):
+    """A recipient refused, with the exact SMTP reply to give."""
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(f"{code} {status} {text}")
+        self.code = code
+        self.status = status
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Refusal):
+            return NotImplemented
+        return (self.code, self.status, self.text) == (other.code, other.status, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.status, self.text))
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.code!r}, {self.status!r}, {self.text!r})"
+
+
+RELAY_DENIED = (554, "5.7.1", "Relay access denied")
+MAILBOX_NOT_ALLOWED = (553, "5.1.3", "Mailbox name not allowed")
+USER_UNKNOWN = (550, "5.1.1", "User unknown in local recipient table")
+
+
+def recipient_targets(
+    mailbox: Mailbox, directory: Directory, may_relay: bool
+) -> tuple[Target, ...]:
+    """Decide one RCPT: the delivery targets, or raise :class:`Refusal` with the exact reply.
+
+    Disguised routing (the %-hack, bang paths, quoted '@', source routes, address literals)
+    from a client that may not relay is refused whatever the domain: some downstream system
+    might interpret it and forward the mail, which would make us an open relay by proxy.  A
+    client that may relay is trusted to mean what it wrote: a local domain is simply looked up
+    (such names are unknown there), a foreign one is queued as written.
+    """
+    disguised = mailbox.relay_tokens or mailbox.source_route or mailbox.is_address_literal
+    if disguised and not may_relay:
+        raise Refusal(*RELAY_DENIED)
+    if mailbox.domain == "" or directory.is_local_domain(mailbox.domain):
+        if not is_safe_local_part(mailbox.local):
+            raise Refusal(*MAILBOX_NOT_ALLOWED)
+        try:
+            return directory.resolve(mailbox)
+        except UnknownRecipient:
+            raise Refusal(*USER_UNKNOWN) from None
+    if may_relay:
+        return (RemoteTarget(str(mailbox)),)
+    raise Refusal(*RELAY_DENIED)
