@@ -1,0 +1,285 @@
+"""Tests for mailsrv.queue: the durable enqueue (real files under tmp_path)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from mailsrv import queue
+from mailsrv.maildir import DeliveryError
+from mailsrv.queue import enqueue, queue_dirs, read_envelope
+
+PREFIX = b"Return-Path: <a@example.org>\nReceived: from x (unknown [192.0.2.7])\n"
+BODY = b"Subject: hello\n\nHello Bob.\n"
+CREATED = 1795381621.25
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    queue_dirs(path)
+    return path
+
+
+@pytest.fixture
+def body(qdir: Path) -> Path:
+    path = qdir / "incoming" / "ID1"
+    path.write_bytes(BODY)
+    return path
+
+
+def do_enqueue(qdir: Path, body: Path, **overrides: object) -> Path:
+    args: dict[str, object] = dict(
+        sender="a@example.org",
+        recipients=["bob@other.example", "carol@third.example"],
+        prefix=PREFIX,
+        body_path=body,
+        created=CREATED,
+        received_from="client.example[192.0.2.7]",
+    )
+    args.update(overrides)
+    return enqueue(qdir, "ID1", **args)  # type: ignore[arg-type]
+
+
+def test_queue_dirs(tmp_path: Path) -> None:
+    qdir = tmp_path / "var" / "spool" / "mailsrv"
+    queue_dirs(qdir)
+    queue_dirs(qdir)  # idempotent
+    for d in (qdir / "incoming", qdir / "messages", qdir, qdir.parent):
+        assert d.is_dir() and mode(d) == 0o700, d
+
+
+def test_queue_dirs_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(DeliveryError):
+        queue_dirs(tmp_path / "file")
+
+
+def test_round_trip(qdir: Path, body: Path) -> None:
+    path = do_enqueue(qdir, body)
+    assert path == qdir / "messages" / "ID1.json"
+    envelope = read_envelope(path)
+    assert envelope == {
+        "version": 1,
+        "id": "ID1",
+        "created": CREATED,
+        "sender": "a@example.org",
+        "received_from": "client.example[192.0.2.7]",
+        "prefix": PREFIX.decode("ascii"),
+        "recipients": [
+            {
+                "address": "bob@other.example",
+                "status": "queued",
+                "attempts": 0,
+                "last_error": None,
+                "next_attempt": CREATED,
+            },
+            {
+                "address": "carol@third.example",
+                "status": "queued",
+                "attempts": 0,
+                "last_error": None,
+                "next_attempt": CREATED,
+            },
+        ],
+    }
+    assert (qdir / "messages" / "ID1.body").read_bytes() == BODY
+
+
+def test_json_is_human_readable(qdir: Path, body: Path) -> None:
+    text = do_enqueue(qdir, body).read_text("utf-8")
+    assert text.startswith('{\n "version": 1,\n "id": "ID1",')
+    assert text == json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n"
+
+
+def test_null_sender(qdir: Path, body: Path) -> None:
+    assert read_envelope(do_enqueue(qdir, body, sender=None))["sender"] == ""
+    body2 = qdir / "incoming" / "ID2"
+    body2.write_bytes(BODY)
+    path = enqueue(
+        qdir, "ID2", sender="", recipients=["x@y.example"], prefix=b"", body_path=body2,
+        created=1.0, received_from="r",
+    )
+    assert read_envelope(path)["sender"] == ""
+
+
+def test_body_moved_not_copied(qdir: Path, body: Path) -> None:
+    before = body.stat()
+    do_enqueue(qdir, body)
+    assert not body.exists()
+    after = (qdir / "messages" / "ID1.body").stat()
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert after.st_nlink == 1
+
+
+def test_modes_and_no_tmp_left(qdir: Path, body: Path) -> None:
+    body.chmod(0o644)
+    path = do_enqueue(qdir, body)
+    assert mode(path) == 0o600
+    assert mode(qdir / "messages" / "ID1.body") == 0o600
+    assert mode(qdir / "messages") == mode(qdir / "incoming") == 0o700
+    assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["ID1.body", "ID1.json"]
+    assert list((qdir / "incoming").iterdir()) == []
+
+
+def test_enqueue_creates_missing_dirs(tmp_path: Path) -> None:
+    qdir = tmp_path / "q"
+    (qdir / "incoming").mkdir(parents=True)
+    body = qdir / "incoming" / "ID1"
+    body.write_bytes(BODY)
+    path = do_enqueue(qdir, body)
+    assert path.exists() and mode(qdir / "messages") == 0o700
+
+
+@pytest.mark.parametrize(
+    "fail_on",
+    ["fsync-json", "write-json", "rename-json", "fsync-final", "rename-body", "open-json"],
+)
+def test_failure_leaves_nothing_committed(
+    qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch, fail_on: str
+) -> None:
+    real_fsync, real_write, real_rename, real_open = os.fsync, os.write, os.rename, os.open
+    real_fsync_dir = queue.fsync_dir
+    state = {"dir_fsyncs": 0}
+
+    def boom() -> OSError:
+        return OSError(errno.EIO, "Input/output error")
+
+    def fsync(fd: int) -> None:
+        if fail_on == "fsync-json" and os.readlink(f"/proc/self/fd/{fd}").endswith(".json.tmp"):
+            raise boom()
+        real_fsync(fd)
+
+    def write(fd: int, data: bytes) -> int:
+        if fail_on == "write-json":
+            raise boom()
+        return real_write(fd, data)
+
+    def rename(src: object, dst: object) -> None:
+        if fail_on == "rename-json" and str(dst).endswith(".json"):
+            raise boom()
+        if fail_on == "rename-body" and str(dst).endswith(".body"):
+            raise boom()
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    def open_(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if fail_on == "open-json" and str(path).endswith(".json.tmp"):
+            raise boom()
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    def fsync_dir(path: object) -> None:
+        state["dir_fsyncs"] += 1
+        # 1: after the body move, 2: after the commit (rollback fsyncs are ignored).
+        if fail_on == "fsync-final" and state["dir_fsyncs"] == 2:
+            raise boom()
+        real_fsync_dir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(queue, "fsync_dir", fsync_dir)
+    with pytest.raises(DeliveryError) as info:
+        do_enqueue(qdir, body)
+    assert not info.value.disk_full
+    assert "Input/output error" in str(info.value)
+    assert list((qdir / "messages").iterdir()) == []
+    assert body.read_bytes() == BODY
+
+
+def test_disk_full(qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def write(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(DeliveryError) as info:
+        do_enqueue(qdir, body)
+    assert info.value.disk_full
+    assert "ID1.json.tmp" in str(info.value)
+    assert list((qdir / "messages").iterdir()) == []
+    assert body.read_bytes() == BODY
+
+
+def test_missing_body(qdir: Path) -> None:
+    with pytest.raises(DeliveryError):
+        do_enqueue(qdir, qdir / "incoming" / "ID1")
+    assert list((qdir / "messages").iterdir()) == []
+
+
+def test_queue_id_in_use_is_not_overwritten(qdir: Path, body: Path) -> None:
+    do_enqueue(qdir, body)
+    body.write_bytes(b"another message\n")
+    with pytest.raises(DeliveryError):
+        do_enqueue(qdir, body, recipients=["z@z.example"])
+    assert (qdir / "messages" / "ID1.body").read_bytes() == BODY
+    assert read_envelope(qdir / "messages" / "ID1.json")["recipients"][0]["address"] == (
+        "bob@other.example"
+    )
+    assert body.read_bytes() == b"another message\n"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"prefix": "Received: caf\u00e9\n".encode()},
+        {"recipients": []},
+        {"recipients": "bob@other.example"},
+    ],
+)
+def test_invalid_arguments_touch_nothing(qdir: Path, body: Path, overrides: dict) -> None:
+    with pytest.raises(ValueError):
+        do_enqueue(qdir, body, **overrides)
+    assert list((qdir / "messages").iterdir()) == []
+    assert body.read_bytes() == BODY
+
+
+@pytest.mark.parametrize("queue_id", ["", "../x", ".hidden", "a/b", "a b", "x" * 65])
+def test_invalid_queue_id(qdir: Path, body: Path, queue_id: str) -> None:
+    with pytest.raises(ValueError):
+        enqueue(
+            qdir, queue_id, sender=None, recipients=["x@y.example"], prefix=b"",
+            body_path=body, created=1.0, received_from="r",
+        )
+    assert body.exists()
+
+
+def test_non_ascii_recipient_stored_readably(qdir: Path, body: Path) -> None:
+    path = do_enqueue(qdir, body, recipients=["j\u00f6rg@b\u00fccher.example"])
+    assert "j\u00f6rg@b\u00fccher.example" in path.read_text("utf-8")
+    assert read_envelope(path)["recipients"][0]["address"] == "j\u00f6rg@b\u00fccher.example"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b"\xff\xfe", b"[1, 2]", b'{"version": 2}', b'{"version": 1}',
+     b'{"version": 1, "id": "x", "created": 1, "sender": "", "prefix": "", "recipients": [1]}'],
+)
+def test_read_envelope_corrupt(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "X.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        read_envelope(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_envelope_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_envelope(tmp_path / "nope.json")
+
+
+def test_new_queue_id() -> None:
+    ids = {queue.new_queue_id() for _ in range(10000)}
+    assert len(ids) == 10000
+    for queue_id in list(ids)[:100]:
+        assert re.fullmatch(r"[0-9A-Za-z]{14}", queue_id)
+        queue._check_id(queue_id)
