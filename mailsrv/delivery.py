@@ -1,0 +1,336 @@
+"""
+The glue between the SMTP protocol, the routing rules and the storage.
+
+``SessionDelivery`` is Twisted's ``IMessageDelivery`` for one connection: it knows the client
+(address, verified reverse name, whether it may relay) and decides MAIL and RCPT. A
+``Transaction`` is Twisted's ``IMessage`` for one message: it spools the body while it arrives
+and, at the end of DATA, delivers it in the thread pool: local copies into Maildirs, remote
+recipients into the queue, all or nothing, before the protocol may answer ``250``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.mail.smtp import IMessage, IMessageDelivery
+from zope.interface import implementer
+
+from mailsrv import headers, maildir, queue, replies
+from mailsrv.address import Mailbox
+from mailsrv.config import Config
+from mailsrv.dnsutil import verified_reverse_name
+from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.replies import SMTPReplyError
+from mailsrv.router import Directory, LocalTarget, RemoteTarget, Target
+
+log = Logger(namespace="mailsrv")
+
+
+@dataclass
+class Runtime:
+    """What every session shares: configuration, the mail directory, the reactor, DNS."""
+
+    config: Config
+    directory: Directory
+    reactor: Any
+    resolver: Any = None
+
+    @property
+    def incoming_dir(self) -> Path:
+        return Path(self.config.queue.path) / "incoming"
+
+    def new_session(self, client_ip: str) -> "SessionDelivery":
+        return SessionDelivery(self, client_ip)
+
+    def may_relay(self, client_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.config.relay.trusted_networks)
+
+    def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run blocking disk work in the reactor's thread pool, never on the reactor thread."""
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+
+def _addr(mailbox: Mailbox | None) -> str:
+    return f"<{mailbox}>" if mailbox is not None else "<>"
+
+
+@implementer(IMessageDelivery)
+class SessionDelivery:
+    """Decides MAIL and RCPT for one connection and remembers the client's facts."""
+
+    def __init__(self, runtime: Runtime, client_ip: str) -> None:
+        self.runtime = runtime
+        self.client_ip = client_ip
+        self.may_relay = runtime.may_relay(client_ip)
+        self.helo = ""
+        self.esmtp = False
+        #: The forward-confirmed reverse DNS name of the client, once known.
+        self.reverse_name: str | None = None
+        self._lookup: defer.Deferred | None = None
+        #: The transaction MAIL started, which RCPT adds to.
+        self.transaction: Transaction | None = None
+        if runtime.config.smtp.reverse_dns and runtime.resolver is not None:
+            self._lookup = verified_reverse_name(runtime.resolver, client_ip)
+            self._lookup.addCallbacks(self._got_reverse_name, lambda failure: None)
+
+    def _got_reverse_name(self, name: str | None) -> None:
+        self.reverse_name = name
+        self._lookup = None
+
+    def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup.cancel()
+            self._lookup = None
+
+    @property
+    def client(self) -> str:
+        return f"{self.reverse_name or 'unknown'}[{self.client_ip}]"
+
+    def greeted(self, helo: str, esmtp: bool) -> None:
+        self.helo, self.esmtp = helo, esmtp
+
+    # IMessageDelivery
+
+    def receivedHeader(
+        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = ""
+    ) -> bytes:
+        """Our own Received: field (Twisted's default one is malformed and injectable)."""
+        return headers.received_header(
+            helo=self.helo,
+            client_ip=self.client_ip,
+            reverse_name=self.reverse_name,
+            hostname=self.runtime.config.hostname,
+            protocol="ESMTP" if self.esmtp else "SMTP",
+            queue_id=queue_id,
+            recipient=str(recipients[0]) if len(recipients) == 1 else None,
+            when=datetime.datetime.now(datetime.timezone.utc),
+        )
+
+    def validateFrom(self, helo: Any, origin: Mailbox | None) -> "Transaction":
+        """Start a transaction; any syntactically valid sender is accepted from anyone."""
+        self.transaction = Transaction(self, origin)
+        return self.transaction
+
+    def validateTo(self, user: Mailbox) -> Callable[[], "Transaction"]:
+        """Decide one recipient of the current transaction; raise the refusal's reply."""
+        transaction = self.transaction
+        assert transaction is not None, "RCPT before MAIL is refused by the protocol"
+        try:
+            targets = recipient_targets(user, self.runtime.directory, self.may_relay)
+        except Refusal as refusal:
+            log.info(
+                "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
+                'reason="{code} {status} {text}"',
+                id=transaction.queue_id, client=self.client, sender=_addr(transaction.sender),
+                rcpt=user, code=refusal.code, status=refusal.status, text=refusal.text,
+            )
+            raise SMTPReplyError(replies.Reply(refusal.code, refusal.status, refusal.text))
+        transaction.add_recipient(user, targets)
+        return lambda: transaction
+
+
+@implementer(IMessage)
+class Transaction:
+    """
+    One message: its envelope, its spool file, and its delivery.
+
+    The body is streamed to ``<queue>/incoming/<id>`` while it arrives and read back once at
+    the end of DATA for all recipients (one write, hard links for further Maildirs).
+    """
+
+    def __init__(self, session: SessionDelivery, sender: Mailbox | None) -> None:
+        self.session = session
+        self.runtime = session.runtime
+        self.sender = sender
+        self.queue_id = queue.new_queue_id()
+        #: The recipients as the client named them (for Received: and the logs).
+        self.recipients: list[Mailbox] = []
+        #: Where copies go, each once, in the order first named.
+        self.targets: dict[Target, Mailbox] = {}
+        self.spool_path: Path | None = None
+        self._spool: Any = None
+        self._write_error: OSError | None = None
+        self.size = 0
+
+    def add_recipient(self, recipient: Mailbox, targets: tuple[Target, ...]) -> None:
+        self.recipients.append(recipient)
+        for target in targets:
+            self.targets.setdefault(target, recipient)
+
+    # spooling
+
+    def open_spool(self) -> None:
+        """Create the spool file; raise the reply to give when the disk refuses."""
+        path = self.runtime.incoming_dir / self.queue_id
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            log.error("cannot create spool file {path}: {error}", path=path, error=e)
+            raise SMTPReplyError(_storage_reply(e))
+        self.spool_path = path
+        self._spool = os.fdopen(fd, "wb", buffering=256 * 1024)
+
+    def write(self, data: bytes) -> None:
+        """Append received, unstuffed, LF-terminated data to the spool."""
+        if self._write_error is not None or self._spool is None:
+            return
+        try:
+            self._spool.write(data)
+            self.size += len(data)
+        except OSError as e:
+            # Keep reading the DATA to its end; the reply comes after the final dot.
+            self._write_error = e
+            log.error("cannot write spool file {path}: {error}", path=self.spool_path, error=e)
+
+    def lineReceived(self, line: bytes) -> None:
+        """IMessage: one line of the message, without its line end."""
+        self.write(line + b"\n")
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            try:
+                spool.close()
+            except OSError as e:
+                self._write_error = self._write_error or e
+
+    def _remove_spool(self) -> None:
+        self._close_spool()
+        if self.spool_path is not None:
+            try:
+                os.unlink(self.spool_path)
+            except FileNotFoundError:
+                pass
+            self.spool_path = None
+
+    def connectionLost(self) -> None:
+        """IMessage: the client went away (or reset) before the end of the message."""
+        self._remove_spool()
+
+    def refuse(self, reason: str, size: int) -> None:
+        """The protocol refused the message while receiving it: log it, keep nothing."""
+        log.info(
+            "refused message id={id} client={client} from={sender} size={size} "
+            "nrcpt={nrcpt} reason=\"{reason}\"",
+            id=self.queue_id, client=self.session.client, sender=_addr(self.sender),
+            size=size, nrcpt=len(self.recipients), reason=reason,
+        )
+        self._remove_spool()
+
+    # delivery
+
+    def eomReceived(self) -> defer.Deferred:
+        """IMessage: the message is complete; deliver it, firing with the queue id."""
+        self._close_spool()
+        if self._write_error is not None:
+            reply = _storage_reply(self._write_error)
+            self._remove_spool()
+            return defer.fail(SMTPReplyError(reply))
+        trace = self.session.receivedHeader(
+            None, self.sender, self.recipients, queue_id=self.queue_id
+        )
+        d = self.runtime.in_thread(self._deliver_blocking, trace)
+        d.addCallbacks(self._delivered, self._failed)
+        return d
+
+    def _deliver_blocking(self, received: bytes) -> list[tuple[Target, str]]:
+        """In a worker thread: every copy durable, or none visible. Returns what went where."""
+        assert self.spool_path is not None
+        config = self.runtime.config
+        try:
+            with open(self.spool_path, "rb") as spool:
+                head = spool.read(headers.HEAD_LIMIT)
+            facts = headers.inspect_head(head)
+            if facts.received_count > config.smtp.max_received_headers:
+                raise SMTPReplyError(replies.TOO_MANY_HOPS)
+            prefix = headers.return_path(str(self.sender) if self.sender else None) + received
+            if not facts.has_message_id:
+                msgid = headers.make_message_id(self.queue_id, config.hostname)
+                prefix += headers.message_id_header(msgid)
+            if headers.needs_separator(head):
+                prefix += b"\n"
+            local = [t for t in self.targets if isinstance(t, LocalTarget)]
+            remote = [t for t in self.targets if isinstance(t, RemoteTarget)]
+            results: list[tuple[Target, str]] = []
+            delivered: list[Path] = []
+            try:
+                if local:
+                    root = Path(config.mailboxes.root)
+                    delivered = maildir.deliver(
+                        [t.maildir(root) for t in local], prefix, self.spool_path,
+                        hostname=config.hostname,
+                    )
+                    results += [(t, str(path)) for t, path in zip(local, delivered)]
+                if remote:
+                    queue.enqueue(
+                        Path(config.queue.path), self.queue_id,
+                        sender=str(self.sender) if self.sender else None,
+                        recipients=[t.address for t in remote], prefix=prefix,
+                        body_path=self.spool_path, created=time.time(),
+                        received_from=self.session.client,
+                    )
+                    results += [(t, "queue") for t in remote]
+            except maildir.DeliveryError as e:
+                maildir.remove_delivered(delivered)
+                log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
+                raise SMTPReplyError(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+            return results
+        finally:
+            try:
+                os.unlink(self.spool_path)
+            except FileNotFoundError:
+                pass  # moved into the queue
+            self.spool_path = None
+
+    def _delivered(self, results: list[tuple[Target, str]]) -> str:
+        log.info(
+            "accepted id={id} client={client} helo={helo} from={sender} size={size} "
+            "nrcpt={nrcpt}",
+            id=self.queue_id, client=self.session.client, helo=self.session.helo,
+            sender=_addr(self.sender), size=self.size, nrcpt=len(self.targets),
+        )
+        for target, where in results:
+            if isinstance(target, LocalTarget):
+                log.info(
+                    "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
+                    "status=sent",
+                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], path=where,
+                )
+            else:
+                log.info(
+                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued",
+                    id=self.queue_id, rcpt=target.address, orig=self.targets[target],
+                )
+        return self.queue_id
+
+    def _failed(self, failure: Any) -> Any:
+        if failure.check(SMTPReplyError):
+            reply = failure.value.reply
+            log.info(
+                "refused message id={id} client={client} from={sender} size={size} "
+                'nrcpt={nrcpt} reason="{code} {status} {text}"',
+                id=self.queue_id, client=self.session.client, sender=_addr(self.sender),
+                size=self.size, nrcpt=len(self.targets), code=reply.code, status=reply.status,
+                text=reply.text,
+            )
+        return failure
+
+
+def _storage_reply(error: OSError) -> replies.Reply:
+    """452 4.3.1 when the disk is full, 451 4.3.0 for any other storage failure."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return replies.DISK_FULL
+    return replies.LOCAL_ERROR

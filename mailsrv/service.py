@@ -1,0 +1,121 @@
+"""
+Builds the running server from a ``Config``: start-up checks, listeners, shared runtime.
+
+Everything that can be wrong with a configuration is found by ``prepare`` before anything
+listens, so the server never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from mailsrv import queue
+from mailsrv.config import Config, ConfigError, prepare_directories
+from mailsrv.delivery import Runtime
+from mailsrv.dnsutil import make_resolver
+from mailsrv.router import Directory, load_aliases, load_users
+from mailsrv.smtp import SMTPServerFactory
+
+log = Logger(namespace="mailsrv")
+
+
+def load_directory(config: Config) -> Directory:
+    """The users and aliases, checked: every alias resolves, every domain has a postmaster."""
+    boxes = config.mailboxes
+    users = load_users(Path(boxes.users)) if boxes.users is not None else None
+    aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
+    directory = Directory(config.domains.local, users, aliases, boxes.recipient_delimiter)
+    directory.check(boxes.aliases or boxes.users or config.source)
+    return directory
+
+
+def prepare(config: Config) -> Directory:
+    """All start-up checks; raises ConfigError naming the file, the key and the expectation."""
+    prepare_directories(config)
+    try:
+        queue.queue_dirs(Path(config.queue.path))
+    except OSError as e:
+        raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
+    return load_directory(config)
+
+
+def clear_incoming(queue_path: Path) -> int:
+    """
+    Remove bodies left in incoming/ by a crash: none of them was ever answered with 250.
+    """
+    removed = 0
+    for entry in os.scandir(queue_path / "incoming"):
+        if entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+class ListenerService(service.Service):
+    """One listening endpoint; binds in privilegedStartService so that port 25 works."""
+
+    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        endpoint = serverFromString(self.reactor, self.description)
+        failures: list[Any] = []
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+        service.Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        service.Service.startService(self)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info(
+            "listening on {endpoint} ({host} port {port})",
+            endpoint=self.description, host=getattr(address, "host", address),
+            port=getattr(address, "port", ""),
+        )
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def make_service(config: Config, reactor: Any = None, directory: Directory | None = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    if directory is None:
+        directory = prepare(config)
+    removed = clear_incoming(Path(config.queue.path))
+    if removed:
+        log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
+    resolver = make_resolver(config.relay.dns_servers, reactor) if config.smtp.reverse_dns else None
+    runtime = Runtime(config=config, directory=directory, reactor=reactor, resolver=resolver)
+    factory = SMTPServerFactory(runtime)
+    top = service.MultiService()
+    for description in config.smtp.listen:
+        ListenerService(description, factory, reactor).setServiceParent(top)
+    log.info(
+        "mailsrv starting hostname={hostname} domains={domains} config={source}",
+        hostname=config.hostname, domains=",".join(config.domains.local),
+        source=config.source or "built-in demo",
+    )
+    return top

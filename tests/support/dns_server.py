@@ -1,0 +1,69 @@
+"""
+A small authoritative DNS server for the tests, built on twisted.names.
+
+Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP, same port, chosen
+by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
+``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
+["PTR", "host.name"]]}, "servfail": ["name"]}``. Names not listed are NXDOMAIN; listed names
+without records of the asked type answer NOERROR with no answer (NODATA).
+"""
+
+import json
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.names import common, dns, error, server
+
+
+def _payload(record):
+    kind, *args = record
+    if kind == "MX":
+        return dns.MX, dns.Record_MX(preference=args[0], name=args[1].encode(), ttl=60)
+    if kind == "A":
+        return dns.A, dns.Record_A(args[0], ttl=60)
+    if kind == "AAAA":
+        return dns.AAAA, dns.Record_AAAA(args[0], ttl=60)
+    if kind == "PTR":
+        return dns.PTR, dns.Record_PTR(args[0].encode(), ttl=60)
+    if kind == "CNAME":
+        return dns.CNAME, dns.Record_CNAME(args[0].encode(), ttl=60)
+    raise ValueError(f"unsupported record type {kind}")
+
+
+class ZoneResolver(common.ResolverBase):
+    def __init__(self, zone):
+        common.ResolverBase.__init__(self)
+        self.records = {
+            name.lower().rstrip("."): [_payload(r) for r in records]
+            for name, records in zone.get("records", {}).items()
+        }
+        self.servfail = {name.lower().rstrip(".") for name in zone.get("servfail", [])}
+
+    def _lookup(self, name, cls, qtype, timeout):
+        key = name.decode("ascii").lower().rstrip(".")
+        if key in self.servfail:
+            # Any error that is not a DomainError makes DNSServerFactory answer SERVFAIL.
+            return defer.fail(RuntimeError(f"configured SERVFAIL for {key}"))
+        if key not in self.records:
+            return defer.fail(error.AuthoritativeDomainError(key))
+        answers = [
+            dns.RRHeader(name=name, type=rtype, payload=payload, ttl=60, auth=True)
+            for rtype, payload in self.records[key]
+            if rtype == qtype or qtype == dns.ALL_RECORDS
+        ]
+        return defer.succeed((answers, [], []))
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        zone = json.load(f)
+    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    port = udp.getHost().port
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    print(f"PORT {port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

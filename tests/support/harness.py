@@ -1,0 +1,241 @@
+"""
+Real servers for the end-to-end tests: the DNS server and ``twistd -n mailsrv`` as subprocesses,
+on loopback ports the kernel chose, with everything they write under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import mailbox
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 30.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The checkout's code (and its twisted/plugins directory) comes first.
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class DNSServer:
+    """tests/support/dns_server.py on 127.0.0.1, serving ``zone``."""
+
+    def __init__(self, workdir: Path, zone: dict) -> None:
+        self.workdir = workdir
+        self.zone_file = workdir / "zone.json"
+        self.zone_file.write_text(json.dumps(zone))
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("dns_server.py")), str(self.zone_file)],
+            stdout=subprocess.PIPE, stderr=open(workdir / "dns.log", "wb"), env=_env(),
+        )
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise AssertionError(f"DNS server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def render_config(config: dict[str, Any]) -> str:
+    lines = [f"{k} = {toml_value(v)}" for k, v in config.items() if not isinstance(v, dict)]
+    for table, values in config.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{table}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class MailServer:
+    """``twistd -n mailsrv --config …`` listening on 127.0.0.1 on a port the kernel chose."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        dns_port: int,
+        *,
+        users: list[str] | None = None,
+        aliases: list[str] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        hostname: str = "mx.example.org",
+    ) -> None:
+        self.workdir = workdir
+        self.root = workdir / "mailboxes"
+        self.queue = workdir / "queue"
+        self.log_path = workdir / "mailsrv.log"
+        users_file = workdir / "users"
+        users_file.write_text("\n".join(users if users is not None else DEFAULT_USERS) + "\n")
+        aliases_file = workdir / "aliases"
+        aliases_file.write_text("\n".join(aliases if aliases is not None else DEFAULT_ALIASES) + "\n")
+        self.config: dict[str, Any] = {
+            "hostname": hostname,
+            "smtp": {"listen": ["tcp:0:interface=127.0.0.1"]},
+            "domains": {"local": ["example.org", "example.net"]},
+            "mailboxes": {"root": str(self.root), "users": str(users_file),
+                          "aliases": str(aliases_file)},
+            "queue": {"path": str(self.queue)},
+            "relay": {"trusted_networks": ["127.0.0.0/8", "::1/128"],
+                      "dns_servers": [f"127.0.0.1:{dns_port}"], "port": 2525},
+        }
+        for table, values in (overrides or {}).items():
+            self.config.setdefault(table, {}).update(values)
+        self.config_path = workdir / "mailsrv.toml"
+        self.config_path.write_text(render_config(self.config))
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "--logfile", str(self.log_path),
+            "mailsrv", "--config", str(self.config_path),
+        ]
+
+    def start(self) -> "MailServer":
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.workdir, env=_env(),
+            stdout=open(self.workdir / "twistd.out", "ab"), stderr=subprocess.STDOUT,
+        )
+
+        def listening():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"mailsrv exited with {self.process.returncode}:\n"
+                    + (self.workdir / "twistd.out").read_text()
+                )
+            text = self.log_text()[offset:] if self.log_path.exists() else ""
+            m = re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", text)
+            return int(m.group(1)) if m else 0
+
+        self.port = wait_for(listening, START_TIMEOUT, "mailsrv to listen")
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind, as in a power cut of the process."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+            self.process = None
+
+    def maildir(self, address: str) -> mailbox.Maildir:
+        user, domain = address.split("@")
+        return mailbox.Maildir(self.root / domain / user, create=False)
+
+    def messages(self, address: str) -> list[Any]:
+        path = self.root / address.split("@")[1] / address.split("@")[0]
+        if not path.exists():
+            return []
+        return list(self.maildir(address))
+
+    def connect(self, timeout: float = 10.0) -> "RawClient":
+        return RawClient(self.port, timeout)
+
+
+DEFAULT_USERS = ["alice@example.org", "bob@example.org", "carol@example.net"]
+DEFAULT_ALIASES = [
+    "postmaster: alice@example.org",
+    "sales@example.org: alice@example.org, bob@example.org",
+    "team@example.org: sales@example.org, carol@example.net",
+    "outside@example.org: alice@example.org, someone@remote.test",
+]
+
+
+class RawClient:
+    """A plain socket speaking SMTP byte for byte, for hostile input."""
+
+    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buffer = b""
+        self.greeting = self.reply()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; buffered {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> tuple[int, str]:
+        """One whole reply: (code, text of all its lines joined by newlines)."""
+        lines = []
+        while True:
+            line = self.line()
+            lines.append(line[4:].decode("ascii", "replace"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def command(self, text: bytes | str) -> tuple[int, str]:
+        if isinstance(text, str):
+            text = text.encode()
+        self.send(text + b"\r\n")
+        return self.reply()
+
+    def closed(self, timeout: float = 10.0) -> bool:
+        """True when the server has closed the connection (after any pending bytes)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()

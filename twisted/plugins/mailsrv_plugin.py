@@ -1,0 +1,59 @@
+"""
+The twistd plugin: ``twistd -n mailsrv [--config PATH]``.
+
+This directory must not have an __init__.py: Twisted merges every ``twisted/plugins`` directory
+on sys.path into its own plugin package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = (
+        "Run the mailsrv mail server. Without --config it reads /etc/mailsrv/mailsrv.toml, "
+        "or, when that does not exist, runs a safe demo on 127.0.0.1 port 2525 that delivers "
+        "mail for @localhost into ./demo-mail/."
+    )
+    optParameters = [["config", "c", None, "Path to mailsrv.toml."]]
+
+    def postOptions(self) -> None:
+        # Everything is checked here, so that twistd reports a configuration error as a usage
+        # error (file, key, expectation) and exits before anything starts.
+        from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
+        from mailsrv.service import prepare
+
+        try:
+            if self["config"] is not None:
+                config = load_config(self["config"])
+            elif DEFAULT_CONFIG_PATH.exists():
+                config = load_config(DEFAULT_CONFIG_PATH)
+            else:
+                config = demo_config(Path(os.getcwd()))
+            self["directory"] = prepare(config)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}")
+        self["parsed_config"] = config
+
+
+@implementer(IServiceMaker, IPlugin)
+class MailsrvServiceMaker:
+    tapname = "mailsrv"
+    description = "mailsrv: a mail server for small organizations (SMTP into Maildirs)."
+    options = Options
+
+    def makeService(self, options: Options):
+        from mailsrv.service import make_service
+
+        return make_service(options["parsed_config"], directory=options["directory"])
+
+
+serviceMaker = MailsrvServiceMaker()
