@@ -610,12 +610,13 @@ def demo_config(base: Path) -> Config:
     """The safe demo used when there is no configuration file at all.
 
     Loopback only, an unprivileged port, the local domain ``localhost`` with a catch-all
-    mailbox per local part, and every file under ``base/demo-mail``.
+    mailbox per local part, and every file under ``base/demo-mail``. Clients can only be
+    local, so no reverse DNS lookup is made (it would tell nothing and ask the system resolver).
     """
     demo = Path(base).absolute() / "demo-mail"
     return Config(
         hostname="localhost",
-        smtp=SmtpConfig(listen=("tcp:2525:interface=127.0.0.1",)),
+        smtp=SmtpConfig(listen=("tcp:2525:interface=127.0.0.1",), reverse_dns=False),
         domains=DomainsConfig(local=("localhost",)),
         mailboxes=MailboxesConfig(root=demo / "mailboxes"),
         queue=QueueConfig(path=demo / "queue"),

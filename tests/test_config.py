@@ -763,7 +763,8 @@ def test_demo_config(tmp_path: Path) -> None:
     config = demo_config(tmp_path)
     assert config.hostname == "localhost"
     assert config.smtp.listen == ("tcp:2525:interface=127.0.0.1",)
-    assert dataclasses.replace(config.smtp, listen=("tcp:25",)) == SmtpConfig()
+    assert dataclasses.replace(config.smtp, listen=("tcp:25",), reverse_dns=True) == SmtpConfig()
+    assert config.smtp.reverse_dns is False  # loopback clients only: no DNS at all
     assert config.domains.local == ("localhost",)
     assert config.mailboxes == MailboxesConfig(root=tmp_path / "demo-mail" / "mailboxes")
     assert config.mailboxes.users is None and config.mailboxes.aliases is None
