@@ -155,22 +155,23 @@ class MailsrvESMTP(ESMTP):
         while self._input and not self._busy and self.mode != _CLOSING:
             if self.mode == _DATA:
                 self._feed_data()
-            else:
-                self._next_command()
+            elif not self._next_command():
+                break  # an unfinished line: wait for more bytes
         if self._busy and len(self._input) > MAX_HELD_INPUT and not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()
 
-    def _next_command(self) -> None:
+    def _next_command(self) -> bool:
+        """Take one command line off the input; False when the line has not ended yet."""
         newline = self._input.find(b"\n")
         if self._skipping_line:
             # The tail of an over-long line: discarded up to and including its line end.
             if newline < 0:
                 self._input = b""
-                return
+                return False
             self._input = self._input[newline + 1 :]
             self._skipping_line = False
-            return
+            return True
         if newline < 0:
             if len(self._input) > MAX_COMMAND_LINE:
                 self._input = b""
@@ -178,16 +179,17 @@ class MailsrvESMTP(ESMTP):
                 self._error(replies.LINE_TOO_LONG)
             elif b"\r" in self._input[:-1]:
                 self._refuse_bare_line_end()
-            return
+            return False
         line, self._input = self._input[:newline], self._input[newline + 1 :]
         if not line.endswith(b"\r") or b"\r" in line[:-1]:
             self._refuse_bare_line_end()
-            return
-        if len(line) + 1 > MAX_COMMAND_LINE:
+        elif len(line) + 1 > MAX_COMMAND_LINE:
             self._error(replies.LINE_TOO_LONG)
-            return
-        self.resetTimeout()
-        self._dispatch(line[:-1])
+        else:
+            # Only a whole command counts as activity: a trickle of bytes does not.
+            self.resetTimeout()
+            self._dispatch(line[:-1])
+        return True
 
     def _refuse_bare_line_end(self) -> None:
         self.log.info("bare CR/LF in command client={client}", client=self._client_ip)

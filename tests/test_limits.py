@@ -1,0 +1,170 @@
+"""Every limit, at its edge and one past it, against a running server."""
+
+import socket
+import time
+
+import pytest
+
+from support.harness import RawClient, wait_for
+
+
+def start_transaction(client, rcpt="bob@example.org"):
+    assert client.command("EHLO c.test")[0] == 250
+    assert client.command("MAIL FROM:<a@c.test>")[0] == 250
+    assert client.command(f"RCPT TO:<{rcpt}>")[0] == 250
+
+
+def test_command_line_of_512_octets_is_accepted_513_refused(mail_server):
+    client = mail_server.connect()
+    # "NOOP " + padding + CRLF = 512 octets exactly.
+    assert client.command(b"NOOP " + b"a" * 505)[0] == 250
+    assert client.command(b"NOOP " + b"a" * 506) == (500, "5.5.2 Error: command line too long")
+    assert client.command("NOOP")[0] == 250
+
+
+def test_rest_of_an_overlong_line_is_never_executed(mail_server):
+    client = mail_server.connect()
+    assert client.command("EHLO c.test")[0] == 250
+    # What a naive server would cut at 512 octets and then run as a second command.
+    client.send(b"NOOP " + b"a" * 507 + b"MAIL FROM:<x@c.test>\r\n")
+    assert client.reply() == (500, "5.5.2 Error: command line too long")
+    assert client.command("RCPT TO:<alice@example.org>")[:1] == (503,)
+
+
+def test_endless_command_line_is_discarded_while_it_arrives(mail_server):
+    client = mail_server.connect()
+    client.send(b"X" * 600)
+    assert client.reply()[0] == 500
+    for _ in range(64):
+        client.send(b"Y" * 65536)  # 4 MiB more of the same line: never buffered, no reply
+    client.send(b"\r\nNOOP\r\n")
+    assert client.reply()[0] == 250
+
+
+def test_data_line_of_998_octets_passes_999_refused(mail_server):
+    client = mail_server.connect()
+    start_transaction(client)
+    assert client.command("DATA")[0] == 354
+    client.send(b"Subject: long ok\r\n\r\n" + b"x" * 998 + b"\r\n.\r\n")
+    assert client.reply()[0] == 250
+    before = len(mail_server.messages("bob@example.org"))
+    assert client.command("MAIL FROM:<a@c.test>")[0] == 250
+    assert client.command("RCPT TO:<bob@example.org>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(b"Subject: long bad\r\n\r\n" + b"x" * 999 + b"\r\n.\r\n")
+    assert client.reply() == (500, "5.5.2 Error: message line longer than 1000 octets")
+    assert client.command("NOOP")[0] == 250
+    assert len(mail_server.messages("bob@example.org")) == before
+
+
+def test_recipient_limit_one_past_edge(make_server):
+    server = make_server(overrides={"smtp": {"max_recipients": 3}}).start()
+    client = server.connect()
+    start_transaction(client, "alice@example.org")
+    assert client.command("RCPT TO:<bob@example.org>")[0] == 250
+    assert client.command("RCPT TO:<carol@example.net>")[0] == 250
+    assert client.command("RCPT TO:<sales@example.org>") == (452, "4.5.3 Error: too many recipients")
+    assert client.command("DATA")[0] == 354
+    assert client.command(b"Subject: three\r\n\r\nx\r\n.")[0] == 250
+    # The limit is per transaction.
+    assert client.command("MAIL FROM:<a@c.test>")[0] == 250
+    for rcpt in ("alice@example.org", "bob@example.org", "carol@example.net"):
+        assert client.command(f"RCPT TO:<{rcpt}>")[0] == 250
+
+
+def test_idle_client_is_dropped(make_server):
+    server = make_server(overrides={"smtp": {"idle_timeout": 1}}).start()
+    client = server.connect()
+    assert client.command("EHLO c.test")[0] == 250
+    started = time.monotonic()
+    assert client.reply() == (421, "4.4.2 Error: timeout exceeded; closing connection")
+    assert client.closed()
+    assert 0.8 < time.monotonic() - started < 10
+
+
+def test_trickling_command_does_not_keep_the_session_alive(make_server):
+    server = make_server(overrides={"smtp": {"idle_timeout": 1}}).start()
+    client = server.connect()
+    started = time.monotonic()
+    reply = None
+    for byte in b"EHLO a-very-slow-client.test\r\n":  # a byte every 0.3 s: 9 s for the line
+        try:
+            client.send(bytes([byte]))
+        except OSError:
+            break
+        client.sock.settimeout(0.3)
+        try:
+            reply = client.reply()
+            break
+        except socket.timeout:
+            continue
+    assert reply == (421, "4.4.2 Error: timeout exceeded; closing connection")
+    assert time.monotonic() - started < 5
+
+
+def test_trickling_data_is_cut_off_by_the_data_timeout(make_server):
+    server = make_server(overrides={"smtp": {"idle_timeout": 1, "data_timeout": 2}}).start()
+    client = server.connect()
+    start_transaction(client)
+    assert client.command("DATA")[0] == 354
+    started = time.monotonic()
+    reply = None
+    for n in range(40):  # a line every 0.25 s keeps it from being idle, never from the deadline
+        try:
+            client.send(b"line %d\r\n" % n)
+        except OSError:
+            break
+        client.sock.settimeout(0.25)
+        try:
+            reply = client.reply()
+            break
+        except socket.timeout:
+            continue
+    assert reply == (421, "4.4.2 Error: timeout exceeded; closing connection")
+    assert 1.5 < time.monotonic() - started < 8
+    assert server.messages("bob@example.org") == []
+
+
+def test_connection_limit_total(make_server):
+    server = make_server(overrides={"smtp": {"max_connections": 3}}).start()
+    clients = [server.connect() for _ in range(3)]
+    assert all(c.greeting[0] == 220 for c in clients)
+    extra = server.connect()
+    assert extra.greeting == (421, "4.7.0 Error: too many connections; try again later")
+    assert extra.closed()
+    clients[0].command("QUIT")
+    clients[0].closed()
+    wait_for(lambda: RawClient(server.port).greeting[0] == 220, 10, "a free slot")
+
+
+def test_connection_limit_per_client_address(make_server):
+    server = make_server(overrides={"smtp": {"max_connections_per_ip": 2}}).start()
+    first, second = server.connect(), server.connect()
+    third = server.connect()
+    assert third.greeting == (
+        421, "4.7.0 Error: too many connections from your address; try again later")
+    # Another loopback address is another client.
+    other = RawClient(server.port, host="127.0.0.1")
+    other.close()
+    from_other = socket.create_connection(("127.0.0.1", server.port), source_address=("127.0.0.2", 0))
+    assert from_other.recv(100).startswith(b"220 ")
+    from_other.close()
+    first.close(), second.close()
+
+
+def test_too_many_errors_disconnects(mail_server):
+    client = mail_server.connect()
+    for _ in range(19):
+        assert client.command("BOGUS")[0] == 500
+    assert client.command("BOGUS") == (421, "4.7.0 Error: too many errors; closing connection")
+    assert client.closed()
+
+
+def test_unfinished_command_line_does_not_stall_other_clients(mail_server):
+    slow = mail_server.connect()
+    slow.send(b"EHL")  # no line end yet
+    other = mail_server.connect(timeout=5)
+    assert other.command("EHLO c.test")[0] == 250
+    assert other.command("NOOP")[0] == 250
+    slow.send(b"O c.test\r\n")
+    assert slow.reply()[0] == 250
