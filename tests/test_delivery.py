@@ -1,0 +1,130 @@
+"""Where copies land: aliases, duplicates, loops, and what happens when the disk refuses."""
+
+import os
+import shutil
+import smtplib
+import subprocess
+
+import pytest
+
+
+def send(server, recipients, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@c.test"):
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
+        return client.sendmail(sender, recipients, body)
+
+
+def token_count(server, address, token):
+    return sum(token in m.as_string() for m in server.messages(address))
+
+
+def test_one_copy_per_mailbox_however_it_is_named(mail_server):
+    body = b"Subject: dedupe\r\n\r\ntoken-dedupe-1\r\n"
+    send(mail_server, ["alice@example.org", "ALICE@example.org", "alice+x@example.org",
+                       "sales@example.org", "team@example.org", "postmaster@example.net"], body)
+    for address in ("alice@example.org", "bob@example.org", "carol@example.net"):
+        assert token_count(mail_server, address, "token-dedupe-1") == 1, address
+
+
+def test_copies_of_one_message_share_one_file(mail_server):
+    send(mail_server, ["sales@example.org"], b"Subject: link\r\n\r\ntoken-link\r\n")
+    paths = [
+        os.path.join(d, name)
+        for d in (mail_server.root / "example.org" / "alice" / "new",
+                  mail_server.root / "example.org" / "bob" / "new")
+        for name in os.listdir(d)
+        if b"token-link" in open(os.path.join(d, name), "rb").read()
+    ]
+    assert len(paths) == 2
+    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+
+
+def test_same_message_id_in_every_copy(mail_server):
+    send(mail_server, ["alice@example.org", "carol@example.net"], b"Subject: mid\r\n\r\ntoken-mid\r\n")
+    ids = {m["Message-ID"] for a in ("alice@example.org", "carol@example.net")
+           for m in mail_server.messages(a) if "token-mid" in m.as_string()}
+    assert len(ids) == 1 and None not in ids
+
+
+def test_received_for_clause_only_with_one_recipient(mail_server):
+    send(mail_server, ["alice@example.org", "bob@example.org"], b"Subject: two\r\n\r\ntoken-two\r\n")
+    [msg] = [m for m in mail_server.messages("bob@example.org") if "token-two" in m.as_string()]
+    assert " for <" not in msg["Received"]
+
+
+@pytest.mark.parametrize("hops, code", [(50, 250), (51, 554)])
+def test_mail_loop_is_refused_past_50_hops(mail_server, hops, code):
+    received = b"".join(b"Received: from hop%d.test by hop%d.test; Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+                        % (n, n + 1) for n in range(hops))
+    body = received + b"Subject: hops %d\r\n\r\ntoken-hops-%d\r\n" % (hops, hops)
+    if code == 250:
+        send(mail_server, ["carol@example.net"], body)
+        assert token_count(mail_server, "carol@example.net", f"token-hops-{hops}") == 1
+    else:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            send(mail_server, ["carol@example.net"], body)
+        assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.4.6")
+        assert token_count(mail_server, "carol@example.net", f"token-hops-{hops}") == 0
+
+
+def test_unwritable_maildir_gives_451_and_leaves_no_copy_anywhere(make_server):
+    server = make_server().start()
+    # bob's Maildir path is taken by a regular file: no directory can be made there, even as root.
+    (server.root / "example.org").mkdir(parents=True, exist_ok=True)
+    (server.root / "example.org" / "bob").write_text("not a directory")
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+    assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
+    assert token_count(server, "alice@example.org", "token-fail") == 0
+    alice = server.root / "example.org" / "alice"
+    assert not alice.exists() or (os.listdir(alice / "new") == [] and os.listdir(alice / "tmp") == [])
+    assert os.listdir(server.queue / "incoming") == []
+    # Once the administrator fixes it, the retry succeeds.
+    (server.root / "example.org" / "bob").unlink()
+    send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+    assert token_count(server, "bob@example.org", "token-fail") == 1
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_disk_gives_452_and_leaves_no_partial_file(make_server, small_filesystem):
+    server = make_server(overrides={"mailboxes": {"root": str(small_filesystem / "mail")}}).start()
+    send(server, ["alice@example.org"], b"Subject: fits\r\n\r\nsmall\r\n")
+    big = b"Subject: too big for the disk\r\n\r\n" + (b"z" * 76 + b"\r\n") * 20000  # ~1.5 MB
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(server, ["alice@example.org", "bob@example.org"], big)
+    assert e.value.smtp_code == 452 and e.value.smtp_error.startswith(b"4.3.1")
+    for user in ("alice", "bob"):
+        box = small_filesystem / "mail" / "example.org" / user
+        if box.exists():
+            for name in os.listdir(box / "new"):
+                assert b"too big" not in (box / "new" / name).read_bytes()
+            assert os.listdir(box / "tmp") == []
+    server.root = small_filesystem / "mail"
+    assert [m["Subject"] for m in server.messages("alice@example.org")] == ["fits"]
+    # The server keeps working once there is room again.
+    send(server, ["bob@example.org"], b"Subject: after\r\n\r\nsmall again\r\n")
+    assert [m["Subject"] for m in server.messages("bob@example.org")] == ["after"]
+
+
+def test_full_spool_during_data_gives_452_and_keeps_the_session(make_server, small_filesystem):
+    server = make_server(overrides={"queue": {"path": str(small_filesystem / "queue")}}).start()
+    big = b"Subject: spool full\r\n\r\n" + (b"q" * 76 + b"\r\n") * 20000  # ~1.5 MB > 1 MB tmpfs
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            client.sendmail("a@c.test", ["alice@example.org"], big)
+        assert e.value.smtp_code == 452 and e.value.smtp_error.startswith(b"4.3.1")
+        assert os.listdir(small_filesystem / "queue" / "incoming") == []
+        client.sendmail("a@c.test", ["alice@example.org"], b"Subject: small\r\n\r\nok\r\n")
+    assert [m["Subject"] for m in server.messages("alice@example.org")] == ["small"]
