@@ -8,6 +8,7 @@ on sys.path into its own plugin package.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from twisted.application.service import IServiceMaker
@@ -26,8 +27,8 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "Path to mailsrv.toml."]]
 
     def postOptions(self) -> None:
-        # Everything is checked here, so that twistd reports a configuration error as a usage
-        # error (file, key, expectation) and exits before anything starts.
+        # Everything is checked here, before anything starts: a configuration error ends the
+        # start with the file, the key and the expectation, and exit status 2.
         from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
         from mailsrv.service import prepare
 
@@ -40,7 +41,9 @@ class Options(usage.Options):
                 config = demo_config(Path(os.getcwd()))
             self["directory"] = prepare(config)
         except ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}")
+            # One line an administrator can act on, not twistd's usage text around it.
+            sys.stderr.write(f"mailsrv: configuration error: {e}\n")
+            raise SystemExit(2)
         self["parsed_config"] = config
 
 
