@@ -9,7 +9,7 @@ import pytest
 
 
 def send(server, recipients, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@c.test"):
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
         return client.sendmail(sender, recipients, body)
 
 
@@ -121,7 +121,7 @@ def test_full_disk_gives_452_and_leaves_no_partial_file(make_server, small_files
 def test_full_spool_during_data_gives_452_and_keeps_the_session(make_server, small_filesystem):
     server = make_server(overrides={"queue": {"path": str(small_filesystem / "queue")}}).start()
     big = b"Subject: spool full\r\n\r\n" + (b"q" * 76 + b"\r\n") * 20000  # ~1.5 MB > 1 MB tmpfs
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
         with pytest.raises(smtplib.SMTPDataError) as e:
             client.sendmail("a@c.test", ["alice@example.org"], big)
         assert e.value.smtp_code == 452 and e.value.smtp_error.startswith(b"4.3.1")

@@ -88,7 +88,7 @@ def test_unsafe_local_parts_never_become_paths(untrusting_server, address, expec
 def test_remote_recipient_from_trusted_client_is_queued_durably(mail_server):
     import smtplib
 
-    with smtplib.SMTP("127.0.0.1", mail_server.port, timeout=15) as client:
+    with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
         client.sendmail("alice@example.org", ["friend@remote.test", "bob@example.org"],
                         b"Subject: out\r\n\r\nto the world\r\n")
     envelopes = [json.loads(p.read_text()) for p in (mail_server.queue / "messages").glob("*.json")]

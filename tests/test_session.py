@@ -10,7 +10,7 @@ import pytest
 
 
 def sent(server, sender, recipients, body, **kw):
-    with smtplib.SMTP("127.0.0.1", server.port, timeout=15) as client:
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
         return client.sendmail(sender, recipients, body, **kw)
 
 
@@ -18,7 +18,7 @@ MESSAGE = b"From: Bob <bob@client.test>\r\nTo: alice@example.org\r\nSubject: hel
 
 
 def test_message_is_delivered_into_the_maildir(mail_server):
-    with smtplib.SMTP("127.0.0.1", mail_server.port, timeout=15) as client:
+    with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
         client.ehlo("client.test")
         client.mail("bob@client.test")
         client.rcpt("alice@example.org")
