@@ -129,11 +129,6 @@ class MailsrvESMTP(ESMTP):
         if self.mode != _CLOSING:
             self.transport.write(replies.format_reply(reply, **values) + b"\r\n")
 
-    def sendCode(self, code: int, message: bytes = b"") -> None:
-        """Twisted's reply primitive, kept for inherited code paths (with an enhanced code)."""
-        status = {2: "2.0.0", 3: "", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "")
-        self._send(Reply(code, status, message.decode("ascii", "replace")))
-
     def _error(self, reply: Reply, **values: str) -> None:
         """A client error: answer it, and drop clients that make nothing but errors."""
         self._errors += 1
@@ -267,14 +262,6 @@ class MailsrvESMTP(ESMTP):
             "ENHANCEDSTATUSCODES",
         ]
 
-    def extensions(self) -> dict[bytes, list[bytes] | None]:
-        """Twisted's view of our extensions (same list as the EHLO reply)."""
-        result: dict[bytes, list[bytes] | None] = {}
-        for line in self._extension_lines():
-            name, _, value = line.partition(" ")
-            result[name.encode()] = [value.encode()] if value else None
-        return result
-
     def do_MAIL(self, rest: bytes) -> None:
         if self._helo_name is None:
             self._error(replies.NEED_HELO)
@@ -287,11 +274,8 @@ class MailsrvESMTP(ESMTP):
             self._check_mail_parameters(params)
             assert self.session is not None
             self._transaction = self.session.validateFrom(self._helo, sender)
-        except AddressError as e:
-            self._error(Reply(e.code, e.status, e.text))
-            return
-        except SMTPReplyError as e:
-            self._error(e.reply)
+        except (AddressError, SMTPReplyError) as e:
+            self._error(_reply_for(e))
             return
         self._recipient_count = 0
         self._send(replies.SENDER_OK)
@@ -330,11 +314,8 @@ class MailsrvESMTP(ESMTP):
                     f"Error: unsupported parameter {name}"))
             assert self.session is not None
             self.session.validateTo(recipient)
-        except AddressError as e:
-            self._error(Reply(e.code, e.status, e.text))
-            return
-        except SMTPReplyError as e:
-            self._error(e.reply)
+        except (AddressError, SMTPReplyError) as e:
+            self._error(_reply_for(e))
             return
         self._recipient_count += 1
         self._send(replies.RECIPIENT_OK)
@@ -445,6 +426,13 @@ class MailsrvESMTP(ESMTP):
         b"HELP": do_HELP,
         b"QUIT": do_QUIT,
     }
+
+
+def _reply_for(error: AddressError | SMTPReplyError) -> Reply:
+    """The reply a refused MAIL or RCPT gets (address errors carry their own codes)."""
+    if isinstance(error, AddressError):
+        return Reply(error.code, error.status, error.text)
+    return error.reply
 
 
 def _plain_ip(host: str) -> str:

@@ -8,6 +8,21 @@ import pytest
 from support.harness import RawClient, wait_for
 
 
+def send_slowly(client, pieces, interval):
+    """Send pieces one by one, ``interval`` apart; the first reply that comes back, or None."""
+    for piece in pieces:
+        try:
+            client.send(piece)
+        except OSError:
+            break
+        client.sock.settimeout(interval)
+        try:
+            return client.reply()
+        except socket.timeout:
+            continue
+    return None
+
+
 def start_transaction(client, rcpt="bob@example.org"):
     assert client.command("EHLO c.test")[0] == 250
     assert client.command("MAIL FROM:<a@c.test>")[0] == 250
@@ -86,18 +101,8 @@ def test_trickling_command_does_not_keep_the_session_alive(make_server):
     server = make_server(overrides={"smtp": {"idle_timeout": 1}}).start()
     client = server.connect()
     started = time.monotonic()
-    reply = None
-    for byte in b"EHLO a-very-slow-client.test\r\n":  # a byte every 0.3 s: 9 s for the line
-        try:
-            client.send(bytes([byte]))
-        except OSError:
-            break
-        client.sock.settimeout(0.3)
-        try:
-            reply = client.reply()
-            break
-        except socket.timeout:
-            continue
+    # A byte every 0.3 s: 9 s for the whole line.
+    reply = send_slowly(client, [bytes([b]) for b in b"EHLO a-very-slow-client.test\r\n"], 0.3)
     assert reply == (421, "4.4.2 Error: timeout exceeded; closing connection")
     assert time.monotonic() - started < 5
 
@@ -108,18 +113,8 @@ def test_trickling_data_is_cut_off_by_the_data_timeout(make_server):
     start_transaction(client)
     assert client.command("DATA")[0] == 354
     started = time.monotonic()
-    reply = None
-    for n in range(40):  # a line every 0.25 s keeps it from being idle, never from the deadline
-        try:
-            client.send(b"line %d\r\n" % n)
-        except OSError:
-            break
-        client.sock.settimeout(0.25)
-        try:
-            reply = client.reply()
-            break
-        except socket.timeout:
-            continue
+    # A line every 0.25 s keeps the session from being idle, never from the deadline.
+    reply = send_slowly(client, [b"line %d\r\n" % n for n in range(40)], 0.25)
     assert reply == (421, "4.4.2 Error: timeout exceeded; closing connection")
     assert 1.5 < time.monotonic() - started < 8
     assert server.messages("bob@example.org") == []
