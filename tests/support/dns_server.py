@@ -12,6 +12,7 @@ import json
 import sys
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
 
@@ -58,9 +59,18 @@ def main():
     with open(sys.argv[1]) as f:
         zone = json.load(f)
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    port = udp.getHost().port
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    # The kernel picks a free UDP port; the same TCP port may be taken (by any client socket),
+    # so try again with another pair, a bounded number of times.
+    for attempt in range(50):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        port = udp.getHost().port
+        try:
+            reactor.listenTCP(port, factory, interface="127.0.0.1")
+            break
+        except CannotListenError:
+            udp.stopListening()
+    else:
+        raise SystemExit("no port free for both UDP and TCP after 50 tries")
     print(f"PORT {port}", flush=True)
     reactor.run()
 
