@@ -15,8 +15,9 @@ class Reply(NamedTuple):
     status: str  # enhanced status code, e.g. "5.1.1"
     text: str
 
-    def with_text(self, text: str) -> "Reply":
-        return self._replace(text=text)
+    def format(self, **values: str) -> "Reply":
+        """This reply with its {placeholders} filled in (for raising, where no values travel)."""
+        return self._replace(text=self.text.format(**values))
 
 
 class SMTPReplyError(Exception):
@@ -49,6 +50,7 @@ HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: {verb} domain-or-address-litera
 HELO_BAD_DOMAIN = Reply(501, "5.5.4", "Error: invalid {verb} domain")
 VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 UNSUPPORTED_PARAMETER = Reply(501, "5.5.4", "Error: unsupported parameter {name}")
+PARAMETER_NEEDS_EHLO = Reply(501, "5.5.4", "Error: parameter {name} needs EHLO")
 BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Error: bad value for parameter {name}")
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")

@@ -283,21 +283,17 @@ class MailsrvESMTP(ESMTP):
     def _check_mail_parameters(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
             if not self._esmtp:
-                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER._replace(
-                    text=f"Error: parameter {name} needs EHLO"))
+                raise SMTPReplyError(replies.PARAMETER_NEEDS_EHLO.format(name=name))
             if name == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
-                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.with_text(
-                        f"Error: bad value for parameter {name}"))
+                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.format(name=name))
                 if int(value) > self.runtime.config.smtp.max_message_size:
                     raise SMTPReplyError(replies.SIZE_EXCEEDS_LIMIT)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.with_text(
-                        f"Error: bad value for parameter {name}"))
+                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.format(name=name))
             else:
-                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.with_text(
-                    f"Error: unsupported parameter {name}"))
+                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.format(name=name))
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._transaction is None:
@@ -310,8 +306,7 @@ class MailsrvESMTP(ESMTP):
             recipient, params = parse_rcpt_to(rest)
             if params:
                 name = next(iter(params))
-                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.with_text(
-                    f"Error: unsupported parameter {name}"))
+                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.format(name=name))
             assert self.session is not None
             self.session.validateTo(recipient)
         except (AddressError, SMTPReplyError) as e:
