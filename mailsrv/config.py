@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mailsrv.address import normalise_domain
+from mailsrv.schedule import DEFAULT_RETRY_SCHEDULE
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "prepare_directories",
+    "read_smarthost_password",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailsrv/mailsrv.toml")
@@ -106,9 +108,13 @@ class MailboxesConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """The durable outbound queue."""
+    """The durable outbound queue and how long a message may stay in it."""
 
     path: Path
+    # Seconds to wait after the 1st, 2nd, ... failed attempt; the last one repeats.
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_age: float = 5 * 86400.0  # then the message is bounced
+    delay_warning: float = 0.0  # seconds before the sender is told of a delay; 0: never
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,21 @@ class RelayConfig:
     )
     dns_servers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
     port: int = 25  # port used on MX hosts (tests use another)
+    # (host, port) that takes all remote mail instead of the MX hosts; None: MX delivery.
+    smarthost: tuple[str, int] | None = None
+    smarthost_user: str | None = None  # AUTH on the smarthost (then TLS is required)
+    smarthost_password_file: Path | None = None  # first line is the password
+    tls: str = "opportunistic"  # "opportunistic", "verify" or "none"
+    tls_policy: tuple[tuple[str, str], ...] = ()  # (domain, mode) exceptions to ``tls``
+    tls_ca_file: Path | None = None  # CA bundle for "verify"; None: the system's
+    max_connections: int = 20  # outgoing connections in total
+    max_connections_per_domain: int = 5
+    connect_timeout: float = 30.0
+    timeout: float = 300.0  # seconds to wait for each reply of a remote server
+
+    def tls_mode(self, domain: str) -> str:
+        """The TLS mode for one destination domain: its policy entry, or the default."""
+        return dict(self.tls_policy).get(domain, self.tls)
 
 
 @dataclass(frozen=True)
@@ -188,6 +209,57 @@ def _seconds() -> _Key:
         if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
             raise _Invalid(wanted, value)
         return float(value)
+
+    return _Key(wanted, convert)
+
+
+def _seconds_or_zero() -> _Key:
+    wanted = "a number of seconds >= 0 (0 turns it off)"
+
+    def convert(value: Any, base: Path) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise _Invalid(wanted, value)
+        return float(value)
+
+    return _Key(wanted, convert)
+
+
+def _seconds_list() -> _Key:
+    wanted = "a non-empty list of numbers of seconds > 0"
+    each = _seconds()
+
+    def convert(value: Any, base: Path) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value:
+            raise _Invalid(wanted, value)
+        result = []
+        for index, item in enumerate(value):
+            try:
+                result.append(each.convert(item, base))
+            except _Invalid as exc:
+                raise _Invalid(each.wanted, item, where=f"[{index}]") from exc
+        return tuple(result)
+
+    return _Key(wanted, convert)
+
+
+def _choice(*choices: str) -> _Key:
+    wanted = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def convert(value: Any, base: Path) -> str:
+        if value not in choices:
+            raise _Invalid(wanted, value)
+        return value
+
+    return _Key(wanted, convert)
+
+
+def _text() -> _Key:
+    wanted = "a non-empty string of printable characters"
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or not value or not value.isprintable():
+            raise _Invalid(wanted, value)
+        return value
 
     return _Key(wanted, convert)
 
@@ -448,6 +520,55 @@ def _dns_server(text: str) -> tuple[str, int]:
     return (str(address), int(port))
 
 
+def _smarthost() -> _Key:
+    wanted = 'a host with an optional port: "smtp.example.net", "smtp.example.net:587", "192.0.2.25:587" or "[2001:db8::25]:587"'
+
+    def convert(value: Any, base: Path) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise _Invalid(wanted, value)
+        bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", value)
+        if bracketed:
+            host, port = bracketed.group(1), bracketed.group(2)
+        elif value.count(":") == 1:
+            host, port = value.split(":")
+        else:
+            host, port = value, None
+        try:
+            host = str(ipaddress.ip_address(host)) if _is_ip(host) else normalise_domain(host)
+        except ValueError as exc:
+            raise _Invalid(wanted, value, why=str(exc)) from None
+        if port is None:
+            return (host, 25)
+        if not _is_decimal(port, 1, 65535):
+            raise _Invalid(wanted, value, why="the port must be from 1 to 65535")
+        return (host, int(port))
+
+    return _Key(wanted, convert)
+
+
+_TLS_MODES = ("opportunistic", "verify", "none")
+
+
+def _tls_policy() -> _Key:
+    wanted = 'a table of domain = "opportunistic" | "verify" | "none"'
+
+    def convert(value: Any, base: Path) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            raise _Invalid(wanted, value)
+        result = []
+        for domain, mode in value.items():
+            try:
+                name = normalise_domain(domain)
+            except ValueError as exc:
+                raise _Invalid("a domain name", domain, where=f".{domain}", why=str(exc)) from None
+            if mode not in _TLS_MODES:
+                raise _Invalid(_choice(*_TLS_MODES).wanted, mode, where=f".{domain}")
+            result.append((name, mode))
+        return tuple(result)
+
+    return _Key(wanted, convert)
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         return ipaddress.ip_address(text)
@@ -484,7 +605,15 @@ _TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
             "recipient_delimiter": _delimiter(),
         },
     ),
-    "queue": (QueueConfig, {"path": _path()}),
+    "queue": (
+        QueueConfig,
+        {
+            "path": _path(),
+            "retry_schedule": _seconds_list(),
+            "max_age": _seconds(),
+            "delay_warning": _seconds_or_zero(),
+        },
+    ),
     "relay": (
         RelayConfig,
         {
@@ -502,6 +631,16 @@ _TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
                 non_empty=False,
             ),
             "port": _integer(1, 65535),
+            "smarthost": _smarthost(),
+            "smarthost_user": _text(),
+            "smarthost_password_file": _path(),
+            "tls": _choice(*_TLS_MODES),
+            "tls_policy": _tls_policy(),
+            "tls_ca_file": _path(),
+            "max_connections": _integer(1),
+            "max_connections_per_domain": _integer(1),
+            "connect_timeout": _seconds(),
+            "timeout": _seconds(),
         },
     ),
 }
@@ -589,7 +728,46 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
             ) from None
 
     tables = {name: _build_table(name, data.get(name), base, source) for name in _TABLES}
+    _check_smarthost(tables["relay"], source)
     return Config(hostname=hostname, source=source, **tables)
+
+
+def _check_smarthost(relay: RelayConfig, source: Path | None) -> None:
+    """The smarthost keys that only make sense together."""
+    if (relay.smarthost_user is None) != (relay.smarthost_password_file is None):
+        raise ConfigError(
+            source,
+            "relay.smarthost_password_file" if relay.smarthost_user else "relay.smarthost_user",
+            "expected relay.smarthost_user and relay.smarthost_password_file together",
+        )
+    if relay.smarthost_user is not None and relay.smarthost is None:
+        raise ConfigError(
+            source, "relay.smarthost", "expected a smarthost when relay.smarthost_user is set"
+        )
+
+
+def read_smarthost_password(config: Config) -> str | None:
+    """The smarthost password (first line of its file), or None; ConfigError when unreadable.
+
+    Kept out of the TOML file so that the configuration can stay world-readable while the
+    password file is 0600.
+    """
+    path = config.relay.smarthost_password_file
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            config.source, "relay.smarthost_password_file", f"a readable password file: {exc}"
+        ) from None
+    if not password:
+        raise ConfigError(
+            config.source, "relay.smarthost_password_file",
+            f"a file whose first line is the password; {path} has an empty first line",
+        )
+    return password
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -14,7 +14,6 @@ import datetime
 import errno
 import ipaddress
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +29,8 @@ from mailsrv.config import Config
 from mailsrv.dnsutil import verified_reverse_name
 from mailsrv.policy import Refusal, recipient_targets
 from mailsrv.replies import SMTPReplyError
-from mailsrv.router import Directory, LocalTarget, RemoteTarget, Target
+from mailsrv.router import Directory, LocalTarget, Target
+from mailsrv.store import Stored, store
 
 log = Logger(namespace="mailsrv")
 
@@ -43,6 +43,8 @@ class Runtime:
     directory: Directory
     reactor: Any
     resolver: Any = None
+    #: The relayer (mailsrv.relayer.Relayer) that learns of each newly queued message.
+    relayer: Any = None
 
     @property
     def incoming_dir(self) -> Path:
@@ -246,7 +248,7 @@ class Transaction:
         d.addCallbacks(self._delivered, self._failed)
         return d
 
-    def _deliver_blocking(self, received: bytes) -> list[tuple[Target, str]]:
+    def _deliver_blocking(self, received: bytes) -> Stored:
         """In a worker thread: every copy durable, or none visible. Returns what went where."""
         assert self.spool_path is not None
         config = self.runtime.config
@@ -256,38 +258,21 @@ class Transaction:
             facts = headers.inspect_head(head)
             if facts.received_count > config.smtp.max_received_headers:
                 raise SMTPReplyError(replies.TOO_MANY_HOPS)
-            prefix = headers.return_path(str(self.sender) if self.sender else None) + received
+            trace = received
             if not facts.has_message_id:
                 msgid = headers.make_message_id(self.queue_id, config.hostname)
-                prefix += headers.message_id_header(msgid)
+                trace += headers.message_id_header(msgid)
             if headers.needs_separator(head):
-                prefix += b"\n"
-            local = [t for t in self.targets if isinstance(t, LocalTarget)]
-            remote = [t for t in self.targets if isinstance(t, RemoteTarget)]
-            results: list[tuple[Target, str]] = []
-            delivered: list[Path] = []
+                trace += b"\n"
             try:
-                if local:
-                    root = Path(config.mailboxes.root)
-                    delivered = maildir.deliver(
-                        [t.maildir(root) for t in local], prefix, self.spool_path,
-                        hostname=config.hostname,
-                    )
-                    results += [(t, str(path)) for t, path in zip(local, delivered)]
-                if remote:
-                    queue.enqueue(
-                        Path(config.queue.path), self.queue_id,
-                        sender=str(self.sender) if self.sender else None,
-                        recipients=[t.address for t in remote], prefix=prefix,
-                        body_path=self.spool_path, created=time.time(),
-                        received_from=self.session.client,
-                    )
-                    results += [(t, "queue") for t in remote]
+                return store(
+                    config, self.queue_id, sender=str(self.sender) if self.sender else None,
+                    targets=list(self.targets), trace=trace, body_path=self.spool_path,
+                    received_from=self.session.client,
+                )
             except maildir.DeliveryError as e:
-                maildir.remove_delivered(delivered)
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 raise SMTPReplyError(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
-            return results
         finally:
             try:
                 os.unlink(self.spool_path)
@@ -295,14 +280,14 @@ class Transaction:
                 pass  # moved into the queue
             self.spool_path = None
 
-    def _delivered(self, results: list[tuple[Target, str]]) -> str:
+    def _delivered(self, stored: Stored) -> str:
         log.info(
             "accepted id={id} client={client} helo={helo} from={sender} size={size} "
             "nrcpt={nrcpt}",
             id=self.queue_id, client=self.session.client, helo=self.session.helo,
             sender=_addr(self.sender), size=self.size, nrcpt=len(self.targets),
         )
-        for target, where in results:
+        for target, where in stored.places:
             if isinstance(target, LocalTarget):
                 log.info(
                     "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
@@ -314,6 +299,8 @@ class Transaction:
                     "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued",
                     id=self.queue_id, rcpt=target.address, orig=self.targets[target],
                 )
+        if stored.queued is not None and self.runtime.relayer is not None:
+            self.runtime.relayer.add(stored.queued)
         return self.queue_id
 
     def _failed(self, failure: Any) -> Any:

@@ -1,51 +1,59 @@
-"""The durable outbound queue on the spool: the enqueue half (blocking I/O).
+"""The durable outbound queue on the spool (blocking I/O; call it from the thread pool).
 
 Layout under the queue directory ``qdir``::
 
     incoming/<id>        bodies being received (written by the server, wiped at start-up)
     messages/<id>.body   the message body, spool format (dot-unstuffed, LF line ends)
-    messages/<id>.json   the envelope and per-recipient state (format below)
+    messages/<id>.json   the envelope and per-recipient state (see mailsrv.envelope)
+    corrupt/             envelopes that did not decode, moved aside with their bodies
+    control/             requests from ``mailsrv queue`` to the running server
+    lock                 flock'd by the running server: one server per spool
 
 The ``.json`` file is the commit point.  The body is moved in first (a rename on
 the same file system: no copy, and atomic), then the envelope is written to a
 dot-file, fsync'd and renamed into place, then ``messages/`` is fsync'd.  A
 ``.body`` without its ``.json`` is an unfinished enqueue and is never sent; a
 ``.json`` always has its ``.body``.  The server answers ``250`` only after
-``enqueue`` returns, so the message cannot be lost after that.
-
-Envelope, version 1 (``indent=1`` JSON, so that an administrator can read it)::
-
-    {"version": 1, "id": "...", "created": 1795381621.5, "sender": "a@b" or "",
-     "received_from": "client.example[192.0.2.7]", "prefix": "Return-Path: ...\\n...",
-     "recipients": [{"address": "...", "status": "queued", "attempts": 0,
-                     "last_error": null, "next_attempt": 1795381621.5}]}
-
-``prefix`` holds the trace headers to send before the body (always ASCII).
+``enqueue`` returns, so the message cannot be lost after that.  State changes
+replace the ``.json`` the same way (write, fsync, rename, fsync the directory);
+a finished message loses its ``.json`` first, then its ``.body``.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import fcntl
 import os
 import re
 import secrets
 import time
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO
 
+from mailsrv.envelope import QueuedMessage, decode, encode, new_message
 from mailsrv.maildir import DeliveryError, _doing, _write_all, ensure_dir, fsync_dir
 
 __all__ = [
-    "ENVELOPE_VERSION",
     "new_queue_id",
     "queue_dirs",
     "enqueue",
-    "read_envelope",
+    "save",
+    "remove",
+    "read_message",
+    "body_path",
+    "load",
+    "LoadReport",
+    "SpoolLocked",
+    "lock_spool",
+    "control_request",
+    "control_requests",
+    "control_answer",
+    "ControlRequest",
+    "CONTROL_ACTIONS",
 ]
-
-ENVELOPE_VERSION = 1
 
 # Queue ids are file names, log keys and part of Message-IDs: letters and
 # digits only, and never starting with '.' (dot-files are our temporaries).
@@ -77,57 +85,33 @@ def _check_id(queue_id: str) -> None:
 
 
 def queue_dirs(qdir: Path) -> None:
-    """Create ``incoming/`` and ``messages/`` (0700, with missing parents), durably.
+    """Create the queue's directories (0700, with missing parents), durably.
 
     Raises DeliveryError when the directories cannot be made.
     """
-    ensure_dir(Path(qdir) / "incoming")
-    ensure_dir(Path(qdir) / "messages")
+    for name in ("incoming", "messages", "corrupt", "control"):
+        ensure_dir(Path(qdir) / name)
 
 
-def _envelope_bytes(
-    queue_id: str,
-    *,
-    sender: str | None,
-    recipients: Sequence[str],
-    prefix: bytes,
-    created: float,
-    received_from: str,
-) -> bytes:
-    """The envelope file's content; raises ValueError for anything unstorable."""
+def body_path(qdir: Path, queue_id: str) -> Path:
+    return Path(qdir) / "messages" / f"{queue_id}.body"
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Create *path* (which must not exist), write *data*, fsync it; DeliveryError on failure.
+
+    On failure the file may remain; the caller removes it.
+    """
+    with _doing("create", path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        prefix_text = prefix.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"queue {queue_id}: the prefix is not ASCII ({exc})") from None
-    if isinstance(recipients, str) or not recipients:
-        raise ValueError(f"queue {queue_id}: at least one recipient address is required")
-    for address in recipients:
-        if not isinstance(address, str) or not address:
-            raise ValueError(f"queue {queue_id}: bad recipient address {address!r}")
-    created = float(created)
-    envelope = {
-        "version": ENVELOPE_VERSION,
-        "id": queue_id,
-        "created": created,
-        "sender": sender or "",
-        "received_from": received_from,
-        "prefix": prefix_text,
-        "recipients": [
-            {
-                "address": address,
-                "status": "queued",
-                "attempts": 0,
-                "last_error": None,
-                "next_attempt": created,
-            }
-            for address in recipients
-        ],
-    }
-    try:
-        # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
-        return (json.dumps(envelope, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"queue {queue_id}: envelope is not valid text ({exc})") from None
+        with _doing("write", path):
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+        with _doing("fsync", path):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def enqueue(
@@ -140,8 +124,8 @@ def enqueue(
     body_path: Path,
     created: float,
     received_from: str,
-) -> Path:
-    """Put a message in the outbound queue, durably; return its ``.json`` path.
+) -> QueuedMessage:
+    """Put a message in the outbound queue, durably; return its envelope.
 
     *body_path* (normally ``qdir/incoming/<id>``, same file system) is fsync'd
     and renamed to ``messages/<id>.body``; the envelope is written to
@@ -155,7 +139,7 @@ def enqueue(
     before anything is touched.
     """
     _check_id(queue_id)
-    data = _envelope_bytes(
+    message = new_message(
         queue_id,
         sender=sender,
         recipients=recipients,
@@ -163,6 +147,7 @@ def enqueue(
         created=created,
         received_from=received_from,
     )
+    data = encode(message)
     qdir = Path(qdir)
     source = Path(body_path)
     messages = qdir / "messages"
@@ -198,19 +183,8 @@ def enqueue(
         with _doing("fsync directory", messages):
             fsync_dir(messages)
 
-        with _doing("create", json_tmp):
-            fd = os.open(
-                json_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )
         tmp_created = True
-        try:
-            with _doing("write", json_tmp):
-                os.fchmod(fd, 0o600)
-                _write_all(fd, data)
-            with _doing("fsync", json_tmp):
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_durably(json_tmp, data)
         with _doing("commit", json_dest):
             os.rename(json_tmp, json_dest)
         tmp_created = False
@@ -226,7 +200,7 @@ def enqueue(
             messages=messages,
         )
         raise
-    return json_dest
+    return message
 
 
 def _undo(
@@ -253,8 +227,53 @@ def _undo(
         fsync_dir(messages)
 
 
-def read_envelope(path: Path) -> dict[str, Any]:
-    """Load an envelope file; ValueError (naming the file) when it is corrupt.
+def save(qdir: Path, message: QueuedMessage) -> None:
+    """Replace a queued message's envelope atomically and durably (new state after an attempt).
+
+    The new content goes to a unique dot-file, is fsync'd and renamed over the old
+    envelope, then ``messages/`` is fsync'd: after a crash the file holds either the
+    old state or the new one, never a mixture.  DeliveryError on failure (the old
+    state stays).
+    """
+    _check_id(message.id)
+    data = encode(message)
+    messages = Path(qdir) / "messages"
+    dest = messages / f"{message.id}.json"
+    tmp = messages / f".{message.id}.json.{secrets.token_hex(4)}.tmp"
+    try:
+        _write_durably(tmp, data)
+        with _doing("replace", dest):
+            os.rename(tmp, dest)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with _doing("fsync directory", messages):
+        fsync_dir(messages)
+
+
+def remove(qdir: Path, queue_id: str) -> bool:
+    """Take a finished (or deleted) message out of the queue; False when it was not there.
+
+    The envelope goes first: a crash in between leaves a bare body, which the loader
+    recognises as unfinished and removes, never a envelope without its body.
+    """
+    _check_id(queue_id)
+    messages = Path(qdir) / "messages"
+    found = False
+    for suffix in (".json", ".body"):
+        try:
+            os.unlink(messages / f"{queue_id}{suffix}")
+            found = True
+        except FileNotFoundError:
+            pass
+    with _doing("fsync directory", messages):
+        fsync_dir(messages)
+    return found
+
+
+def read_message(path: Path) -> QueuedMessage:
+    """Load one envelope file; ValueError (naming the file) when it is corrupt.
 
     OSError (a missing file, say) passes through unchanged: that is not
     corruption, and the caller may want to tell the two apart.
@@ -262,21 +281,161 @@ def read_envelope(path: Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
         raw = handle.read()
     try:
-        envelope = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: corrupt queue envelope: {exc}") from None
-    if not isinstance(envelope, dict):
-        raise ValueError(f"{path}: corrupt queue envelope: not a JSON object")
-    if envelope.get("version") != ENVELOPE_VERSION:
-        raise ValueError(
-            f"{path}: unsupported queue envelope version {envelope.get('version')!r}"
-            f" (expected {ENVELOPE_VERSION})"
-        )
-    for key in ("id", "created", "sender", "prefix", "recipients"):
-        if key not in envelope:
-            raise ValueError(f"{path}: corrupt queue envelope: no {key!r}")
-    if not isinstance(envelope["recipients"], list) or not all(
-        isinstance(r, dict) and isinstance(r.get("address"), str) for r in envelope["recipients"]
-    ):
-        raise ValueError(f"{path}: corrupt queue envelope: bad 'recipients'")
-    return envelope
+        message = decode(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if message.id != Path(path).name[: -len(".json")]:
+        raise ValueError(f"{path}: corrupt queue envelope: it holds id {message.id!r}")
+    return message
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+@dataclass
+class LoadReport:
+    """What the start-up scan found: the messages to deliver, and what it cleaned up."""
+
+    messages: list[QueuedMessage] = field(default_factory=list)
+    #: (file name, reason) of envelopes moved to corrupt/.
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    #: Names of leftovers of interrupted writes that were removed (never sent).
+    unfinished: list[str] = field(default_factory=list)
+
+
+def load(qdir: Path) -> LoadReport:
+    """Read the whole queue at start-up, recognising what a crash left behind.
+
+    - ``.<id>.json…tmp`` dot-files are envelope writes that never reached their
+      rename: removed (the previous state, if any, is still in ``<id>.json``).
+    - ``<id>.body`` without ``<id>.json`` is an enqueue that never committed (no
+      ``250`` was given for it) or a removal that was cut short: removed.
+    - an envelope that does not decode, or whose body is missing, is moved with
+      its body to ``corrupt/`` for the administrator, and reported.
+    Only a server holding the spool lock may call this.
+    """
+    qdir = Path(qdir)
+    messages_dir = qdir / "messages"
+    corrupt_dir = qdir / "corrupt"
+    report = LoadReport()
+    names = set(os.listdir(messages_dir))
+    for name in sorted(names):
+        path = messages_dir / name
+        if name.startswith("."):
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+            report.unfinished.append(name)
+        elif name.endswith(".body") and f"{name[:-5]}.json" not in names:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+            report.unfinished.append(name)
+        elif name.endswith(".json"):
+            try:
+                message = read_message(path)
+                if f"{message.id}.body" not in names:
+                    raise ValueError(f"{path}: its body {message.id}.body is missing")
+            except ValueError as exc:
+                stem = name[:-5]
+                for moved in (name, f"{stem}.body"):
+                    if moved in names:
+                        os.replace(messages_dir / moved, corrupt_dir / moved)
+                report.corrupt.append((name, str(exc)))
+            else:
+                report.messages.append(message)
+        elif not name.endswith(".body"):
+            os.replace(path, corrupt_dir / name)
+            report.corrupt.append((name, "not a queue file"))
+    if report.unfinished or report.corrupt:
+        fsync_dir(messages_dir)
+        fsync_dir(corrupt_dir)
+    return report
+
+
+# --------------------------------------------------------------------------- the spool lock
+
+
+class SpoolLocked(Exception):
+    """Another process (a running mailsrv) holds the spool lock."""
+
+
+def lock_spool(qdir: Path) -> IO[bytes]:
+    """Take the spool's exclusive lock, for as long as the returned file stays open.
+
+    A running server holds it for its whole life, so two servers never deliver the
+    same queue, and ``mailsrv queue`` knows whether to ask the server (locked) or to
+    work on the files itself (it then holds the lock, so no server starts meanwhile).
+    Raises SpoolLocked when it is held; the lock vanishes with the process, even
+    after SIGKILL.
+    """
+    path = Path(qdir) / "lock"
+    handle = open(path, "a+b")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise SpoolLocked(f"{path} is locked by a running mailsrv") from None
+        raise
+    os.set_inheritable(handle.fileno(), False)
+    return handle
+
+
+# --------------------------------------------------------------------------- control requests
+
+#: What ``mailsrv queue`` may ask a running server to do to one message, or to all ("*").
+CONTROL_ACTIONS = ("flush", "delete", "bounce")
+_REQUEST_RE = re.compile(r"(flush|delete|bounce)\.([A-Za-z0-9]{1,64}|ALL)\.([0-9a-f]{16})\.req")
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    name: str
+    action: str
+    queue_id: str | None  # None: every message (flush only)
+
+
+def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
+    """Leave a request for the running server in ``control/``; return the answer's path.
+
+    The request appears atomically (written to a dot-file, then renamed), so the server
+    never reads half of one.  The server answers by writing ``<name>.ans`` and removing
+    the request.
+    """
+    if action not in CONTROL_ACTIONS:
+        raise ValueError(f"unknown queue action {action!r}")
+    if queue_id is not None:
+        _check_id(queue_id)
+    control = Path(qdir) / "control"
+    name = f"{action}.{queue_id or 'ALL'}.{secrets.token_hex(8)}.req"
+    tmp = control / f".{name}"
+    _write_durably(tmp, b"")
+    os.rename(tmp, control / name)
+    return control / f"{name[:-4]}.ans"
+
+
+def control_requests(qdir: Path) -> list[ControlRequest]:
+    """The pending requests, oldest name first; anything else in ``control/`` is ignored."""
+    found = []
+    try:
+        names = sorted(os.listdir(Path(qdir) / "control"))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        match = _REQUEST_RE.fullmatch(name)
+        if match:
+            action, target, _ = match.groups()
+            found.append(ControlRequest(name, action, None if target == "ALL" else target))
+    return found
+
+
+def control_answer(qdir: Path, request: ControlRequest, text: str) -> None:
+    """Answer a request: the text goes to ``<name>.ans`` (atomically), the request goes."""
+    control = Path(qdir) / "control"
+    answer = control / f"{request.name[:-4]}.ans"
+    tmp = control / f".{answer.name}"
+    with suppress(FileNotFoundError):
+        os.unlink(tmp)
+    _write_durably(tmp, text.encode("utf-8"))
+    os.rename(tmp, answer)
+    with suppress(FileNotFoundError):
+        os.unlink(control / request.name)

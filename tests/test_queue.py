@@ -13,7 +13,13 @@ import pytest
 
 from mailsrv import queue
 from mailsrv.maildir import DeliveryError
-from mailsrv.queue import enqueue, queue_dirs, read_envelope
+from mailsrv.queue import enqueue, queue_dirs, read_message
+
+
+def read_envelope(path: Path) -> dict:
+    """The envelope as stored (checked by the real decoder first)."""
+    read_message(path)
+    return json.loads(Path(path).read_text("utf-8"))
 
 PREFIX = b"Return-Path: <a@example.org>\nReceived: from x (unknown [192.0.2.7])\n"
 BODY = b"Subject: hello\n\nHello Bob.\n"
@@ -48,14 +54,17 @@ def do_enqueue(qdir: Path, body: Path, **overrides: object) -> Path:
         received_from="client.example[192.0.2.7]",
     )
     args.update(overrides)
-    return enqueue(qdir, "ID1", **args)  # type: ignore[arg-type]
+    message = enqueue(qdir, "ID1", **args)  # type: ignore[arg-type]
+    assert message.id == "ID1"
+    return qdir / "messages" / "ID1.json"
 
 
 def test_queue_dirs(tmp_path: Path) -> None:
     qdir = tmp_path / "var" / "spool" / "mailsrv"
     queue_dirs(qdir)
     queue_dirs(qdir)  # idempotent
-    for d in (qdir / "incoming", qdir / "messages", qdir, qdir.parent):
+    for d in (qdir / "incoming", qdir / "messages", qdir / "corrupt", qdir / "control",
+              qdir, qdir.parent):
         assert d.is_dir() and mode(d) == 0o700, d
 
 
@@ -76,6 +85,7 @@ def test_round_trip(qdir: Path, body: Path) -> None:
         "sender": "a@example.org",
         "received_from": "client.example[192.0.2.7]",
         "prefix": PREFIX.decode("ascii"),
+        "warned": False,
         "recipients": [
             {
                 "address": "bob@other.example",
@@ -83,6 +93,8 @@ def test_round_trip(qdir: Path, body: Path) -> None:
                 "attempts": 0,
                 "last_error": None,
                 "next_attempt": CREATED,
+                "last_attempt": None,
+                "remote_mta": None,
             },
             {
                 "address": "carol@third.example",
@@ -90,6 +102,8 @@ def test_round_trip(qdir: Path, body: Path) -> None:
                 "attempts": 0,
                 "last_error": None,
                 "next_attempt": CREATED,
+                "last_attempt": None,
+                "remote_mta": None,
             },
         ],
     }
@@ -106,11 +120,12 @@ def test_null_sender(qdir: Path, body: Path) -> None:
     assert read_envelope(do_enqueue(qdir, body, sender=None))["sender"] == ""
     body2 = qdir / "incoming" / "ID2"
     body2.write_bytes(BODY)
-    path = enqueue(
+    message = enqueue(
         qdir, "ID2", sender="", recipients=["x@y.example"], prefix=b"", body_path=body2,
         created=1.0, received_from="r",
     )
-    assert read_envelope(path)["sender"] == ""
+    assert message.sender == ""
+    assert read_envelope(qdir / "messages" / "ID2.json")["sender"] == ""
 
 
 def test_body_moved_not_copied(qdir: Path, body: Path) -> None:

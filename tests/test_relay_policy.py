@@ -97,7 +97,8 @@ def test_remote_recipient_from_trusted_client_is_queued_durably(mail_server):
     assert env["recipients"][0]["status"] == "queued"
     body = (mail_server.queue / "messages" / f"{env['id']}.body").read_bytes()
     assert body == b"Subject: out\n\nto the world\n"
-    assert env["prefix"].startswith("Return-Path: <alice@example.org>\nReceived: from ")
+    # Return-Path: belongs to the final delivery; the relayed copy starts with our Received:.
+    assert env["prefix"].startswith("Received: from ")
     # The local recipient of the same message got its copy, with the same queue id.
     assert any(env["id"] in m["Received"] for m in mail_server.messages("bob@example.org"))
 

@@ -1,0 +1,232 @@
+"""
+A queued message's envelope and per-recipient state, and its on-disk JSON form (pure).
+
+The envelope is the one file an administrator reads to know where a message stands, so it is
+plain indented JSON with every recipient's status, attempts, next try and last error.  Decoding
+checks every field: a file that does not decode is corrupt and is moved aside by the queue
+loader, never half-trusted.
+
+Envelope, version 1::
+
+    {"version": 1, "id": "...", "created": 1795381621.5, "sender": "a@b" or "",
+     "received_from": "client.example[192.0.2.7]", "prefix": "Received: ...\\n...",
+     "warned": false,
+     "recipients": [{"address": "...", "status": "queued", "attempts": 0,
+                     "last_error": null, "next_attempt": 1795381621.5,
+                     "last_attempt": null, "remote_mta": null}]}
+
+``prefix`` holds the trace headers to send before the body (always ASCII).  ``status`` is
+``queued`` (still to be delivered), ``sent`` or ``bounced``.  ``warned`` records that a delay
+warning went out, so that only one does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "QUEUED",
+    "SENT",
+    "BOUNCED",
+    "QueuedRecipient",
+    "QueuedMessage",
+    "new_message",
+    "encode",
+    "decode",
+]
+
+ENVELOPE_VERSION = 1
+QUEUED, SENT, BOUNCED = "queued", "sent", "bounced"
+_STATUSES = (QUEUED, SENT, BOUNCED)
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    """One recipient of a queued message and where its delivery stands."""
+
+    address: str
+    status: str = QUEUED
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt: float = 0.0
+    last_attempt: float | None = None
+    remote_mta: str | None = None
+
+    @property
+    def domain(self) -> str:
+        """The destination domain (the part after the last '@'), lower-case."""
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message in the outbound queue.  Immutable: a state change is a new value."""
+
+    id: str
+    created: float
+    sender: str  # "" for the null sender <>
+    received_from: str
+    prefix: str
+    recipients: tuple[QueuedRecipient, ...]
+    warned: bool = False
+
+    @property
+    def pending(self) -> tuple[QueuedRecipient, ...]:
+        return tuple(r for r in self.recipients if r.status == QUEUED)
+
+    @property
+    def done(self) -> bool:
+        """Every recipient delivered or bounced: the message can leave the queue."""
+        return not self.pending
+
+    def update(self, changed: dict[str, QueuedRecipient]) -> "QueuedMessage":
+        """A copy with the recipients named in ``changed`` (by address) replaced."""
+        return replace(
+            self, recipients=tuple(changed.get(r.address, r) for r in self.recipients)
+        )
+
+
+def new_message(
+    queue_id: str,
+    *,
+    sender: str | None,
+    recipients: Sequence[str],
+    prefix: bytes,
+    created: float,
+    received_from: str,
+) -> QueuedMessage:
+    """A fresh envelope, every recipient due now; ValueError for anything unstorable."""
+    try:
+        prefix_text = prefix.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"queue {queue_id}: the prefix is not ASCII ({exc})") from None
+    if isinstance(recipients, str) or not recipients:
+        raise ValueError(f"queue {queue_id}: at least one recipient address is required")
+    for address in recipients:
+        if not isinstance(address, str) or not address:
+            raise ValueError(f"queue {queue_id}: bad recipient address {address!r}")
+    created = float(created)
+    return QueuedMessage(
+        id=queue_id,
+        created=created,
+        sender=sender or "",
+        received_from=received_from,
+        prefix=prefix_text,
+        recipients=tuple(QueuedRecipient(a, next_attempt=created) for a in recipients),
+    )
+
+
+def encode(message: QueuedMessage) -> bytes:
+    """The envelope file's content; ValueError when it cannot be stored as text."""
+    data = {
+        "version": ENVELOPE_VERSION,
+        "id": message.id,
+        "created": message.created,
+        "sender": message.sender,
+        "received_from": message.received_from,
+        "prefix": message.prefix,
+        "warned": message.warned,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "last_error": r.last_error,
+                "next_attempt": r.next_attempt,
+                "last_attempt": r.last_attempt,
+                "remote_mta": r.remote_mta,
+            }
+            for r in message.recipients
+        ],
+    }
+    try:
+        # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
+        return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"queue {message.id}: envelope is not valid text ({exc})") from None
+
+
+class _Corrupt(ValueError):
+    pass
+
+
+def _get(data: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise _Corrupt(f"{where}no {key!r}")
+    value = data[key]
+    # bool is an int: refuse true/false where a number belongs.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise _Corrupt(f"{where}{key!r} is {value!r}")
+    return value
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+_NUMBER = (int, float)
+_OPTIONAL_TEXT = (str, type(None))
+
+
+def _recipient(data: Any, index: int) -> QueuedRecipient:
+    where = f"recipients[{index}]: "
+    if not isinstance(data, dict):
+        raise _Corrupt(f"{where}not an object")
+    address = _get(data, "address", str, where)
+    status = _get(data, "status", str, where)
+    if not address or status not in _STATUSES:
+        raise _Corrupt(f"{where}bad address or status")
+    last_attempt = data.get("last_attempt")
+    if last_attempt is not None and (
+        not isinstance(last_attempt, _NUMBER) or isinstance(last_attempt, bool)
+    ):
+        raise _Corrupt(f"{where}'last_attempt' is {last_attempt!r}")
+    remote_mta = data.get("remote_mta")
+    if not isinstance(remote_mta, _OPTIONAL_TEXT):
+        raise _Corrupt(f"{where}'remote_mta' is {remote_mta!r}")
+    return QueuedRecipient(
+        address=address,
+        status=status,
+        attempts=_get(data, "attempts", int, where),
+        last_error=_get(data, "last_error", _OPTIONAL_TEXT, where),
+        next_attempt=float(_get(data, "next_attempt", _NUMBER, where)),
+        last_attempt=None if last_attempt is None else float(last_attempt),
+        remote_mta=remote_mta,
+    )
+
+
+def decode(raw: bytes) -> QueuedMessage:
+    """Parse an envelope file; ValueError saying what is wrong when it is corrupt."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"corrupt queue envelope: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("corrupt queue envelope: not a JSON object")
+    if data.get("version") != ENVELOPE_VERSION:
+        raise ValueError(
+            f"unsupported queue envelope version {data.get('version')!r}"
+            f" (expected {ENVELOPE_VERSION})"
+        )
+    try:
+        recipients = _get(data, "recipients", list, "")
+        if not recipients:
+            raise _Corrupt("no recipients")
+        message = QueuedMessage(
+            id=_get(data, "id", str, ""),
+            created=float(_get(data, "created", _NUMBER, "")),
+            sender=_get(data, "sender", str, ""),
+            received_from=data.get("received_from") or "",
+            prefix=_get(data, "prefix", str, ""),
+            warned=bool(data.get("warned", False)),
+            recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
+        )
+    except _Corrupt as exc:
+        raise ValueError(f"corrupt queue envelope: {exc}") from None
+    if not message.prefix.isascii():
+        raise ValueError("corrupt queue envelope: the prefix is not ASCII")
+    return message

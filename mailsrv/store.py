@@ -1,0 +1,72 @@
+"""
+Storing one message for all its targets, all or nothing (blocking; run it in the thread pool).
+
+Both ways mail enters the system end here: a message received over SMTP and a bounce the
+relayer writes.  Local copies go into the Maildirs first, remote recipients into the queue;
+if the queue refuses, the local copies are taken back out, so that the caller can answer (or
+retry) without leaving half a delivery behind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsrv import headers, maildir, queue
+from mailsrv.config import Config
+from mailsrv.envelope import QueuedMessage
+from mailsrv.router import LocalTarget, RemoteTarget, Target
+
+__all__ = ["Stored", "store"]
+
+
+@dataclass
+class Stored:
+    """Where the copies went: (target, Maildir path or "queue"), and the queue entry if any."""
+
+    places: list[tuple[Target, str]] = field(default_factory=list)
+    queued: QueuedMessage | None = None
+
+
+def store(
+    config: Config,
+    queue_id: str,
+    *,
+    sender: str | None,
+    targets: list[Target],
+    trace: bytes,
+    body_path: Path,
+    received_from: str,
+) -> Stored:
+    """Deliver local targets and queue remote ones; raise maildir.DeliveryError on failure.
+
+    ``trace`` is the header lines to put before the body (``Received:``, maybe
+    ``Message-ID:``, maybe the blank separator line).  Local copies also get
+    ``Return-Path:``: it belongs to the final delivery only, so the queued copy, which is
+    relayed onwards, does not carry it.  The body file is consumed: moved into the queue or
+    left for the caller to remove.
+    """
+    local = [t for t in targets if isinstance(t, LocalTarget)]
+    remote = [t for t in targets if isinstance(t, RemoteTarget)]
+    stored = Stored()
+    delivered: list[Path] = []
+    try:
+        if local:
+            root = Path(config.mailboxes.root)
+            delivered = maildir.deliver(
+                [t.maildir(root) for t in local], headers.return_path(sender) + trace,
+                body_path, hostname=config.hostname,
+            )
+            stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
+        if remote:
+            stored.queued = queue.enqueue(
+                Path(config.queue.path), queue_id, sender=sender,
+                recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
+                created=time.time(), received_from=received_from,
+            )
+            stored.places += [(t, "queue") for t in remote]
+    except maildir.DeliveryError:
+        maildir.remove_delivered(delivered)
+        raise
+    return stored
