@@ -298,3 +298,121 @@ def test_new_queue_id() -> None:
     for queue_id in list(ids)[:100]:
         assert re.fullmatch(r"[0-9A-Za-z]{14}", queue_id)
         queue._check_id(queue_id)
+
+
+# --------------------------------------------------------------------------- state changes
+
+from dataclasses import replace  # noqa: E402
+
+from mailsrv.envelope import SENT, decode, encode  # noqa: E402
+
+
+def test_save_replaces_atomically_and_round_trips(qdir: Path, body: Path) -> None:
+    do_enqueue(qdir, body)
+    message = read_message(qdir / "messages" / "ID1.json")
+    first = message.recipients[0]
+    updated = message.update({first.address: replace(
+        first, status=SENT, attempts=1, last_attempt=CREATED + 5, remote_mta="mx.other.example",
+    )})
+    queue.save(qdir, updated)
+    assert read_message(qdir / "messages" / "ID1.json") == updated
+    assert [r.status for r in updated.recipients] == ["sent", "queued"]
+    assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["ID1.body", "ID1.json"]
+    assert mode(qdir / "messages" / "ID1.json") == 0o600
+
+
+def test_save_failure_keeps_the_old_state(qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    do_enqueue(qdir, body)
+    before = (qdir / "messages" / "ID1.json").read_bytes()
+    message = read_message(qdir / "messages" / "ID1.json")
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DeliveryError):
+        queue.save(qdir, replace(message, warned=True))
+    monkeypatch.undo()
+    assert (qdir / "messages" / "ID1.json").read_bytes() == before
+    assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["ID1.body", "ID1.json"]
+
+
+def test_remove(qdir: Path, body: Path) -> None:
+    do_enqueue(qdir, body)
+    assert queue.remove(qdir, "ID1") is True
+    assert list((qdir / "messages").iterdir()) == []
+    assert queue.remove(qdir, "ID1") is False
+
+
+def test_load_recognises_crash_leftovers(qdir: Path, body: Path) -> None:
+    do_enqueue(qdir, body)
+    messages = qdir / "messages"
+    (messages / "ORPHAN.body").write_bytes(b"never committed\n")
+    (messages / ".ID1.json.1234abcd.tmp").write_bytes(b'{"half')
+    (messages / "BAD.json").write_bytes(b"{not json")
+    (messages / "BAD.body").write_bytes(b"x\n")
+    (messages / "NOBODY.json").write_bytes((messages / "ID1.json").read_bytes().replace(
+        b'"id": "ID1"', b'"id": "NOBODY"'))
+    (messages / "stray.txt").write_bytes(b"?")
+    report = queue.load(qdir)
+    assert [m.id for m in report.messages] == ["ID1"]
+    assert sorted(report.unfinished) == [".ID1.json.1234abcd.tmp", "ORPHAN.body"]
+    assert sorted(name for name, _ in report.corrupt) == ["BAD.json", "NOBODY.json", "stray.txt"]
+    assert sorted(p.name for p in messages.iterdir()) == ["ID1.body", "ID1.json"]
+    assert sorted(p.name for p in (qdir / "corrupt").iterdir()) == [
+        "BAD.body", "BAD.json", "NOBODY.json", "stray.txt"]
+
+
+def test_envelope_whose_id_differs_from_its_name_is_corrupt(qdir: Path, body: Path) -> None:
+    do_enqueue(qdir, body)
+    os.rename(qdir / "messages" / "ID1.json", qdir / "messages" / "OTHER.json")
+    with pytest.raises(ValueError, match="holds id 'ID1'"):
+        read_message(qdir / "messages" / "OTHER.json")
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda e: e["recipients"][0].update(status="lost"),
+    lambda e: e["recipients"][0].update(attempts="1"),
+    lambda e: e["recipients"][0].update(attempts=True),
+    lambda e: e["recipients"][0].update(next_attempt=None),
+    lambda e: e["recipients"][0].update(last_attempt="yesterday"),
+    lambda e: e.update(recipients=[]),
+    lambda e: e.update(created="now"),
+    lambda e: e.update(prefix="Received: caf\u00e9\n"),
+])
+def test_decode_refuses_bad_fields(qdir: Path, body: Path, mutate) -> None:
+    data = json.loads(do_enqueue(qdir, body).read_text())
+    mutate(data)
+    with pytest.raises(ValueError, match="corrupt"):
+        decode(json.dumps(data).encode())
+
+
+def test_encode_decode_round_trip(qdir: Path, body: Path) -> None:
+    message = read_message(do_enqueue(qdir, body))
+    assert decode(encode(message)) == message
+
+
+def test_spool_lock_is_exclusive(qdir: Path) -> None:
+    held = queue.lock_spool(qdir)
+    try:
+        with pytest.raises(queue.SpoolLocked):
+            queue.lock_spool(qdir)
+    finally:
+        held.close()
+    queue.lock_spool(qdir).close()  # free again once the holder is gone
+
+
+def test_control_request_and_answer(qdir: Path) -> None:
+    answer = queue.control_request(qdir, "flush", None)
+    answer2 = queue.control_request(qdir, "delete", "ID1")
+    requests = queue.control_requests(qdir)
+    assert [(r.action, r.queue_id) for r in requests] in (
+        [("delete", "ID1"), ("flush", None)], [("flush", None), ("delete", "ID1")])
+    for request in requests:
+        queue.control_answer(qdir, request, f"ok: {request.action}\n")
+    assert answer.read_text() == "ok: flush\n" and answer2.read_text() == "ok: delete\n"
+    assert queue.control_requests(qdir) == []
+    with pytest.raises(ValueError):
+        queue.control_request(qdir, "explode", None)
+    with pytest.raises(ValueError):
+        queue.control_request(qdir, "delete", "../x")
