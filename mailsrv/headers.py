@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "HEAD_LIMIT",
+    "local_received_header",
     "PROTOCOLS",
     "HeaderFacts",
     "inspect_head",
@@ -303,4 +304,22 @@ def received_header(
     if recipient is not None:
         lines.append(f"\tfor <{_address(recipient)}>")
     lines[-1] += f"; {date}"
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def local_received_header(
+    *, hostname: str, queue_id: str, recipient: str | None, when: datetime.datetime
+) -> bytes:
+    """``Received:`` for a message we generate ourselves (a bounce): no client, so no ``from``.
+
+    The form Postfix uses for local mail: ``by <hostname> (mailsrv) id <id> [for <rcpt>];
+    <date>``, so the queue id still ties the copy to its log lines.
+    """
+    if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    lines = [f"Received: by {_token(hostname, default='localhost')} (mailsrv)"
+             f" id {_token(queue_id, default='unknown')}"]
+    if recipient is not None:
+        lines.append(f"\tfor <{_address(recipient)}>")
+    lines[-1] += f"; {email.utils.format_datetime(when)}"
     return ("\n".join(lines) + "\n").encode("ascii")

@@ -19,6 +19,7 @@ from mailsrv import queue
 from mailsrv.config import Config, ConfigError, prepare_directories
 from mailsrv.delivery import Runtime
 from mailsrv.dnsutil import make_resolver
+from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, load_users
 from mailsrv.smtp import SMTPServerFactory
 
@@ -97,20 +98,47 @@ class ListenerService(service.Service):
         return None
 
 
-def make_service(config: Config, reactor: Any = None, directory: Directory | None = None) -> service.MultiService:
+def lock_spool(config: Config) -> Any:
+    """Take the spool lock for this process's lifetime; ConfigError when a server holds it."""
+    try:
+        return queue.lock_spool(Path(config.queue.path))
+    except queue.SpoolLocked as e:
+        raise ConfigError(
+            config.source, "queue.path", f"a spool no other running mailsrv uses ({e})"
+        ) from None
+    except OSError as e:
+        raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
+
+
+def make_service(
+    config: Config,
+    reactor: Any = None,
+    directory: Directory | None = None,
+    spool_lock: Any = None,
+) -> service.MultiService:
+    """The whole server: the relayer and one listener per endpoint, sharing one runtime.
+
+    ``spool_lock`` is the lock taken by the caller at start-up (taken here when None); it
+    stays open as long as the service exists.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     if directory is None:
         directory = prepare(config)
+    if spool_lock is None:
+        spool_lock = lock_spool(config)
     removed = clear_incoming(Path(config.queue.path))
     if removed:
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
-    resolver = make_resolver(config.relay.dns_servers, reactor) if config.smtp.reverse_dns else None
+    resolver = make_resolver(config.relay.dns_servers, reactor)
     runtime = Runtime(config=config, directory=directory, reactor=reactor, resolver=resolver)
-    factory = SMTPServerFactory(runtime)
     top = service.MultiService()
+    top.spool_lock = spool_lock  # held while the service lives
+    runtime.relayer = Relayer(runtime)
+    runtime.relayer.setServiceParent(top)
+    factory = SMTPServerFactory(runtime)
     for description in config.smtp.listen:
         ListenerService(description, factory, reactor).setServiceParent(top)
     log.info(

@@ -68,6 +68,8 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -239,3 +241,68 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def free_port(hosts: list[str], attempts: int = 50) -> int:
+    """A TCP port number free on every one of ``hosts`` (all sinks of a test share it)."""
+    for _ in range(attempts):
+        probe = socket.socket()
+        probe.bind((hosts[0], 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise AssertionError(f"no port free on all of {hosts} after {attempts} tries")
+
+
+class SMTPSink:
+    """tests/support/sink.py on HOST (127.0.0.x): a remote MX that records what it accepts."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.2", *, hostname: str = "mx.remote.test",
+                 port: int = 0, tls: tuple[Path, Path] | None = None,
+                 auth: dict | None = None, rules: dict | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.outdir = self.workdir / "received"
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.rules_file = self.workdir / "rules.json"
+        self.set_rules(rules or {})
+        self.host = host
+        config = {"host": host, "port": port, "hostname": hostname, "outdir": str(self.outdir),
+                  "rules_file": str(self.rules_file),
+                  "tls": {"cert": str(tls[0]), "key": str(tls[1])} if tls else None,
+                  "auth": auth}
+        config_path = self.workdir / "sink.json"
+        config_path.write_text(json.dumps(config))
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("sink.py")), str(config_path)],
+            stdout=subprocess.PIPE, stderr=open(self.workdir / "sink.log", "wb"), env=_env(),
+        )
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise AssertionError(f"SMTP sink did not start on {host}:{port}: {line!r} "
+                                 + (self.workdir / "sink.log").read_text())
+        self.port = int(line.split()[1])
+
+    def set_rules(self, rules: dict) -> None:
+        tmp = self.rules_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rules))
+        os.replace(tmp, self.rules_file)
+
+    def messages(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.outdir.glob("*.json"))]
+
+    def wait_for_messages(self, count: int, timeout: float = 20.0) -> list[dict]:
+        return wait_for(lambda: (lambda m: m if len(m) >= count else None)(self.messages()),
+                        timeout, f"{count} message(s) at the sink on {self.host}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)

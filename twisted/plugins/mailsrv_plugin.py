@@ -30,7 +30,7 @@ class Options(usage.Options):
         # Everything is checked here, before anything starts: a configuration error ends the
         # start with the file, the key and the expectation, and exit status 2.
         from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
-        from mailsrv.service import prepare
+        from mailsrv.service import lock_spool, prepare
 
         try:
             if self["config"] is not None:
@@ -40,6 +40,8 @@ class Options(usage.Options):
             else:
                 config = demo_config(Path(os.getcwd()))
             self["directory"] = prepare(config)
+            # One server per spool: a second one would deliver the same queue twice.
+            self["spool_lock"] = lock_spool(config)
         except ConfigError as e:
             # One line an administrator can act on, not twistd's usage text around it.
             sys.stderr.write(f"mailsrv: configuration error: {e}\n")
@@ -56,7 +58,10 @@ class MailsrvServiceMaker:
     def makeService(self, options: Options):
         from mailsrv.service import make_service
 
-        return make_service(options["parsed_config"], directory=options["directory"])
+        return make_service(
+            options["parsed_config"], directory=options["directory"],
+            spool_lock=options["spool_lock"],
+        )
 
 
 serviceMaker = MailsrvServiceMaker()

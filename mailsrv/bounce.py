@@ -1,0 +1,123 @@
+"""
+Returning a message to its sender: the DSN is built, routed and stored (blocking I/O).
+
+The bounce enters the system like any message, with the null sender ``<>``: a local sender
+gets it in their Maildir, a remote one through the queue.  A message whose own sender is
+``<>`` is never bounced (that is how bounce loops are avoided); the caller logs the drop.
+The DSN is stored *before* the failed recipients are marked bounced in the original's state,
+so a crash in between can at worst repeat a bounce, never lose one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+
+from mailsrv import dsn, headers, queue
+from mailsrv.address import AddressError, parse_rcpt_to
+from mailsrv.config import Config
+from mailsrv.envelope import BOUNCED, QueuedMessage, QueuedRecipient
+from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.router import Directory
+from mailsrv.store import Stored, store
+
+__all__ = ["UnroutableBounce", "send_dsn", "bounce_pending"]
+
+
+class UnroutableBounce(Exception):
+    """The original sender cannot receive a bounce (unknown local user, bad address)."""
+
+
+def _original_head(config: Config, message: QueuedMessage) -> bytes:
+    """The original's header section: our trace lines, then the body's own headers."""
+    try:
+        with open(queue.body_path(Path(config.queue.path), message.id), "rb") as body:
+            head = body.read(headers.HEAD_LIMIT)
+    except OSError:
+        head = b""
+    return dsn.original_headers(message.prefix.encode("ascii") + head)
+
+
+def send_dsn(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    now: float | None = None,
+) -> Stored:
+    """Build the DSN about ``reports`` and store it for the original sender; return where.
+
+    Raises ValueError for a message with the null sender (never bounce a bounce),
+    UnroutableBounce when the sender cannot be delivered to, and maildir.DeliveryError when
+    the disk refuses.
+    """
+    if not message.sender:
+        raise ValueError(f"queue {message.id}: a message from <> is never bounced")
+    now = time.time() if now is None else now
+    try:
+        sender, _ = parse_rcpt_to(f"TO:<{message.sender}>".encode("utf-8"))
+        targets = recipient_targets(sender, directory, may_relay=True)
+    except (AddressError, Refusal) as exc:
+        raise UnroutableBounce(f"the sender <{message.sender}> cannot receive mail: {exc}")
+    dsn_id = queue.new_queue_id()
+    data = dsn.build_dsn(
+        hostname=config.hostname,
+        dsn_id=dsn_id,
+        queue_id=message.id,
+        original_sender=message.sender,
+        received_from=message.received_from,
+        arrival=message.created,
+        recipients=reports,
+        original_headers=_original_head(config, message),
+        now=now,
+    )
+    trace = headers.local_received_header(
+        hostname=config.hostname, queue_id=dsn_id, recipient=message.sender,
+        when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc),
+    )
+    body = Path(config.queue.path) / "incoming" / dsn_id
+    with open(body, "xb") as handle:
+        handle.write(data)
+    try:
+        return store(
+            config, dsn_id, sender=None, targets=list(targets), trace=trace, body_path=body,
+            received_from="local",
+        )
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(body)
+
+
+def bounce_pending(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reason: str,
+    now: float | None = None,
+) -> tuple[QueuedMessage, Stored | None]:
+    """Give up on every recipient still queued (``mailsrv queue bounce``, or expiry).
+
+    Returns the message with those recipients marked bounced (the caller saves or removes
+    it) and where the DSN went (None when the sender is ``<>``: nothing is sent).
+    """
+    now = time.time() if now is None else now
+    pending = message.pending
+    stored = None
+    if message.sender and pending:
+        reports = [
+            dsn.RecipientReport(
+                address=r.address, action="failed", status="5.0.0",
+                diagnostic=f"{reason}" + (f"; last error: {r.last_error}" if r.last_error else ""),
+                remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+            )
+            for r in pending
+        ]
+        stored = send_dsn(config, directory, message, reports, now)
+    changed: dict[str, QueuedRecipient] = {
+        r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
+    }
+    return message.update(changed), stored

@@ -1,0 +1,187 @@
+"""
+Where mail for a domain goes: MX resolution with ``twisted.names`` (RFC 5321 §5.1, RFC 7505).
+
+The pure rules (ordering, our own host among the MX hosts) are separate from the lookups so
+they are tested directly.  Every failure says whether it is final: a domain that does not
+exist, or says it takes no mail (null MX), is bounced at once; a DNS server that fails or
+does not answer only delays the mail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.names import dns, error
+
+__all__ = [
+    "MXHost",
+    "DestinationError",
+    "order_mx",
+    "drop_own_hosts",
+    "resolve_destination",
+    "resolve_host",
+]
+
+
+@dataclass(frozen=True)
+class MXHost:
+    name: str  # lower-case, no trailing dot; "[192.0.2.1]" for an address literal
+    preference: int
+    addresses: tuple[str, ...]  # IPv6 first, then IPv4, in DNS order
+
+
+class DestinationError(Exception):
+    """No host to deliver to; ``permanent`` decides bounce (True) or retry (False)."""
+
+    def __init__(self, permanent: bool, status: str, text: str) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+        self.status = status
+        self.text = text
+
+
+def _name(value: Any) -> str:
+    text = value.name.decode("ascii", "replace") if hasattr(value, "name") else str(value)
+    return text.lower().rstrip(".")
+
+
+def order_mx(records: Sequence[tuple[int, str]], rng: Any) -> list[tuple[int, str]]:
+    """By preference, lowest first; hosts of equal preference in random order (spreads load)."""
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    return sorted(shuffled, key=lambda record: record[0])  # sorted() is stable
+
+
+def drop_own_hosts(
+    records: Sequence[tuple[int, str]], own_names: Collection[str]
+) -> list[tuple[int, str]]:
+    """Only MX hosts better than ourselves: sending to an equal or worse one would loop."""
+    own = {n.lower().rstrip(".") for n in own_names}
+    ours = [pref for pref, name in records if name.lower().rstrip(".") in own]
+    if not ours:
+        return list(records)
+    best_own = min(ours)
+    return [(pref, name) for pref, name in records if pref < best_own]
+
+
+def _temporary(failure: Any) -> bool:
+    return not failure.check(error.DNSNameError)
+
+
+@defer.inlineCallbacks
+def _addresses(resolver: Any, name: str, timeout: tuple[int, ...]) -> Any:
+    """(addresses, temporary_failure) for one host name: AAAA then A."""
+    v6 = resolver.lookupIPV6Address(name, timeout=timeout)
+    v4 = resolver.lookupAddress(name, timeout=timeout)
+    results = yield defer.DeferredList([v6, v4], consumeErrors=True)
+    found: list[str] = []
+    temporary = False
+    for (ok, value), rtype in zip(results, (dns.AAAA, dns.A)):
+        if not ok:
+            temporary = temporary or _temporary(value)
+            continue
+        for record in value[0]:
+            if record.type == dns.AAAA:
+                address = socket.inet_ntop(socket.AF_INET6, record.payload.address)
+            elif record.type == dns.A:
+                address = record.payload.dottedQuad()
+            else:
+                continue
+            if address not in found:
+                found.append(address)
+    return found, temporary
+
+
+def _literal(domain: str) -> MXHost | None:
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner.lower().startswith("ipv6:"):
+        inner = inner[5:]
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        raise DestinationError(True, "5.1.2", f"bad address literal {domain}") from None
+    return MXHost(domain, 0, (str(address),))
+
+
+@defer.inlineCallbacks
+def resolve_destination(
+    resolver: Any,
+    domain: str,
+    *,
+    own_names: Collection[str] = (),
+    timeout: tuple[int, ...] = (2, 5),
+    rng: Any = None,
+) -> Any:
+    """The hosts to try for ``domain``, in order, each with addresses; or DestinationError."""
+    literal = _literal(domain)
+    if literal is not None:
+        return [literal]
+    rng = rng or random.Random()
+    try:
+        answers, _, _ = yield resolver.lookupMailExchange(domain, timeout=timeout)
+    except error.DNSNameError:
+        raise DestinationError(True, "5.1.2", f"Domain {domain} not found (NXDOMAIN)")
+    except Exception as e:
+        raise DestinationError(
+            False, "4.4.3", f"DNS lookup of MX for {domain} failed: {type(e).__name__}; will retry"
+        )
+    records = [(a.payload.preference, _name(a.payload.name)) for a in answers if a.type == dns.MX]
+    if records and all(name == "" for _, name in records):
+        raise DestinationError(True, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+    records = [(pref, name) for pref, name in records if name]
+    if not records:
+        records = [(0, domain)]  # implicit MX
+        implicit = True
+    else:
+        implicit = False
+    usable = drop_own_hosts(order_mx(records, rng), own_names)
+    if not usable:
+        raise DestinationError(True, "5.4.6", f"mail for {domain} loops back to myself")
+    hosts: list[MXHost] = []
+    any_temporary = False
+    for pref, name in usable:
+        found, temporary = yield _addresses(resolver, name, timeout)
+        any_temporary = any_temporary or temporary
+        if found:
+            hosts.append(MXHost(name, pref, tuple(_v6_first(found))))
+    if hosts:
+        return hosts
+    if any_temporary:
+        raise DestinationError(False, "4.4.4", f"no MX host for {domain} has an address (DNS failed); will retry")
+    if implicit:
+        raise DestinationError(True, "5.1.2", f"Domain {domain} has no MX and no address")
+    raise DestinationError(True, "5.4.4", f"no MX host for {domain} has an address")
+
+
+def _v6_first(addresses: list[str]) -> list[str]:
+    return [a for a in addresses if ":" in a] + [a for a in addresses if ":" not in a]
+
+
+@defer.inlineCallbacks
+def resolve_host(resolver: Any, name: str, *, timeout: tuple[int, ...] = (2, 5)) -> Any:
+    """A configured host (a smarthost): its own addresses, no MX."""
+    literal = _literal(name if name.startswith("[") else f"[{name}]") if _is_ip(name) else _literal(name)
+    if literal is not None:
+        return literal
+    found, temporary = yield _addresses(resolver, name, timeout)
+    if found:
+        return MXHost(name.lower().rstrip("."), 0, tuple(_v6_first(found)))
+    if temporary:
+        raise DestinationError(False, "4.4.3", f"DNS lookup of {name} failed; will retry")
+    raise DestinationError(True, "5.4.4", f"host {name} has no address")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

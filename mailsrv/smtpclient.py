@@ -1,0 +1,329 @@
+"""
+The outbound SMTP session: Twisted's ESMTP client, carrying several messages over one connection.
+
+Twisted's ``ESMTPClient`` does the greeting, EHLO (HELO fallback), STARTTLS and AUTH; this
+subclass takes over the mail transactions, because the defaults are not safe enough for a
+relay that must never lose or duplicate a message:
+
+- addresses are sent exactly as queued (Twisted runs them through ``email.utils.parseaddr``,
+  which can rewrite unusual but valid local parts);
+- dot-stuffing is correct across read chunks (Twisted's ``transformChunk`` misses a line that
+  starts with "." at the start of a 16 KiB chunk, or on the first line of a message);
+- results are recorded per recipient and per message, and a refused ``MAIL``, ``RSET`` or a
+  dropped connection ends the session cleanly instead of looping or losing results;
+- a greeting that names ourselves is a mail loop and is reported as such, not delivered to;
+- a ``454`` to an opportunistic ``STARTTLS`` continues in plain text (as Postfix does).
+
+One :class:`Transaction` per message; the relayer reads the outcome from it after the session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.internet import defer, protocol
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+__all__ = ["Reply", "Transaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
+
+_STATUS_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A remote server's reply, or our own verdict in the same shape."""
+
+    code: int
+    text: str  # the reply text, lines joined with "\n" (without the codes)
+    status: str  # enhanced status code, from the reply or derived from the code
+
+    @classmethod
+    def from_wire(cls, code: int, text: bytes | str) -> "Reply":
+        raw = text.encode("utf-8", "replace") if isinstance(text, str) else (text or b"")
+        found = _STATUS_RE.match(raw)
+        if found and found.group(1) == str(code)[:1].encode():
+            status = found.group(0).decode("ascii")
+        else:
+            status = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+        return cls(code, raw.decode("utf-8", "replace"), status)
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code <= 599
+
+    @property
+    def success(self) -> bool:
+        return 200 <= self.code <= 299
+
+    def __str__(self) -> str:
+        """One line, with the enhanced code even when the server gave none (for logs, DSNs)."""
+        text = " ".join(self.text.split())
+        if not text.startswith(self.status):
+            text = f"{self.status} {text}".strip()
+        return f"{self.code} {text}"
+
+
+@dataclass
+class Transaction:
+    """One message to one host: its envelope, its data, and (after the session) the results."""
+
+    queue_id: str
+    sender: str  # "" for <>
+    recipients: list[str]
+    prefix: bytes
+    body_path: Path
+    #: address -> the reply that decided it (RCPT refusal, or the reply to the data)
+    results: dict[str, Reply] = field(default_factory=dict)
+    #: MAIL FROM was sent: from here on the remote side may have the message, so a broken
+    #: session defers it rather than handing it straight to the next host.
+    attempted: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(address in self.results for address in self.recipients)
+
+
+@dataclass
+class SessionOutcome:
+    """How a session went, beyond the per-message results."""
+
+    greeted: bool = False  # the server said 220
+    error: Reply | None = None  # why the session ended early, if it did
+    loop: bool = False  # the server is ourselves
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    reason: str | None = None  # connection-level failure text (refused, reset, timeout)
+
+
+class _MessageData:
+    """The message as sent: the trace headers, then the body file, read in chunks."""
+
+    def __init__(self, prefix: bytes, body: IO[bytes]) -> None:
+        self._prefix = prefix
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        if self._prefix:
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            if size < 0:
+                chunk, self._prefix = chunk + self._body.read(), b""
+            return chunk
+        return self._body.read(size)
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class RelayClient(smtp.ESMTPClient):
+    """Sends a list of transactions over one connection, one after the other."""
+
+    def __init__(
+        self,
+        transactions: list[Transaction],
+        *,
+        identity: str,
+        own_names: Collection[str],
+        outcome: SessionOutcome,
+        tls_context: Any = None,
+        require_tls: bool = False,
+        auth: tuple[str, str] | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        secret = auth[1].encode("utf-8") if auth else None
+        smtp.ESMTPClient.__init__(self, secret, tls_context, identity)
+        self.timeout = timeout
+        self.requireTransportSecurity = require_tls
+        if auth is not None:
+            user = auth[0].encode("utf-8")
+            self.requireAuthentication = True
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(user))
+        self.outcome = outcome
+        self._own_names = {n.lower().rstrip(".") for n in own_names}
+        self._queue: Iterator[Transaction] = iter(transactions)
+        self._remaining = len(transactions)
+        self._current: Transaction | None = None
+        self._data: _MessageData | None = None
+        self._at_line_start = True
+        self._extensions: dict[bytes, Any] = {}
+
+    # --- greeting, loop check, TLS ------------------------------------------------------
+
+    def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
+        if not self.outcome.greeted:
+            self.outcome.greeted = True
+            name = resp.split(None, 1)[0].decode("ascii", "replace").lower() if resp else ""
+            if name.rstrip(".") in self._own_names:
+                self.outcome.loop = True
+                self.outcome.error = Reply(554, f"{name} greets with our own name: mail loop", "5.4.6")
+                self._disconnectFromServer()
+                return
+        smtp.ESMTPClient.esmtpState_ehlo(self, code, resp)
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self._extensions = {}
+        for line in resp.splitlines()[1:]:
+            words = line.split(None, 1)
+            if words:
+                self._extensions[words[0].upper()] = words[1] if len(words) > 1 else None
+        smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        if 400 <= code <= 499 and not self.requireTransportSecurity and not self._tlsMode:
+            # Opportunistic: the server refused STARTTLS; the session is still usable in clear.
+            self.authenticate(code, resp, self._extensions)
+            return
+        smtp.ESMTPClient.esmtpTLSFailed(self, code, resp)
+
+    def _note_tls(self) -> None:
+        if self._tlsMode and self.outcome.tls is None:
+            try:
+                handle = self.transport.getHandle()
+                self.outcome.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+            except Exception:
+                self.outcome.tls = "TLS"
+
+    # --- transactions ------------------------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        self._note_tls()
+        self._failresponse = self.smtpTransferFailed
+        self._current = next(self._queue, None)
+        if self._current is None:
+            self._disconnectFromServer()
+            return
+        self._from = self._current.sender
+        self._current.attempted = True
+        self.sendLine(b"MAIL FROM:<" + self._current.sender.encode("utf-8") + b">")
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+
+    def getMailTo(self) -> list[str]:
+        assert self._current is not None
+        return list(self._current.recipients)
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> None:
+        assert self._current is not None
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if 200 <= code <= 299:
+                self.successAddresses.append(self.lastAddress)
+            else:
+                self._current.results[self.lastAddress] = Reply.from_wire(code, resp)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+            else:
+                self.smtpState_msgSent(code, resp)
+        else:
+            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">")
+
+    def getMailData(self) -> _MessageData:
+        assert self._current is not None
+        self._at_line_start = True
+        self._data = _MessageData(self._current.prefix, open(self._current.body_path, "rb"))
+        return self._data
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """LF to CRLF and dot-stuffing, correct at chunk boundaries and on the first line."""
+        self.resetTimeout()
+        if not chunk:
+            return chunk
+        if self._at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        self._at_line_start = chunk[-1:] == b"\n"
+        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        current, self._current = self._current, None
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if current is not None:
+            self._remaining -= 1
+            verdict = Reply.from_wire(code, resp)
+            for address in current.recipients:
+                # Recipients refused at RCPT keep that refusal; the rest share the verdict
+                # on the message (the reply to MAIL, to DATA, or to the end of the data).
+                current.results.setdefault(address, verdict)
+        self._from = None
+        self.toAddressesResult = []
+        self.successAddresses = []
+        if self._remaining <= 0 or (current is not None and code == 421):
+            self._disconnectFromServer()
+            return
+        self.sendLine(b"RSET")
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_from
+        self._failresponse = self._rset_failed
+
+    def _rset_failed(self, code: int, resp: bytes) -> None:
+        self.outcome.error = Reply.from_wire(code, resp)
+        self._disconnectFromServer()
+
+    # --- errors ------------------------------------------------------------------------
+
+    def sendError(self, exc: Exception) -> None:
+        if self.outcome.error is None:
+            code = getattr(exc, "code", -1)
+            resp = getattr(exc, "resp", b"") or str(exc)
+            if isinstance(code, int) and 400 <= code <= 599:
+                reply = Reply.from_wire(code, resp)
+            else:
+                reply = Reply(451, _text(resp) or type(exc).__name__, "4.4.2")
+            # Session-level trouble (TLS, AUTH, a refusing greeting) is never final: the
+            # message waits and is retried, possibly at another host.
+            if reply.permanent:
+                reply = Reply(451, str(reply), "4.4.2" if not self.outcome.greeted else "4.0.0")
+            self.outcome.error = reply
+        smtp.ESMTPClient.sendError(self, exc)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._current is not None and self.outcome.reason is None:
+            self.outcome.reason = f"connection lost during the transaction: {reason.getErrorMessage()}"
+        elif self.outcome.error is None and self._remaining > 0 and self.outcome.reason is None:
+            self.outcome.reason = f"connection lost: {reason.getErrorMessage()}"
+        smtp.ESMTPClient.connectionLost(self, reason)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class RelayClientFactory(protocol.ClientFactory):
+    """One connection attempt; ``done`` fires with the outcome when the connection ends."""
+
+    def __init__(self, transactions: list[Transaction], **client_args: Any) -> None:
+        self.transactions = transactions
+        self.client_args = client_args
+        self.outcome = SessionOutcome()
+        self.done: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        client = RelayClient(self.transactions, outcome=self.outcome, **self.client_args)
+        client.factory = self
+        return client
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.outcome.reason = reason.getErrorMessage()
+        self._finish()
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.outcome)

@@ -1,0 +1,410 @@
+"""
+End-to-end relaying: mailsrv's queue and relayer against a real DNS server and real SMTP
+servers on 127.0.0.x, all on loopback.
+
+Every MX host of the test zone listens on the same port (the relayer uses one port for all MX
+hosts, ``relay.port``), on its own loopback address.  127.0.0.5 is an MX host with nothing
+listening (connection refused).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from support.certs import make_ca, self_signed
+from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for
+
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7"]
+
+ZONE = {
+    "records": {
+        "1.0.0.127.in-addr.arpa": [["PTR", "client.test"]],
+        "client.test": [["A", "127.0.0.1"]],
+        "remote.test": [["MX", 10, "mx1.remote.test"], ["MX", 20, "mx2.remote.test"]],
+        "mx1.remote.test": [["A", "127.0.0.2"]],
+        "mx2.remote.test": [["A", "127.0.0.3"]],
+        "fallback.test": [["MX", 10, "dead.fallback.test"], ["MX", 20, "mx2.remote.test"]],
+        "dead.fallback.test": [["A", "127.0.0.5"]],
+        "implicit.test": [["A", "127.0.0.4"]],
+        "nullmx.test": [["MX", 0, "."]],
+        "loop.test": [["MX", 10, "mx.example.org"]],
+        "mx.example.org": [["A", "127.0.0.1"]],
+        "tls.test": [["MX", 10, "mx.tls.test"]],
+        "mx.tls.test": [["A", "127.0.0.6"]],
+        "verify.test": [["MX", 10, "mx.tls.test"]],
+        "plain-verify.test": [["MX", 10, "mx1.remote.test"]],
+        "smarthost.test": [["A", "127.0.0.7"]],
+    },
+    "servfail": ["broken.test"],
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """DNS, the sinks (one per MX address, all on one port), and the certificates."""
+    work = tmp_path_factory.mktemp("relay")
+    dns = DNSServer(work, ZONE)
+    port = free_port(HOSTS)
+    ca = make_ca(work)
+    tls_cert = ca.issue(["mx.tls.test"], work)
+    smart_cert = ca.issue(["smarthost.test"], work)
+    sinks = {
+        "mx1": SMTPSink(work / "mx1", "127.0.0.2", hostname="mx1.remote.test", port=port),
+        "mx2": SMTPSink(work / "mx2", "127.0.0.3", hostname="mx2.remote.test", port=port),
+        "implicit": SMTPSink(work / "implicit", "127.0.0.4", hostname="implicit.test", port=port),
+        "tls": SMTPSink(work / "tls", "127.0.0.6", hostname="mx.tls.test", port=port,
+                        tls=tls_cert),
+        "smart": SMTPSink(work / "smart", "127.0.0.7", hostname="smarthost.test", port=port,
+                          tls=smart_cert,
+                          auth={"user": "relay@example.org", "password": "s3cret pw",
+                                "require": True}),
+    }
+    yield {"dns": dns, "port": port, "sinks": sinks, "ca": ca, "work": work}
+    for sink in sinks.values():
+        sink.stop()
+    dns.stop()
+
+
+FAST_RETRY = {"retry_schedule": [1], "max_age": 3600}
+
+
+@pytest.fixture
+def server(env, tmp_path):
+    servers = []
+
+    def make(queue=None, relay=None, **kwargs):
+        workdir = tmp_path / f"s{len(servers)}"
+        workdir.mkdir()
+        overrides = {"queue": dict(FAST_RETRY, **(queue or {})),
+                     "relay": dict({"port": env["port"]}, **(relay or {}))}
+        s = MailServer(workdir, env["dns"].port, overrides=overrides, **kwargs)
+        servers.append(s)
+        return s.start()
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def send(server: MailServer, sender: str, recipients: list[str], subject: str = "hello",
+         body: str = "Hello there.\r\n.leading dot line\r\n") -> None:
+    message = f"From: <{sender or 'nobody@example.org'}>\r\nSubject: {subject}\r\n\r\n{body}"
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=20) as client:
+        client.sendmail(sender, recipients, message.encode())
+
+
+def queue_files(server: MailServer) -> list[str]:
+    return sorted(p.name for p in (server.queue / "messages").iterdir())
+
+
+def queue_empty(server: MailServer) -> bool:
+    return queue_files(server) == []
+
+
+def dsns(server: MailServer, address: str = "alice@example.org") -> list[email.message.EmailMessage]:
+    found = []
+    for message in server.messages(address):
+        parsed = email.message_from_bytes(message.as_bytes(), policy=email.policy.default)
+        if parsed.get_content_type() == "multipart/report":
+            found.append(parsed)
+    return found
+
+
+def delivery_status(dsn) -> list:
+    [status_part] = [p for p in dsn.walk() if p.get_content_type() == "message/delivery-status"]
+    return status_part.get_payload()
+
+
+def sink_for(env, name: str) -> SMTPSink:
+    return env["sinks"][name]
+
+
+def new_messages(sink: SMTPSink, before: int, count: int) -> list[dict]:
+    return sink.wait_for_messages(before + count)[before:]
+
+
+def test_delivers_to_best_mx_with_trace_and_dot_lines(env, server):
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    before = len(mx1.messages())
+    send(s, "alice@example.org", ["bob@remote.test"], subject="best mx")
+    [got] = new_messages(mx1, before, 1)
+    assert got["mail_from"] == "alice@example.org"
+    assert got["rcpt_to"] == ["bob@remote.test"]
+    assert got["helo"] == "mx.example.org"
+    data = got["data"]
+    assert data.startswith("Received: from client.test")
+    assert "Return-Path:" not in data  # added by the final delivery, not by a relay
+    assert "Subject: best mx" in data
+    assert "\n.leading dot line" in data.replace("\r\n", "\n")  # dot-stuffed on the wire
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    assert "to=<bob@remote.test> relay=mx1.remote.test[127.0.0.2]" in s.log_text()
+    assert "status=sent" in s.log_text()
+
+
+def test_next_mx_when_first_refuses_connections(env, server):
+    s = server()
+    mx2 = sink_for(env, "mx2")
+    before = len(mx2.messages())
+    send(s, "alice@example.org", ["carl@fallback.test"], subject="fallback")
+    [got] = new_messages(mx2, before, 1)
+    assert got["rcpt_to"] == ["carl@fallback.test"]
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    assert "dead.fallback.test[127.0.0.5]" in s.log_text()
+
+
+def test_implicit_mx(env, server):
+    s = server()
+    sink = sink_for(env, "implicit")
+    before = len(sink.messages())
+    send(s, "alice@example.org", ["dan@implicit.test"])
+    [got] = new_messages(sink, before, 1)
+    assert got["rcpt_to"] == ["dan@implicit.test"]
+
+
+def test_mixed_results_in_one_transaction_then_retry(env, server):
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^bad@", "550 5.1.1 <bad@remote.test>: user unknown"],
+                            ["^later@", "451 4.2.1 mailbox busy, try later"]]})
+    try:
+        before = len(mx1.messages())
+        send(s, "alice@example.org", ["ok@remote.test", "bad@remote.test", "later@remote.test"],
+             subject="mixed")
+        [first] = new_messages(mx1, before, 1)
+        assert first["rcpt_to"] == ["ok@remote.test"]
+        # The 5xx recipient comes back to alice as a DSN with the remote server's words.
+        [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+        assert dsn["From"].addresses[0].addr_spec == "MAILER-DAEMON@mx.example.org"
+        groups = delivery_status(dsn)
+        assert groups[1]["Final-Recipient"].endswith("bad@remote.test")
+        assert groups[1]["Action"] == "failed" and groups[1]["Status"] == "5.1.1"
+        assert "user unknown" in str(groups[1]["Diagnostic-Code"])
+        assert len(groups) == 2  # ok and later are not in it
+        # The 4xx one is retried and arrives once the server accepts it.
+        envelope = json.loads(next((s.queue / "messages").glob("*.json")).read_text())
+        [later] = [r for r in envelope["recipients"] if r["address"] == "later@remote.test"]
+        assert later["status"] == "queued" and "451 4.2.1" in later["last_error"]
+        mx1.set_rules({})
+        [second] = new_messages(mx1, before + 1, 1)
+        assert second["rcpt_to"] == ["later@remote.test"]
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    finally:
+        mx1.set_rules({})
+    assert len(dsns(s)) == 1
+    log = s.log_text()
+    assert "to=<later@remote.test>" in log and "status=deferred" in log
+    assert "status=bounced" in log
+
+
+@pytest.mark.parametrize(
+    "domain, status",
+    [("nullmx.test", "5.1.10"), ("nowhere.test", "5.1.2"), ("loop.test", "5.4.6")],
+)
+def test_dns_failures_bounce(env, server, domain, status):
+    s = server()
+    send(s, "alice@example.org", [f"x@{domain}"])
+    [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+    groups = delivery_status(dsn)
+    assert groups[1]["Status"] == status
+    assert dsn["Subject"] == "Undelivered Mail Returned to Sender"
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+
+
+def test_servfail_defers(env, server):
+    s = server()
+    send(s, "alice@example.org", ["x@broken.test"])
+
+    def attempted():
+        files = list((s.queue / "messages").glob("*.json"))
+        if not files:
+            return None
+        r = json.loads(files[0].read_text())["recipients"][0]
+        return r if r["attempts"] >= 2 else None
+
+    r = wait_for(attempted, 30, "two attempts")
+    assert r["status"] == "queued" and "4.4.3" in r["last_error"]
+    assert dsns(s) == []
+
+
+def test_no_bounce_for_a_bounce(env, server):
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^gone@", "550 5.1.1 no such user"]]})
+    try:
+        send(s, "", ["gone@remote.test"])
+        wait_for(lambda: queue_empty(s) and "status=bounced" in s.log_text(), 15, "the bounce")
+    finally:
+        mx1.set_rules({})
+    time.sleep(0.5)
+    assert "not sent, the message is itself a bounce" in s.log_text()
+    assert queue_empty(s)
+    for user in ("alice", "bob"):
+        assert s.messages(f"{user}@example.org") == []
+
+
+def test_expiry_bounce(env, server):
+    s = server(queue={"retry_schedule": [1], "max_age": 3})
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^slow@", "452 4.2.2 mailbox full"]]})
+    try:
+        send(s, "alice@example.org", ["slow@remote.test"])
+        [dsn] = wait_for(lambda: dsns(s), 20, "the expiry DSN")
+    finally:
+        mx1.set_rules({})
+    groups = delivery_status(dsn)
+    assert groups[1]["Status"] == "4.4.7"
+    assert "expired" in str(groups[1]["Diagnostic-Code"])
+    assert "mailbox full" in str(groups[1]["Diagnostic-Code"])
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+
+
+def test_delay_warning_once(env, server):
+    s = server(queue={"retry_schedule": [1], "delay_warning": 1})
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^wait@", "451 4.3.0 later"]]})
+    try:
+        send(s, "alice@example.org", ["wait@remote.test"])
+        [dsn] = wait_for(lambda: dsns(s), 20, "the delay warning")
+        assert dsn["Subject"] == "Delayed Mail (still being retried)"
+        assert delivery_status(dsn)[1]["Action"] == "delayed"
+        time.sleep(3)  # more failed attempts, but one warning only
+        assert len(dsns(s)) == 1
+    finally:
+        mx1.set_rules({})
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+
+
+def test_opportunistic_starttls(env, server):
+    s = server()
+    sink = sink_for(env, "tls")
+    before = len(sink.messages())
+    send(s, "alice@example.org", ["t@tls.test"])
+    [got] = new_messages(sink, before, 1)
+    assert got["tls"] is True
+    wait_for(lambda: "tls=TLSv1." in s.log_text(), 10, "the TLS log")
+
+
+def test_verify_policy(env, server):
+    s = server(relay={"tls_policy": {"verify.test": "verify", "plain-verify.test": "verify"},
+                      "tls_ca_file": str(env["ca"].cert_path)})
+    sink = sink_for(env, "tls")
+    before = len(sink.messages())
+    send(s, "alice@example.org", ["v@verify.test", "p@plain-verify.test"])
+    [got] = new_messages(sink, before, 1)
+    assert got["tls"] is True and got["rcpt_to"] == ["v@verify.test"]
+
+    # mx1 offers no STARTTLS: with "verify" the message waits rather than go in clear.
+    def deferred():
+        for path in (s.queue / "messages").glob("*.json"):
+            for r in json.loads(path.read_text())["recipients"]:
+                if r["address"] == "p@plain-verify.test" and r["attempts"] >= 1:
+                    return r
+        return None
+
+    r = wait_for(deferred, 15, "a deferral")
+    assert r["status"] == "queued"
+    assert "TLS" in r["last_error"]
+
+
+def test_smarthost_with_auth(env, server, tmp_path):
+    password = tmp_path / "smarthost-password"
+    password.write_text("s3cret pw\n")
+    s = server(relay={"smarthost": f"smarthost.test:{env['port']}",
+                      "smarthost_user": "relay@example.org",
+                      "smarthost_password_file": str(password),
+                      "tls_ca_file": str(env["ca"].cert_path)})
+    sink = sink_for(env, "smart")
+    before = len(sink.messages())
+    send(s, "alice@example.org", ["bob@remote.test", "eve@implicit.test"])
+    [got] = new_messages(sink, before, 1)
+    assert got["auth"] == "relay@example.org" and got["tls"] is True
+    assert sorted(got["rcpt_to"]) == ["bob@remote.test", "eve@implicit.test"]
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    assert "s3cret" not in s.log_text()
+
+
+def test_corrupt_and_unfinished_files_at_start_up(env, server, tmp_path):
+    s = server()
+    s.stop()
+    messages = s.queue / "messages"
+    (messages / "AAAAAAAAAAAAAA.json").write_text("{not json")
+    (messages / "AAAAAAAAAAAAAA.body").write_text("Subject: x\n\nbody\n")
+    (messages / "BBBBBBBBBBBBBB.body").write_text("Subject: y\n\nunfinished\n")
+    (messages / ".CCCCCCCCCCCCCC.json.tmp").write_text("{")
+    s.start()
+    wait_for(lambda: "queue loaded" in s.log_text(), 10, "the queue to load")
+    assert sorted(p.name for p in (s.queue / "corrupt").iterdir()) == [
+        "AAAAAAAAAAAAAA.body", "AAAAAAAAAAAAAA.json"]
+    assert queue_empty(s)
+    log = s.log_text()
+    assert "moved AAAAAAAAAAAAAA.json to corrupt/" in log
+    assert "removed BBBBBBBBBBBBBB.body" in log
+
+
+def test_crash_with_deferred_mail_then_exactly_once(env, server):
+    """SIGKILL with a queue full of deferred mail; after restart each message arrives once."""
+    s = server(queue={"retry_schedule": [1]})
+    mx2 = sink_for(env, "mx2")
+    mx2.set_rules({"rcpt": [["^crash", "451 4.3.2 not now"]]})
+    count = 30
+    try:
+        before = len(mx2.messages())
+        for i in range(count):
+            send(s, "alice@example.org", [f"crash{i}@fallback.test"], subject=f"crash {i}")
+
+        def all_attempted():
+            files = list((s.queue / "messages").glob("*.json"))
+            envs = [json.loads(p.read_text()) for p in files]
+            return len(envs) == count and all(e["recipients"][0]["attempts"] >= 1 for e in envs)
+
+        wait_for(all_attempted, 60, "every message to be tried once")
+        s.kill()
+        mx2.set_rules({})
+        s.start()
+        got = new_messages(mx2, before, count)
+        wait_for(lambda: queue_empty(s), 30, "the queue to empty")
+        time.sleep(2)  # anything sent twice would show up now
+    finally:
+        mx2.set_rules({})
+    subjects = [line for m in mx2.messages()[before:] for line in m["data"].splitlines()
+                if line.startswith("Subject: crash ")]
+    assert sorted(subjects) == sorted(f"Subject: crash {i}" for i in range(count))
+    assert len(got) >= 1
+
+
+def test_queue_command_flush_against_running_server(env, server):
+    import subprocess
+    import sys
+
+    from support.harness import REPO, _env
+
+    s = server(queue={"retry_schedule": [3600]})
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^flush@", "451 4.3.0 later"]]})
+    try:
+        send(s, "alice@example.org", ["flush@remote.test"])
+        wait_for(lambda: "status=deferred" in s.log_text(), 15, "the deferral")
+        before = len(mx1.messages())
+        mx1.set_rules({})
+        listing = subprocess.run(
+            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path), "list"],
+            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30,
+        )
+        assert "flush@remote.test" in listing.stdout, listing
+        flushed = subprocess.run(
+            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path),
+             "flush"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30,
+        )
+        assert flushed.returncode == 0 and flushed.stdout.startswith("ok"), flushed
+        [got] = new_messages(mx1, before, 1)
+        assert got["rcpt_to"] == ["flush@remote.test"]
+    finally:
+        mx1.set_rules({})
