@@ -789,7 +789,8 @@ def demo_config(base: Path) -> Config:
 
     Loopback only, an unprivileged port, the local domain ``localhost`` with a catch-all
     mailbox per local part, and every file under ``base/demo-mail``. Clients can only be
-    local, so no reverse DNS lookup is made (it would tell nothing and ask the system resolver).
+    local, so no reverse DNS lookup is made (it would tell nothing and ask the system resolver),
+    and no one may relay: a demo must not send mail to the Internet.
     """
     demo = Path(base).absolute() / "demo-mail"
     return Config(
@@ -798,7 +799,8 @@ def demo_config(base: Path) -> Config:
         domains=DomainsConfig(local=("localhost",)),
         mailboxes=MailboxesConfig(root=demo / "mailboxes"),
         queue=QueueConfig(path=demo / "queue"),
-        relay=RelayConfig(),
+        # The demo never sends mail out: nobody may relay through it.
+        relay=RelayConfig(trusted_networks=()),
         source=None,
     )
 

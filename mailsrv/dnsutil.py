@@ -22,7 +22,7 @@ def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: Any = None) -
     """A resolver asking ``dns_servers`` only, or the system's configuration when empty."""
     if dns_servers:
         return client.Resolver(servers=list(dns_servers), reactor=reactor)
-    return client.createResolver(reactor=reactor)
+    return client.createResolver()
 
 
 def _names(answers: list[Any], record_type: int) -> list[Any]:

@@ -189,8 +189,13 @@ def test_mixed_results_in_one_transaction_then_retry(env, server):
         assert "user unknown" in str(groups[1]["Diagnostic-Code"])
         assert len(groups) == 2  # ok and later are not in it
         # The 4xx one is retried and arrives once the server accepts it.
-        envelope = json.loads(next((s.queue / "messages").glob("*.json")).read_text())
-        [later] = [r for r in envelope["recipients"] if r["address"] == "later@remote.test"]
+        def later_state():
+            envelope = json.loads(next((s.queue / "messages").glob("*.json")).read_text())
+            [later] = [r for r in envelope["recipients"] if r["address"] == "later@remote.test"]
+            return later if later["attempts"] else None
+
+        # The DSN is stored before the new state is written: wait for the state too.
+        later = wait_for(later_state, 10, "the deferral to be recorded")
         assert later["status"] == "queued" and "451 4.2.1" in later["last_error"]
         mx1.set_rules({})
         [second] = new_messages(mx1, before + 1, 1)

@@ -85,22 +85,33 @@ def test_unsafe_local_parts_never_become_paths(untrusting_server, address, expec
     assert sorted(p.name for p in untrusting_server.root.iterdir()) in ([], ["example.org"])
 
 
-def test_remote_recipient_from_trusted_client_is_queued_durably(mail_server):
+def test_remote_recipient_from_trusted_client_is_queued_then_relayed(mail_server):
+    """Queued, then handed to the relayer: remote.test does not exist here, so it bounces."""
+    import email
+    import email.policy
     import smtplib
+
+    from support.harness import wait_for
 
     with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
         client.sendmail("alice@example.org", ["friend@remote.test", "bob@example.org"],
                         b"Subject: out\r\n\r\nto the world\r\n")
-    envelopes = [json.loads(p.read_text()) for p in (mail_server.queue / "messages").glob("*.json")]
-    [env] = [e for e in envelopes if e["recipients"][0]["address"] == "friend@remote.test"]
-    assert env["sender"] == "alice@example.org"
-    assert env["recipients"][0]["status"] == "queued"
-    body = (mail_server.queue / "messages" / f"{env['id']}.body").read_bytes()
-    assert body == b"Subject: out\n\nto the world\n"
-    # Return-Path: belongs to the final delivery; the relayed copy starts with our Received:.
-    assert env["prefix"].startswith("Received: from ")
-    # The local recipient of the same message got its copy, with the same queue id.
-    assert any(env["id"] in m["Received"] for m in mail_server.messages("bob@example.org"))
+    [local] = [m for m in mail_server.messages("bob@example.org") if m["Subject"] == "out"]
+    queue_id = local["Received"].split(" id ")[1].split()[0].rstrip(";")
+    log = mail_server.log_text()
+    assert f"queued id={queue_id} to=<friend@remote.test>" in log
+
+    def bounce():
+        for m in mail_server.messages("alice@example.org"):
+            parsed = email.message_from_bytes(m.as_bytes(), policy=email.policy.default)
+            if parsed.get_content_type() == "multipart/report" and queue_id in parsed.as_string():
+                return parsed
+        return None
+
+    dsn = wait_for(bounce, 15, "the bounce for the unknown domain")
+    assert "Domain remote.test not found" in dsn.as_string()
+    assert f"relay id={queue_id} from=<alice@example.org> to=<friend@remote.test>" in (
+        mail_server.log_text())
 
 
 def test_alias_forwarding_to_a_remote_address_is_queued_even_for_strangers(untrusting_server):

@@ -208,7 +208,8 @@ def test_demo_configuration_does_no_dns_and_stays_on_loopback(tmp_path):
     assert config.relay.dns_servers == ()
     # ... and therefore the demo must not look up its clients' reverse names.
     assert config.smtp.reverse_dns is False
-    assert {str(n) for n in config.relay.trusted_networks} == {"127.0.0.0/8", "::1/128"}
+    # ... and nobody may relay, so the relayer never has anything to look up either.
+    assert config.relay.trusted_networks == ()
 
 
 @pytest.fixture
@@ -267,18 +268,11 @@ def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
     # No reverse lookup was made: the client's name is "unknown", only its address is known.
     assert received.startswith("from client.test (unknown [127.0.0.1]) by localhost")
 
-    # The demo keeps the default trusted networks (loopback), so a loopback client may relay:
-    # the message is accepted into the queue (nothing sends it on yet).
-    refused = send(DEMO_PORT, "bob@client.test", ["someone@remote.test"],
+    # The demo trusts no one to relay: it never sends mail to the Internet.
+    refused = send(DEMO_PORT, "bob@client.test", ["someone@localhost", "someone@remote.test"],
                    message("someone@remote.test", "relay test", "Hello remote."))
-    assert refused == {}
-    messages = cwd / "demo-mail" / "queue" / "messages"
-    envelopes = [json.loads(p.read_text()) for p in messages.glob("*.json")]
-    assert [[r["address"] for r in e["recipients"]] for e in envelopes] == [
-        ["someone@remote.test"]
-    ]
-    [envelope] = envelopes
-    assert (messages / f"{envelope['id']}.body").read_bytes().endswith(b"Hello remote.\n")
+    assert refused["someone@remote.test"][0] == 554
+    assert list((cwd / "demo-mail" / "queue" / "messages").iterdir()) == []
 
     # Everything the demo wrote is under the current directory.
     assert sorted(os.listdir(cwd)) == ["demo-mail"]
