@@ -88,7 +88,7 @@ def test_defaults() -> None:
     assert config.mailboxes.aliases is None
     assert config.mailboxes.recipient_delimiter == "+"
     assert config.queue == QueueConfig(path=Path("/var/spool/mailsrv"))
-    assert config.relay == RelayConfig(trusted_networks=())  # the demo never relays
+    assert config.relay == RelayConfig()
     assert config.relay.trusted_networks == (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -314,7 +314,7 @@ def test_optional_tables_may_be_missing() -> None:
     assert "smtp" not in data and "relay" not in data
     config = parse_config(data, SOURCE)
     assert config.smtp == SmtpConfig()
-    assert config.relay == RelayConfig(trusted_networks=())  # the demo never relays
+    assert config.relay == RelayConfig()
 
 
 def test_empty_optional_table() -> None:
@@ -795,7 +795,7 @@ def test_example_configuration_loads() -> None:
         aliases=Path("/etc/mailsrv/aliases"),
     )
     assert config.queue.path == Path("/var/spool/mailsrv")
-    assert config.relay == RelayConfig(trusted_networks=())  # the demo never relays
+    assert config.relay == RelayConfig()
 
 
 def test_example_documents_every_key() -> None:
