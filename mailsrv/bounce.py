@@ -25,7 +25,7 @@ from mailsrv.policy import Refusal, recipient_targets
 from mailsrv.router import Directory
 from mailsrv.store import Stored, store
 
-__all__ = ["UnroutableBounce", "send_dsn", "bounce_pending"]
+__all__ = ["UnroutableBounce", "send_dsn", "given_up_reports", "bounce_pending"]
 
 
 class UnroutableBounce(Exception):
@@ -92,6 +92,18 @@ def send_dsn(
             os.unlink(body)
 
 
+def given_up_reports(message: QueuedMessage, reason: str) -> list[dsn.RecipientReport]:
+    """DSN lines for every recipient still queued, when we give up on them for ``reason``."""
+    return [
+        dsn.RecipientReport(
+            address=r.address, action="failed", status="5.0.0",
+            diagnostic=reason + (f"; last error: {r.last_error}" if r.last_error else ""),
+            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+        )
+        for r in message.pending
+    ]
+
+
 def bounce_pending(
     config: Config,
     directory: Directory,
@@ -108,15 +120,7 @@ def bounce_pending(
     pending = message.pending
     stored = None
     if message.sender and pending:
-        reports = [
-            dsn.RecipientReport(
-                address=r.address, action="failed", status="5.0.0",
-                diagnostic=f"{reason}" + (f"; last error: {r.last_error}" if r.last_error else ""),
-                remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-            )
-            for r in pending
-        ]
-        stored = send_dsn(config, directory, message, reports, now)
+        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now)
     changed: dict[str, QueuedRecipient] = {
         r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
     }

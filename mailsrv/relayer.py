@@ -498,12 +498,7 @@ class Relayer(service.Service):
             return d.addCallback(lambda _: f"ok: deleted {message.id}")
         # bounce
         reason = "returned to the sender by the administrator"
-        reports = [
-            RecipientReport(address=r.address, action="failed", status="5.0.0",
-                            diagnostic=reason + (f"; last error: {r.last_error}" if r.last_error else ""),
-                            remote_mta=r.remote_mta, last_attempt=r.last_attempt)
-            for r in message.pending
-        ]
+        reports = bounce.given_up_reports(message, reason)
         after = message.update({r.address: replace(r, status=BOUNCED, last_error=reason)
                                 for r in message.pending})
         self._commit(message, after, reports, [])

@@ -413,3 +413,37 @@ def test_queue_command_flush_against_running_server(env, server):
         assert got["rcpt_to"] == ["flush@remote.test"]
     finally:
         mx1.set_rules({})
+
+
+def test_queue_command_bounce_and_delete_against_running_server(env, server):
+    import subprocess
+    import sys
+
+    from support.harness import REPO, _env
+
+    s = server(queue={"retry_schedule": [3600]})
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^held", "451 4.3.0 later"]]})
+
+    def queue_cmd(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path), *args],
+            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30)
+
+    try:
+        send(s, "alice@example.org", ["held1@remote.test"], subject="to bounce")
+        send(s, "alice@example.org", ["held2@remote.test"], subject="to delete")
+        wait_for(lambda: s.log_text().count("status=deferred") >= 2, 15, "two deferrals")
+        ids = {json.loads(p.read_text())["recipients"][0]["address"]: p.stem
+               for p in (s.queue / "messages").glob("*.json")}
+        bounced = queue_cmd("bounce", ids["held1@remote.test"])
+        assert bounced.returncode == 0 and bounced.stdout.startswith("ok: bounced"), bounced
+        deleted = queue_cmd("delete", ids["held2@remote.test"])
+        assert deleted.returncode == 0 and deleted.stdout.startswith("ok: deleted"), deleted
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+        [dsn] = wait_for(lambda: dsns(s), 10, "the DSN")
+        assert "held1@remote.test" in dsn.as_string() and "held2" not in dsn.as_string()
+        missing = queue_cmd("delete", ids["held2@remote.test"])
+        assert missing.returncode == 1 and "error: no message" in missing.stdout
+    finally:
+        mx1.set_rules({})

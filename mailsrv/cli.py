@@ -1,0 +1,253 @@
+"""
+The ``mailsrv`` admin command: ``mailsrv queue [--config PATH] list|show|flush|delete|bounce``.
+
+The spool lock decides how it works.  When a server runs (it holds the lock), changes are
+requests the server carries out, because its in-memory state would otherwise overwrite ours;
+when none runs, the command takes the lock itself (so none starts meanwhile) and changes the
+files directly.  Reading (``list``, ``show``) never needs the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from mailsrv import queue
+from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from mailsrv.envelope import QueuedMessage
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class Failed(Exception):
+    """An operational failure: the message goes to stderr, the exit status is 1."""
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _messages(qdir: Path) -> list[QueuedMessage]:
+    """Every readable envelope, oldest first; unreadable ones are reported, not fatal."""
+    found = []
+    for path in sorted((qdir / "messages").glob("*.json")):
+        try:
+            found.append(queue.read_message(path))
+        except FileNotFoundError:
+            continue  # delivered while we looked
+        except ValueError as e:
+            print(f"mailsrv: skipping {e}", file=sys.stderr)
+    return sorted(found, key=lambda m: (m.created, m.id))
+
+
+def _find(qdir: Path, queue_id: str) -> QueuedMessage:
+    try:
+        return queue.read_message(qdir / "messages" / f"{queue_id}.json")
+    except FileNotFoundError:
+        raise Failed(f"no message {queue_id} in the queue") from None
+
+
+def _size(qdir: Path, message: QueuedMessage) -> int:
+    try:
+        return queue.body_path(qdir, message.id).stat().st_size + len(message.prefix)
+    except OSError:
+        return 0
+
+
+def _next_try(recipient: Any, now: float) -> str:
+    if recipient.status != "queued":
+        return "-"
+    delta = recipient.next_attempt - now
+    return "now" if delta <= 0 else f"in {_age(delta)}"
+
+
+def cmd_list(config: Config, args: argparse.Namespace) -> int:
+    qdir = Path(config.queue.path)
+    messages = _messages(qdir)
+    now = time.time()
+    if args.json:
+        print(json.dumps([dict(asdict(m), size=_size(qdir, m)) for m in messages], indent=1))
+        return EXIT_OK
+    if not messages:
+        print("Mail queue is empty")
+        return EXIT_OK
+    waiting = 0
+    for m in messages:
+        print(f"{m.id}  {_age(now - m.created):>4}  {_size(qdir, m):>9}  <{m.sender}>")
+        for r in m.recipients:
+            waiting += r.status == "queued"
+            line = f"    <{r.address}>  {r.status}  tries={r.attempts}  next={_next_try(r, now)}"
+            if r.last_error:
+                line += f"  last_error={r.last_error}"
+            print(line)
+    print(f"{len(messages)} message(s), {waiting} recipient(s) waiting")
+    return EXIT_OK
+
+
+def _when(epoch: float | None, now: float) -> str:
+    if epoch is None:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    delta = epoch - now
+    return f"{stamp} ({'in ' + _age(delta) if delta > 0 else _age(-delta) + ' ago'})"
+
+
+def cmd_show(config: Config, args: argparse.Namespace) -> int:
+    qdir = Path(config.queue.path)
+    m = _find(qdir, args.id)
+    now = time.time()
+    print(f"id: {m.id}\ncreated: {_when(m.created, now)}\nsender: <{m.sender}>")
+    print(f"received from: {m.received_from}\nsize: {_size(qdir, m)}\ndelay warning sent: {m.warned}")
+    for r in m.recipients:
+        print(f"recipient <{r.address}>: {r.status}, {r.attempts} attempt(s)")
+        print(f"    next attempt: {_when(r.next_attempt, now) if r.status == 'queued' else '-'}")
+        print(f"    last attempt: {_when(r.last_attempt, now)}  remote: {r.remote_mta or '-'}")
+        print(f"    last error: {r.last_error or '-'}")
+    print()
+    sys.stdout.write(m.prefix)
+    try:
+        with open(queue.body_path(qdir, m.id), "rb") as body:
+            data = body.read() if args.body else body.read(65536).split(b"\n\n", 1)[0] + b"\n"
+    except OSError as e:
+        raise Failed(f"cannot read the body of {m.id}: {e}") from None
+    sys.stdout.write(data.decode("utf-8", "replace"))
+    return EXIT_OK
+
+
+def _offline(config: Config, action: str, queue_id: str | None) -> str:
+    """Carry out a change on the files, while holding the spool lock."""
+    qdir = Path(config.queue.path)
+    if action == "flush":
+        now = time.time()
+        targets = [_find(qdir, queue_id)] if queue_id else _messages(qdir)
+        for m in targets:
+            queue.save(qdir, m.update({r.address: replace(r, next_attempt=now) for r in m.pending}))
+        return (f"ok: {len(targets)} message(s) due now; no server is running, so they are "
+                "delivered when it starts")
+    assert queue_id is not None
+    message = _find(qdir, queue_id)
+    if action == "delete":
+        queue.remove(qdir, queue_id)
+        return f"ok: deleted {queue_id}"
+    from mailsrv.bounce import bounce_pending
+    from mailsrv.service import load_directory
+
+    after, _ = bounce_pending(
+        config, load_directory(config), message, "returned to the sender by the administrator"
+    )
+    if after.done:
+        queue.remove(qdir, queue_id)
+    else:
+        queue.save(qdir, after)
+    return f"ok: bounced {queue_id}" + ("" if message.sender else " (from <>: no DSN sent)")
+
+
+def _ask_server(qdir: Path, action: str, queue_id: str | None, wait: float) -> str:
+    answer = queue.control_request(qdir, action, queue_id)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if answer.exists():
+            text = answer.read_text("utf-8").strip()
+            answer.unlink()
+            return text
+        time.sleep(0.1)
+    request = answer.with_suffix(".req")
+    try:
+        request.unlink()
+    except FileNotFoundError:
+        pass
+    raise Failed(f"the running server did not answer within {wait:g}s")
+
+
+def cmd_change(config: Config, args: argparse.Namespace) -> int:
+    qdir = Path(config.queue.path)
+    queue_id = getattr(args, "id", None)
+    try:
+        lock = queue.lock_spool(qdir)
+    except queue.SpoolLocked:
+        text = _ask_server(qdir, args.action, queue_id, args.wait)
+    else:
+        try:
+            text = _offline(config, args.action, queue_id)
+        finally:
+            lock.close()
+    print(text)
+    return EXIT_OK if text.startswith("ok") else EXIT_FAILED
+
+
+def _queue_id(text: str) -> str:
+    try:
+        queue._check_id(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailsrv", description="Administer a mailsrv server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    queue_parser = commands.add_parser(
+        "queue", help="list and manage the outbound queue",
+        description="List and manage the outbound queue of the server configured by --config.",
+    )
+    queue_parser.add_argument(
+        "--config", default=None, help=f"the server's configuration (default {DEFAULT_CONFIG_PATH})"
+    )
+    actions = queue_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every queued message and its recipients")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=cmd_list)
+    show = actions.add_parser("show", help="one message: envelope, state and headers")
+    show.add_argument("id", type=_queue_id)
+    show.add_argument("--body", action="store_true", help="print the whole message")
+    show.set_defaults(run=cmd_show)
+    for name, text, needs_id in (
+        ("flush", "retry now (one message, or all)", False),
+        ("delete", "remove a message without notice to its sender", True),
+        ("bounce", "give up now and return the message to its sender", True),
+    ):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("id", type=_queue_id, nargs=None if needs_id else "?")
+        sub.add_argument("--wait", type=float, default=30.0,
+                         help="seconds to wait for a running server's answer (default 30)")
+        sub.set_defaults(run=cmd_change)
+    return parser
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            raise ConfigError(DEFAULT_CONFIG_PATH, "(file)", "a configuration file; give --config")
+        path = str(DEFAULT_CONFIG_PATH)
+    return load_config(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args.config)
+        return args.run(config, args)
+    except ConfigError as e:
+        print(f"mailsrv: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Failed as e:
+        print(f"mailsrv: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"mailsrv: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

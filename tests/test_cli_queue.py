@@ -1,0 +1,125 @@
+"""``mailsrv queue`` on a real spool with no server running (the command holds the lock)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mailsrv import cli, queue
+from mailsrv.envelope import SENT
+from support.harness import MailServer
+
+
+@pytest.fixture
+def spool(tmp_path):
+    """A configured (not started) server whose queue holds two messages."""
+    server = MailServer(tmp_path, dns_port=53)  # never started: no DNS is asked
+    qdir = server.queue
+    queue.queue_dirs(qdir)
+    for queue_id, sender in (("AAAAAAAAAAAAA1", "alice@example.org"), ("AAAAAAAAAAAAA2", "")):
+        body = qdir / "incoming" / queue_id
+        body.write_bytes(b"Subject: queued " + queue_id.encode() + b"\n\nbody\n")
+        queue.enqueue(qdir, queue_id, sender=sender or None,
+                      recipients=["bob@remote.test", "carl@remote.test"],
+                      prefix=b"Received: by mx.example.org (mailsrv) id " + queue_id.encode() + b"\n",
+                      body_path=body, created=time.time() - 7200, received_from="client.test[127.0.0.1]")
+    return server
+
+
+def run(spool: MailServer, *args: str) -> int:
+    return cli.main(["queue", "--config", str(spool.config_path), *args])
+
+
+def test_list(spool, capsys):
+    message = queue.read_message(spool.queue / "messages" / "AAAAAAAAAAAAA1.json")
+    queue.save(spool.queue, message.update({"bob@remote.test": replace(
+        message.recipients[0], status=SENT, attempts=1)}))
+    assert run(spool, "list") == 0
+    out = capsys.readouterr().out
+    assert "AAAAAAAAAAAAA1    2h" in out and "<alice@example.org>" in out and "<>" in out
+    assert "<bob@remote.test>  sent  tries=1" in out
+    assert "2 message(s), 3 recipient(s) waiting" in out
+
+
+def test_list_json_and_empty(spool, capsys):
+    assert run(spool, "list", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["id"] for m in data] == ["AAAAAAAAAAAAA1", "AAAAAAAAAAAAA2"]
+    assert data[0]["recipients"][0]["address"] == "bob@remote.test" and data[0]["size"] > 0
+    for queue_id in ("AAAAAAAAAAAAA1", "AAAAAAAAAAAAA2"):
+        queue.remove(spool.queue, queue_id)
+    assert run(spool, "list") == 0
+    assert capsys.readouterr().out == "Mail queue is empty\n"
+
+
+def test_show(spool, capsys):
+    assert run(spool, "show", "AAAAAAAAAAAAA1") == 0
+    out = capsys.readouterr().out
+    assert "sender: <alice@example.org>" in out and "recipient <carl@remote.test>: queued" in out
+    assert "Subject: queued AAAAAAAAAAAAA1" in out and "\nbody" not in out
+    assert run(spool, "show", "NOSUCHMESSAGE1") == 1
+    assert "no message NOSUCHMESSAGE1" in capsys.readouterr().err
+
+
+def test_invalid_id_is_a_usage_error(spool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(spool, "show", "../etc")
+    assert exit_info.value.code == 2
+
+
+def test_flush_offline(spool, capsys):
+    qdir = spool.queue
+    message = queue.read_message(qdir / "messages" / "AAAAAAAAAAAAA1.json")
+    queue.save(qdir, message.update({r.address: replace(r, next_attempt=time.time() + 9999)
+                                     for r in message.recipients}))
+    assert run(spool, "flush", "AAAAAAAAAAAAA1") == 0
+    assert "no server is running" in capsys.readouterr().out
+    after = queue.read_message(qdir / "messages" / "AAAAAAAAAAAAA1.json")
+    assert all(r.next_attempt <= time.time() for r in after.recipients)
+
+
+def test_delete_offline(spool, capsys):
+    assert run(spool, "delete", "AAAAAAAAAAAAA1") == 0
+    assert sorted(p.name for p in (spool.queue / "messages").iterdir()) == [
+        "AAAAAAAAAAAAA2.body", "AAAAAAAAAAAAA2.json"]
+    assert run(spool, "delete", "AAAAAAAAAAAAA1") == 1
+
+
+def test_bounce_offline_sends_a_dsn(spool, capsys):
+    assert run(spool, "bounce", "AAAAAAAAAAAAA1") == 0
+    [dsn] = spool.messages("alice@example.org")
+    parsed = email.message_from_bytes(dsn.as_bytes(), policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    text = parsed.as_string()
+    assert "bob@remote.test" in text and "carl@remote.test" in text
+    assert "administrator" in text and "Subject: queued AAAAAAAAAAAAA1" in text
+    assert not (spool.queue / "messages" / "AAAAAAAAAAAAA1.json").exists()
+    # A message from <> is never bounced: removed, nothing sent.
+    assert run(spool, "bounce", "AAAAAAAAAAAAA2") == 0
+    assert "no DSN sent" in capsys.readouterr().out
+    assert list((spool.queue / "messages").iterdir()) == []
+    assert len(spool.messages("alice@example.org")) == 1
+
+
+def test_server_running_but_not_answering(spool, capsys):
+    held = queue.lock_spool(spool.queue)  # plays a server that never answers
+    try:
+        assert run(spool, "flush", "--wait", "0.3") == 1
+    finally:
+        held.close()
+    assert "did not answer" in capsys.readouterr().err
+    assert list((spool.queue / "control").iterdir()) == []
+
+
+def test_configuration_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("hostname = 5\n")
+    assert cli.main(["queue", "--config", str(bad), "list"]) == 2
+    assert "configuration error" in capsys.readouterr().err
+    assert cli.main(["queue", "--config", str(tmp_path / "missing.toml"), "list"]) == 2
