@@ -175,7 +175,10 @@ class MailServer:
         path = self.root / address.split("@")[1] / address.split("@")[0]
         if not path.exists():
             return []
-        return list(self.maildir(address))
+        try:
+            return list(self.maildir(address))
+        except FileNotFoundError:
+            return []  # the server is creating this Maildir (cur/ is not there yet)
 
     def connect(self, timeout: float = 10.0) -> "RawClient":
         return RawClient(self.port, timeout)
