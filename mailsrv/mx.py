@@ -168,7 +168,11 @@ def _v6_first(addresses: list[str]) -> list[str]:
 @defer.inlineCallbacks
 def resolve_host(resolver: Any, name: str, *, timeout: tuple[int, ...] = (2, 5)) -> Any:
     """A configured host (a smarthost): its own addresses, no MX."""
-    literal = _literal(name if name.startswith("[") else f"[{name}]") if _is_ip(name) else _literal(name)
+    try:
+        return MXHost(name, 0, (str(ipaddress.ip_address(name)),))
+    except ValueError:
+        pass  # a name, or a [literal]
+    literal = _literal(name)
     if literal is not None:
         return literal
     found, temporary = yield _addresses(resolver, name, timeout)
@@ -178,10 +182,3 @@ def resolve_host(resolver: Any, name: str, *, timeout: tuple[int, ...] = (2, 5))
         raise DestinationError(False, "4.4.3", f"DNS lookup of {name} failed; will retry")
     raise DestinationError(True, "5.4.4", f"host {name} has no address")
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

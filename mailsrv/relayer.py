@@ -250,7 +250,10 @@ class Relayer(service.Service):
         try:
             hosts = yield self._route(key)
         except DestinationError as e:
-            reply = Reply(550 if e.permanent else 451, e.text, e.status)
+            # A smarthost that does not resolve is our configuration's fault: mail waits.
+            permanent = e.permanent and key != SMARTHOST
+            status = e.status if permanent or e.status[0] == "4" else "4" + e.status[1:]
+            reply = Reply(550 if permanent else 451, e.text, status)
             for queue_id, addresses in batch:
                 self._record(queue_id, {a: reply for a in addresses}, None)
             return
