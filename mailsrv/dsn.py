@@ -312,6 +312,8 @@ def _human_part(
         for line in more:
             lines += _wrap(_words(line), width=_TEXT_WIDTH, first="    ")
         lines.append("")
+    while lines and lines[-1] == "":
+        lines.pop()
     return lines
 
 
