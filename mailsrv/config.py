@@ -40,8 +40,11 @@ __all__ = [
     "DomainsConfig",
     "MailboxesConfig",
     "QueueConfig",
+    "AuthConfig",
     "RelayConfig",
     "SmtpConfig",
+    "SubmissionConfig",
+    "TlsConfig",
     "demo_config",
     "load_config",
     "parse_config",
@@ -87,6 +90,37 @@ class SmtpConfig:
     max_connections_per_ip: int = 10
     max_received_headers: int = 50  # more Received: hops than this is a loop (554 5.4.6)
     reverse_dns: bool = True  # look up the client's PTR name for Received:
+    auth: bool = False  # also offer AUTH here (after STARTTLS), as on the submission ports
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server certificate for STARTTLS and implicit-TLS listeners (re-read on SIGHUP)."""
+
+    cert: Path | None = None  # PEM: the certificate, then its chain (a fullchain.pem)
+    key: Path | None = None  # PEM private key
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """Listeners for the users' own mail programs (RFC 6409): AUTH required, over TLS only."""
+
+    listen: tuple[str, ...] = ()  # e.g. ("tcp:587", "ssl:465")
+    check_from_header: bool = True  # the From: address must be one the user owns
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Brute-force protection for AUTH, per client address."""
+
+    max_failures: int = 5  # failures within ``window`` before the address is locked out
+    window: float = 600.0  # seconds
+    lockout: float = 900.0  # seconds during which AUTH from that address gets 454 4.7.0
+    failure_delay: float = 1.0  # seconds before the first 535; doubles with each failure
 
 
 @dataclass(frozen=True)
@@ -154,7 +188,15 @@ class Config:
     mailboxes: MailboxesConfig
     queue: QueueConfig
     relay: RelayConfig
+    tls: TlsConfig = TlsConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    auth: AuthConfig = AuthConfig()
     source: Path | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether any listener offers AUTH (and so whether passwords matter)."""
+        return bool(self.submission.listen) or self.smtp.auth
 
 
 # --------------------------------------------------------------------------- validators
@@ -359,25 +401,19 @@ def _hostname() -> _Key:
 _ENDPOINT_PARAMS: dict[str, tuple[str, ...]] = {
     "tcp": ("port", "interface", "backlog"),
     "tcp6": ("port", "backlog", "interface"),
-    "ssl": (
-        "port",
-        "privateKey",
-        "certKey",
-        "sslmethod",
-        "interface",
-        "backlog",
-        "extraCertChain",
-        "dhParameters",
-    ),
+    # Implicit TLS (port 465).  Not Twisted's own ssl endpoint: the certificate comes from
+    # [tls], so that one set of TLS settings (TLS 1.2 minimum, modern ciphers) serves every
+    # listener and a SIGHUP renews it everywhere.  The certificate options are refused.
+    "ssl": ("port", "interface", "backlog"),
     "unix": ("address", "mode", "backlog", "lockfile"),
 }
-# ssl needs privateKey: Twisted's default is "server.pem" in the current directory.
 _ENDPOINT_REQUIRED: dict[str, tuple[str, ...]] = {
     "tcp": ("port",),
     "tcp6": ("port",),
-    "ssl": ("port", "privateKey"),
+    "ssl": ("port",),
     "unix": ("address",),
 }
+_SSL_CERT_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "sslmethod")
 
 
 def _is_ip(text: str) -> bool:
@@ -466,6 +502,8 @@ def _check_endpoint_fields(fields: list[list[str]]) -> None:
     named += [(field[0], field[1]) for field in fields[1:] if len(field) == 2]
     options: dict[str, str] = {}
     for name, value in named:
+        if kind == "ssl" and name in _SSL_CERT_OPTIONS:
+            raise ValueError(f"{name} is not taken here: the certificate is [tls] cert and key")
         if name not in params:
             raise ValueError(f"unknown option {name!r} for {kind} (allowed: {', '.join(params)})")
         if name in options:
@@ -480,14 +518,24 @@ def _check_endpoint_fields(fields: list[list[str]]) -> None:
             raise ValueError(f"{name} must be {what}")
 
 
-def _listen() -> _Key:
+def _listen(non_empty: bool = True) -> _Key:
     return _list_of(
-        "a non-empty list of endpoint strings",
-        "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', "
-        "'ssl:465:privateKey=key.pem:certKey=cert.pem' or 'unix:/run/mailsrv.sock'",
+        "a non-empty list of endpoint strings" if non_empty else "a list of endpoint strings",
+        "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', 'ssl:465' "
+        "(implicit TLS with the [tls] certificate) or 'unix:/run/mailsrv.sock'",
         _check_endpoint,
-        non_empty=True,
+        non_empty=non_empty,
     )
+
+
+def tcp_endpoint_for_ssl(text: str) -> str:
+    """The plain TCP endpoint under an ``ssl:`` listener (mailsrv layers TLS on it itself).
+
+    The ``ssl`` options accepted here (port, interface, backlog) are ``tcp``'s, in ``tcp``'s
+    positional order, so the rest of the string carries over unchanged, escapes included.
+    """
+    assert text.startswith("ssl:")
+    return "tcp:" + text[len("ssl:"):]
 
 
 # ----- relay
@@ -593,6 +641,21 @@ _TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
             "max_connections_per_ip": _integer(1),
             "max_received_headers": _integer(1),
             "reverse_dns": _boolean(),
+            "auth": _boolean(),
+        },
+    ),
+    "tls": (TlsConfig, {"cert": _path(), "key": _path()}),
+    "submission": (
+        SubmissionConfig,
+        {"listen": _listen(non_empty=False), "check_from_header": _boolean()},
+    ),
+    "auth": (
+        AuthConfig,
+        {
+            "max_failures": _integer(1),
+            "window": _seconds(),
+            "lockout": _seconds(),
+            "failure_delay": _seconds_or_zero(),
         },
     ),
     "domains": (DomainsConfig, {"local": _domain_list()}),
@@ -729,7 +792,42 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
 
     tables = {name: _build_table(name, data.get(name), base, source) for name in _TABLES}
     _check_smarthost(tables["relay"], source)
-    return Config(hostname=hostname, source=source, **tables)
+    config = Config(hostname=hostname, source=source, **tables)
+    _check_tls(config)
+    return config
+
+
+def _check_tls(config: Config) -> None:
+    """TLS and AUTH keys that only make sense together."""
+    tls, source = config.tls, config.source
+    if config.auth_enabled and config.mailboxes.users is None:
+        raise ConfigError(
+            source, "mailboxes.users",
+            "expected a users file with password hashes when AUTH is offered "
+            "(submission.listen or smtp.auth)",
+        )
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError(
+            source, "tls.key" if tls.cert else "tls.cert", "expected tls.cert and tls.key together"
+        )
+    if tls.enabled:
+        return
+    for table, listen in (("smtp", config.smtp.listen), ("submission", config.submission.listen)):
+        for index, endpoint in enumerate(listen):
+            if endpoint.startswith("ssl:"):
+                raise ConfigError(
+                    source, f"{table}.listen[{index}]",
+                    "expected [tls] cert and key for an implicit-TLS (ssl:) listener",
+                )
+    if config.submission.listen:
+        raise ConfigError(
+            source, "submission.listen",
+            "expected [tls] cert and key: AUTH is only offered over TLS",
+        )
+    if config.smtp.auth:
+        raise ConfigError(
+            source, "smtp.auth", "expected [tls] cert and key: AUTH is only offered over TLS"
+        )
 
 
 def _check_smarthost(relay: RelayConfig, source: Path | None) -> None:

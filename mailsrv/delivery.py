@@ -14,6 +14,7 @@ import datetime
 import errno
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +25,11 @@ from twisted.mail.smtp import IMessage, IMessageDelivery
 from zope.interface import implementer
 
 from mailsrv import headers, maildir, queue, replies
-from mailsrv.address import Mailbox
+from mailsrv.address import AddressError, Mailbox, parse_mail_from
+from mailsrv.auth import FailureTracker
 from mailsrv.config import Config
 from mailsrv.dnsutil import verified_reverse_name
-from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.policy import Refusal, owns_address, recipient_targets
 from mailsrv.replies import SMTPReplyError
 from mailsrv.router import Directory, LocalTarget, Target
 from mailsrv.store import Stored, store
@@ -45,13 +47,24 @@ class Runtime:
     resolver: Any = None
     #: The relayer (mailsrv.relayer.Relayer) that learns of each newly queued message.
     relayer: Any = None
+    #: The server TLS context factory (mailsrv.tls.ServerTLS), None without [tls].
+    tls: Any = None
+    #: Failed AUTH per client address (the delay and the lockout), shared by all listeners.
+    auth_failures: FailureTracker | None = None
+    #: Twisted's ICredentialsChecker for AUTH (mailsrv.auth.PasswordChecker).
+    checker: Any = None
+
+    @property
+    def passwords(self) -> Mapping[str, str | None]:
+        """Lower-case address -> bcrypt hash (None: no login), from the current users file."""
+        return self.directory.passwords
 
     @property
     def incoming_dir(self) -> Path:
         return Path(self.config.queue.path) / "incoming"
 
-    def new_session(self, client_ip: str) -> "SessionDelivery":
-        return SessionDelivery(self, client_ip)
+    def new_session(self, client_ip: str, submission: bool = False) -> "SessionDelivery":
+        return SessionDelivery(self, client_ip, submission)
 
     def may_relay(self, client_ip: str) -> bool:
         try:
@@ -73,10 +86,16 @@ def _addr(mailbox: Mailbox | None) -> str:
 class SessionDelivery:
     """Decides MAIL and RCPT for one connection and remembers the client's facts."""
 
-    def __init__(self, runtime: Runtime, client_ip: str) -> None:
+    def __init__(self, runtime: Runtime, client_ip: str, submission: bool = False) -> None:
         self.runtime = runtime
         self.client_ip = client_ip
-        self.may_relay = runtime.may_relay(client_ip)
+        #: On a submission listener: AUTH is required before MAIL.
+        self.submission = submission
+        self.trusted_network = runtime.may_relay(client_ip)
+        #: The users-file address of the authenticated user, once AUTH succeeded.
+        self.authenticated_as: str | None = None
+        #: "TLSv1.3 TLS_AES_256_GCM_SHA384" once the session runs over TLS.
+        self.tls: str | None = None
         self.helo = ""
         self.esmtp = False
         #: The forward-confirmed reverse DNS name of the client, once known.
@@ -101,6 +120,23 @@ class SessionDelivery:
     def client(self) -> str:
         return f"{self.reverse_name or 'unknown'}[{self.client_ip}]"
 
+    @property
+    def may_relay(self) -> bool:
+        """A trusted network, or an authenticated user, may send to any domain."""
+        return self.trusted_network or self.authenticated_as is not None
+
+    @property
+    def protocol(self) -> str:
+        """The Received: ``with`` keyword (RFC 3848): ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.authenticated_as else "")
+
+    def owns(self, address: Mailbox | None) -> bool:
+        """Whether the authenticated user may use ``address`` as a sender."""
+        assert self.authenticated_as is not None
+        return owns_address(self.authenticated_as, address, self.runtime.directory)
+
     def greeted(self, helo: str, esmtp: bool) -> None:
         self.helo, self.esmtp = helo, esmtp
 
@@ -115,14 +151,29 @@ class SessionDelivery:
             client_ip=self.client_ip,
             reverse_name=self.reverse_name,
             hostname=self.runtime.config.hostname,
-            protocol="ESMTP" if self.esmtp else "SMTP",
+            protocol=self.protocol,
             queue_id=queue_id,
             recipient=str(recipients[0]) if len(recipients) == 1 else None,
             when=datetime.datetime.now(datetime.timezone.utc),
+            tls=self.tls,
         )
 
     def validateFrom(self, helo: Any, origin: Mailbox | None) -> "Transaction":
-        """Start a transaction; any syntactically valid sender is accepted from anyone."""
+        """Start a transaction.
+
+        Any syntactically valid sender is accepted from an unauthenticated client (port 25
+        receives the world's mail); an authenticated user may only use an address they own,
+        so that a stolen or shared password cannot forge someone else's mail.
+        """
+        if self.authenticated_as is not None and not self.owns(origin):
+            log.info(
+                "refused sender client={client} user={user} from={sender} "
+                'reason="sender not owned"',
+                client=self.client, user=self.authenticated_as, sender=_addr(origin),
+            )
+            raise SMTPReplyError(replies.SENDER_NOT_OWNED.format(
+                sender=str(origin) if origin is not None else "", user=self.authenticated_as
+            ))
         self.transaction = Transaction(self, origin)
         return self.transaction
 
@@ -258,10 +309,16 @@ class Transaction:
             facts = headers.inspect_head(head)
             if facts.received_count > config.smtp.max_received_headers:
                 raise SMTPReplyError(replies.TOO_MANY_HOPS)
+            user = self.session.authenticated_as
+            if user is not None and config.submission.check_from_header:
+                self._check_from_header(facts.from_addresses, user)
             trace = received
             if not facts.has_message_id:
                 msgid = headers.make_message_id(self.queue_id, config.hostname)
                 trace += headers.message_id_header(msgid)
+            if user is not None and not facts.has_date:
+                # RFC 6409 §8.2: a submission server may add the Date: a client forgot.
+                trace += headers.date_header(datetime.datetime.now(datetime.timezone.utc))
             if headers.needs_separator(head):
                 trace += b"\n"
             try:
@@ -280,12 +337,28 @@ class Transaction:
                 pass  # moved into the queue
             self.spool_path = None
 
+    def _check_from_header(self, addresses: tuple[str, ...], user: str) -> None:
+        """Every From: address must be the user's own (same rule as the envelope sender)."""
+        for address in addresses:
+            try:
+                mailbox, _ = parse_mail_from(f"FROM:<{address}>".encode("utf-8"))
+            except AddressError:
+                mailbox = None
+            if not self.session.owns(mailbox):
+                raise SMTPReplyError(replies.FROM_NOT_OWNED.format(address=address, user=user))
+
     def _delivered(self, stored: Stored) -> str:
+        session = self.session
+        extra = ""
+        if session.tls:
+            extra += f' tls="{session.tls}"'
+        if session.authenticated_as:
+            extra += f" user={session.authenticated_as}"
         log.info(
             "accepted id={id} client={client} helo={helo} from={sender} size={size} "
-            "nrcpt={nrcpt}",
-            id=self.queue_id, client=self.session.client, helo=self.session.helo,
-            sender=_addr(self.sender), size=self.size, nrcpt=len(self.targets),
+            "nrcpt={nrcpt}{extra}",
+            id=self.queue_id, client=session.client, helo=session.helo,
+            sender=_addr(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
         )
         for target, where in stored.places:
             if isinstance(target, LocalTarget):

@@ -30,6 +30,7 @@ __all__ = [
     "inspect_head",
     "needs_separator",
     "return_path",
+    "date_header",
     "make_message_id",
     "message_id_header",
     "received_header",
@@ -81,6 +82,9 @@ class HeaderFacts:
     has_header_section: bool  # the message starts with a header field (not a bare body)
     has_message_id: bool  # a Message-ID: field is present in the header section
     received_count: int  # Received: fields in the header section (loop detection)
+    has_date: bool = False  # a Date: field is present
+    #: The addresses of the From: field(s), lower-cased, for the submission sender check.
+    from_addresses: tuple[str, ...] = ()
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -110,8 +114,10 @@ def inspect_head(head: bytes) -> HeaderFacts:
     ``Received:`` line quoted in the body does not trigger loop detection.
     """
     has_section = False
-    has_msgid = False
+    has_msgid = has_date = False
     received = 0
+    from_values: list[bytes] = []
+    in_from = False
     for line in _lines(head):
         if line == b"":
             break
@@ -119,21 +125,45 @@ def inspect_head(head: bytes) -> HeaderFacts:
             if not has_section:
                 # A continuation with no field before it: not a header section.
                 break
+            if in_from:
+                from_values[-1] += b" " + line.strip()
             continue
         match = _FIELD_RE.match(line)
         if match is None:
             break
         has_section = True
         name = match.group(1).lower()
+        in_from = name == b"from"
         if name == b"received":
             received += 1
         elif name == b"message-id":
             has_msgid = True
+        elif name == b"date":
+            has_date = True
+        elif in_from:
+            from_values.append(line[match.end():].strip())
     return HeaderFacts(
         has_header_section=has_section,
         has_message_id=has_msgid,
         received_count=received,
+        has_date=has_date,
+        from_addresses=_addresses(from_values),
     )
+
+
+def _addresses(values: list[bytes]) -> tuple[str, ...]:
+    """The addr-specs of address-list field values (display names and comments dropped)."""
+    texts = [value.decode("utf-8", "replace") for value in values]
+    found = []
+    for _, address in email.utils.getaddresses(texts):
+        if address:
+            found.append(address.strip().lower())
+    return tuple(dict.fromkeys(found))
+
+
+def date_header(when: datetime.datetime) -> bytes:
+    """``Date:`` for a submitted message that has none (RFC 6409 §8.2)."""
+    return f"Date: {email.utils.format_datetime(when)}\n".encode("ascii")
 
 
 def needs_separator(head: bytes) -> bool:
@@ -280,8 +310,12 @@ def received_header(
     queue_id: str,
     recipient: str | None,
     when: datetime.datetime,
+    tls: str | None = None,
 ) -> bytes:
     """An RFC 5321 §4.4 ``Received:`` field, folded with LF + TAB, ending in LF.
+
+    *tls* (``"TLSv1.3 TLS_AES_256_GCM_SHA384"``) goes in a comment after
+    the protocol, which is then ESMTPS or ESMTPSA.
 
     ``from <helo> (<reverse name or unknown> <ip literal>) by <hostname>
     (mailsrv) with <protocol> id <queue id> [for <recipient>]; <date>``.
@@ -289,7 +323,7 @@ def received_header(
     and are sanitised so the field stays one field with balanced comments.
     A naive *when* is taken as UTC.
     """
-    with_clause = _with_clause(protocol)
+    with_clause = _with_clause(protocol, tls)
     ip_literal = _ip_literal(client_ip)
     if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
         when = when.replace(tzinfo=datetime.timezone.utc)

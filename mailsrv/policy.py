@@ -10,9 +10,9 @@ parsed mailbox, the :class:`~mailsrv.router.Directory` and whether the client ma
 from __future__ import annotations
 
 from mailsrv.address import Mailbox, is_safe_local_part
-from mailsrv.router import Directory, RemoteTarget, Target, UnknownRecipient
+from mailsrv.router import Directory, LocalTarget, RemoteTarget, Target, UnknownRecipient
 
-__all__ = ["Refusal", "recipient_targets"]
+__all__ = ["Refusal", "recipient_targets", "owns_address"]
 
 
 class Refusal(Exception):
@@ -65,3 +65,22 @@ def recipient_targets(
     if may_relay:
         return (RemoteTarget(str(mailbox)),)
     raise Refusal(*RELAY_DENIED)
+
+
+def owns_address(login: str, address: Mailbox | None, directory: Directory) -> bool:
+    """Whether the authenticated user ``login`` may send as ``address``.
+
+    A user owns the addresses whose mail reaches their own mailbox: their address, its
+    plus-addresses, and the aliases that deliver to them (so everyone on ``sales@`` may write
+    as ``sales@``).  The null sender and disguised or foreign addresses belong to nobody.
+    """
+    if address is None or address.relay_tokens or address.source_route:
+        return False
+    local, _, domain = login.rpartition("@")
+    if not address.domain or not directory.is_local_domain(address.domain):
+        return False
+    try:
+        targets = directory.resolve(address)
+    except UnknownRecipient:
+        return False
+    return LocalTarget(domain, local) in targets

@@ -36,8 +36,12 @@ QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = Reply(
-    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT. See RFC 5321"
+    214, "2.0.0",
+    "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT. See RFC 5321",
 )
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_CHALLENGE = Reply(334, "", "{challenge}")
 BYE = Reply(221, "2.0.0", "Bye")
 
 # Sequencing and syntax
@@ -56,6 +60,29 @@ NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+
+# TLS and AUTH (RFC 3207, RFC 4954)
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "Error: TLS not available")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Error: send EHLO first")
+AUTH_ALREADY_DONE = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Error: encryption required for authentication (STARTTLS)")
+AUTH_MECHANISM_UNKNOWN = Reply(504, "5.5.4", "Error: unrecognized authentication type")
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: cannot decode response")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Error: authentication cancelled")
+AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+AUTH_LOCKED_OUT = Reply(
+    454, "4.7.0", "Error: too many failed authentication attempts; try again later"
+)
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Error: temporary authentication failure")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Error: authentication required")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address <{sender}> not owned by user {user}")
+FROM_NOT_OWNED = Reply(
+    553, "5.7.1", "Error: From: header address <{address}> not owned by user {user}"
+)
 
 # Limits
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")

@@ -16,8 +16,8 @@ File formats
 users (Dovecot passwd-file layout, so one file can serve mailsrv and Dovecot)::
 
     # comment
-    alice@example.org:{SHA512-CRYPT}$6$...:1000:1000::/home/alice
-    bob@example.org
+    alice@example.org:{BLF-CRYPT}$2y$12$...:1000:1000::/home/alice
+    bob@example.org       (receives mail, cannot log in)
 
 aliases::
 
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mailsrv.address import Mailbox, is_dot_atom, is_safe_local_part, normalise_domain
+from mailsrv.auth import PasswordError, check_password_field
 from mailsrv.config import ConfigError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "UnknownRecipient",
     "Directory",
     "load_users",
+    "read_users",
     "load_aliases",
     "MAX_ALIAS_DEPTH",
 ]
@@ -101,7 +103,7 @@ class Directory:
     ``users`` holds lower-case ``"user@domain"`` strings, or is None to make every safe local
     part of a local domain a mailbox (the demo's catch-all).  ``aliases`` maps lower-case
     ``"name@domain"`` or a bare ``"name"`` (that name in every local domain) to full target
-    addresses.  The first local domain is the one RFC 5321's bare ``<postmaster>`` belongs to.
+    addresses; ``passwords`` the users' password hashes (see :func:`read_users`).  The first local domain is the one RFC 5321's bare ``<postmaster>`` belongs to.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Directory:
         users: frozenset[str] | None,
         aliases: Mapping[str, tuple[str, ...]],
         recipient_delimiter: str = "+",
+        passwords: Mapping[str, str | None] | None = None,
     ) -> None:
         domains: list[str] = []
         for domain in local_domains:
@@ -121,6 +124,9 @@ class Directory:
         self.users = None if users is None else frozenset(u.lower() for u in users)
         self.aliases: dict[str, tuple[str, ...]] = {k.lower(): tuple(v) for k, v in aliases.items()}
         self.recipient_delimiter = recipient_delimiter
+        #: Lower-case address -> bcrypt hash or None (no login), read with the users file
+        #: when AUTH is offered, so that a reload swaps mailboxes and passwords together.
+        self.passwords: Mapping[str, str | None] = dict(passwords or {})
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -361,15 +367,26 @@ def _read_lines(path: Path) -> Iterable[tuple[int, str]]:
 
 
 def load_users(path: Path) -> frozenset[str]:
-    """Read the users file: one ``local@domain[:{SCHEME}hash[:...]]`` a line.
+    """The mailboxes of the users file (see :func:`read_users`)."""
+    return frozenset(read_users(path))
 
-    Only the address field matters here; the rest is Dovecot's.  Addresses are lower-cased
-    (lookups are case-insensitive) and must be usable as ``<root>/<domain>/<user>``.
+
+def read_users(path: Path, passwords: bool = False) -> dict[str, str | None]:
+    """Read the users file: one ``local@domain[:{BLF-CRYPT}hash[:...]]`` a line.
+
+    Returns each lower-case address with, when ``passwords`` is true (AUTH is offered), its
+    bcrypt hash (None: no password, so no login); otherwise every value is None and the
+    password fields are Dovecot's business alone.  The fields after the password are always
+    Dovecot's.  Addresses must be usable as ``<root>/<domain>/<user>``; with ``passwords``, a
+    password in a scheme mailsrv cannot verify is an error here, at start-up, not a puzzling
+    login failure later.
     """
-    users: dict[str, int] = {}
+    users: dict[str, str | None] = {}
+    lines: dict[str, int] = {}
     for number, line in _read_lines(path):
         key = f"line {number}"
-        address = line.split(":", 1)[0].strip()
+        address, _, rest = line.partition(":")
+        address = address.strip()
         local, at, domain = address.partition("@")
         if not at or "@" in domain:
             raise ConfigError(
@@ -391,10 +408,16 @@ def load_users(path: Path) -> frozenset[str]:
             raise ConfigError(
                 path,
                 key,
-                f"each mailbox listed once ({address} is already on line {users[address]})",
+                f"each mailbox listed once ({address} is already on line {lines[address]})",
             )
-        users[address] = number
-    return frozenset(users)
+        users[address] = None
+        if passwords:
+            try:
+                users[address] = check_password_field(rest.split(":", 1)[0].strip())
+            except PasswordError as exc:
+                raise ConfigError(path, f"{key} ({address})", f"expected {exc}") from None
+        lines[address] = number
+    return users
 
 
 def load_aliases(path: Path) -> dict[str, tuple[str, ...]]:

@@ -8,20 +8,24 @@ listens, so the server never starts half-configured.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsrv import queue
-from mailsrv.config import Config, ConfigError, prepare_directories
+from mailsrv.auth import FailureTracker, PasswordChecker
+from mailsrv.config import Config, ConfigError, prepare_directories, tcp_endpoint_for_ssl
 from mailsrv.delivery import Runtime
 from mailsrv.dnsutil import make_resolver
 from mailsrv.relayer import Relayer
-from mailsrv.router import Directory, load_aliases, load_users
-from mailsrv.smtp import SMTPServerFactory
+from mailsrv.router import Directory, load_aliases, read_users
+from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
+from mailsrv.tls import ServerTLS, TLSSetupError
 
 log = Logger(namespace="mailsrv")
 
@@ -29,11 +33,30 @@ log = Logger(namespace="mailsrv")
 def load_directory(config: Config) -> Directory:
     """The users and aliases, checked: every alias resolves, every domain has a postmaster."""
     boxes = config.mailboxes
-    users = load_users(Path(boxes.users)) if boxes.users is not None else None
+    passwords = None
+    if boxes.users is not None:
+        passwords = read_users(Path(boxes.users), passwords=config.auth_enabled)
     aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
-    directory = Directory(config.domains.local, users, aliases, boxes.recipient_delimiter)
+    directory = Directory(
+        config.domains.local,
+        None if passwords is None else frozenset(passwords),
+        aliases,
+        boxes.recipient_delimiter,
+        passwords if config.auth_enabled else None,
+    )
     directory.check(boxes.aliases or boxes.users or config.source)
     return directory
+
+
+def load_tls(config: Config) -> ServerTLS | None:
+    """The server's TLS context factory, or None without [tls]; ConfigError when unusable."""
+    tls = config.tls
+    if tls.cert is None or tls.key is None:
+        return None
+    try:
+        return ServerTLS(tls.cert, tls.key)
+    except TLSSetupError as e:
+        raise ConfigError(config.source, e.key, f"expected {e.reason}") from None
 
 
 def prepare(config: Config) -> Directory:
@@ -43,6 +66,7 @@ def prepare(config: Config) -> Directory:
         queue.queue_dirs(Path(config.queue.path))
     except OSError as e:
         raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
+    load_tls(config)
     return load_directory(config)
 
 
@@ -61,14 +85,17 @@ def clear_incoming(queue_path: Path) -> int:
 class ListenerService(service.Service):
     """One listening endpoint; binds in privilegedStartService so that port 25 works."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
-        self.description = description
+    def __init__(
+        self, description: str, factory: Any, reactor: Any, endpoint: str | None = None
+    ) -> None:
+        self.description = description  # as configured (logged)
+        self.endpoint = endpoint or description  # what Twisted listens on
         self.factory = factory
         self.reactor = reactor
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
-        endpoint = serverFromString(self.reactor, self.description)
+        endpoint = serverFromString(self.reactor, self.endpoint)
         failures: list[Any] = []
         d = endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
@@ -133,17 +160,132 @@ def make_service(
     if removed:
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
     resolver = make_resolver(config.relay.dns_servers, reactor)
-    runtime = Runtime(config=config, directory=directory, reactor=reactor, resolver=resolver)
+    runtime = Runtime(
+        config=config, directory=directory, reactor=reactor, resolver=resolver,
+        tls=load_tls(config),
+    )
+    if config.auth_enabled:
+        auth = config.auth
+        runtime.auth_failures = FailureTracker(
+            auth.max_failures, auth.window, auth.lockout, auth.failure_delay
+        )
+        runtime.checker = PasswordChecker(lambda: runtime.directory.passwords, runtime.in_thread)
     top = service.MultiService()
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
-    factory = SMTPServerFactory(runtime)
-    for description in config.smtp.listen:
-        ListenerService(description, factory, reactor).setServiceParent(top)
+    counter = ConnectionCounter(config.smtp.max_connections, config.smtp.max_connections_per_ip)
+    for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
+        for description in listen:
+            implicit_tls = description.startswith("ssl:")
+            factory: Any = SMTPServerFactory(runtime, counter, submission, implicit_tls)
+            endpoint = description
+            if implicit_tls:
+                factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
+                endpoint = tcp_endpoint_for_ssl(description)
+            ListenerService(description, factory, reactor, endpoint).setServiceParent(top)
+    Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",
         hostname=config.hostname, domains=",".join(config.domains.local),
         source=config.source or "built-in demo",
     )
     return top
+
+
+class Reloader(internet.TimerService):
+    """Picks up changed users and aliases files (a second after they change), and on SIGHUP
+    re-reads them and the TLS certificate.
+
+    ``mailsrv user`` replaces the users file atomically, so a new password works without a
+    restart; a renewed certificate needs ``systemctl reload mailsrv`` (SIGHUP).  A file that
+    no longer passes the start-up checks is refused with a log line and the server keeps
+    running with what it had: a typo must not take mail delivery down.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, runtime: Runtime) -> None:
+        internet.TimerService.__init__(self, self.INTERVAL, self._check_files)
+        self.runtime = runtime
+        self.clock = runtime.reactor
+        self._stamps = self._file_stamps()
+        self._loading = False
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        internet.TimerService.startService(self)
+        self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
+
+    def stopService(self) -> Any:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+        return internet.TimerService.stopService(self)
+
+    def _files(self) -> list[Path]:
+        boxes = self.runtime.config.mailboxes
+        return [Path(p) for p in (boxes.users, boxes.aliases) if p is not None]
+
+    def _file_stamps(self) -> list[tuple[int, int, int] | None]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self._files():
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return stamps
+
+    def _check_files(self) -> None:
+        stamps = self._file_stamps()
+        if stamps != self._stamps:
+            self._stamps = stamps
+            self.reload_directory("changed on disk")
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # In the signal handler only schedule: the reactor runs the reload in its own turn.
+        self.runtime.reactor.callFromThread(self.reload_all)
+
+    def reload_all(self) -> None:
+        log.info("SIGHUP: reloading users, aliases and the TLS certificate")
+        self._stamps = self._file_stamps()
+        tls = self.runtime.tls
+        if tls is not None:
+            try:
+                tls.reload()
+            except TLSSetupError as e:
+                log.error(
+                    "reload: TLS certificate not changed: {source}: {key}: {reason}",
+                    source=self.runtime.config.source, key=e.key, reason=e.reason,
+                )
+            else:
+                log.info("reload: TLS certificate loaded from {cert}", cert=tls.cert)
+        self.reload_directory("SIGHUP")
+
+    def reload_directory(self, why: str) -> None:
+        if self._loading:
+            return
+        self._loading = True
+        d = self.runtime.in_thread(load_directory, self.runtime.config)
+
+        def loaded(directory: Directory) -> None:
+            self.runtime.directory = directory
+            log.info(
+                "reload ({why}): {users} mailboxes, {aliases} aliases",
+                why=why, users=len(directory.users or ()), aliases=len(directory.aliases),
+            )
+
+        def refused(failure: Any) -> None:
+            failure.trap(ConfigError)
+            log.error(
+                "reload ({why}) refused, keeping the previous users and aliases: {error}",
+                why=why, error=str(failure.value),
+            )
+
+        def done(result: Any) -> Any:
+            self._loading = False
+            return result
+
+        d.addCallbacks(loaded, refused).addBoth(done)

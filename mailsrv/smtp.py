@@ -8,7 +8,9 @@ inherited ``LineOnlyReceiver`` framing is unsafe for mail (see docs/design.md):
 - a command line is at most 512 octets; the rest of a longer line is discarded, never executed;
 - commands run strictly one at a time, in order: a command whose answer is asynchronous holds
   back the ones pipelined behind it (RFC 2920 needs that, Twisted's base class does not do it);
-- DATA is received in raw mode by ``spool.DataScanner`` and streamed to a spool file.
+- DATA is received in raw mode by ``spool.DataScanner`` and streamed to a spool file;
+- STARTTLS throws away whatever the client pipelined behind it and starts the session afresh;
+  AUTH (PLAIN, LOGIN) is offered only over TLS, and a submission listener requires it.
 
 Policy decisions (who may send what to whom) live in ``delivery.SessionDelivery``, which
 implements Twisted's ``IMessageDelivery``; the message body goes to a ``delivery.Transaction``,
@@ -21,15 +23,18 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING, Callable
 
-from twisted.internet import defer, protocol
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP
 from twisted.python.failure import Failure
 
-from mailsrv import replies
+from mailsrv import replies, sasl
 from mailsrv.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.spool import DataError, DataScanner
+from mailsrv.tls import describe_connection
 
 if TYPE_CHECKING:
     from mailsrv.delivery import Runtime, SessionDelivery, Transaction
@@ -61,9 +66,21 @@ class MailsrvESMTP(ESMTP):
     log = Logger()
     factory: "SMTPServerFactory"
 
-    def __init__(self, runtime: "Runtime", refusal: Reply | None = None) -> None:
+    def __init__(
+        self,
+        runtime: "Runtime",
+        refusal: Reply | None = None,
+        submission: bool = False,
+        implicit_tls: bool = False,
+    ) -> None:
         ESMTP.__init__(self)
         self.runtime = runtime
+        #: A submission listener: AUTH is required before MAIL.
+        self.submission = submission
+        #: TLS is (or is being) negotiated on this connection.
+        self._tls_active = implicit_tls
+        #: An AUTH exchange waiting for the client's next response line.
+        self._sasl: sasl.Exchange | None = None
         self.host = runtime.config.hostname.encode("ascii")
         self.timeout = runtime.config.smtp.idle_timeout
         self._refusal = refusal
@@ -96,8 +113,12 @@ class MailsrvESMTP(ESMTP):
             )
             self._close_with(self._refusal)
             return
-        self.session = self.runtime.new_session(self._client_ip)
-        self.log.info("connect client={client}", client=self._client_ip)
+        self.session = self.runtime.new_session(self._client_ip, self.submission)
+        self.log.info(
+            "connect client={client} listener={kind}", client=self._client_ip,
+            kind=("submission" if self.submission else "smtp")
+            + (" tls" if self._tls_active else ""),
+        )
         self._send(Reply(220, "", f"{self.runtime.config.hostname} ESMTP mailsrv"))
         self.setTimeout(self.timeout)
 
@@ -168,7 +189,7 @@ class MailsrvESMTP(ESMTP):
             self._skipping_line = False
             return True
         if newline < 0:
-            if len(self._input) > MAX_COMMAND_LINE:
+            if len(self._input) > self._line_limit(self._input):
                 self._input = b""
                 self._skipping_line = True
                 self._error(replies.LINE_TOO_LONG)
@@ -178,13 +199,23 @@ class MailsrvESMTP(ESMTP):
         line, self._input = self._input[:newline], self._input[newline + 1 :]
         if not line.endswith(b"\r") or b"\r" in line[:-1]:
             self._refuse_bare_line_end()
-        elif len(line) + 1 > MAX_COMMAND_LINE:
+        elif len(line) + 1 > self._line_limit(line):
+            self._abandon_sasl()
             self._error(replies.LINE_TOO_LONG)
         else:
             # Only a whole command counts as activity: a trickle of bytes does not.
             self.resetTimeout()
-            self._dispatch(line[:-1])
+            if self._sasl is not None:
+                self._sasl_response(line[:-1])
+            else:
+                self._dispatch(line[:-1])
         return True
+
+    def _line_limit(self, line: bytes) -> int:
+        """512 octets for a command; RFC 4954's 12288 for AUTH and its response lines."""
+        if self._sasl is not None or line[:5].upper() == b"AUTH ":
+            return sasl.MAX_RESPONSE_LINE
+        return MAX_COMMAND_LINE
 
     def _refuse_bare_line_end(self) -> None:
         self.log.info("bare CR/LF in command client={client}", client=self._client_ip)
@@ -240,6 +271,7 @@ class MailsrvESMTP(ESMTP):
             self._error(replies.HELO_BAD_DOMAIN, verb=verb)
             return
         self._reset_transaction()
+        self._note_tls()
         self._helo_name = argument.decode("ascii")
         self._helo = (argument, self._client_ip.encode("ascii"))
         self._esmtp = verb == "EHLO"
@@ -254,17 +286,184 @@ class MailsrvESMTP(ESMTP):
         self.do_HELO(rest, verb="EHLO")
 
     def _extension_lines(self) -> list[str]:
-        """The extensions we implement, and only those."""
-        return [
+        """The extensions we implement, and only those (STARTTLS and AUTH where they apply)."""
+        lines = [
             "PIPELINING",
             f"SIZE {self.runtime.config.smtp.max_message_size}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
+        if self.runtime.tls is not None and not self._tls_active:
+            lines.append("STARTTLS")
+        if self._auth_offered and self._tls_active:
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
+        return lines
+
+    @property
+    def _auth_offered(self) -> bool:
+        return self.submission or self.runtime.config.smtp.auth
+
+    # -- TLS ------------------------------------------------------------------------------
+
+    def do_STARTTLS(self, rest: bytes) -> None:
+        if self.runtime.tls is None:
+            self._error(replies.TLS_NOT_AVAILABLE)
+            return
+        if rest:
+            self._error(replies.NO_ARGUMENTS_ALLOWED, verb="STARTTLS")
+            return
+        if self._tls_active:
+            self._error(replies.TLS_ALREADY_ACTIVE)
+            return
+        if self._helo_name is None:
+            self._error(replies.NEED_HELO)
+            return
+        self._send(replies.READY_FOR_TLS)
+        # RFC 3207 §4.2: everything the client said before TLS is forgotten.  Above all,
+        # what it pipelined behind STARTTLS in plain text is thrown away, never executed
+        # inside the TLS session (CVE-2011-0411), and a new EHLO is required.
+        self._input = b""
+        self._skipping_line = False
+        self._reset_transaction()
+        self._helo_name = None
+        self._esmtp = False
+        self._tls_active = True
+        self.transport.startTLS(self.runtime.tls)
+        self.log.info("starttls client={client}", client=self._client_ip)
+
+    def _note_tls(self) -> None:
+        """Record the negotiated version and cipher (known once the handshake is done)."""
+        assert self.session is not None
+        if self._tls_active and self.session.tls is None:
+            handle = getattr(self.transport, "getHandle", lambda: None)()
+            self.session.tls = describe_connection(handle)
+            if self.session.tls:
+                self.log.info(
+                    "tls client={client} tls=\"{tls}\"", client=self._client_ip,
+                    tls=self.session.tls,
+                )
+
+    # -- AUTH -----------------------------------------------------------------------------
+
+    def do_AUTH(self, rest: bytes) -> None:
+        assert self.session is not None
+        if not self._auth_offered:
+            self._error(replies.AUTH_NOT_ENABLED)
+            return
+        if self._helo_name is None or not self._esmtp:
+            self._error(replies.AUTH_NEEDS_EHLO)
+            return
+        if not self._tls_active:
+            self._error(replies.AUTH_NEEDS_TLS)
+            return
+        if self.session.authenticated_as is not None:
+            self._error(replies.AUTH_ALREADY_DONE)
+            return
+        if self._transaction is not None:
+            self._error(replies.AUTH_IN_TRANSACTION)
+            return
+        failures = self.runtime.auth_failures
+        if failures is not None and failures.locked(self._client_ip):
+            self.log.info(
+                "auth refused client={client}: locked out after too many failures",
+                client=self.session.client,
+            )
+            self._error(replies.AUTH_LOCKED_OUT)
+            return
+        words = rest.split()
+        if not words or len(words) > 2:
+            self._error(replies.AUTH_SYNTAX)
+            return
+        mechanism = words[0].upper().decode("ascii")
+        if mechanism not in sasl.MECHANISMS:
+            self._error(replies.AUTH_MECHANISM_UNKNOWN)
+            return
+        self._sasl = sasl.Exchange(mechanism)
+        if len(words) == 2:
+            self._sasl_response(words[1])  # the initial response (RFC 4954 §4)
+        else:
+            self._send(replies.AUTH_CHALLENGE, challenge=self._sasl.first_challenge())
+
+    def _abandon_sasl(self) -> None:
+        self._sasl = None
+
+    def _sasl_response(self, line: bytes) -> None:
+        """One response of the exchange in progress: the next challenge, or the check."""
+        exchange = self._sasl
+        assert exchange is not None
+        try:
+            challenge = exchange.step(sasl.decode_response(line.strip()))
+        except sasl.SASLCancelled:
+            self._sasl = None
+            self._error(replies.AUTH_CANCELLED)
+            return
+        except sasl.SASLError as e:
+            self._sasl = None
+            self.log.info(
+                "auth malformed client={client} mechanism={mechanism}: {why}",
+                client=self.session.client if self.session else self._client_ip,
+                mechanism=exchange.mechanism, why=str(e),
+            )
+            self._error(replies.AUTH_BAD_RESPONSE)
+            return
+        if challenge is not None:
+            self._send(replies.AUTH_CHALLENGE, challenge=challenge)
+            return
+        self._sasl = None
+        self._hold_input_until(self._check_credentials(exchange))
+
+    def _check_credentials(self, exchange: sasl.Exchange) -> defer.Deferred:
+        """Verify in the thread pool; answer 235, or 535 after the growing delay."""
+        assert exchange.username is not None and exchange.password is not None
+        assert self.session is not None
+        session, runtime = self.session, self.runtime
+        address = exchange.username.strip().lower()
+        # Only a known account name is logged: a mistyped password in the user field is not.
+        shown = address if address in runtime.passwords else "unknown"
+        credentials = UsernamePassword(exchange.username.encode(), exchange.password.encode())
+        d = runtime.checker.requestAvatarId(credentials)
+
+        def succeeded(avatar: str) -> None:
+            if runtime.auth_failures is not None:
+                runtime.auth_failures.succeeded(self._client_ip)
+            session.authenticated_as = avatar
+            self.log.info(
+                "auth ok client={client} user={user} mechanism={mechanism}",
+                client=session.client, user=avatar, mechanism=exchange.mechanism,
+            )
+            self._send(replies.AUTH_OK)
+
+        def failed(failure: Failure) -> defer.Deferred | None:
+            if not failure.check(UnauthorizedLogin):
+                self.log.failure("password check failed", failure)
+                self._send(replies.AUTH_TEMPORARY)
+                return None
+            tracker = runtime.auth_failures
+            count = tracker.failed(self._client_ip) if tracker is not None else 1
+            # fail2ban: failregex = auth failed client=\S*\[<HOST>\]
+            self.log.info(
+                "auth failed client={client} user={user} mechanism={mechanism} "
+                "failures={count}",
+                client=session.client, user=shown, mechanism=exchange.mechanism, count=count,
+            )
+            if tracker is not None and tracker.locked(self._client_ip):
+                self.log.info(
+                    "auth lockout client={client} seconds={seconds:g}",
+                    client=session.client, seconds=tracker.lockout,
+                )
+            delay = tracker.delay(count) if tracker is not None else 0.0
+            return task.deferLater(runtime.reactor, delay, self._error, replies.AUTH_FAILED)
+
+        d.addCallbacks(succeeded, failed)
+        return d
 
     def do_MAIL(self, rest: bytes) -> None:
         if self._helo_name is None:
             self._error(replies.NEED_HELO)
+            return
+        assert self.session is not None
+        if self.submission and self.session.authenticated_as is None:
+            self._error(replies.AUTH_REQUIRED)
             return
         if self._transaction is not None:
             self._error(replies.NESTED_MAIL)
@@ -411,6 +610,8 @@ class MailsrvESMTP(ESMTP):
     _COMMANDS: dict[bytes, Callable[["MailsrvESMTP", bytes], object]] = {
         b"HELO": do_HELO,
         b"EHLO": do_EHLO,
+        b"STARTTLS": do_STARTTLS,
+        b"AUTH": do_AUTH,
         b"MAIL": do_MAIL,
         b"RCPT": do_RCPT,
         b"DATA": do_DATA,
@@ -441,37 +642,58 @@ def _plain_ip(host: str) -> str:
     return str(address)
 
 
-class SMTPServerFactory(protocol.ServerFactory):
-    """Builds sessions and enforces the connection limits (in total and per client address)."""
+class ConnectionCounter:
+    """The connection limits (in total and per client address), shared by all listeners."""
 
-    log = Logger()
-
-    def __init__(self, runtime: "Runtime") -> None:
-        self.runtime = runtime
+    def __init__(self, max_connections: int, max_per_ip: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
         self.connections = 0
         self.connections_by_ip: dict[str, int] = {}
 
-    def buildProtocol(self, addr) -> MailsrvESMTP:
-        limits = self.runtime.config.smtp
-        ip = _plain_ip(getattr(addr, "host", ""))
-        refusal = None
-        if self.connections >= limits.max_connections:
-            refusal = replies.TOO_MANY_CONNECTIONS
-        elif self.connections_by_ip.get(ip, 0) >= limits.max_connections_per_ip:
-            refusal = replies.TOO_MANY_CONNECTIONS_FROM_IP
-        else:
-            self.connections += 1
-            self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1
-        p = MailsrvESMTP(self.runtime, refusal)
-        p.factory = self
-        return p
+    def admit(self, ip: str) -> Reply | None:
+        """Count one more connection from ``ip``; the refusal to give instead, if over a limit."""
+        if self.connections >= self.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.connections_by_ip.get(ip, 0) >= self.max_per_ip:
+            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        self.connections += 1
+        self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1
+        return None
 
-    def connection_closed(self, ip: str, counted: bool) -> None:
-        if not counted:
-            return
+    def release(self, ip: str) -> None:
         self.connections -= 1
         remaining = self.connections_by_ip.get(ip, 1) - 1
         if remaining:
             self.connections_by_ip[ip] = remaining
         else:
             self.connections_by_ip.pop(ip, None)
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """Builds the sessions of one kind of listener (port 25 or submission, plain or TLS)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        runtime: "Runtime",
+        counter: ConnectionCounter,
+        submission: bool = False,
+        implicit_tls: bool = False,
+    ) -> None:
+        self.runtime = runtime
+        self.counter = counter
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr) -> MailsrvESMTP:
+        ip = _plain_ip(getattr(addr, "host", ""))
+        refusal = self.counter.admit(ip)
+        p = MailsrvESMTP(self.runtime, refusal, self.submission, self.implicit_tls)
+        p.factory = self
+        return p
+
+    def connection_closed(self, ip: str, counted: bool) -> None:
+        if counted:
+            self.counter.release(ip)

@@ -595,20 +595,38 @@ GOOD_LISTEN = [
     "tcp6:25",
     "tcp6:25:interface=\\:\\:1",
     "tcp6:587:backlog=5:interface=2001\\:db8\\:\\:25",
-    "ssl:465:privateKey=/etc/mailsrv/key.pem",
-    "ssl:465:privateKey=/etc/mailsrv/key.pem:certKey=/etc/mailsrv/cert.pem",
-    "ssl:465:privateKey=key.pem:certKey=cert.pem:interface=192.0.2.1:backlog=20"
-    ":extraCertChain=chain.pem:dhParameters=dh.pem:sslmethod=TLS_METHOD",
+    "ssl:465",
+    "ssl:465:interface=192.0.2.1:backlog=20",
+    "ssl:port=465:interface=\\:\\:1",
     "unix:/run/mailsrv/smtp.sock",
     "unix:/run/mailsrv/smtp.sock:mode=660:backlog=5:lockfile=0",
     "unix:address=/tmp/a\\:b.sock",
 ]
 
 
+TLS = {"cert": "/etc/mailsrv/cert.pem", "key": "/etc/mailsrv/key.pem"}
+
+
 @pytest.mark.parametrize("entry", GOOD_LISTEN)
 def test_good_listen_entry(entry: str) -> None:
-    config = parse_config(make(smtp={"listen": ["tcp:25", entry]}), SOURCE)
+    # An implicit-TLS listener takes its certificate from [tls].
+    config = parse_config(make(smtp={"listen": ["tcp:25", entry]}, tls=TLS), SOURCE)
     assert config.smtp.listen == ("tcp:25", entry)
+
+
+@pytest.mark.parametrize("entry", [e for e in GOOD_LISTEN if e.startswith("ssl:")])
+def test_ssl_listener_is_tcp_under_tls_and_needs_a_certificate(entry: str) -> None:
+    from twisted.internet.endpoints import serverFromString
+
+    from mailsrv.config import tcp_endpoint_for_ssl
+
+    tcp = tcp_endpoint_for_ssl(entry)
+    assert tcp == "tcp:" + entry[4:]
+    endpoint = serverFromString(object(), tcp)
+    assert endpoint._port == 465
+    err = error_for(make(smtp={"listen": ["tcp:25", entry]}))
+    assert err.key == "smtp.listen[1]"
+    assert "[tls] cert and key" in err.expected
 
 
 @pytest.mark.parametrize(
@@ -647,10 +665,11 @@ def test_good_listen_entries_are_accepted_by_twisted(entry: str) -> None:
         ("tcp:25:127.0.0.1:5:extra", "too many plain values"),
         ("tcp:25\\", "lone backslash"),
         ("tcp6:25:interface=\\:\\:1:ssl=yes", "unknown option 'ssl'"),
-        ("ssl:465", "ssl needs privateKey"),
-        ("ssl:465:privateKey=", "privateKey must be"),
-        ("ssl:465:privateKey=k.pem:sslmethod=TLS METHOD", "sslmethod must be"),
-        ("ssl:465:privateKey=k.pem:verify=yes", "unknown option 'verify'"),
+        ("ssl", "ssl needs port"),
+        ("ssl:465:privateKey=k.pem", "privateKey is not taken here: the certificate is [tls]"),
+        ("ssl:465:certKey=c.pem", "certKey is not taken here"),
+        ("ssl:465:sslmethod=TLS_METHOD", "sslmethod is not taken here"),
+        ("ssl:465:verify=yes", "unknown option 'verify'"),
         ("unix", "unix needs address"),
         ("unix:", "address must be"),
         ("unix:/run/s.sock:mode=999", "mode must be"),

@@ -53,8 +53,24 @@ def test_inspect_normal_headers() -> None:
         b"Hello\n"
     )
     assert inspect_head(head) == HeaderFacts(
-        has_header_section=True, has_message_id=True, received_count=2
+        has_header_section=True, has_message_id=True, received_count=2,
+        from_addresses=("alice@example.org",),
     )
+
+
+def test_inspect_date_and_from_addresses() -> None:
+    head = (
+        b"Date: Sun, 22 Nov 2026 21:00:00 +0000\n"
+        b"From: \"Sales, EU\" <Sales@Example.org>,\n"
+        b"  bob@example.org (Bob)\n"
+        b"Subject: From: mallory@evil.test\n"
+        b"\n"
+        b"From: notaheader@example.org\n"
+    )
+    facts = inspect_head(head)
+    assert facts.has_date
+    assert facts.from_addresses == ("sales@example.org", "bob@example.org")
+    assert not inspect_head(b"Subject: x\n\nDate: y\n").has_date
 
 
 def test_inspect_folded_headers() -> None:

@@ -83,8 +83,8 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
         (["EHLO c.test", "DATA extra"], (501, "5.5.4")),
         (["FOO"], (500, "5.5.2")),
         (["BDAT 10 LAST"], (500, "5.5.2")),
-        (["STARTTLS"], (500, "5.5.2")),                                 # no certificate: not offered
-        (["AUTH PLAIN AGFAYg=="], (500, "5.5.2")),
+        (["STARTTLS"], (502, "5.5.1")),                                 # no certificate: not offered
+        (["AUTH PLAIN AGFAYg=="], (503, "5.5.1")),                      # no AUTH on this listener
         (["EXPN sales"], (502, "5.5.1")),
         (["VRFY"], (501, "5.5.4")),
         (["NOOP"], (250, "2.0.0")),

@@ -1,0 +1,87 @@
+"""
+The server side of TLS: one pyOpenSSL context for STARTTLS and implicit-TLS listeners.
+
+The context is built once per (re)load and handed to every new connection; a reload on SIGHUP
+builds a new one and swaps it in, so connections already running keep the context (and the
+certificate) they started with, and nobody is dropped when a Let's Encrypt certificate is
+renewed.  Settings follow the usual "intermediate" profile for mail servers: TLS 1.2 at least,
+forward-secret AEAD ciphers only, no compression, no renegotiation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from OpenSSL import SSL
+
+__all__ = ["ServerTLS", "TLSSetupError", "build_server_context", "describe_connection"]
+
+# TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are OpenSSL's (all strong).
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
+
+
+class TLSSetupError(Exception):
+    """The certificate or key cannot be used; ``key`` is the configuration key to blame."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+def _ssl_reason(error: Exception) -> str:
+    if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
+        parts = [str(item[2]) for item in error.args[0] if len(item) > 2]
+        if parts:
+            return "; ".join(parts)
+    return str(error) or type(error).__name__
+
+
+def build_server_context(cert: Path, key: Path) -> SSL.Context:
+    """A server context for ``cert`` (PEM, with its chain) and ``key``; TLSSetupError if unusable."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    options = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    context.set_options(options)
+    context.set_cipher_list(CIPHERS)
+    context.set_session_id(b"mailsrv")
+    try:
+        context.use_certificate_chain_file(str(cert).encode())
+    except (SSL.Error, OSError) as e:
+        raise TLSSetupError("tls.cert", f"a readable PEM certificate (chain): {_ssl_reason(e)}")
+    try:
+        context.use_privatekey_file(str(key).encode())
+    except (SSL.Error, OSError) as e:
+        raise TLSSetupError("tls.key", f"a readable PEM private key: {_ssl_reason(e)}")
+    try:
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise TLSSetupError("tls.key", f"the private key of tls.cert: {_ssl_reason(e)}")
+    return context
+
+
+class ServerTLS:
+    """The current server context, as Twisted's ``IOpenSSLContextFactory`` (``getContext``)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert = cert
+        self.key = key
+        self._context = build_server_context(cert, key)
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def reload(self) -> None:
+        """Re-read the files; on failure keep serving the old certificate and raise."""
+        self._context = build_server_context(self.cert, self.key)
+
+
+def describe_connection(connection: object) -> str | None:
+    """``"TLSv1.3 TLS_AES_256_GCM_SHA384"`` for a pyOpenSSL connection after its handshake."""
+    if not isinstance(connection, SSL.Connection):
+        return None
+    cipher = connection.get_cipher_name()
+    if not cipher:
+        return None
+    return f"{connection.get_protocol_version_name()} {cipher}"
