@@ -1,5 +1,6 @@
 """
-The ``mailsrv`` admin command: ``mailsrv queue [--config PATH] list|show|flush|delete|bounce``.
+The ``mailsrv`` admin command: ``mailsrv queue [--config PATH] list|show|flush|delete|bounce``
+and ``mailsrv user [--config PATH] add|passwd|del|list``.
 
 The spool lock decides how it works.  When a server runs (it holds the lock), changes are
 requests the server carries out, because its in-memory state would otherwise overwrite ours;
@@ -10,6 +11,7 @@ files directly.  Reading (``list``, ``show``) never needs the server.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 import time
@@ -17,7 +19,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mailsrv import queue
+from mailsrv import queue, userfile
+from mailsrv.address import normalise_domain
+from mailsrv.auth import PasswordError, hash_password
 from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from mailsrv.envelope import QueuedMessage
 
@@ -194,6 +198,73 @@ def _queue_id(text: str) -> str:
     return text
 
 
+def _user_address(config: Config, text: str) -> str:
+    local, at, domain = text.strip().rpartition("@")
+    try:
+        domain = normalise_domain(domain) if at else ""
+    except ValueError as e:
+        raise Failed(f"{text!r} is not an address: {e}") from None
+    if not local or domain not in config.domains.local:
+        raise Failed(
+            f"{text!r} is not an address in a local domain ({', '.join(config.domains.local)})"
+        )
+    return f"{local.lower()}@{domain}"
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise Failed("the passwords differ; nothing changed")
+    if not password:
+        raise Failed("empty password; nothing changed")
+    return password
+
+
+def cmd_user(config: Config, args: argparse.Namespace) -> int:
+    """Change the users file; the running server picks the new file up by itself."""
+    from mailsrv.service import load_directory
+
+    if config.mailboxes.users is None:
+        raise ConfigError(config.source, "mailboxes.users", "a users file to manage users in")
+    path = Path(config.mailboxes.users)
+    if args.action == "list":
+        for address, has_password in userfile.list_users(path.read_text(encoding="utf-8")):
+            print(f"{address}\t{'password' if has_password else 'no password (no login)'}")
+        return EXIT_OK
+    address = _user_address(config, args.address)
+    hashed = None
+    if args.action in ("add", "passwd"):
+        try:
+            hashed = hash_password(_read_password(args))
+        except PasswordError as e:
+            raise Failed(f"unusable password: {e}") from None
+
+    def check(candidate: Path) -> None:
+        # The new file must pass the server's own start-up checks (every alias target a
+        # mailbox, a postmaster for every domain): the server would refuse it otherwise.
+        boxes = replace(config.mailboxes, users=candidate)
+        load_directory(replace(config, mailboxes=boxes))
+
+    with userfile.locked_directory(path):
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        try:
+            if hashed is not None:
+                new = userfile.set_password(text, address, hashed, create=args.action == "add")
+            else:
+                new = userfile.remove_user(text, address)
+            userfile.replace_file(path, new, check)
+        except userfile.UserFileError as e:
+            raise Failed(str(e)) from None
+        except ConfigError as e:
+            raise Failed(f"refused, the users file would not be valid: {e.expected}") from None
+    done = {"add": "added", "passwd": "password changed for", "del": "removed"}[args.action]
+    print(f"ok: {done} {address}")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailsrv", description="Administer a mailsrv server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -222,6 +293,30 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--wait", type=float, default=30.0,
                          help="seconds to wait for a running server's answer (default 30)")
         sub.set_defaults(run=cmd_change)
+
+    user_parser = commands.add_parser(
+        "user", help="add and remove users, set passwords",
+        description="Manage the users file named by the configuration's mailboxes.users. "
+        "Changes replace the file atomically; a running server picks them up within a second.",
+    )
+    user_parser.add_argument(
+        "--config", default=None, help=f"the server's configuration (default {DEFAULT_CONFIG_PATH})"
+    )
+    user_actions = user_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (
+        ("add", "add a user with a password (prompted for, or read from stdin)"),
+        ("passwd", "set a user's password"),
+        ("del", "remove a user (its Maildir stays on disk)"),
+    ):
+        sub = user_actions.add_parser(name, help=text, description=text)
+        sub.add_argument("address", help="the full address, e.g. alice@example.org")
+        if name != "del":
+            sub.add_argument("--password-stdin", action="store_true",
+                             help="read the password from the first line of standard input")
+        sub.set_defaults(run=cmd_user)
+    user_actions.add_parser("list", help="every user, and whether it can log in").set_defaults(
+        run=cmd_user
+    )
     return parser
 
 
