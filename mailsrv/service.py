@@ -86,9 +86,11 @@ class ListenerService(service.Service):
     """One listening endpoint; binds in privilegedStartService so that port 25 works."""
 
     def __init__(
-        self, description: str, factory: Any, reactor: Any, endpoint: str | None = None
+        self, description: str, factory: Any, reactor: Any, endpoint: str | None = None,
+        kind: str = "smtp",
     ) -> None:
         self.description = description  # as configured (logged)
+        self.kind = kind  # "smtp" or "submission" (logged)
         self.endpoint = endpoint or description  # what Twisted listens on
         self.factory = factory
         self.reactor = reactor
@@ -112,9 +114,9 @@ class ListenerService(service.Service):
         self.port = port
         address = port.getHost()
         log.info(
-            "listening on {endpoint} ({host} port {port})",
+            "listening on {endpoint} ({host} port {port}) for {kind}",
             endpoint=self.description, host=getattr(address, "host", address),
-            port=getattr(address, "port", ""),
+            port=getattr(address, "port", ""), kind=self.kind,
         )
 
     def stopService(self) -> Any:
@@ -183,7 +185,9 @@ def make_service(
             if implicit_tls:
                 factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
                 endpoint = tcp_endpoint_for_ssl(description)
-            ListenerService(description, factory, reactor, endpoint).setServiceParent(top)
+            ListenerService(
+                description, factory, reactor, endpoint, "submission" if submission else "smtp"
+            ).setServiceParent(top)
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",

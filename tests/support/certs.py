@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +43,16 @@ class CA:
     key: object
     cert_path: Path
 
-    def issue(self, names: list[str], workdir: Path) -> tuple[Path, Path]:
+    def issue(self, names: list[str], workdir: Path, ips: tuple[str, ...] = (),
+              stem: str | None = None) -> tuple[Path, Path]:
         key = _key()
+        alt = [x509.DNSName(n) for n in names]
+        alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         cert = (_builder(names[0], "mailsrv test CA", key.public_key())
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
-                               critical=False)
+                .add_extension(x509.SubjectAlternativeName(alt), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
-        return _write(Path(workdir), names[0], cert, key)
+        return _write(Path(workdir), stem or names[0], cert, key)
 
 
 def make_ca(workdir: Path) -> CA:

@@ -119,6 +119,8 @@ class MailServer:
         self.config_path.write_text(render_config(self.config))
         self.process: subprocess.Popen | None = None
         self.port = 0
+        #: (configured endpoint, "smtp" or "submission", port) of every listener, in order.
+        self.listeners: list[tuple[str, str, int]] = []
 
     def command(self) -> list[str]:
         return [
@@ -141,11 +143,25 @@ class MailServer:
                     + (self.workdir / "twistd.out").read_text()
                 )
             text = self.log_text()[offset:] if self.log_path.exists() else ""
-            m = re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", text)
-            return int(m.group(1)) if m else 0
+            found = re.findall(
+                r"listening on (\S+) \(127\.0\.0\.1 port (\d+)\) for (\w+)", text
+            )
+            wanted = len(self.config["smtp"]["listen"]) + len(
+                self.config.get("submission", {}).get("listen", [])
+            )
+            return found if len(found) >= wanted else None
 
-        self.port = wait_for(listening, START_TIMEOUT, "mailsrv to listen")
+        found = wait_for(listening, START_TIMEOUT, "mailsrv to listen")
+        self.listeners = [(endpoint, kind, int(port)) for endpoint, port, kind in found]
+        self.port = self.listeners[0][2]
         return self
+
+    def port_of(self, kind: str, tls: bool = False) -> int:
+        """The port of the first ``kind`` listener, implicit TLS (ssl:) or not."""
+        for endpoint, listener_kind, port in self.listeners:
+            if listener_kind == kind and endpoint.startswith("ssl:") == tls:
+                return port
+        raise AssertionError(f"no {kind} listener (tls={tls}) in {self.listeners}")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
