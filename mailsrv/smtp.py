@@ -45,6 +45,8 @@ MAX_COMMAND_LINE = 512
 MAX_ERRORS = 20
 #: Pipelined input held back while a command is in progress before we stop reading the socket.
 MAX_HELD_INPUT = 64 * 1024
+#: Seconds a connection we closed may take to go away (flushing, TLS close) before it is cut.
+CLOSE_GRACE = 5.0
 
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
@@ -98,6 +100,7 @@ class MailsrvESMTP(ESMTP):
         self._recipient_count = 0
         self._scanner: DataScanner | None = None
         self._data_deadline = None
+        self._force_close = None
 
     # -- connection -----------------------------------------------------------------------
 
@@ -124,6 +127,9 @@ class MailsrvESMTP(ESMTP):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)
+        if self._force_close is not None and self._force_close.active():
+            self._force_close.cancel()
+        self._force_close = None
         self._cancel_data_deadline()
         self._abort_transaction()
         if self.session is not None:
@@ -143,6 +149,14 @@ class MailsrvESMTP(ESMTP):
         self.mode = _CLOSING
         self._abort_transaction()
         self.transport.loseConnection()
+        # A TLS connection closes cleanly only once its handshake is done: a client that
+        # never sends a ClientHello (a slowloris on port 465) would keep the socket, and its
+        # place under the connection limits, for ever.  Give it a moment, then cut it.
+        self._force_close = self.runtime.reactor.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._force_close = None
+        self.transport.abortConnection()
 
     # -- replies --------------------------------------------------------------------------
 

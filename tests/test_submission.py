@@ -637,3 +637,28 @@ def test_unverifiable_password_scheme_stops_the_start(env, tmp_path):
     output = result.stdout.decode()
     assert result.returncode == 2, output
     assert "line 1 (alice@example.org): expected the {BLF-CRYPT} scheme" in output
+
+
+def test_a_client_that_never_starts_tls_on_465_is_cut_off(env, tmp_path):
+    """Idle timeout on an implicit-TLS port before any handshake: the socket and its place
+    under the per-address limit are freed (a TLS close alone would wait for the handshake)."""
+    s = make_server(env, tmp_path / "s", smtp={"idle_timeout": 1, "max_connections_per_ip": 1})
+    s.start()
+    try:
+        port = s.port_of("submission", tls=True)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=20)
+        start = time.monotonic()
+        silent.settimeout(20)
+        try:
+            while silent.recv(65536):
+                pass  # until the server closes the connection
+        except ConnectionResetError:
+            pass  # or cuts it
+        assert time.monotonic() - start < 15
+        silent.close()
+        # The limit of one connection from this address has room again.
+        client = TLSRawClient(port, implicit=True, context=client_context(env))
+        assert client.greeting[0] == 220
+        client.close()
+    finally:
+        s.stop()
