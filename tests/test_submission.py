@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 
 from support.certs import make_ca
-from support.harness import REPO, DNSServer, MailServer, SMTPSink, free_port, wait_for
+from support.harness import (
+    REPO, DNSServer, MailServer, RawClient, SMTPSink, free_port, wait_for,
+)
 
 sys.path.insert(0, str(REPO))
 from mailsrv.auth import hash_password  # noqa: E402  (the checkout's code, like the server)
@@ -111,44 +113,10 @@ def submit_starttls(env, server, *, user="alice@example.org", password=None) -> 
     return client
 
 
-class TLSRawClient:
-    """A socket speaking SMTP byte for byte, which can switch to TLS, for hostile input."""
-
-    def __init__(self, port: int, source: str = "127.0.0.1", implicit: bool = False,
-                 context: ssl.SSLContext | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20,
-                                             source_address=(source, 0))
-        if implicit:
-            self.sock = context.wrap_socket(self.sock, server_hostname="mx.example.org")
-        self.buffer = b""
-        self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError(f"closed; buffered {self.buffer!r}")
-                self.buffer += chunk
-            line, self.buffer = self.buffer.split(b"\r\n", 1)
-            lines.append(line[4:].decode("ascii", "replace"))
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(lines)
-
-    def command(self, text: str | bytes) -> tuple[int, str]:
-        self.send((text.encode() if isinstance(text, str) else text) + b"\r\n")
-        return self.reply()
-
-    def starttls(self, context: ssl.SSLContext) -> None:
-        assert self.buffer == b"", self.buffer
-        self.sock = context.wrap_socket(self.sock, server_hostname="mx.example.org")
-
-    def close(self) -> None:
-        self.sock.close()
+def raw_client(port: int, source: str = "127.0.0.1", implicit: bool = False,
+                 context: ssl.SSLContext | None = None) -> RawClient:
+    """A raw client from ``source``; over implicit TLS when ``implicit``."""
+    return RawClient(port, timeout=20, source=source, context=context if implicit else None)
 
 
 def b64(text: str) -> str:
@@ -167,7 +135,7 @@ def received_of(server: MailServer, address: str, marker: str):
 
 def test_ehlo_offers_starttls_then_auth_only_inside_tls(env, server):
     for kind in ("smtp", "submission"):
-        client = TLSRawClient(server.port_of(kind))
+        client = raw_client(server.port_of(kind))
         code, text = client.command("EHLO client.test")
         assert code == 250 and "STARTTLS" in text and "AUTH" not in text
         assert client.command("STARTTLS") == (220, "2.0.0 Ready to start TLS")
@@ -179,7 +147,7 @@ def test_ehlo_offers_starttls_then_auth_only_inside_tls(env, server):
 
 
 def test_commands_pipelined_after_starttls_are_discarded(env, server):
-    client = TLSRawClient(server.port_of("smtp"))
+    client = raw_client(server.port_of("smtp"))
     client.command("EHLO client.test")
     # In one packet: STARTTLS and a plain-text command that an attacker in the middle added.
     client.send(b"STARTTLS\r\nMAIL FROM:<mallory@example.net>\r\n")
@@ -196,7 +164,7 @@ def test_commands_pipelined_after_starttls_are_discarded(env, server):
 
 
 def test_starttls_needs_ehlo_and_takes_no_argument(server):
-    client = TLSRawClient(server.port_of("smtp"))
+    client = raw_client(server.port_of("smtp"))
     assert client.command("STARTTLS")[0] == 503
     client.command("EHLO client.test")
     assert client.command("STARTTLS now") == (501, "5.5.4 Syntax: STARTTLS takes no arguments")
@@ -310,7 +278,7 @@ def test_auth_with_implicit_tls_smtp_ssl(env, server):
 
 
 def test_auth_sequencing_errors(env, server):
-    client = TLSRawClient(server.port_of("submission"))
+    client = raw_client(server.port_of("submission"))
     assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x"))[0] == 503  # no EHLO
     client.command("EHLO client.test")
     assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x")) == (
@@ -337,7 +305,7 @@ def test_auth_sequencing_errors(env, server):
 
 
 def test_auth_refused_inside_a_transaction(env, server):
-    client = TLSRawClient(server.port_of("smtp"))
+    client = raw_client(server.port_of("smtp"))
     client.command("EHLO client.test")
     client.command("STARTTLS")
     client.starttls(client_context(env))
@@ -349,7 +317,7 @@ def test_auth_refused_inside_a_transaction(env, server):
 
 
 def test_auth_login_and_wrong_passwords(env, server):
-    client = TLSRawClient(server.port_of("submission", tls=True), implicit=True,
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
     for user, password in (("alice@example.org", "wrong"), ("nobody@example.org", "x"),
@@ -367,7 +335,7 @@ def test_auth_login_and_wrong_passwords(env, server):
 
 def test_utf8_password(env, server):
     # smtplib cannot send one; the SASL PLAIN message is UTF-8 (RFC 4616).
-    client = TLSRawClient(server.port_of("submission", tls=True), implicit=True,
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
     assert client.command("AUTH PLAIN " + b64("\0dora@example.org\0pässwörd"))[0] == 235
@@ -375,7 +343,7 @@ def test_utf8_password(env, server):
 
 
 def test_plain_authzid_for_another_user_is_refused(env, server):
-    client = TLSRawClient(server.port_of("submission", tls=True), implicit=True,
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
     password = USERS_PASSWORDS["alice@example.org"]
@@ -385,7 +353,7 @@ def test_plain_authzid_for_another_user_is_refused(env, server):
 
 
 def test_sasl_line_limit_is_12288_octets(env, server):
-    client = TLSRawClient(server.port_of("submission", tls=True), implicit=True,
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
     filler = "x" * 9000
@@ -468,7 +436,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
     s = make_server(env, tmp_path / "s", auth={"max_failures": 3, "window": 60, "lockout": 3,
                                                "failure_delay": 0.2}).start()
     try:
-        client = TLSRawClient(s.port_of("submission", tls=True), source=UNTRUSTED,
+        client = raw_client(s.port_of("submission", tls=True), source=UNTRUSTED,
                               implicit=True, context=client_context(env))
         client.command("EHLO client.test")
         bad = "AUTH PLAIN " + b64("\0alice@example.org\0wrong")
@@ -483,7 +451,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
         assert client.command(good) == (
             454, "4.7.0 Error: too many failed authentication attempts; try again later")
         # Another address is not affected.
-        other = TLSRawClient(s.port_of("submission", tls=True), implicit=True,
+        other = raw_client(s.port_of("submission", tls=True), implicit=True,
                              context=client_context(env))
         other.command("EHLO client.test")
         assert other.command(good)[0] == 235
@@ -657,7 +625,7 @@ def test_a_client_that_never_starts_tls_on_465_is_cut_off(env, tmp_path):
         assert time.monotonic() - start < 15
         silent.close()
         # The limit of one connection from this address has room again.
-        client = TLSRawClient(port, implicit=True, context=client_context(env))
+        client = raw_client(port, implicit=True, context=client_context(env))
         assert client.greeting[0] == 220
         client.close()
     finally:

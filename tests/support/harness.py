@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -210,12 +211,23 @@ DEFAULT_ALIASES = [
 
 
 class RawClient:
-    """A plain socket speaking SMTP byte for byte, for hostile input."""
+    """A plain socket speaking SMTP byte for byte, for hostile input; it can switch to TLS
+    (``starttls``) or start in it (``context`` given: implicit TLS, as on port 465)."""
 
-    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1",
+                 source: str | None = None, context: ssl.SSLContext | None = None) -> None:
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
+        if context is not None:
+            self.sock = context.wrap_socket(self.sock, server_hostname="mx.example.org")
         self.buffer = b""
         self.greeting = self.reply()
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        """After the server's 220 to STARTTLS: a TLS handshake on the same socket."""
+        assert self.buffer == b"", f"the server sent more than its 220: {self.buffer!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname="mx.example.org")
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
