@@ -630,3 +630,29 @@ def test_a_client_that_never_starts_tls_on_465_is_cut_off(env, tmp_path):
         client.close()
     finally:
         s.stop()
+
+
+def test_user_command_errors(env, tmp_path):
+    s = make_server(env, tmp_path / "s")  # its files only
+    config = str(s.config_path)
+    before = (s.workdir / "users").read_text()
+    cases = [
+        (("add", "zed@elsewhere.test", "--password-stdin"), "pw\n", "not an address in a local"),
+        (("add", "alice@example.org", "--password-stdin"), "pw\n", "exists already"),
+        (("passwd", "nobody@example.org", "--password-stdin"), "pw\n", "no user"),
+        (("add", "zed@example.org", "--password-stdin"), "\n", "empty password"),
+        (("add", "zed@example.org", "--password-stdin"), "x" * 73 + "\n", "longer than 72"),
+        (("del", "nobody@example.org"), "", "no user"),
+    ]
+    for args, stdin, why in cases:
+        result = run_cli("user", "--config", config, *args, stdin=stdin)
+        assert result.returncode == 1, (args, result.stderr)
+        assert why in result.stderr.decode(), (args, result.stderr)
+    assert (s.workdir / "users").read_text() == before  # nothing changed
+    s.config.get("mailboxes", {}).pop("users")
+    from support.harness import render_config
+
+    s.config_path.write_text(render_config(s.config))
+    result = run_cli("user", "--config", config, "list")
+    assert result.returncode == 2
+    assert b"mailboxes.users: expected a users file" in result.stderr
