@@ -214,7 +214,7 @@ class MailsrvESMTP(ESMTP):
         if not line.endswith(b"\r") or b"\r" in line[:-1]:
             self._refuse_bare_line_end()
         elif len(line) + 1 > self._line_limit(line):
-            self._abandon_sasl()
+            self._sasl = None  # an over-long response ends the exchange
             self._error(replies.LINE_TOO_LONG)
         else:
             # Only a whole command counts as activity: a trickle of bytes does not.
@@ -397,9 +397,6 @@ class MailsrvESMTP(ESMTP):
             self._sasl_response(words[1])  # the initial response (RFC 4954 §4)
         else:
             self._send(replies.AUTH_CHALLENGE, challenge=self._sasl.first_challenge())
-
-    def _abandon_sasl(self) -> None:
-        self._sasl = None
 
     def _sasl_response(self, line: bytes) -> None:
         """One response of the exchange in progress: the next challenge, or the check."""

@@ -656,3 +656,25 @@ def test_user_command_errors(env, tmp_path):
     result = run_cli("user", "--config", config, "list")
     assert result.returncode == 2
     assert b"mailboxes.users: expected a users file" in result.stderr
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
+def test_a_fullchain_file_sends_the_chain(env, tmp_path):
+    """cert may be Let's Encrypt's fullchain.pem: the leaf, then the intermediates."""
+    leaf = Path(env["cert"]).read_text()
+    fullchain = tmp_path / "fullchain.pem"
+    fullchain.write_text(leaf + Path(env["ca"].cert_path).read_text())
+    s = make_server(env, tmp_path / "s", tls={"cert": str(fullchain)}).start()
+    try:
+        result = subprocess.run(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{s.port_of('submission', tls=True)}",
+             "-showcerts", "-CAfile", str(env["ca"].cert_path), "-verify_return_error",
+             "-ign_eof"],
+            input=b"QUIT\r\n", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30,
+        )
+        output = result.stdout.decode(errors="replace")
+        assert result.returncode == 0, output
+        assert output.count("-----BEGIN CERTIFICATE-----") == 2, output
+        assert "221 2.0.0 Bye" in output
+    finally:
+        s.stop()
