@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsrv.config import Config, ConfigError, _split_endpoint, load_config, read_smarthost_password
+from mailsrv.config import Config, ConfigError, endpoint_options, load_config, read_smarthost_password
 from mailsrv.router import Directory
 
 __all__ = ["CheckResult", "check_config", "check_directory"]
@@ -82,17 +82,16 @@ def check_directory(source: Path | None, key: str, path: Path) -> str | None:
 def _check_listen_files(config: Config) -> None:
     """The key and certificate files of ``ssl:`` listeners must be readable now."""
     for index, text in enumerate(config.smtp.listen):
-        for field in _split_endpoint(text)[1:]:
-            if len(field) == 2 and field[0] in _ENDPOINT_FILES:
+        for name, value in endpoint_options(text)[1].items():
+            if name in _ENDPOINT_FILES:
                 # Opened as Twisted opens them: a relative name is relative to the current
                 # directory (systemd starts the server in /).
                 try:
-                    with open(field[1], "rb"):
+                    with open(value, "rb"):
                         pass
                 except OSError as exc:
                     raise ConfigError(
-                        config.source, f"smtp.listen[{index}]",
-                        f"a readable {field[0]} file: {exc}",
+                        config.source, f"smtp.listen[{index}]", f"a readable {name} file: {exc}"
                     ) from None
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "RelayConfig",
     "SmtpConfig",
     "demo_config",
+    "endpoint_options",
     "load_config",
     "parse_config",
     "prepare_directories",
@@ -478,6 +479,22 @@ def _check_endpoint_fields(fields: list[list[str]]) -> None:
         what, test = _ENDPOINT_OPTIONS[name]
         if not test(value):
             raise ValueError(f"{name} must be {what}")
+
+
+def endpoint_options(text: str) -> tuple[str, dict[str, str]]:
+    """The type and the options of an endpoint string from ``smtp.listen``, every value named.
+
+    Plain values take their parameter's name by position, as in Twisted ("ssl:465:key.pem"
+    names privateKey), so that the tools that read a listener (sendmail looks for a loopback
+    port, check-config for key files) see what Twisted will use.  For strings this module
+    accepted; others give what they spell.
+    """
+    fields = _split_endpoint(text)
+    kind = fields[0][0]
+    positional = [field[0] for field in fields[1:] if len(field) == 1]
+    options = dict(zip(_ENDPOINT_PARAMS.get(kind, ()), positional))
+    options.update((field[0], field[1]) for field in fields[1:] if len(field) == 2)
+    return kind, options
 
 
 def _listen() -> _Key:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, _split_endpoint, load_config
+from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, endpoint_options, load_config
 
 __all__ = [
     "Invocation",
@@ -324,16 +324,11 @@ def choose_listener(listen: tuple[str, ...]) -> tuple[str, int]:
     by default) and never leave the machine.  Raises SendError(EX_CONFIG) when none fits.
     """
     for text in listen:
-        fields = _split_endpoint(text)
-        kind = fields[0][0]
+        kind, options = endpoint_options(text)
         if kind not in ("tcp", "tcp6"):
             continue
-        positional = [f[0] for f in fields[1:] if len(f) == 1]
-        named = {f[0]: f[1] for f in fields[1:] if len(f) == 2}
-        order = ("port", "interface", "backlog") if kind == "tcp" else ("port", "backlog", "interface")
-        named.update(zip(order, positional))
-        port = int(named["port"])
-        interface = named.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        port = int(options["port"])
+        interface = options.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
         if port == 0:
             continue
         if interface in ("0.0.0.0", "") or interface.startswith("127."):
@@ -383,9 +378,8 @@ def submit(
                 batch = recipients[start:start + max_recipients]
                 try:
                     rejected = client.sendmail(sender, batch, data, mail_options=options)
-                except smtplib.SMTPRecipientsRefused as exc:
+                except smtplib.SMTPRecipientsRefused as exc:  # smtplib has sent RSET
                     rejected = exc.recipients
-                    client.rset()
                 refused += [(rcpt, code, _text(reply)) for rcpt, (code, reply) in rejected.items()]
     except smtplib.SMTPResponseException as exc:  # MAIL, DATA, the greeting (SMTPConnectError)
         raise SendError(_reply_status(exc.smtp_code),

@@ -89,12 +89,19 @@ def test_unreadable_files_and_unusable_directories(configured, capsys):
             f"exist and {blocker} is not a writable directory") in capsys.readouterr().err
 
 
-def test_ssl_listener_key_must_be_readable(configured, capsys):
+@pytest.mark.parametrize("listen, named", [
+    ("ssl:4650:privateKey={key}", "privateKey"),
+    ("ssl:4650:{key}", "privateKey"),  # positional, as Twisted reads it
+    ("ssl:4650:privateKey={present}:certKey={key}", "certKey"),
+])
+def test_ssl_listener_key_must_be_readable(configured, capsys, listen, named):
     key = configured.workdir / "missing-key.pem"
-    rewrite(configured, "smtp", "listen", [f"ssl:4650:privateKey={key}"])
+    present = configured.workdir / "users"
+    rewrite(configured, "smtp", "listen",
+            ["tcp:2500", listen.format(key=key, present=present)])
     assert check(configured) == 2
     err = capsys.readouterr().err
-    assert ": smtp.listen[0]: a readable privateKey file: " in err and str(key) in err
+    assert f": smtp.listen[1]: a readable {named} file: " in err and str(key) in err
 
 
 def test_smarthost_password_file_is_read(configured, capsys):
