@@ -1,6 +1,7 @@
 """
-The ``mailsrv`` admin command: ``mailsrv queue [--config PATH] list|show|flush|delete|bounce``
-and ``mailsrv user [--config PATH] add|passwd|del|list``.
+The ``mailsrv`` admin command: ``mailsrv queue [--config PATH] list|show|flush|delete|bounce``,
+``mailsrv user [--config PATH] add|passwd|del|list``, ``mailsrv check-config [--config PATH]``
+and ``mailsrv version``.
 
 The spool lock decides how it works.  When a server runs (it holds the lock), changes are
 requests the server carries out, because its in-memory state would otherwise overwrite ours;
@@ -317,7 +318,50 @@ def _parser() -> argparse.ArgumentParser:
     user_actions.add_parser("list", help="every user, and whether it can log in").set_defaults(
         run=cmd_user
     )
+    _add_admin_commands(commands)
     return parser
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Every start-up check, nothing created or locked (safe while the server runs)."""
+    from mailsrv.checkconfig import check_config
+
+    print(check_config(args.config or DEFAULT_CONFIG_PATH).summary())
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    """The versions a bug report needs: mailsrv's, Twisted's and Python's."""
+    import platform
+
+    import twisted
+
+    from mailsrv import __version__
+
+    print(f"mailsrv {__version__} (Twisted {twisted.__version__}, "
+          f"Python {platform.python_version()})")
+    return EXIT_OK
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """Subcommands that need no loaded Config: they set ``standalone`` instead of ``run``."""
+    check = commands.add_parser(
+        "check-config", help="check the configuration as the server would at start-up",
+        description="Check the configuration file, the users and aliases files, the "
+        "directories and the listeners' key files as the server does at start-up, without "
+        "creating or locking anything (safe while the server runs). Exit status 0 and a "
+        "summary when everything is right; 2 and the file, the key and what was expected "
+        "when something is not.",
+    )
+    check.add_argument(
+        "--config", default=None, help=f"the file to check (default {DEFAULT_CONFIG_PATH})"
+    )
+    check.set_defaults(standalone=cmd_check_config)
+    version = commands.add_parser(
+        "version", help="print the versions of mailsrv, Twisted and Python",
+        description="Print the versions of mailsrv, Twisted and Python.",
+    )
+    version.set_defaults(standalone=cmd_version)
 
 
 def _load(path: str | None) -> Config:
@@ -331,6 +375,8 @@ def _load(path: str | None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "standalone", None) is not None:
+            return args.standalone(args)
         config = _load(args.config)
         return args.run(config, args)
     except ConfigError as e:

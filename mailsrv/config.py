@@ -46,6 +46,7 @@ __all__ = [
     "SubmissionConfig",
     "TlsConfig",
     "demo_config",
+    "endpoint_options",
     "load_config",
     "parse_config",
     "prepare_directories",
@@ -436,11 +437,6 @@ _ENDPOINT_OPTIONS: dict[str, tuple[str, Callable[[str], bool]]] = {
     "address": ("a socket path", bool),
     "mode": ("an octal mode such as 660", lambda v: re.fullmatch(r"[0-7]{1,4}", v) is not None),
     "lockfile": ("0 or 1", lambda v: v in ("0", "1")),
-    "privateKey": ("a file name", bool),
-    "certKey": ("a file name", bool),
-    "extraCertChain": ("a file name", bool),
-    "dhParameters": ("a file name", bool),
-    "sslmethod": ("an OpenSSL method name such as TLS_METHOD", str.isidentifier),
 }
 
 
@@ -516,6 +512,22 @@ def _check_endpoint_fields(fields: list[list[str]]) -> None:
         what, test = _ENDPOINT_OPTIONS[name]
         if not test(value):
             raise ValueError(f"{name} must be {what}")
+
+
+def endpoint_options(text: str) -> tuple[str, dict[str, str]]:
+    """The type and the options of an endpoint string from ``smtp.listen``, every value named.
+
+    Plain values take their parameter's name by position, as in Twisted ("tcp:25:192.0.2.1"
+    names interface), so that the tools that read a listener (sendmail looks for a loopback
+    port) see what Twisted will use.  For strings this module accepted; others give what
+    they spell.
+    """
+    fields = _split_endpoint(text)
+    kind = fields[0][0]
+    positional = [field[0] for field in fields[1:] if len(field) == 1]
+    options = dict(zip(_ENDPOINT_PARAMS.get(kind, ()), positional))
+    options.update((field[0], field[1]) for field in fields[1:] if len(field) == 2)
+    return kind, options
 
 
 def _listen(non_empty: bool = True) -> _Key:

@@ -31,9 +31,9 @@ class TLSSetupError(Exception):
 
 def _ssl_reason(error: Exception) -> str:
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list):
-        parts = [str(item[2]) for item in error.args[0] if len(item) > 2]
+        parts = [str(item[2]) for item in error.args[0] if len(item) > 2 and item[2]]
         if parts:
-            return "; ".join(parts)
+            return "; ".join(dict.fromkeys(parts))
     return str(error) or type(error).__name__
 
 
@@ -46,14 +46,23 @@ def build_server_context(cert: Path, key: Path) -> SSL.Context:
     context.set_options(options)
     context.set_cipher_list(CIPHERS)
     context.set_session_id(b"mailsrv")
+    for name, path in (("tls.cert", cert), ("tls.key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            # OpenSSL's own words for a missing file are only "system lib".
+            raise TLSSetupError(name, f"a readable PEM file: {e}") from None
     try:
         context.use_certificate_chain_file(str(cert).encode())
-    except (SSL.Error, OSError) as e:
-        raise TLSSetupError("tls.cert", f"a readable PEM certificate (chain): {_ssl_reason(e)}")
+    except SSL.Error as e:
+        raise TLSSetupError(
+            "tls.cert", f"a PEM certificate (then its chain) in {cert}: {_ssl_reason(e)}"
+        )
     try:
         context.use_privatekey_file(str(key).encode())
-    except (SSL.Error, OSError) as e:
-        raise TLSSetupError("tls.key", f"a readable PEM private key: {_ssl_reason(e)}")
+    except SSL.Error as e:
+        raise TLSSetupError("tls.key", f"a PEM private key in {key}: {_ssl_reason(e)}")
     try:
         context.check_privatekey()
     except SSL.Error as e:

@@ -30,6 +30,7 @@ class Options(usage.Options):
         # Everything is checked here, before anything starts: a configuration error ends the
         # start with the file, the key and the expectation, and exit status 2.
         from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
+        from mailsrv.privileges import effective_user
         from mailsrv.service import lock_spool, prepare
 
         try:
@@ -39,9 +40,12 @@ class Options(usage.Options):
                 config = load_config(DEFAULT_CONFIG_PATH)
             else:
                 config = demo_config(Path(os.getcwd()))
-            self["directory"] = prepare(config)
-            # One server per spool: a second one would deliver the same queue twice.
-            self["spool_lock"] = lock_spool(config)
+            # As the user twistd --uid/--gid switches to, so that what is created belongs to it.
+            parent = getattr(self, "parent", None) or {}
+            with effective_user(parent.get("uid"), parent.get("gid")):
+                self["directory"] = prepare(config)
+                # One server per spool: a second one would deliver the same queue twice.
+                self["spool_lock"] = lock_spool(config)
         except ConfigError as e:
             # One line an administrator can act on, not twistd's usage text around it.
             sys.stderr.write(f"mailsrv: configuration error: {e}\n")
