@@ -78,6 +78,11 @@ class Runtime:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
 
+def _fire(d: defer.Deferred) -> None:
+    if not d.called:
+        d.callback(None)
+
+
 def _addr(mailbox: Mailbox | None) -> str:
     return f"<{mailbox}>" if mailbox is not None else "<>"
 
@@ -101,15 +106,39 @@ class SessionDelivery:
         #: The forward-confirmed reverse DNS name of the client, once known.
         self.reverse_name: str | None = None
         self._lookup: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
         #: The transaction MAIL started, which RCPT adds to.
         self.transaction: Transaction | None = None
         if runtime.config.smtp.reverse_dns and runtime.resolver is not None:
             self._lookup = verified_reverse_name(runtime.resolver, client_ip)
-            self._lookup.addCallbacks(self._got_reverse_name, lambda failure: None)
+            self._lookup.addErrback(lambda failure: None)  # no answer: no name
+            self._lookup.addCallback(self._got_reverse_name)
 
     def _got_reverse_name(self, name: str | None) -> None:
         self.reverse_name = name
         self._lookup = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            _fire(d)
+
+    def reverse_name_known(self, timeout: float) -> defer.Deferred:
+        """Fires once the reverse lookup has ended, or after ``timeout`` seconds at most.
+
+        The greeting waits for it (as Postfix's does), so that every log line and the
+        Received: field name the client the same way; a slow DNS delays only the banner.
+        """
+        if self._lookup is None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        timer = self.runtime.reactor.callLater(timeout, _fire, d)
+
+        def stop_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(stop_timer)
 
     def close(self) -> None:
         if self._lookup is not None:

@@ -47,6 +47,8 @@ MAX_ERRORS = 20
 MAX_HELD_INPUT = 64 * 1024
 #: Seconds a connection we closed may take to go away (flushing, TLS close) before it is cut.
 CLOSE_GRACE = 5.0
+#: Seconds the banner may wait for the client's forward-confirmed reverse DNS name.
+GREETING_DNS_WAIT = 5.0
 
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
@@ -122,8 +124,17 @@ class MailsrvESMTP(ESMTP):
             kind=("submission" if self.submission else "smtp")
             + (" tls" if self._tls_active else ""),
         )
-        self._send(Reply(220, "", f"{self.runtime.config.hostname} ESMTP mailsrv"))
-        self.setTimeout(self.timeout)
+        # The banner waits for the client's reverse name (briefly): from then on every log
+        # line and the Received: field name the client alike.  A client that talks before
+        # the banner has its words held back, like any pipelined input.
+        greeted = self.session.reverse_name_known(GREETING_DNS_WAIT)
+        greeted.addCallback(lambda _: self._send(
+            Reply(220, "", f"{self.runtime.config.hostname} ESMTP mailsrv")
+        ))
+        if greeted.called:
+            self.setTimeout(self.timeout)
+        else:
+            self._hold_input_until(greeted)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)

@@ -193,3 +193,43 @@ def test_log_lines_for_accepted_message(mail_server):
     for rcpt in ("alice@example.org", "bob@example.org"):
         assert re.search(rf"delivered id={qid} to=<{rcpt}> orig_to=<sales@example.org> "
                          rf"mailbox=\S+ status=sent", log)
+
+
+def test_banner_waits_for_reverse_dns_but_not_for_ever(make_server):
+    """With a DNS server that never answers, the banner comes after the bounded wait (5 s),
+    the client is 'unknown', and what it said before the banner is answered after it."""
+    import socket
+    import time
+
+    from support.harness import RawClient
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # receives the queries, answers none
+    try:
+        server = make_server(overrides={"relay": {
+            "dns_servers": [f"127.0.0.1:{silent.getsockname()[1]}"]}}).start()
+        start = time.monotonic()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        sock.sendall(b"EHLO early.test\r\n")  # an early talker
+        sock.settimeout(20)
+        data = b""
+        while data.count(b"\r\n") < 2 or not data.split(b"\r\n")[-2].startswith(b"250 "):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        waited = time.monotonic() - start
+        assert data.startswith(b"220 mx.example.org ESMTP mailsrv\r\n250-mx.example.org Hello")
+        assert 4.5 <= waited < 15, waited
+        sock.close()
+        assert "connect client=127.0.0.1" in server.log_text()
+    finally:
+        silent.close()
+
+
+def test_log_names_the_client_by_its_reverse_name_from_the_start(mail_server):
+    with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
+        client.ehlo()
+        client.mail("nobody@client.test")
+        assert client.rcpt("nobody@example.org")[0] == 550  # logged with the client's name
+    assert re.search(r"refused recipient id=\S+ client=client\.test\[127\.0\.0\.1\] "
+                     r"from=<nobody@client\.test> to=<nobody@example\.org>", mail_server.log_text())
