@@ -16,6 +16,7 @@ Every server knows the same users (``alice`` and ``2alice`` … ``10alice``: smt
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -144,7 +145,7 @@ class Server:
 
 
 class TwistedMail(Server):
-    name = "twisted.mail"
+    name = "twisted"
     durable = False
 
     @property
@@ -253,44 +254,69 @@ class Mailsrv(Server):
 # ------------------------------------------------------------------------------- Postfix
 
 
-def ensure_postfix() -> None:
-    """Install Debian's postfix (and with it smtp-source/smtp-sink) when it is missing.
+#: Where the bench keeps its own copy of Debian's postfix package, unpacked (not installed).
+POSTFIX_HOME = Path(os.environ.get("BENCH_POSTFIX_HOME", "/var/tmp/mailsrv-bench-postfix"))
 
-    Installed with no configuration and with daemons forbidden to start (policy-rc.d), so no
-    system Postfix ever listens on port 25; anything the install started anyway is stopped.
-    Another package (mailsrv's own .deb) may have replaced it: it is then installed again.
+
+def postfix_root() -> Path:
+    """Debian's postfix, unpacked under POSTFIX_HOME/root; fetched with ``apt-get download``.
+
+    Why not ``apt-get install postfix``: mailsrv's own .deb Conflicts with
+    mail-transport-agent, so installing one removes the other, and an installed Postfix may
+    start a system instance on port 25. The unpacked copy is run with its own directories
+    (daemon_directory, command_directory, shlib_directory… in the private main.cf) and
+    LD_LIBRARY_PATH, so it needs nothing installed but its shared libraries (present on
+    Debian) and the ``postfix`` user and ``postdrop`` group, which are created when missing.
     """
-    if shutil.which("postfix") or os.path.exists("/usr/sbin/postfix"):
-        if os.path.exists("/usr/sbin/smtp-source"):
-            return
-    if os.geteuid() != 0:
-        raise SystemExit("bench: postfix is not installed and this is not root: "
-                         "apt-get install postfix (no configuration), then run again")
-    policy = Path("/usr/sbin/policy-rc.d")
-    own_policy = not policy.exists()
-    if own_policy:
-        policy.write_text("#!/bin/sh\n# mailsrv bench: no daemon starts during install\nexit 101\n")
-        policy.chmod(0o755)
+    root = POSTFIX_HOME / "root"
+    if not (root / "usr/sbin/postfix").exists():
+        if os.geteuid() != 0:
+            raise SystemExit("bench: needs root (apt-get download postfix, postfix user)")
+        POSTFIX_HOME.mkdir(parents=True, exist_ok=True)
+        for deb in POSTFIX_HOME.glob("postfix_*.deb"):
+            deb.unlink()
+        fetch = subprocess.run(["apt-get", "download", "postfix"], cwd=POSTFIX_HOME,
+                               capture_output=True, text=True)
+        if fetch.returncode != 0:  # an empty package list: update it once, then again
+            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+            subprocess.run(["apt-get", "download", "postfix"], cwd=POSTFIX_HOME,
+                           check=True, capture_output=True)
+        deb = next(POSTFIX_HOME.glob("postfix_*.deb"))
+        staging = POSTFIX_HOME / "root.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
+        os.replace(staging, root)
     try:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["debconf-set-selections"], input=(
-            b"postfix postfix/main_mailer_type select No configuration\n"), check=True)
-        lists = Path("/var/lib/apt/lists")
-        if not any(lists.glob("*Packages*")):
-            subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q",
-                        "postfix"], check=True, env=env)
-    finally:
-        if own_policy:
-            policy.unlink()
-    # Belt and braces: a system instance must not be left running.
-    subprocess.run(["postfix", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        grp.getgrnam("postdrop")
+    except KeyError:
+        subprocess.run(["groupadd", "--system", "postdrop"], check=True)
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir",
+                        "/nonexistent", "--shell", "/usr/sbin/nologin", "postfix"], check=True)
+    return root
+
+
+def postfix_env() -> dict[str, str]:
+    return dict(os.environ, LD_LIBRARY_PATH=str(postfix_root() / "usr/lib/postfix"))
+
+
+def postfix_tool(name: str) -> str:
+    """The path of a Postfix command (smtp-source, smtp-sink, postconf…) in the unpacked copy."""
+    return str(postfix_root() / "usr/sbin" / name)
 
 
 MAIN_CF = """\
 # mailsrv bench: a private Postfix instance on 127.0.0.1:{port} only.
 compatibility_level = 3.6
 config_directory = {dir}
+daemon_directory = {root}/usr/lib/postfix/sbin
+command_directory = {root}/usr/sbin
+meta_directory = {root}/etc/postfix
+shlib_directory = {root}/usr/lib/postfix
+sample_directory = {root}/etc/postfix
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C LD_LIBRARY_PATH
 queue_directory = {dir}/queue
 data_directory = {dir}/data
 mail_owner = postfix
@@ -369,11 +395,17 @@ class Postfix(Server):
         return self.dir / "mail" / DOMAIN
 
     def postconf(self, **settings: str) -> None:
-        subprocess.run(["postconf", "-c", str(self.dir), "-e",
-                        *(f"{k}={v}" for k, v in settings.items())], check=True)
+        subprocess.run([postfix_tool("postconf"), "-c", str(self.dir), "-e",
+                        *(f"{k}={v}" for k, v in settings.items())], check=True,
+                       env=postfix_env())
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        """``postfix -c DIR ARGS`` with the unpacked copy."""
+        return subprocess.run([postfix_tool("postfix"), "-c", str(self.dir), *args],
+                              capture_output=True, text=True, env=postfix_env())
 
     def start(self) -> int:
-        ensure_postfix()
+        root = postfix_root()
         nobody = pwd.getpwnam("nobody")
         self.port = free_port()
         d = self.dir
@@ -382,7 +414,7 @@ class Postfix(Server):
         shutil.chown(d / "data", "postfix")
         (d / "main.cf").write_text(MAIN_CF.format(
             port=self.port, dir=d, domain=DOMAIN, uid=nobody.pw_uid, gid=nobody.pw_gid,
-            relayhost=self.relayhost))
+            relayhost=self.relayhost, root=root))
         (d / "master.cf").write_text(MASTER_CF.format(port=self.port))
         (d / "vmailbox").write_text("".join(f"{u}@{DOMAIN} {DOMAIN}/{u}/\n" for u in USERS))
         for user in USERS:
@@ -392,10 +424,12 @@ class Postfix(Server):
             os.chown(path, nobody.pw_uid, nobody.pw_gid)
         if self.extra:
             self.postconf(**self.extra)
-        result = subprocess.run(["postfix", "-c", str(d), "start"], capture_output=True,
-                                text=True)
+        result = self.command("start")
         if result.returncode != 0:
-            raise RuntimeError(f"postfix did not start: {result.stdout}{result.stderr}")
+            log = d / "maillog"
+            raise RuntimeError(f"postfix did not start (exit {result.returncode}): "
+                               f"{result.stdout}{result.stderr}"
+                               + (log.read_text()[-1500:] if log.exists() else ""))
 
         def answers() -> bool:
             try:
@@ -424,7 +458,7 @@ class Postfix(Server):
 
     def stop(self) -> None:
         if self.dir.exists():
-            subprocess.run(["postfix", "-c", str(self.dir), "stop"], capture_output=True)
+            self.command("stop")
             master = self.master_pid()
             deadline = time.monotonic() + 20
             while master is not None and time.monotonic() < deadline:
