@@ -22,6 +22,8 @@ from mailsrv.dnsutil import make_resolver
 from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, load_users
 from mailsrv.smtp import SMTPServerFactory
+from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.workers import Workers
 
 log = Logger(namespace="mailsrv")
 
@@ -98,6 +100,18 @@ class ListenerService(service.Service):
         return None
 
 
+class _SpareFilesService(service.Service):
+    """Removes the unused spare spool files when the server stops."""
+
+    def __init__(self, spare: SpareSpoolFiles) -> None:
+        self.spare = spare
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self.spare.stop()
+        return None
+
+
 def lock_spool(config: Config) -> Any:
     """Take the spool lock for this process's lifetime; ConfigError when a server holds it."""
     try:
@@ -134,7 +148,10 @@ def make_service(
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
     resolver = make_resolver(config.relay.dns_servers, reactor)
     runtime = Runtime(config=config, directory=directory, reactor=reactor, resolver=resolver)
+    runtime.spool_files = SpareSpoolFiles(Path(config.queue.path), reactor)
+    runtime.workers = Workers(reactor)
     top = service.MultiService()
+    _SpareFilesService(runtime.spool_files).setServiceParent(top)
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
