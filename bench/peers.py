@@ -187,8 +187,12 @@ class Mailsrv(Server):
     name = "mailsrv"
 
     def __init__(self, workdir: Path, *, dns_port: int = 0, relay_port: int = 25,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 python: str = sys.executable, name: str = "mailsrv") -> None:
         super().__init__(workdir)
+        #: The Python whose installed mailsrv runs (another one: an older version, compared).
+        self.python = python
+        self.name = name
         self.queue = workdir / "queue"
         self.log_path = workdir / "mailsrv.log"
         (workdir / "users").write_text("".join(f"{u}@{DOMAIN}\n" for u in USERS))
@@ -232,7 +236,7 @@ class Mailsrv(Server):
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            [self.python, "-c", "from twisted.scripts.twistd import run; run()",
              "-n", "--pidfile=", "--logfile", str(self.log_path),
              "mailsrv", "--config", str(self.config_path)],
             cwd=self.workdir, stdout=open(self.workdir / "twistd.out", "ab"),

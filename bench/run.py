@@ -117,9 +117,15 @@ def cleanup(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_server(name: str, workdir: Path) -> peers.Server:
+#: ``--baseline PYTHON``: a Python with another mailsrv installed, run as "mailsrv-base".
+BASELINE: str | None = None
+
+
+def make_server(name: str, workdir: Path, **kwargs: Any) -> peers.Server:
     workdir.mkdir(parents=True, exist_ok=True)
-    return peers.ALL[name](workdir)
+    if name == "mailsrv-base":
+        return Mailsrv(workdir, python=BASELINE, name=name, **kwargs)
+    return peers.ALL[name](workdir, **kwargs)
 
 
 def alternate(names: list[str], repeats: int, body: Callable[[str, int], None]) -> None:
@@ -316,19 +322,19 @@ def fill_mailsrv_queue(qdir: Path, count: int, due_in: float = 0.0, durable: boo
 def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
     count = plan.relay_messages
     print(f"== relay: {count} queued messages of 5 KB to a loopback smtp-sink", flush=True)
-    relay_names = [n for n in names if n in ("mailsrv", "postfix")]
+    relay_names = [n for n in names if n in ("mailsrv", "mailsrv-base", "postfix")]
 
     def one(name: str, r: int) -> None:
         wd = work / f"relay-{name}-{r}"
         wd.mkdir(parents=True)
         sink = Sink(wd)
-        dns = DNS(wd) if name == "mailsrv" else None
+        dns = DNS(wd) if name.startswith("mailsrv") else None
         server: peers.Server | None = None
         try:
-            if name == "mailsrv":
-                server = Mailsrv(wd, dns_port=dns.port, relay_port=sink.port,
-                                 overrides={"queue": {"retry_schedule": [3600]},
-                                            "relay": {"tls": "none"}})
+            if name.startswith("mailsrv"):
+                server = make_server(name, wd, dns_port=dns.port, relay_port=sink.port,
+                                     overrides={"queue": {"retry_schedule": [3600]},
+                                                "relay": {"tls": "none"}})
                 fill_mailsrv_queue(server.queue, count)
                 server.start()
                 wait_until(lambda: "queue loaded" in server.log_text(), 120,
@@ -516,14 +522,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the table and chart go (bench/results)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="disk-backed directory for the servers' files (/var/tmp)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also run the mailsrv installed in this Python, as mailsrv-base "
+                             "(before/after comparisons of a change)")
     args = parser.parse_args(argv)
+    global BASELINE
+    BASELINE = args.baseline
     plan = dataclasses.replace(QUICK if args.quick else FULL)
     if args.repeats:
         plan.repeats = args.repeats
     only = args.only.split(",")
     names = [n for n in args.servers.split(",") if n]
+    if args.baseline and "mailsrv-base" not in names:
+        names.insert(1, "mailsrv-base")
     for name in names:
-        if name not in peers.ALL:
+        if name not in peers.ALL and name != "mailsrv-base":
             parser.error(f"unknown server {name!r}")
     peers.postfix_root()  # smtp-source, smtp-sink and the Postfix peer
     # 10,000 idle connections: descriptors for them here and in the servers (inherited).
