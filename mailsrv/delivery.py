@@ -285,10 +285,13 @@ class Transaction:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 raise SMTPReplyError(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
         finally:
-            try:
-                os.unlink(self.spool_path)
-            except FileNotFoundError:
-                pass  # moved into the queue
+            if self.runtime.spool_files is not None:
+                self.runtime.spool_files.release(self.spool_path)  # reused, not removed
+            else:
+                try:
+                    os.unlink(self.spool_path)
+                except FileNotFoundError:
+                    pass  # moved into the queue
             self.spool_path = None
 
     def _delivered(self, stored: Stored) -> str:
