@@ -419,9 +419,9 @@ TARGETS = [
     ("relay >= 1.0x Postfix", "relay msg/s", "postfix", 1.0),
 ]
 LIMITS = [
-    ("idle connection <= 4 KiB", "idle bytes/conn", 4096),
-    ("100 MB message RSS growth <= 5 MiB", "big msg RSS growth MiB", 5),
-    ("start-up with the queue < 10 s", "queue start-up s", 10),
+    ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
+    ("{big} MB message: RSS growth <= 5 MiB", "big msg RSS growth MiB", 5),
+    ("start-up with {queue} queued messages < 10 s", "queue start-up s", 10),
 ]
 
 
@@ -439,7 +439,7 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def report(plan_name: str, names: list[str], out: Path) -> str:
+def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
     lines = [f"Run: `python -m bench{' --quick' if plan_name == 'quick' else ''}` — {machine()}",
              "", "| measure | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
@@ -460,6 +460,8 @@ def report(plan_name: str, names: list[str], out: Path) -> str:
         lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
                      f"{'yes' if ratio >= minimum else 'NO'} |")
     for label, measure, limit in LIMITS:
+        label = label.format(idle=f"{plan.idle_connections:,}", big=plan.big_message >> 20,
+                             queue=f"{plan.queue_scale:,}")
         ours = RESULTS.median(measure, "mailsrv")
         if ours is None:
             lines.append(f"| {label} | not measured | — |")
@@ -564,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")
-    print(report("quick" if args.quick else "full", names, args.out))
+    print(report("quick" if args.quick else "full", plan, names, args.out))
     png = chart(names, args.out)
     if png:
         print(f"chart: {png}")
