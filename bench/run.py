@@ -520,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(MEASURES),
                         help=f"comma-separated measures of {MEASURES}")
     parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated servers")
-    parser.add_argument("--out", type=Path, default=BENCH / "results",
-                        help="where the table and chart go (bench/results)")
+    parser.add_argument("--out", type=Path,
+                        help="where the table and chart go (bench/results for a full run of "
+                             "every measure, bench/results/partial otherwise, so that a quick "
+                             "or partial run never replaces the published figures)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="disk-backed directory for the servers' files (/var/tmp)")
     parser.add_argument("--baseline", metavar="PYTHON",
@@ -534,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         plan.repeats = args.repeats
     only = args.only.split(",")
+    if args.out is None:
+        complete = not args.quick and set(MEASURES) <= set(only)
+        args.out = BENCH / "results" if complete else BENCH / "results" / "partial"
     names = [n for n in args.servers.split(",") if n]
     if args.baseline and "mailsrv-base" not in names:
         names.insert(1, "mailsrv-base")
@@ -567,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")
     print(report("quick" if args.quick else "full", plan, names, args.out))
-    png = chart(names, args.out)
+    png = chart(names, args.out) if any(m.startswith("throughput") for m in RESULTS.samples) \
+        else None
     if png:
         print(f"chart: {png}")
     return 1 if RESULTS.failures else 0
