@@ -58,6 +58,10 @@ class Runtime:
     def passwords(self) -> Mapping[str, str | None]:
         """Lower-case address -> bcrypt hash (None: no login), from the current users file."""
         return self.directory.passwords
+    #: Spool files created ahead in the thread pool (mailsrv.spoolfiles), or None.
+    spool_files: Any = None
+    #: The delivery threads (mailsrv.workers.Workers); None: Twisted's thread pool.
+    workers: Any = None
 
     @property
     def incoming_dir(self) -> Path:
@@ -74,7 +78,9 @@ class Runtime:
         return any(address in network for network in self.config.relay.trusted_networks)
 
     def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """Run blocking disk work in the reactor's thread pool, never on the reactor thread."""
+        """Run blocking disk work in a worker thread, never on the reactor thread."""
+        if self.workers is not None:
+            return self.workers.run(f, *args)
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
 
@@ -256,12 +262,17 @@ class Transaction:
 
     def open_spool(self) -> None:
         """Create the spool file; raise the reply to give when the disk refuses."""
-        path = self.runtime.incoming_dir / self.queue_id
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            log.error("cannot create spool file {path}: {error}", path=path, error=e)
-            raise SMTPReplyError(_storage_reply(e))
+        # A file made ahead by a worker thread: no file creation on the reactor thread.
+        ready = self.runtime.spool_files.take() if self.runtime.spool_files else None
+        if ready is not None:
+            path, fd = ready
+        else:
+            path = self.runtime.incoming_dir / self.queue_id
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as e:
+                log.error("cannot create spool file {path}: {error}", path=path, error=e)
+                raise SMTPReplyError(_storage_reply(e))
         self.spool_path = path
         self._spool = os.fdopen(fd, "wb", buffering=256 * 1024)
 
@@ -360,10 +371,13 @@ class Transaction:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 raise SMTPReplyError(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
         finally:
-            try:
-                os.unlink(self.spool_path)
-            except FileNotFoundError:
-                pass  # moved into the queue
+            if self.runtime.spool_files is not None:
+                self.runtime.spool_files.release(self.spool_path)  # reused, not removed
+            else:
+                try:
+                    os.unlink(self.spool_path)
+                except FileNotFoundError:
+                    pass  # moved into the queue
             self.spool_path = None
 
     def _check_from_header(self, addresses: tuple[str, ...], user: str) -> None:

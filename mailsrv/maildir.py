@@ -16,6 +16,7 @@ import errno
 import itertools
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -35,6 +36,22 @@ _CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
 _SUBDIRS = ("tmp", "new", "cur")
 # sendfile errors meaning "not supported for these files": fall back to read/write.
 _NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+# The pid in unique names, read once (and again in a forked child) rather than per message.
+_pid = os.getpid()
+
+
+def _update_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_update_pid)
+
+# Maildirs whose tmp/, new/ and cur/ were there at the last delivery: not looked at again
+# (three stat calls per mailbox and message). A delivery that fails for a missing directory
+# (removed by hand meanwhile) forgets its maildirs, so the client's retry recreates them.
+_known_maildirs: set[Path] = set()
 
 # Per-process delivery counter for unique names.  next() on itertools.count is
 # atomic under the GIL, so concurrent worker threads never get the same value.
@@ -87,7 +104,7 @@ def unique_name(hostname: str, size: int) -> str:
     secs, nanos = divmod(now, 1_000_000_000)
     host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
     return (
-        f"{secs}.M{nanos // 1000}P{os.getpid()}Q{next(_counter)}R{secrets.token_hex(8)}"
+        f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{secrets.token_hex(8)}"
         f".{host},S={size}"
     )
 
@@ -99,6 +116,73 @@ def fsync_dir(path: os.PathLike[str] | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _DirectorySync:
+    """Group commit for directory fsyncs: one fsync of a ``new/`` serves every link made before
+    it started.
+
+    Concurrent deliveries into one Maildir each used to fsync its ``new/`` after their own
+    link; the fsyncs queued behind each other on the directory (and on the file system's
+    journal), although one of them, started after all those links, makes them all durable.
+    ``sync(path)`` takes a ticket (a number increasing per directory) after the caller's link;
+    a fsync started when the tickets were up to N covers tickets ≤ N. A caller whose ticket is
+    covered by a fsync that *succeeded* returns at once; otherwise it waits for the running
+    fsync and, if still uncovered, runs the next one itself (taking every ticket issued so far
+    with it). A failed fsync covers nobody: the thread that ran it raises, and the others try
+    their own, so each caller either saw a successful fsync that started after its link or
+    gets the error — the guarantee of a plain per-delivery fsync, with far fewer of them.
+    """
+
+    class _State:
+        __slots__ = ("issued", "done", "running")
+
+        def __init__(self) -> None:
+            self.issued = 0  # last ticket handed out
+            self.done = 0  # every ticket <= done is durable
+            self.running = False
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._states: dict[str, _DirectorySync._State] = {}
+
+    def sync(self, path: os.PathLike[str] | str) -> None:
+        key = os.fspath(path)
+        with self._cond:
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = self._State()
+            state.issued += 1
+            ticket = state.issued
+            while True:
+                if state.done >= ticket:
+                    return
+                if not state.running:
+                    break
+                self._cond.wait()
+            state.running = True
+            covers = state.issued
+        succeeded = False
+        try:
+            fsync_dir(key)
+            succeeded = True
+        finally:
+            with self._cond:
+                state.running = False
+                if succeeded and covers > state.done:
+                    state.done = covers
+                if state.done >= state.issued and len(self._states) > 1024:
+                    # Idle directory: forget it, so that the table stays small.
+                    del self._states[key]
+                self._cond.notify_all()
+
+
+_new_dir_sync = _DirectorySync()
+
+
+def sync_new_dir(path: os.PathLike[str] | str) -> None:
+    """Make the entries linked into the directory *path* so far durable (group commit)."""
+    _new_dir_sync.sync(path)
 
 
 def _mkdir(path: Path, synced: set[Path]) -> None:
@@ -235,20 +319,27 @@ def deliver(
     paths = [Path(maildir) for maildir in maildirs]
     if not paths:
         return []
-    _ensure_dirs([path / sub for path in _unique_spellings(paths) for sub in _SUBDIRS])
+    spellings = _unique_spellings(paths)
+    missing = [path for path in spellings if path not in _known_maildirs]
+    if missing:
+        _ensure_dirs([path / sub for path in missing for sub in _SUBDIRS])
+        _known_maildirs.update(missing)
 
     # One copy per directory, however it is spelt (a/../b, symlinks, bind mounts).
     unique: list[Path] = []
-    index_of: dict[tuple[int, int], int] = {}
     which: list[int] = []  # for each argument, its index in unique
-    for path in paths:
-        with _doing("stat", path):
-            st = os.stat(path)
-        key = (st.st_dev, st.st_ino)
-        if key not in index_of:
-            index_of[key] = len(unique)
-            unique.append(path)
-        which.append(index_of[key])
+    if len(spellings) == 1:
+        unique, which = spellings, [0] * len(paths)  # one directory: nothing to compare
+    else:
+        index_of: dict[tuple[int, int], int] = {}
+        for path in paths:
+            with _doing("stat", path):
+                st = os.stat(path)
+            key = (st.st_dev, st.st_ino)
+            if key not in index_of:
+                index_of[key] = len(unique)
+                unique.append(path)
+            which.append(index_of[key])
 
     created_tmp: list[Path] = []
     created_new: list[Path] = []
@@ -291,9 +382,11 @@ def deliver(
 
         for target in unique:
             with _doing("fsync directory", target / "new"):
-                fsync_dir(target / "new")
-    except BaseException:
+                sync_new_dir(target / "new")
+    except BaseException as exc:
         _rollback(created_new, created_tmp)
+        if isinstance(exc, DeliveryError) and exc.errno == errno.ENOENT:
+            _known_maildirs.difference_update(spellings)
         raise
 
     # Committed: the tmp names are only litter now.  A failure to remove one

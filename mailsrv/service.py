@@ -28,6 +28,8 @@ from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, read_users
 from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
+from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.workers import Workers
 
 log = Logger(namespace="mailsrv")
 
@@ -129,6 +131,18 @@ class ListenerService(service.Service):
         return None
 
 
+class _SpareFilesService(service.Service):
+    """Removes the unused spare spool files when the server stops."""
+
+    def __init__(self, spare: SpareSpoolFiles) -> None:
+        self.spare = spare
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self.spare.stop()
+        return None
+
+
 def lock_spool(config: Config) -> Any:
     """Take the spool lock for this process's lifetime; ConfigError when a server holds it."""
     try:
@@ -168,7 +182,10 @@ def make_service(
         config=config, directory=directory, reactor=reactor, resolver=resolver,
         tls=load_tls(config),
     )
+    runtime.spool_files = SpareSpoolFiles(Path(config.queue.path), reactor)
+    runtime.workers = Workers(reactor)
     top = service.MultiService()
+    _SpareFilesService(runtime.spool_files).setServiceParent(top)
     if config.auth_enabled:
         auth = config.auth
         runtime.auth_failures = FailureTracker(

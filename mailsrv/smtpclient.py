@@ -153,6 +153,19 @@ class RelayClient(smtp.ESMTPClient):
 
     # --- greeting, loop check, TLS ------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        # Without TCP_NODELAY, Nagle holds each small write that follows an unacknowledged
+        # one (the final ".", the next MAIL) until the server's delayed ACK: ~40 ms per
+        # message on loopback, which capped a relay session at a few dozen messages a second.
+        # Every command waits for its reply anyway, so nothing is gained by coalescing.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        smtp.ESMTPClient.connectionMade(self)
+
     def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
         if not self.outcome.greeted:
             self.outcome.greeted = True

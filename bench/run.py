@@ -1,0 +1,583 @@
+"""
+mailsrv against Postfix, Twisted's mail server and aiosmtpd, on this machine, on loopback.
+
+    python -m bench [--quick] [--repeats N] [--only throughput,latency,...] [--out DIR]
+
+Every figure is a median of repeats; within a repeat the servers take turns (the order rotates
+each repeat), so that all of them share the same noisy time window of this machine. Every
+result line carries its count check: messages sent against files found in ``new/`` (or at the
+relay sink). The table goes to stdout and to ``DIR/results.md`` / ``results.json``, the chart of
+throughput against concurrency to ``DIR/throughput.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import clients, peers
+from bench.peers import DOMAIN, SENDER, USERS, Mailsrv, Postfix, rss_kib, wait_until
+
+BENCH = Path(__file__).resolve().parent
+ORDER = ["mailsrv", "postfix", "twisted", "aiosmtpd"]
+
+
+@dataclasses.dataclass
+class Plan:
+    """How much work each measurement does (``--quick`` or full)."""
+
+    repeats: int
+    messages: dict[str, int]  # throughput case -> messages
+    latency_seconds: float
+    idle_connections: int
+    big_message: int
+    relay_messages: int
+    queue_scale: int
+
+
+QUICK = Plan(repeats=1, messages={"c1": 100, "c10": 300, "c50": 300, "c10r10": 100},
+             latency_seconds=1.5, idle_connections=1000, big_message=10 * 2**20,
+             relay_messages=200, queue_scale=2000)
+FULL = Plan(repeats=3, messages={"c1": 300, "c10": 2000, "c50": 3000, "c10r10": 500},
+            latency_seconds=5.0, idle_connections=10000, big_message=100 * 2**20,
+            relay_messages=2000, queue_scale=100000)
+CASES = {"c1": (1, 1), "c10": (10, 1), "c50": (50, 1), "c10r10": (10, 10)}  # sessions, rcpts
+
+
+class Results:
+    """Raw samples per (measure, server), their medians, and the count checks."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.checks: dict[str, dict[str, list[str]]] = {}
+        self.failures: list[str] = []
+
+    def add(self, measure: str, server: str, value: float, check: str, ok: bool) -> None:
+        self.samples.setdefault(measure, {}).setdefault(server, []).append(value)
+        self.checks.setdefault(measure, {}).setdefault(server, []).append(check)
+        status = "ok" if ok else "FAILED"
+        print(f"  {measure:<22} {server:<13} {value:>12.2f}   count check: {check} {status}",
+              flush=True)
+        if not ok:
+            self.failures.append(f"{measure} {server}: {check}")
+
+    def median(self, measure: str, server: str) -> float | None:
+        values = self.samples.get(measure, {}).get(server)
+        return statistics.median(values) if values else None
+
+
+def run_smtp_source(port: int, sessions: int, messages: int, rcpts: int, size: int,
+                    time_limit: float, to: str = f"alice@{DOMAIN}") -> subprocess.CompletedProcess:
+    """Postfix's C load generator, one connection per session kept open (-d)."""
+    return subprocess.run(
+        [peers.postfix_tool("smtp-source"), "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+         "-r", str(rcpts), "-f", SENDER, "-t", to, f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=time_limit, env=peers.postfix_env(),
+    )
+
+
+def throughput(server: peers.Server, case: str, messages: int, results: Results) -> None:
+    """Messages/s from the first connect to the last link into new/, with its count check."""
+    sessions, rcpts = CASES[case]
+    before = server.count()
+    expected = messages * rcpts
+    start = time.time()
+    done = run_smtp_source(server.port, sessions, messages, rcpts, 5120, 300)
+    try:
+        wait_until(lambda: server.count() - before >= expected, 120,
+                   f"{server.name}: {expected} files in new/", 0.01)
+    except RuntimeError:
+        pass
+    found = server.count() - before
+    elapsed = max(server.last_delivery() - start, 1e-6)
+    ok = done.returncode == 0 and found == expected
+    check = f"{messages}x{rcpts} sent, {found} in new/"
+    if done.returncode:
+        check += f" (smtp-source: {done.stderr.strip()[-200:]})"
+    results.add(f"throughput {case}", server.name, messages / elapsed, check, ok)
+
+
+def cleanup(path: Path) -> None:
+    """Remove a measurement's files, unless BENCH_KEEP is set (to read the servers' logs)."""
+    if not os.environ.get("BENCH_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+#: ``--baseline PYTHON``: a Python with another mailsrv installed, run as "mailsrv-base".
+BASELINE: str | None = None
+
+
+def make_server(name: str, workdir: Path, **kwargs: Any) -> peers.Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if name == "mailsrv-base":
+        return Mailsrv(workdir, python=BASELINE, name=name, **kwargs)
+    return peers.ALL[name](workdir, **kwargs)
+
+
+def alternate(names: list[str], repeats: int, body: Callable[[str, int], None]) -> None:
+    """Run ``body(server, repeat)`` for every server, the order rotating each repeat."""
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            try:
+                body(name, r)
+            except Exception as exc:  # one server's failure must not hide the others' figures
+                print(f"  {name}: ERROR {exc!r}", flush=True)
+                RESULTS.failures.append(f"{name}: {exc!r}")
+
+
+def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
+    print("== durable local delivery (smtp-source, 5 KB messages)", flush=True)
+
+    def one(name: str, r: int) -> None:
+        server = make_server(name, work / f"tp-{name}-{r}")
+        try:
+            server.start()
+            for case in CASES:
+                throughput(server, case, plan.messages[case], RESULTS)
+        finally:
+            server.stop()
+            cleanup(server.workdir)
+
+    alternate(names, plan.repeats, one)
+
+
+def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
+    print("== latency at half the saturated rate (10 connections, end of DATA -> 250)",
+          flush=True)
+
+    def one(name: str, r: int) -> None:
+        saturated = RESULTS.median("throughput c10", name)
+        if not saturated:
+            raise RuntimeError("no saturated rate measured (throughput c10)")
+        rate = saturated / 2
+        count = max(50, min(5000, int(rate * plan.latency_seconds)))
+        server = make_server(name, work / f"lat-{name}-{r}")
+        try:
+            server.start()
+            before = server.count()
+            lat = sorted(clients.latency(server.port, rate, count))
+            if server.name == "postfix":  # delivery into new/ follows the 250
+                try:
+                    wait_until(lambda: server.count() - before >= count, 60, "deliveries")
+                except RuntimeError:
+                    pass
+            found = server.count() - before
+            ok = len(lat) == count and found == count
+            check = f"{count} sent at {rate:.0f}/s, {len(lat)} answered, {found} in new/"
+            RESULTS.add("latency p50 ms", name, 1000 * lat[len(lat) // 2], check, ok)
+            RESULTS.add("latency p99 ms", name, 1000 * lat[min(len(lat) - 1,
+                                                              int(len(lat) * 0.99))], check, ok)
+        finally:
+            server.stop()
+            cleanup(server.workdir)
+
+    alternate(names, plan.repeats, one)
+
+
+def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
+    print(f"== memory: {plan.idle_connections} idle connections; one "
+          f"{plan.big_message >> 20} MB message", flush=True)
+    single = [n for n in names if n != "postfix"]  # Postfix: a process per connection
+
+    def one(name: str, r: int) -> None:
+        server = make_server(name, work / f"mem-{name}-{r}")
+        try:
+            server.start()
+            pid = server.pids()[0]
+            time.sleep(0.5)
+            base = rss_kib(pid)
+            idle = clients.IdleConnections(server.port, plan.idle_connections)
+            try:
+                time.sleep(1.0)
+                held = rss_kib(pid)
+                # Still answering? One more connection must get its greeting.
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                    alive = s.recv(100).startswith(b"220")
+            finally:
+                idle.close()
+            per = (held - base) * 1024 / plan.idle_connections
+            RESULTS.add("idle bytes/conn", name, per,
+                        f"{len(idle.sockets) or plan.idle_connections} connections held, "
+                        f"server {'answering' if alive else 'NOT answering'}", alive)
+            time.sleep(1.0)
+            before = server.count()
+            base = rss_kib(pid)
+            peers.reset_hwm(pid)
+            code = clients.big_message(server.port, plan.big_message)
+            peak = rss_kib(pid, "VmHWM")
+            found = server.count() - before
+            RESULTS.add("big msg RSS growth MiB", name, (peak - base) / 1024,
+                        f"reply {code}, {found} in new/", code == 250 and found == 1)
+        finally:
+            server.stop()
+            cleanup(server.workdir)
+
+    alternate(single, plan.repeats, one)
+
+
+# ---------------------------------------------------------------------------------- relay
+
+
+class Sink:
+    """Postfix's smtp-sink on 127.0.0.1, dumping each transaction to a file (the count)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "sink"
+        self.dir.mkdir(parents=True)
+        shutil.chown(self.dir, "nobody")
+        self.port = peers.free_port()
+        self.process = subprocess.Popen(
+            [peers.postfix_tool("smtp-sink"), "-u", "nobody", "-d", f"{self.dir}/%H%M%S.",
+             f"127.0.0.1:{self.port}", "256"], stdout=subprocess.DEVNULL,
+            stderr=open(workdir / "sink.log", "wb"), env=peers.postfix_env())
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    return s.recv(100).startswith(b"220")
+            except OSError:
+                return False
+
+        wait_until(answers, 20, "smtp-sink")
+        # The probe's own (empty) session wrote nothing; the directory is the count.
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.dir))
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+class DNS:
+    """The tests' twisted.names server on 127.0.0.1: sink.test's MX is the sink's host."""
+
+    def __init__(self, workdir: Path) -> None:
+        zone = workdir / "zone.json"
+        zone.write_text(json.dumps({"records": {"sink.test": [["MX", 10, "mx.sink.test"]],
+                                                "mx.sink.test": [["A", "127.0.0.1"]]}}))
+        self.process = subprocess.Popen(
+            [sys.executable, str(BENCH.parent / "tests" / "support" / "dns_server.py"),
+             str(zone)], stdout=subprocess.PIPE, stderr=open(workdir / "dns.log", "wb"))
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"DNS server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+RELAY_BODY = b"Subject: relay bench\n\n" + (b"x" * 76 + b"\n") * 66  # about 5 KB
+
+
+def fill_mailsrv_queue(qdir: Path, count: int, due_in: float = 0.0, durable: bool = True) -> None:
+    """``count`` queued messages of 5 KB to ``uN@sink.test``, as the server would store them.
+
+    ``durable``: through ``queue.enqueue`` (fsync'd, as after SMTP); otherwise written plainly
+    and synced once at the end (for 100,000 messages, where only the load matters).
+    """
+    from mailsrv import envelope, queue
+
+    queue.queue_dirs(qdir)
+    now = time.time()
+    messages = qdir / "messages"
+    for i in range(count):
+        queue_id = queue.new_queue_id()
+        prefix = f"Received: by bench (mailsrv) id {queue_id}\n".encode()
+        if durable:
+            body = qdir / "incoming" / queue_id
+            body.write_bytes(RELAY_BODY)
+            queue.enqueue(qdir, queue_id, sender="alice@example.org",
+                          recipients=[f"u{i}@sink.test"], prefix=prefix, body_path=body,
+                          created=now, received_from="bench")
+            continue
+        message = envelope.new_message(queue_id, sender="alice@example.org",
+                                       recipients=[f"u{i}@sink.test"], prefix=prefix,
+                                       created=now, received_from="bench")
+        if due_in:
+            message = dataclasses.replace(message, recipients=tuple(
+                dataclasses.replace(r, next_attempt=now + due_in) for r in message.recipients))
+        (messages / f"{queue_id}.body").write_bytes(RELAY_BODY)
+        (messages / f"{queue_id}.json").write_bytes(envelope.encode(message))
+    os.sync()
+
+
+def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
+    count = plan.relay_messages
+    print(f"== relay: {count} queued messages of 5 KB to a loopback smtp-sink", flush=True)
+    relay_names = [n for n in names if n in ("mailsrv", "mailsrv-base", "postfix")]
+
+    def one(name: str, r: int) -> None:
+        wd = work / f"relay-{name}-{r}"
+        wd.mkdir(parents=True)
+        sink = Sink(wd)
+        dns = DNS(wd) if name.startswith("mailsrv") else None
+        server: peers.Server | None = None
+        try:
+            if name.startswith("mailsrv"):
+                server = make_server(name, wd, dns_port=dns.port, relay_port=sink.port,
+                                     overrides={"queue": {"retry_schedule": [3600]},
+                                                "relay": {"tls": "none"}})
+                fill_mailsrv_queue(server.queue, count)
+                server.start()
+                wait_until(lambda: "queue loaded" in server.log_text(), 120,
+                           "the queue to load", 0.005)
+                start = time.monotonic()
+            else:
+                server = Postfix(wd, relayhost=f"[127.0.0.1]:{sink.port}",
+                                 extra={"defer_transports": "smtp"})
+                server.start()
+                done = run_smtp_source(server.port, 10, count, 1, 5120, 300, to="u@sink.test")
+                if done.returncode:
+                    raise RuntimeError(f"smtp-source: {done.stderr[-300:]}")
+                queue_dir = server.dir / "queue"
+
+                def queued() -> int:
+                    return sum(len(f) for sub in ("incoming", "active", "deferred")
+                               for _, _, f in os.walk(queue_dir / sub))
+
+                wait_until(lambda: queued() >= count, 120, "every message in Postfix's queue",
+                           0.05)
+                server.postconf(defer_transports="")
+                server.command("reload")
+                start = time.monotonic()
+                server.command("flush")
+            try:
+                wait_until(lambda: sink.count() >= count, 300, "every message at the sink",
+                           0.005)
+            except RuntimeError:
+                pass
+            elapsed = time.monotonic() - start
+            got = sink.count()
+            RESULTS.add("relay msg/s", name, count / elapsed,
+                        f"{count} queued, {got} at the sink", got == count)
+        finally:
+            if server is not None:
+                server.stop()
+            if dns is not None:
+                dns.stop()
+            sink.stop()
+            cleanup(wd)
+
+    alternate(relay_names, plan.repeats, one)
+
+
+def measure_queue_scale(plan: Plan, work: Path) -> None:
+    count = plan.queue_scale
+    print(f"== queue scale: mailsrv start-up with {count} queued messages", flush=True)
+    wd = work / "scale"
+    wd.mkdir(parents=True)
+    server = Mailsrv(wd, overrides={"queue": {"retry_schedule": [3600]}})
+    try:
+        fill_mailsrv_queue(server.queue, count, due_in=3600, durable=False)
+        for r in range(plan.repeats):
+            offset = len(server.log_text())
+            t0 = time.monotonic()
+            server.start(timeout=300)
+            m = wait_until(lambda: re.search(r"queue loaded: (\d+) message",
+                                             server.log_text()[offset:]), 300,
+                           "the queue to load", 0.01)
+            elapsed = time.monotonic() - t0
+            time.sleep(0.5)
+            rss = rss_kib(server.pids()[0]) / 1024
+            loaded = int(m.group(1))
+            check = f"{count} queued, {loaded} loaded"
+            RESULTS.add("queue start-up s", "mailsrv", elapsed, check, loaded == count)
+            RESULTS.add("queue RSS MiB", "mailsrv", rss, check, loaded == count)
+            server.stop()
+    finally:
+        server.stop()
+        cleanup(wd)
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+TARGETS = [
+    # (label, measure, ratio against, minimum ratio) or absolute targets below
+    ("durable c10 >= 2.5x Postfix", "throughput c10", "postfix", 2.5),
+    ("durable c50 >= 2.5x Postfix", "throughput c50", "postfix", 2.5),
+    ("durable c10 >= 1.2x twisted.mail (non-durable)", "throughput c10", "twisted", 1.2),
+    ("durable c50 >= 1.2x twisted.mail (non-durable)", "throughput c50", "twisted", 1.2),
+    ("relay >= 1.0x Postfix", "relay msg/s", "postfix", 1.0),
+]
+LIMITS = [
+    ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
+    ("{big} MB message: RSS growth <= 5 MiB", "big msg RSS growth MiB", 5),
+    ("start-up with {queue} queued messages < 10 s", "queue start-up s", 10),
+]
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.splitlines()
+    total = mem[1].split()[1] if len(mem) > 1 else "?"
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores "
+            f"(nproc), {cpu}; {total} RAM (free -h); Linux {platform.release()}; "
+            f"Python {platform.python_version()}")
+
+
+def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
+    lines = [f"Run: `python -m bench{' --quick' if plan_name == 'quick' else ''}` — {machine()}",
+             "", "| measure | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for measure, per in RESULTS.samples.items():
+        cells = []
+        for name in names:
+            value = RESULTS.median(measure, name)
+            n = len(per.get(name, []))
+            cells.append("—" if value is None else f"{value:,.1f}" + (f" (n={n})" if n > 1 else ""))
+        lines.append(f"| {measure} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | measured | met? |", "|---|---|---|"]
+    for label, measure, peer, minimum in TARGETS:
+        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(measure, peer)
+        if ours is None or not theirs:
+            lines.append(f"| {label} | not measured | — |")
+            continue
+        ratio = ours / theirs
+        lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
+                     f"{'yes' if ratio >= minimum else 'NO'} |")
+    for label, measure, limit in LIMITS:
+        label = label.format(idle=f"{plan.idle_connections:,}", big=plan.big_message >> 20,
+                             queue=f"{plan.queue_scale:,}")
+        ours = RESULTS.median(measure, "mailsrv")
+        if ours is None:
+            lines.append(f"| {label} | not measured | — |")
+            continue
+        lines.append(f"| {label} | {ours:,.1f} | {'yes' if ours <= limit else 'NO'} |")
+    lines += ["", "Count checks: " + ("all passed" if not RESULTS.failures
+                                       else "FAILED: " + "; ".join(RESULTS.failures))]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(
+        {"machine": machine(), "plan": plan_name, "samples": RESULTS.samples,
+         "checks": RESULTS.checks, "failures": RESULTS.failures}, indent=1))
+    return text
+
+
+def chart(names: list[str], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (bench/run installs it)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    xs = [1, 10, 50]
+    for name in names:
+        ys = [RESULTS.median(f"throughput c{c}", name) for c in xs]
+        if all(y is not None for y in ys):
+            label = name + (" (no fsync)" if name == "twisted" else "")
+            ax.plot(xs, ys, marker="o", label=label,
+                    linestyle="--" if name == "twisted" else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("concurrent SMTP sessions (smtp-source -s)")
+    ax.set_ylabel("messages/second into new/ (5 KB, 1 rcpt)")
+    ax.set_title(f"Local delivery throughput, {os.cpu_count()} cores, median of repeats")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = out / "throughput.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+RESULTS = Results()
+MEASURES = ["throughput", "latency", "memory", "relay", "queue"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a few hundred messages, one repeat (about 1-2 minutes)")
+    parser.add_argument("--repeats", type=int, help="repeats of every measure (3; quick: 1)")
+    parser.add_argument("--only", default=",".join(MEASURES),
+                        help=f"comma-separated measures of {MEASURES}")
+    parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated servers")
+    parser.add_argument("--out", type=Path,
+                        help="where the table and chart go (bench/results for a full run of "
+                             "every measure, bench/results/partial otherwise, so that a quick "
+                             "or partial run never replaces the published figures)")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="disk-backed directory for the servers' files (/var/tmp)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also run the mailsrv installed in this Python, as mailsrv-base "
+                             "(before/after comparisons of a change)")
+    args = parser.parse_args(argv)
+    global BASELINE
+    BASELINE = args.baseline
+    plan = dataclasses.replace(QUICK if args.quick else FULL)
+    if args.repeats:
+        plan.repeats = args.repeats
+    only = args.only.split(",")
+    if args.out is None:
+        complete = not args.quick and set(MEASURES) <= set(only)
+        args.out = BENCH / "results" if complete else BENCH / "results" / "partial"
+    names = [n for n in args.servers.split(",") if n]
+    if args.baseline and "mailsrv-base" not in names:
+        names.insert(1, "mailsrv-base")
+    for name in names:
+        if name not in peers.ALL and name != "mailsrv-base":
+            parser.error(f"unknown server {name!r}")
+    peers.postfix_root()  # smtp-source, smtp-sink and the Postfix peer
+    # 10,000 idle connections: descriptors for them here and in the servers (inherited).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < plan.idle_connections + 1000:
+        plan.idle_connections = max(100, hard - 1000)
+        print(f"RLIMIT_NOFILE hard limit {hard}: holding {plan.idle_connections} connections")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mailsrv-bench-", dir=args.workdir))
+    work.chmod(0o755)  # Postfix's daemons (users postfix, nobody) must reach their files
+    started = time.monotonic()
+    print(f"mailsrv bench ({'quick' if args.quick else 'full'}), work in {work}", flush=True)
+    try:
+        if "throughput" in only or "latency" in only:
+            measure_throughput(plan, names, work)
+        if "latency" in only:
+            measure_latency(plan, names, work)
+        if "memory" in only:
+            measure_memory(plan, names, work)
+        if "relay" in only:
+            measure_relay(plan, names, work)
+        if "queue" in only and "mailsrv" in names:
+            measure_queue_scale(plan, work)
+    finally:
+        cleanup(work)
+    print(f"\n(took {time.monotonic() - started:.0f} s)\n")
+    print(report("quick" if args.quick else "full", plan, names, args.out))
+    png = chart(names, args.out) if any(m.startswith("throughput") for m in RESULTS.samples) \
+        else None
+    if png:
+        print(f"chart: {png}")
+    return 1 if RESULTS.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
