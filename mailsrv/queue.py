@@ -91,7 +91,9 @@ def queue_dirs(qdir: Path) -> None:
 
     Raises DeliveryError when the directories cannot be made.
     """
-    for name in ("incoming", "messages", "corrupt", "control"):
+    # spare/: spool files made ahead (mailsrv.spoolfiles).  Created here, with the others,
+    # because this runs as the server's own user even under ``twistd --uid``.
+    for name in ("incoming", "spare", "messages", "corrupt", "control"):
         ensure_dir(Path(qdir) / name)
 
 

@@ -41,7 +41,8 @@ def test_prepare_creates_what_the_server_user_owns(shared_dir):
         assert (os.geteuid(), os.getegid()) == (NOBODY.pw_uid, NOBODY.pw_gid)
         prepare(server_config(server))
     assert (os.geteuid(), os.getegid(), os.getgroups()) == before
-    for path in (server.root, server.queue, server.queue / "incoming", server.queue / "messages"):
+    for path in (server.root, server.queue, server.queue / "incoming", server.queue / "messages",
+                 server.queue / "spare"):
         assert (path.stat().st_uid, path.stat().st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid), path
 
 
