@@ -15,6 +15,7 @@ import email.policy
 import hashlib
 import os
 import re
+import select
 import shutil
 import signal
 import smtplib
@@ -678,3 +679,50 @@ def test_a_fullchain_file_sends_the_chain(env, tmp_path):
         assert "221 2.0.0 Bye" in output
     finally:
         s.stop()
+
+
+def test_user_add_prompts_twice_on_the_terminal(env, tmp_path):
+    """Without --password-stdin the password is asked for on the terminal (not echoed),
+    twice; a mismatch changes nothing."""
+    import pty
+
+    s = make_server(env, tmp_path / "s")  # its files only
+
+    def run_on_a_terminal(address: str, answers: list[str]) -> tuple[int, str]:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the CLI on the new terminal
+            os.environ["PYTHONPATH"] = str(REPO)
+            os.execv(sys.executable, [sys.executable, "-m", "mailsrv.cli", "user", "--config",
+                                      str(s.config_path), "add", address])
+        output = b""
+        deadline = time.monotonic() + 60
+        pending = list(answers)
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            # Answer a prompt once it is shown (getpass flushes what was typed ahead).
+            if pending and output.rstrip(b" ").endswith(b":"):
+                os.write(fd, pending.pop(0).encode() + b"\n")
+                output += b"|"
+        else:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+        return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+    code, output = run_on_a_terminal("fay@example.org", ["one", "two"])
+    assert code == 1 and "the passwords differ; nothing changed" in output, output
+    assert "fay@example.org" not in (s.workdir / "users").read_text()
+    code, output = run_on_a_terminal("fay@example.org", ["fay's pw", "fay's pw"])
+    assert code == 0, output
+    assert "New password:" in output and "Repeat it:" in output
+    assert "fay's pw" not in output  # not echoed
+    assert "ok: added fay@example.org" in output
