@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import clients, peers
-from bench.peers import DOMAIN, SENDER, USERS, Mailsrv, Postfix, rss_kib, wait_until
+from bench.peers import DOMAIN, SENDER, Mailsrv, Postfix, rss_kib, wait_until
 
 BENCH = Path(__file__).resolve().parent
 ORDER = ["mailsrv", "postfix", "twisted", "aiosmtpd"]

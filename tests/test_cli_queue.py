@@ -7,7 +7,6 @@ import email.policy
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

@@ -3,7 +3,6 @@
 import socket
 import time
 
-import pytest
 
 from support.harness import RawClient, wait_for
 

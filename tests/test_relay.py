@@ -14,11 +14,10 @@ import email.policy
 import json
 import smtplib
 import time
-from pathlib import Path
 
 import pytest
 
-from support.certs import make_ca, self_signed
+from support.certs import make_ca
 from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7"]

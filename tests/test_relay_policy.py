@@ -1,6 +1,5 @@
 """Who may send where: local domains, trusted networks, relay disguises, unsafe local parts."""
 
-import json
 import socket
 
 import pytest

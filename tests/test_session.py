@@ -1,6 +1,5 @@
 """SMTP sessions against a running `twistd -n mailsrv`: commands, sequencing, replies."""
 
-import email
 import os
 import re
 import smtplib
@@ -201,7 +200,6 @@ def test_banner_waits_for_reverse_dns_but_not_for_ever(make_server):
     import socket
     import time
 
-    from support.harness import RawClient
 
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))  # receives the queries, answers none

@@ -4,7 +4,6 @@ Every process here is started with the harness's command line (``MailServer.comm
 same ``twistd`` invocation without ``--config`` (the demo), with the checkout first on PYTHONPATH.
 """
 
-import json
 import mailbox
 import os
 import signal

@@ -124,7 +124,7 @@ def test_swaks_auth_without_tls_is_refused(server, swaks_env):  # noqa: F811
 
 
 @pytest.mark.skipif(DOVEADM is None, reason="doveadm is not installed (apt install dovecot-core)")
-def test_doveadm_verifies_the_hash_mailsrv_user_add_wrote(env, tmp_path):
+def test_doveadm_verifies_the_hash_mailsrv_user_add_wrote(env, tmp_path):  # noqa: F811
     s = make_server(env, tmp_path / "s")  # only its configuration and files are needed
     result = subprocess.run(
         [sys.executable, "-m", "mailsrv.cli", "user", "--config", str(s.config_path), "add",
