@@ -17,7 +17,6 @@ Every server knows the same users (``alice`` and ``2alice`` … ``10alice``: smt
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -31,6 +30,9 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+# The tests' TOML writer serves the bench's configurations too.
+sys.path.insert(0, str(REPO / "tests"))
+from support.harness import render_config  # noqa: E402
 DOMAIN = "example.org"
 USERS = ["alice"] + [f"{n}alice" for n in range(2, 11)]
 SENDER = "bench@client.test"
@@ -169,18 +171,6 @@ class Aiosmtpd(Server):
         return self._start_script("aiosmtpd_server.py", str(self.maildir_root), DOMAIN, *USERS)
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
-
-
 class Mailsrv(Server):
     """``twistd -n mailsrv`` with a generated config: loopback, no reverse DNS, high limits."""
 
@@ -215,13 +205,8 @@ class Mailsrv(Server):
         }
         for table, values in (overrides or {}).items():
             config.setdefault(table, {}).update(values)
-        lines = [f"{k} = {_toml(v)}" for k, v in config.items() if not isinstance(v, dict)]
-        for table, values in config.items():
-            if isinstance(values, dict):
-                lines.append(f"\n[{table}]")
-                lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
         self.config_path = workdir / "mailsrv.toml"
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.write_text(render_config(config))
 
     @property
     def maildir_root(self) -> Path:
@@ -260,6 +245,15 @@ class Mailsrv(Server):
 
 #: Where the bench keeps its own copy of Debian's postfix package, unpacked (not installed).
 POSTFIX_HOME = Path(os.environ.get("BENCH_POSTFIX_HOME", "/var/tmp/mailsrv-bench-postfix"))
+
+
+def greets(port: int) -> bool:
+    """Whether an SMTP server on 127.0.0.1:``port`` answers a connection with its 220."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(100).startswith(b"220")
+    except OSError:
+        return False
 
 
 def postfix_root() -> Path:
@@ -435,14 +429,7 @@ class Postfix(Server):
                                f"{result.stdout}{result.stderr}"
                                + (log.read_text()[-1500:] if log.exists() else ""))
 
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    return s.recv(100).startswith(b"220")
-            except OSError:
-                return False
-
-        wait_until(answers, 60, "postfix to answer")
+        wait_until(lambda: greets(self.port), 60, "postfix to answer")
         return self.port
 
     def master_pid(self) -> int | None:

@@ -246,14 +246,7 @@ class Sink:
              f"127.0.0.1:{self.port}", "256"], stdout=subprocess.DEVNULL,
             stderr=open(workdir / "sink.log", "wb"), env=peers.postfix_env())
 
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                    return s.recv(100).startswith(b"220")
-            except OSError:
-                return False
-
-        wait_until(answers, 20, "smtp-sink")
+        wait_until(lambda: peers.greets(self.port), 20, "smtp-sink")
         # The probe's own (empty) session wrote nothing; the directory is the count.
 
     def count(self) -> int:
