@@ -812,33 +812,34 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
 def _check_tls(config: Config) -> None:
     """TLS and AUTH keys that only make sense together."""
     tls, source = config.tls, config.source
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError(
+            source, "tls.key" if tls.cert else "tls.cert", "expected tls.cert and tls.key together"
+        )
+    if not tls.enabled:
+        for table, listen in (
+            ("smtp", config.smtp.listen), ("submission", config.submission.listen)
+        ):
+            for index, endpoint in enumerate(listen):
+                if endpoint.startswith("ssl:"):
+                    raise ConfigError(
+                        source, f"{table}.listen[{index}]",
+                        "expected [tls] cert and key for an implicit-TLS (ssl:) listener",
+                    )
+        if config.submission.listen:
+            raise ConfigError(
+                source, "submission.listen",
+                "expected [tls] cert and key: AUTH is only offered over TLS",
+            )
+        if config.smtp.auth:
+            raise ConfigError(
+                source, "smtp.auth", "expected [tls] cert and key: AUTH is only offered over TLS"
+            )
     if config.auth_enabled and config.mailboxes.users is None:
         raise ConfigError(
             source, "mailboxes.users",
             "expected a users file with password hashes when AUTH is offered "
             "(submission.listen or smtp.auth)",
-        )
-    if (tls.cert is None) != (tls.key is None):
-        raise ConfigError(
-            source, "tls.key" if tls.cert else "tls.cert", "expected tls.cert and tls.key together"
-        )
-    if tls.enabled:
-        return
-    for table, listen in (("smtp", config.smtp.listen), ("submission", config.submission.listen)):
-        for index, endpoint in enumerate(listen):
-            if endpoint.startswith("ssl:"):
-                raise ConfigError(
-                    source, f"{table}.listen[{index}]",
-                    "expected [tls] cert and key for an implicit-TLS (ssl:) listener",
-                )
-    if config.submission.listen:
-        raise ConfigError(
-            source, "submission.listen",
-            "expected [tls] cert and key: AUTH is only offered over TLS",
-        )
-    if config.smtp.auth:
-        raise ConfigError(
-            source, "smtp.auth", "expected [tls] cert and key: AUTH is only offered over TLS"
         )
 
 

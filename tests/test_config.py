@@ -218,6 +218,16 @@ BAD_VALUES = [
     ("relay", "port", 0, "an integer from 1 to 65535"),
     ("relay", "port", 65536, "an integer from 1 to 65535"),
     ("relay", "port", "25", "an integer from 1 to 65535"),
+    ("smtp", "auth", "yes", "true or false"),
+    ("tls", "cert", 5, "a path"),
+    ("tls", "key", "", "a path"),
+    ("submission", "listen", "tcp:587", "a list of endpoint strings"),
+    ("submission", "check_from_header", 0, "true or false"),
+    ("auth", "max_failures", 0, "an integer >= 1"),
+    ("auth", "max_failures", 2.5, "an integer >= 1"),
+    ("auth", "window", 0, "a number of seconds > 0"),
+    ("auth", "lockout", -1, "a number of seconds > 0"),
+    ("auth", "failure_delay", -0.5, "a number of seconds >= 0"),
 ]
 
 
@@ -815,6 +825,25 @@ def test_example_configuration_loads() -> None:
     )
     assert config.queue.path == Path("/var/spool/mailsrv")
     assert config.relay == RelayConfig()
+
+
+def test_tls_and_auth_keys_that_go_together() -> None:
+    err = error_for(make(tls={"cert": "/etc/mailsrv/cert.pem"}))
+    assert (err.key, err.expected) == ("tls.key", "expected tls.cert and tls.key together")
+    err = error_for(make(tls={"key": "/etc/mailsrv/key.pem"}))
+    assert err.key == "tls.cert"
+    err = error_for(make(submission={"listen": ["tcp:587"]}))
+    assert err.key == "submission.listen" and "[tls] cert and key" in err.expected
+    err = error_for(make(smtp={"auth": True}))
+    assert err.key == "smtp.auth" and "[tls] cert and key" in err.expected
+    # AUTH needs passwords, so a users file (the catch-all has none).
+    err = error_for(make(tls=TLS, submission={"listen": ["tcp:587"]}))
+    assert err.key == "mailboxes.users" and "password hashes" in err.expected
+    config = parse_config(make(tls=TLS, submission={"listen": ["tcp:587", "ssl:465"]},
+                               mailboxes={"users": "/etc/mailsrv/users"}), SOURCE)
+    assert config.auth_enabled and config.tls.enabled
+    assert config.submission.listen == ("tcp:587", "ssl:465")
+    assert (config.auth.max_failures, config.auth.window, config.auth.lockout) == (5, 600, 900)
 
 
 def test_example_documents_every_key() -> None:
