@@ -35,6 +35,7 @@ __all__ = [
     "PasswordError",
     "check_password_field",
     "hash_password",
+    "login_name",
     "verify_password",
 ]
 
@@ -102,6 +103,11 @@ def verify_password(password: str, hashed: str | None) -> bool:
         return False
 
 
+def login_name(username: str) -> str:
+    """The users-file address a login name stands for (addresses compare case-insensitively)."""
+    return username.strip().lower()
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """Twisted's credentials checker over the users file's hashes, bcrypt in the thread pool.
@@ -128,7 +134,7 @@ class PasswordChecker:
         password = credentials.password
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        address = username.strip().lower()
+        address = login_name(username)
         table = self._passwords()
         hashed = table.get(address)
         known = address in table

@@ -193,7 +193,7 @@ def make_service(
         )
         pool = PasswordPool(reactor)
         pool.setServiceParent(top)
-        runtime.checker = PasswordChecker(lambda: runtime.directory.passwords, pool.run)
+        runtime.checker = PasswordChecker(lambda: runtime.passwords, pool.run)
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)

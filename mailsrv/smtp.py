@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from mailsrv import replies, sasl
 from mailsrv.address import AddressError, parse_mail_from, parse_rcpt_to
+from mailsrv.auth import login_name
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.spool import DataError, DataScanner
 from mailsrv.tls import describe_connection
@@ -450,7 +451,7 @@ class MailsrvESMTP(ESMTP):
         assert exchange.username is not None and exchange.password is not None
         assert self.session is not None
         session, runtime = self.session, self.runtime
-        address = exchange.username.strip().lower()
+        address = login_name(exchange.username)
         # Only a known account name is logged: a mistyped password in the user field is not.
         shown = address if address in runtime.passwords else "unknown"
         credentials = UsernamePassword(exchange.username.encode(), exchange.password.encode())
