@@ -8,6 +8,8 @@ partial message may be visible in any ``new/`` (the client will retry after our
 
 The qmail discipline: write the message once into ``tmp/`` under a unique name,
 fsync it, hard-link it into each ``new/``, fsync each ``new/``, remove ``tmp/``.
+Copies whose trace fields differ (each mailbox's own ``Delivered-To:``) are one file
+each, all written and fsync'd before the first link.
 """
 
 from __future__ import annotations
@@ -293,19 +295,22 @@ def _unique_spellings(paths: Sequence[Path]) -> list[Path]:
 
 def deliver(
     maildirs: Sequence[os.PathLike[str] | str],
-    prefix: bytes,
+    prefix: bytes | Sequence[bytes],
     body_path: os.PathLike[str] | str,
     *,
     hostname: str,
 ) -> list[Path]:
     """Deliver *prefix* + the content of *body_path* into every maildir, durably.
 
-    The message is written once into the first maildir's ``tmp/`` (0600),
-    fsync'd, then hard-linked into each ``new/`` (copied first when a maildir is
-    on another file system); every ``new/`` is fsync'd before returning, so the
-    caller may answer ``250``.  Missing ``tmp``/``new``/``cur`` directories
-    (and their parents) are created 0700.  Duplicate maildirs (same path, or
-    the same directory reached by another path) receive one copy.
+    *prefix* is one for all, or one per maildir (aligned with *maildirs*: a copy's own
+    ``Delivered-To:``).  The message is written once per distinct prefix into the
+    ``tmp/`` of the first maildir taking it (0600), fsync'd, then hard-linked into the
+    ``new/`` of each maildir taking that prefix (copied first when a maildir is on another
+    file system); every file is written before any is linked, so that a full disk shows
+    in no ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer
+    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and their parents) are created
+    0700.  Duplicate maildirs (same path, or the same directory reached by another path)
+    receive one copy, with the prefix of the first occurrence.
 
     All or nothing: on any OSError, every file created by this call in any
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
@@ -319,6 +324,9 @@ def deliver(
     paths = [Path(maildir) for maildir in maildirs]
     if not paths:
         return []
+    prefixes = [prefix] * len(paths) if isinstance(prefix, bytes) else list(prefix)
+    if len(prefixes) != len(paths):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(paths)} maildirs")
     spellings = _unique_spellings(paths)
     missing = [path for path in spellings if path not in _known_maildirs]
     if missing:
@@ -340,45 +348,59 @@ def deliver(
                 index_of[key] = len(unique)
                 unique.append(path)
             which.append(index_of[key])
+    # The directories taking each distinct prefix (indexes into unique): one file each.
+    groups: dict[bytes, list[int]] = {}
+    grouped: set[int] = set()
+    for argument, index in enumerate(which):
+        if index not in grouped:  # a directory's first occurrence gives its prefix
+            grouped.add(index)
+            groups.setdefault(prefixes[argument], []).append(index)
 
     created_tmp: list[Path] = []
     created_new: list[Path] = []
     try:
         with _doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+        files: list[tuple[Path, str, int]] = []  # per group: its tmp file, name, size
         try:
             with _doing("stat", body_path):
                 body_size = os.fstat(src_fd).st_size
-            size = len(prefix) + body_size
-            name = unique_name(hostname, size)
-            first_tmp = unique[0] / "tmp" / name
-            with _doing("create", first_tmp):
-                dst_fd = _create(first_tmp)
-            created_tmp.append(first_tmp)
-            try:
-                with _doing("write", first_tmp):
-                    _write_all(dst_fd, prefix)
-                    _copy_data(src_fd, dst_fd, body_size)
-                with _doing("fsync", first_tmp):
-                    os.fsync(dst_fd)
-            finally:
-                os.close(dst_fd)
+            for group_prefix, members in groups.items():
+                size = len(group_prefix) + body_size
+                name = unique_name(hostname, size)
+                tmp = unique[members[0]] / "tmp" / name
+                with _doing("create", tmp):
+                    dst_fd = _create(tmp)
+                created_tmp.append(tmp)
+                try:
+                    with _doing("write", tmp):
+                        _write_all(dst_fd, group_prefix)
+                        _copy_data(src_fd, dst_fd, body_size)
+                    with _doing("fsync", tmp):
+                        os.fsync(dst_fd)
+                finally:
+                    os.close(dst_fd)
+                files.append((tmp, name, size))
         finally:
             os.close(src_fd)
 
-        for target in unique:
-            new_path = target / "new" / name
-            try:
-                os.link(first_tmp, new_path)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise DeliveryError.from_oserror("link into", new_path, exc) from exc
-                # Another file system: a copy of its own, made durable, then linked.
-                own_tmp = target / "tmp" / name
-                _copy_file(first_tmp, own_tmp, size, created_tmp)
-                with _doing("link into", new_path):
-                    os.link(own_tmp, new_path)
-            created_new.append(new_path)
+        new_paths: dict[int, Path] = {}  # index in unique -> its file in new/
+        for (tmp, name, size), members in zip(files, groups.values()):
+            for index in members:
+                target = unique[index]
+                new_path = target / "new" / name
+                try:
+                    os.link(tmp, new_path)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise DeliveryError.from_oserror("link into", new_path, exc) from exc
+                    # Another file system: a copy of its own, made durable, then linked.
+                    own_tmp = target / "tmp" / name
+                    _copy_file(tmp, own_tmp, size, created_tmp)
+                    with _doing("link into", new_path):
+                        os.link(own_tmp, new_path)
+                created_new.append(new_path)
+                new_paths[index] = new_path
 
         for target in unique:
             with _doing("fsync directory", target / "new"):
@@ -395,7 +417,7 @@ def deliver(
     for path in created_tmp:
         with suppress(OSError):
             os.unlink(path)
-    return [created_new[i] for i in which]
+    return [new_paths[i] for i in which]
 
 
 def remove_delivered(paths: Iterable[os.PathLike[str] | str]) -> None:

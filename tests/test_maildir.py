@@ -183,6 +183,62 @@ def test_deliver_same_directory_through_symlink_once(tmp_path: Path, body: Path)
     assert result[0].stat().st_nlink == 1
 
 
+def dt(address: str) -> bytes:
+    return b"Delivered-To: " + address.encode() + b"\n" + PREFIX
+
+
+def test_deliver_one_prefix_per_maildir(tmp_path: Path, body: Path) -> None:
+    a, b, c = tmp_path / "alice", tmp_path / "bob", tmp_path / "carol"
+    pa, pb, pc = deliver([a, b, c], [dt("alice"), dt("bob"), dt("alice")], body, hostname="h")
+    assert pa.read_bytes() == dt("alice") + BODY and pb.read_bytes() == dt("bob") + BODY
+    # Different prefixes: files of their own, each in its own tmp/ first (no copying).
+    assert pa.stat().st_ino != pb.stat().st_ino and pb.stat().st_nlink == 1
+    # The same prefix: still one file, hard-linked.
+    assert pa.stat().st_ino == pc.stat().st_ino and pa.stat().st_nlink == 2
+    assert int(NAME_RE.fullmatch(pb.name)["size"]) == len(dt("bob") + BODY)  # type: ignore[index]
+    assert sorted(leftovers(a, b, c)) == sorted([pa, pb, pc])
+
+
+def test_deliver_duplicate_maildir_takes_the_first_prefix(tmp_path: Path, body: Path) -> None:
+    a = tmp_path / "alice"
+    first, again = deliver([a, a], [dt("one"), dt("two")], body, hostname="h")
+    assert first == again and first.read_bytes() == dt("one") + BODY
+    assert files_in(a / "new") == [first]
+
+
+def test_deliver_prefixes_must_match_maildirs(tmp_path: Path, body: Path) -> None:
+    with pytest.raises(ValueError):
+        deliver([tmp_path / "a", tmp_path / "b"], [PREFIX], body, hostname="h")
+
+
+def test_every_copy_is_written_before_any_is_linked(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up while writing the second copy leaves nothing in any new/."""
+    a, b = tmp_path / "alice", tmp_path / "bob"
+    real_create = maildir._create
+    linked: list[str] = []
+    real_link = os.link
+
+    def create(path: Path) -> int:
+        if path.is_relative_to(b):
+            assert linked == []
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_create(path)
+
+    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        linked.append(str(dst))
+        real_link(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir, "_create", create)
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(DeliveryError) as info:
+        deliver([a, b], [dt("alice"), dt("bob")], body, hostname="h")
+    assert info.value.disk_full
+    assert linked == []
+    assert leftovers(a, b) == []
+
+
 def test_deliver_nothing(tmp_path: Path, body: Path) -> None:
     assert deliver([], PREFIX, body, hostname="h") == []
 

@@ -418,6 +418,43 @@ def test_from_header_must_be_owned(env, server):
     assert not any("forged" in m.get_payload() for m in server.messages("alice@example.org"))
 
 
+PADDING = b"".join(b"X-Pad-%05d: %s\r\n" % (i, b"p" * 60) for i in range(900))  # 66 KB
+
+
+@pytest.mark.parametrize(("head", "code", "status"), [
+    (b"Subject: x\r\nFrom : alice@example.org", 553, b"5.7.1"),
+    (b"Subject: x\r\nFrom\t: alice@example.org", 553, b"5.7.1"),
+    (b"Subject: x\r\nX-Junk\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\nX-\xe9t\xe9: y\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\nX-\x00: y\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\n: x\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"From: bob@example.org\r\nnot a header\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\n" + PADDING + b"From: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nSender: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nResent-From: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nFrom: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nX-P: " + b"p" * 900 + (b"\r\n p" + b"p" * 900) * 1200,
+     552, b"5.3.4"),
+], ids=["sp-colon", "tab-colon", "no-colon", "8bit-name", "nul-name", "empty-name",
+        "non-header-line", "after-66kb", "sender", "resent-from", "second-from", "1mib"])
+def test_forged_header_sections_are_refused(env, server, head, code, status):
+    client = submit_starttls(env, server, user="bob@example.org")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail("bob@example.org", ["alice@example.org"],
+                        head + b"\r\n\r\nmarker-forged\r\n")
+    assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (code, status)
+    assert re.search(rb"header (section|address)", refused.value.smtp_error)
+    client.rset()
+    # The same connection can still send honest mail, and only that arrives.
+    marker = "marker-honest-" + hashlib.sha256(head).hexdigest()[:12]
+    client.sendmail("bob@example.org", ["alice@example.org"],
+                    b"From: Bob <bob@example.org>\r\nSubject: x\r\n\r\n%s\r\n" % marker.encode())
+    client.quit()
+    wait_for(lambda: received_of(server, "alice@example.org", marker), 10, "message")
+    assert not any("marker-forged" in m.get_payload() for m in server.messages("alice@example.org"))
+    assert f'reason="{code} {status.decode()} ' in server.log_text()
+
+
 def test_from_header_check_can_be_turned_off(env, tmp_path):
     s = make_server(env, tmp_path / "s", submission={"check_from_header": False}).start()
     try:
