@@ -229,6 +229,7 @@ class MailsrvESMTP(ESMTP):
             if len(self._input) > self._line_limit(self._input):
                 self._input = b""
                 self._skipping_line = True
+                self._sasl = None  # as below: an over-long response ends the exchange
                 self._error(replies.LINE_TOO_LONG)
             elif b"\r" in self._input[:-1]:
                 self._refuse_bare_line_end()

@@ -369,6 +369,33 @@ def test_sasl_line_limit_is_12288_octets(env, server):
     client.close()
 
 
+def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, server):
+    """A 200 KB response line arriving in pieces is answered as one in one read is (500),
+    and the exchange is over: the next command is a command, not the SASL response."""
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
+                        context=client_context(env))
+    client.command("EHLO client.test")
+    for mechanism, first_challenge in (("PLAIN", ""), ("LOGIN", "VXNlcm5hbWU6")):
+        assert client.command("AUTH " + mechanism) == (334, first_challenge)
+        piece = b"A" * 20000
+        for _ in range(10):  # 200,000 octets, none of them a line end, over ten reads
+            client.send(piece)
+            time.sleep(0.02)
+        client.send(b"\r\n")
+        assert client.reply() == (500, "5.5.2 Error: command line too long")
+        assert client.command("NOOP") == (250, "2.0.0 Ok")
+        assert client.command("RSET") == (250, "2.0.0 Ok")
+    # An AUTH command (with its initial response) that is over the limit opens no exchange.
+    client.send(b"AUTH PLAIN " + b"A" * 30000)
+    time.sleep(0.05)
+    client.send(b"A" * 30000 + b"\r\n")
+    assert client.reply() == (500, "5.5.2 Error: command line too long")
+    assert client.command("NOOP") == (250, "2.0.0 Ok")
+    password = USERS_PASSWORDS["alice@example.org"]
+    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}"))[0] == 235
+    client.close()
+
+
 # --------------------------------------------------------------------------- relay and senders
 
 
