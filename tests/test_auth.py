@@ -142,6 +142,42 @@ def test_success_forgets_failures_and_delays_grow() -> None:
     assert [tracker.delay(n) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 8, 8]
 
 
+def test_checks_under_way_count_as_failures() -> None:
+    """Ten parallel logins from one address get no more than max_failures checks."""
+    clock = Clock()
+    tracker = FailureTracker(5, window=60, lockout=300, failure_delay=1, clock=clock)
+    started = [tracker.begin("192.0.2.1") for _ in range(10)]
+    assert started == [True] * 5 + [False] * 5
+    assert tracker.begin("192.0.2.2")  # another address is not affected
+    assert [tracker.failed("192.0.2.1") for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert tracker.locked("192.0.2.1") and not tracker.begin("192.0.2.1")
+    clock.now += 300
+    assert tracker.begin("192.0.2.1")  # the lockout is over
+
+
+def test_a_check_that_ends_frees_its_reservation() -> None:
+    clock = Clock()
+    tracker = FailureTracker(3, window=60, lockout=300, failure_delay=1, clock=clock)
+    assert tracker.begin("a") and tracker.begin("a") and tracker.begin("a")
+    assert not tracker.begin("a")
+    tracker.succeeded("a")  # ends its own check, not the two others under way
+    assert tracker.begin("a") and not tracker.begin("a")
+    tracker.abandoned("a")  # could not be checked: no failure counted
+    assert tracker.begin("a") and not tracker.begin("a")
+    assert tracker.failed("a") == 1
+    assert tracker.failed("a") == 2
+    tracker.abandoned("a")
+    assert not tracker.locked("a")
+    assert tracker.begin("a")  # 2 failures + 1 under way: full
+    assert not tracker.begin("a")
+    clock.now += 61  # the two failures fell out of the window; one check is still under way
+    assert tracker.begin("a") and tracker.begin("a") and not tracker.begin("a")
+    assert tracker._checking == {"a": 3}
+    for _ in range(3):
+        tracker.abandoned("a")
+    assert tracker._checking == {}  # nothing kept for an address with no check under way
+
+
 def test_tracker_memory_is_bounded() -> None:
     tracker = FailureTracker(1, 60, 60, 0, clock=Clock(), max_addresses=100)
     for n in range(1000):

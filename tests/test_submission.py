@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -491,6 +492,49 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
         assert re.search(r"auth failed client=unknown\[127\.0\.0\.9\] user=alice@example.org "
                          r"mechanism=PLAIN failures=3", log)
         assert "auth lockout client=unknown[127.0.0.9] seconds=3" in log
+    finally:
+        s.stop()
+
+
+def test_parallel_connections_get_no_more_than_max_failures_checks(env, tmp_path):
+    """Ten connections from one address guessing at once: checks under way count as
+    failures, so between them they get max_failures password checks, then 454."""
+    s = make_server(env, tmp_path / "s", auth={"max_failures": 5, "window": 600,
+                                               "lockout": 600, "failure_delay": 0.05},
+                    smtp={"max_connections_per_ip": 20}).start()
+    try:
+        clients = [raw_client(s.port_of("submission", tls=True), source=UNTRUSTED,
+                              implicit=True, context=client_context(env)) for _ in range(10)]
+        for client in clients:
+            client.command("EHLO client.test")
+        # An unknown user: its check is a full-cost bcrypt (a quarter of a second), so all
+        # ten first guesses arrive while the first checks are still running.
+        bad = "AUTH PLAIN " + b64("\0nobody@example.org\0wrong")
+        codes: list[list[int]] = [[] for _ in clients]
+        go = threading.Barrier(len(clients), timeout=30)
+
+        def guess(client: RawClient, mine: list[int]) -> None:
+            go.wait()
+            for _ in range(5):
+                mine.append(client.command(bad)[0])
+                if mine[-1] == 454:
+                    break
+
+        threads = [threading.Thread(target=guess, args=(c, mine), daemon=True)
+                   for c, mine in zip(clients, codes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        answers = [code for mine in codes for code in mine]
+        assert set(answers) == {535, 454}, codes
+        assert answers.count(535) <= 5, codes
+        assert all(mine[-1] == 454 for mine in codes), codes  # every connection locked out
+        checks = s.log_text().count("auth failed client=unknown[127.0.0.9]")
+        assert checks == answers.count(535), s.log_text()
+        for client in clients:
+            client.close()
     finally:
         s.stop()
 
