@@ -4,6 +4,7 @@ sender ownership and users-file edits."""
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 
@@ -273,3 +274,35 @@ def test_replace_file_is_atomic_and_checked(tmp_path) -> None:
         userfile.replace_file(path, "rejected\n", refuse)
     assert path.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]  # no temporary file left
+
+
+def test_replace_file_keeps_hashes_from_others(tmp_path) -> None:
+    """0640 at most (a stricter mode stays); the server's group when the file is new or was
+    readable by everyone, so that taking "others" away does not lock the server out."""
+    path = tmp_path / "users"
+    userfile.replace_file(path, "new\n", server_group=os.getgid())
+    assert path.stat().st_mode & 0o7777 == 0o640
+    for before, after in ((0o644, 0o640), (0o666, 0o640), (0o604, 0o600), (0o600, 0o600),
+                          (0o660, 0o640), (0o4755, 0o640)):
+        path.chmod(before)
+        userfile.replace_file(path, "x\n")
+        assert path.stat().st_mode & 0o7777 == after, oct(before)
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's group to any group needs root")
+    server, admin = 4242, 4343
+    path.unlink()
+    userfile.replace_file(path, "new\n", server_group=server)
+    assert (path.stat().st_gid, path.stat().st_mode & 0o777) == (server, 0o640)
+    os.chown(path, 0, admin)
+    path.chmod(0o640)  # the administrator's choice of group: kept
+    userfile.replace_file(path, "y\n", server_group=server)
+    assert (path.stat().st_uid, path.stat().st_gid) == (0, admin)
+    path.chmod(0o644)  # the server may read it as "others": it gets the server's group
+    userfile.replace_file(path, "z\n", server_group=server)
+    assert (path.stat().st_uid, path.stat().st_gid) == (0, server)
+    assert path.stat().st_mode & 0o777 == 0o640
+    os.chown(path, 1234, admin)
+    path.chmod(0o644)
+    userfile.replace_file(path, "w\n")  # no server group known: the owner and group stay
+    assert (path.stat().st_uid, path.stat().st_gid, path.stat().st_mode & 0o777) == (
+        1234, admin, 0o640)

@@ -589,12 +589,61 @@ def test_a_broken_users_file_is_refused_and_the_old_one_kept(env, tmp_path):
         text = users.read_text()
         tmp = users.with_suffix(".new")
         tmp.write_text(text + "eve@example.org:{PLAIN}secret\n")
+        tmp.chmod(0o640)
         os.replace(tmp, users)
         wait_for(lambda: "reload (changed on disk) refused" in s.log_text(), 10, "the refusal")
         assert "expected the {BLF-CRYPT} scheme" in s.log_text()
         submit_starttls(env, s).quit()  # the old file is still in force
     finally:
         s.stop()
+
+
+def test_hashes_open_to_others_are_refused_until_chmod(env, tmp_path):
+    """A users file with hashes that others can read is not loaded (the old one stays in
+    force); the chmod that fixes it is picked up without another change."""
+    s = make_server(env, tmp_path / "s").start()
+    try:
+        users = s.workdir / "users"
+        tmp = users.with_suffix(".new")
+        tmp.write_text(users.read_text() + f"eve@example.org:{hash_password('eve pw', cost=4)}\n")
+        tmp.chmod(0o644)
+        os.replace(tmp, users)
+        wait_for(lambda: "reload (changed on disk) refused" in s.log_text(), 10, "the refusal")
+        assert f"{users}: mode 0644: expected a file with password hashes that others " \
+               "cannot read: chmod 0640" in s.log_text()
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            submit_starttls(env, s, user="eve@example.org", password="eve pw")
+        submit_starttls(env, s).quit()  # the old file is still in force
+        users.chmod(0o640)
+
+        def eve_can_login() -> bool:
+            try:
+                submit_starttls(env, s, user="eve@example.org", password="eve pw").quit()
+                return True
+            except smtplib.SMTPAuthenticationError:
+                return False
+
+        wait_for(eve_can_login, 10, "the file to be reloaded after the chmod")
+    finally:
+        s.stop()
+
+
+def test_user_command_writes_the_file_for_the_server_only(env, tmp_path):
+    """mailsrv user turns a 0644 users file into 0640, with the server's group (that of the
+    queue directory the server made) so that the server can still read it."""
+    s = make_server(env, tmp_path / "s")  # its files only
+    users = s.workdir / "users"
+    users.chmod(0o644)
+    s.queue.mkdir()
+    server_gid = 4242 if os.geteuid() == 0 else os.getgid()
+    os.chown(s.queue, -1, server_gid)
+    result = run_cli("user", "--config", str(s.config_path), "passwd", "alice@example.org",
+                     "--password-stdin", stdin="new pw\n")
+    assert result.returncode == 0, result.stderr
+    st = users.stat()
+    assert (st.st_mode & 0o777, st.st_gid) == (0o640, server_gid)
+    check = run_cli("check-config", "--config", str(s.config_path))
+    assert check.returncode == 0, check.stderr
 
 
 def test_sighup_reloads_the_certificate_without_dropping_connections(env, tmp_path):

@@ -102,6 +102,7 @@ class MailServer:
         self.log_path = workdir / "mailsrv.log"
         users_file = workdir / "users"
         users_file.write_text("\n".join(users if users is not None else DEFAULT_USERS) + "\n")
+        users_file.chmod(0o640)  # it may hold password hashes: the server refuses 0644 then
         aliases_file = workdir / "aliases"
         aliases_file.write_text("\n".join(aliases if aliases is not None else DEFAULT_ALIASES) + "\n")
         self.config: dict[str, Any] = {
