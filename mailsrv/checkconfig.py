@@ -9,7 +9,8 @@ and holding the spool lock even for a moment could make a server starting meanwh
 start.  Everything else is the server's code itself: ``load_config`` for the file,
 ``service.load_tls`` for the certificate and key, and ``service.load_directory`` for the users
 and aliases (every alias resolves, every local domain has a postmaster, and with AUTH on,
-every password is a hash mailsrv can verify).
+every password is a hash mailsrv can verify).  It also warns of what is valid but probably
+not meant: a postmaster whose mail would be relayed off the machine.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailsrv.address import Mailbox
 from mailsrv.config import Config, ConfigError, load_config, read_smarthost_password
-from mailsrv.router import Directory
+from mailsrv.router import Directory, RemoteTarget
 
-__all__ = ["CheckResult", "check_config", "check_directory"]
+__all__ = ["CheckResult", "check_config", "check_directory", "postmaster_warnings"]
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -30,6 +32,7 @@ class CheckResult:
     config: Config
     directory: Directory
     notes: tuple[str, ...]  # things that are valid but worth telling (a directory still missing)
+    warnings: tuple[str, ...] = ()  # valid, but probably not what was meant
 
     def summary(self) -> str:
         """A few lines an administrator can compare with what they meant to configure."""
@@ -51,6 +54,7 @@ class CheckResult:
             + (", ".join(str(n) for n in c.relay.trusted_networks) or "none"),
         ]
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -79,6 +83,27 @@ def check_directory(source: Path | None, key: str, path: Path) -> str | None:
     return f"{key}: {path} does not exist yet; the server creates it at start-up"
 
 
+def postmaster_warnings(directory: Directory, aliases: Path | None) -> list[str]:
+    """A warning for each local domain whose postmaster's mail would leave this machine.
+
+    The Debian package aliases ``postmaster`` to root at the domain it was installed for; an
+    administrator who then changes ``[domains] local`` and not the aliases file has every
+    postmaster's mail (bounces, abuse reports) relayed to that old name.  Forwarding the
+    postmaster elsewhere can be meant, so it is a warning, not an error.
+    """
+    where = f"the aliases file {aliases}" if aliases is not None else "an aliases file"
+    warnings = []
+    for domain in directory.local_domains:
+        remote = [t.address for t in directory.resolve(Mailbox("postmaster", domain))
+                  if isinstance(t, RemoteTarget)]
+        if remote:
+            warnings.append(
+                f"postmaster@{domain} goes to {', '.join(remote)}, not to a mailbox here: "
+                f"mail for the postmaster leaves this machine (name a local mailbox in {where})"
+            )
+    return warnings
+
+
 def check_config(path: str | os.PathLike[str]) -> CheckResult:
     """Run every check the server runs at start-up on the file at ``path``; ConfigError if any fails.
 
@@ -96,4 +121,6 @@ def check_config(path: str | os.PathLike[str]) -> CheckResult:
     load_tls(config)
     read_smarthost_password(config)
     directory = load_directory(config)
-    return CheckResult(config=config, directory=directory, notes=tuple(notes))
+    aliases = Path(config.mailboxes.aliases) if config.mailboxes.aliases is not None else None
+    return CheckResult(config=config, directory=directory, notes=tuple(notes),
+                       warnings=tuple(postmaster_warnings(directory, aliases)))

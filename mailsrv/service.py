@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application import internet, service
 from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -88,27 +89,48 @@ def clear_incoming(queue_path: Path) -> int:
     return removed
 
 
+class ListenError(Exception):
+    """A listener cannot listen: ``key description: reason``, the one line an admin reads."""
+
+
 class ListenerService(service.Service):
     """One listening endpoint; binds in privilegedStartService so that port 25 works."""
 
     def __init__(
         self, description: str, factory: Any, reactor: Any, endpoint: str | None = None,
-        kind: str = "smtp",
+        kind: str = "smtp", index: int = 0,
     ) -> None:
         self.description = description  # as configured (logged)
         self.kind = kind  # "smtp" or "submission" (logged)
+        self.key = f"{kind}.listen[{index}]"  # the configuration key, for errors
         self.endpoint = endpoint or description  # what Twisted listens on
         self.factory = factory
         self.reactor = reactor
         self.port: Any = None
 
-    def privilegedStartService(self) -> None:
+    def listen(self) -> None:
+        """Listen now (once); ListenError naming the key when the address cannot be had.
+
+        The twistd plugin calls this before twistd daemonizes, so that a port in use is
+        reported by the command the administrator ran, not by a daemon with no terminal.
+        """
+        if self.port is not None:
+            return
         endpoint = serverFromString(self.reactor, self.endpoint)
         failures: list[Any] = []
         d = endpoint.listen(self.factory)
         d.addCallbacks(self._listening, failures.append)
         if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                cause = error.socketError
+                number = getattr(cause, "errno", None)
+                reason = os.strerror(number).lower() if number else str(cause)
+                raise ListenError(f"{self.key} {self.description}: {reason}") from None
             failures[0].raiseException()
+
+    def privilegedStartService(self) -> None:
+        self.listen()
         service.Service.privilegedStartService(self)
 
     def startService(self) -> None:
@@ -131,6 +153,14 @@ class ListenerService(service.Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def listen_all(top: service.MultiService) -> None:
+    """Make every listener of ``make_service``'s result listen now; ListenError on the first
+    that cannot (those already listening are closed when the process exits)."""
+    for child in top:
+        if isinstance(child, ListenerService):
+            child.listen()
 
 
 class _SpareFilesService(service.Service):
@@ -201,7 +231,7 @@ def make_service(
     runtime.relayer.setServiceParent(top)
     counter = ConnectionCounter(config.smtp.max_connections, config.smtp.max_connections_per_ip)
     for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
-        for description in listen:
+        for index, description in enumerate(listen):
             implicit_tls = description.startswith("ssl:")
             factory: Any = SMTPServerFactory(runtime, counter, submission, implicit_tls)
             endpoint = description
@@ -209,7 +239,8 @@ def make_service(
                 factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
                 endpoint = tcp_endpoint_for_ssl(description)
             ListenerService(
-                description, factory, reactor, endpoint, "submission" if submission else "smtp"
+                description, factory, reactor, endpoint, "submission" if submission else "smtp",
+                index,
             ).setServiceParent(top)
     Reloader(runtime).setServiceParent(top)
     log.info(

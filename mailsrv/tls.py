@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 __all__ = ["ServerTLS", "TLSSetupError", "build_server_context", "describe_connection"]
 
@@ -67,8 +69,14 @@ def build_server_context(cert: Path, key: Path) -> SSL.Context:
     return context
 
 
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
 class ServerTLS:
-    """The current server context, as Twisted's ``IOpenSSLContextFactory`` (``getContext``)."""
+    """The current server context, for Twisted's TLS (listeners and ``startTLS``).
+
+    It declares the interfaces it provides: Twisted 26 warns at start-up
+    (``LegacyContextFactoryWarning``) about a context factory that only has ``getContext``.
+    Both interfaces exist in every Twisted this runs on (22.4 and later).
+    """
 
     def __init__(self, cert: Path, key: Path) -> None:
         self.cert = cert
@@ -77,6 +85,10 @@ class ServerTLS:
 
     def getContext(self) -> SSL.Context:
         return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """A connection on the context current now (Twisted sets its state and app data)."""
+        return SSL.Connection(self._context, None)
 
     def reload(self) -> None:
         """Re-read the files; on failure keep serving the old certificate and raise."""

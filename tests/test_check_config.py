@@ -190,3 +190,29 @@ def test_every_subcommand_has_help(command, capsys):
         cli.main([*command, "--help"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: mailsrv")
+
+
+def test_postmaster_relayed_off_the_machine_is_a_warning(configured, capsys):
+    """The package's aliases say ``postmaster: root@<installation domain>``; after [domains]
+    local is changed and the aliases file is not, postmaster mail would go to the old name."""
+    users = configured.workdir / "users"
+    aliases = configured.workdir / "aliases"
+    users.write_text("root@example.org\nroot@example.net\n")
+    aliases.write_text("postmaster: root@vm\nabuse: root@vm\n")
+    assert check(configured) == 0
+    out = capsys.readouterr().out
+    for domain in ("example.org", "example.net"):
+        assert (f"  warning: postmaster@{domain} goes to root@vm, not to a mailbox here: mail "
+                f"for the postmaster leaves this machine (name a local mailbox in the aliases "
+                f"file {aliases})\n") in out, out
+    # One domain's postmaster a mailbox here, the other's forwarded elsewhere as well.
+    aliases.write_text("postmaster@example.net: root@example.net, admin@remote.test\n")
+    users.write_text("root@example.org\nroot@example.net\npostmaster@example.org\n")
+    assert check(configured) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1
+    assert "warning: postmaster@example.net goes to admin@remote.test, not" in out
+    # Local postmasters: no warning.
+    aliases.write_text("postmaster: root@example.org\n")
+    assert check(configured) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import io
 import email.policy
 import json
 import time
@@ -122,3 +123,36 @@ def test_configuration_errors(tmp_path, capsys):
     assert cli.main(["queue", "--config", str(bad), "list"]) == 2
     assert "configuration error" in capsys.readouterr().err
     assert cli.main(["queue", "--config", str(tmp_path / "missing.toml"), "list"]) == 2
+
+
+@pytest.mark.parametrize("where", ["first", "after the command", "last"])
+@pytest.mark.parametrize("command", [
+    ["queue", "list", "--json"],
+    ["queue", "show", "AAAAAAAAAAAAA1"],
+    ["queue", "flush", "AAAAAAAAAAAAA1"],
+    ["user", "list"],
+    ["user", "add", "dora@example.org", "--password-stdin"],
+    ["user", "passwd", "alice@example.org", "--password-stdin"],
+    ["user", "del", "erin@example.org"],
+    ["check-config"],
+], ids=lambda c: "-".join(c[:2]))
+def test_config_option_anywhere(spool, capsys, monkeypatch, where, command):
+    """``mailsrv user add alice@x --config F`` as well as ``mailsrv user --config F add ...``."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("a good password\n"))
+    with open(spool.workdir / "users", "a") as users:
+        users.write("erin@example.org\n")  # for "user del": in no alias
+    option = ["--config", str(spool.config_path)]
+    argv = {"first": option + command,
+            "after the command": command[:1] + option + command[1:],
+            "last": command + option}[where]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert str(spool.config_path) in capsys.readouterr().out or command[0] != "check-config"
+
+
+def test_config_option_given_twice_the_last_one_counts(spool, tmp_path, capsys):
+    missing = tmp_path / "missing.toml"
+    assert cli.main(["queue", "--config", str(missing), "list", "--config",
+                     str(spool.config_path)]) == 0
+    assert cli.main(["queue", "--config", str(spool.config_path), "list", "--config",
+                     str(missing)]) == 2
+    assert f"{missing}: (file)" in capsys.readouterr().err

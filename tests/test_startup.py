@@ -9,14 +9,15 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
-import sys
 import time
 
 import pytest
 
 from mailsrv.config import DEFAULT_CONFIG_PATH, demo_config
-from support.harness import START_TIMEOUT, _env, render_config, wait_for
+from support.certs import make_ca, self_signed
+from support.harness import START_TIMEOUT, TWISTD, _env, render_config, wait_for
 
 #: How long a start with a broken configuration may take to give up.
 FAIL_TIMEOUT = 30.0
@@ -25,7 +26,6 @@ POLL = 0.05
 #: The demo's fixed address (the one exception to "ports the kernel picked").
 DEMO_PORT = 2525
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 MESSAGE = (
     b"From: Bob <bob@client.test>\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}\r\n"
@@ -328,3 +328,90 @@ def test_help_lists_config_option(tmp_path):
     assert result.returncode == 0, output
     assert "--config" in output
     assert "Path to mailsrv.toml" in output
+
+
+# --------------------------------------------------------------------------- a port in use
+
+
+@pytest.fixture
+def held_port():
+    """A loopback port another socket listens on (as another server would)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("daemonize", [False, True], ids=["nodaemon", "daemon"])
+def test_port_in_use_is_one_line_and_status_2(make_server, held_port, daemonize):
+    """Not a traceback (twistd -n) nor a daemon's message cut at 100 bytes (twistd): the
+    listener's key, its endpoint and the reason, from the command that was run."""
+    server = make_server()
+    endpoint = f"tcp:{held_port}:interface=127.0.0.1"
+    _set(server, "smtp", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
+    command = server.command()
+    pidfile = server.workdir / "twistd.pid"
+    if daemonize:
+        command.remove("-n")
+        command[command.index("--pidfile=")] = f"--pidfile={pidfile}"
+    try:
+        result = subprocess.run(
+            command, cwd=server.workdir, env=_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=FAIL_TIMEOUT,
+        )
+    finally:
+        if daemonize and pidfile.exists():  # a daemon that started after all: end it
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    stderr = result.stderr.decode(errors="replace")
+    assert stderr == f"mailsrv: smtp.listen[1] {endpoint}: address already in use\n", stderr
+    assert result.stdout == b""
+    assert result.returncode == 2
+    assert not pidfile.exists()
+    assert "Traceback" not in server.log_text()
+
+
+def test_implicit_tls_port_in_use_names_its_key(make_server, held_port):
+    server = make_server()
+    cert, key = self_signed(["mx.example.org"], server.workdir)
+    endpoint = f"ssl:{held_port}:interface=127.0.0.1"
+    server.config["tls"] = {"cert": str(cert), "key": str(key)}
+    _set(server, "submission", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
+    result = subprocess.run(
+        server.command(), cwd=server.workdir, env=_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=FAIL_TIMEOUT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        f"mailsrv: submission.listen[1] {endpoint}: address already in use\n"
+    )
+
+
+# --------------------------------------------------------------------------- TLS at start-up
+
+
+def test_tls_start_and_handshakes_give_no_legacy_context_factory_warning(make_server):
+    """Twisted 26 warns (LegacyContextFactoryWarning) about a TLS context factory that does
+    not declare IOpenSSLServerConnectionCreator; mailsrv's does, on 22.4 as on 26."""
+    server = make_server()
+    ca = make_ca(server.workdir)
+    cert, key = ca.issue(["mx.example.org"], server.workdir, ips=("127.0.0.1",))
+    server.config["tls"] = {"cert": str(cert), "key": str(key)}
+    _set(server, "submission", "listen",
+         ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"])
+    server.start()
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
+                      timeout=15) as client:
+        client.starttls(context=context)
+        assert client.ehlo()[0] == 250
+    with smtplib.SMTP_SSL("127.0.0.1", server.port_of("submission", tls=True),
+                          local_hostname="client.test", timeout=15,
+                          context=context) as client:
+        assert client.ehlo()[0] == 250
+        assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
+    server.stop()
+    output = (server.workdir / "twistd.out").read_text(errors="replace") + server.log_text()
+    assert "LegacyContextFactoryWarning" not in output, output
+    assert "does not explicitly provide" not in output, output
+    assert "Warning" not in output, output

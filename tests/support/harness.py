@@ -29,6 +29,17 @@ def _env() -> dict[str, str]:
     return env
 
 
+#: ``twistd`` with the checkout's plugin first: twisted.plugins.__path__ puts the installed
+#: Twisted's own plugin directory first, so a mailsrv once pip-installed (not editable) in the
+#: same environment would otherwise have twistd load that copy's mailsrv_plugin.py.
+TWISTD = [
+    sys.executable, "-c",
+    "import twisted.plugins; twisted.plugins.__path__.insert(0, "
+    f"{str(REPO / 'twisted' / 'plugins')!r}); "
+    "from twisted.scripts.twistd import run; run()",
+]
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,8 +139,7 @@ class MailServer:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "--logfile", str(self.log_path),
+            *TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path),
             "mailsrv", "--config", str(self.config_path),
         ]
 

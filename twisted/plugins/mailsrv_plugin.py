@@ -60,12 +60,21 @@ class MailsrvServiceMaker:
     options = Options
 
     def makeService(self, options: Options):
-        from mailsrv.service import make_service
+        from mailsrv.service import ListenError, listen_all, make_service
 
-        return make_service(
+        top = make_service(
             options["parsed_config"], directory=options["directory"],
             spool_lock=options["spool_lock"],
         )
+        # Listen here, still as root (port 25) and before twistd daemonizes: a port in use is
+        # then one line from the command that was run, with exit status 2, as a
+        # configuration error is, rather than a traceback or a daemon's truncated message.
+        try:
+            listen_all(top)
+        except ListenError as e:
+            sys.stderr.write(f"mailsrv: {e}\n")
+            raise SystemExit(2)
+        return top
 
 
 serviceMaker = MailsrvServiceMaker()
