@@ -430,6 +430,9 @@ class MailsrvESMTP(ESMTP):
         self._esmtp = False
         self._tls_active = True
         self.transport.startTLS(self.runtime.tls)
+        # Our producer now hangs under the TLS layer, which tells it afresh when its
+        # socket's buffer is full: a pause from the plain connection would never be lifted.
+        self._replies_blocked = False
         self.log.info("starttls client={client}", client=self._client_ip)
 
     def _note_tls(self) -> None:
