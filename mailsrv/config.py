@@ -88,7 +88,10 @@ class SmtpConfig:
     idle_timeout: float = 300.0  # seconds without a command before 421 4.4.2
     data_timeout: float = 600.0  # seconds the whole DATA phase may take
     max_connections: int = 100  # in total
-    max_connections_per_ip: int = 10
+    max_connections_per_ip: int = 50  # trusted_networks are held to the total only
+    # NOOP, RSET, VRFY, HELP, HELO, EHLO per session (reset by a delivered message) before
+    # each further one counts as an error (Postfix's smtpd_junk_command_limit)
+    junk_command_limit: int = 100
     max_received_headers: int = 50  # more Received: hops than this is a loop (554 5.4.6)
     reverse_dns: bool = True  # look up the client's PTR name for Received:
     auth: bool = False  # also offer AUTH here (after STARTTLS), as on the submission ports
@@ -651,6 +654,7 @@ _TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
             "data_timeout": _seconds(),
             "max_connections": _integer(1),
             "max_connections_per_ip": _integer(1),
+            "junk_command_limit": _integer(1),
             "max_received_headers": _integer(1),
             "reverse_dns": _boolean(),
             "auth": _boolean(),

@@ -28,7 +28,7 @@ from mailsrv import headers, headsection, maildir, queue, replies
 from mailsrv.address import AddressError, Mailbox, parse_mail_from
 from mailsrv.auth import FailureTracker
 from mailsrv.config import Config
-from mailsrv.dnsutil import verified_reverse_name
+from mailsrv.dnsutil import ReverseNames, skips_reverse_lookup
 from mailsrv.policy import Refusal, owns_address, recipient_targets
 from mailsrv.replies import SMTPReplyError
 from mailsrv.router import Directory, LocalTarget, Target
@@ -62,6 +62,12 @@ class Runtime:
     spool_files: Any = None
     #: The delivery threads (mailsrv.workers.Workers); None: Twisted's thread pool.
     workers: Any = None
+    #: The clients' reverse names, one lookup per address shared by its connections.
+    reverse_names: ReverseNames | None = None
+
+    def __post_init__(self) -> None:
+        if self.reverse_names is None and self.resolver is not None:
+            self.reverse_names = ReverseNames(self.resolver)
 
     @property
     def incoming_dir(self) -> Path:
@@ -115,10 +121,13 @@ class SessionDelivery:
         self._waiting: list[defer.Deferred] = []
         #: The transaction MAIL started, which RCPT adds to.
         self.transaction: Transaction | None = None
-        if runtime.config.smtp.reverse_dns and runtime.resolver is not None:
-            self._lookup = verified_reverse_name(runtime.resolver, client_ip)
-            self._lookup.addErrback(lambda failure: None)  # no answer: no name
-            self._lookup.addCallback(self._got_reverse_name)
+        config = runtime.config
+        if (
+            config.smtp.reverse_dns and runtime.reverse_names is not None
+            and not skips_reverse_lookup(client_ip, config.relay.trusted_networks)
+        ):
+            self._lookup = runtime.reverse_names.lookup(client_ip)
+            self._lookup.addCallbacks(self._got_reverse_name, lambda failure: None)
 
     def _got_reverse_name(self, name: str | None) -> None:
         self.reverse_name = name
@@ -147,9 +156,10 @@ class SessionDelivery:
         return d.addBoth(stop_timer)
 
     def close(self) -> None:
+        """The connection is gone: stop waiting (other connections may still wait)."""
         if self._lookup is not None:
-            self._lookup.cancel()
-            self._lookup = None
+            lookup, self._lookup = self._lookup, None
+            lookup.cancel()
 
     @property
     def client(self) -> str:

@@ -22,7 +22,9 @@ from twisted.python.threadpool import ThreadPool
 
 from mailsrv import queue
 from mailsrv.auth import FailureTracker, PasswordChecker
-from mailsrv.config import Config, ConfigError, prepare_directories, tcp_endpoint_for_ssl
+from mailsrv.config import (
+    Config, ConfigError, endpoint_options, prepare_directories, tcp_endpoint_for_ssl,
+)
 from mailsrv.delivery import Runtime
 from mailsrv.dnsutil import make_resolver
 from mailsrv.relayer import Relayer
@@ -91,6 +93,19 @@ def clear_incoming(queue_path: Path) -> int:
 
 class ListenError(Exception):
     """A listener cannot listen: ``key description: reason``, the one line an admin reads."""
+
+
+def listen_backlog(max_connections: int) -> int:
+    """The listen queue: room for every connection the limits admit and as many again, so
+    that a burst is answered (220, or 421 past the limits) instead of left unanswered, as
+    with Twisted's default of 50 (the kernel caps it at net.core.somaxconn)."""
+    return max(50, 2 * max_connections)
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """``endpoint`` with ``backlog=`` added, unless the administrator's string sets one."""
+    _, options = endpoint_options(endpoint)
+    return endpoint if "backlog" in options else f"{endpoint}:backlog={backlog}"
 
 
 class ListenerService(service.Service):
@@ -229,7 +244,9 @@ def make_service(
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
-    counter = ConnectionCounter(config.smtp.max_connections, config.smtp.max_connections_per_ip)
+    counter = ConnectionCounter(
+        config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay
+    )
     for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
         for index, description in enumerate(listen):
             implicit_tls = description.startswith("ssl:")
@@ -238,6 +255,7 @@ def make_service(
             if implicit_tls:
                 factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
                 endpoint = tcp_endpoint_for_ssl(description)
+            endpoint = with_backlog(endpoint, listen_backlog(config.smtp.max_connections))
             ListenerService(
                 description, factory, reactor, endpoint, "submission" if submission else "smtp",
                 index,

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Callable
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail.smtp import ESMTP
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv import replies, sasl
 from mailsrv.address import AddressError, parse_mail_from, parse_rcpt_to
@@ -46,6 +48,10 @@ MAX_COMMAND_LINE = 512
 MAX_ERRORS = 20
 #: Pipelined input held back while a command is in progress before we stop reading the socket.
 MAX_HELD_INPUT = 64 * 1024
+#: RCPTs past max_recipients answered 452 before each further one counts as an error
+#: (Postfix's smtpd_recipient_overshoot_limit): a pipelining client that sends too many
+#: gets its transaction through with the first max_recipients.
+RECIPIENT_OVERSHOOT_LIMIT = 1000
 #: Seconds a connection we closed may take to go away (flushing, TLS close) before it is cut.
 CLOSE_GRACE = 5.0
 #: Seconds the banner may wait for the client's forward-confirmed reverse DNS name.
@@ -79,7 +85,7 @@ class MailsrvESMTP(ESMTP):
         "runtime", "_refusal", "_input", "_skipping_line", "_busy", "_reading_paused",
         "_errors", "_esmtp", "_helo_name", "_client_ip", "session", "_transaction",
         "_recipient_count", "_scanner", "_data_deadline", "_force_close", "submission",
-        "_tls_active", "_sasl",
+        "_tls_active", "_sasl", "_replies_blocked", "_junk_commands", "_overshoot", "_flow",
     )
 
     def __init__(
@@ -105,7 +111,14 @@ class MailsrvESMTP(ESMTP):
         self._skipping_line = False
         self._busy = False
         self._reading_paused = False
+        #: The client is not reading our replies (the transport's write buffer is full).
+        self._replies_blocked = False
+        self._flow: _ReplyFlow | None = None
         self._errors = 0
+        #: NOOP, RSET, VRFY, HELP, HELO and EHLO since the last message delivered.
+        self._junk_commands = 0
+        #: RCPTs of this transaction refused for being past max_recipients.
+        self._overshoot = 0
         self._esmtp = False
         self._helo_name: str | None = None
         self._client_ip = ""
@@ -122,6 +135,10 @@ class MailsrvESMTP(ESMTP):
         peer = self.transport.getPeer()
         self._client_ip = _plain_ip(getattr(peer, "host", str(peer)))
         self._helo = (None, self._client_ip.encode("ascii"))
+        # Told when the client stops reading our replies (TCP, STARTTLS and TLS alike: a
+        # TLS transport passes its own socket's flow control on to this producer).
+        self._flow = _ReplyFlow(self)
+        self.transport.registerProducer(self._flow, True)
         if self._refusal is not None:
             self.log.info(
                 "refused connection client={client} reason={reason}",
@@ -171,7 +188,7 @@ class MailsrvESMTP(ESMTP):
         self._send(reply)
         self.mode = _CLOSING
         self._abort_transaction()
-        self.transport.loseConnection()
+        self._lose_connection()
         # A TLS connection closes cleanly only once its handshake is done: a client that
         # never sends a ClientHello (a slowloris on port 465) would keep the socket, and its
         # place under the connection limits, for ever.  Give it a moment, then cut it.
@@ -181,6 +198,39 @@ class MailsrvESMTP(ESMTP):
         self._force_close = None
         self.transport.abortConnection()
 
+    def _lose_connection(self) -> None:
+        """Close once the replies are flushed (a registered producer would hold it open)."""
+        if self._flow is not None:
+            self._flow = None
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- flow control ---------------------------------------------------------------------
+
+    def replies_blocked(self, blocked: bool) -> None:
+        """The transport's write buffer filled (the client does not read) or drained.
+
+        While it is full no further command is executed, and once MAX_HELD_INPUT of them
+        wait the socket is no longer read, so that a client that pipelines without reading
+        makes us buffer a bounded amount.  (Reading goes on until then: a TLS transport
+        also says "full" while it holds our banner until its handshake is done, which needs
+        reading.)
+        """
+        self._replies_blocked = blocked
+        self._update_reading()
+        if not blocked:
+            self._process_input()
+
+    def _update_reading(self) -> None:
+        holding = self._busy or self._replies_blocked
+        pause = holding and len(self._input) > MAX_HELD_INPUT
+        if pause != self._reading_paused and self.mode != _CLOSING:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
     # -- replies --------------------------------------------------------------------------
 
     def _send(self, reply: Reply, **values: str) -> None:
@@ -189,12 +239,27 @@ class MailsrvESMTP(ESMTP):
 
     def _error(self, reply: Reply, **values: str) -> None:
         """A client error: answer it, and drop clients that make nothing but errors."""
+        if self._count_error():
+            self._send(reply, **values)
+
+    def _count_error(self) -> bool:
+        """One more error; False when that was one too many and the connection is closing."""
         self._errors += 1
         if self._errors >= MAX_ERRORS:
             self.log.info("too many errors client={client}", client=self._client_ip)
             self._close_with(replies.TOO_MANY_ERRORS)
-        else:
-            self._send(reply, **values)
+            return False
+        return True
+
+    def _junk(self) -> bool:
+        """A command that moves no mail on (NOOP, RSET, VRFY, HELP, HELO, EHLO): past
+        smtp.junk_command_limit of them each counts as an error too (Postfix's
+        smtpd_junk_command_limit), so that no client can talk for ever without sending mail.
+        False when the connection is closing."""
+        self._junk_commands += 1
+        if self._junk_commands > self.runtime.config.smtp.junk_command_limit:
+            return self._count_error()
+        return True
 
     # -- framing --------------------------------------------------------------------------
 
@@ -206,13 +271,13 @@ class MailsrvESMTP(ESMTP):
 
     def _process_input(self) -> None:
         while self._input and not self._busy and self.mode != _CLOSING:
+            if self.mode == _COMMAND and self._replies_blocked:
+                break  # the client reads no replies: its commands wait
             if self.mode == _DATA:
                 self._feed_data()
             elif not self._next_command():
                 break  # an unfinished line: wait for more bytes
-        if self._busy and len(self._input) > MAX_HELD_INPUT and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
 
     def _next_command(self) -> bool:
         """Take one command line off the input; False when the line has not ended yet."""
@@ -282,10 +347,7 @@ class MailsrvESMTP(ESMTP):
             if self.mode == _CLOSING:
                 return
             self.setTimeout(self.timeout)
-            if self._reading_paused:
-                self._reading_paused = False
-                self.transport.resumeProducing()
-            self._process_input()
+            self._process_input()  # resumes reading unless the replies are still blocked
 
         d.addBoth(resume)
 
@@ -301,6 +363,8 @@ class MailsrvESMTP(ESMTP):
             self._transaction = None
 
     def do_HELO(self, rest: bytes, verb: str = "HELO") -> None:
+        if not self._junk():
+            return
         if not rest:
             self._error(replies.HELO_NEEDS_DOMAIN, verb=verb)
             return
@@ -367,6 +431,9 @@ class MailsrvESMTP(ESMTP):
         self._esmtp = False
         self._tls_active = True
         self.transport.startTLS(self.runtime.tls)
+        # Our producer now hangs under the TLS layer, which tells it afresh when its
+        # socket's buffer is full: a pause from the plain connection would never be lifted.
+        self._replies_blocked = False
         self.log.info("starttls client={client}", client=self._client_ip)
 
     def _note_tls(self) -> None:
@@ -524,6 +591,7 @@ class MailsrvESMTP(ESMTP):
             self._error(_reply_for(e))
             return
         self._recipient_count = 0
+        self._overshoot = 0
         self._send(replies.SENDER_OK)
 
     def _check_mail_parameters(self, params: dict[str, str | None]) -> None:
@@ -546,7 +614,10 @@ class MailsrvESMTP(ESMTP):
             self._error(replies.NEED_MAIL)
             return
         if self._recipient_count >= self.runtime.config.smtp.max_recipients:
-            self._error(replies.TOO_MANY_RECIPIENTS)
+            # Not a client error (RFC 5321 §4.5.3.1.8): the client sends the rest later.
+            self._overshoot += 1
+            if self._overshoot <= RECIPIENT_OVERSHOOT_LIMIT or self._count_error():
+                self._send(replies.TOO_MANY_RECIPIENTS)
             return
         try:
             recipient, params = parse_rcpt_to(rest)
@@ -616,6 +687,7 @@ class MailsrvESMTP(ESMTP):
         d = transaction.eomReceived()
 
         def accepted(queue_id: str) -> None:
+            self._junk_commands = 0  # as Postfix: mail delivered, the client is no junk talker
             self._send(replies.QUEUED, queue_id=queue_id)
 
         def failed(failure: Failure) -> None:
@@ -629,13 +701,18 @@ class MailsrvESMTP(ESMTP):
         self._hold_input_until(d)
 
     def do_RSET(self, rest: bytes) -> None:
+        if not self._junk():
+            return
         self._reset_transaction()
         self._send(replies.OK)
 
     def do_NOOP(self, rest: bytes) -> None:
-        self._send(replies.OK)
+        if self._junk():
+            self._send(replies.OK)
 
     def do_VRFY(self, rest: bytes) -> None:
+        if not self._junk():
+            return
         # Answering truthfully would let anyone harvest our users.
         if not rest:
             self._error(replies.VRFY_SYNTAX)
@@ -646,13 +723,14 @@ class MailsrvESMTP(ESMTP):
         self._error(replies.NOT_IMPLEMENTED)
 
     def do_HELP(self, rest: bytes) -> None:
-        self._send(replies.HELP)
+        if self._junk():
+            self._send(replies.HELP)
 
     def do_QUIT(self, rest: bytes) -> None:
         self._send(replies.BYE)
         self.mode = _CLOSING
         self._abort_transaction()
-        self.transport.loseConnection()
+        self._lose_connection()
 
     _COMMANDS: dict[bytes, Callable[["MailsrvESMTP", bytes], object]] = {
         b"HELO": do_HELO,
@@ -689,12 +767,39 @@ def _plain_ip(host: str) -> str:
     return str(address)
 
 
-class ConnectionCounter:
-    """The connection limits (in total and per client address), shared by all listeners."""
+@implementer(IPushProducer)
+class _ReplyFlow:
+    """Registered with the transport, which pauses it when its write buffer is full."""
 
-    def __init__(self, max_connections: int, max_per_ip: int) -> None:
+    __slots__ = ("session",)
+
+    def __init__(self, session: MailsrvESMTP) -> None:
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session.replies_blocked(True)
+
+    def resumeProducing(self) -> None:
+        self.session.replies_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass  # the connection is gone: connectionLost cleans up
+
+
+class ConnectionCounter:
+    """The connection limits (in total and per client address), shared by all listeners.
+
+    Addresses for which ``exempt`` is true (our own networks: a burst of local ``sendmail``
+    runs) are held to the total only, as Postfix exempts $mynetworks from its per-client limit.
+    """
+
+    def __init__(
+        self, max_connections: int, max_per_ip: int,
+        exempt: Callable[[str], bool] = lambda ip: False,
+    ) -> None:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
+        self.exempt = exempt
         self.connections = 0
         self.connections_by_ip: dict[str, int] = {}
 
@@ -702,7 +807,7 @@ class ConnectionCounter:
         """Count one more connection from ``ip``; the refusal to give instead, if over a limit."""
         if self.connections >= self.max_connections:
             return replies.TOO_MANY_CONNECTIONS
-        if self.connections_by_ip.get(ip, 0) >= self.max_per_ip:
+        if self.connections_by_ip.get(ip, 0) >= self.max_per_ip and not self.exempt(ip):
             return replies.TOO_MANY_CONNECTIONS_FROM_IP
         self.connections += 1
         self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1

@@ -2,7 +2,8 @@ import pytest
 
 from support.harness import DNSServer, MailServer
 
-#: The zone every end-to-end test serves: the loopback client has a verified reverse name.
+#: The zone every end-to-end test serves (loopback clients are not looked up: these names are
+#: for tests that resolve them).
 BASE_ZONE = {
     "records": {
         "1.0.0.127.in-addr.arpa": [["PTR", "client.test"]],

@@ -79,7 +79,8 @@ def test_defaults() -> None:
     assert config.smtp.idle_timeout == 300.0
     assert config.smtp.data_timeout == 600.0
     assert config.smtp.max_connections == 100
-    assert config.smtp.max_connections_per_ip == 10
+    assert config.smtp.max_connections_per_ip == 50
+    assert config.smtp.junk_command_limit == 100
     assert config.smtp.max_received_headers == 50
     assert config.smtp.reverse_dns is True
     assert config.domains == DomainsConfig(local=("example.org",))
@@ -196,6 +197,7 @@ BAD_VALUES = [
     ("smtp", "max_connections", 0, "an integer >= 1"),
     ("smtp", "max_connections_per_ip", 0, "an integer >= 1"),
     ("smtp", "max_connections_per_ip", "10", "an integer >= 1"),
+    ("smtp", "junk_command_limit", 0, "an integer >= 1"),
     ("smtp", "max_received_headers", 0, "an integer >= 1"),
     ("smtp", "max_received_headers", 50.5, "an integer >= 1"),
     ("smtp", "reverse_dns", 1, "true or false"),

@@ -329,7 +329,7 @@ def test_auth_login_and_wrong_passwords(env, server):
         assert (code, text[:5]) in ((535, "5.7.8"), (501, "5.5.2")), (user, code, text)
     client.close()
     log = server.log_text()
-    assert "auth failed client=client.test[127.0.0.1] user=alice@example.org mechanism=LOGIN" in log
+    assert "auth failed client=unknown[127.0.0.1] user=alice@example.org mechanism=LOGIN" in log
     assert "user=unknown mechanism=LOGIN" in log  # a name that is no account is not logged
     assert "nobody@example.org" not in log
     assert "wrong" not in log and b64("wrong") not in log  # credentials never in the log
@@ -428,7 +428,7 @@ def test_authenticated_sender_must_be_owned(env, server):
         assert b"not owned by user bob@example.org" in text
     assert client.docmd("MAIL FROM:<>")[0] == 553
     client.quit()
-    assert "refused sender client=client.test[127.0.0.1] user=bob@example.org" in server.log_text()
+    assert "refused sender client=unknown[127.0.0.1] user=bob@example.org" in server.log_text()
 
 
 def test_from_header_must_be_owned(env, server):

@@ -77,7 +77,7 @@ def test_swaks_delivers_into_the_maildir(mail_server, swaks_env, extra):
     assert msg.get_payload().strip() == BODY
     assert msg.get_payload().startswith(BODY + "\n")
     assert " ".join(msg["Received"].split()).startswith(
-        "from client.test (client.test [127.0.0.1]) by mx.example.org"
+        "from client.test (unknown [127.0.0.1]) by mx.example.org"
     )
 
 
