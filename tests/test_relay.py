@@ -222,6 +222,39 @@ def test_dns_failures_bounce(env, server, domain, status):
     wait_for(lambda: queue_empty(s), 10, "the queue to empty")
 
 
+@pytest.mark.parametrize("literal", ["[127.0.0.1]", "[IPv6:::1]", "[0.0.0.0]"])
+def test_address_literal_naming_this_host_bounces_at_once(env, server, literal):
+    """Item 15: a literal naming ourselves is a loop (5.4.6), never queued for days."""
+    s = server()
+    send(s, "alice@example.org", [f"x@{literal}"])
+    [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+    groups = delivery_status(dsn)
+    assert groups[1]["Final-Recipient"].endswith(f"x@{literal}")
+    assert groups[1]["Status"] == "5.4.6" and groups[1]["Action"] == "failed"
+    assert "loops back to myself" in str(groups[1]["Diagnostic-Code"])
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    log = s.log_text()
+    assert "status=deferred" not in log and "tries=1 status=bounced" in log
+
+
+def test_own_address_check_and_literal_destinations():
+    import ipaddress
+
+    from mailsrv.mx import DestinationError, is_own_address, resolve_destination
+
+    for own in ("127.0.0.1", "127.0.0.53", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
+        assert is_own_address(ipaddress.ip_address(own)), own
+    for other in ("192.0.2.77", "2001:db8::7", "224.0.0.1", "255.255.255.255"):
+        assert not is_own_address(ipaddress.ip_address(other)), other
+    failures = []
+    resolve_destination(None, "[IPv6:::1]").addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(DestinationError)
+    assert failure.value.permanent and failure.value.status == "5.4.6"
+    [host] = resolve_destination(None, "[192.0.2.77]").result
+    assert host.addresses == ("192.0.2.77",)
+
+
 def test_servfail_defers(env, server):
     s = server()
     send(s, "alice@example.org", ["x@broken.test"])
