@@ -10,7 +10,8 @@ domain, tried host by host, address by address, until a server answers.
 
 Results per recipient: ``2xx`` sent, ``4xx`` deferred with backoff (bounced once the message
 is older than ``queue.max_age``), ``5xx`` bounced.  A bounce (RFC 3464 DSN) is stored before
-the recipient is marked bounced, and never sent for a message from ``<>``.
+the recipient is marked bounced; for a message from ``<>`` it goes to the postmaster instead
+(once: that notice's own failure is only logged).
 """
 
 from __future__ import annotations
@@ -400,9 +401,9 @@ class Relayer(service.Service):
             del self.messages[after.id]
         else:
             self.messages[after.id] = after
-        if reports and not after.sender:
-            log.info("bounce id={id}: not sent, the message is itself a bounce (from <>); "
-                     "dropped for {rcpts}", id=after.id,
+        if reports and after.double_bounce:
+            log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
+                     "failed bounce; dropped for {rcpts}", id=after.id,
                      rcpts=",".join(f"<{r.address}>" for r in reports))
             reports = []
 
@@ -411,7 +412,7 @@ class Relayer(service.Service):
             for group in (reports, warn):
                 if group:
                     try:
-                        stored.append(bounce.send_dsn(self.config, self.runtime.directory, after, group))
+                        stored.append(bounce.notify(self.config, self.runtime.directory, after, group))
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:
@@ -421,13 +422,15 @@ class Relayer(service.Service):
             return stored
 
         def written(stored: list[Any]) -> None:
-            for place in stored:
+            kind = "DSN" if after.sender else "double bounce"
+            for to, place in stored:
                 if place.queued is not None:
-                    log.info("bounce id={id}: DSN {dsn} queued for <{to}>", id=after.id,
-                             dsn=place.queued.id, to=after.sender)
+                    log.info("bounce id={id}: {kind} {dsn} queued for <{to}>", id=after.id,
+                             kind=kind, dsn=place.queued.id, to=to)
                     self.add(place.queued)
                 else:
-                    log.info("bounce id={id}: DSN delivered to <{to}>", id=after.id, to=after.sender)
+                    log.info("bounce id={id}: {kind} delivered to <{to}>", id=after.id, kind=kind,
+                             to=to)
 
         def failed(failure: Any) -> None:
             # The bounce or the state could not be stored: keep the recipients queued, so
@@ -501,7 +504,8 @@ class Relayer(service.Service):
             return d.addCallback(lambda _: f"ok: deleted {message.id}")
         # bounce
         reason = "returned to the sender by the administrator"
-        reports = bounce.given_up_reports(message, reason)
+        # An administrator's bounce of a bounce tells nobody (the postmaster did it).
+        reports = bounce.given_up_reports(message, reason) if message.sender else []
         after = message.update({r.address: replace(r, status=BOUNCED, last_error=reason)
                                 for r in message.pending})
         self._commit(message, after, reports, [])

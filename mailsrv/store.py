@@ -38,13 +38,15 @@ def store(
     trace: bytes,
     body_path: Path,
     received_from: str,
+    double_bounce: bool = False,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise maildir.DeliveryError on failure.
 
     ``trace`` is the header lines to put before the body (``Received:``, maybe
     ``Message-ID:``, maybe the blank separator line).  Local copies also get
     ``Return-Path:``: it belongs to the final delivery only, so the queued copy, which is
-    relayed onwards, does not carry it.  The body file is consumed: moved into the queue or
+    relayed onwards, does not carry it.  ``double_bounce`` marks a queued postmaster notice
+    about a failed bounce (see mailsrv.envelope).  The body file is consumed: moved into the queue or
     left for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
@@ -63,7 +65,7 @@ def store(
             stored.queued = queue.enqueue(
                 Path(config.queue.path), queue_id, sender=sender,
                 recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
-                created=time.time(), received_from=received_from,
+                created=time.time(), received_from=received_from, double_bounce=double_bounce,
             )
             stored.places += [(t, "queue") for t in remote]
     except maildir.DeliveryError:

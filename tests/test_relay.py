@@ -271,18 +271,50 @@ def test_servfail_defers(env, server):
     assert dsns(s) == []
 
 
-def test_no_bounce_for_a_bounce(env, server):
+def test_failed_bounce_goes_to_the_postmaster(env, server):
+    """Item 11: a DSN to a remote sender refused with 550 -> the postmaster's Maildir."""
     s = server()
     mx1 = sink_for(env, "mx1")
-    mx1.set_rules({"rcpt": [["^gone@", "550 5.1.1 no such user"]]})
+    mx1.set_rules({"rcpt": [["^sender@", "550 5.1.1 <sender@remote.test>: no such user"]]})
     try:
-        send(s, "", ["gone@remote.test"])
-        wait_for(lambda: queue_empty(s) and "status=bounced" in s.log_text(), 15, "the bounce")
+        send(s, "sender@remote.test", ["x@nowhere.test"], subject="lost cause")
+        # NXDOMAIN bounces the original; its DSN (from <>) is refused: postmaster hears.
+        [notice] = wait_for(lambda: dsns(s), 15, "the double bounce")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
     finally:
         mx1.set_rules({})
-    time.sleep(0.5)
-    assert "not sent, the message is itself a bounce" in s.log_text()
-    assert queue_empty(s)
+    assert notice["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert notice["To"].addresses[0].addr_spec == "postmaster@example.org"
+    groups = delivery_status(notice)
+    assert groups[1]["Final-Recipient"] == "rfc822; sender@remote.test"
+    assert groups[1]["Status"] == "5.1.1" and "no such user" in str(groups[1]["Diagnostic-Code"])
+    [headers] = [p for p in notice.walk() if p.get_content_type() == "text/rfc822-headers"]
+    assert "Subject: Undelivered Mail Returned to Sender" in headers.get_payload()
+    log = s.log_text()
+    assert "double bounce delivered to <postmaster@example.org>" in log
+    time.sleep(1)
+    assert len(dsns(s)) == 1 and s.messages("bob@example.org") == []
+
+
+def test_failed_double_bounce_is_only_logged(env, server):
+    """The postmaster's notice (here for a remote postmaster) failing in turn is dropped."""
+    s = server(aliases=["postmaster: pm@remote.test"])
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^(gone|pm)@", "550 5.1.1 no such user"]]})
+    try:
+        before = len(mx1.messages())
+        send(s, "", ["gone@remote.test"])
+        wait_for(lambda: "postmaster's notice of a failed bounce; dropped" in s.log_text(), 15,
+                 "the double bounce to fail")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+        time.sleep(2)  # a loop would show up now
+        assert queue_empty(s) and len(mx1.messages()) == before
+    finally:
+        mx1.set_rules({})
+    log = s.log_text()
+    assert log.count("double bounce") == 1 and "queued for <postmaster@example.org>" in log
+    assert log.count(" to=<pm@remote.test> relay=") == 1
+    assert log.count(" to=<gone@remote.test> relay=") == 1
     for user in ("alice", "bob"):
         assert s.messages(f"{user}@example.org") == []
 
