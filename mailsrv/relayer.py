@@ -30,7 +30,7 @@ from twisted.application import service
 from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
 
-from mailsrv import bounce, queue
+from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
@@ -262,6 +262,7 @@ class Relayer(service.Service):
         last_problem = "no MX host could be reached"
         port = relay.smarthost[1] if key == SMARTHOST else relay.port
         auth = (relay.smarthost_user, self._password) if key == SMARTHOST and relay.smarthost_user else None
+        incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
         for host in hosts:
             for address in host.addresses:
                 transactions = self._transactions(pending)
@@ -272,6 +273,7 @@ class Relayer(service.Service):
                     transactions, identity=self.config.hostname,
                     own_names=(self.config.hostname,), tls_context=tls_context,
                     require_tls=require_tls, auth=auth, timeout=relay.timeout,
+                    prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
                 )
                 self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
                 outcome = yield factory.done
@@ -424,13 +426,11 @@ class Relayer(service.Service):
         def written(stored: list[Any]) -> None:
             kind = "DSN" if after.sender else "double bounce"
             for to, place in stored:
+                went = f"{place.queued.id} queued for" if place.queued else "delivered to"
+                log.info("bounce id={id}: {kind} {went} <{to}>", id=after.id, kind=kind,
+                         went=went, to=to)
                 if place.queued is not None:
-                    log.info("bounce id={id}: {kind} {dsn} queued for <{to}>", id=after.id,
-                             kind=kind, dsn=place.queued.id, to=to)
                     self.add(place.queued)
-                else:
-                    log.info("bounce id={id}: {kind} delivered to <{to}>", id=after.id, kind=kind,
-                             to=to)
 
         def failed(failure: Any) -> None:
             # The bounce or the state could not be stored: keep the recipients queued, so

@@ -351,6 +351,105 @@ def test_delay_warning_once(env, server):
     wait_for(lambda: queue_empty(s), 10, "the queue to empty")
 
 
+def send_bytes(server: MailServer, sender: str, recipients: list[str], data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=20) as client:
+        client.sendmail(sender, recipients, data, mail_options=["BODY=8BITMIME"])
+
+
+def raw_data(got: dict) -> bytes:
+    return got["data"].encode("latin-1")  # the sink keeps the octets as latin-1 text
+
+
+def test_size_parameter_and_a_message_over_the_servers_limit(env, server):
+    """Item 10: SIZE= and BODY=8BITMIME go out; over the peer's SIZE, nothing is sent: 5.3.4."""
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"size": 10000})
+    try:
+        before, mails_before = len(mx1.messages()), len(mx1.mail_commands())
+        big = "Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 330  # ~23 KB
+        send_bytes(s, "alice@example.org", ["big@remote.test"], big.encode())
+        small = "Subject: small\r\n\r\nGrüße\r\n".encode()
+        send_bytes(s, "alice@example.org", ["small@remote.test"], small)
+        [got] = new_messages(mx1, before, 1)
+        [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    finally:
+        mx1.set_rules({})
+    assert got["rcpt_to"] == ["small@remote.test"]
+    assert got["mail_params"] == {"SIZE": str(len(raw_data(got))), "BODY": "8BITMIME"}
+    assert raw_data(got).endswith(small)  # 8 bits kept for a server that takes them
+    # The big one was never offered: one MAIL command only, the small one's.
+    [mail] = mx1.mail_commands()[mails_before:]
+    assert mail.startswith("MAIL FROM:<alice@example.org> SIZE=")
+    groups = delivery_status(dsn)
+    assert groups[1]["Final-Recipient"].endswith("big@remote.test")
+    assert groups[1]["Status"] == "5.3.4"
+    assert "exceeds the size limit 10000 of mx1.remote.test" in str(groups[1]["Diagnostic-Code"])
+
+
+EIGHT_BIT_MIME = """\
+From: <alice@example.org>
+Subject: 8 bits
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="b1"
+
+--b1
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+Grüße aus Köln, trailing space 
+=20 is not an escape here
+--b1
+Content-Type: application/octet-stream
+Content-Transfer-Encoding: base64
+
+AAECAwQFBgcICQ==
+--b1--
+""".replace("\n", "\r\n").encode()
+
+
+def test_8bit_message_to_a_server_without_8bitmime_is_converted(env, server):
+    """Item 10: converted to quoted-printable; the decoded content is the original's."""
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"8bitmime": False})
+    try:
+        before = len(mx1.messages())
+        send_bytes(s, "alice@example.org", ["q@remote.test"], EIGHT_BIT_MIME)
+        [got] = new_messages(mx1, before, 1)
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    finally:
+        mx1.set_rules({})
+    assert got["mail_params"] == {}
+    data = raw_data(got)
+    assert data.isascii() and data.startswith(b"Received: from client.test")
+    original = email.message_from_bytes(EIGHT_BIT_MIME, policy=email.policy.default)
+    converted = email.message_from_bytes(data, policy=email.policy.default)
+    [text, attachment] = converted.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert [p.get_payload(decode=True) for p in converted.iter_parts()] == [
+        p.get_payload(decode=True) for p in original.iter_parts()]
+    assert text.get_content() == "Grüße aus Köln, trailing space \r\n=20 is not an escape here"
+    assert attachment.get_content() == bytes(range(10))
+    assert not [p for p in (s.queue / "incoming").iterdir() if ".7bit." in p.name]
+
+
+def test_8bit_header_for_a_server_without_8bitmime_bounces_5_6_3(env, server):
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"8bitmime": False})
+    try:
+        mails_before = len(mx1.mail_commands())
+        send_bytes(s, "alice@example.org", ["h@remote.test"],
+                   "Subject: Grüße\r\n\r\nGrüße\r\n".encode())
+        [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+    finally:
+        mx1.set_rules({})
+    assert delivery_status(dsn)[1]["Status"] == "5.6.3"
+    assert len(mx1.mail_commands()) == mails_before
+
+
 def test_opportunistic_starttls(env, server):
     s = server()
     sink = sink_for(env, "tls")
