@@ -3,7 +3,9 @@ Returning a message to its sender: the DSN is built, routed and stored (blocking
 
 The bounce enters the system like any message, with the null sender ``<>``: a local sender
 gets it in their Maildir, a remote one through the queue.  A message whose own sender is
-``<>`` is never bounced (that is how bounce loops are avoided); the caller logs the drop.
+``<>`` is never bounced to its sender: when it fails, the postmaster is told instead (a
+"double bounce", as Postfix does), in a notice marked ``double_bounce`` whose own failure is
+only logged, so bounces never loop.
 The DSN is stored *before* the failed recipients are marked bounced in the original's state,
 so a crash in between can at worst repeat a bounce, never lose one.
 """
@@ -25,7 +27,10 @@ from mailsrv.policy import Refusal, recipient_targets
 from mailsrv.router import Directory
 from mailsrv.store import Stored, store
 
-__all__ = ["UnroutableBounce", "send_dsn", "given_up_reports", "bounce_pending"]
+__all__ = [
+    "UnroutableBounce", "send_dsn", "send_double_bounce", "notify", "postmaster_address",
+    "given_up_reports", "bounce_pending",
+]
 
 
 class UnroutableBounce(Exception):
@@ -57,12 +62,67 @@ def send_dsn(
     """
     if not message.sender:
         raise ValueError(f"queue {message.id}: a message from <> is never bounced")
+    return _store_report(config, directory, message, reports, message.sender, now)
+
+
+def postmaster_address(config: Config, directory: Directory) -> str:
+    """Our postmaster: at the host name's domain (or its parent) if local, else RFC 5321's
+    bare ``postmaster``, which the router gives to the first local domain's postmaster."""
+    host = config.hostname
+    for domain in (host, host.partition(".")[2]):
+        if domain and directory.is_local_domain(domain):
+            return f"postmaster@{domain}"
+    return "postmaster"
+
+
+def send_double_bounce(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    now: float | None = None,
+) -> Stored:
+    """Tell the postmaster that a message from ``<>`` failed; the notice is marked so that
+    its own failure is only logged (raises ValueError for a message that is not from
+    ``<>`` or is itself such a notice; otherwise as :func:`send_dsn`)."""
+    if message.sender or message.double_bounce:
+        raise ValueError(f"queue {message.id}: not a bounce the postmaster is told of")
+    return _store_report(config, directory, message, reports, None, now)
+
+
+def notify(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+) -> tuple[str, Stored]:
+    """Whoever must hear of ``reports`` told: (their address, where the report went).
+
+    The sender gets the DSN; for a message from ``<>`` the postmaster gets a double bounce.
+    """
+    if message.sender:
+        return message.sender, send_dsn(config, directory, message, reports)
+    return postmaster_address(config, directory), send_double_bounce(
+        config, directory, message, reports)
+
+
+def _store_report(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    sender: str | None,
+    now: float | None,
+) -> Stored:
+    """Build and store the report for ``sender``, or (None) the postmaster's double bounce."""
     now = time.time() if now is None else now
+    to = sender or postmaster_address(config, directory)
     try:
-        sender, _ = parse_rcpt_to(f"TO:<{message.sender}>".encode("utf-8"))
-        targets = recipient_targets(sender, directory, may_relay=True)
+        mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
+        targets = recipient_targets(mailbox, directory, may_relay=True)
     except (AddressError, Refusal) as exc:
-        raise UnroutableBounce(f"the sender <{message.sender}> cannot receive mail: {exc}")
+        who = "sender" if sender else "postmaster"
+        raise UnroutableBounce(f"the {who} <{to}> cannot receive mail: {exc}")
     dsn_id = queue.new_queue_id()
     data = dsn.build_dsn(
         hostname=config.hostname,
@@ -74,9 +134,10 @@ def send_dsn(
         recipients=reports,
         original_headers=_original_head(config, message),
         now=now,
+        postmaster=None if sender else to,
     )
     trace = headers.local_received_header(
-        hostname=config.hostname, queue_id=dsn_id, recipient=message.sender,
+        hostname=config.hostname, queue_id=dsn_id, recipient=to,
         when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc),
     )
     body = Path(config.queue.path) / "incoming" / dsn_id
@@ -85,7 +146,7 @@ def send_dsn(
     try:
         return store(
             config, dsn_id, sender=None, targets=list(targets), trace=trace, body_path=body,
-            received_from="local",
+            received_from="local", double_bounce=not sender,
         )
     finally:
         with suppress(FileNotFoundError):

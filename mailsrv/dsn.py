@@ -258,10 +258,18 @@ def _human_part(
     arrival: float,
     recipients: Sequence[RecipientReport],
     delayed: bool,
+    postmaster: bool = False,
 ) -> list[str]:
     """The ``text/plain`` part: for a person who usually did nothing wrong."""
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if delayed:
+    if postmaster:
+        lines += _wrap(
+            ("A message from the null sender <> (a bounce or another delivery notice) could "
+             "not be delivered to one or more recipients. Such a message is never returned "
+             "to its sender, so this notice comes to the postmaster instead; nothing more "
+             "is sent about it. Its headers are attached below.").split(),
+            width=_TEXT_WIDTH, rest="")
+    elif delayed:
         until = [r.will_retry_until for r in recipients if r.will_retry_until is not None]
         retry = (f"it will be retried until {_date(max(until))}." if until
                  else "it will be retried for a while.")
@@ -288,14 +296,13 @@ def _human_part(
     about += f" and had the queue id {queue_id} on this host."
     lines += [""]
     lines += _wrap(about.split(), width=_TEXT_WIDTH, rest="")
-    lines += [
-        "",
-        "For further assistance, please send mail to postmaster. If you do so,",
-        "please include this problem report.",
-        "",
-        "                   The mail system",
-        "",
-    ]
+    if not postmaster:
+        lines += [
+            "",
+            "For further assistance, please send mail to postmaster. If you do so,",
+            "please include this problem report.",
+        ]
+    lines += ["", "                   The mail system", ""]
     for r in recipients:
         mta = _token(r.remote_mta, "") if r.remote_mta else ""
         said = _text_lines(r.diagnostic)
@@ -353,18 +360,27 @@ def build_dsn(
     recipients: Sequence[RecipientReport],
     original_headers: bytes,
     now: float,
+    postmaster: str | None = None,
 ) -> bytes:
     """The complete DSN message (header section, empty line, MIME body) with LF line ends.
 
     One report covers recipients that all ``failed`` (a bounce) or all ``delayed`` (a
-    warning): the subject and the wording depend on it, so a mix is a caller bug.  Raises
-    ValueError for an empty sender (a bounce is never bounced), no recipients, a mix or
-    unknown action, a malformed status code, address, id or host name: all of them are
-    our own data, and a bad value must not reach a header.
+    warning): the subject and the wording depend on it, so a mix is a caller bug.  With
+    ``postmaster`` (an address), it is instead the postmaster's notice that a message from
+    ``<>`` failed (a double bounce, as Postfix sends): addressed to the postmaster, and the
+    original sender may be empty.  Raises ValueError for an empty sender (a bounce is never
+    bounced to its sender), no recipients, a mix or unknown action, a postmaster notice
+    about a delay, a malformed status code, address, id or host name: all of them are our
+    own data, and a bad value must not reach a header.
     """
-    if not original_sender:
+    if postmaster is not None:
+        to = _check_address(postmaster, "postmaster")
+    elif not original_sender:
         raise ValueError("a message from <> is never bounced")
-    _check_address(original_sender, "sender")
+    else:
+        to = original_sender
+    if original_sender:
+        _check_address(original_sender, "sender")
     _check(_HOSTNAME_RE, hostname, "host name")
     _check(_ID_RE, dsn_id, "DSN queue id")
     _check(_ID_RE, queue_id, "queue id")
@@ -378,9 +394,12 @@ def build_dsn(
         _check(_STATUS_RE, r.status, "enhanced status code")
         _check_address(r.address, "recipient")
     delayed = actions == {"delayed"}
+    if delayed and postmaster is not None:
+        raise ValueError("the postmaster is told of failures only")
 
     human = _human_part(hostname=hostname, queue_id=queue_id, received_from=received_from,
-                        arrival=arrival, recipients=recipients, delayed=delayed)
+                        arrival=arrival, recipients=recipients, delayed=delayed,
+                        postmaster=postmaster is not None)
     status = _status_part(hostname=hostname, queue_id=queue_id, arrival=arrival,
                           recipients=recipients, delayed=delayed)
     original = _headers_part(original_headers)
@@ -393,11 +412,12 @@ def build_dsn(
     boundary = _boundary(f"{dsn_id}.{int(now)}/{hostname}", contents)
 
     subject = ("Delayed Mail (still being retried)" if delayed
+               else "Postmaster Copy: Undelivered Mail" if postmaster is not None
                else "Undelivered Mail Returned to Sender")
     cte = "8bit" if eight_bit else "7bit"
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        f"To: <{original_sender}>",
+        f"To: <{to}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{dsn_id}.dsn@{hostname}>",

@@ -10,14 +10,16 @@ Envelope, version 1::
 
     {"version": 1, "id": "...", "created": 1795381621.5, "sender": "a@b" or "",
      "received_from": "client.example[192.0.2.7]", "prefix": "Received: ...\\n...",
-     "warned": false,
+     "warned": false, ("double_bounce": true,)
      "recipients": [{"address": "...", "status": "queued", "attempts": 0,
                      "last_error": null, "next_attempt": 1795381621.5,
                      "last_attempt": null, "remote_mta": null}]}
 
 ``prefix`` holds the trace headers to send before the body (always ASCII).  ``status`` is
 ``queued`` (still to be delivered), ``sent`` or ``bounced``.  ``warned`` records that a delay
-warning went out, so that only one does.
+warning went out, so that only one does.  ``double_bounce`` marks the notice the relayer
+sends the postmaster when a bounce (a message from ``<>``) cannot be delivered: if that notice
+fails too, it is only logged, so bounces never loop (written only when true).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class QueuedMessage:
     prefix: str
     recipients: tuple[QueuedRecipient, ...]
     warned: bool = False
+    double_bounce: bool = False  # a postmaster notice about a failed bounce: never notified on
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:
@@ -98,6 +101,7 @@ def new_message(
     prefix: bytes,
     created: float,
     received_from: str,
+    double_bounce: bool = False,
 ) -> QueuedMessage:
     """A fresh envelope, every recipient due now; ValueError for anything unstorable."""
     try:
@@ -117,6 +121,7 @@ def new_message(
         received_from=received_from,
         prefix=prefix_text,
         recipients=tuple(QueuedRecipient(a, next_attempt=created) for a in recipients),
+        double_bounce=double_bounce,
     )
 
 
@@ -143,6 +148,8 @@ def encode(message: QueuedMessage) -> bytes:
             for r in message.recipients
         ],
     }
+    if message.double_bounce:
+        data["double_bounce"] = True  # only then: other envelopes are as they always were
     try:
         # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
         return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -223,6 +230,7 @@ def decode(raw: bytes) -> QueuedMessage:
             received_from=data.get("received_from") or "",
             prefix=_get(data, "prefix", str, ""),
             warned=bool(data.get("warned", False)),
+            double_bounce=data.get("double_bounce", False) is True,
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )
     except _Corrupt as exc:

@@ -4,7 +4,8 @@ Where mail for a domain goes: MX resolution with ``twisted.names`` (RFC 5321 §5
 The pure rules (ordering, our own host among the MX hosts) are separate from the lookups so
 they are tested directly.  Every failure says whether it is final: a domain that does not
 exist, or says it takes no mail (null MX), is bounced at once; a DNS server that fails or
-does not answer only delays the mail.
+does not answer only delays the mail.  An address literal naming this host (``[127.0.0.1]``,
+``[IPv6:::1]``, one of its interfaces) loops back like an MX pointing at us: bounced, 5.4.6.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "DestinationError",
     "order_mx",
     "drop_own_hosts",
+    "is_own_address",
     "resolve_destination",
     "resolve_host",
 ]
@@ -98,6 +100,32 @@ def _addresses(resolver: Any, name: str, timeout: tuple[int, ...]) -> Any:
     return found, temporary
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def is_own_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address names this host: loopback, unspecified, or one of its interfaces'.
+
+    An address literal naming ourselves is a mail loop just like an MX pointing back: without
+    this check such mail is queued and retried against ourselves for days.  The interfaces'
+    addresses are asked of the kernel directly: binding a socket to an address succeeds only
+    for an address of this host (no list to parse, no resolver, every interface covered).
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_unspecified:
+        return True
+    if address.is_multicast or address == _BROADCAST:
+        return False  # never one host (yet binding to it succeeds, for receiving)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
 def _literal(domain: str) -> MXHost | None:
     if not (domain.startswith("[") and domain.endswith("]")):
         return None
@@ -123,6 +151,8 @@ def resolve_destination(
     """The hosts to try for ``domain``, in order, each with addresses; or DestinationError."""
     literal = _literal(domain)
     if literal is not None:
+        if is_own_address(ipaddress.ip_address(literal.addresses[0])):
+            raise DestinationError(True, "5.4.6", f"mail for {domain} loops back to myself")
         return [literal]
     rng = rng or random.Random()
     try:

@@ -128,6 +128,7 @@ def enqueue(
     body_path: Path,
     created: float,
     received_from: str,
+    double_bounce: bool = False,
 ) -> QueuedMessage:
     """Put a message in the outbound queue, durably; return its envelope.
 
@@ -150,6 +151,7 @@ def enqueue(
         prefix=prefix,
         created=created,
         received_from=received_from,
+        double_bounce=double_bounce,
     )
     data = encode(message)
     qdir = Path(qdir)

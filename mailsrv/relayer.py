@@ -10,7 +10,8 @@ domain, tried host by host, address by address, until a server answers.
 
 Results per recipient: ``2xx`` sent, ``4xx`` deferred with backoff (bounced once the message
 is older than ``queue.max_age``), ``5xx`` bounced.  A bounce (RFC 3464 DSN) is stored before
-the recipient is marked bounced, and never sent for a message from ``<>``.
+the recipient is marked bounced; for a message from ``<>`` it goes to the postmaster instead
+(once: that notice's own failure is only logged).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from twisted.application import service
 from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
 
-from mailsrv import bounce, queue
+from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
@@ -261,6 +262,7 @@ class Relayer(service.Service):
         last_problem = "no MX host could be reached"
         port = relay.smarthost[1] if key == SMARTHOST else relay.port
         auth = (relay.smarthost_user, self._password) if key == SMARTHOST and relay.smarthost_user else None
+        incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
         for host in hosts:
             for address in host.addresses:
                 transactions = self._transactions(pending)
@@ -271,6 +273,7 @@ class Relayer(service.Service):
                     transactions, identity=self.config.hostname,
                     own_names=(self.config.hostname,), tls_context=tls_context,
                     require_tls=require_tls, auth=auth, timeout=relay.timeout,
+                    prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
                 )
                 self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
                 outcome = yield factory.done
@@ -400,9 +403,9 @@ class Relayer(service.Service):
             del self.messages[after.id]
         else:
             self.messages[after.id] = after
-        if reports and not after.sender:
-            log.info("bounce id={id}: not sent, the message is itself a bounce (from <>); "
-                     "dropped for {rcpts}", id=after.id,
+        if reports and after.double_bounce:
+            log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
+                     "failed bounce; dropped for {rcpts}", id=after.id,
                      rcpts=",".join(f"<{r.address}>" for r in reports))
             reports = []
 
@@ -411,7 +414,7 @@ class Relayer(service.Service):
             for group in (reports, warn):
                 if group:
                     try:
-                        stored.append(bounce.send_dsn(self.config, self.runtime.directory, after, group))
+                        stored.append(bounce.notify(self.config, self.runtime.directory, after, group))
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:
@@ -421,13 +424,13 @@ class Relayer(service.Service):
             return stored
 
         def written(stored: list[Any]) -> None:
-            for place in stored:
+            kind = "DSN" if after.sender else "double bounce"
+            for to, place in stored:
+                went = f"{place.queued.id} queued for" if place.queued else "delivered to"
+                log.info("bounce id={id}: {kind} {went} <{to}>", id=after.id, kind=kind,
+                         went=went, to=to)
                 if place.queued is not None:
-                    log.info("bounce id={id}: DSN {dsn} queued for <{to}>", id=after.id,
-                             dsn=place.queued.id, to=after.sender)
                     self.add(place.queued)
-                else:
-                    log.info("bounce id={id}: DSN delivered to <{to}>", id=after.id, to=after.sender)
 
         def failed(failure: Any) -> None:
             # The bounce or the state could not be stored: keep the recipients queued, so
@@ -501,7 +504,8 @@ class Relayer(service.Service):
             return d.addCallback(lambda _: f"ok: deleted {message.id}")
         # bounce
         reason = "returned to the sender by the administrator"
-        reports = bounce.given_up_reports(message, reason)
+        # An administrator's bounce of a bounce tells nobody (the postmaster did it).
+        reports = bounce.given_up_reports(message, reason) if message.sender else []
         after = message.update({r.address: replace(r, status=BOUNCED, last_error=reason)
                                 for r in message.pending})
         self._commit(message, after, reports, [])

@@ -12,7 +12,12 @@ relay that must never lose or duplicate a message:
 - results are recorded per recipient and per message, and a refused ``MAIL``, ``RSET`` or a
   dropped connection ends the session cleanly instead of looping or losing results;
 - a greeting that names ourselves is a mail loop and is reported as such, not delivered to;
-- a ``454`` to an opportunistic ``STARTTLS`` continues in plain text (as Postfix does).
+- a ``454`` to an opportunistic ``STARTTLS`` continues in plain text (as Postfix does);
+- before each ``MAIL FROM`` the message is prepared in a worker thread (``prepare``, see
+  mailsrv.outgoing): ``SIZE=`` goes out when the server offers SIZE, and a message over the
+  server's announced limit is not sent at all (``552 5.3.4`` for its recipients, as Postfix
+  does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
+  offer 8BITMIME (``554 5.6.3`` when it cannot be converted).
 
 One :class:`Transaction` per message; the relayer reads the outcome from it after the session.
 """
@@ -20,18 +25,21 @@ One :class:`Transaction` per message; the relayer reads the outcome from it afte
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet import defer, protocol
+from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 __all__ = ["Reply", "Transaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
 
 _STATUS_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+log = Logger(namespace="mailsrv")
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,7 @@ class RelayClient(smtp.ESMTPClient):
         identity: str,
         own_names: Collection[str],
         outcome: SessionOutcome,
+        prepare: Callable[[Transaction, bool], defer.Deferred],
         tls_context: Any = None,
         require_tls: bool = False,
         auth: tuple[str, str] | None = None,
@@ -150,6 +159,11 @@ class RelayClient(smtp.ESMTPClient):
         self._data: _MessageData | None = None
         self._at_line_start = True
         self._extensions: dict[bytes, Any] = {}
+        #: (transaction, 8BITMIME offered) -> Deferred firing with an ``Outgoing`` or a Reply
+        self._prepare = prepare
+        self._outgoing: Any = None  # the mailsrv.outgoing.Outgoing being sent
+        self._peer = "the server"
+        self._lost = False
 
     # --- greeting, loop check, TLS ------------------------------------------------------
 
@@ -170,6 +184,7 @@ class RelayClient(smtp.ESMTPClient):
         if not self.outcome.greeted:
             self.outcome.greeted = True
             name = resp.split(None, 1)[0].decode("ascii", "replace").lower() if resp else ""
+            self._peer = name or self._peer
             if name.rstrip(".") in self._own_names:
                 self.outcome.loop = True
                 self.outcome.error = Reply(554, f"{name} greets with our own name: mail loop", "5.4.6")
@@ -205,13 +220,50 @@ class RelayClient(smtp.ESMTPClient):
     def smtpState_from(self, code: int, resp: bytes) -> None:
         self._note_tls()
         self._failresponse = self.smtpTransferFailed
-        self._current = next(self._queue, None)
-        if self._current is None:
+        self._next_transaction()
+
+    def _next_transaction(self) -> None:
+        self._current = current = next(self._queue, None)
+        if current is None:
             self._disconnectFromServer()
             return
-        self._from = self._current.sender
-        self._current.attempted = True
-        self.sendLine(b"MAIL FROM:<" + self._current.sender.encode("utf-8") + b">")
+        d = self._prepare(current, b"8BITMIME" in self._extensions)
+        d.addErrback(self._prepare_failed, current)
+        d.addCallback(self._prepared, current)
+
+    def _prepare_failed(self, failure: Failure, current: Transaction) -> Reply:
+        log.failure("relay id={id}: cannot prepare the message", failure, id=current.queue_id)
+        return Reply(451, f"4.3.0 cannot prepare the message: {failure.getErrorMessage()}", "4.3.0")
+
+    def _size_limit(self) -> int:
+        """The server's SIZE (RFC 1870), 0 for none or no limit."""
+        words = (self._extensions.get(b"SIZE") or b"").split()
+        return int(words[0]) if words and words[0].isdigit() else 0
+
+    def _prepared(self, outgoing: Any, current: Transaction) -> None:
+        if self._lost or current is not self._current:
+            if not isinstance(outgoing, Reply):
+                outgoing.discard()
+            return
+        self.resetTimeout()
+        limit = self._size_limit()
+        if not isinstance(outgoing, Reply) and limit and outgoing.size > limit:
+            outgoing.discard()
+            outgoing = Reply(552, f"5.3.4 message size {outgoing.size} exceeds the size limit"
+                             f" {limit} of {self._peer}: not sent", "5.3.4")
+        if isinstance(outgoing, Reply):  # decided here: nothing is sent for this message
+            for address in current.recipients:
+                current.results.setdefault(address, outgoing)
+            self._remaining -= 1
+            self._next_transaction()
+            return
+        self._outgoing = outgoing
+        self._from = current.sender
+        current.attempted = True
+        params = b" SIZE=%d" % outgoing.size if b"SIZE" in self._extensions else b""
+        if outgoing.eight_bit:
+            params += b" BODY=8BITMIME"
+        self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
         self._expected = [250]
         self._okresponse = self.smtpState_to
 
@@ -242,8 +294,17 @@ class RelayClient(smtp.ESMTPClient):
     def getMailData(self) -> _MessageData:
         assert self._current is not None
         self._at_line_start = True
-        self._data = _MessageData(self._current.prefix, open(self._current.body_path, "rb"))
+        self._data = _MessageData(self._outgoing.prefix, open(self._outgoing.path, "rb"))
         return self._data
+
+    def _release(self) -> None:
+        """Close the data being sent and drop its converted copy, if any."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._outgoing is not None:
+            self._outgoing.discard()
+            self._outgoing = None
 
     def transformChunk(self, chunk: bytes) -> bytes:
         """LF to CRLF and dot-stuffing, correct at chunk boundaries and on the first line."""
@@ -257,9 +318,7 @@ class RelayClient(smtp.ESMTPClient):
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
         current, self._current = self._current, None
-        if self._data is not None:
-            self._data.close()
-            self._data = None
+        self._release()
         if current is not None:
             self._remaining -= 1
             verdict = Reply.from_wire(code, resp)
@@ -300,9 +359,8 @@ class RelayClient(smtp.ESMTPClient):
         smtp.ESMTPClient.sendError(self, exc)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self._data is not None:
-            self._data.close()
-            self._data = None
+        self._lost = True
+        self._release()
         if self._current is not None and self.outcome.reason is None:
             self.outcome.reason = f"connection lost during the transaction: {reason.getErrorMessage()}"
         elif self.outcome.error is None and self._remaining > 0 and self.outcome.reason is None:

@@ -38,6 +38,7 @@ def store(
     trace: bytes,
     body_path: Path,
     received_from: str,
+    double_bounce: bool = False,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise maildir.DeliveryError on failure.
 
@@ -47,8 +48,9 @@ def store(
     local and virtual write it; what Sieve and loop detection read): they belong to the
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
     Each local copy is thus a file of its own, which also keeps one recipient's address out
-    of another's copy.  The body file is consumed: moved into the queue or left for the
-    caller to remove.
+    of another's copy.  ``double_bounce`` marks a queued postmaster notice about a failed
+    bounce (see mailsrv.envelope).  The body file is consumed: moved into the queue or left
+    for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
@@ -68,7 +70,7 @@ def store(
             stored.queued = queue.enqueue(
                 Path(config.queue.path), queue_id, sender=sender,
                 recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
-                created=time.time(), received_from=received_from,
+                created=time.time(), received_from=received_from, double_bounce=double_bounce,
             )
             stored.places += [(t, "queue") for t in remote]
     except maildir.DeliveryError:

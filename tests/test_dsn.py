@@ -380,6 +380,37 @@ def test_will_retry_until_only_for_delayed() -> None:
     assert "Will-Retry-Until" not in block
 
 
+# --- postmaster notices (double bounces) ----------------------------------------------
+
+
+def test_postmaster_notice_of_a_failed_bounce() -> None:
+    bounce_head = (b"From: Mail Delivery System <MAILER-DAEMON@mx.example.org>\n"
+                   b"To: <bob@remote.test>\nSubject: Undelivered Mail Returned to Sender\n")
+    message = parse(build(original_sender="", postmaster="postmaster@example.org",
+                          original_headers=bounce_head))
+    assert message["To"].addresses[0].addr_spec == "postmaster@example.org"
+    assert message["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert message.get_content_type() == "multipart/report"
+    text = " ".join(human(message).split())
+    assert "from the null sender <>" in text and "comes to the postmaster" in text
+    assert "please send mail to postmaster" not in text
+    [_, block] = status_blocks(message)
+    assert block["Final-Recipient"] == "rfc822; bob@remote.test" and block["Status"] == "5.1.1"
+    assert parts(message)[2].get_payload().startswith("From: Mail Delivery System")
+    # The bare RFC 5321 <postmaster> is an address too.
+    assert b"\nTo: <postmaster>\n" in build(original_sender="", postmaster="postmaster")
+
+
+@pytest.mark.parametrize(
+    "overrides, why",
+    [({"postmaster": "pm@x>\nBcc: y@z"}, "postmaster address"),
+     ({"postmaster": "postmaster@example.org", "recipients": [delayed()]}, "failures only")],
+)
+def test_postmaster_notice_refused_arguments(overrides: dict[str, object], why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        build(original_sender="", **overrides)
+
+
 # --- refused input -------------------------------------------------------------------
 
 

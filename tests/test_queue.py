@@ -307,6 +307,15 @@ from dataclasses import replace  # noqa: E402
 from mailsrv.envelope import SENT, decode, encode  # noqa: E402
 
 
+def test_double_bounce_mark_round_trips(qdir: Path, body: Path) -> None:
+    """The postmaster's notice of a failed bounce keeps its mark across a restart."""
+    path = do_enqueue(qdir, body, sender=None, double_bounce=True)
+    assert read_envelope(path)["double_bounce"] is True
+    assert read_message(path).double_bounce is True
+    plain = json.loads(encode(replace(read_message(path), double_bounce=False)))
+    assert "double_bounce" not in plain and decode(json.dumps(plain).encode()).double_bounce is False
+
+
 def test_save_replaces_atomically_and_round_trips(qdir: Path, body: Path) -> None:
     do_enqueue(qdir, body)
     message = read_message(qdir / "messages" / "ID1.json")

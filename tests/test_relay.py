@@ -223,6 +223,39 @@ def test_dns_failures_bounce(env, server, domain, status):
     wait_for(lambda: queue_empty(s), 10, "the queue to empty")
 
 
+@pytest.mark.parametrize("literal", ["[127.0.0.1]", "[IPv6:::1]", "[0.0.0.0]"])
+def test_address_literal_naming_this_host_bounces_at_once(env, server, literal):
+    """Item 15: a literal naming ourselves is a loop (5.4.6), never queued for days."""
+    s = server()
+    send(s, "alice@example.org", [f"x@{literal}"])
+    [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+    groups = delivery_status(dsn)
+    assert groups[1]["Final-Recipient"].endswith(f"x@{literal}")
+    assert groups[1]["Status"] == "5.4.6" and groups[1]["Action"] == "failed"
+    assert "loops back to myself" in str(groups[1]["Diagnostic-Code"])
+    wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    log = s.log_text()
+    assert "status=deferred" not in log and "tries=1 status=bounced" in log
+
+
+def test_own_address_check_and_literal_destinations():
+    import ipaddress
+
+    from mailsrv.mx import DestinationError, is_own_address, resolve_destination
+
+    for own in ("127.0.0.1", "127.0.0.53", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
+        assert is_own_address(ipaddress.ip_address(own)), own
+    for other in ("192.0.2.77", "2001:db8::7", "224.0.0.1", "255.255.255.255"):
+        assert not is_own_address(ipaddress.ip_address(other)), other
+    failures = []
+    resolve_destination(None, "[IPv6:::1]").addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(DestinationError)
+    assert failure.value.permanent and failure.value.status == "5.4.6"
+    [host] = resolve_destination(None, "[192.0.2.77]").result
+    assert host.addresses == ("192.0.2.77",)
+
+
 def test_servfail_defers(env, server):
     s = server()
     send(s, "alice@example.org", ["x@broken.test"])
@@ -239,18 +272,50 @@ def test_servfail_defers(env, server):
     assert dsns(s) == []
 
 
-def test_no_bounce_for_a_bounce(env, server):
+def test_failed_bounce_goes_to_the_postmaster(env, server):
+    """Item 11: a DSN to a remote sender refused with 550 -> the postmaster's Maildir."""
     s = server()
     mx1 = sink_for(env, "mx1")
-    mx1.set_rules({"rcpt": [["^gone@", "550 5.1.1 no such user"]]})
+    mx1.set_rules({"rcpt": [["^sender@", "550 5.1.1 <sender@remote.test>: no such user"]]})
     try:
-        send(s, "", ["gone@remote.test"])
-        wait_for(lambda: queue_empty(s) and "status=bounced" in s.log_text(), 15, "the bounce")
+        send(s, "sender@remote.test", ["x@nowhere.test"], subject="lost cause")
+        # NXDOMAIN bounces the original; its DSN (from <>) is refused: postmaster hears.
+        [notice] = wait_for(lambda: dsns(s), 15, "the double bounce")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
     finally:
         mx1.set_rules({})
-    time.sleep(0.5)
-    assert "not sent, the message is itself a bounce" in s.log_text()
-    assert queue_empty(s)
+    assert notice["Subject"] == "Postmaster Copy: Undelivered Mail"
+    assert notice["To"].addresses[0].addr_spec == "postmaster@example.org"
+    groups = delivery_status(notice)
+    assert groups[1]["Final-Recipient"] == "rfc822; sender@remote.test"
+    assert groups[1]["Status"] == "5.1.1" and "no such user" in str(groups[1]["Diagnostic-Code"])
+    [headers] = [p for p in notice.walk() if p.get_content_type() == "text/rfc822-headers"]
+    assert "Subject: Undelivered Mail Returned to Sender" in headers.get_payload()
+    log = s.log_text()
+    assert "double bounce delivered to <postmaster@example.org>" in log
+    time.sleep(1)
+    assert len(dsns(s)) == 1 and s.messages("bob@example.org") == []
+
+
+def test_failed_double_bounce_is_only_logged(env, server):
+    """The postmaster's notice (here for a remote postmaster) failing in turn is dropped."""
+    s = server(aliases=["postmaster: pm@remote.test"])
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"rcpt": [["^(gone|pm)@", "550 5.1.1 no such user"]]})
+    try:
+        before = len(mx1.messages())
+        send(s, "", ["gone@remote.test"])
+        wait_for(lambda: "postmaster's notice of a failed bounce; dropped" in s.log_text(), 15,
+                 "the double bounce to fail")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+        time.sleep(2)  # a loop would show up now
+        assert queue_empty(s) and len(mx1.messages()) == before
+    finally:
+        mx1.set_rules({})
+    log = s.log_text()
+    assert log.count("double bounce") == 1 and "queued for <postmaster@example.org>" in log
+    assert log.count(" to=<pm@remote.test> relay=") == 1
+    assert log.count(" to=<gone@remote.test> relay=") == 1
     for user in ("alice", "bob"):
         assert s.messages(f"{user}@example.org") == []
 
@@ -285,6 +350,105 @@ def test_delay_warning_once(env, server):
     finally:
         mx1.set_rules({})
     wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+
+
+def send_bytes(server: MailServer, sender: str, recipients: list[str], data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=20) as client:
+        client.sendmail(sender, recipients, data, mail_options=["BODY=8BITMIME"])
+
+
+def raw_data(got: dict) -> bytes:
+    return got["data"].encode("latin-1")  # the sink keeps the octets as latin-1 text
+
+
+def test_size_parameter_and_a_message_over_the_servers_limit(env, server):
+    """Item 10: SIZE= and BODY=8BITMIME go out; over the peer's SIZE, nothing is sent: 5.3.4."""
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"size": 10000})
+    try:
+        before, mails_before = len(mx1.messages()), len(mx1.mail_commands())
+        big = "Subject: big\r\n\r\n" + ("x" * 70 + "\r\n") * 330  # ~23 KB
+        send_bytes(s, "alice@example.org", ["big@remote.test"], big.encode())
+        small = "Subject: small\r\n\r\nGrüße\r\n".encode()
+        send_bytes(s, "alice@example.org", ["small@remote.test"], small)
+        [got] = new_messages(mx1, before, 1)
+        [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    finally:
+        mx1.set_rules({})
+    assert got["rcpt_to"] == ["small@remote.test"]
+    assert got["mail_params"] == {"SIZE": str(len(raw_data(got))), "BODY": "8BITMIME"}
+    assert raw_data(got).endswith(small)  # 8 bits kept for a server that takes them
+    # The big one was never offered: one MAIL command only, the small one's.
+    [mail] = mx1.mail_commands()[mails_before:]
+    assert mail.startswith("MAIL FROM:<alice@example.org> SIZE=")
+    groups = delivery_status(dsn)
+    assert groups[1]["Final-Recipient"].endswith("big@remote.test")
+    assert groups[1]["Status"] == "5.3.4"
+    assert "exceeds the size limit 10000 of mx1.remote.test" in str(groups[1]["Diagnostic-Code"])
+
+
+EIGHT_BIT_MIME = """\
+From: <alice@example.org>
+Subject: 8 bits
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="b1"
+
+--b1
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 8bit
+
+Grüße aus Köln, trailing space 
+=20 is not an escape here
+--b1
+Content-Type: application/octet-stream
+Content-Transfer-Encoding: base64
+
+AAECAwQFBgcICQ==
+--b1--
+""".replace("\n", "\r\n").encode()
+
+
+def test_8bit_message_to_a_server_without_8bitmime_is_converted(env, server):
+    """Item 10: converted to quoted-printable; the decoded content is the original's."""
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"8bitmime": False})
+    try:
+        before = len(mx1.messages())
+        send_bytes(s, "alice@example.org", ["q@remote.test"], EIGHT_BIT_MIME)
+        [got] = new_messages(mx1, before, 1)
+        wait_for(lambda: queue_empty(s), 10, "the queue to empty")
+    finally:
+        mx1.set_rules({})
+    assert got["mail_params"] == {}
+    data = raw_data(got)
+    assert data.isascii() and data.startswith(b"Received: from client.test")
+    original = email.message_from_bytes(EIGHT_BIT_MIME, policy=email.policy.default)
+    converted = email.message_from_bytes(data, policy=email.policy.default)
+    [text, attachment] = converted.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert [p.get_payload(decode=True) for p in converted.iter_parts()] == [
+        p.get_payload(decode=True) for p in original.iter_parts()]
+    assert text.get_content() == "Grüße aus Köln, trailing space \r\n=20 is not an escape here"
+    assert attachment.get_content() == bytes(range(10))
+    assert not [p for p in (s.queue / "incoming").iterdir() if ".7bit." in p.name]
+
+
+def test_8bit_header_for_a_server_without_8bitmime_bounces_5_6_3(env, server):
+    s = server()
+    mx1 = sink_for(env, "mx1")
+    mx1.set_rules({"8bitmime": False})
+    try:
+        mails_before = len(mx1.mail_commands())
+        send_bytes(s, "alice@example.org", ["h@remote.test"],
+                   "Subject: Grüße\r\n\r\nGrüße\r\n".encode())
+        [dsn] = wait_for(lambda: dsns(s), 15, "the DSN")
+    finally:
+        mx1.set_rules({})
+    assert delivery_status(dsn)[1]["Status"] == "5.6.3"
+    assert len(mx1.mail_commands()) == mails_before
 
 
 def test_opportunistic_starttls(env, server):

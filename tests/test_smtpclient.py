@@ -1,12 +1,21 @@
-"""Pure parts of the outbound SMTP client: reply parsing and dot-stuffing across chunks."""
+"""The outbound SMTP client: reply parsing, dot-stuffing across chunks, and (over a
+StringTransport) the MAIL parameters, the SIZE limit and the 7-bit downgrade."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
+from pathlib import Path
 
 import pytest
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
-from mailsrv.smtpclient import RelayClient, Reply, SessionOutcome, _MessageData
+from mailsrv import outgoing
+from mailsrv.smtpclient import RelayClient, Reply, SessionOutcome, Transaction, _MessageData
 
 
 @pytest.mark.parametrize(
@@ -32,7 +41,8 @@ def test_reply_str_is_one_line() -> None:
 
 
 def client() -> RelayClient:
-    return RelayClient([], identity="mx.example.org", own_names=(), outcome=SessionOutcome())
+    return RelayClient([], identity="mx.example.org", own_names=(), outcome=SessionOutcome(),
+                       prepare=lambda t, ok: defer.fail(AssertionError("no message to prepare")))
 
 
 def stuff(chunks: list[bytes]) -> bytes:
@@ -68,3 +78,134 @@ def test_message_data_reads_prefix_then_body() -> None:
             break
         chunks.append(chunk)
     assert b"".join(chunks) == b"Received: x\nSubject: y\n\nbody\n"
+
+
+# --- MAIL parameters, SIZE and 8BITMIME, over a StringTransport ------------------------
+
+PREFIX = b"Received: from client.test by mx.example.org; Mon, 1 Nov 2026 10:00:00 +0000\n"
+EIGHT_BIT = "Subject: 8 bits\n\nGrüße aus Köln\n.dot line\n".encode()
+SEVEN_BIT = b"Subject: 7 bits\n\nplain\n"
+
+
+def transaction(tmp_path: Path, name: str, body: bytes, sender: str = "a@x.test") -> Transaction:
+    path = tmp_path / f"{name}.body"
+    path.write_bytes(body)
+    return Transaction(queue_id=name, sender=sender, recipients=[f"r@{name}.test"],
+                       prefix=PREFIX, body_path=path)
+
+
+class Session:
+    """A RelayClient talking to a scripted server through a StringTransport."""
+
+    def __init__(self, transactions: list[Transaction], extensions: list[str], workdir: Path,
+                 prepare=None) -> None:
+        self.outcome = SessionOutcome()
+        self.client = RelayClient(
+            transactions, identity="mx.example.org", own_names=(), outcome=self.outcome,
+            prepare=prepare or (lambda t, ok: defer.succeed(outgoing.prepare(t, ok, workdir))),
+        )
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+        self.server(b"220 peer.test ESMTP")
+        ehlo = [b"peer.test"] + [e.encode() for e in extensions]
+        self.server(b"\r\n".join(
+            (b"250 " if i == len(ehlo) - 1 else b"250-") + line for i, line in enumerate(ehlo)))
+
+    def server(self, reply: bytes) -> None:
+        self.client.dataReceived(reply + b"\r\n")
+
+    def sent(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        return data
+
+    def deliver(self) -> bytes:
+        """MAIL, RCPT and DATA accepted; the message as sent (without the final dot)."""
+        for reply in (b"250 2.1.0 Ok", b"250 2.1.5 Ok", b"354 go ahead"):
+            self.server(reply)
+        self.sent()
+        while self.transport.producer is not None:  # FileSender is a pull producer
+            self.transport.producer.resumeProducing()
+        data = self.sent()
+        assert data.endswith(b"\r\n.\r\n")
+        self.server(b"250 2.0.0 Ok: queued")
+        return data[: -len(b".\r\n")]
+
+
+def wire_size(prefix: bytes, body: bytes) -> int:
+    return len((prefix + body).replace(b"\n", b"\r\n"))
+
+
+def test_mail_from_carries_size_and_body_8bitmime(tmp_path: Path) -> None:
+    t = transaction(tmp_path, "eight", EIGHT_BIT)
+    s = Session([t], ["SIZE 100000", "8BITMIME", "PIPELINING"], tmp_path)
+    assert s.sent().endswith(
+        b"MAIL FROM:<a@x.test> SIZE=%d BODY=8BITMIME\r\n" % wire_size(PREFIX, EIGHT_BIT))
+    data = s.deliver()
+    assert data == (PREFIX + EIGHT_BIT).replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+    assert t.results["r@eight.test"].success
+
+
+def test_seven_bit_message_and_a_server_without_size(tmp_path: Path) -> None:
+    s = Session([transaction(tmp_path, "seven", SEVEN_BIT)], ["8BITMIME"], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<a@x.test>\r\n")
+    s = Session([transaction(tmp_path, "seven", SEVEN_BIT)], ["SIZE"], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<a@x.test> SIZE=%d\r\n" % wire_size(PREFIX, SEVEN_BIT))
+
+
+def test_message_over_the_servers_size_is_not_sent(tmp_path: Path) -> None:
+    """Item 10: a message over the announced SIZE gets 552 5.3.4 without being sent."""
+    big_body = b"Subject: big\n\n" + b"x" * 70 + b"\n"
+    limit = wire_size(PREFIX, big_body) - 1  # one octet too many
+    big = transaction(tmp_path, "big", big_body, sender="big@x.test")
+    small = transaction(tmp_path, "small", b"Subject: s\n\n\n", sender="small@x.test")
+    s = Session([big, small], [f"SIZE {limit}", "8BITMIME"], tmp_path)
+    sent = s.sent()
+    assert b"big@x.test" not in sent and sent.endswith(b"MAIL FROM:<small@x.test> SIZE=%d\r\n"
+                                                       % wire_size(PREFIX, b"Subject: s\n\n\n"))
+    [reply] = big.results.values()
+    assert (reply.code, reply.status) == (552, "5.3.4") and not big.attempted
+    assert f"exceeds the size limit {limit} of peer.test" in reply.text
+    s.deliver()
+    assert small.results["r@small.test"].success
+    # At the limit exactly, it goes.
+    s = Session([transaction(tmp_path, "big", big_body)], [f"SIZE {limit + 1}"], tmp_path)
+    assert b"MAIL FROM:<a@x.test> SIZE=" in s.sent()
+
+
+def test_server_without_8bitmime_gets_a_7bit_copy(tmp_path: Path) -> None:
+    t = transaction(tmp_path, "eight", EIGHT_BIT)
+    s = Session([t], ["SIZE 100000"], tmp_path)
+    mail = s.sent()
+    assert b"BODY=8BITMIME" not in mail
+    [copy] = list(tmp_path.glob("eight.7bit.*"))
+    assert mail.endswith(b"MAIL FROM:<a@x.test> SIZE=%d\r\n"
+                         % wire_size(b"", copy.read_bytes()))
+    data = s.deliver()
+    assert data.isascii()
+    message = email.message_from_bytes(data.replace(b"\r\n..", b"\r\n."),
+                                       policy=email.policy.default)
+    assert message["Content-Transfer-Encoding"] == "quoted-printable"
+    assert message.get_content() == "Grüße aus Köln\r\n.dot line\r\n"
+    assert not copy.exists()  # the copy is removed once sent
+    assert t.body_path.read_bytes() == EIGHT_BIT  # the queued body is untouched
+
+
+def test_unconvertible_message_is_refused_with_5_6_3(tmp_path: Path) -> None:
+    bad = transaction(tmp_path, "bad", "Subject: Grüße\n\nGrüße\n".encode(), sender="bad@x.test")
+    good = transaction(tmp_path, "good", SEVEN_BIT, sender="good@x.test")
+    s = Session([bad, good], [], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<good@x.test>\r\n")
+    [reply] = bad.results.values()
+    assert (reply.code, reply.status) == (554, "5.6.3") and "'Subject'" in reply.text
+    assert list(tmp_path.glob("bad.7bit.*")) == []
+
+
+def test_connection_lost_while_preparing_drops_the_copy(tmp_path: Path) -> None:
+    pending: defer.Deferred = defer.Deferred()
+    t = transaction(tmp_path, "eight", EIGHT_BIT)
+    s = Session([t], [], tmp_path, prepare=lambda *_: pending)
+    s.client.connectionLost(Failure(ConnectionDone()))
+    pending.callback(outgoing.prepare(t, False, tmp_path))
+    assert b"MAIL" not in s.sent() and list(tmp_path.glob("eight.7bit.*")) == []
+    assert not t.attempted and "connection lost" in (s.outcome.reason or "")

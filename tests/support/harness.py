@@ -318,7 +318,7 @@ class SMTPSink:
         self.set_rules(rules or {})
         self.host = host
         config = {"host": host, "port": port, "hostname": hostname, "outdir": str(self.outdir),
-                  "rules_file": str(self.rules_file),
+                  "rules_file": str(self.rules_file), "mail_log": str(self.workdir / "mail.log"),
                   "tls": {"cert": str(tls[0]), "key": str(tls[1])} if tls else None,
                   "auth": auth}
         config_path = self.workdir / "sink.json"
@@ -341,6 +341,11 @@ class SMTPSink:
 
     def messages(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.outdir.glob("*.json"))]
+
+    def mail_commands(self) -> list[str]:
+        """Every MAIL command line the sink was sent, accepted or not."""
+        path = self.workdir / "mail.log"
+        return path.read_text().splitlines() if path.exists() else []
 
     def wait_for_messages(self, count: int, timeout: float = 20.0) -> list[dict]:
         return wait_for(lambda: (lambda m: m if len(m) >= count else None)(self.messages()),

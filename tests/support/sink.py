@@ -5,6 +5,9 @@ It plays a remote MX (or a smarthost) on a 127.0.0.x address: answers each comma
 rules file says (re-read at every command, so a test can switch from 4xx to 2xx while it
 runs), offers STARTTLS with a given certificate and AUTH PLAIN/LOGIN, and writes every
 accepted message to ``outdir/<n>.json`` (atomically).  Prints ``PORT <n>`` once listening.
+The rules may make it announce ``SIZE <n>`` (``"size": n``, enforced at MAIL and after the
+data, as Postfix does) and not announce 8BITMIME (``"8bitmime": false``: ``BODY=8BITMIME``
+is then refused); every MAIL command line is appended to ``mail_log``.
 Written with asyncio so that it shares no code with the client under test.
 """
 
@@ -50,6 +53,7 @@ class Session:
 
     def reset(self):
         self.mail_from = None
+        self.mail_params = {}
         self.rcpts = []
 
     async def send(self, line: str) -> None:
@@ -61,7 +65,10 @@ class Session:
         return line if line else None
 
     def extensions(self) -> list[str]:
-        ext = ["PIPELINING", "8BITMIME"]
+        r = rules()
+        ext = ["PIPELINING"] + (["8BITMIME"] if r.get("8bitmime", True) else [])
+        if r.get("size") is not None:
+            ext.append(f"SIZE {r['size']}")
         if CONFIG.get("tls") and not self.tls:
             ext.append("STARTTLS")
         if CONFIG.get("auth") and (self.tls or not CONFIG.get("tls")):
@@ -103,15 +110,24 @@ class Session:
             elif verb == "AUTH" and CONFIG.get("auth"):
                 await self.auth(arg)
             elif verb == "MAIL":
+                if CONFIG.get("mail_log"):
+                    with open(CONFIG["mail_log"], "a") as f:
+                        f.write(line + "\n")
                 auth = CONFIG.get("auth") or {}
+                params = dict(p.upper().partition("=")[::2] for p in arg.split(">", 1)[-1].split())
                 if auth.get("require") and not self.auth_user:
                     await self.send("530 5.7.0 Authentication required")
                 elif r.get("mail_from"):
                     await self.send(r["mail_from"])
+                elif "BODY" in params and "8BITMIME" not in self.extensions():
+                    await self.send("555 5.5.4 Unsupported option: BODY")
+                elif r.get("size") and int(params.get("SIZE") or 0) > r["size"]:
+                    await self.send("552 5.3.4 Message size exceeds fixed limit")
                 else:
                     m = re.match(r"FROM:<([^>]*)>", arg, re.I)
                     self.reset()
                     self.mail_from = m.group(1) if m else arg
+                    self.mail_params = params
                     await self.send("250 2.1.0 Ok")
             elif verb == "RCPT":
                 m = re.match(r"TO:<([^>]*)>", arg, re.I)
@@ -143,14 +159,18 @@ class Session:
                         raw = raw[1:]
                     lines.append(raw)
                 eom = rules().get("eom")
+                limit = rules().get("size")
                 if eom:
                     await self.send(eom)
+                elif limit and sum(len(line) for line in lines) > limit:
+                    await self.send("552 5.3.4 Message size exceeds fixed limit")
                 else:
                     record({
                         "mail_from": self.mail_from, "rcpt_to": self.rcpts,
                         "data": b"".join(lines).decode("utf-8", "surrogateescape")
                         .encode("utf-8", "surrogateescape").decode("latin-1"),
                         "tls": self.tls, "auth": self.auth_user, "helo": self.helo,
+                        "mail_params": self.mail_params,
                     })
                     await self.send("250 2.0.0 Ok: queued")
                 self.reset()
