@@ -8,19 +8,26 @@ partial message may be visible in any ``new/`` (the client will retry after our
 
 The qmail discipline: write the message once into ``tmp/`` under a unique name,
 fsync it, hard-link it into each ``new/``, fsync each ``new/``, remove ``tmp/``.
+
+Below the configured root nothing is reached through a symbolic link: every level
+(domain, user, ``tmp``/``new``/``cur``) is opened by descriptor with ``O_NOFOLLOW``
+(``mailsrv.dirfd``) and a link there refuses the whole delivery.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from pathlib import Path
+from pathlib import Path, PurePath
+
+from mailsrv import dirfd
+from mailsrv.dirfd import fsync_dir
 
 __all__ = [
     "DeliveryError",
@@ -33,7 +40,6 @@ __all__ = [
 
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 _CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
-_SUBDIRS = ("tmp", "new", "cur")
 # sendfile errors meaning "not supported for these files": fall back to read/write.
 _NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
@@ -48,14 +54,12 @@ def _update_pid() -> None:
 
 os.register_at_fork(after_in_child=_update_pid)
 
-# Maildirs whose tmp/, new/ and cur/ were there at the last delivery: not looked at again
-# (three stat calls per mailbox and message). A delivery that fails for a missing directory
-# (removed by hand meanwhile) forgets its maildirs, so the client's retry recreates them.
-_known_maildirs: set[Path] = set()
-
 # Per-process delivery counter for unique names.  next() on itertools.count is
 # atomic under the GIL, so concurrent worker threads never get the same value.
 _counter = itertools.count(1)
+
+# Group commit of the new/ directories' fsyncs, shared by the delivery threads.
+_new_dir_sync = dirfd.DirectorySync()
 
 
 class DeliveryError(Exception):
@@ -88,6 +92,8 @@ def _doing(action: str, path: os.PathLike[str] | str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if isinstance(exc, dirfd.StepError):  # it knows the step and the path better
+            action, path = exc.action, exc.filename
         raise DeliveryError.from_oserror(action, path, exc) from exc
 
 
@@ -107,82 +113,6 @@ def unique_name(hostname: str, size: int) -> str:
         f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{secrets.token_hex(8)}"
         f".{host},S={size}"
     )
-
-
-def fsync_dir(path: os.PathLike[str] | str) -> None:
-    """fsync a directory, making the entries created in (or removed from) it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _DirectorySync:
-    """Group commit for directory fsyncs: one fsync of a ``new/`` serves every link made before
-    it started.
-
-    Concurrent deliveries into one Maildir each used to fsync its ``new/`` after their own
-    link; the fsyncs queued behind each other on the directory (and on the file system's
-    journal), although one of them, started after all those links, makes them all durable.
-    ``sync(path)`` takes a ticket (a number increasing per directory) after the caller's link;
-    a fsync started when the tickets were up to N covers tickets ≤ N. A caller whose ticket is
-    covered by a fsync that *succeeded* returns at once; otherwise it waits for the running
-    fsync and, if still uncovered, runs the next one itself (taking every ticket issued so far
-    with it). A failed fsync covers nobody: the thread that ran it raises, and the others try
-    their own, so each caller either saw a successful fsync that started after its link or
-    gets the error — the guarantee of a plain per-delivery fsync, with far fewer of them.
-    """
-
-    class _State:
-        __slots__ = ("issued", "done", "running")
-
-        def __init__(self) -> None:
-            self.issued = 0  # last ticket handed out
-            self.done = 0  # every ticket <= done is durable
-            self.running = False
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._states: dict[str, _DirectorySync._State] = {}
-
-    def sync(self, path: os.PathLike[str] | str) -> None:
-        key = os.fspath(path)
-        with self._cond:
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = self._State()
-            state.issued += 1
-            ticket = state.issued
-            while True:
-                if state.done >= ticket:
-                    return
-                if not state.running:
-                    break
-                self._cond.wait()
-            state.running = True
-            covers = state.issued
-        succeeded = False
-        try:
-            fsync_dir(key)
-            succeeded = True
-        finally:
-            with self._cond:
-                state.running = False
-                if succeeded and covers > state.done:
-                    state.done = covers
-                if state.done >= state.issued and len(self._states) > 1024:
-                    # Idle directory: forget it, so that the table stays small.
-                    del self._states[key]
-                self._cond.notify_all()
-
-
-_new_dir_sync = _DirectorySync()
-
-
-def sync_new_dir(path: os.PathLike[str] | str) -> None:
-    """Make the entries linked into the directory *path* so far durable (group commit)."""
-    _new_dir_sync.sync(path)
 
 
 def _mkdir(path: Path, synced: set[Path]) -> None:
@@ -268,30 +198,45 @@ def _copy_data(src_fd: int, dst_fd: int, count: int) -> None:
         offset += sent
 
 
-def _create(path: Path) -> int:
-    """Open a new file for writing, 0600, failing if the name exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _create(dir_fd: int, name: str) -> int:
+    """Open a new file *name* in *dir_fd* for writing, 0600, failing if the name exists."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     try:
         os.fchmod(fd, 0o600)  # exact mode whatever the process umask is
     except BaseException:
         os.close(fd)
         with suppress(OSError):
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
         raise
     return fd
 
 
-def _unique_spellings(paths: Sequence[Path]) -> list[Path]:
-    """*paths* without exact repetitions (no need to look at a directory twice).
+def _names(root: Path, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
+    """The directory names of *maildir* below *root*, each checked before anything is made."""
+    path = PurePath(maildir)
+    with _doing("open directory", root / path):
+        if path.is_absolute() or not path.parts:
+            raise OSError(errno.EINVAL, "not a path below the root")
+        for name in path.parts:
+            dirfd.check_name(name, os.fspath(root / path))
+    return path.parts
 
-    Other spellings of one directory (``a/../b``, symlinks) are caught later
-    by comparing inodes; normalising ``..`` textually would be wrong when a
-    component is a symlink.
-    """
-    return list(dict.fromkeys(paths))
+
+def _open_root(root: Path) -> int:
+    """The root's descriptor. The root is the administrator's choice: a link there is followed."""
+    with _doing("open directory", root):
+        try:
+            return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+    ensure_dir(root)  # removed since start-up: made again, as before
+    with _doing("open directory", root):
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def deliver(
+    root: os.PathLike[str] | str,
     maildirs: Sequence[os.PathLike[str] | str],
     prefix: bytes,
     body_path: os.PathLike[str] | str,
@@ -300,14 +245,20 @@ def deliver(
 ) -> list[Path]:
     """Deliver *prefix* + the content of *body_path* into every maildir, durably.
 
+    *maildirs* are relative to *root* (``example.org/alice``). The root may be reached
+    through a symbolic link (the administrator's choice); below it, a link at any level —
+    domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
+    path and saying why) and nothing is written through it.
+
     The message is written once into the first maildir's ``tmp/`` (0600),
     fsync'd, then hard-linked into each ``new/`` (copied first when a maildir is
     on another file system); every ``new/`` is fsync'd before returning, so the
     caller may answer ``250``.  Missing ``tmp``/``new``/``cur`` directories
-    (and their parents) are created 0700.  Duplicate maildirs (same path, or
-    the same directory reached by another path) receive one copy.
+    (and the levels above them, up to the root) are created 0700.  Duplicate
+    maildirs (same names, or the same directory reached by a bind mount)
+    receive one copy.
 
-    All or nothing: on any OSError, every file created by this call in any
+    All or nothing: on any OSError or refusal, every file created by this call in any
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
     for ENOSPC/EDQUOT).
 
@@ -316,33 +267,17 @@ def deliver(
     duplicate maildir gets the same path as its first occurrence.  Undo a
     delivery that must not stand with ``remove_delivered``.
     """
-    paths = [Path(maildir) for maildir in maildirs]
-    if not paths:
+    root = Path(root)
+    wanted = [_names(root, maildir) for maildir in maildirs]
+    if not wanted:
         return []
-    spellings = _unique_spellings(paths)
-    missing = [path for path in spellings if path not in _known_maildirs]
-    if missing:
-        _ensure_dirs([path / sub for path in missing for sub in _SUBDIRS])
-        _known_maildirs.update(missing)
-
-    # One copy per directory, however it is spelt (a/../b, symlinks, bind mounts).
-    unique: list[Path] = []
-    which: list[int] = []  # for each argument, its index in unique
-    if len(spellings) == 1:
-        unique, which = spellings, [0] * len(paths)  # one directory: nothing to compare
-    else:
-        index_of: dict[tuple[int, int], int] = {}
-        for path in paths:
-            with _doing("stat", path):
-                st = os.stat(path)
-            key = (st.st_dev, st.st_ino)
-            if key not in index_of:
-                index_of[key] = len(unique)
-                unique.append(path)
-            which.append(index_of[key])
-
-    created_tmp: list[Path] = []
-    created_new: list[Path] = []
+    root_fd = _open_root(root)
+    index_of_key: dict[tuple[int, int], int] = {}
+    index_of: dict[tuple[str, ...], int] = {}  # names -> index in delivered
+    delivered: list[Path] = []  # the new/ path of each distinct directory
+    linked: list[tuple[tuple[str, ...], tuple[int, int]]] = []  # for the rollback
+    first: dirfd.OpenMaildir | None = None  # holds the file in its tmp/
+    name = ""
     try:
         with _doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -351,93 +286,135 @@ def deliver(
                 body_size = os.fstat(src_fd).st_size
             size = len(prefix) + body_size
             name = unique_name(hostname, size)
-            first_tmp = unique[0] / "tmp" / name
-            with _doing("create", first_tmp):
-                dst_fd = _create(first_tmp)
-            created_tmp.append(first_tmp)
-            try:
-                with _doing("write", first_tmp):
-                    _write_all(dst_fd, prefix)
-                    _copy_data(src_fd, dst_fd, body_size)
-                with _doing("fsync", first_tmp):
-                    os.fsync(dst_fd)
-            finally:
-                os.close(dst_fd)
+            # One maildir at a time: two descriptors open, however many recipients.
+            for names in dict.fromkeys(wanted):
+                with _doing("open directory", root):
+                    box = dirfd.open_maildir(root_fd, root, names)
+                try:
+                    if box.key in index_of_key:  # the same directory under another name
+                        index_of[names] = index_of_key[box.key]
+                        continue
+                    if first is None:
+                        _write_tmp(box, name, prefix, src_fd, body_size)
+                        first = box
+                    _link(first, box, name, size)
+                    linked.append((names, box.key))
+                    with _doing("fsync directory", box.path / "new"):
+                        _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
+                    index_of_key[box.key] = index_of[names] = len(delivered)
+                    delivered.append(box.path / "new" / name)
+                finally:
+                    if box is not first:
+                        box.close()
         finally:
             os.close(src_fd)
-
-        for target in unique:
-            new_path = target / "new" / name
-            try:
-                os.link(first_tmp, new_path)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise DeliveryError.from_oserror("link into", new_path, exc) from exc
-                # Another file system: a copy of its own, made durable, then linked.
-                own_tmp = target / "tmp" / name
-                _copy_file(first_tmp, own_tmp, size, created_tmp)
-                with _doing("link into", new_path):
-                    os.link(own_tmp, new_path)
-            created_new.append(new_path)
-
-        for target in unique:
-            with _doing("fsync directory", target / "new"):
-                sync_new_dir(target / "new")
-    except BaseException as exc:
-        _rollback(created_new, created_tmp)
-        if isinstance(exc, DeliveryError) and exc.errno == errno.ENOENT:
-            _known_maildirs.difference_update(spellings)
+    except BaseException:
+        _rollback(root_fd, root, linked, name)
         raise
+    finally:
+        # Committed or rolled back, the tmp/ name is only litter now.  A failure to remove
+        # it must not turn a durable delivery into an error (and a retry, a duplicate);
+        # tmpclean removes what is left.
+        if first is not None:
+            with suppress(OSError):
+                os.unlink(name, dir_fd=first.tmp_fd)
+            first.close()
+        os.close(root_fd)
+    return [delivered[index_of[names]] for names in wanted]
 
-    # Committed: the tmp names are only litter now.  A failure to remove one
-    # must not turn a durable delivery into an error (and a retry, a
-    # duplicate); Maildir readers clean old tmp/ files anyway.
-    for path in created_tmp:
+
+def _write_tmp(
+    box: dirfd.OpenMaildir, name: str, prefix: bytes, src_fd: int, body_size: int
+) -> None:
+    """Write *prefix* and the body into ``tmp/name`` of *box*, fsync'd; nothing left on error."""
+    path = box.path / "tmp" / name
+    with _doing("create", path):
+        dst_fd = _create(box.tmp_fd, name)
+    try:
+        with _doing("write", path):
+            _write_all(dst_fd, prefix)
+            _copy_data(src_fd, dst_fd, body_size)
+        with _doing("fsync", path):
+            os.fsync(dst_fd)
+    except BaseException:
         with suppress(OSError):
-            os.unlink(path)
-    return [created_new[i] for i in which]
+            os.unlink(name, dir_fd=box.tmp_fd)
+        raise
+    finally:
+        os.close(dst_fd)
 
 
-def remove_delivered(paths: Iterable[os.PathLike[str] | str]) -> None:
+def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int) -> None:
+    """Link ``tmp/name`` of *first* into ``new/`` of *box* (through a copy across devices)."""
+    new_path = box.path / "new" / name
+    try:
+        os.link(name, name, src_dir_fd=first.tmp_fd, dst_dir_fd=box.new_fd, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise DeliveryError.from_oserror("link into", new_path, exc) from exc
+    # Another file system: a copy of its own in its tmp/, made durable, then linked.
+    with _doing("open", first.path / "tmp" / name):
+        src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=first.tmp_fd)
+    try:
+        _write_tmp(box, name, b"", src_fd, size)
+    finally:
+        os.close(src_fd)
+    try:
+        with _doing("link into", new_path):
+            os.link(name, name, src_dir_fd=box.tmp_fd, dst_dir_fd=box.new_fd,
+                    follow_symlinks=False)
+    finally:
+        with suppress(OSError):
+            os.unlink(name, dir_fd=box.tmp_fd)
+
+
+def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[str] | str]) -> None:
     """Take back a delivery made by ``deliver`` (best effort, never raises).
 
     For the caller whose later step failed (the queue could not take the
     remote recipients): the client gets ``451`` and will send again, so the
-    local copies must go, or they would be delivered twice.  The ``new/``
-    directories are fsync'd so the removal survives a crash.
+    local copies must go, or they would be delivered twice.  *paths* are what
+    ``deliver`` returned for *root*; they are reached without following links.
+    The ``new/`` directories are fsync'd so the removal survives a crash.
     """
-    unique = list(dict.fromkeys(Path(path) for path in paths))
-    _rollback(unique, [])
-
-
-def _copy_file(source: Path, dest: Path, size: int, created_tmp: list[Path]) -> None:
-    """Copy *source* (*size* bytes) to the new file *dest*, fsync'd; record it."""
-    with _doing("open", source):
-        src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    root = Path(root)
     try:
-        with _doing("create", dest):
-            dst_fd = _create(dest)
-        created_tmp.append(dest)
-        try:
-            with _doing("write", dest):
-                _copy_data(src_fd, dst_fd, size)
-            with _doing("fsync", dest):
-                os.fsync(dst_fd)
-        finally:
-            os.close(dst_fd)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for path in dict.fromkeys(Path(p) for p in paths):
+            with suppress(ValueError):
+                *names, new, name = path.relative_to(root).parts
+                if new == "new" and names:
+                    _rollback(root_fd, root, [(tuple(names), None)], name)
     finally:
-        os.close(src_fd)
+        os.close(root_fd)
 
 
-def _rollback(created_new: list[Path], created_tmp: list[Path]) -> None:
-    """Remove what a failed delivery created; best effort, never raises.
+def _rollback(
+    root_fd: int, root: Path, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None]],
+    name: str,
+) -> None:
+    """Remove *name* from the ``new/`` of each maildir in *linked*; best effort, never raises.
 
-    The ``new/`` directories are fsync'd after the removal, so that a crash
-    right after our ``451`` cannot bring back a link the client will resend.
+    Each ``new/`` is opened again without following links and, when its identity is known,
+    only the very directory the message was linked into is touched. It is fsync'd after
+    the removal, so that a crash right after our ``451`` cannot bring back a link the
+    client will resend.
     """
-    for path in created_new + created_tmp:
-        with suppress(OSError):
-            os.unlink(path)
-    for directory in {path.parent for path in created_new}:
-        with suppress(OSError):
-            fsync_dir(directory)
+    for names, key in linked:
+        try:
+            fd = dirfd.open_new(root_fd, root, names)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if key is None or key == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=fd)
+                os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -55,8 +55,8 @@ def store(
         if local:
             root = Path(config.mailboxes.root)
             delivered = maildir.deliver(
-                [t.maildir(root) for t in local], headers.return_path(sender) + trace,
-                body_path, hostname=config.hostname,
+                root, [t.maildir(root).relative_to(root) for t in local],
+                headers.return_path(sender) + trace, body_path, hostname=config.hostname,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
         if remote:
@@ -67,6 +67,6 @@ def store(
             )
             stored.places += [(t, "queue") for t in remote]
     except maildir.DeliveryError:
-        maildir.remove_delivered(delivered)
+        maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
     return stored
