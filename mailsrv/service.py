@@ -29,6 +29,7 @@ from mailsrv.router import Directory, load_aliases, read_users
 from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
 from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.tmpclean import TmpCleaner
 from mailsrv.workers import Workers
 
 log = Logger(namespace="mailsrv")
@@ -197,6 +198,7 @@ def make_service(
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
+    TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes
     counter = ConnectionCounter(config.smtp.max_connections, config.smtp.max_connections_per_ip)
     for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
         for description in listen:

@@ -4,8 +4,10 @@ import os
 import shutil
 import smtplib
 import subprocess
+import time
 
 import pytest
+from support.harness import wait_for
 
 
 def send(server, recipients, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@c.test"):
@@ -177,3 +179,31 @@ def test_a_symlinked_mailbox_root_is_followed(make_server, tmp_path):
     send(server, ["alice@example.org", "bob@example.org"], b"Subject: rooted\r\n\r\nok\r\n")
     for user in ("alice", "bob"):
         assert len(os.listdir(real / "example.org" / user / "new")) == 1
+
+
+def test_a_started_server_removes_tmp_files_left_by_a_crash(make_server, tmp_path):
+    """Files in tmp/ unchanged for more than 36 hours are litter (a crash mid-delivery)."""
+    server = make_server()
+    tmp = server.root / "example.org" / "alice" / "tmp"
+    tmp.mkdir(parents=True)
+    now = time.time()
+    old, young = tmp / "1700000000.M1P1Q1.crashed", tmp / "1700000000.M2P1Q2.recent"
+    for path, age in ((old, 36 * 3600 + 120), (young, 36 * 3600 - 120)):
+        path.write_bytes(b"Subject: partial\n")
+        os.utime(path, (now - age, now - age))
+    # A link in the store is not followed: a file elsewhere is never removed through it.
+    elsewhere = tmp_path / "elsewhere" / "tmp"
+    elsewhere.mkdir(parents=True)
+    precious = elsewhere / "precious"
+    precious.write_bytes(b"keep me")
+    os.utime(precious, (0, 0))
+    (server.root / "example.org" / "bob").symlink_to(elsewhere.parent)
+    server.start()
+    wait_for(lambda: not old.exists(), 10, "the old tmp/ file to be removed")
+    wait_for(lambda: "tmp cleanup: removed 1 file(s)" in server.log_text(), 10, "the summary")
+    assert young.exists() and precious.exists()
+    assert f"tmp cleanup: removed {old}, unchanged for 36.0 hours (left by a crash)" in (
+        server.log_text()
+    )
+    send(server, ["alice@example.org"], b"Subject: still works\r\n\r\nok\r\n")
+    assert [m["Subject"] for m in server.messages("alice@example.org")] == ["still works"]
