@@ -19,9 +19,7 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Hashable
 
 __all__ = [
     "DIR_FLAGS",
@@ -36,18 +34,10 @@ __all__ = [
     "open_new",
 ]
 
-#: Open a directory, never through a link: ELOOP for a link, ENOTDIR for anything else.
+#: Open a directory, never through a link (a link fails: ENOTDIR on Linux, ELOOP elsewhere).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: What a refused link is called in errors and in the log.
 NOT_FOLLOWED = "a symbolic link, not followed"
-
-
-# Maildirs (root, names below it) whose cur/ was there at an earlier delivery: cur/ is not
-# looked at again. Only cur/, which a delivery never writes into: every directory written
-# into (domain, user, tmp/, new/) is opened again, without following links, by every
-# delivery. A cache of their paths or descriptors could be fooled: a directory replaced by a
-# link, or renamed away (a held descriptor still points at it), after it was cached.
-_known_maildirs: set[tuple[str, tuple[str, ...]]] = set()
 
 
 class StepError(OSError):
@@ -56,16 +46,6 @@ class StepError(OSError):
     def __init__(self, action: str, path: os.PathLike[str] | str, exc: OSError) -> None:
         super().__init__(exc.errno, exc.strerror, os.fspath(path))
         self.action = action
-
-
-@contextmanager
-def _step(action: str, path: os.PathLike[str] | str) -> Iterator[None]:
-    try:
-        yield
-    except StepError:
-        raise
-    except OSError as exc:
-        raise StepError(action, path, exc) from exc
 
 
 def fsync_dir(path: os.PathLike[str] | str) -> None:
@@ -198,13 +178,21 @@ class DirectorySync:
                 self._cond.notify_all()
 
 
+# Maildirs (root, names below it) whose cur/ was there at an earlier delivery: cur/ is not
+# looked at again. Only cur/, which a delivery never writes into: every directory written
+# into (domain, user, tmp/, new/) is opened again, without following links, by every
+# delivery. A cache of their paths or descriptors could be fooled: a directory replaced by a
+# link, or renamed away (a held descriptor still points at it), after it was cached.
+_known_maildirs: set[tuple[str, tuple[str, ...]]] = set()
+
+
 class OpenMaildir:
-    """One Maildir opened for a delivery: its path (for names and errors), descriptors of its
-    ``tmp/`` and ``new/``, and the identity (device, inode) of ``new/``."""
+    """One Maildir opened for a delivery: its path (a string, for names and errors),
+    descriptors of its ``tmp/`` and ``new/``, and the identity (device, inode) of ``new/``."""
 
     __slots__ = ("path", "tmp_fd", "new_fd", "key")
 
-    def __init__(self, path: Path, tmp_fd: int, new_fd: int) -> None:
+    def __init__(self, path: str, tmp_fd: int, new_fd: int) -> None:
         self.path, self.tmp_fd, self.new_fd = path, tmp_fd, new_fd
         st = os.fstat(new_fd)
         self.key = (st.st_dev, st.st_ino)
@@ -214,64 +202,68 @@ class OpenMaildir:
         os.close(self.new_fd)
 
 
-def open_maildir(root_fd: int, root: Path, names: tuple[str, ...]) -> OpenMaildir:
+def open_maildir(root_fd: int, root: str, names: tuple[str, ...]) -> OpenMaildir:
     """Open ``root/names/{tmp,new}``, following no link below the root; StepError if not.
 
     Missing directories are created 0700 (``cur/`` with them) and every directory that got an
     entry is fsync'd, so that they are durable before a message is linked into them. Only two
-    descriptors stay open (tmp/ and new/), whatever the number of recipients.
+    descriptors stay open (tmp/ and new/), whatever the number of recipients. Paths are plain
+    strings here: this runs for every delivery, and pathlib's joins were most of its cost.
     """
     levels: list[int] = []  # descriptors of the levels below the root, closed on return
-    dirty: list[tuple[int, Path]] = []  # directories that got a new entry
+    dirty: list[tuple[int, str]] = []  # directories that got a new entry
     opened: list[int] = []  # tmp/ and new/, closed only on failure
     path, parent = root, root_fd
+    action, where = "open directory", root
     try:
         for name in names:
-            with _step("open directory", path / name):
-                fd, created = open_dir(parent, name, str(path / name), create=True)
+            where = f"{path}/{name}"
+            fd, created = open_dir(parent, name, where, create=True)
             levels.append(fd)
             if created:
                 dirty.append((parent, path))
-            path, parent = path / name, fd
+            path, parent = where, fd
         made = False
         for sub in ("tmp", "new"):
-            with _step("open directory", path / sub):
-                fd, created = open_dir(parent, sub, str(path / sub), create=True)
+            where = f"{path}/{sub}"
+            fd, created = open_dir(parent, sub, where, create=True)
             opened.append(fd)
             made = made or created
-        known = (os.fspath(root), names)
+        known = (root, names)
         if made or known not in _known_maildirs:
-            with _step("open directory", path / "cur"):
-                fd, created = open_dir(parent, "cur", str(path / "cur"), create=True)
+            where = f"{path}/cur"
+            fd, created = open_dir(parent, "cur", where, create=True)
             os.close(fd)
             made = made or created
         if made:
             dirty.append((parent, path))
+        action = "fsync directory"
         for fd, where in reversed(dirty):  # deepest first
-            with _step("fsync directory", where):
-                os.fsync(fd)
-        with _step("stat", path / "new"):
-            box = OpenMaildir(path, opened[0], opened[1])
+            os.fsync(fd)
+        action, where = "stat", f"{path}/new"
+        box = OpenMaildir(path, opened[0], opened[1])
         _known_maildirs.add(known)
         return box
-    except BaseException:
+    except BaseException as exc:
         for fd in opened:
             os.close(fd)
+        if isinstance(exc, OSError) and not isinstance(exc, StepError):
+            raise StepError(action, where, exc) from exc
         raise
     finally:
         for fd in levels:
             os.close(fd)
 
 
-def open_new(root_fd: int, root: Path, names: tuple[str, ...]) -> int:
+def open_new(root_fd: int, root: str, names: tuple[str, ...]) -> int:
     """A descriptor of an existing ``root/names/new``, following no link; OSError if none."""
     fds: list[int] = []
     path, parent = root, root_fd
     try:
         for name in (*names, "new"):
-            parent, _ = open_dir(parent, name, str(path / name), create=False)
+            path = f"{path}/{name}"
+            parent, _ = open_dir(parent, name, path, create=False)
             fds.append(parent)
-            path = path / name
         return fds.pop()
     finally:
         for fd in fds:

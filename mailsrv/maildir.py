@@ -22,9 +22,9 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from pathlib import Path, PurePath
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from pathlib import Path
 
 from mailsrv import dirfd
 from mailsrv.dirfd import fsync_dir
@@ -86,15 +86,24 @@ class DeliveryError(Exception):
         return cls(text, disk_full=code in _DISK_FULL, errno=code)
 
 
-@contextmanager
-def _doing(action: str, path: os.PathLike[str] | str) -> Iterator[None]:
-    """Turn an OSError raised in the block into a DeliveryError naming *path*."""
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, dirfd.StepError):  # it knows the step and the path better
-            action, path = exc.action, exc.filename
-        raise DeliveryError.from_oserror(action, path, exc) from exc
+class _doing:
+    """``with _doing(action, path):`` turns an OSError raised in the block into a DeliveryError
+    naming *path* (a class, not a generator: it is on every delivery's path several times)."""
+
+    __slots__ = ("action", "path")
+
+    def __init__(self, action: str, path: os.PathLike[str] | str) -> None:
+        self.action, self.path = action, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError):
+            action, path = self.action, self.path
+            if isinstance(exc, dirfd.StepError):  # it knows the step and the path better
+                action, path = exc.action, exc.filename
+            raise DeliveryError.from_oserror(action, path, exc) from exc
 
 
 def unique_name(hostname: str, size: int) -> str:
@@ -212,15 +221,17 @@ def _create(dir_fd: int, name: str) -> int:
     return fd
 
 
-def _names(root: Path, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
-    """The directory names of *maildir* below *root*, each checked before anything is made."""
-    path = PurePath(maildir)
-    with _doing("open directory", root / path):
-        if path.is_absolute() or not path.parts:
+def _names(base: str, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
+    """The directory names of *maildir* below the root *base*, each checked before anything
+    is made (``a//b/./c`` is ``a``, ``b``, ``c``, as for the kernel)."""
+    text = os.fspath(maildir)
+    names = tuple(name for name in text.split("/") if name not in ("", "."))
+    with _doing("open directory", f"{base}/{text}"):
+        if text.startswith("/") or not names:
             raise OSError(errno.EINVAL, "not a path below the root")
-        for name in path.parts:
-            dirfd.check_name(name, os.fspath(root / path))
-    return path.parts
+        for name in names:
+            dirfd.check_name(name, f"{base}/{text}")
+    return names
 
 
 def _open_root(root: Path) -> int:
@@ -268,7 +279,8 @@ def deliver(
     delivery that must not stand with ``remove_delivered``.
     """
     root = Path(root)
-    wanted = [_names(root, maildir) for maildir in maildirs]
+    base = os.fspath(root)
+    wanted = [_names(base, maildir) for maildir in maildirs]
     if not wanted:
         return []
     root_fd = _open_root(root)
@@ -288,8 +300,8 @@ def deliver(
             name = unique_name(hostname, size)
             # One maildir at a time: two descriptors open, however many recipients.
             for names in dict.fromkeys(wanted):
-                with _doing("open directory", root):
-                    box = dirfd.open_maildir(root_fd, root, names)
+                with _doing("open directory", base):
+                    box = dirfd.open_maildir(root_fd, base, names)
                 try:
                     if box.key in index_of_key:  # the same directory under another name
                         index_of[names] = index_of_key[box.key]
@@ -299,17 +311,17 @@ def deliver(
                         first = box
                     _link(first, box, name, size)
                     linked.append((names, box.key))
-                    with _doing("fsync directory", box.path / "new"):
+                    with _doing("fsync directory", f"{box.path}/new"):
                         _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
                     index_of_key[box.key] = index_of[names] = len(delivered)
-                    delivered.append(box.path / "new" / name)
+                    delivered.append(Path(f"{box.path}/new/{name}"))
                 finally:
                     if box is not first:
                         box.close()
         finally:
             os.close(src_fd)
     except BaseException:
-        _rollback(root_fd, root, linked, name)
+        _rollback(root_fd, base, linked, name)
         raise
     finally:
         # Committed or rolled back, the tmp/ name is only litter now.  A failure to remove
@@ -327,7 +339,7 @@ def _write_tmp(
     box: dirfd.OpenMaildir, name: str, prefix: bytes, src_fd: int, body_size: int
 ) -> None:
     """Write *prefix* and the body into ``tmp/name`` of *box*, fsync'd; nothing left on error."""
-    path = box.path / "tmp" / name
+    path = f"{box.path}/tmp/{name}"
     with _doing("create", path):
         dst_fd = _create(box.tmp_fd, name)
     try:
@@ -346,7 +358,7 @@ def _write_tmp(
 
 def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int) -> None:
     """Link ``tmp/name`` of *first* into ``new/`` of *box* (through a copy across devices)."""
-    new_path = box.path / "new" / name
+    new_path = f"{box.path}/new/{name}"
     try:
         os.link(name, name, src_dir_fd=first.tmp_fd, dst_dir_fd=box.new_fd, follow_symlinks=False)
         return
@@ -354,7 +366,7 @@ def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int
         if exc.errno != errno.EXDEV:
             raise DeliveryError.from_oserror("link into", new_path, exc) from exc
     # Another file system: a copy of its own in its tmp/, made durable, then linked.
-    with _doing("open", first.path / "tmp" / name):
+    with _doing("open", f"{first.path}/tmp/{name}"):
         src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=first.tmp_fd)
     try:
         _write_tmp(box, name, b"", src_fd, size)
@@ -388,13 +400,13 @@ def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[s
             with suppress(ValueError):
                 *names, new, name = path.relative_to(root).parts
                 if new == "new" and names:
-                    _rollback(root_fd, root, [(tuple(names), None)], name)
+                    _rollback(root_fd, os.fspath(root), [(tuple(names), None)], name)
     finally:
         os.close(root_fd)
 
 
 def _rollback(
-    root_fd: int, root: Path, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None]],
+    root_fd: int, root: str, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None]],
     name: str,
 ) -> None:
     """Remove *name* from the ``new/`` of each maildir in *linked*; best effort, never raises.

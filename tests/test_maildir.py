@@ -434,6 +434,16 @@ def test_remove_delivered(tmp_path: Path, body: Path) -> None:
     remove_delivered(tmp_path, [])
 
 
+def test_remove_delivered_follows_no_link(tmp_path: Path, body: Path) -> None:
+    """A new/ replaced by a link since the delivery: the file it leads to is not removed."""
+    [path] = deliver(tmp_path, ["example.org/bob"], PREFIX, body, hostname="h")
+    new = tmp_path / "example.org" / "bob" / "new"
+    new.rename(tmp_path / "elsewhere")
+    new.symlink_to(tmp_path / "elsewhere")
+    remove_delivered(tmp_path, [path])
+    assert (tmp_path / "elsewhere" / path.name).exists()
+
+
 def test_delivery_error_str_names_path_and_error() -> None:
     err = DeliveryError.from_oserror(
         "create", Path("/x/tmp/y"), OSError(errno.ENOSPC, "No space left on device")
