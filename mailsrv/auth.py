@@ -151,8 +151,11 @@ class FailureTracker:
     """Failed logins per client address, for the growing delay and the lockout.
 
     After ``max_failures`` failures within ``window`` seconds, the address is locked out for
-    ``lockout`` seconds.  At most ``max_addresses`` addresses are remembered (the oldest are
-    forgotten first), so a flood of addresses cannot exhaust memory.
+    ``lockout`` seconds.  A password check counts as a failure from the moment it starts
+    (``begin``) until it ends: checks run in parallel (one per connection), so counting only
+    finished failures would let N connections get ``max_failures`` + N - 1 guesses in.
+    At most ``max_addresses`` addresses are remembered (the oldest are forgotten first), so a
+    flood of addresses cannot exhaust memory.
     """
 
     def __init__(
@@ -172,6 +175,9 @@ class FailureTracker:
         self._max_addresses = max_addresses
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._locked_until: dict[str, float] = {}
+        #: Checks under way per address (an entry only while there is one: bounded by the
+        #: connections, which are limited per address and in total).
+        self._checking: dict[str, int] = {}
 
     def locked(self, address: str) -> bool:
         until = self._locked_until.get(address)
@@ -183,12 +189,41 @@ class FailureTracker:
             return False
         return True
 
-    def failed(self, address: str) -> int:
-        """Record a failure; the number of failures of ``address`` within the window."""
-        now = self._clock()
-        times = self._failures.pop(address, None) or deque()
-        while times and times[0] <= now - self.window:
+    def _recent(self, address: str) -> int:
+        """Failures of ``address`` within the window (older ones are dropped)."""
+        times = self._failures.get(address)
+        if not times:
+            return 0
+        cutoff = self._clock() - self.window
+        while times and times[0] <= cutoff:
             times.popleft()
+        return len(times)
+
+    def begin(self, address: str) -> bool:
+        """Reserve a password check for ``address``; False (do not check) when locked out or
+        when its failures and the checks under way already make ``max_failures``.
+
+        Every reservation ends with exactly one of ``failed``, ``succeeded`` or ``abandoned``.
+        """
+        if self.locked(address):
+            return False
+        checking = self._checking.get(address, 0)
+        if self._recent(address) + checking >= self.max_failures:
+            return False
+        self._checking[address] = checking + 1
+        return True
+
+    def _end(self, address: str) -> None:
+        checking = self._checking.pop(address, 0) - 1
+        if checking > 0:
+            self._checking[address] = checking
+
+    def failed(self, address: str) -> int:
+        """End a check with a failure; the number of failures of ``address`` in the window."""
+        self._end(address)
+        now = self._clock()
+        self._recent(address)
+        times = self._failures.pop(address, None) or deque()
         times.append(now)
         self._failures[address] = times
         while len(self._failures) > self._max_addresses:
@@ -199,7 +234,13 @@ class FailureTracker:
         return len(times)
 
     def succeeded(self, address: str) -> None:
+        """End a check with success: the address's failures are forgotten."""
+        self._end(address)
         self._failures.pop(address, None)
+
+    def abandoned(self, address: str) -> None:
+        """End a check that could not be made (an internal error): no failure counted."""
+        self._end(address)
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before answering the ``failures``-th failure: 1, 2, 4 … 16 × base."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -224,6 +225,17 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
+def _server_group(config: Config) -> int | None:
+    """The server's group: that of the directories it creates as its own user (the queue,
+    else the mailbox root; ``mailsrv`` in the Debian package), or None before they exist."""
+    for directory in (config.queue.path, config.mailboxes.root):
+        try:
+            return os.stat(directory).st_gid
+        except OSError:
+            pass
+    return None
+
+
 def cmd_user(config: Config, args: argparse.Namespace) -> int:
     """Change the users file; the running server picks the new file up by itself."""
     from mailsrv.service import load_directory
@@ -256,7 +268,7 @@ def cmd_user(config: Config, args: argparse.Namespace) -> int:
                 new = userfile.set_password(text, address, hashed, create=args.action == "add")
             else:
                 new = userfile.remove_user(text, address)
-            userfile.replace_file(path, new, check)
+            userfile.replace_file(path, new, check, _server_group(config))
         except userfile.UserFileError as e:
             raise Failed(str(e)) from None
         except ConfigError as e:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.mail.smtp import IMessage, IMessageDelivery
 from zope.interface import implementer
 
-from mailsrv import headers, maildir, queue, replies
+from mailsrv import headers, headsection, maildir, queue, replies
 from mailsrv.address import AddressError, Mailbox, parse_mail_from
 from mailsrv.auth import FailureTracker
 from mailsrv.config import Config
@@ -345,13 +345,13 @@ class Transaction:
         config = self.runtime.config
         try:
             with open(self.spool_path, "rb") as spool:
-                head = spool.read(headers.HEAD_LIMIT)
-            facts = headers.inspect_head(head)
+                head = headsection.read_head(spool)
+            facts = headsection.inspect_head(head)
             if facts.received_count > config.smtp.max_received_headers:
                 raise SMTPReplyError(replies.TOO_MANY_HOPS)
             user = self.session.authenticated_as
             if user is not None and config.submission.check_from_header:
-                self._check_from_header(facts.from_addresses, user)
+                self._check_from_header(facts, user)
             trace = received
             if not facts.has_message_id:
                 msgid = headers.make_message_id(self.queue_id, config.hostname)
@@ -380,15 +380,26 @@ class Transaction:
                     pass  # moved into the queue
             self.spool_path = None
 
-    def _check_from_header(self, addresses: tuple[str, ...], user: str) -> None:
-        """Every From: address must be the user's own (same rule as the envelope sender)."""
-        for address in addresses:
+    def _check_from_header(self, facts: headsection.HeaderFacts, user: str) -> None:
+        """Every From:, Sender:, Resent-From: and Resent-Sender: address must be the user's own.
+
+        Same rule as for the envelope sender.  The check holds only if no reader can see an
+        originator field we did not check, so a header section that readers may read
+        differently is refused (554 5.6.0), and so is one too long to read whole (552 5.3.4).
+        """
+        if facts.ambiguity is not None:
+            raise SMTPReplyError(replies.HEADER_AMBIGUOUS.format(reason=facts.ambiguity))
+        if facts.too_long:
+            raise SMTPReplyError(replies.HEADER_TOO_LONG.format(
+                limit=str(headsection.HEADER_SECTION_LIMIT)))
+        for field, address in facts.originators:
             try:
                 mailbox, _ = parse_mail_from(f"FROM:<{address}>".encode("utf-8"))
             except AddressError:
                 mailbox = None
             if not self.session.owns(mailbox):
-                raise SMTPReplyError(replies.FROM_NOT_OWNED.format(address=address, user=user))
+                raise SMTPReplyError(
+                    replies.FROM_NOT_OWNED.format(field=field, address=address, user=user))
 
     def _delivered(self, stored: Stored) -> str:
         session = self.session

@@ -20,6 +20,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 __all__ = [
     "DIR_FLAGS",
@@ -29,9 +30,10 @@ __all__ = [
     "StepError",
     "check_name",
     "fsync_dir",
+    "make_dirs",
     "open_dir",
     "open_maildir",
-    "open_new",
+    "open_sub",
 ]
 
 #: Open a directory, never through a link (a link fails: ENOTDIR on Linux, ELOOP elsewhere).
@@ -55,6 +57,50 @@ def fsync_dir(path: os.PathLike[str] | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _mkdir(path: Path, synced: set[Path]) -> None:
+    """Create *path* and its missing parents, each 0700; note parents to fsync."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+        return  # created concurrently (or already there): not ours to chmod
+    except FileNotFoundError:
+        parent = path.parent
+        if parent == path:
+            raise
+        _mkdir(parent, synced)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            if not path.is_dir():
+                raise NotADirectoryError(
+                    errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)
+                ) from None
+            return
+    # mkdir's mode is filtered by the umask; set it explicitly.
+    os.chmod(path, 0o700)
+    synced.add(path.parent)
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` of a path the administrator configured (the queue, the mailbox root: links
+    in it are followed); each directory made is 0700 and each parent that got an entry is
+    fsync'd. StepError names the step and the path."""
+    if path.is_dir():
+        return
+    synced: set[Path] = set()
+    try:
+        _mkdir(path, synced)
+    except OSError as exc:
+        raise StepError("create directory", path, exc) from exc
+    for directory in sorted(synced, key=lambda p: len(p.parts), reverse=True):
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            raise StepError("fsync directory", directory, exc) from exc
 
 
 def check_name(name: str, path: str) -> None:
@@ -255,12 +301,12 @@ def open_maildir(root_fd: int, root: str, names: tuple[str, ...]) -> OpenMaildir
             os.close(fd)
 
 
-def open_new(root_fd: int, root: str, names: tuple[str, ...]) -> int:
-    """A descriptor of an existing ``root/names/new``, following no link; OSError if none."""
+def open_sub(root_fd: int, root: str, names: tuple[str, ...], sub: str) -> int:
+    """A descriptor of an existing ``root/names/sub``, following no link; OSError if none."""
     fds: list[int] = []
     path, parent = root, root_fd
     try:
-        for name in (*names, "new"):
+        for name in (*names, sub):
             path = f"{path}/{name}"
             parent, _ = open_dir(parent, name, path, create=False)
             fds.append(parent)

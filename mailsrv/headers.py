@@ -1,5 +1,5 @@
-"""Trace headers we prepend (``Return-Path:``, ``Received:``, ``Message-ID:``) and
-the few facts we need from a message's header section.
+"""Trace headers we prepend (``Return-Path:``, ``Delivered-To:``, ``Received:``,
+``Message-ID:``); reading the message's own header section is ``headsection``'s.
 
 Pure: no I/O, no clock unless asked (``make_message_id`` reads the time).
 
@@ -20,14 +20,14 @@ import email.utils
 import ipaddress
 import re
 import secrets
-from dataclasses import dataclass
+
+from mailsrv.headsection import is_field
 
 __all__ = [
     "HEAD_LIMIT",
+    "delivered_to",
     "local_received_header",
     "PROTOCOLS",
-    "HeaderFacts",
-    "inspect_head",
     "needs_separator",
     "return_path",
     "date_header",
@@ -36,17 +36,12 @@ __all__ = [
     "received_header",
 ]
 
-#: How many bytes of the spooled message the caller reads for ``inspect_head``.
-#: Headers beyond it are not looked at (a loop would have been caught long
-#: before that many ``Received:`` lines).
+#: How many bytes of a queued message a bounce reads to quote the original's header
+#: section (the submission and loop checks read the whole section: ``headsection``).
 HEAD_LIMIT = 65536
 
 #: The ``with`` keywords we may write (RFC 5321 §4.4, RFC 3848).
 PROTOCOLS = frozenset({"SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA"})
-
-# A header field starts with a name of printable ASCII except ':' (RFC 5322
-# §2.2), directly followed by ':'.  Same rule as email.feedparser.
-_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
 
 # Longest client-supplied token (HELO argument, reverse DNS name, our own names)
 # we copy into a header: a domain is at most 255 octets, and the cap keeps
@@ -75,92 +70,6 @@ _ID_LEFT_BAD = re.compile(r"[^A-Za-z0-9._-]")
 _HOST_BAD = re.compile(r"[^A-Za-z0-9.-]")
 
 
-@dataclass(frozen=True)
-class HeaderFacts:
-    """What the server needs to know about a message's header section."""
-
-    has_header_section: bool  # the message starts with a header field (not a bare body)
-    has_message_id: bool  # a Message-ID: field is present in the header section
-    received_count: int  # Received: fields in the header section (loop detection)
-    has_date: bool = False  # a Date: field is present
-    #: The addresses of the From: field(s), lower-cased, for the submission sender check.
-    from_addresses: tuple[str, ...] = ()
-
-
-def _lines(head: bytes) -> list[bytes]:
-    """Split *head* into lines; a trailing LF does not start another line.
-
-    A tolerant CR before the LF is removed (the spool has none, but a stray
-    CRLF input must not make an empty line look non-empty).
-    """
-    lines = head.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
-
-
-def _is_field(line: bytes) -> bool:
-    return _FIELD_RE.match(line) is not None
-
-
-def inspect_head(head: bytes) -> HeaderFacts:
-    """Facts about the header section at the start of *head*.
-
-    *head* is the first (at most ``HEAD_LIMIT``) bytes of the spooled message
-    and may be cut mid-line; a cut last line still counts if its field name is
-    complete.  The header section ends at the first empty line, or at the
-    first line that is neither a field nor a continuation (leading SP/HTAB) of
-    the field before.  Only fields in that section count, so a
-    ``Received:`` line quoted in the body does not trigger loop detection.
-    """
-    has_section = False
-    has_msgid = has_date = False
-    received = 0
-    from_values: list[bytes] = []
-    in_from = False
-    for line in _lines(head):
-        if line == b"":
-            break
-        if line[:1] in (b" ", b"\t"):
-            if not has_section:
-                # A continuation with no field before it: not a header section.
-                break
-            if in_from:
-                from_values[-1] += b" " + line.strip()
-            continue
-        match = _FIELD_RE.match(line)
-        if match is None:
-            break
-        has_section = True
-        name = match.group(1).lower()
-        in_from = name == b"from"
-        if name == b"received":
-            received += 1
-        elif name == b"message-id":
-            has_msgid = True
-        elif name == b"date":
-            has_date = True
-        elif in_from:
-            from_values.append(line[match.end():].strip())
-    return HeaderFacts(
-        has_header_section=has_section,
-        has_message_id=has_msgid,
-        received_count=received,
-        has_date=has_date,
-        from_addresses=_addresses(from_values),
-    )
-
-
-def _addresses(values: list[bytes]) -> tuple[str, ...]:
-    """The addr-specs of address-list field values (display names and comments dropped)."""
-    texts = [value.decode("utf-8", "replace") for value in values]
-    found = []
-    for _, address in email.utils.getaddresses(texts):
-        if address:
-            found.append(address.strip().lower())
-    return tuple(dict.fromkeys(found))
-
-
 def date_header(when: datetime.datetime) -> bytes:
     """``Date:`` for a submitted message that has none (RFC 6409 §8.2)."""
     return f"Date: {email.utils.format_datetime(when)}\n".encode("ascii")
@@ -182,7 +91,7 @@ def needs_separator(head: bytes) -> bool:
         first = first[:-1]
     if first == b"":
         return False
-    return not _is_field(first)
+    return not is_field(first)
 
 
 # --- sanitising ----------------------------------------------------------------
@@ -254,6 +163,16 @@ def _ip_literal(client_ip: str) -> str:
 def return_path(sender: str | None) -> bytes:
     """``Return-Path:`` for the envelope sender; the null sender gives ``<>``."""
     return f"Return-Path: <{_address(sender)}>\n".encode("ascii")
+
+
+def delivered_to(mailbox: str) -> bytes:
+    """``Delivered-To:`` naming the mailbox a local copy lands in (as Postfix's local does).
+
+    What Sieve's ``envelope "to"`` fallbacks, loop detectors and mail readers use to tell
+    which of a user's addresses a copy was delivered to: the final address, after aliases,
+    written as a bare addr-spec (Postfix's form) made safe like ``Return-Path:``.
+    """
+    return f"Delivered-To: {_address(mailbox)}\n".encode("ascii")
 
 
 def make_message_id(queue_id: str, hostname: str) -> str:

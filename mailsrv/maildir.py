@@ -28,6 +28,8 @@ from pathlib import Path
 
 from mailsrv import dirfd
 from mailsrv.dirfd import fsync_dir
+from mailsrv.fdio import copy_data as _copy_data
+from mailsrv.fdio import write_all as _write_all
 
 __all__ = [
     "DeliveryError",
@@ -39,9 +41,6 @@ __all__ = [
 ]
 
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
-# sendfile errors meaning "not supported for these files": fall back to read/write.
-_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 # The pid in unique names, read once (and again in a forked child) rather than per message.
 _pid = os.getpid()
@@ -124,87 +123,13 @@ def unique_name(hostname: str, size: int) -> str:
     )
 
 
-def _mkdir(path: Path, synced: set[Path]) -> None:
-    """Create *path* and its missing parents, each 0700; note parents to fsync."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
-        return  # created concurrently (or already there): not ours to chmod
-    except FileNotFoundError:
-        parent = path.parent
-        if parent == path:
-            raise
-        _mkdir(parent, synced)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            if not path.is_dir():
-                raise NotADirectoryError(
-                    errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)
-                ) from None
-            return
-    # mkdir's mode is filtered by the umask; set it explicitly.
-    os.chmod(path, 0o700)
-    synced.add(path.parent)
-
-
-def _ensure_dirs(paths: Sequence[Path]) -> None:
-    """Create the missing directories among *paths* (0700, with parents) durably."""
-    synced: set[Path] = set()
-    for path in paths:
-        if not path.is_dir():
-            with _doing("create directory", path):
-                _mkdir(path, synced)
-    for directory in sorted(synced, key=lambda p: len(p.parts), reverse=True):
-        with _doing("fsync directory", directory):
-            fsync_dir(directory)
-
-
 def ensure_dir(path: os.PathLike[str] | str) -> None:
     """``mkdir -p`` with mode 0700, fsyncing every parent that got a new entry.
 
     Raises DeliveryError, like every other failure of this module.
     """
-    _ensure_dirs([Path(path)])
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until all of *data* is written (a write may be short)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _copy_data(src_fd: int, dst_fd: int, count: int) -> None:
-    """Copy *count* bytes from offset 0 of *src_fd* to the position of *dst_fd*.
-
-    Uses the kernel (sendfile) so the body never passes through Python memory;
-    falls back to 1 MiB reads where sendfile to a file is not supported.
-    Raises OSError(EIO) if the source is shorter than *count* (it changed
-    under us: the S= size in the name would be a lie).
-    """
-    offset = 0
-    use_sendfile = hasattr(os, "sendfile")
-    while offset < count:
-        if use_sendfile:
-            try:
-                sent = os.sendfile(dst_fd, src_fd, offset, min(count - offset, 1 << 30))
-            except OSError as exc:
-                if offset == 0 and exc.errno in _NO_SENDFILE:
-                    use_sendfile = False
-                    continue
-                raise
-        else:
-            chunk = os.pread(src_fd, min(_CHUNK, count - offset), offset)
-            if chunk:
-                _write_all(dst_fd, chunk)
-            sent = len(chunk)
-        if sent == 0:
-            raise OSError(errno.EIO, f"source ended after {offset} of {count} bytes")
-        offset += sent
+    with _doing("create directory", path):
+        dirfd.make_dirs(Path(path))
 
 
 def _create(dir_fd: int, name: str) -> int:
@@ -246,10 +171,17 @@ def _open_root(root: Path) -> int:
         return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+# Maildirs one delivery keeps open from writing its files to linking them (two descriptors
+# each); the others are closed and walked to again for the links, so that a message for
+# hundreds of mailboxes, in each of the delivery threads at once, stays far from the limit
+# on open files.
+_HELD = 8
+
+
 def deliver(
     root: os.PathLike[str] | str,
     maildirs: Sequence[os.PathLike[str] | str],
-    prefix: bytes,
+    prefix: bytes | Sequence[bytes],
     body_path: os.PathLike[str] | str,
     *,
     hostname: str,
@@ -261,13 +193,15 @@ def deliver(
     domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
     path and saying why) and nothing is written through it.
 
-    The message is written once into the first maildir's ``tmp/`` (0600),
-    fsync'd, then hard-linked into each ``new/`` (copied first when a maildir is
-    on another file system); every ``new/`` is fsync'd before returning, so the
-    caller may answer ``250``.  Missing ``tmp``/``new``/``cur`` directories
-    (and the levels above them, up to the root) are created 0700.  Duplicate
-    maildirs (same names, or the same directory reached by a bind mount)
-    receive one copy.
+    *prefix* is one for all, or one per maildir (aligned with *maildirs*: a copy's own
+    ``Delivered-To:``).  The message is written once per distinct prefix into the
+    ``tmp/`` of the first maildir taking it (0600), fsync'd, then hard-linked into the
+    ``new/`` of each maildir taking that prefix (copied first when a maildir is on another
+    file system); every file is written before any is linked, so that a full disk shows
+    in no ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer
+    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up
+    to the root) are created 0700.  Duplicate maildirs (same names, or the same directory
+    reached by a bind mount) receive one copy, with the prefix of the first occurrence.
 
     All or nothing: on any OSError or refusal, every file created by this call in any
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
@@ -283,56 +217,127 @@ def deliver(
     wanted = [_names(base, maildir) for maildir in maildirs]
     if not wanted:
         return []
-    root_fd = _open_root(root)
-    index_of_key: dict[tuple[int, int], int] = {}
-    index_of: dict[tuple[str, ...], int] = {}  # names -> index in delivered
-    delivered: list[Path] = []  # the new/ path of each distinct directory
-    linked: list[tuple[tuple[str, ...], tuple[int, int]]] = []  # for the rollback
-    first: dirfd.OpenMaildir | None = None  # holds the file in its tmp/
-    name = ""
+    prefixes = [prefix] * len(wanted) if isinstance(prefix, bytes) else list(prefix)
+    if len(prefixes) != len(wanted):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(wanted)} maildirs")
+    run = _Delivery(_open_root(root), base)
     try:
+        run.write(wanted, prefixes, body_path, hostname)
+        new_paths = run.link()
+    except BaseException:
+        run.roll_back()
+        raise
+    finally:
+        run.close()
+    return [new_paths[run.index_of[names]] for names in wanted]
+
+
+class _Delivery:
+    """The state of one ``deliver`` call: which directories, which files, what is linked."""
+
+    def __init__(self, root_fd: int, base: str) -> None:
+        self.root_fd, self.base = root_fd, base
+        self.unique: list[tuple[str, ...]] = []  # names of each distinct directory
+        self.index_of: dict[tuple[str, ...], int] = {}  # names -> index in unique
+        self.held: dict[int, dirfd.OpenMaildir] = {}  # index -> kept open (at most _HELD)
+        self.files: dict[bytes, tuple[list[int], str, int]] = {}  # prefix -> members, name, size
+        self.written: dict[int, str] = {}  # index -> the file in its tmp/ (removed at the end)
+        self.linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+
+    def write(
+        self, wanted: list[tuple[str, ...]], prefixes: list[bytes],
+        body_path: os.PathLike[str] | str, hostname: str,
+    ) -> None:
+        """Open (or make) every directory, find duplicates, write one file per prefix."""
         with _doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with _doing("stat", body_path):
                 body_size = os.fstat(src_fd).st_size
-            size = len(prefix) + body_size
-            name = unique_name(hostname, size)
-            # One maildir at a time: two descriptors open, however many recipients.
-            for names in dict.fromkeys(wanted):
-                with _doing("open directory", base):
-                    box = dirfd.open_maildir(root_fd, base, names)
+            index_of_key: dict[tuple[int, int], int] = {}
+            for names, prefix in zip(wanted, prefixes):
+                if names in self.index_of:
+                    continue
+                box = self._open(names)
+                index = index_of_key.get(box.key)
+                if index is not None:  # the same directory under another name
+                    self.index_of[names] = index
+                    box.close()
+                    continue
+                index = index_of_key[box.key] = self.index_of[names] = len(self.unique)
+                self.unique.append(names)
                 try:
-                    if box.key in index_of_key:  # the same directory under another name
-                        index_of[names] = index_of_key[box.key]
-                        continue
-                    if first is None:
+                    if prefix in self.files:
+                        self.files[prefix][0].append(index)
+                    else:
+                        size = len(prefix) + body_size
+                        name = unique_name(hostname, size)
                         _write_tmp(box, name, prefix, src_fd, body_size)
-                        first = box
-                    _link(first, box, name, size)
-                    linked.append((names, box.key))
-                    with _doing("fsync directory", f"{box.path}/new"):
-                        _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
-                    index_of_key[box.key] = index_of[names] = len(delivered)
-                    delivered.append(Path(f"{box.path}/new/{name}"))
+                        self.written[index] = name
+                        self.files[prefix] = ([index], name, size)
                 finally:
-                    if box is not first:
+                    if len(self.held) < _HELD:
+                        self.held[index] = box
+                    else:
                         box.close()
         finally:
             os.close(src_fd)
-    except BaseException:
-        _rollback(root_fd, base, linked, name)
-        raise
-    finally:
-        # Committed or rolled back, the tmp/ name is only litter now.  A failure to remove
-        # it must not turn a durable delivery into an error (and a retry, a duplicate);
-        # tmpclean removes what is left.
-        if first is not None:
+
+    def link(self) -> dict[int, Path]:
+        """Link each file into the ``new/`` of its directories, fsync each; their paths."""
+        new_paths: dict[int, Path] = {}
+        for members, name, size in self.files.values():
+            source = self._box(members[0])
+            try:
+                for index in members:
+                    box = source if index == members[0] else self._box(index)
+                    try:
+                        _link(source, box, name, size)
+                        self.linked.append((self.unique[index], box.key, name))
+                        with _doing("fsync directory", f"{box.path}/new"):
+                            _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
+                        new_paths[index] = Path(f"{box.path}/new/{name}")
+                    finally:
+                        if box is not source and index not in self.held:
+                            box.close()
+                # Linked everywhere: the tmp/ name is only litter now.  A failure to remove
+                # it must not turn a durable delivery into an error (and a retry, a
+                # duplicate); tmpclean removes what is left.
+                with suppress(OSError):
+                    os.unlink(self.written.pop(members[0]), dir_fd=source.tmp_fd)
+            finally:
+                if members[0] not in self.held:
+                    source.close()
+        return new_paths
+
+    def roll_back(self) -> None:
+        """Remove every link made and every file written; best effort, never raises."""
+        _rollback(self.root_fd, self.base, self.linked)
+        for index, name in self.written.items():
+            box = self.held.get(index)
+            try:
+                fd = box.tmp_fd if box else dirfd.open_sub(
+                    self.root_fd, self.base, self.unique[index], "tmp"
+                )
+            except OSError:
+                continue
             with suppress(OSError):
-                os.unlink(name, dir_fd=first.tmp_fd)
-            first.close()
-        os.close(root_fd)
-    return [delivered[index_of[names]] for names in wanted]
+                os.unlink(name, dir_fd=fd)
+            if box is None:
+                os.close(fd)
+
+    def close(self) -> None:
+        for box in self.held.values():
+            box.close()
+        os.close(self.root_fd)
+
+    def _open(self, names: tuple[str, ...]) -> dirfd.OpenMaildir:
+        with _doing("open directory", self.base):
+            return dirfd.open_maildir(self.root_fd, self.base, names)
+
+    def _box(self, index: int) -> dirfd.OpenMaildir:
+        """The directory *index*, held open or walked to again (then the caller closes it)."""
+        return self.held.get(index) or self._open(self.unique[index])
 
 
 def _write_tmp(
@@ -395,30 +400,32 @@ def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[s
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
+    linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+    for path in dict.fromkeys(Path(p) for p in paths):
+        with suppress(ValueError):
+            *names, new, name = path.relative_to(root).parts
+            if new == "new" and names:
+                linked.append((tuple(names), None, name))
     try:
-        for path in dict.fromkeys(Path(p) for p in paths):
-            with suppress(ValueError):
-                *names, new, name = path.relative_to(root).parts
-                if new == "new" and names:
-                    _rollback(root_fd, os.fspath(root), [(tuple(names), None)], name)
+        _rollback(root_fd, os.fspath(root), linked)
     finally:
         os.close(root_fd)
 
 
 def _rollback(
-    root_fd: int, root: str, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None]],
-    name: str,
+    root_fd: int, root: str, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None, str]]
 ) -> None:
-    """Remove *name* from the ``new/`` of each maildir in *linked*; best effort, never raises.
+    """Remove each (maildir names, identity of its new/, file name) in *linked*; best effort,
+    never raises.
 
     Each ``new/`` is opened again without following links and, when its identity is known,
     only the very directory the message was linked into is touched. It is fsync'd after
     the removal, so that a crash right after our ``451`` cannot bring back a link the
     client will resend.
     """
-    for names, key in linked:
+    for names, key, name in linked:
         try:
-            fd = dirfd.open_new(root_fd, root, names)
+            fd = dirfd.open_sub(root_fd, root, names, "new")
         except OSError:
             continue
         try:

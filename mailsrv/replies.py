@@ -81,7 +81,13 @@ AUTH_TEMPORARY = Reply(454, "4.7.0", "Error: temporary authentication failure")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Error: authentication required")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address <{sender}> not owned by user {user}")
 FROM_NOT_OWNED = Reply(
-    553, "5.7.1", "Error: From: header address <{address}> not owned by user {user}"
+    553, "5.7.1", "Error: {field}: header address <{address}> not owned by user {user}"
+)
+HEADER_AMBIGUOUS = Reply(
+    554, "5.6.0", "Error: malformed header section ({reason}); message refused"
+)
+HEADER_TOO_LONG = Reply(
+    552, "5.3.4", "Error: header section longer than {limit} octets; message refused"
 )
 
 # Limits

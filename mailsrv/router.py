@@ -30,11 +30,13 @@ aliases::
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from mailsrv import userfile
 from mailsrv.address import Mailbox, is_dot_atom, is_safe_local_part, normalise_domain
 from mailsrv.auth import PasswordError, check_password_field
 from mailsrv.config import ConfigError
@@ -371,18 +373,24 @@ def load_users(path: Path) -> frozenset[str]:
     return frozenset(read_users(path))
 
 
-def read_users(path: Path, passwords: bool = False) -> dict[str, str | None]:
+def read_users(
+    path: Path, passwords: bool = False, local_domains: Iterable[str] | None = None
+) -> dict[str, str | None]:
     """Read the users file: one ``local@domain[:{BLF-CRYPT}hash[:...]]`` a line.
 
     Returns each lower-case address with, when ``passwords`` is true (AUTH is offered), its
     bcrypt hash (None: no password, so no login); otherwise every value is None and the
     password fields are Dovecot's business alone.  The fields after the password are always
-    Dovecot's.  Addresses must be usable as ``<root>/<domain>/<user>``; with ``passwords``, a
-    password in a scheme mailsrv cannot verify is an error here, at start-up, not a puzzling
-    login failure later.
+    Dovecot's.  Addresses must be usable as ``<root>/<domain>/<user>`` and, given
+    ``local_domains``, be in one of them (a user elsewhere could log in but never send);
+    with ``passwords``, a password in a scheme mailsrv cannot verify is an error here, at
+    start-up, not a puzzling login failure later.  A file with any password field (used by
+    mailsrv or only by Dovecot) must not be open to others, as ssh refuses such keys.
     """
     users: dict[str, str | None] = {}
     lines: dict[str, int] = {}
+    ours = None if local_domains is None else tuple(normalise_domain(d) for d in local_domains)
+    secrets = False
     for number, line in _read_lines(path):
         key = f"line {number}"
         address, _, rest = line.partition(":")
@@ -404,6 +412,12 @@ def read_users(path: Path, passwords: bool = False) -> dict[str, str | None]:
         except ValueError as exc:
             raise ConfigError(path, key, f"a valid domain after '@' ({exc})") from None
         address = f"{local.lower()}@{domain}"
+        if ours is not None and domain not in ours:
+            raise ConfigError(
+                path, f"{key} ({address})",
+                f"expected an address in a local domain ({', '.join(ours)}); "
+                f"{domain} is not in [domains] local",
+            )
         if address in users:
             raise ConfigError(
                 path,
@@ -411,12 +425,22 @@ def read_users(path: Path, passwords: bool = False) -> dict[str, str | None]:
                 f"each mailbox listed once ({address} is already on line {lines[address]})",
             )
         users[address] = None
+        field = rest.split(":", 1)[0].strip()
+        secrets = secrets or field != ""
         if passwords:
             try:
-                users[address] = check_password_field(rest.split(":", 1)[0].strip())
+                users[address] = check_password_field(field)
             except PasswordError as exc:
                 raise ConfigError(path, f"{key} ({address})", f"expected {exc}") from None
         lines[address] = number
+    if secrets:
+        mode = os.stat(path).st_mode
+        if not userfile.private_mode(mode):
+            raise ConfigError(
+                path, f"mode {stat.S_IMODE(mode):04o}",
+                f"expected a file with password hashes that others cannot read: "
+                f"chmod {userfile.FILE_MODE:04o} (readable by the server's group)",
+            )
     return users
 
 

@@ -40,7 +40,9 @@ def load_directory(config: Config) -> Directory:
     boxes = config.mailboxes
     passwords = None
     if boxes.users is not None:
-        passwords = read_users(Path(boxes.users), passwords=config.auth_enabled)
+        passwords = read_users(
+            Path(boxes.users), passwords=config.auth_enabled, local_domains=config.domains.local
+        )
     aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
     directory = Directory(
         config.domains.local,
@@ -277,15 +279,16 @@ class Reloader(internet.TimerService):
         boxes = self.runtime.config.mailboxes
         return [Path(p) for p in (boxes.users, boxes.aliases) if p is not None]
 
-    def _file_stamps(self) -> list[tuple[int, int, int] | None]:
-        stamps: list[tuple[int, int, int] | None] = []
+    def _file_stamps(self) -> list[tuple[int, int, int, int] | None]:
+        stamps: list[tuple[int, int, int, int] | None] = []
         for path in self._files():
             try:
                 st = os.stat(path)
             except OSError:
                 stamps.append(None)
             else:
-                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+                # The mode too: a chmod that fixes a refused file takes effect.
+                stamps.append((st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode))
         return stamps
 
     def _check_files(self) -> None:

@@ -229,6 +229,7 @@ class MailsrvESMTP(ESMTP):
             if len(self._input) > self._line_limit(self._input):
                 self._input = b""
                 self._skipping_line = True
+                self._sasl = None  # as below: an over-long response ends the exchange
                 self._error(replies.LINE_TOO_LONG)
             elif b"\r" in self._input[:-1]:
                 self._refuse_bare_line_end()
@@ -454,12 +455,23 @@ class MailsrvESMTP(ESMTP):
         address = login_name(exchange.username)
         # Only a known account name is logged: a mistyped password in the user field is not.
         shown = address if address in runtime.passwords else "unknown"
+        tracker = runtime.auth_failures
+        # The check counts as a failure until it succeeds: parallel connections from one
+        # address get no more than max_failures checks between them.
+        if tracker is not None and not tracker.begin(self._client_ip):
+            self.log.info(
+                "auth refused client={client}: too many failures (failed or being checked)",
+                client=session.client,
+            )
+            self._error(replies.AUTH_LOCKED_OUT)
+            return defer.succeed(None)
         credentials = UsernamePassword(exchange.username.encode(), exchange.password.encode())
-        d = runtime.checker.requestAvatarId(credentials)
+        # maybeDeferred: whatever happens, the reservation ends in one of the callbacks.
+        d = defer.maybeDeferred(runtime.checker.requestAvatarId, credentials)
 
         def succeeded(avatar: str) -> None:
-            if runtime.auth_failures is not None:
-                runtime.auth_failures.succeeded(self._client_ip)
+            if tracker is not None:
+                tracker.succeeded(self._client_ip)
             session.authenticated_as = avatar
             self.log.info(
                 "auth ok client={client} user={user} mechanism={mechanism}",
@@ -469,10 +481,11 @@ class MailsrvESMTP(ESMTP):
 
         def failed(failure: Failure) -> defer.Deferred | None:
             if not failure.check(UnauthorizedLogin):
+                if tracker is not None:
+                    tracker.abandoned(self._client_ip)
                 self.log.failure("password check failed", failure)
                 self._send(replies.AUTH_TEMPORARY)
                 return None
-            tracker = runtime.auth_failures
             count = tracker.failed(self._client_ip) if tracker is not None else 1
             # fail2ban: failregex = auth failed client=\S*\[<HOST>\]
             self.log.info(

@@ -43,9 +43,12 @@ def store(
 
     ``trace`` is the header lines to put before the body (``Received:``, maybe
     ``Message-ID:``, maybe the blank separator line).  Local copies also get
-    ``Return-Path:``: it belongs to the final delivery only, so the queued copy, which is
-    relayed onwards, does not carry it.  The body file is consumed: moved into the queue or
-    left for the caller to remove.
+    ``Return-Path:`` and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
+    local and virtual write it; what Sieve and loop detection read): they belong to the
+    final delivery only, so the queued copy, which is relayed onwards, does not carry them.
+    Each local copy is thus a file of its own, which also keeps one recipient's address out
+    of another's copy.  The body file is consumed: moved into the queue or left for the
+    caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
@@ -54,9 +57,11 @@ def store(
     try:
         if local:
             root = Path(config.mailboxes.root)
+            return_path = headers.return_path(sender)
             delivered = maildir.deliver(
                 root, [t.maildir(root).relative_to(root) for t in local],
-                headers.return_path(sender) + trace, body_path, hostname=config.hostname,
+                [return_path + headers.delivered_to(t.address) + trace for t in local],
+                body_path, hostname=config.hostname,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
         if remote:

@@ -4,9 +4,15 @@ Changes to the users file for ``mailsrv user``: add, passwd, del, list.
 The file is Dovecot's passwd-file, maybe shared with Dovecot and edited by hand, so a change
 touches only the one line it is about (comments, order and Dovecot's extra fields stay), and
 it is written as a new file that replaces the old one atomically (write, fsync, rename, fsync
-of the directory), keeping the file's mode and owner.  A reader, the running server among
-them, sees the old file or the new one, never half of one; the server notices the new file
-within a second and reloads it.
+of the directory).  A reader, the running server among them, sees the old file or the new one,
+never half of one; the server notices the new file within a second and reloads it.
+
+The file holds password hashes, so it is written ``0640`` (or stricter, when it was): the
+owner (root) writes it, the server's group reads it, others nothing; the server refuses to
+start with a file that holds hashes and is open to others, as ssh refuses such keys.  The
+owner stays; so does the group, unless the file is new or was readable by everyone (the
+server may have read it that way): then it gets the server's group, so that taking
+"others" away does not lock the server out.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["UserFileError", "set_password", "remove_user", "list_users", "replace_file",
-           "locked_directory"]
+__all__ = ["FILE_MODE", "UserFileError", "set_password", "remove_user", "list_users",
+           "private_mode", "replace_file", "locked_directory"]
+
+#: The users file's mode as ``mailsrv user`` writes it: owner rw, group r, others nothing.
+FILE_MODE = 0o640
 
 
 class UserFileError(Exception):
@@ -88,10 +97,22 @@ def locked_directory(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def replace_file(path: Path, text: str, check: Callable[[Path], None] | None = None) -> None:
+def private_mode(mode: int) -> bool:
+    """Whether a file with password hashes may have ``mode``: no permission for others."""
+    return mode & 0o007 == 0
+
+
+def replace_file(
+    path: Path,
+    text: str,
+    check: Callable[[Path], None] | None = None,
+    server_group: int | None = None,
+) -> None:
     """Atomically replace ``path`` with ``text``, after ``check`` accepted the new file.
 
     ``check`` gets the new file's temporary path and raises to refuse it; nothing changes.
+    The new file is ``FILE_MODE`` or stricter; ``server_group`` (a gid; None: unknown) is
+    its group when the file is new or was readable by others (see the module's docstring).
     """
     try:
         st = os.stat(path)
@@ -102,12 +123,22 @@ def replace_file(path: Path, text: str, check: Callable[[Path], None] | None = N
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
-            if st is not None:
-                os.fchmod(out.fileno(), st.st_mode & 0o7777)
-                if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-                    os.fchown(out.fileno(), st.st_uid, st.st_gid)
+            made = os.fstat(out.fileno())
+            if st is None:
+                mode, uid, gid = FILE_MODE, made.st_uid, made.st_gid
             else:
-                os.fchmod(out.fileno(), 0o640)
+                mode, uid, gid = st.st_mode & FILE_MODE, st.st_uid, st.st_gid
+            if server_group is not None and (st is None or st.st_mode & 0o004):
+                gid = server_group
+            if (uid, gid) != (made.st_uid, made.st_gid):
+                try:
+                    os.fchown(out.fileno(), uid, gid)
+                except PermissionError as e:
+                    raise UserFileError(
+                        f"cannot give {path} owner {uid} and group {gid} "
+                        f"({e.strerror}): run 'mailsrv user' as root"
+                    ) from None
+            os.fchmod(out.fileno(), mode)
             os.fsync(out.fileno())
         if check is not None:
             check(Path(tmp))

@@ -4,6 +4,7 @@ sender ownership and users-file edits."""
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 
@@ -142,6 +143,42 @@ def test_success_forgets_failures_and_delays_grow() -> None:
     assert [tracker.delay(n) for n in range(1, 8)] == [0.5, 1, 2, 4, 8, 8, 8]
 
 
+def test_checks_under_way_count_as_failures() -> None:
+    """Ten parallel logins from one address get no more than max_failures checks."""
+    clock = Clock()
+    tracker = FailureTracker(5, window=60, lockout=300, failure_delay=1, clock=clock)
+    started = [tracker.begin("192.0.2.1") for _ in range(10)]
+    assert started == [True] * 5 + [False] * 5
+    assert tracker.begin("192.0.2.2")  # another address is not affected
+    assert [tracker.failed("192.0.2.1") for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert tracker.locked("192.0.2.1") and not tracker.begin("192.0.2.1")
+    clock.now += 300
+    assert tracker.begin("192.0.2.1")  # the lockout is over
+
+
+def test_a_check_that_ends_frees_its_reservation() -> None:
+    clock = Clock()
+    tracker = FailureTracker(3, window=60, lockout=300, failure_delay=1, clock=clock)
+    assert tracker.begin("a") and tracker.begin("a") and tracker.begin("a")
+    assert not tracker.begin("a")
+    tracker.succeeded("a")  # ends its own check, not the two others under way
+    assert tracker.begin("a") and not tracker.begin("a")
+    tracker.abandoned("a")  # could not be checked: no failure counted
+    assert tracker.begin("a") and not tracker.begin("a")
+    assert tracker.failed("a") == 1
+    assert tracker.failed("a") == 2
+    tracker.abandoned("a")
+    assert not tracker.locked("a")
+    assert tracker.begin("a")  # 2 failures + 1 under way: full
+    assert not tracker.begin("a")
+    clock.now += 61  # the two failures fell out of the window; one check is still under way
+    assert tracker.begin("a") and tracker.begin("a") and not tracker.begin("a")
+    assert tracker._checking == {"a": 3}
+    for _ in range(3):
+        tracker.abandoned("a")
+    assert tracker._checking == {}  # nothing kept for an address with no check under way
+
+
 def test_tracker_memory_is_bounded() -> None:
     tracker = FailureTracker(1, 60, 60, 0, clock=Clock(), max_addresses=100)
     for n in range(1000):
@@ -237,3 +274,35 @@ def test_replace_file_is_atomic_and_checked(tmp_path) -> None:
         userfile.replace_file(path, "rejected\n", refuse)
     assert path.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]  # no temporary file left
+
+
+def test_replace_file_keeps_hashes_from_others(tmp_path) -> None:
+    """0640 at most (a stricter mode stays); the server's group when the file is new or was
+    readable by everyone, so that taking "others" away does not lock the server out."""
+    path = tmp_path / "users"
+    userfile.replace_file(path, "new\n", server_group=os.getgid())
+    assert path.stat().st_mode & 0o7777 == 0o640
+    for before, after in ((0o644, 0o640), (0o666, 0o640), (0o604, 0o600), (0o600, 0o600),
+                          (0o660, 0o640), (0o4755, 0o640)):
+        path.chmod(before)
+        userfile.replace_file(path, "x\n")
+        assert path.stat().st_mode & 0o7777 == after, oct(before)
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's group to any group needs root")
+    server, admin = 4242, 4343
+    path.unlink()
+    userfile.replace_file(path, "new\n", server_group=server)
+    assert (path.stat().st_gid, path.stat().st_mode & 0o777) == (server, 0o640)
+    os.chown(path, 0, admin)
+    path.chmod(0o640)  # the administrator's choice of group: kept
+    userfile.replace_file(path, "y\n", server_group=server)
+    assert (path.stat().st_uid, path.stat().st_gid) == (0, admin)
+    path.chmod(0o644)  # the server may read it as "others": it gets the server's group
+    userfile.replace_file(path, "z\n", server_group=server)
+    assert (path.stat().st_uid, path.stat().st_gid) == (0, server)
+    assert path.stat().st_mode & 0o777 == 0o640
+    os.chown(path, 1234, admin)
+    path.chmod(0o644)
+    userfile.replace_file(path, "w\n")  # no server group known: the owner and group stay
+    assert (path.stat().st_uid, path.stat().st_gid, path.stat().st_mode & 0o777) == (
+        1234, admin, 0o640)

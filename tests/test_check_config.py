@@ -89,6 +89,38 @@ def test_unreadable_files_and_unusable_directories(configured, capsys):
             f"exist and {blocker} is not a writable directory") in capsys.readouterr().err
 
 
+def test_a_user_outside_the_local_domains_is_refused(configured, capsys):
+    users = configured.workdir / "users"
+    users.write_text("alice@example.org\nbob@example.org\ncarol@example.net\ndave@other.net\n")
+    assert check(configured) == 2
+    assert capsys.readouterr().err == (
+        f"mailsrv: configuration error: {users}: line 4 (dave@other.net): expected an address "
+        "in a local domain (example.org, example.net); other.net is not in [domains] local\n"
+    )
+    rewrite(configured, "domains", "local", ["example.org", "example.net", "other.net"])
+    assert check(configured) == 0
+
+
+def test_password_hashes_readable_by_others_are_refused(configured, capsys):
+    from mailsrv.auth import hash_password
+
+    users = configured.workdir / "users"
+    users.write_text(f"alice@example.org:{hash_password('pw', cost=4)}\nbob@example.org\n"
+                     "carol@example.net\n")
+    users.chmod(0o644)
+    assert check(configured) == 2
+    assert capsys.readouterr().err == (
+        f"mailsrv: configuration error: {users}: mode 0644: expected a file with password "
+        "hashes that others cannot read: chmod 0640 (readable by the server's group)\n"
+    )
+    users.chmod(0o640)
+    assert check(configured) == 0
+    capsys.readouterr()
+    users.write_text("alice@example.org\nbob@example.org\ncarol@example.net\n")  # no hashes
+    users.chmod(0o644)
+    assert check(configured) == 0
+
+
 @pytest.mark.parametrize("which", ["cert", "key"])
 def test_tls_files_must_load(configured, capsys, which):
     from support.certs import self_signed

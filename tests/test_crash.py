@@ -42,7 +42,7 @@ RECIPIENT_SETS = [
 
 _PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 # The trace fields the server may put on top of what the client sent.
-_TRACE_FIELD = re.compile(rb"(Return-Path|Received|Message-ID):", re.IGNORECASE)
+_TRACE_FIELD = re.compile(rb"(Return-Path|Delivered-To|Received|Message-ID):", re.IGNORECASE)
 
 
 def mailboxes_of(recipients):

@@ -27,17 +27,36 @@ def test_one_copy_per_mailbox_however_it_is_named(mail_server):
         assert token_count(mail_server, address, "token-dedupe-1") == 1, address
 
 
-def test_copies_of_one_message_share_one_file(mail_server):
-    send(mail_server, ["sales@example.org"], b"Subject: link\r\n\r\ntoken-link\r\n")
-    paths = [
-        os.path.join(d, name)
-        for d in (mail_server.root / "example.org" / "alice" / "new",
-                  mail_server.root / "example.org" / "bob" / "new")
-        for name in os.listdir(d)
-        if b"token-link" in open(os.path.join(d, name), "rb").read()
-    ]
-    assert len(paths) == 2
-    assert os.stat(paths[0]).st_ino == os.stat(paths[1]).st_ino
+def copy_of(server, address, token):
+    """The bytes of the one file in *address*'s new/ holding *token*."""
+    local, domain = address.split("@")
+    new = server.root / domain / local / "new"
+    [data] = [data for data in (p.read_bytes() for p in new.iterdir()) if token in data]
+    return data
+
+
+def test_each_copy_names_its_mailbox_in_delivered_to(mail_server):
+    # team@ -> sales@ (alice, bob) and carol; postmaster@example.net -> alice (already there).
+    send(mail_server, ["team@example.org", "postmaster@example.net"],
+         b"Subject: dt\r\nDelivered-To: someone@elsewhere.test\r\n\r\ntoken-dt\r\n")
+    copies = {address: copy_of(mail_server, address, b"token-dt")
+              for address in ("alice@example.org", "bob@example.org", "carol@example.net")}
+    for address, data in copies.items():
+        # With the other trace fields, on top: Return-Path, Delivered-To, Received.
+        assert data.startswith(b"Return-Path: <a@c.test>\nDelivered-To: %s\nReceived: "
+                               % address.encode()), data[:200]
+        # One of ours per copy; the one the message brought stays below.
+        assert data.count(b"Delivered-To: ") == 2
+        assert b"\nDelivered-To: someone@elsewhere.test\n" in data
+    # The copies differ in that line only (no recipient sees another's address).
+    alice, bob = copies["alice@example.org"], copies["bob@example.org"]
+    assert alice.replace(b"alice@example.org", b"X") == bob.replace(b"bob@example.org", b"X")
+
+
+def test_delivered_to_is_the_final_mailbox_for_one_recipient(mail_server):
+    send(mail_server, ["Alice+tag@Example.org"], b"Subject: one\r\n\r\ntoken-dt-one\r\n")
+    data = copy_of(mail_server, "alice@example.org", b"token-dt-one")
+    assert data.split(b"\n")[1] == b"Delivered-To: alice@example.org"
 
 
 def test_same_message_id_in_every_copy(mail_server):

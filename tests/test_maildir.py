@@ -199,6 +199,109 @@ def test_deliver_same_directory_through_a_bind_mount_once(tmp_path: Path, body: 
         subprocess.run(["umount", str(b)], check=False)
 
 
+def dt(address: str) -> bytes:
+    return b"Delivered-To: " + address.encode() + b"\n" + PREFIX
+
+
+def test_deliver_one_prefix_per_maildir(tmp_path: Path, body: Path) -> None:
+    a, b, c = tmp_path / "alice", tmp_path / "bob", tmp_path / "carol"
+    pa, pb, pc = deliver(
+        tmp_path, ["alice", "bob", "carol"], [dt("alice"), dt("bob"), dt("alice")], body,
+        hostname="h",
+    )
+    assert pa.read_bytes() == dt("alice") + BODY and pb.read_bytes() == dt("bob") + BODY
+    # Different prefixes: files of their own, each in its own tmp/ first (no copying).
+    assert pa.stat().st_ino != pb.stat().st_ino and pb.stat().st_nlink == 1
+    # The same prefix: still one file, hard-linked.
+    assert pa.stat().st_ino == pc.stat().st_ino and pa.stat().st_nlink == 2
+    assert int(NAME_RE.fullmatch(pb.name)["size"]) == len(dt("bob") + BODY)  # type: ignore[index]
+    assert sorted(leftovers(a, b, c)) == sorted([pa, pb, pc])
+
+
+def test_deliver_duplicate_maildir_takes_the_first_prefix(tmp_path: Path, body: Path) -> None:
+    a = tmp_path / "alice"
+    first, again = deliver(tmp_path, ["alice", "alice"], [dt("one"), dt("two")], body, hostname="h")
+    assert first == again and first.read_bytes() == dt("one") + BODY
+    assert files_in(a / "new") == [first]
+
+
+def test_deliver_prefixes_must_match_maildirs(tmp_path: Path, body: Path) -> None:
+    with pytest.raises(ValueError):
+        deliver(tmp_path, ["a", "b"], [PREFIX], body, hostname="h")
+
+
+def test_every_copy_is_written_before_any_is_linked(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up while writing the second copy leaves nothing in any new/."""
+    a, b = tmp_path / "alice", tmp_path / "bob"
+    real_create = maildir._create
+    linked: list[str] = []
+    real_link = os.link
+
+    def create(dir_fd: int, name: str) -> int:
+        if is_dir_of(dir_fd, b / "tmp"):
+            assert linked == []
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return real_create(dir_fd, name)
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        linked.append(str(dst))
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir, "_create", create)
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(DeliveryError) as info:
+        deliver(tmp_path, ["alice", "bob"], [dt("alice"), dt("bob")], body, hostname="h")
+    assert info.value.disk_full
+    assert linked == []
+    assert leftovers(a, b) == []
+
+
+def test_many_maildirs_keep_few_descriptors_open(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the few Maildirs a delivery holds open, the others are walked to again."""
+    count = 3 * maildir._HELD
+    users = [f"u{n}" for n in range(count)]
+    prefixes = [dt("shared") if n % 3 == 0 else dt(user) for n, user in enumerate(users)]
+    real_link = os.link
+    open_fds: list[int] = []
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        open_fds.append(len(os.listdir("/proc/self/fd")))
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    before = len(os.listdir("/proc/self/fd"))
+    paths = deliver(tmp_path, users, prefixes, body, hostname="h")
+    assert max(open_fds) <= before + 2 * maildir._HELD + 8
+    assert len(os.listdir("/proc/self/fd")) == before
+    for user, prefix, path in zip(users, prefixes, paths):
+        assert path.parent == tmp_path / user / "new"
+        assert path.read_bytes() == prefix + BODY
+    assert paths[0].stat().st_nlink == count // 3  # the shared prefix: one file
+    assert sorted(leftovers(*(tmp_path / u for u in users))) == sorted(paths)
+
+
+def test_failure_with_many_maildirs_rolls_back_everything(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 2 * maildir._HELD + 2
+    users = [f"u{n}" for n in range(count)]
+    real_link = os.link
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        if is_dir_of(kwargs.get("dst_dir_fd"), tmp_path / users[-1] / "new"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(DeliveryError):
+        deliver(tmp_path, users, [dt(u) for u in users], body, hostname="h")
+    assert leftovers(*(tmp_path / u for u in users)) == []
+
+
 def test_deliver_nothing(tmp_path: Path, body: Path) -> None:
     assert deliver(tmp_path, [], PREFIX, body, hostname="h") == []
 

@@ -141,6 +141,7 @@ def test_delivers_to_best_mx_with_trace_and_dot_lines(env, server):
     data = got["data"]
     assert data.startswith("Received: from client.test")
     assert "Return-Path:" not in data  # added by the final delivery, not by a relay
+    assert "Delivered-To:" not in data
     assert "Subject: best mx" in data
     assert "\n.leading dot line" in data.replace("\r\n", "\n")  # dot-stuffed on the wire
     wait_for(lambda: queue_empty(s), 10, "the queue to empty")

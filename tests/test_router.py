@@ -16,6 +16,7 @@ from mailsrv.router import (
     UnknownRecipient,
     load_aliases,
     load_users,
+    read_users,
 )
 
 ORG = "example.org"
@@ -397,6 +398,7 @@ def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
     if isinstance(text, str):
         text = text.encode()
     path.write_bytes(text)
+    path.chmod(0o640)  # a users file with password fields must not be open to others
     return path
 
 
@@ -481,6 +483,49 @@ def test_load_users_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_users(path)
     assert exc.value.key == "line 2"
+
+
+def test_users_must_be_in_a_local_domain(tmp_path: Path) -> None:
+    path = write(tmp_path, "users", "alice@example.org\n# a comment\ndave@Other.NET:{PLAIN}x\n")
+    with pytest.raises(ConfigError) as exc:
+        read_users(path, local_domains=["example.org", "Bücher.example"])
+    assert exc.value.key == "line 3 (dave@other.net)"
+    assert str(exc.value) == (
+        f"{path}: line 3 (dave@other.net): expected an address in a local domain "
+        "(example.org, xn--bcher-kva.example); other.net is not in [domains] local"
+    )
+    path = write(tmp_path, "users", "alice@example.org\ncarol@BÜCHER.example.\n")
+    assert read_users(path, local_domains=["example.org", "bücher.example"]) == {
+        "alice@example.org": None, "carol@xn--bcher-kva.example": None}
+
+
+@pytest.mark.parametrize("mode, refused", [
+    pytest.param(mode, refused, id=f"{mode:04o}") for mode, refused in (
+        (0o640, False), (0o600, False), (0o660, False), (0o400, False),
+        (0o644, True), (0o604, True), (0o642, True), (0o641, True), (0o666, True),
+    )
+])
+def test_a_users_file_with_passwords_must_not_be_open_to_others(
+    tmp_path: Path, mode: int, refused: bool
+) -> None:
+    hashed = "{BLF-CRYPT}$2y$05$" + "a" * 53
+    for text, passwords in ((f"alice@example.org:{hashed}\nbob@example.org\n", True),
+                            ("alice@example.org:{PLAIN}for-dovecot-only\n", False)):
+        path = write(tmp_path, "users", text)
+        path.chmod(mode)
+        if not refused:
+            assert "alice@example.org" in read_users(path, passwords=passwords)
+            continue
+        with pytest.raises(ConfigError) as exc:
+            read_users(path, passwords=passwords)
+        assert str(exc.value) == (
+            f"{path}: mode {mode:04o}: expected a file with password hashes that others "
+            "cannot read: chmod 0640 (readable by the server's group)"
+        )
+    # Without any password field, the file is only a list of mailboxes: any mode will do.
+    path = write(tmp_path, "users", "alice@example.org\nbob@example.org:\n")
+    path.chmod(mode)
+    assert set(read_users(path, passwords=True)) == {"alice@example.org", "bob@example.org"}
 
 
 # --------------------------------------------------------------------------- load_aliases

@@ -104,6 +104,19 @@ def invalid_users_line(server, tmp_path):
     return users, "line 2", "an address local@domain at the start of the line"
 
 
+def user_in_a_non_local_domain(server, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("alice@example.org\nbob@example.org\ndave@other.net\n")
+    return users, "line 3 (dave@other.net)", "expected an address in a local domain"
+
+
+def hashes_readable_by_others(server, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("alice@example.org:{BLF-CRYPT}$2y$05$" + "a" * 53 + "\nbob@example.org\n")
+    users.chmod(0o644)
+    return users, "mode 0644", "hashes that others cannot read: chmod 0640"
+
+
 def alias_loop(server, tmp_path):
     aliases = tmp_path / "aliases"
     aliases.write_text(
@@ -140,6 +153,8 @@ def alias_to_unknown_local_user(server, tmp_path):
         toml_syntax_error,
         root_through_a_file,
         invalid_users_line,
+        user_in_a_non_local_domain,
+        hashes_readable_by_others,
         alias_loop,
         missing_postmaster,
         alias_to_unknown_local_user,

@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -369,6 +370,33 @@ def test_sasl_line_limit_is_12288_octets(env, server):
     client.close()
 
 
+def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, server):
+    """A 200 KB response line arriving in pieces is answered as one in one read is (500),
+    and the exchange is over: the next command is a command, not the SASL response."""
+    client = raw_client(server.port_of("submission", tls=True), implicit=True,
+                        context=client_context(env))
+    client.command("EHLO client.test")
+    for mechanism, first_challenge in (("PLAIN", ""), ("LOGIN", "VXNlcm5hbWU6")):
+        assert client.command("AUTH " + mechanism) == (334, first_challenge)
+        piece = b"A" * 20000
+        for _ in range(10):  # 200,000 octets, none of them a line end, over ten reads
+            client.send(piece)
+            time.sleep(0.02)
+        client.send(b"\r\n")
+        assert client.reply() == (500, "5.5.2 Error: command line too long")
+        assert client.command("NOOP") == (250, "2.0.0 Ok")
+        assert client.command("RSET") == (250, "2.0.0 Ok")
+    # An AUTH command (with its initial response) that is over the limit opens no exchange.
+    client.send(b"AUTH PLAIN " + b"A" * 30000)
+    time.sleep(0.05)
+    client.send(b"A" * 30000 + b"\r\n")
+    assert client.reply() == (500, "5.5.2 Error: command line too long")
+    assert client.command("NOOP") == (250, "2.0.0 Ok")
+    password = USERS_PASSWORDS["alice@example.org"]
+    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}"))[0] == 235
+    client.close()
+
+
 # --------------------------------------------------------------------------- relay and senders
 
 
@@ -418,6 +446,43 @@ def test_from_header_must_be_owned(env, server):
     assert not any("forged" in m.get_payload() for m in server.messages("alice@example.org"))
 
 
+PADDING = b"".join(b"X-Pad-%05d: %s\r\n" % (i, b"p" * 60) for i in range(900))  # 66 KB
+
+
+@pytest.mark.parametrize(("head", "code", "status"), [
+    (b"Subject: x\r\nFrom : alice@example.org", 553, b"5.7.1"),
+    (b"Subject: x\r\nFrom\t: alice@example.org", 553, b"5.7.1"),
+    (b"Subject: x\r\nX-Junk\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\nX-\xe9t\xe9: y\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\nX-\x00: y\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\n: x\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"From: bob@example.org\r\nnot a header\r\nFrom: alice@example.org", 554, b"5.6.0"),
+    (b"Subject: x\r\n" + PADDING + b"From: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nSender: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nResent-From: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nFrom: alice@example.org", 553, b"5.7.1"),
+    (b"From: bob@example.org\r\nX-P: " + b"p" * 900 + (b"\r\n p" + b"p" * 900) * 1200,
+     552, b"5.3.4"),
+], ids=["sp-colon", "tab-colon", "no-colon", "8bit-name", "nul-name", "empty-name",
+        "non-header-line", "after-66kb", "sender", "resent-from", "second-from", "1mib"])
+def test_forged_header_sections_are_refused(env, server, head, code, status):
+    client = submit_starttls(env, server, user="bob@example.org")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        client.sendmail("bob@example.org", ["alice@example.org"],
+                        head + b"\r\n\r\nmarker-forged\r\n")
+    assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (code, status)
+    assert re.search(rb"header (section|address)", refused.value.smtp_error)
+    client.rset()
+    # The same connection can still send honest mail, and only that arrives.
+    marker = "marker-honest-" + hashlib.sha256(head).hexdigest()[:12]
+    client.sendmail("bob@example.org", ["alice@example.org"],
+                    b"From: Bob <bob@example.org>\r\nSubject: x\r\n\r\n%s\r\n" % marker.encode())
+    client.quit()
+    wait_for(lambda: received_of(server, "alice@example.org", marker), 10, "message")
+    assert not any("marker-forged" in m.get_payload() for m in server.messages("alice@example.org"))
+    assert f'reason="{code} {status.decode()} ' in server.log_text()
+
+
 def test_from_header_check_can_be_turned_off(env, tmp_path):
     s = make_server(env, tmp_path / "s", submission={"check_from_header": False}).start()
     try:
@@ -464,6 +529,49 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
         assert re.search(r"auth failed client=unknown\[127\.0\.0\.9\] user=alice@example.org "
                          r"mechanism=PLAIN failures=3", log)
         assert "auth lockout client=unknown[127.0.0.9] seconds=3" in log
+    finally:
+        s.stop()
+
+
+def test_parallel_connections_get_no_more_than_max_failures_checks(env, tmp_path):
+    """Ten connections from one address guessing at once: checks under way count as
+    failures, so between them they get max_failures password checks, then 454."""
+    s = make_server(env, tmp_path / "s", auth={"max_failures": 5, "window": 600,
+                                               "lockout": 600, "failure_delay": 0.05},
+                    smtp={"max_connections_per_ip": 20}).start()
+    try:
+        clients = [raw_client(s.port_of("submission", tls=True), source=UNTRUSTED,
+                              implicit=True, context=client_context(env)) for _ in range(10)]
+        for client in clients:
+            client.command("EHLO client.test")
+        # An unknown user: its check is a full-cost bcrypt (a quarter of a second), so all
+        # ten first guesses arrive while the first checks are still running.
+        bad = "AUTH PLAIN " + b64("\0nobody@example.org\0wrong")
+        codes: list[list[int]] = [[] for _ in clients]
+        go = threading.Barrier(len(clients), timeout=30)
+
+        def guess(client: RawClient, mine: list[int]) -> None:
+            go.wait()
+            for _ in range(5):
+                mine.append(client.command(bad)[0])
+                if mine[-1] == 454:
+                    break
+
+        threads = [threading.Thread(target=guess, args=(c, mine), daemon=True)
+                   for c, mine in zip(clients, codes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        answers = [code for mine in codes for code in mine]
+        assert set(answers) == {535, 454}, codes
+        assert answers.count(535) <= 5, codes
+        assert all(mine[-1] == 454 for mine in codes), codes  # every connection locked out
+        checks = s.log_text().count("auth failed client=unknown[127.0.0.9]")
+        assert checks == answers.count(535), s.log_text()
+        for client in clients:
+            client.close()
     finally:
         s.stop()
 
@@ -518,12 +626,61 @@ def test_a_broken_users_file_is_refused_and_the_old_one_kept(env, tmp_path):
         text = users.read_text()
         tmp = users.with_suffix(".new")
         tmp.write_text(text + "eve@example.org:{PLAIN}secret\n")
+        tmp.chmod(0o640)
         os.replace(tmp, users)
         wait_for(lambda: "reload (changed on disk) refused" in s.log_text(), 10, "the refusal")
         assert "expected the {BLF-CRYPT} scheme" in s.log_text()
         submit_starttls(env, s).quit()  # the old file is still in force
     finally:
         s.stop()
+
+
+def test_hashes_open_to_others_are_refused_until_chmod(env, tmp_path):
+    """A users file with hashes that others can read is not loaded (the old one stays in
+    force); the chmod that fixes it is picked up without another change."""
+    s = make_server(env, tmp_path / "s").start()
+    try:
+        users = s.workdir / "users"
+        tmp = users.with_suffix(".new")
+        tmp.write_text(users.read_text() + f"eve@example.org:{hash_password('eve pw', cost=4)}\n")
+        tmp.chmod(0o644)
+        os.replace(tmp, users)
+        wait_for(lambda: "reload (changed on disk) refused" in s.log_text(), 10, "the refusal")
+        assert f"{users}: mode 0644: expected a file with password hashes that others " \
+               "cannot read: chmod 0640" in s.log_text()
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            submit_starttls(env, s, user="eve@example.org", password="eve pw")
+        submit_starttls(env, s).quit()  # the old file is still in force
+        users.chmod(0o640)
+
+        def eve_can_login() -> bool:
+            try:
+                submit_starttls(env, s, user="eve@example.org", password="eve pw").quit()
+                return True
+            except smtplib.SMTPAuthenticationError:
+                return False
+
+        wait_for(eve_can_login, 10, "the file to be reloaded after the chmod")
+    finally:
+        s.stop()
+
+
+def test_user_command_writes_the_file_for_the_server_only(env, tmp_path):
+    """mailsrv user turns a 0644 users file into 0640, with the server's group (that of the
+    queue directory the server made) so that the server can still read it."""
+    s = make_server(env, tmp_path / "s")  # its files only
+    users = s.workdir / "users"
+    users.chmod(0o644)
+    s.queue.mkdir()
+    server_gid = 4242 if os.geteuid() == 0 else os.getgid()
+    os.chown(s.queue, -1, server_gid)
+    result = run_cli("user", "--config", str(s.config_path), "passwd", "alice@example.org",
+                     "--password-stdin", stdin="new pw\n")
+    assert result.returncode == 0, result.stderr
+    st = users.stat()
+    assert (st.st_mode & 0o777, st.st_gid) == (0o640, server_gid)
+    check = run_cli("check-config", "--config", str(s.config_path))
+    assert check.returncode == 0, check.stderr
 
 
 def test_sighup_reloads_the_certificate_without_dropping_connections(env, tmp_path):

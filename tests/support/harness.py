@@ -101,7 +101,10 @@ class MailServer:
         self.queue = workdir / "queue"
         self.log_path = workdir / "mailsrv.log"
         users_file = workdir / "users"
-        users_file.write_text("\n".join(users if users is not None else DEFAULT_USERS) + "\n")
+        users = users if users is not None else DEFAULT_USERS
+        users_file.write_text("\n".join(users) + "\n")
+        if any(line.partition(":")[2].strip() for line in users):
+            users_file.chmod(0o640)  # password hashes: the server refuses a file others read
         aliases_file = workdir / "aliases"
         aliases_file.write_text("\n".join(aliases if aliases is not None else DEFAULT_ALIASES) + "\n")
         self.config: dict[str, Any] = {
