@@ -8,21 +8,28 @@ partial message may be visible in any ``new/`` (the client will retry after our
 
 The qmail discipline: write the message once into ``tmp/`` under a unique name,
 fsync it, hard-link it into each ``new/``, fsync each ``new/``, remove ``tmp/``.
-Copies whose trace fields differ (each mailbox's own ``Delivered-To:``) are one file
-each, all written and fsync'd before the first link.
+
+Below the configured root nothing is reached through a symbolic link: every level
+(domain, user, ``tmp``/``new``/``cur``) is opened by descriptor with ``O_NOFOLLOW``
+(``mailsrv.dirfd``) and a link there refuses the whole delivery.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import secrets
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from pathlib import Path
+
+from mailsrv import dirfd
+from mailsrv.dirfd import fsync_dir
+from mailsrv.fdio import copy_data as _copy_data
+from mailsrv.fdio import write_all as _write_all
 
 __all__ = [
     "DeliveryError",
@@ -34,10 +41,6 @@ __all__ = [
 ]
 
 _DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
-_SUBDIRS = ("tmp", "new", "cur")
-# sendfile errors meaning "not supported for these files": fall back to read/write.
-_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 # The pid in unique names, read once (and again in a forked child) rather than per message.
 _pid = os.getpid()
@@ -50,14 +53,12 @@ def _update_pid() -> None:
 
 os.register_at_fork(after_in_child=_update_pid)
 
-# Maildirs whose tmp/, new/ and cur/ were there at the last delivery: not looked at again
-# (three stat calls per mailbox and message). A delivery that fails for a missing directory
-# (removed by hand meanwhile) forgets its maildirs, so the client's retry recreates them.
-_known_maildirs: set[Path] = set()
-
 # Per-process delivery counter for unique names.  next() on itertools.count is
 # atomic under the GIL, so concurrent worker threads never get the same value.
 _counter = itertools.count(1)
+
+# Group commit of the new/ directories' fsyncs, shared by the delivery threads.
+_new_dir_sync = dirfd.DirectorySync()
 
 
 class DeliveryError(Exception):
@@ -84,13 +85,24 @@ class DeliveryError(Exception):
         return cls(text, disk_full=code in _DISK_FULL, errno=code)
 
 
-@contextmanager
-def _doing(action: str, path: os.PathLike[str] | str) -> Iterator[None]:
-    """Turn an OSError raised in the block into a DeliveryError naming *path*."""
-    try:
-        yield
-    except OSError as exc:
-        raise DeliveryError.from_oserror(action, path, exc) from exc
+class _doing:
+    """``with _doing(action, path):`` turns an OSError raised in the block into a DeliveryError
+    naming *path* (a class, not a generator: it is on every delivery's path several times)."""
+
+    __slots__ = ("action", "path")
+
+    def __init__(self, action: str, path: os.PathLike[str] | str) -> None:
+        self.action, self.path = action, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError):
+            action, path = self.action, self.path
+            if isinstance(exc, dirfd.StepError):  # it knows the step and the path better
+                action, path = exc.action, exc.filename
+            raise DeliveryError.from_oserror(action, path, exc) from exc
 
 
 def unique_name(hostname: str, size: int) -> str:
@@ -111,189 +123,63 @@ def unique_name(hostname: str, size: int) -> str:
     )
 
 
-def fsync_dir(path: os.PathLike[str] | str) -> None:
-    """fsync a directory, making the entries created in (or removed from) it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _DirectorySync:
-    """Group commit for directory fsyncs: one fsync of a ``new/`` serves every link made before
-    it started.
-
-    Concurrent deliveries into one Maildir each used to fsync its ``new/`` after their own
-    link; the fsyncs queued behind each other on the directory (and on the file system's
-    journal), although one of them, started after all those links, makes them all durable.
-    ``sync(path)`` takes a ticket (a number increasing per directory) after the caller's link;
-    a fsync started when the tickets were up to N covers tickets ≤ N. A caller whose ticket is
-    covered by a fsync that *succeeded* returns at once; otherwise it waits for the running
-    fsync and, if still uncovered, runs the next one itself (taking every ticket issued so far
-    with it). A failed fsync covers nobody: the thread that ran it raises, and the others try
-    their own, so each caller either saw a successful fsync that started after its link or
-    gets the error — the guarantee of a plain per-delivery fsync, with far fewer of them.
-    """
-
-    class _State:
-        __slots__ = ("issued", "done", "running")
-
-        def __init__(self) -> None:
-            self.issued = 0  # last ticket handed out
-            self.done = 0  # every ticket <= done is durable
-            self.running = False
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._states: dict[str, _DirectorySync._State] = {}
-
-    def sync(self, path: os.PathLike[str] | str) -> None:
-        key = os.fspath(path)
-        with self._cond:
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = self._State()
-            state.issued += 1
-            ticket = state.issued
-            while True:
-                if state.done >= ticket:
-                    return
-                if not state.running:
-                    break
-                self._cond.wait()
-            state.running = True
-            covers = state.issued
-        succeeded = False
-        try:
-            fsync_dir(key)
-            succeeded = True
-        finally:
-            with self._cond:
-                state.running = False
-                if succeeded and covers > state.done:
-                    state.done = covers
-                if state.done >= state.issued and len(self._states) > 1024:
-                    # Idle directory: forget it, so that the table stays small.
-                    del self._states[key]
-                self._cond.notify_all()
-
-
-_new_dir_sync = _DirectorySync()
-
-
-def sync_new_dir(path: os.PathLike[str] | str) -> None:
-    """Make the entries linked into the directory *path* so far durable (group commit)."""
-    _new_dir_sync.sync(path)
-
-
-def _mkdir(path: Path, synced: set[Path]) -> None:
-    """Create *path* and its missing parents, each 0700; note parents to fsync."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
-        return  # created concurrently (or already there): not ours to chmod
-    except FileNotFoundError:
-        parent = path.parent
-        if parent == path:
-            raise
-        _mkdir(parent, synced)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            if not path.is_dir():
-                raise NotADirectoryError(
-                    errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)
-                ) from None
-            return
-    # mkdir's mode is filtered by the umask; set it explicitly.
-    os.chmod(path, 0o700)
-    synced.add(path.parent)
-
-
-def _ensure_dirs(paths: Sequence[Path]) -> None:
-    """Create the missing directories among *paths* (0700, with parents) durably."""
-    synced: set[Path] = set()
-    for path in paths:
-        if not path.is_dir():
-            with _doing("create directory", path):
-                _mkdir(path, synced)
-    for directory in sorted(synced, key=lambda p: len(p.parts), reverse=True):
-        with _doing("fsync directory", directory):
-            fsync_dir(directory)
-
-
 def ensure_dir(path: os.PathLike[str] | str) -> None:
     """``mkdir -p`` with mode 0700, fsyncing every parent that got a new entry.
 
     Raises DeliveryError, like every other failure of this module.
     """
-    _ensure_dirs([Path(path)])
+    with _doing("create directory", path):
+        dirfd.make_dirs(Path(path))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until all of *data* is written (a write may be short)."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _copy_data(src_fd: int, dst_fd: int, count: int) -> None:
-    """Copy *count* bytes from offset 0 of *src_fd* to the position of *dst_fd*.
-
-    Uses the kernel (sendfile) so the body never passes through Python memory;
-    falls back to 1 MiB reads where sendfile to a file is not supported.
-    Raises OSError(EIO) if the source is shorter than *count* (it changed
-    under us: the S= size in the name would be a lie).
-    """
-    offset = 0
-    use_sendfile = hasattr(os, "sendfile")
-    while offset < count:
-        if use_sendfile:
-            try:
-                sent = os.sendfile(dst_fd, src_fd, offset, min(count - offset, 1 << 30))
-            except OSError as exc:
-                if offset == 0 and exc.errno in _NO_SENDFILE:
-                    use_sendfile = False
-                    continue
-                raise
-        else:
-            chunk = os.pread(src_fd, min(_CHUNK, count - offset), offset)
-            if chunk:
-                _write_all(dst_fd, chunk)
-            sent = len(chunk)
-        if sent == 0:
-            raise OSError(errno.EIO, f"source ended after {offset} of {count} bytes")
-        offset += sent
-
-
-def _create(path: Path) -> int:
-    """Open a new file for writing, 0600, failing if the name exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _create(dir_fd: int, name: str) -> int:
+    """Open a new file *name* in *dir_fd* for writing, 0600, failing if the name exists."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     try:
         os.fchmod(fd, 0o600)  # exact mode whatever the process umask is
     except BaseException:
         os.close(fd)
         with suppress(OSError):
-            os.unlink(path)
+            os.unlink(name, dir_fd=dir_fd)
         raise
     return fd
 
 
-def _unique_spellings(paths: Sequence[Path]) -> list[Path]:
-    """*paths* without exact repetitions (no need to look at a directory twice).
+def _names(base: str, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
+    """The directory names of *maildir* below the root *base*, each checked before anything
+    is made (``a//b/./c`` is ``a``, ``b``, ``c``, as for the kernel)."""
+    text = os.fspath(maildir)
+    names = tuple(name for name in text.split("/") if name not in ("", "."))
+    with _doing("open directory", f"{base}/{text}"):
+        if text.startswith("/") or not names:
+            raise OSError(errno.EINVAL, "not a path below the root")
+        for name in names:
+            dirfd.check_name(name, f"{base}/{text}")
+    return names
 
-    Other spellings of one directory (``a/../b``, symlinks) are caught later
-    by comparing inodes; normalising ``..`` textually would be wrong when a
-    component is a symlink.
-    """
-    return list(dict.fromkeys(paths))
+
+def _open_root(root: Path) -> int:
+    """The root's descriptor. The root is the administrator's choice: a link there is followed."""
+    with _doing("open directory", root):
+        try:
+            return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+    ensure_dir(root)  # removed since start-up: made again, as before
+    with _doing("open directory", root):
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+# Maildirs one delivery keeps open from writing its files to linking them (two descriptors
+# each); the others are closed and walked to again for the links, so that a message for
+# hundreds of mailboxes, in each of the delivery threads at once, stays far from the limit
+# on open files.
+_HELD = 8
 
 
 def deliver(
+    root: os.PathLike[str] | str,
     maildirs: Sequence[os.PathLike[str] | str],
     prefix: bytes | Sequence[bytes],
     body_path: os.PathLike[str] | str,
@@ -302,17 +188,22 @@ def deliver(
 ) -> list[Path]:
     """Deliver *prefix* + the content of *body_path* into every maildir, durably.
 
+    *maildirs* are relative to *root* (``example.org/alice``). The root may be reached
+    through a symbolic link (the administrator's choice); below it, a link at any level —
+    domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
+    path and saying why) and nothing is written through it.
+
     *prefix* is one for all, or one per maildir (aligned with *maildirs*: a copy's own
     ``Delivered-To:``).  The message is written once per distinct prefix into the
     ``tmp/`` of the first maildir taking it (0600), fsync'd, then hard-linked into the
     ``new/`` of each maildir taking that prefix (copied first when a maildir is on another
     file system); every file is written before any is linked, so that a full disk shows
     in no ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer
-    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and their parents) are created
-    0700.  Duplicate maildirs (same path, or the same directory reached by another path)
-    receive one copy, with the prefix of the first occurrence.
+    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up
+    to the root) are created 0700.  Duplicate maildirs (same names, or the same directory
+    reached by a bind mount) receive one copy, with the prefix of the first occurrence.
 
-    All or nothing: on any OSError, every file created by this call in any
+    All or nothing: on any OSError or refusal, every file created by this call in any
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
     for ENOSPC/EDQUOT).
 
@@ -321,145 +212,228 @@ def deliver(
     duplicate maildir gets the same path as its first occurrence.  Undo a
     delivery that must not stand with ``remove_delivered``.
     """
-    paths = [Path(maildir) for maildir in maildirs]
-    if not paths:
+    root = Path(root)
+    base = os.fspath(root)
+    wanted = [_names(base, maildir) for maildir in maildirs]
+    if not wanted:
         return []
-    prefixes = [prefix] * len(paths) if isinstance(prefix, bytes) else list(prefix)
-    if len(prefixes) != len(paths):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(paths)} maildirs")
-    spellings = _unique_spellings(paths)
-    missing = [path for path in spellings if path not in _known_maildirs]
-    if missing:
-        _ensure_dirs([path / sub for path in missing for sub in _SUBDIRS])
-        _known_maildirs.update(missing)
-
-    # One copy per directory, however it is spelt (a/../b, symlinks, bind mounts).
-    unique: list[Path] = []
-    which: list[int] = []  # for each argument, its index in unique
-    if len(spellings) == 1:
-        unique, which = spellings, [0] * len(paths)  # one directory: nothing to compare
-    else:
-        index_of: dict[tuple[int, int], int] = {}
-        for path in paths:
-            with _doing("stat", path):
-                st = os.stat(path)
-            key = (st.st_dev, st.st_ino)
-            if key not in index_of:
-                index_of[key] = len(unique)
-                unique.append(path)
-            which.append(index_of[key])
-    # The directories taking each distinct prefix (indexes into unique): one file each.
-    groups: dict[bytes, list[int]] = {}
-    grouped: set[int] = set()
-    for argument, index in enumerate(which):
-        if index not in grouped:  # a directory's first occurrence gives its prefix
-            grouped.add(index)
-            groups.setdefault(prefixes[argument], []).append(index)
-
-    created_tmp: list[Path] = []
-    created_new: list[Path] = []
+    prefixes = [prefix] * len(wanted) if isinstance(prefix, bytes) else list(prefix)
+    if len(prefixes) != len(wanted):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(wanted)} maildirs")
+    run = _Delivery(_open_root(root), base)
     try:
+        run.write(wanted, prefixes, body_path, hostname)
+        new_paths = run.link()
+    except BaseException:
+        run.roll_back()
+        raise
+    finally:
+        run.close()
+    return [new_paths[run.index_of[names]] for names in wanted]
+
+
+class _Delivery:
+    """The state of one ``deliver`` call: which directories, which files, what is linked."""
+
+    def __init__(self, root_fd: int, base: str) -> None:
+        self.root_fd, self.base = root_fd, base
+        self.unique: list[tuple[str, ...]] = []  # names of each distinct directory
+        self.index_of: dict[tuple[str, ...], int] = {}  # names -> index in unique
+        self.held: dict[int, dirfd.OpenMaildir] = {}  # index -> kept open (at most _HELD)
+        self.files: dict[bytes, tuple[list[int], str, int]] = {}  # prefix -> members, name, size
+        self.written: dict[int, str] = {}  # index -> the file in its tmp/ (removed at the end)
+        self.linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+
+    def write(
+        self, wanted: list[tuple[str, ...]], prefixes: list[bytes],
+        body_path: os.PathLike[str] | str, hostname: str,
+    ) -> None:
+        """Open (or make) every directory, find duplicates, write one file per prefix."""
         with _doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
-        files: list[tuple[Path, str, int]] = []  # per group: its tmp file, name, size
         try:
             with _doing("stat", body_path):
                 body_size = os.fstat(src_fd).st_size
-            for group_prefix, members in groups.items():
-                size = len(group_prefix) + body_size
-                name = unique_name(hostname, size)
-                tmp = unique[members[0]] / "tmp" / name
-                with _doing("create", tmp):
-                    dst_fd = _create(tmp)
-                created_tmp.append(tmp)
+            index_of_key: dict[tuple[int, int], int] = {}
+            for names, prefix in zip(wanted, prefixes):
+                if names in self.index_of:
+                    continue
+                box = self._open(names)
+                index = index_of_key.get(box.key)
+                if index is not None:  # the same directory under another name
+                    self.index_of[names] = index
+                    box.close()
+                    continue
+                index = index_of_key[box.key] = self.index_of[names] = len(self.unique)
+                self.unique.append(names)
                 try:
-                    with _doing("write", tmp):
-                        _write_all(dst_fd, group_prefix)
-                        _copy_data(src_fd, dst_fd, body_size)
-                    with _doing("fsync", tmp):
-                        os.fsync(dst_fd)
+                    if prefix in self.files:
+                        self.files[prefix][0].append(index)
+                    else:
+                        size = len(prefix) + body_size
+                        name = unique_name(hostname, size)
+                        _write_tmp(box, name, prefix, src_fd, body_size)
+                        self.written[index] = name
+                        self.files[prefix] = ([index], name, size)
                 finally:
-                    os.close(dst_fd)
-                files.append((tmp, name, size))
+                    if len(self.held) < _HELD:
+                        self.held[index] = box
+                    else:
+                        box.close()
         finally:
             os.close(src_fd)
 
-        new_paths: dict[int, Path] = {}  # index in unique -> its file in new/
-        for (tmp, name, size), members in zip(files, groups.values()):
-            for index in members:
-                target = unique[index]
-                new_path = target / "new" / name
-                try:
-                    os.link(tmp, new_path)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:
-                        raise DeliveryError.from_oserror("link into", new_path, exc) from exc
-                    # Another file system: a copy of its own, made durable, then linked.
-                    own_tmp = target / "tmp" / name
-                    _copy_file(tmp, own_tmp, size, created_tmp)
-                    with _doing("link into", new_path):
-                        os.link(own_tmp, new_path)
-                created_new.append(new_path)
-                new_paths[index] = new_path
+    def link(self) -> dict[int, Path]:
+        """Link each file into the ``new/`` of its directories, fsync each; their paths."""
+        new_paths: dict[int, Path] = {}
+        for members, name, size in self.files.values():
+            source = self._box(members[0])
+            try:
+                for index in members:
+                    box = source if index == members[0] else self._box(index)
+                    try:
+                        _link(source, box, name, size)
+                        self.linked.append((self.unique[index], box.key, name))
+                        with _doing("fsync directory", f"{box.path}/new"):
+                            _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
+                        new_paths[index] = Path(f"{box.path}/new/{name}")
+                    finally:
+                        if box is not source and index not in self.held:
+                            box.close()
+                # Linked everywhere: the tmp/ name is only litter now.  A failure to remove
+                # it must not turn a durable delivery into an error (and a retry, a
+                # duplicate); tmpclean removes what is left.
+                with suppress(OSError):
+                    os.unlink(self.written.pop(members[0]), dir_fd=source.tmp_fd)
+            finally:
+                if members[0] not in self.held:
+                    source.close()
+        return new_paths
 
-        for target in unique:
-            with _doing("fsync directory", target / "new"):
-                sync_new_dir(target / "new")
-    except BaseException as exc:
-        _rollback(created_new, created_tmp)
-        if isinstance(exc, DeliveryError) and exc.errno == errno.ENOENT:
-            _known_maildirs.difference_update(spellings)
-        raise
+    def roll_back(self) -> None:
+        """Remove every link made and every file written; best effort, never raises."""
+        _rollback(self.root_fd, self.base, self.linked)
+        for index, name in self.written.items():
+            box = self.held.get(index)
+            try:
+                fd = box.tmp_fd if box else dirfd.open_sub(
+                    self.root_fd, self.base, self.unique[index], "tmp"
+                )
+            except OSError:
+                continue
+            with suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+            if box is None:
+                os.close(fd)
 
-    # Committed: the tmp names are only litter now.  A failure to remove one
-    # must not turn a durable delivery into an error (and a retry, a
-    # duplicate); Maildir readers clean old tmp/ files anyway.
-    for path in created_tmp:
+    def close(self) -> None:
+        for box in self.held.values():
+            box.close()
+        os.close(self.root_fd)
+
+    def _open(self, names: tuple[str, ...]) -> dirfd.OpenMaildir:
+        with _doing("open directory", self.base):
+            return dirfd.open_maildir(self.root_fd, self.base, names)
+
+    def _box(self, index: int) -> dirfd.OpenMaildir:
+        """The directory *index*, held open or walked to again (then the caller closes it)."""
+        return self.held.get(index) or self._open(self.unique[index])
+
+
+def _write_tmp(
+    box: dirfd.OpenMaildir, name: str, prefix: bytes, src_fd: int, body_size: int
+) -> None:
+    """Write *prefix* and the body into ``tmp/name`` of *box*, fsync'd; nothing left on error."""
+    path = f"{box.path}/tmp/{name}"
+    with _doing("create", path):
+        dst_fd = _create(box.tmp_fd, name)
+    try:
+        with _doing("write", path):
+            _write_all(dst_fd, prefix)
+            _copy_data(src_fd, dst_fd, body_size)
+        with _doing("fsync", path):
+            os.fsync(dst_fd)
+    except BaseException:
         with suppress(OSError):
-            os.unlink(path)
-    return [new_paths[i] for i in which]
+            os.unlink(name, dir_fd=box.tmp_fd)
+        raise
+    finally:
+        os.close(dst_fd)
 
 
-def remove_delivered(paths: Iterable[os.PathLike[str] | str]) -> None:
+def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int) -> None:
+    """Link ``tmp/name`` of *first* into ``new/`` of *box* (through a copy across devices)."""
+    new_path = f"{box.path}/new/{name}"
+    try:
+        os.link(name, name, src_dir_fd=first.tmp_fd, dst_dir_fd=box.new_fd, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise DeliveryError.from_oserror("link into", new_path, exc) from exc
+    # Another file system: a copy of its own in its tmp/, made durable, then linked.
+    with _doing("open", f"{first.path}/tmp/{name}"):
+        src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=first.tmp_fd)
+    try:
+        _write_tmp(box, name, b"", src_fd, size)
+    finally:
+        os.close(src_fd)
+    try:
+        with _doing("link into", new_path):
+            os.link(name, name, src_dir_fd=box.tmp_fd, dst_dir_fd=box.new_fd,
+                    follow_symlinks=False)
+    finally:
+        with suppress(OSError):
+            os.unlink(name, dir_fd=box.tmp_fd)
+
+
+def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[str] | str]) -> None:
     """Take back a delivery made by ``deliver`` (best effort, never raises).
 
     For the caller whose later step failed (the queue could not take the
     remote recipients): the client gets ``451`` and will send again, so the
-    local copies must go, or they would be delivered twice.  The ``new/``
-    directories are fsync'd so the removal survives a crash.
+    local copies must go, or they would be delivered twice.  *paths* are what
+    ``deliver`` returned for *root*; they are reached without following links.
+    The ``new/`` directories are fsync'd so the removal survives a crash.
     """
-    unique = list(dict.fromkeys(Path(path) for path in paths))
-    _rollback(unique, [])
-
-
-def _copy_file(source: Path, dest: Path, size: int, created_tmp: list[Path]) -> None:
-    """Copy *source* (*size* bytes) to the new file *dest*, fsync'd; record it."""
-    with _doing("open", source):
-        src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    root = Path(root)
     try:
-        with _doing("create", dest):
-            dst_fd = _create(dest)
-        created_tmp.append(dest)
-        try:
-            with _doing("write", dest):
-                _copy_data(src_fd, dst_fd, size)
-            with _doing("fsync", dest):
-                os.fsync(dst_fd)
-        finally:
-            os.close(dst_fd)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+    for path in dict.fromkeys(Path(p) for p in paths):
+        with suppress(ValueError):
+            *names, new, name = path.relative_to(root).parts
+            if new == "new" and names:
+                linked.append((tuple(names), None, name))
+    try:
+        _rollback(root_fd, os.fspath(root), linked)
     finally:
-        os.close(src_fd)
+        os.close(root_fd)
 
 
-def _rollback(created_new: list[Path], created_tmp: list[Path]) -> None:
-    """Remove what a failed delivery created; best effort, never raises.
+def _rollback(
+    root_fd: int, root: str, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None, str]]
+) -> None:
+    """Remove each (maildir names, identity of its new/, file name) in *linked*; best effort,
+    never raises.
 
-    The ``new/`` directories are fsync'd after the removal, so that a crash
-    right after our ``451`` cannot bring back a link the client will resend.
+    Each ``new/`` is opened again without following links and, when its identity is known,
+    only the very directory the message was linked into is touched. It is fsync'd after
+    the removal, so that a crash right after our ``451`` cannot bring back a link the
+    client will resend.
     """
-    for path in created_new + created_tmp:
-        with suppress(OSError):
-            os.unlink(path)
-    for directory in {path.parent for path in created_new}:
-        with suppress(OSError):
-            fsync_dir(directory)
+    for names, key, name in linked:
+        try:
+            fd = dirfd.open_sub(root_fd, root, names, "new")
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if key is None or key == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=fd)
+                os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

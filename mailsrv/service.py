@@ -32,6 +32,7 @@ from mailsrv.router import Directory, load_aliases, read_users
 from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
 from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.tmpclean import TmpCleaner
 from mailsrv.workers import Workers
 
 log = Logger(namespace="mailsrv")
@@ -244,6 +245,7 @@ def make_service(
     top.spool_lock = spool_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
+    TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes
     counter = ConnectionCounter(
         config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay
     )

@@ -61,7 +61,7 @@ def store(
             root = Path(config.mailboxes.root)
             return_path = headers.return_path(sender)
             delivered = maildir.deliver(
-                [t.maildir(root) for t in local],
+                root, [t.maildir(root).relative_to(root) for t in local],
                 [return_path + headers.delivered_to(t.address) + trace for t in local],
                 body_path, hostname=config.hostname,
             )
@@ -74,6 +74,6 @@ def store(
             )
             stored.places += [(t, "queue") for t in remote]
     except maildir.DeliveryError:
-        maildir.remove_delivered(delivered)
+        maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
     return stored

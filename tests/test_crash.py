@@ -4,7 +4,8 @@ Six client threads send messages (each body carries a unique token) while the se
 with SIGKILL mid-load; the server is restarted on the same configuration and the Maildirs are
 checked: every message answered ``250`` is in ``new/`` of every mailbox it was addressed to
 (aliases expanded), complete and once; nothing in any ``new/`` is partial or unknown; the
-queue's ``incoming/`` is empty again.
+queue's ``incoming/`` is empty again. Whatever the kill left in a ``tmp/`` is aged past 36
+hours before the restart, and the restarted server removes it.
 """
 
 import email.parser
@@ -168,6 +169,17 @@ def check_file(path, name, attempted):
     return token
 
 
+def age_tmp_litter(server):
+    """Make every file in a tmp/ look 37 hours old (one planted, in case the kill left none)."""
+    (server.root / "example.org" / "alice" / "tmp").mkdir(parents=True, exist_ok=True)
+    (server.root / "example.org" / "alice" / "tmp" / "1700000000.M1P1Q1.planted").write_bytes(b"x")
+    then = time.time() - 37 * 3600
+    litter = list(server.root.glob("*/*/tmp/*"))
+    for path in litter:
+        os.utime(path, (then, then))
+    return litter
+
+
 def check_after_restart(server, attempted, accepted):
     files = stored_files(server)
     found = {address: {} for address in LOCAL_BOXES}
@@ -209,13 +221,15 @@ def test_sigkill_under_load_loses_nothing_accepted(make_server):
         accepted += load.accepted
         assert len(load.accepted) >= KILL_AFTER_ACCEPTED, (len(load.accepted), load.errors[:3])
         incoming_at_kill = os.listdir(server.queue / "incoming")
+        litter = age_tmp_litter(server)
         server.start()
         files = check_after_restart(server, attempted, accepted)
+        wait_for(lambda: not any(path.exists() for path in litter), 10, "tmp/ cleaned")
         print(
             f"round {round_no}: killed after {time.monotonic() - started:.2f}s "
             f"(load still running: {in_flight}); attempted {len(load.attempted)}, "
             f"accepted {len(load.accepted)}, client errors {len(load.errors)}, "
-            f"unfinished bodies at kill {len(incoming_at_kill)}; "
+            f"unfinished bodies at kill {len(incoming_at_kill)}, tmp/ files {len(litter) - 1}; "
             f"{files} files in new/ in all"
         )
     # The server still works after the crashes.

@@ -4,8 +4,10 @@ import os
 import shutil
 import smtplib
 import subprocess
+import time
 
 import pytest
+from support.harness import wait_for
 
 
 def send(server, recipients, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@c.test"):
@@ -147,3 +149,80 @@ def test_full_spool_during_data_gives_452_and_keeps_the_session(make_server, sma
         assert os.listdir(small_filesystem / "queue" / "incoming") == []
         client.sendmail("a@c.test", ["alice@example.org"], b"Subject: small\r\n\r\nok\r\n")
     assert [m["Subject"] for m in server.messages("alice@example.org")] == ["small"]
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else None
+
+
+@pytest.mark.parametrize("link, target", [
+    ("example.org/bob", "elsewhere"),  # bob's Maildir a link to a directory outside
+    ("example.org/bob", "example.net/carol"),  # ... to carol's (../example.net/carol)
+    ("example.org/bob/new", "elsewhere"),  # bob's new/ a link
+    ("example.org", "elsewhere"),  # the domain directory a link
+])
+def test_a_symlink_below_the_root_gives_451_is_logged_and_nothing_is_written(
+    make_server, link, target
+):
+    server = make_server().start()
+    root = server.root
+    send(server, ["carol@example.net", "bob@example.org"], b"Subject: before\r\n\r\nfirst\r\n")
+    (root / "elsewhere").mkdir()
+    if link == "example.org":
+        shutil.rmtree(root / "example.org")
+    else:
+        shutil.rmtree(root / link)
+    (root / link).symlink_to(os.path.relpath(root / target, (root / link).parent))
+    before = tree(root / target)
+    with pytest.raises(smtplib.SMTPDataError) as e:
+        send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-link\r\n")
+    assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
+    # Nothing through the link, nothing for alice either (all or nothing), nothing queued.
+    assert tree(root / target) == before
+    alice = root / "example.org" / "alice"
+    assert not alice.exists() or os.listdir(alice / "new") == os.listdir(alice / "tmp") == []
+    assert os.listdir(server.queue / "incoming") == []
+    assert os.listdir(server.queue / "messages") == []
+    assert f"cannot open directory {root / link}: [Errno 40] a symbolic link, not followed" in (
+        server.log_text()
+    )
+
+
+def test_a_symlinked_mailbox_root_is_followed(make_server, tmp_path):
+    """The administrator's choice of root may be a link (/var/mail -> /srv/mail)."""
+    real = tmp_path / "srv" / "mail"
+    real.mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "mail").symlink_to(real)
+    server = make_server(overrides={"mailboxes": {"root": str(tmp_path / "var" / "mail")}}).start()
+    send(server, ["alice@example.org", "bob@example.org"], b"Subject: rooted\r\n\r\nok\r\n")
+    for user in ("alice", "bob"):
+        assert len(os.listdir(real / "example.org" / user / "new")) == 1
+
+
+def test_a_started_server_removes_tmp_files_left_by_a_crash(make_server, tmp_path):
+    """Files in tmp/ unchanged for more than 36 hours are litter (a crash mid-delivery)."""
+    server = make_server()
+    tmp = server.root / "example.org" / "alice" / "tmp"
+    tmp.mkdir(parents=True)
+    now = time.time()
+    old, young = tmp / "1700000000.M1P1Q1.crashed", tmp / "1700000000.M2P1Q2.recent"
+    for path, age in ((old, 36 * 3600 + 120), (young, 36 * 3600 - 120)):
+        path.write_bytes(b"Subject: partial\n")
+        os.utime(path, (now - age, now - age))
+    # A link in the store is not followed: a file elsewhere is never removed through it.
+    elsewhere = tmp_path / "elsewhere" / "tmp"
+    elsewhere.mkdir(parents=True)
+    precious = elsewhere / "precious"
+    precious.write_bytes(b"keep me")
+    os.utime(precious, (0, 0))
+    (server.root / "example.org" / "bob").symlink_to(elsewhere.parent)
+    server.start()
+    wait_for(lambda: not old.exists(), 10, "the old tmp/ file to be removed")
+    wait_for(lambda: "tmp cleanup: removed 1 file(s)" in server.log_text(), 10, "the summary")
+    assert young.exists() and precious.exists()
+    assert f"tmp cleanup: removed {old}, unchanged for 36.0 hours (left by a crash)" in (
+        server.log_text()
+    )
+    send(server, ["alice@example.org"], b"Subject: still works\r\n\r\nok\r\n")
+    assert [m["Subject"] for m in server.messages("alice@example.org")] == ["still works"]

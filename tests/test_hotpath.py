@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import maildir
+from mailsrv import dirfd, maildir
 from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import Workers
 
@@ -138,25 +138,24 @@ def test_spare_files_are_made_ahead_reused_empty_and_removed_at_stop(tmp_path: P
 # --------------------------------------------------------------------------- group commit
 
 
-def test_group_commit_covers_every_link_made_before_the_fsync(tmp_path, monkeypatch) -> None:
+def test_group_commit_covers_every_link_made_before_the_fsync() -> None:
     """Each caller returns only after a fsync that *started* after its own call; concurrent
     callers share fsyncs."""
     events: list[tuple[str, int, float]] = []
     lock = threading.Lock()
     fsyncs = []
 
-    def slow_fsync(path) -> None:
+    def slow_fsync() -> None:
         started = time.monotonic()
         time.sleep(0.01)
         with lock:
             fsyncs.append(started)
 
-    monkeypatch.setattr(maildir, "fsync_dir", slow_fsync)
-    sync = maildir._DirectorySync()
+    sync = dirfd.DirectorySync()
 
     def deliver(n: int) -> None:
         linked = time.monotonic()
-        sync.sync(tmp_path)
+        sync.sync("new", slow_fsync)
         with lock:
             events.append(("done", n, linked))
 
@@ -171,22 +170,21 @@ def test_group_commit_covers_every_link_made_before_the_fsync(tmp_path, monkeypa
         assert any(start >= linked for start in fsyncs), n
 
 
-def test_a_failed_fsync_covers_nobody(tmp_path, monkeypatch) -> None:
+def test_a_failed_fsync_covers_nobody() -> None:
     calls = []
 
-    def failing_once(path) -> None:
-        calls.append(path)
+    def failing_once() -> None:
+        calls.append(1)
         if len(calls) == 1:
             time.sleep(0.05)
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(maildir, "fsync_dir", failing_once)
-    sync = maildir._DirectorySync()
+    sync = dirfd.DirectorySync()
     outcomes: list[str] = []
 
     def deliver() -> None:
         try:
-            sync.sync(tmp_path)
+            sync.sync("new", failing_once)
         except OSError:
             outcomes.append("error")
         else:
@@ -210,7 +208,10 @@ def test_deliver_still_durable_and_all_or_nothing(tmp_path, mailboxes) -> None:
     spool = tmp_path / "body"
     spool.write_bytes(b"Subject: x\n\nbody\n")
     boxes = [tmp_path / f"box{n}" for n in range(mailboxes)]
-    places = maildir.deliver(boxes, b"Return-Path: <a@b>\n", spool, hostname="mx.example.org")
+    places = maildir.deliver(
+        tmp_path, [box.name for box in boxes], b"Return-Path: <a@b>\n", spool,
+        hostname="mx.example.org",
+    )
     assert len(places) == mailboxes
     for box in boxes:
         [name] = os.listdir(box / "new")

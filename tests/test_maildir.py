@@ -7,6 +7,7 @@ import mailbox
 import os
 import re
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -41,6 +42,16 @@ def files_in(*dirs: Path) -> list[Path]:
 
 def leftovers(*maildirs: Path) -> list[Path]:
     return files_in(*(m / sub for m in maildirs for sub in ("tmp", "new", "cur")))
+
+
+def rel(root: Path, *maildirs: Path) -> list[Path]:
+    """The maildirs as ``deliver`` takes them: relative to the root."""
+    return [m.relative_to(root) for m in maildirs]
+
+
+def is_dir_of(fd: object, path: Path) -> bool:
+    """Whether the descriptor *fd* (a ``dir_fd`` argument) is the directory *path*."""
+    return isinstance(fd, int) and path.is_dir() and os.path.samestat(os.fstat(fd), path.stat())
 
 
 # --- unique_name -----------------------------------------------------------------
@@ -86,7 +97,7 @@ def test_unique_name_unique_across_threads() -> None:
 
 def test_deliver_readable_with_mailbox_module(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "mail" / "example.org" / "alice"
-    [path] = deliver([md], PREFIX, body, hostname="mail.example.org")
+    [path] = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="mail.example.org")
     assert path.parent == md / "new"
     box = mailbox.Maildir(md, factory=None, create=False)
     keys = box.keys()
@@ -104,7 +115,7 @@ def test_deliver_modes(tmp_path: Path, body: Path) -> None:
     md = root / "example.org" / "alice"
     old = os.umask(0o022)
     try:
-        [path] = deliver([md], PREFIX, body, hostname="h")
+        [path] = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="h")
     finally:
         os.umask(old)
     assert mode(path) == 0o600
@@ -117,7 +128,7 @@ def test_deliver_modes_with_strict_umask(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "alice"
     old = os.umask(0o777)
     try:
-        [path] = deliver([md], PREFIX, body, hostname="h")
+        [path] = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="h")
     finally:
         os.umask(old)
     assert mode(path) == 0o600
@@ -126,7 +137,7 @@ def test_deliver_modes_with_strict_umask(tmp_path: Path, body: Path) -> None:
 
 def test_deliver_name_and_size(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "alice"
-    [path] = deliver([md], PREFIX, body, hostname="mail.example.org")
+    [path] = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="mail.example.org")
     match = NAME_RE.fullmatch(path.name)
     assert match, path.name
     assert int(match["size"]) == len(PREFIX) + len(BODY) == path.stat().st_size
@@ -135,7 +146,7 @@ def test_deliver_name_and_size(tmp_path: Path, body: Path) -> None:
 
 def test_deliver_no_tmp_left(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "alice"
-    deliver([md], PREFIX, body, hostname="h")
+    deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="h")
     assert files_in(md / "tmp", md / "cur") == []
     assert len(files_in(md / "new")) == 1
 
@@ -144,15 +155,15 @@ def test_deliver_existing_maildir(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "alice"
     for sub in ("tmp", "new", "cur"):
         (md / sub).mkdir(parents=True)
-    first = deliver([md], PREFIX, body, hostname="h")
-    second = deliver([md], PREFIX, body, hostname="h")
+    first = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="h")
+    second = deliver(tmp_path, rel(tmp_path, md), PREFIX, body, hostname="h")
     assert first != second
     assert len(files_in(md / "new")) == 2
 
 
 def test_deliver_two_maildirs_share_inode(tmp_path: Path, body: Path) -> None:
     a, b = tmp_path / "d" / "alice", tmp_path / "d" / "bob"
-    pa, pb = deliver([a, b], PREFIX, body, hostname="h")
+    pa, pb = deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
     assert pa.parent == a / "new" and pb.parent == b / "new"
     assert pa.name == pb.name
     sa, sb = pa.stat(), pb.stat()
@@ -164,23 +175,28 @@ def test_deliver_two_maildirs_share_inode(tmp_path: Path, body: Path) -> None:
 
 def test_deliver_duplicates_once(tmp_path: Path, body: Path) -> None:
     a, b = tmp_path / "alice", tmp_path / "bob"
-    result = deliver([a, b, a, tmp_path / "x" / ".." / "alice"], PREFIX, body, hostname="h")
+    result = deliver(tmp_path, ["alice", "bob", "alice", "./alice"], PREFIX, body, hostname="h")
     # One path per argument (zip-able with the recipients), one copy per maildir.
     assert len(result) == 4
-    assert result[0] == result[2] and result[0].name == result[3].name
-    assert result[3].resolve() == result[0].resolve()
+    assert result[0] == result[2] == result[3]
     assert len(files_in(a / "new")) == 1 and len(files_in(b / "new")) == 1
     assert result[0].stat().st_nlink == 2
 
 
-def test_deliver_same_directory_through_symlink_once(tmp_path: Path, body: Path) -> None:
-    a = tmp_path / "alice"
-    deliver([a], b"", body, hostname="h")  # create it
-    (tmp_path / "link").symlink_to(a)
-    result = deliver([a, tmp_path / "link"], PREFIX, body, hostname="h")
-    assert result[0].name == result[1].name
-    assert len(files_in(a / "new")) == 2  # one from the first call, one now
-    assert result[0].stat().st_nlink == 1
+def test_deliver_same_directory_through_a_bind_mount_once(tmp_path: Path, body: Path) -> None:
+    """Two names for one directory without a link (a bind mount): one copy."""
+    a, b = tmp_path / "alice", tmp_path / "bob"
+    a.mkdir()
+    b.mkdir()
+    if subprocess.run(["mount", "--bind", str(a), str(b)], capture_output=True).returncode:
+        pytest.skip("bind mounts need root (and mount)")
+    try:
+        result = deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")
+        assert result[0] == result[1] == a / "new" / result[0].name
+        assert len(files_in(a / "new")) == 1
+        assert result[0].stat().st_nlink == 1
+    finally:
+        subprocess.run(["umount", str(b)], check=False)
 
 
 def dt(address: str) -> bytes:
@@ -189,7 +205,10 @@ def dt(address: str) -> bytes:
 
 def test_deliver_one_prefix_per_maildir(tmp_path: Path, body: Path) -> None:
     a, b, c = tmp_path / "alice", tmp_path / "bob", tmp_path / "carol"
-    pa, pb, pc = deliver([a, b, c], [dt("alice"), dt("bob"), dt("alice")], body, hostname="h")
+    pa, pb, pc = deliver(
+        tmp_path, ["alice", "bob", "carol"], [dt("alice"), dt("bob"), dt("alice")], body,
+        hostname="h",
+    )
     assert pa.read_bytes() == dt("alice") + BODY and pb.read_bytes() == dt("bob") + BODY
     # Different prefixes: files of their own, each in its own tmp/ first (no copying).
     assert pa.stat().st_ino != pb.stat().st_ino and pb.stat().st_nlink == 1
@@ -201,14 +220,14 @@ def test_deliver_one_prefix_per_maildir(tmp_path: Path, body: Path) -> None:
 
 def test_deliver_duplicate_maildir_takes_the_first_prefix(tmp_path: Path, body: Path) -> None:
     a = tmp_path / "alice"
-    first, again = deliver([a, a], [dt("one"), dt("two")], body, hostname="h")
+    first, again = deliver(tmp_path, ["alice", "alice"], [dt("one"), dt("two")], body, hostname="h")
     assert first == again and first.read_bytes() == dt("one") + BODY
     assert files_in(a / "new") == [first]
 
 
 def test_deliver_prefixes_must_match_maildirs(tmp_path: Path, body: Path) -> None:
     with pytest.raises(ValueError):
-        deliver([tmp_path / "a", tmp_path / "b"], [PREFIX], body, hostname="h")
+        deliver(tmp_path, ["a", "b"], [PREFIX], body, hostname="h")
 
 
 def test_every_copy_is_written_before_any_is_linked(
@@ -220,33 +239,77 @@ def test_every_copy_is_written_before_any_is_linked(
     linked: list[str] = []
     real_link = os.link
 
-    def create(path: Path) -> int:
-        if path.is_relative_to(b):
+    def create(dir_fd: int, name: str) -> int:
+        if is_dir_of(dir_fd, b / "tmp"):
             assert linked == []
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_create(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return real_create(dir_fd, name)
 
-    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
+    def link(src: object, dst: object, **kwargs: object) -> None:
         linked.append(str(dst))
-        real_link(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(maildir, "_create", create)
     monkeypatch.setattr(os, "link", link)
     with pytest.raises(DeliveryError) as info:
-        deliver([a, b], [dt("alice"), dt("bob")], body, hostname="h")
+        deliver(tmp_path, ["alice", "bob"], [dt("alice"), dt("bob")], body, hostname="h")
     assert info.value.disk_full
     assert linked == []
     assert leftovers(a, b) == []
 
 
+def test_many_maildirs_keep_few_descriptors_open(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the few Maildirs a delivery holds open, the others are walked to again."""
+    count = 3 * maildir._HELD
+    users = [f"u{n}" for n in range(count)]
+    prefixes = [dt("shared") if n % 3 == 0 else dt(user) for n, user in enumerate(users)]
+    real_link = os.link
+    open_fds: list[int] = []
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        open_fds.append(len(os.listdir("/proc/self/fd")))
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    before = len(os.listdir("/proc/self/fd"))
+    paths = deliver(tmp_path, users, prefixes, body, hostname="h")
+    assert max(open_fds) <= before + 2 * maildir._HELD + 8
+    assert len(os.listdir("/proc/self/fd")) == before
+    for user, prefix, path in zip(users, prefixes, paths):
+        assert path.parent == tmp_path / user / "new"
+        assert path.read_bytes() == prefix + BODY
+    assert paths[0].stat().st_nlink == count // 3  # the shared prefix: one file
+    assert sorted(leftovers(*(tmp_path / u for u in users))) == sorted(paths)
+
+
+def test_failure_with_many_maildirs_rolls_back_everything(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 2 * maildir._HELD + 2
+    users = [f"u{n}" for n in range(count)]
+    real_link = os.link
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        if is_dir_of(kwargs.get("dst_dir_fd"), tmp_path / users[-1] / "new"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", link)
+    with pytest.raises(DeliveryError):
+        deliver(tmp_path, users, [dt(u) for u in users], body, hostname="h")
+    assert leftovers(*(tmp_path / u for u in users)) == []
+
+
 def test_deliver_nothing(tmp_path: Path, body: Path) -> None:
-    assert deliver([], PREFIX, body, hostname="h") == []
+    assert deliver(tmp_path, [], PREFIX, body, hostname="h") == []
 
 
 def test_deliver_empty_body_and_prefix(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    [path] = deliver([tmp_path / "alice"], b"", empty, hostname="h")
+    [path] = deliver(tmp_path, ["alice"], b"", empty, hostname="h")
     assert path.read_bytes() == b""
     assert path.name.endswith(",S=0")
 
@@ -259,7 +322,7 @@ def test_deliver_large_body_streamed(tmp_path: Path) -> None:
             f.write(chunk[i:] + chunk[:i])
     size = big.stat().st_size
     assert size == 20 * 1024 * 1024
-    [path] = deliver([tmp_path / "alice"], PREFIX, big, hostname="h")
+    [path] = deliver(tmp_path, ["alice"], PREFIX, big, hostname="h")
     assert path.stat().st_size == len(PREFIX) + size
     assert path.name.endswith(f",S={len(PREFIX) + size}")
     with open(path, "rb") as got, open(big, "rb") as want:
@@ -290,7 +353,7 @@ def test_deliver_large_body_without_sendfile(
     monkeypatch.setattr(os, "pread", pread)
     big = tmp_path / "big"
     big.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
-    [path] = deliver([tmp_path / "alice"], PREFIX, big, hostname="h")
+    [path] = deliver(tmp_path, ["alice"], PREFIX, big, hostname="h")
     assert path.read_bytes() == PREFIX + big.read_bytes()
     assert max(reads) <= 1 << 20
 
@@ -298,7 +361,7 @@ def test_deliver_large_body_without_sendfile(
 def test_deliver_missing_body(tmp_path: Path) -> None:
     md = tmp_path / "alice"
     with pytest.raises(DeliveryError) as info:
-        deliver([md], PREFIX, tmp_path / "nope", hostname="h")
+        deliver(tmp_path, rel(tmp_path, md), PREFIX, tmp_path / "nope", hostname="h")
     assert not info.value.disk_full
     assert "nope" in str(info.value)
     assert leftovers(md) == []
@@ -310,7 +373,7 @@ def test_failure_when_second_maildir_parent_is_a_file(tmp_path: Path, body: Path
     blocker.write_bytes(b"not a directory")
     second = blocker / "bob"
     with pytest.raises(DeliveryError) as info:
-        deliver([first, second], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, first, second), PREFIX, body, hostname="h")
     assert not info.value.disk_full
     assert "other.org" in str(info.value)
     assert leftovers(first) == []
@@ -322,7 +385,7 @@ def test_failure_when_second_new_is_a_file(tmp_path: Path, body: Path) -> None:
     (second / "cur").mkdir()
     (second / "new").write_bytes(b"")
     with pytest.raises(DeliveryError) as info:
-        deliver([first, second], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, first, second), PREFIX, body, hostname="h")
     assert str(second / "new") in str(info.value)
     assert leftovers(first) == []
     assert files_in(second / "tmp") == []
@@ -336,15 +399,15 @@ def test_failure_after_first_link_rolls_back(
     real_link = os.link
     seen: list[str] = []
 
-    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
+    def link(src: object, dst: object, **kwargs: object) -> None:
         seen.append(str(dst))
-        if str(dst).startswith(str(b)):
+        if is_dir_of(kwargs.get("dst_dir_fd"), b / "new"):
             raise OSError(errno.EIO, "Input/output error", str(dst))
-        real_link(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "link", link)
     with pytest.raises(DeliveryError) as info:
-        deliver([a, b, c], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, a, b, c), PREFIX, body, hostname="h")
     assert len(seen) == 2  # alice linked, bob failed, carol never tried
     assert not info.value.disk_full
     assert "Input/output error" in str(info.value)
@@ -355,16 +418,17 @@ def test_failure_at_fsync_of_new_rolls_back(
     tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = tmp_path / "alice", tmp_path / "bob"
-    real_fsync_dir = maildir.fsync_dir
+    real_fsync = os.fsync
 
-    def fsync_dir(path: object) -> None:
-        if str(path) == str(b / "new"):
+    def fsync(fd: int) -> None:
+        if is_dir_of(fd, b / "new"):
             raise OSError(errno.EIO, "Input/output error")
-        real_fsync_dir(path)  # type: ignore[arg-type]
+        real_fsync(fd)
 
-    monkeypatch.setattr(maildir, "fsync_dir", fsync_dir)
-    with pytest.raises(DeliveryError):
-        deliver([a, b], PREFIX, body, hostname="h")
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DeliveryError) as info:
+        deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
+    assert str(info.value) == f"cannot fsync directory {b / 'new'}: [Errno 5] Input/output error"
     assert leftovers(a, b) == []
 
 
@@ -378,7 +442,7 @@ def test_disk_full_on_write(
     monkeypatch.setattr(os, "write", write)
     a, b = tmp_path / "alice", tmp_path / "bob"
     with pytest.raises(DeliveryError) as info:
-        deliver([a, b], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
     assert info.value.disk_full
     assert info.value.errno == code
     assert "tmp" in str(info.value) and os.strerror(code) in str(info.value)
@@ -395,7 +459,7 @@ def test_disk_full_in_body_copy(
     monkeypatch.setattr(maildir, "_copy_data", copy)
     a = tmp_path / "alice"
     with pytest.raises(DeliveryError) as info:
-        deliver([a], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, a), PREFIX, body, hostname="h")
     assert info.value.disk_full
     assert leftovers(a) == []
 
@@ -409,7 +473,7 @@ def test_other_error_is_not_disk_full(
     monkeypatch.setattr(os, "fsync", fsync)
     a = tmp_path / "alice"
     with pytest.raises(DeliveryError) as info:
-        deliver([a], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, a), PREFIX, body, hostname="h")
     assert not info.value.disk_full
     assert leftovers(a) == []
 
@@ -420,14 +484,16 @@ def test_cross_device_falls_back_to_copy(
     a, b = tmp_path / "alice", tmp_path / "bob"
     real_link = os.link
 
-    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
+    def link(src: object, dst: object, **kwargs: object) -> None:
         # Pretend bob is on another file system: only links from bob's own tmp/ work.
-        if str(dst).startswith(str(b)) and not str(src).startswith(str(b)):
+        if is_dir_of(kwargs.get("dst_dir_fd"), b / "new") and not is_dir_of(
+            kwargs.get("src_dir_fd"), b / "tmp"
+        ):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "link", link)
-    pa, pb = deliver([a, b], PREFIX, body, hostname="h")
+    pa, pb = deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
     assert pa.read_bytes() == pb.read_bytes() == PREFIX + BODY
     assert pa.stat().st_ino != pb.stat().st_ino
     assert pa.stat().st_nlink == pb.stat().st_nlink == 1
@@ -443,10 +509,10 @@ def test_cross_device_copy_failure_rolls_back(
     real_link = os.link
     calls: list[int] = []
 
-    def link(src: object, dst: object, *args: object, **kwargs: object) -> None:
-        if str(dst).startswith(str(b)):
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        if is_dir_of(kwargs.get("dst_dir_fd"), b / "new"):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src, dst)
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
 
     def copy(src_fd: int, dst_fd: int, count: int) -> None:
         calls.append(count)
@@ -457,18 +523,28 @@ def test_cross_device_copy_failure_rolls_back(
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(maildir, "_copy_data", copy)
     with pytest.raises(DeliveryError) as info:
-        deliver([a, b], PREFIX, body, hostname="h")
+        deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
     assert info.value.disk_full
     assert leftovers(a, b) == []
 
 
 def test_remove_delivered(tmp_path: Path, body: Path) -> None:
     a, b = tmp_path / "alice", tmp_path / "bob"
-    paths = deliver([a, b, a], PREFIX, body, hostname="h")
-    remove_delivered(paths)
+    paths = deliver(tmp_path, rel(tmp_path, a, b, a), PREFIX, body, hostname="h")
+    remove_delivered(tmp_path, paths)
     assert leftovers(a, b) == []
-    remove_delivered(paths)  # already gone: no error
-    remove_delivered([])
+    remove_delivered(tmp_path, paths)  # already gone: no error
+    remove_delivered(tmp_path, [])
+
+
+def test_remove_delivered_follows_no_link(tmp_path: Path, body: Path) -> None:
+    """A new/ replaced by a link since the delivery: the file it leads to is not removed."""
+    [path] = deliver(tmp_path, ["example.org/bob"], PREFIX, body, hostname="h")
+    new = tmp_path / "example.org" / "bob" / "new"
+    new.rename(tmp_path / "elsewhere")
+    new.symlink_to(tmp_path / "elsewhere")
+    remove_delivered(tmp_path, [path])
+    assert (tmp_path / "elsewhere" / path.name).exists()
 
 
 def test_delivery_error_str_names_path_and_error() -> None:
@@ -492,3 +568,117 @@ def test_ensure_dir(tmp_path: Path) -> None:
         maildir.ensure_dir(tmp_path / "file" / "sub")
     with pytest.raises(DeliveryError):
         maildir.ensure_dir(tmp_path / "file")
+
+
+# --- symbolic links below the root ----------------------------------------------------
+
+
+def tree(path: Path) -> list[str]:
+    """Every name under *path* (not following links), to show nothing was written there."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def make_maildir(path: Path) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    "link, target",
+    [
+        ("example.org", "elsewhere"),  # the domain directory
+        ("example.org/bob", "elsewhere/bob"),  # the user's, to a directory outside
+        ("example.org/bob", "example.org/carol"),  # ... to another user's Maildir
+        ("example.org/bob", "other.net/carol"),  # ... written as ../other.net/carol
+        ("example.org/bob/new", "elsewhere/bob/new"),
+        ("example.org/bob/tmp", "elsewhere/bob/tmp"),
+        ("example.org/bob/cur", "elsewhere/bob/cur"),
+    ],
+)
+def test_a_symlink_below_the_root_is_refused_and_nothing_is_written(
+    tmp_path: Path, body: Path, link: str, target: str
+) -> None:
+    root = tmp_path / "mail"
+    alice = make_maildir(root / "example.org" / "alice")
+    for place in ("elsewhere/bob", "example.org/carol", "other.net/carol"):
+        make_maildir(root / place)
+    bob = root / "example.org" / "bob"
+    if link.startswith("example.org/bob/"):
+        make_maildir(bob)
+        (root / link).rmdir()
+    else:
+        bob.parent.mkdir(exist_ok=True)
+    if link == "example.org":
+        (root / "elsewhere" / "alice").mkdir()
+        alice = root / "elsewhere" / "alice"  # what alice's mail would go into
+        for path in sorted((root / "example.org").rglob("*"), reverse=True):
+            path.rmdir()
+        (root / "example.org").rmdir()
+    (root / link).symlink_to(os.path.relpath(root / target, (root / link).parent))
+    before = tree(root / target.split("/")[0]), tree(alice)
+    with pytest.raises(DeliveryError) as info:
+        deliver(root, ["example.org/alice", "example.org/bob"], PREFIX, body, hostname="h")
+    assert str(info.value) == (
+        f"cannot open directory {root / link}: [Errno 40] a symbolic link, not followed"
+    )
+    assert not info.value.disk_full
+    # All or nothing: alice got nothing either, and nothing was created through the link.
+    assert (tree(root / target.split("/")[0]), tree(alice)) == before
+    assert os.path.islink(root / link)
+
+
+def test_a_symlinked_root_is_followed(tmp_path: Path, body: Path) -> None:
+    """The administrator may put the root elsewhere (/var/mail -> /srv/mail)."""
+    (tmp_path / "srv" / "mail").mkdir(parents=True)
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "mail").symlink_to(tmp_path / "srv" / "mail")
+    root = tmp_path / "var" / "mail"
+    [path] = deliver(root, ["example.org/bob"], PREFIX, body, hostname="h")
+    assert path == root / "example.org" / "bob" / "new" / path.name
+    assert files_in(tmp_path / "srv" / "mail" / "example.org" / "bob" / "new") == [
+        tmp_path / "srv" / "mail" / "example.org" / "bob" / "new" / path.name
+    ]
+
+
+def test_a_maildir_replaced_by_a_symlink_after_a_delivery_is_refused(
+    tmp_path: Path, body: Path
+) -> None:
+    """What earlier deliveries found is not trusted: every level is opened again."""
+    root = tmp_path / "mail"
+    deliver(root, ["example.org/bob"], PREFIX, body, hostname="h")
+    bob = root / "example.org" / "bob"
+    bob.rename(root / "example.org" / "bob.old")
+    bob.symlink_to("bob.old")
+    with pytest.raises(DeliveryError, match="a symbolic link, not followed"):
+        deliver(root, ["example.org/bob"], PREFIX, body, hostname="h")
+    assert len(files_in(root / "example.org" / "bob.old" / "new")) == 1
+    bob.unlink()  # repaired by hand: delivered again (the directories are made anew)
+    deliver(root, ["example.org/bob"], PREFIX, body, hostname="h")
+    assert len(files_in(bob / "new")) == 1
+    (bob / "new").rename(bob / "new.old")
+    (bob / "new").symlink_to("new.old")
+    with pytest.raises(DeliveryError, match="a symbolic link, not followed"):
+        deliver(root, ["example.org/bob"], PREFIX, body, hostname="h")
+    assert len(files_in(bob / "new.old")) == 1
+    assert files_in(bob / "tmp") == []
+
+
+def test_a_file_in_place_of_tmp_is_refused(tmp_path: Path, body: Path) -> None:
+    bob = tmp_path / "bob"
+    bob.mkdir()
+    (bob / "tmp").write_bytes(b"")
+    with pytest.raises(DeliveryError) as info:
+        deliver(tmp_path, ["bob"], PREFIX, body, hostname="h")
+    assert str(info.value) == f"cannot open directory {bob / 'tmp'}: [Errno 20] not a directory"
+
+
+@pytest.mark.parametrize("maildir_name", ["../bob", "example.org/../bob", "/abs/bob"])
+def test_a_maildir_outside_the_root_is_refused(
+    tmp_path: Path, body: Path, maildir_name: str
+) -> None:
+    root = tmp_path / "mail"
+    root.mkdir()
+    with pytest.raises(DeliveryError, match="(not a plain directory name|not a path below)"):
+        deliver(root, ["alice", maildir_name], PREFIX, body, hostname="h")
+    assert tree(tmp_path) == ["mail", "spool", "spool/incoming", "spool/incoming/ID1"]

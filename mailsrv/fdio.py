@@ -1,0 +1,54 @@
+"""Writing and copying bytes between open descriptors (blocking I/O).
+
+Deliveries and the queue write through descriptors: a short ``write`` is finished, and a
+message body is copied by the kernel (``sendfile``) so that it never passes through Python
+memory, with a bounded read/write loop where the kernel cannot copy file to file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ["copy_data", "write_all"]
+
+_CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
+# sendfile errors meaning "not supported for these files": fall back to read/write.
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of *data* is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def copy_data(src_fd: int, dst_fd: int, count: int) -> None:
+    """Copy *count* bytes from offset 0 of *src_fd* to the position of *dst_fd*.
+
+    Uses the kernel (sendfile) so the body never passes through Python memory;
+    falls back to 1 MiB reads where sendfile to a file is not supported.
+    Raises OSError(EIO) if the source is shorter than *count* (it changed
+    under us: the S= size in a Maildir name would be a lie).
+    """
+    offset = 0
+    use_sendfile = hasattr(os, "sendfile")
+    while offset < count:
+        if use_sendfile:
+            try:
+                sent = os.sendfile(dst_fd, src_fd, offset, min(count - offset, 1 << 30))
+            except OSError as exc:
+                if offset == 0 and exc.errno in _NO_SENDFILE:
+                    use_sendfile = False
+                    continue
+                raise
+        else:
+            chunk = os.pread(src_fd, min(_CHUNK, count - offset), offset)
+            if chunk:
+                write_all(dst_fd, chunk)
+            sent = len(chunk)
+        if sent == 0:
+            raise OSError(errno.EIO, f"source ended after {offset} of {count} bytes")
+        offset += sent
