@@ -312,6 +312,9 @@ def postfix_tool(name: str) -> str:
     return str(postfix_root() / "usr/sbin" / name)
 
 
+#: Every setting here that differs from Postfix's defaults (``postconf -d``) is listed, with
+#: its reason, in bench/README.md ("Postfix's settings"); a run records the actual difference
+#: (``Postfix.non_default_settings``) in results.json. Keep the three in step.
 MAIN_CF = """\
 # mailsrv bench: a private Postfix instance on 127.0.0.1:{port} only.
 compatibility_level = 3.6
@@ -321,7 +324,7 @@ command_directory = {root}/usr/sbin
 meta_directory = {root}/etc/postfix
 shlib_directory = {root}/usr/lib/postfix
 sample_directory = {root}/etc/postfix
-import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C LD_LIBRARY_PATH
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ XAUTHORITY DISPLAY LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME LD_LIBRARY_PATH
 queue_directory = {dir}/queue
 data_directory = {dir}/data
 mail_owner = postfix
@@ -333,7 +336,6 @@ mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 alias_maps =
 alias_database =
 biff = no

@@ -112,8 +112,11 @@ def sent_message() -> content.Expected:
         raw = content.capture(lambda port: run_smtp_source(
             port, 1, 1, 1, MESSAGE_SIZE, 30, subject="reference", keep_open=False))
         _SENT = content.expected_from(raw)
-        if _SENT.headers.get("Subject") != "reference" or _SENT.body_length < MESSAGE_SIZE:
-            raise RuntimeError(f"smtp-source's reference message is not as expected: {_SENT}")
+        body = raw.partition(b"\r\n\r\n")[2]  # -l: body octets, CRLF counted, + final CRLF
+        if _SENT.headers.get("Subject") != "reference" or not (
+                MESSAGE_SIZE <= len(body) <= MESSAGE_SIZE + 2):
+            raise RuntimeError(f"smtp-source's reference message is not as expected: "
+                               f"{len(body)} octets of body, {_SENT}")
     return _SENT
 
 

@@ -7,6 +7,7 @@ Postfix's own words when it cannot start.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import tempfile
@@ -161,6 +162,18 @@ def test_postfix_starts_outside_var(outside_var):
         assert "mail_owner" not in settings  # set, but to the default
     finally:
         server.stop()
+    assert readme_postfix_settings() == set(settings)
+
+
+def readme_postfix_settings() -> set[str]:
+    """The settings named in the first column of bench/README.md's "Postfix's settings" table."""
+    text = (Path(__file__).resolve().parents[1] / "bench" / "README.md").read_text()
+    section = text.split("### Postfix's settings", 1)[1].split("\n#", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    return names
 
 
 @needs_postfix
