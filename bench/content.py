@@ -105,6 +105,41 @@ def check(files: Iterable[tuple[str, str, bytes]], expected: Expected,
     return checked, problems
 
 
+def check_each(files: Iterable[tuple[str, str, bytes]], sent: dict[str, bytes],
+               unique: str = "Message-ID", limit: int = 5) -> tuple[int, list[str]]:
+    """Check delivered files against messages sent each with its own ``unique`` header value
+    (``sent``: that value -> the message): every one delivered once, with its own body.
+
+    For a client that makes every message different (bench/throughput.py), where a body put
+    in the wrong file would pass ``check``. Returns (files checked, problems)."""
+    bodies = {token: split(message)[1] for token, message in sent.items()}
+    problems: list[str] = []
+    found: dict[str, str] = {}
+    checked = 0
+    for mailbox, name, data in files:
+        checked += 1
+        where = f"{mailbox}/new/{name}"
+        head, body = split(data)
+        token = BytesHeaderParser(policy=compat32).parsebytes(head)[unique]
+        if token not in bodies:
+            problems.append(f"{where}: {unique} {token!r} was not sent")
+        elif token in found:
+            problems.append(f"{where}: {unique} {token} also in {found[token]} "
+                            "(one message delivered twice)")
+        elif body != bodies[token]:
+            problems.append(f"{where}: {unique} {token}: body of {len(body)} octets, sha256 "
+                            f"{digest(body)[:16]}…; sent {len(bodies[token])} octets, sha256 "
+                            f"{digest(bodies[token])[:16]}…")
+        if token in bodies:
+            found.setdefault(token, name)
+    missing = [token for token in sent if token not in found]
+    if missing:
+        problems.append(f"{len(missing)} message(s) sent but not delivered, e.g. {missing[0]}")
+    if len(problems) > limit:
+        problems[limit:] = [f"… and {len(problems) - limit} more"]
+    return checked, problems
+
+
 def new_files(root: Path, users: Iterable[str]) -> set[tuple[str, str]]:
     """Every ``(user, file name)`` in ``root/<user>/new``."""
     found: set[tuple[str, str]] = set()

@@ -107,6 +107,39 @@ def test_problems_are_bounded():
     assert checked == 50 and len(problems) == 4 and problems[-1] == "… and 47 more"
 
 
+def each(n: int, body: bytes = b"") -> bytes:
+    return (f"Subject: bench {n}\r\nMessage-ID: <bench{n}@client.test>\r\n\r\n".encode()
+            + (body or b"body of message %d\r\n" % n))
+
+
+SENT_EACH = {f"<bench{n}@client.test>": each(n) for n in range(3)}
+
+
+def test_each_message_as_sent_passes():
+    files = [("alice", str(n), delivered(each(n))) for n in (2, 0, 1)]
+    assert content.check_each(files, SENT_EACH) == (3, [])
+
+
+def test_each_message_bodies_swapped_fails():
+    files = [("alice", "0", delivered(each(0, b"body of message 1\r\n"))),
+             ("alice", "1", delivered(each(1, b"body of message 0\r\n"))),
+             ("alice", "2", delivered(each(2)))]
+    checked, problems = content.check_each(files, SENT_EACH)
+    assert checked == 3 and len(problems) == 2
+    assert problems[0].startswith("alice/new/0: Message-ID <bench0@client.test>: body of 18")
+
+
+def test_each_message_twice_and_one_lost_fails():
+    files = [("alice", "0", delivered(each(0))), ("alice", "0b", delivered(each(0))),
+             ("alice", "1", delivered(each(1))), ("alice", "x", delivered(each(7)))]
+    _, problems = content.check_each(files, SENT_EACH)
+    assert problems == [
+        "alice/new/0b: Message-ID <bench0@client.test> also in 0 (one message delivered twice)",
+        "alice/new/x: Message-ID '<bench7@client.test>' was not sent",
+        "1 message(s) sent but not delivered, e.g. <bench2@client.test>",
+    ]
+
+
 def test_capture_keeps_the_message_as_sent():
     message = sent() + b".starts with a dot\r\n..two dots\r\n"
 
