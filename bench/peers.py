@@ -324,7 +324,8 @@ command_directory = {root}/usr/sbin
 meta_directory = {root}/etc/postfix
 shlib_directory = {root}/usr/lib/postfix
 sample_directory = {root}/etc/postfix
-import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ XAUTHORITY DISPLAY LANG=C POSTLOG_SERVICE POSTLOG_HOSTNAME LD_LIBRARY_PATH
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ XAUTHORITY DISPLAY LANG=C
+    POSTLOG_SERVICE POSTLOG_HOSTNAME LD_LIBRARY_PATH
 queue_directory = {dir}/queue
 data_directory = {dir}/data
 mail_owner = postfix

@@ -507,7 +507,8 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
             n = len(per.get(name, []))
             load = cpuload.summary(RESULTS.loads.get(measure, {}).get(name, []))
             notes = "; ".join(x for x in (f"n={n}" if n > 1 else "", load) if x)
-            cells.append("—" if value is None else f"{value:,.1f}" + (f" ({notes})" if notes else ""))
+            cells.append("—" if value is None
+                         else f"{value:,.1f}" + (f" ({notes})" if notes else ""))
         lines.append(f"| {measure} | " + " | ".join(cells) + " |")
     lines.append("| CPU with the bench quiet | "
                  + " | ".join(cpuload.summary(RESULTS.background.get(name, [])) or "—"
