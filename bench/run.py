@@ -515,8 +515,8 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
                               for name in names) + " |")
     lines += ["", "In brackets: CPU idle (idle + iowait) and steal, in % of all "
               f"{os.cpu_count()} cores, from /proc/stat over each measured interval (a range: "
-              "lowest-highest of the repeats). The server and the load generator are part of the "
-              "busy share; the last row is the machine without the bench "
+              "lowest-highest over repeats, or over turns in the last row). The server and "
+              "the load generator are part of the busy share; the last row is the machine without the bench "
               f"({QUIET_SAMPLE} s before each turn of that server), where idle well below 100% "
               "or any steal means other load shared the run.",
               "", "| target | measured | met? |", "|---|---|---|"]
