@@ -19,6 +19,8 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
+import select
 import shutil
 import signal
 import socket
@@ -28,11 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import content
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # The tests' TOML writer serves the bench's configurations too.
 sys.path.insert(0, str(REPO / "tests"))
 from support.harness import render_config  # noqa: E402
+
 DOMAIN = "example.org"
 USERS = ["alice"] + [f"{n}alice" for n in range(2, 11)]
 SENDER = "bench@client.test"
@@ -127,6 +132,10 @@ class Server:
     def count(self) -> int:
         return count_new(self.maildir_root)
 
+    def delivered(self) -> set[tuple[str, str]]:
+        """Every ``(user, file name)`` in the users' new/ (a run's files: after - before)."""
+        return content.new_files(self.maildir_root, USERS)
+
     def last_delivery(self) -> float:
         return last_new_mtime(self.maildir_root)
 
@@ -216,8 +225,6 @@ class Mailsrv(Server):
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout: float = 60.0) -> int:
-        import re
-
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
@@ -305,6 +312,9 @@ def postfix_tool(name: str) -> str:
     return str(postfix_root() / "usr/sbin" / name)
 
 
+#: Every setting here that differs from Postfix's defaults (``postconf -d``) is listed, with
+#: its reason, in bench/README.md ("Postfix's settings"); a run records the actual difference
+#: (``Postfix.non_default_settings``) in results.json. Keep the three in step.
 MAIN_CF = """\
 # mailsrv bench: a private Postfix instance on 127.0.0.1:{port} only.
 compatibility_level = 3.6
@@ -314,7 +324,8 @@ command_directory = {root}/usr/sbin
 meta_directory = {root}/etc/postfix
 shlib_directory = {root}/usr/lib/postfix
 sample_directory = {root}/etc/postfix
-import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C LD_LIBRARY_PATH
+import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ XAUTHORITY DISPLAY LANG=C
+    POSTLOG_SERVICE POSTLOG_HOSTNAME LD_LIBRARY_PATH
 queue_directory = {dir}/queue
 data_directory = {dir}/data
 mail_owner = postfix
@@ -326,12 +337,12 @@ mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 alias_maps =
 alias_database =
 biff = no
 smtputf8_enable = no
 maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
 message_size_limit = 209715200
 mailbox_size_limit = 0
 virtual_mailbox_limit = 0
@@ -398,9 +409,66 @@ class Postfix(Server):
                        env=postfix_env())
 
     def command(self, *args: str) -> subprocess.CompletedProcess:
-        """``postfix -c DIR ARGS`` with the unpacked copy."""
-        return subprocess.run([postfix_tool("postfix"), "-c", str(self.dir), *args],
-                              capture_output=True, text=True, env=postfix_env())
+        """``postfix -c DIR ARGS`` with the unpacked copy; its output in ``stdout``.
+
+        Postfix writes its messages to stderr only when stderr is a terminal; otherwise they
+        go to syslog (absent here) or to ``maillog_file`` (which a failed start may never have
+        opened), and ``postfix start`` fails with no word. So both its outputs are a
+        pseudo-terminal here, read while it runs, and a failure reads in Postfix's own words.
+        """
+        leader, follower = os.openpty()
+        try:
+            process = subprocess.Popen([postfix_tool("postfix"), "-c", str(self.dir), *args],
+                                       stdin=subprocess.DEVNULL, stdout=follower,
+                                       stderr=follower, env=postfix_env())
+        finally:
+            os.close(follower)
+        out = bytearray()
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([leader], [], [], 0.2)
+                if ready:
+                    try:
+                        chunk = os.read(leader, 65536)
+                    except OSError:  # EIO: every writer has closed the terminal
+                        chunk = b""
+                    if not chunk:
+                        break
+                    out += chunk
+                elif process.poll() is not None:
+                    break  # exited, and nothing left to read
+        finally:
+            os.close(leader)
+        try:
+            returncode = process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            returncode = process.wait(10)
+        text = out.decode(errors="replace").replace("\r\n", "\n")
+        return subprocess.CompletedProcess(process.args, returncode, text, "")
+
+    def failure(self, what: str, result: subprocess.CompletedProcess | None = None) -> str:
+        """Why Postfix did not start: its fatal/error lines first, then the ends of its output
+        and of its maillog."""
+        output = result.stdout if result is not None else ""
+        log = self.dir / "maillog"
+        logged = log.read_text(errors="replace") if log.exists() else ""
+        serious = [line for line in (output + "\n" + logged).splitlines()
+                   if re.search(r"\b(fatal|panic|error):", line)]
+        text = f"postfix {what}"
+        if result is not None:
+            text += f" (postfix {' '.join(result.args[3:])}: exit {result.returncode})"
+        if serious:
+            text += ":\n  " + "\n  ".join(serious[-10:])
+        rest = "\n".join(line for line in output.splitlines() if line not in serious).strip()
+        if rest:
+            text += "\n  output: ..." + rest[-800:]
+        if logged.strip():
+            text += f"\n  {log}: ..." + logged.strip()[-800:]
+        if not (serious or rest or logged.strip()):
+            text += ": Postfix said nothing (no output, no maillog)"
+        return text
 
     def start(self) -> int:
         root = postfix_root()
@@ -424,13 +492,29 @@ class Postfix(Server):
             self.postconf(**self.extra)
         result = self.command("start")
         if result.returncode != 0:
-            log = d / "maillog"
-            raise RuntimeError(f"postfix did not start (exit {result.returncode}): "
-                               f"{result.stdout}{result.stderr}"
-                               + (log.read_text()[-1500:] if log.exists() else ""))
-
-        wait_until(lambda: greets(self.port), 60, "postfix to answer")
+            raise RuntimeError(self.failure("did not start", result))
+        try:
+            wait_until(lambda: greets(self.port), 60, "postfix to answer")
+        except RuntimeError:
+            raise RuntimeError(self.failure(f"started but did not answer on port {self.port}",
+                                            result)) from None
         return self.port
+
+    def non_default_settings(self) -> dict[str, dict[str, str]]:
+        """Every main.cf setting of this instance whose value is not Postfix's default:
+        ``{name: {"value": ..., "default": ...}}`` (``postconf -n`` against ``postconf -d``),
+        recorded with the results so that they say exactly how the peer was set up."""
+        def settings(*flags: str, names: list[str] | None = None) -> dict[str, str]:
+            out = subprocess.run([postfix_tool("postconf"), "-c", str(self.dir), *flags,
+                                  *(names or [])], capture_output=True, text=True,
+                                 check=True, env=postfix_env()).stdout
+            return dict(line.split(" = ", 1) if " = " in line else (line.rstrip(" ="), "")
+                        for line in out.splitlines() if line.strip())
+
+        explicit = settings("-n")
+        defaults = settings("-d", names=sorted(explicit))
+        return {name: {"value": value, "default": defaults.get(name, "")}
+                for name, value in explicit.items() if defaults.get(name, "") != value}
 
     def master_pid(self) -> int | None:
         try:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import clients, peers
+from bench import clients, content, cpuload, peers
 from bench.peers import DOMAIN, SENDER, Mailsrv, Postfix, rss_kib, wait_until
 
 BENCH = Path(__file__).resolve().parent
@@ -59,19 +59,26 @@ CASES = {"c1": (1, 1), "c10": (10, 1), "c50": (50, 1), "c10r10": (10, 10)}  # se
 
 
 class Results:
-    """Raw samples per (measure, server), their medians, and the count checks."""
+    """Raw samples per (measure, server), their medians, the count checks, and how busy the
+    machine was during each sample (cpuload: idle, iowait and steal over its interval)."""
 
     def __init__(self) -> None:
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.checks: dict[str, dict[str, list[str]]] = {}
+        self.loads: dict[str, dict[str, list[dict[str, float]]]] = {}
+        #: per server: CPU load over a short pause before each of its turns, the bench quiet
+        self.background: dict[str, list[dict[str, float]]] = {}
+        self.postfix_settings: dict[str, dict[str, str]] = {}
         self.failures: list[str] = []
 
-    def add(self, measure: str, server: str, value: float, check: str, ok: bool) -> None:
+    def add(self, measure: str, server: str, value: float, check: str, ok: bool,
+            load: dict[str, float]) -> None:
         self.samples.setdefault(measure, {}).setdefault(server, []).append(value)
         self.checks.setdefault(measure, {}).setdefault(server, []).append(check)
+        self.loads.setdefault(measure, {}).setdefault(server, []).append(load)
         status = "ok" if ok else "FAILED"
-        print(f"  {measure:<22} {server:<13} {value:>12.2f}   count check: {check} {status}",
-              flush=True)
+        print(f"  {measure:<22} {server:<13} {value:>12.2f}   [{cpuload.summary([load])}]   "
+              f"check: {check} {status}", flush=True)
         if not ok:
             self.failures.append(f"{measure} {server}: {check}")
 
@@ -80,35 +87,70 @@ class Results:
         return statistics.median(values) if values else None
 
 
+MESSAGE_SIZE = 5120  # smtp-source -l: the body of every throughput message
+
+
 def run_smtp_source(port: int, sessions: int, messages: int, rcpts: int, size: int,
-                    time_limit: float, to: str = f"alice@{DOMAIN}") -> subprocess.CompletedProcess:
+                    time_limit: float, to: str = f"alice@{DOMAIN}", subject: str = "",
+                    keep_open: bool = True) -> subprocess.CompletedProcess:
     """Postfix's C load generator, one connection per session kept open (-d)."""
     return subprocess.run(
-        [peers.postfix_tool("smtp-source"), "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-         "-r", str(rcpts), "-f", SENDER, "-t", to, f"127.0.0.1:{port}"],
+        [peers.postfix_tool("smtp-source"), *(["-d"] if keep_open else []),
+         "-s", str(sessions), "-m", str(messages), "-l", str(size), "-r", str(rcpts),
+         "-f", SENDER, "-t", to, *(["-S", subject] if subject else []), f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=time_limit, env=peers.postfix_env(),
     )
 
 
+_SENT: content.Expected | None = None
+
+
+def sent_message() -> content.Expected:
+    """What smtp-source sends in a throughput run, captured once from smtp-source itself."""
+    global _SENT
+    if _SENT is None:
+        raw = content.capture(lambda port: run_smtp_source(
+            port, 1, 1, 1, MESSAGE_SIZE, 30, subject="reference", keep_open=False))
+        _SENT = content.expected_from(raw)
+        body = raw.partition(b"\r\n\r\n")[2]  # -l: body octets, CRLF counted, + final CRLF
+        if _SENT.headers.get("Subject") != "reference" or not (
+                MESSAGE_SIZE <= len(body) <= MESSAGE_SIZE + 2):
+            raise RuntimeError(f"smtp-source's reference message is not as expected: "
+                               f"{len(body)} octets of body, {_SENT}")
+    return _SENT
+
+
 def throughput(server: peers.Server, case: str, messages: int, results: Results) -> None:
-    """Messages/s from the first connect to the last link into new/, with its count check."""
+    """Messages/s from the first connect to the last link into new/, with its count check and
+    the content check of every file the run delivered (bench/content.py)."""
     sessions, rcpts = CASES[case]
-    before = server.count()
+    subject = f"bench {server.name} {case} {os.urandom(6).hex()}"
+    sent = dataclasses.replace(sent_message(),
+                               headers={**sent_message().headers, "Subject": subject})
+    before = server.delivered()
     expected = messages * rcpts
-    start = time.time()
-    done = run_smtp_source(server.port, sessions, messages, rcpts, 5120, 300)
-    try:
-        wait_until(lambda: server.count() - before >= expected, 120,
-                   f"{server.name}: {expected} files in new/", 0.01)
-    except RuntimeError:
-        pass
-    found = server.count() - before
+    with cpuload.Interval() as load:
+        start = time.time()
+        done = run_smtp_source(server.port, sessions, messages, rcpts, MESSAGE_SIZE, 300,
+                               subject=subject)
+        try:
+            wait_until(lambda: server.count() - len(before) >= expected, 120,
+                       f"{server.name}: {expected} files in new/", 0.01)
+        except RuntimeError:
+            pass
     elapsed = max(server.last_delivery() - start, 1e-6)
-    ok = done.returncode == 0 and found == expected
-    check = f"{messages}x{rcpts} sent, {found} in new/"
+    new = server.delivered() - before
+    checked, problems = content.check(content.read_files(server.maildir_root, new), sent)
+    ok = done.returncode == 0 and len(new) == expected and not problems
+    check = (f"{messages}x{rcpts} sent, {len(new)} in new/, content of {checked} "
+             + ("as sent" if not problems else "WRONG"))
     if done.returncode:
         check += f" (smtp-source: {done.stderr.strip()[-200:]})"
-    results.add(f"throughput {case}", server.name, messages / elapsed, check, ok)
+    if problems:
+        print(f"  CONTENT CHECK FAILED: {server.name} throughput {case}:\n    "
+              + "\n    ".join(problems), flush=True)
+        check += ": " + "; ".join(problems[:2])
+    results.add(f"throughput {case}", server.name, messages / elapsed, check, ok, load.result)
 
 
 def cleanup(path: Path) -> None:
@@ -128,11 +170,19 @@ def make_server(name: str, workdir: Path, **kwargs: Any) -> peers.Server:
     return peers.ALL[name](workdir, **kwargs)
 
 
+#: Seconds of CPU load sampled before each server's turn, while the bench runs nothing.
+QUIET_SAMPLE = 0.5
+
+
 def alternate(names: list[str], repeats: int, body: Callable[[str, int], None]) -> None:
-    """Run ``body(server, repeat)`` for every server, the order rotating each repeat."""
+    """Run ``body(server, repeat)`` for every server, the order rotating each repeat; before
+    each turn, how busy the machine is without the bench (``Results.background``)."""
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            with cpuload.Interval() as quiet:
+                time.sleep(QUIET_SAMPLE)
+            RESULTS.background.setdefault(name, []).append(quiet.result)
             try:
                 body(name, r)
             except Exception as exc:  # one server's failure must not hide the others' figures
@@ -147,6 +197,8 @@ def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
         server = make_server(name, work / f"tp-{name}-{r}")
         try:
             server.start()
+            if isinstance(server, Postfix) and not RESULTS.postfix_settings:
+                RESULTS.postfix_settings = server.non_default_settings()
             for case in CASES:
                 throughput(server, case, plan.messages[case], RESULTS)
         finally:
@@ -170,7 +222,8 @@ def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
         try:
             server.start()
             before = server.count()
-            lat = sorted(clients.latency(server.port, rate, count))
+            with cpuload.Interval() as load:
+                lat = sorted(clients.latency(server.port, rate, count))
             if server.name == "postfix":  # delivery into new/ follows the 250
                 try:
                     wait_until(lambda: server.count() - before >= count, 60, "deliveries")
@@ -179,9 +232,11 @@ def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
             found = server.count() - before
             ok = len(lat) == count and found == count
             check = f"{count} sent at {rate:.0f}/s, {len(lat)} answered, {found} in new/"
-            RESULTS.add("latency p50 ms", name, 1000 * lat[len(lat) // 2], check, ok)
+            RESULTS.add("latency p50 ms", name, 1000 * lat[len(lat) // 2], check, ok,
+                        load.result)
             RESULTS.add("latency p99 ms", name, 1000 * lat[min(len(lat) - 1,
-                                                              int(len(lat) * 0.99))], check, ok)
+                                                              int(len(lat) * 0.99))], check, ok,
+                        load.result)
         finally:
             server.stop()
             cleanup(server.workdir)
@@ -201,28 +256,32 @@ def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
             pid = server.pids()[0]
             time.sleep(0.5)
             base = rss_kib(pid)
-            idle = clients.IdleConnections(server.port, plan.idle_connections)
-            try:
-                time.sleep(1.0)
-                held = rss_kib(pid)
-                # Still answering? One more connection must get its greeting.
-                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-                    alive = s.recv(100).startswith(b"220")
-            finally:
-                idle.close()
+            with cpuload.Interval() as load:
+                idle = clients.IdleConnections(server.port, plan.idle_connections)
+                try:
+                    time.sleep(1.0)
+                    held = rss_kib(pid)
+                    # Still answering? One more connection must get its greeting.
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                        alive = s.recv(100).startswith(b"220")
+                finally:
+                    idle.close()
             per = (held - base) * 1024 / plan.idle_connections
             RESULTS.add("idle bytes/conn", name, per,
                         f"{len(idle.sockets) or plan.idle_connections} connections held, "
-                        f"server {'answering' if alive else 'NOT answering'}", alive)
+                        f"server {'answering' if alive else 'NOT answering'}", alive,
+                        load.result)
             time.sleep(1.0)
             before = server.count()
             base = rss_kib(pid)
             peers.reset_hwm(pid)
-            code = clients.big_message(server.port, plan.big_message)
-            peak = rss_kib(pid, "VmHWM")
+            with cpuload.Interval() as load:
+                code = clients.big_message(server.port, plan.big_message)
+                peak = rss_kib(pid, "VmHWM")
             found = server.count() - before
             RESULTS.add("big msg RSS growth MiB", name, (peak - base) / 1024,
-                        f"reply {code}, {found} in new/", code == 250 and found == 1)
+                        f"reply {code}, {found} in new/", code == 250 and found == 1,
+                        load.result)
         finally:
             server.stop()
             cleanup(server.workdir)
@@ -333,6 +392,7 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
                 wait_until(lambda: "queue loaded" in server.log_text(), 120,
                            "the queue to load", 0.005)
                 start = time.monotonic()
+                cpu_start = cpuload.snapshot()
             else:
                 server = Postfix(wd, relayhost=f"[127.0.0.1]:{sink.port}",
                                  extra={"defer_transports": "smtp"})
@@ -351,6 +411,7 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
                 server.postconf(defer_transports="")
                 server.command("reload")
                 start = time.monotonic()
+                cpu_start = cpuload.snapshot()
                 server.command("flush")
             try:
                 wait_until(lambda: sink.count() >= count, 300, "every message at the sink",
@@ -358,9 +419,10 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
             except RuntimeError:
                 pass
             elapsed = time.monotonic() - start
+            load = cpuload.between(cpu_start, cpuload.snapshot())
             got = sink.count()
             RESULTS.add("relay msg/s", name, count / elapsed,
-                        f"{count} queued, {got} at the sink", got == count)
+                        f"{count} queued, {got} at the sink", got == count, load)
         finally:
             if server is not None:
                 server.stop()
@@ -382,18 +444,20 @@ def measure_queue_scale(plan: Plan, work: Path) -> None:
         fill_mailsrv_queue(server.queue, count, due_in=3600, durable=False)
         for r in range(plan.repeats):
             offset = len(server.log_text())
+            cpu_start = cpuload.snapshot()
             t0 = time.monotonic()
             server.start(timeout=300)
             m = wait_until(lambda: re.search(r"queue loaded: (\d+) message",
                                              server.log_text()[offset:]), 300,
                            "the queue to load", 0.01)
             elapsed = time.monotonic() - t0
+            load = cpuload.between(cpu_start, cpuload.snapshot())
             time.sleep(0.5)
             rss = rss_kib(server.pids()[0]) / 1024
             loaded = int(m.group(1))
             check = f"{count} queued, {loaded} loaded"
-            RESULTS.add("queue start-up s", "mailsrv", elapsed, check, loaded == count)
-            RESULTS.add("queue RSS MiB", "mailsrv", rss, check, loaded == count)
+            RESULTS.add("queue start-up s", "mailsrv", elapsed, check, loaded == count, load)
+            RESULTS.add("queue RSS MiB", "mailsrv", rss, check, loaded == count, load)
             server.stop()
     finally:
         server.stop()
@@ -441,9 +505,21 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
         for name in names:
             value = RESULTS.median(measure, name)
             n = len(per.get(name, []))
-            cells.append("—" if value is None else f"{value:,.1f}" + (f" (n={n})" if n > 1 else ""))
+            load = cpuload.summary(RESULTS.loads.get(measure, {}).get(name, []))
+            notes = "; ".join(x for x in (f"n={n}" if n > 1 else "", load) if x)
+            cells.append("—" if value is None
+                         else f"{value:,.1f}" + (f" ({notes})" if notes else ""))
         lines.append(f"| {measure} | " + " | ".join(cells) + " |")
-    lines += ["", "| target | measured | met? |", "|---|---|---|"]
+    lines.append("| CPU with the bench quiet | "
+                 + " | ".join(cpuload.summary(RESULTS.background.get(name, [])) or "—"
+                              for name in names) + " |")
+    lines += ["", "In brackets: CPU idle (idle + iowait) and steal, in % of all "
+              f"{os.cpu_count()} cores, from /proc/stat over each measured interval (a range: "
+              "lowest-highest over repeats, or over turns in the last row). The server and "
+              "the load generator are part of the busy share; the last row is the machine without the bench "
+              f"({QUIET_SAMPLE} s before each turn of that server), where idle well below 100% "
+              "or any steal means other load shared the run.",
+              "", "| target | measured | met? |", "|---|---|---|"]
     for label, measure, peer, minimum in TARGETS:
         ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(measure, peer)
         if ours is None or not theirs:
@@ -460,13 +536,15 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
             lines.append(f"| {label} | not measured | — |")
             continue
         lines.append(f"| {label} | {ours:,.1f} | {'yes' if ours <= limit else 'NO'} |")
-    lines += ["", "Count checks: " + ("all passed" if not RESULTS.failures
-                                       else "FAILED: " + "; ".join(RESULTS.failures))]
+    lines += ["", "Count and content checks: " + ("all passed" if not RESULTS.failures
+                                                   else "FAILED: " + "; ".join(RESULTS.failures))]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(
         {"machine": machine(), "plan": plan_name, "samples": RESULTS.samples,
-         "checks": RESULTS.checks, "failures": RESULTS.failures}, indent=1))
+         "checks": RESULTS.checks, "cpu": RESULTS.loads, "cpu_bench_quiet": RESULTS.background,
+         "postfix_non_default_settings": RESULTS.postfix_settings,
+         "failures": RESULTS.failures}, indent=1))
     return text
 
 

@@ -7,9 +7,11 @@ threads, each over one persistent smtplib connection, all to alice@example.org.
     python bench/throughput.py [--messages 2000] [--clients 10] [--size 5000]
 
 Prints messages/second (wall clock from the first connect to the last 250), checks that exactly
-N new files are in the Maildir, and splits the CPU time between this client process and the
-server process, so that one can tell which side limits the figure. Exits 1 if the count is wrong
-or a client failed.
+N new files are in the Maildir and that each holds its own message as sent (every message has
+its own Message-ID and body: bench/content.py ``check_each``), splits the CPU time between this
+client process and the server process, so that one can tell which side limits the figure, and
+prints how idle the machine's CPUs were meanwhile (and their steal: bench/cpuload.py). Exits 1
+if the count or a content is wrong or a client failed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
+from bench import content, cpuload  # noqa: E402
 from support.harness import DNSServer, MailServer  # noqa: E402
 
 #: The zone the end-to-end tests serve (tests/conftest.py BASE_ZONE): the loopback client has
@@ -117,11 +121,13 @@ def run(messages: int, clients: int, size: int, timeout: float) -> int:
             threads = [Client(server.port, share, time.monotonic() + timeout) for share in shares]
 
             server_times0, client_cpu0 = cpu_times(pid), cpu_seconds()
+            machine0 = cpuload.snapshot()
             start = time.monotonic()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(max(0.1, start + timeout + 60 - time.monotonic()))
+            load = cpuload.between(machine0, cpuload.snapshot())
             server_user, server_sys = (b - a for a, b in zip(server_times0, cpu_times(pid)))
             server_cpu = server_user + server_sys
             client_cpu = cpu_seconds() - client_cpu0
@@ -133,6 +139,10 @@ def run(messages: int, clients: int, size: int, timeout: float) -> int:
 
             new = server.root / "example.org" / "alice" / "new"
             stored = len(os.listdir(new)) if new.is_dir() else 0
+            sent_by_id = {f"<bench{n}@client.test>": body for n, body in enumerate(bodies)}
+            files = content.read_files(new.parent.parent, content.new_files(new.parent.parent,
+                                                                            ["alice"]))
+            checked, problems = content.check_each(files, sent_by_id)
 
             print(f"mailsrv throughput: {messages} messages of {size} octets, "
                   f"{clients} clients (one connection each), to {RECIPIENT}")
@@ -144,15 +154,20 @@ def run(messages: int, clients: int, size: int, timeout: float) -> int:
             print(f"    of which user {server_user:.2f} s, system {server_sys:.2f} s")
             print(f"  client CPU:       {client_cpu:.2f} s ({100 * client_cpu / wall:.0f}% of one core)"
                   if wall > 0 else f"  client CPU:       {client_cpu:.2f} s")
-            print(f"  cores:            {os.cpu_count()}")
+            print(f"  cores:            {os.cpu_count()}; meanwhile {cpuload.summary([load])} "
+                  f"(of all cores, whoever used them)")
             count_ok = stored == messages
             print(f"  Maildir new/:     {stored} files "
                   f"({'OK, exactly' if count_ok else 'WRONG, expected'} {messages})")
+            print(f"  content:          {checked} files read back, "
+                  + ("each its own message as sent" if not problems else "WRONG:"))
+            for problem in problems:
+                print(f"    {problem}")
             for error in errors[:5]:
                 print(f"  client error: {error!r}")
             if hung:
                 print(f"  {len(hung)} client thread(s) did not finish")
-            return 0 if count_ok and not errors and not hung else 1
+            return 0 if count_ok and not problems and not errors and not hung else 1
         finally:
             if server is not None:
                 server.stop()

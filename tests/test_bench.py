@@ -1,0 +1,224 @@
+"""
+The bench's own checks (bench/): the content check of delivered messages, the CPU load it
+records with each figure, and its private Postfix starting from a directory outside /var with
+Postfix's own words when it cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import smtplib
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench import content, cpuload
+
+STAT_BEFORE = """cpu  100 0 50 1000 20 0 5 0 0 0
+cpu0 50 0 25 500 10 0 3 0 0 0
+intr 1 2 3
+"""
+#: +60 user, +30 system, +80 idle, +10 iowait, +20 steal: 200 ticks.
+STAT_AFTER = """cpu  160 0 80 1080 30 0 5 20 0 0
+cpu0 80 0 40 540 15 0 3 10 0 0
+intr 4 5 6
+"""
+
+
+def test_cpuload_shares_of_the_interval():
+    load = cpuload.between(cpuload.parse(STAT_BEFORE), cpuload.parse(STAT_AFTER))
+    assert load == {"idle": 45.0, "iowait": 5.0, "steal": 10.0, "ticks": 200}
+    assert cpuload.summary([load]) == "idle 45%, steal 10%"
+    assert cpuload.summary([load, dict(load, idle=12.0)]) == "idle 12-45%, steal 10%"
+
+
+def test_cpuload_without_a_steal_column_and_over_no_time():
+    old = cpuload.parse("cpu 10 0 10 100 0 0 0\n")  # kernels before 2.6.11
+    assert old.ticks[-1] == 0
+    assert cpuload.between(old, old)["ticks"] == 0
+    assert cpuload.summary([cpuload.between(old, old)]) == ""
+
+
+def test_cpuload_reads_this_machine():
+    with cpuload.Interval() as load:
+        sum(range(100_000))
+    assert set(load.result) == {"idle", "iowait", "steal", "ticks"}
+
+
+# ------------------------------------------------------------------------------- content
+
+BODY = b"".join(b"%dXXXXXXXXXX\r\n" % i for i in range(1, 20))
+
+
+def sent(subject: str = "bench mailsrv c10 abc", msgid: str = "<1.3.0001@vm>") -> bytes:
+    return (f"From: <bench@client.test>\r\nTo: <alice@example.org>\r\n"
+            f"Message-Id: {msgid}\r\nSubject: {subject}\r\n\r\n").encode() + BODY
+
+
+def delivered(message: bytes) -> bytes:
+    """As a Maildir server stores it: a trace header on top, LF line ends."""
+    return (b"Received: from vm\r\n\tby mx; Wed, 2 Dec 2026\r\n" + message).replace(b"\r\n", b"\n")
+
+
+EXPECTED = content.expected_from(sent())
+
+
+def test_content_as_sent_passes():
+    files = [("alice", "1", delivered(sent(msgid="<1@vm>"))),
+             ("alice", "2", delivered(sent(msgid="<2@vm>"))),
+             ("2alice", "3", delivered(sent(msgid="<1@vm>")))]  # one message, two mailboxes
+    assert content.check(files, EXPECTED) == (3, [])
+    assert EXPECTED.headers == {"From": "<bench@client.test>", "To": "<alice@example.org>",
+                                "Subject": "bench mailsrv c10 abc"}
+    assert EXPECTED.body_length == len(BODY.replace(b"\r\n", b"\n"))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m[:-5] + b"\r\n",                     # truncated
+    lambda m: m.replace(b"7XXXX", b"7XXXY"),        # one octet changed
+    lambda m: m + b"..\r\n",                         # a dot line not unstuffed
+    lambda m: m.replace(b"\r\n\r\n1X", b"\r\n1X"),  # the body run into the header
+])
+def test_damaged_body_fails(damage):
+    checked, problems = content.check([("alice", "1", delivered(damage(sent())))], EXPECTED)
+    assert checked == 1 and problems
+    assert "body of" in problems[0] or "Subject" in problems[0]
+
+
+def test_file_of_another_run_fails():
+    _, problems = content.check([("alice", "1", delivered(sent(subject="bench x c1 old")))],
+                                EXPECTED)
+    assert problems == ["alice/new/1: Subject: expected 'bench mailsrv c10 abc', "
+                        "found ['bench x c1 old']"]
+
+
+def test_message_delivered_twice_fails():
+    files = [("alice", "1", delivered(sent())), ("alice", "2", delivered(sent()))]
+    _, problems = content.check(files, EXPECTED)
+    assert len(problems) == 1 and "also in 1" in problems[0]
+
+
+def test_problems_are_bounded():
+    files = [("alice", str(i), delivered(sent(msgid=f"<{i}@vm>"))[:-10]) for i in range(50)]
+    checked, problems = content.check(files, EXPECTED, limit=3)
+    assert checked == 50 and len(problems) == 4 and problems[-1] == "… and 47 more"
+
+
+def each(n: int, body: bytes = b"") -> bytes:
+    return (f"Subject: bench {n}\r\nMessage-ID: <bench{n}@client.test>\r\n\r\n".encode()
+            + (body or b"body of message %d\r\n" % n))
+
+
+SENT_EACH = {f"<bench{n}@client.test>": each(n) for n in range(3)}
+
+
+def test_each_message_as_sent_passes():
+    files = [("alice", str(n), delivered(each(n))) for n in (2, 0, 1)]
+    assert content.check_each(files, SENT_EACH) == (3, [])
+
+
+def test_each_message_bodies_swapped_fails():
+    files = [("alice", "0", delivered(each(0, b"body of message 1\r\n"))),
+             ("alice", "1", delivered(each(1, b"body of message 0\r\n"))),
+             ("alice", "2", delivered(each(2)))]
+    checked, problems = content.check_each(files, SENT_EACH)
+    assert checked == 3 and len(problems) == 2
+    assert problems[0].startswith("alice/new/0: Message-ID <bench0@client.test>: body of 18")
+
+
+def test_each_message_twice_and_one_lost_fails():
+    files = [("alice", "0", delivered(each(0))), ("alice", "0b", delivered(each(0))),
+             ("alice", "1", delivered(each(1))), ("alice", "x", delivered(each(7)))]
+    _, problems = content.check_each(files, SENT_EACH)
+    assert problems == [
+        "alice/new/0b: Message-ID <bench0@client.test> also in 0 (one message delivered twice)",
+        "alice/new/x: Message-ID '<bench7@client.test>' was not sent",
+        "1 message(s) sent but not delivered, e.g. <bench2@client.test>",
+    ]
+
+
+def test_capture_keeps_the_message_as_sent():
+    message = sent() + b".starts with a dot\r\n..two dots\r\n"
+
+    def send(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("bench@client.test", ["alice@example.org"], message)
+
+    assert content.capture(send, timeout=10) == message
+
+
+def test_capture_reports_a_client_that_never_came():
+    with pytest.raises(RuntimeError, match="capturing the reference message"):
+        content.capture(lambda port: None, timeout=0.5)
+
+
+# ------------------------------------------------------------------------------- Postfix
+
+
+def unpacked_postfix() -> Path | None:
+    from bench import peers
+
+    root = peers.POSTFIX_HOME / "root"
+    if os.geteuid() != 0 or not (root / "usr/sbin/postfix").exists():
+        return None
+    return root
+
+
+needs_postfix = pytest.mark.skipif(
+    unpacked_postfix() is None,
+    reason="needs root and the bench's unpacked Postfix (bench/run fetches it)")
+
+
+@pytest.fixture
+def outside_var():
+    """A directory under /tmp (not /var) that Postfix's users can reach, as --workdir makes."""
+    path = Path(tempfile.mkdtemp(prefix="bench-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_postfix
+def test_postfix_starts_outside_var(outside_var):
+    from bench import peers
+
+    server = peers.Postfix(outside_var / "tp")
+    try:
+        port = server.start()
+        assert peers.greets(port)
+        settings = server.non_default_settings()
+        assert settings["maillog_file_prefixes"]["value"] == str(server.dir)
+        assert settings["biff"] == {"value": "no", "default": "yes"}
+        assert "mail_owner" not in settings  # set, but to the default
+    finally:
+        server.stop()
+    assert readme_postfix_settings() == set(settings)
+
+
+def readme_postfix_settings() -> set[str]:
+    """The settings named in the first column of bench/README.md's "Postfix's settings" table."""
+    text = (Path(__file__).resolve().parents[1] / "bench" / "README.md").read_text()
+    section = text.split("### Postfix's settings", 1)[1].split("\n#", 1)[0]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    return names
+
+
+@needs_postfix
+def test_postfix_that_cannot_start_says_why(outside_var):
+    from bench import peers
+
+    server = peers.Postfix(outside_var / "tp", extra={"maillog_file_prefixes": "/var"})
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            server.start()
+    finally:
+        server.stop()
+    assert "postfix did not start (postfix start: exit 1):\n  postfix: fatal: maillog_file " \
+        "value" in str(failed.value)
+    assert "does not match any prefix in maillog_file_prefixes" in str(failed.value)
