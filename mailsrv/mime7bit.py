@@ -255,13 +255,7 @@ class _Converter:
             if found[1]:
                 break
             in_parts = True
-        while True:  # the epilogue
-            line = lines.next()
-            if line is None:
-                return
-            if _delimiter(line, boundaries) is not None:
-                lines.push(line)
-                return
+        for line in self._body(lines, boundaries):  # the epilogue
             self.write(line.translate(_TO_QUESTION_MARKS))
 
     def _body(self, lines: _Lines, boundaries: list[bytes]) -> Iterator[bytes]:
