@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailsrv import outgoing
-from mailsrv.smtpclient import RelayClient, Reply, SessionOutcome, Transaction, _MessageData
+from mailsrv.replies import Reply
+from mailsrv.smtpclient import RelayClient, SessionOutcome, Transaction, _MessageData
 
 
 @pytest.mark.parametrize(
