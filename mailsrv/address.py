@@ -352,8 +352,8 @@ def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox
 def parse_mail_from(rest: bytes) -> tuple[Mailbox | None, dict[str, str | None]]:
     """Parse what follows ``MAIL``: the reverse-path (None for ``<>``) and its parameters.
 
-    Raises :class:`~mailsrv.replies.Refusal` with the reply to send.  Which parameters are *supported* is
-    the protocol's business; this only checks their syntax.
+    Raises :class:`~mailsrv.replies.Refusal` with the reply to send.  Which parameters are
+    *supported* is the protocol's business; this only checks their syntax.
     """
     path, after = _split_path(rest, "FROM:", replies.MAIL_SYNTAX)
     mailbox = _parse_mailbox(path, replies.BAD_SENDER, replies.SENDER_TOO_LONG, "sender")

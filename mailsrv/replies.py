@@ -132,7 +132,9 @@ BAD_PARAMETER_SYNTAX = Reply(501, "5.5.4", "Bad parameter syntax")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses are not supported")
 BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
-SENDER_TOO_LONG = Reply(553, "5.1.7", "Bad sender address syntax: {part} longer than {limit} octets")
+SENDER_TOO_LONG = Reply(
+    553, "5.1.7", "Bad sender address syntax: {part} longer than {limit} octets"
+)
 RECIPIENT_TOO_LONG = Reply(
     553, "5.1.3", "Bad recipient address syntax: {part} longer than {limit} octets"
 )

@@ -39,7 +39,8 @@ def test_a_refusal_carries_its_reply() -> None:
 
 def test_format_fills_the_placeholders_and_keeps_code_and_status() -> None:
     reply = replies.RECIPIENT_TOO_LONG.format(part="domain", limit="255")
-    assert reply == Reply(553, "5.1.3", "Bad recipient address syntax: domain longer than 255 octets")
+    assert reply == Reply(
+        553, "5.1.3", "Bad recipient address syntax: domain longer than 255 octets")
 
 
 @pytest.mark.parametrize(
