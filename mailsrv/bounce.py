@@ -58,7 +58,7 @@ def send_dsn(
     """Build the DSN about ``reports`` and store it for the original sender; return where.
 
     Raises ValueError for a message with the null sender (never bounce a bounce),
-    UnroutableBounce when the sender cannot be delivered to, and maildir.DeliveryError when
+    UnroutableBounce when the sender cannot be delivered to, and durable.DeliveryError when
     the disk refuses.
     """
     if not message.sender:

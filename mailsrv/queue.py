@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import IO
 
 from mailsrv.envelope import QueuedMessage, decode, encode, new_message
-from mailsrv.maildir import DeliveryError, _doing, _write_all, ensure_dir, fsync_dir
+from mailsrv import durable
+from mailsrv.dirfd import fsync_dir
+from mailsrv.durable import DeliveryError, doing, ensure_dir
 
 __all__ = [
     "new_queue_id",
@@ -101,23 +103,6 @@ def body_path(qdir: Path, queue_id: str) -> Path:
     return Path(qdir) / "messages" / f"{queue_id}.body"
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Create *path* (which must not exist), write *data*, fsync it; DeliveryError on failure.
-
-    On failure the file may remain; the caller removes it.
-    """
-    with _doing("create", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with _doing("write", path):
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-        with _doing("fsync", path):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def enqueue(
     qdir: Path,
     queue_id: str,
@@ -174,28 +159,28 @@ def enqueue(
                     f"cannot enqueue {existing}: queue id {queue_id} already in use"
                 )
 
-        with _doing("open", source):
+        with doing("open", source):
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _doing("fsync", source):
+            with doing("fsync", source):
                 os.fchmod(fd, 0o600)
                 os.fsync(fd)
         finally:
             os.close(fd)
-        with _doing("move into the queue", source):
+        with doing("move into the queue", source):
             os.rename(source, body_dest)
         body_moved = True
         # The body's new name must be durable before the envelope that points at it.
-        with _doing("fsync directory", messages):
+        with doing("fsync directory", messages):
             fsync_dir(messages)
 
         tmp_created = True
-        _write_durably(json_tmp, data)
-        with _doing("commit", json_dest):
+        durable.write_new(json_tmp, data, named=doing)
+        with doing("commit", json_dest):
             os.rename(json_tmp, json_dest)
         tmp_created = False
         committed = True
-        with _doing("fsync directory", messages):
+        with doing("fsync directory", messages):
             fsync_dir(messages)
     except BaseException:
         _undo(
@@ -243,19 +228,7 @@ def save(qdir: Path, message: QueuedMessage) -> None:
     """
     _check_id(message.id)
     data = encode(message)
-    messages = Path(qdir) / "messages"
-    dest = messages / f"{message.id}.json"
-    tmp = messages / f".{message.id}.json.{secrets.token_hex(4)}.tmp"
-    try:
-        _write_durably(tmp, data)
-        with _doing("replace", dest):
-            os.rename(tmp, dest)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with _doing("fsync directory", messages):
-        fsync_dir(messages)
+    durable.replace(Path(qdir) / "messages" / f"{message.id}.json", data, named=doing)
 
 
 def remove(qdir: Path, queue_id: str) -> bool:
@@ -273,7 +246,7 @@ def remove(qdir: Path, queue_id: str) -> bool:
             found = True
         except FileNotFoundError:
             pass
-    with _doing("fsync directory", messages):
+    with doing("fsync directory", messages):
         fsync_dir(messages)
     return found
 
@@ -414,7 +387,7 @@ def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
     control = Path(qdir) / "control"
     name = f"{action}.{queue_id or 'ALL'}.{secrets.token_hex(8)}.req"
     tmp = control / f".{name}"
-    _write_durably(tmp, b"")
+    durable.write_new(tmp, b"", named=doing)
     os.rename(tmp, control / name)
     return control / f"{name[:-4]}.ans"
 
@@ -441,7 +414,7 @@ def control_answer(qdir: Path, request: ControlRequest, text: str) -> None:
     tmp = control / f".{answer.name}"
     with suppress(FileNotFoundError):
         os.unlink(tmp)
-    _write_durably(tmp, text.encode("utf-8"))
+    durable.write_new(tmp, text.encode("utf-8"), named=doing)
     os.rename(tmp, answer)
     with suppress(FileNotFoundError):
         os.unlink(control / request.name)

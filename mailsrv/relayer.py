@@ -33,8 +33,8 @@ from twisted.logger import Logger
 from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
+from mailsrv.durable import DeliveryError
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
-from mailsrv.maildir import DeliveryError
 from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.replies import Reply
 from mailsrv.schedule import RetryPolicy

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailsrv import queue
-from mailsrv.maildir import DeliveryError
+from mailsrv.durable import DeliveryError
 from mailsrv.queue import enqueue, queue_dirs, read_message
 
 
