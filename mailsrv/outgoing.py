@@ -23,7 +23,7 @@ from pathlib import Path
 from mailsrv import replies
 from mailsrv.mime7bit import ConversionError, to_7bit
 from mailsrv.replies import Reply
-from mailsrv.smtpclient import Transaction
+from mailsrv.smtpclient import OutboundTransaction
 
 __all__ = ["Outgoing", "measure", "prepare"]
 
@@ -58,7 +58,9 @@ def measure(prefix: bytes, path: Path) -> tuple[int, bool]:
     return size, eight_bit
 
 
-def prepare(transaction: Transaction, eight_bit_ok: bool, workdir: Path) -> Outgoing | Reply:
+def prepare(
+    transaction: OutboundTransaction, eight_bit_ok: bool, workdir: Path
+) -> Outgoing | Reply:
     """The message to send to a server (which offers 8BITMIME or not), or why it cannot be.
 
     A Reply is the verdict for all the transaction's recipients: ``554 5.6.3`` for an
@@ -76,7 +78,7 @@ def prepare(transaction: Transaction, eight_bit_ok: bool, workdir: Path) -> Outg
         return replies.CANNOT_READ_QUEUED.format(error=str(e))
 
 
-def _downgrade(transaction: Transaction, workdir: Path) -> Outgoing:
+def _downgrade(transaction: OutboundTransaction, workdir: Path) -> Outgoing:
     """The 7-bit copy of the message, in a new file under ``workdir``."""
     fd, name = tempfile.mkstemp(prefix=f"{transaction.queue_id}.7bit.", dir=workdir)
     path = Path(name)

@@ -19,7 +19,8 @@ relay that must never lose or duplicate a message:
   does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
   offer 8BITMIME (``554 5.6.3`` when it cannot be converted).
 
-One :class:`Transaction` per message; the relayer reads the outcome from it after the session.
+One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
+session.
 """
 
 from __future__ import annotations
@@ -37,14 +38,17 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.replies import Reply
 
-__all__ = ["Transaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
+__all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
 
 log = Logger(namespace="mailsrv")
 
 
 @dataclass
-class Transaction:
-    """One message to one host: its envelope, its data, and (after the session) the results."""
+class OutboundTransaction:
+    """One message to one host: its envelope, its data, and (after the session) the results.
+
+    Not :class:`mailsrv.delivery.Transaction`, the inbound mail transaction of a session.
+    """
 
     queue_id: str
     sender: str  # "" for <>
@@ -60,6 +64,10 @@ class Transaction:
     @property
     def complete(self) -> bool:
         return all(address in self.results for address in self.recipients)
+
+
+#: The former name, still used by mailsrv.relayer (being split); remove once nothing uses it.
+Transaction = OutboundTransaction
 
 
 @dataclass
@@ -97,12 +105,12 @@ class RelayClient(smtp.ESMTPClient):
 
     def __init__(
         self,
-        transactions: list[Transaction],
+        transactions: list[OutboundTransaction],
         *,
         identity: str,
         own_names: Collection[str],
         outcome: SessionOutcome,
-        prepare: Callable[[Transaction, bool], defer.Deferred],
+        prepare: Callable[[OutboundTransaction, bool], defer.Deferred],
         tls_context: Any = None,
         require_tls: bool = False,
         auth: tuple[str, str] | None = None,
@@ -119,9 +127,9 @@ class RelayClient(smtp.ESMTPClient):
             self.registerAuthenticator(smtp.LOGINAuthenticator(user))
         self.outcome = outcome
         self._own_names = {n.lower().rstrip(".") for n in own_names}
-        self._queue: Iterator[Transaction] = iter(transactions)
+        self._queue: Iterator[OutboundTransaction] = iter(transactions)
         self._remaining = len(transactions)
-        self._current: Transaction | None = None
+        self._current: OutboundTransaction | None = None
         self._data: _MessageData | None = None
         self._at_line_start = True
         self._extensions: dict[bytes, Any] = {}
@@ -197,7 +205,7 @@ class RelayClient(smtp.ESMTPClient):
         d.addErrback(self._prepare_failed, current)
         d.addCallback(self._prepared, current)
 
-    def _prepare_failed(self, failure: Failure, current: Transaction) -> Reply:
+    def _prepare_failed(self, failure: Failure, current: OutboundTransaction) -> Reply:
         log.failure("relay id={id}: cannot prepare the message", failure, id=current.queue_id)
         return replies.CANNOT_PREPARE.format(error=failure.getErrorMessage())
 
@@ -206,7 +214,7 @@ class RelayClient(smtp.ESMTPClient):
         words = (self._extensions.get(b"SIZE") or b"").split()
         return int(words[0]) if words and words[0].isdigit() else 0
 
-    def _prepared(self, outgoing: Any, current: Transaction) -> None:
+    def _prepared(self, outgoing: Any, current: OutboundTransaction) -> None:
         if self._lost or current is not self._current:
             if not isinstance(outgoing, Reply):
                 outgoing.discard()
@@ -344,7 +352,7 @@ def _text(value: Any) -> str:
 class RelayClientFactory(protocol.ClientFactory):
     """One connection attempt; ``done`` fires with the outcome when the connection ends."""
 
-    def __init__(self, transactions: list[Transaction], **client_args: Any) -> None:
+    def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
         self.transactions = transactions
         self.client_args = client_args
         self.outcome = SessionOutcome()
