@@ -1,4 +1,4 @@
-"""The durable outbound queue on the spool (blocking I/O; call it from the thread pool).
+"""The durable outbound queue in its directory (blocking I/O; call it from the thread pool).
 
 Layout under the queue directory ``qdir``::
 
@@ -7,7 +7,7 @@ Layout under the queue directory ``qdir``::
     messages/<id>.json   the envelope and per-recipient state (see mailsrv.envelope)
     corrupt/             envelopes that did not decode, moved aside with their bodies
     control/             requests from ``mailsrv queue`` to the running server
-    lock                 flock'd by the running server: one server per spool
+    lock                 flock'd by the running server: one server per queue
 
 The ``.json`` file is the commit point.  The body is moved in first (a rename on
 the same file system: no copy, and atomic), then the envelope is written to a
@@ -48,8 +48,8 @@ __all__ = [
     "body_path",
     "load",
     "LoadReport",
-    "SpoolLocked",
-    "lock_spool",
+    "QueueLocked",
+    "lock_queue",
     "control_request",
     "control_requests",
     "control_answer",
@@ -291,7 +291,7 @@ def load(qdir: Path) -> LoadReport:
       ``250`` was given for it) or a removal that was cut short: removed.
     - an envelope that does not decode, or whose body is missing, is moved with
       its body to ``corrupt/`` for the administrator, and reported.
-    Only a server holding the spool lock may call this.
+    Only a server holding the queue lock may call this.
     """
     qdir = Path(qdir)
     messages_dir = qdir / "messages"
@@ -330,20 +330,20 @@ def load(qdir: Path) -> LoadReport:
     return report
 
 
-# --------------------------------------------------------------------------- the spool lock
+# --------------------------------------------------------------------------- the queue lock
 
 
-class SpoolLocked(Exception):
-    """Another process (a running mailsrv) holds the spool lock."""
+class QueueLocked(Exception):
+    """Another process (a running mailsrv) holds the queue lock."""
 
 
-def lock_spool(qdir: Path) -> IO[bytes]:
-    """Take the spool's exclusive lock, for as long as the returned file stays open.
+def lock_queue(qdir: Path) -> IO[bytes]:
+    """Take the queue's exclusive lock, for as long as the returned file stays open.
 
     A running server holds it for its whole life, so two servers never deliver the
     same queue, and ``mailsrv queue`` knows whether to ask the server (locked) or to
     work on the files itself (it then holds the lock, so no server starts meanwhile).
-    Raises SpoolLocked when it is held; the lock vanishes with the process, even
+    Raises QueueLocked when it is held; the lock vanishes with the process, even
     after SIGKILL.
     """
     path = Path(qdir) / "lock"
@@ -353,7 +353,7 @@ def lock_spool(qdir: Path) -> IO[bytes]:
     except OSError as exc:
         handle.close()
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise SpoolLocked(f"{path} is locked by a running mailsrv") from None
+            raise QueueLocked(f"{path} is locked by a running mailsrv") from None
         raise
     os.set_inheritable(handle.fileno(), False)
     return handle
