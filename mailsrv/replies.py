@@ -207,6 +207,22 @@ TOO_BIG_FOR_PEER = Reply(
 SESSION_FAILED = Reply(451, "4.4.2", "{reason}")  # before the greeting, or no reply code
 SESSION_REFUSED = Reply(451, "4.0.0", "{reason}")  # a permanent refusal after the greeting
 
+# No host to deliver to (mailsrv.mx): 5xx bounces the recipients, 4xx keeps them queued.
+BAD_ADDRESS_LITERAL = Reply(550, "5.1.2", "bad address literal {domain}")
+LOOPS_BACK = Reply(550, "5.4.6", "mail for {domain} loops back to myself")
+DOMAIN_NOT_FOUND = Reply(550, "5.1.2", "Domain {domain} not found (NXDOMAIN)")
+MX_LOOKUP_FAILED = Reply(
+    451, "4.4.3", "DNS lookup of MX for {domain} failed: {error}; will retry"
+)
+NULL_MX = Reply(550, "5.1.10", "Domain {domain} does not accept mail (null MX)")
+NO_MX_ADDRESS_YET = Reply(
+    451, "4.4.4", "no MX host for {domain} has an address (DNS failed); will retry"
+)
+NO_MX_NO_ADDRESS = Reply(550, "5.1.2", "Domain {domain} has no MX and no address")
+NO_MX_ADDRESS = Reply(550, "5.4.4", "no MX host for {domain} has an address")
+HOST_LOOKUP_FAILED = Reply(451, "4.4.3", "DNS lookup of {name} failed; will retry")
+HOST_NO_ADDRESS = Reply(550, "5.4.4", "host {name} has no address")
+
 
 def format_reply(reply: Reply, **values: str) -> bytes:
     """The reply as wire lines (without the final CRLF), multi-line when the text has newlines."""

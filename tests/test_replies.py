@@ -57,3 +57,13 @@ def test_str_is_one_line_with_the_enhanced_status_once(reply: Reply, line: str) 
 
 def test_wire_format_of_a_multiline_reply() -> None:
     assert replies.format_reply(Reply(250, "2.0.0", "a\nb")) == b"250-2.0.0 a\r\n250 2.0.0 b"
+
+
+def test_a_destination_error_is_a_refusal_whose_code_says_bounce_or_retry() -> None:
+    from mailsrv.mx import DestinationError
+
+    final = DestinationError(replies.NULL_MX.format(domain="x.test"))
+    assert isinstance(final, Refusal) and final.permanent and final.status == "5.1.10"
+    assert str(final) == "Domain x.test does not accept mail (null MX)"
+    later = DestinationError(replies.HOST_LOOKUP_FAILED.format(name="smart.test"))
+    assert not later.permanent and later.status == "4.4.3"
