@@ -27,7 +27,7 @@ Everything else is passed through byte for byte: header fields are never re-fold
 and parts without 8-bit octets are untouched (a signed part stays signed).  The message is
 streamed line by line twice (first to plan and to find what cannot be converted, before any
 output; then to write), so memory stays small whatever the size.  Lines end with LF, as in
-the spool.  The standard library's ``email`` package reads each header section's
+the spool file.  The standard library's ``email`` package reads each header section's
 ``Content-Type`` and ``Content-Transfer-Encoding`` (parameters, RFC 2231, defaults); the
 structure is followed here, line by line, because the package holds whole messages in memory
 and re-folds what it writes.

@@ -3,7 +3,7 @@ The ``sendmail`` command every Unix program expects (cron, PHP's ``mail()``, ``m
 applications): ``sendmail [-t] [-i|-oi] [-f sender] [-F name] [recipient ...]`` reads one message
 on standard input and hands it to the local mailsrv over SMTP.
 
-Why SMTP on a loopback listener rather than writing into the spool: the spool belongs to the
+Why SMTP on a loopback listener rather than writing into the queue: the queue belongs to the
 ``mailsrv`` user and is locked by the running server; going through the server gives every local
 program the same checks, trace headers, fsync guarantee and log line as any other client, and
 needs no set-uid helper.  The price is that nothing is queued while the server is down: the
