@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from mailsrv.envelope import QueuedMessage, decode, encode, new_message
 from mailsrv import durable
 from mailsrv.dirfd import fsync_dir
 from mailsrv.durable import DeliveryError, doing, ensure_dir
+from mailsrv.envelope import QueuedMessage, decode, encode, new_message
 
 __all__ = [
     "new_queue_id",
