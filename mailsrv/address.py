@@ -20,6 +20,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mailsrv import replies
+from mailsrv.replies import Refusal, Reply
+
 __all__ = [
     "AddressError",
     "Mailbox",
@@ -42,18 +45,10 @@ _MAX_DNS_NAME = 253
 _MAX_LABEL = 63
 
 
-class AddressError(Exception):
-    """An address or parameter the server refuses, with the SMTP reply to give.
-
-    The parser knows best *why* a path is wrong (syntax, length, non-ASCII), so it chooses the
-    reply; the protocol only sends it.
-    """
-
-    def __init__(self, code: int, status: str, text: str) -> None:
-        super().__init__(f"{code} {status} {text}")
-        self.code = code
-        self.status = status
-        self.text = text
+#: The name smtp.py, delivery.py and bounce.py use for the parser's refusals: the one
+#: refusal type of :mod:`mailsrv.replies`, carrying the reply the parser chose (it knows
+#: best *why* a path is wrong; the protocol only sends it).
+AddressError = Refusal
 
 
 # atext of RFC 5321/5322: letters, digits and these specials.
@@ -213,24 +208,24 @@ def _split_params(text: str) -> dict[str, str | None]:
             continue  # tolerate several spaces
         key, eq, value = token.partition("=")
         if not _KEYWORD_RE.match(key):
-            raise AddressError(501, "5.5.4", "Bad parameter syntax")
+            raise Refusal(replies.BAD_PARAMETER_SYNTAX)
         if eq and not _VALUE_RE.match(value):
-            raise AddressError(501, "5.5.4", "Bad parameter syntax")
+            raise Refusal(replies.BAD_PARAMETER_SYNTAX)
         key = key.upper()
         if key in params:
-            raise AddressError(501, "5.5.4", "Bad parameter syntax")
+            raise Refusal(replies.BAD_PARAMETER_SYNTAX)
         params[key] = value if eq else None
     return params
 
 
-def _split_path(rest: bytes, keyword: str, usage: str) -> tuple[str, str]:
+def _split_path(rest: bytes, keyword: str, usage: Reply) -> tuple[str, str]:
     """Split ``FROM:<path> params`` into the path (without brackets) and the parameter text.
 
     Both are latin-1 decoded so that non-ASCII octets survive to be reported precisely; the
     parameters are parsed only after the path, so a bad address is what the client hears
     about first.  Raises the 501 usage error when the framing itself is wrong.
     """
-    syntax = AddressError(501, "5.5.4", usage)
+    syntax = Refusal(usage)
     text = rest.decode("latin-1")
     if text[: len(keyword)].upper() != keyword:
         raise syntax
@@ -265,14 +260,14 @@ def _split_path(rest: bytes, keyword: str, usage: str) -> tuple[str, str]:
     return path, after
 
 
-def _parse_mailbox(path: str, status: str, what: str) -> Mailbox | None:
+def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox | None:
     """Parse the inside of ``<...>``; None for the null path ``<>``.
 
-    ``status``/``what`` choose the reply (5.1.7 sender / 5.1.3 recipient).
+    ``bad``/``too_long`` are the replies (5.1.7 sender / 5.1.3 recipient); ``what`` is
+    "sender" or "recipient".
     """
-    bad = f"Bad {what} address syntax"
     if not path.isascii():
-        raise AddressError(553, "5.6.7", "Non-ASCII addresses are not supported")
+        raise Refusal(replies.NON_ASCII_ADDRESS)
     if path == "":
         return None
 
@@ -282,14 +277,14 @@ def _parse_mailbox(path: str, status: str, what: str) -> Mailbox | None:
     if path.startswith("@"):
         route, colon, body = path.partition(":")
         if not colon:
-            raise AddressError(553, status, bad)
+            raise Refusal(bad)
         for hop in route.split(","):
             if not hop.startswith("@"):
-                raise AddressError(553, status, bad)
+                raise Refusal(bad)
             try:
                 normalise_domain(hop[1:])
             except ValueError:
-                raise AddressError(553, status, bad) from None
+                raise Refusal(bad) from None
         source_route = True
 
     # Local part: Quoted-string or Dot-string.
@@ -299,26 +294,26 @@ def _parse_mailbox(path: str, status: str, what: str) -> Mailbox | None:
         i = 1
         while True:
             if i >= len(body):
-                raise AddressError(553, status, bad)  # unterminated quoted-string
+                raise Refusal(bad)  # unterminated quoted-string
             c = body[i]
             if c == '"':
                 break
             if c == "\\":
                 i += 1
                 if i >= len(body) or not 32 <= ord(body[i]) <= 126:
-                    raise AddressError(553, status, bad)
+                    raise Refusal(bad)
                 chars.append(body[i])
             elif 32 <= ord(c) <= 126:
                 chars.append(c)
             else:
-                raise AddressError(553, status, bad)
+                raise Refusal(bad)
             i += 1
         raw_local = body[: i + 1]
         local = "".join(chars)
         quoted = True
         remainder = body[i + 1:]
         if remainder and not remainder.startswith("@"):
-            raise AddressError(553, status, bad)
+            raise Refusal(bad)
         has_domain = bool(remainder)
         domain = remainder[1:]
     else:
@@ -330,38 +325,38 @@ def _parse_mailbox(path: str, status: str, what: str) -> Mailbox | None:
     # measured as written (a Quoted-string with its quotes, as RFC 5321 section 4.5.3.1.1
     # counts it); the path includes its angle brackets and any source route.
     if len(raw_local) > MAX_LOCAL_PART:
-        raise AddressError(553, status, f"{bad}: local part longer than {MAX_LOCAL_PART} octets")
+        raise Refusal(too_long.format(part="local part", limit=str(MAX_LOCAL_PART)))
     if len(domain) > MAX_DOMAIN:
-        raise AddressError(553, status, f"{bad}: domain longer than {MAX_DOMAIN} octets")
+        raise Refusal(too_long.format(part="domain", limit=str(MAX_DOMAIN)))
     if len(path) + 2 > MAX_PATH:
-        raise AddressError(553, status, f"{bad}: path longer than {MAX_PATH} octets")
+        raise Refusal(too_long.format(part="path", limit=str(MAX_PATH)))
 
     if not quoted and not is_dot_atom(local):
-        raise AddressError(553, status, bad)
+        raise Refusal(bad)
     if not has_domain:
         # Only RCPT's special <postmaster> may lack a domain (RFC 5321 section 4.1.1.3).
         special = not quoted and not source_route and local.lower() == "postmaster"
         if what == "recipient" and special:
             return Mailbox("postmaster", "")
-        raise AddressError(553, status, bad)
+        raise Refusal(bad)
     try:
         if domain.startswith("[") and domain.endswith("]"):
             domain = _normalise_literal(domain)
         else:
             domain = normalise_domain(domain)
     except ValueError:
-        raise AddressError(553, status, bad) from None
+        raise Refusal(bad) from None
     return Mailbox(local, domain, quoted=quoted, source_route=source_route)
 
 
 def parse_mail_from(rest: bytes) -> tuple[Mailbox | None, dict[str, str | None]]:
     """Parse what follows ``MAIL``: the reverse-path (None for ``<>``) and its parameters.
 
-    Raises :class:`AddressError` with the reply to send.  Which parameters are *supported* is
-    the protocol's business; this only checks their syntax.
+    Raises :class:`~mailsrv.replies.Refusal` with the reply to send.  Which parameters are
+    *supported* is the protocol's business; this only checks their syntax.
     """
-    path, after = _split_path(rest, "FROM:", "Syntax: MAIL FROM:<address> [parameters]")
-    mailbox = _parse_mailbox(path, "5.1.7", "sender")
+    path, after = _split_path(rest, "FROM:", replies.MAIL_SYNTAX)
+    mailbox = _parse_mailbox(path, replies.BAD_SENDER, replies.SENDER_TOO_LONG, "sender")
     return mailbox, _split_params(after)
 
 
@@ -372,8 +367,8 @@ def parse_rcpt_to(rest: bytes) -> tuple[Mailbox, dict[str, str | None]]:
     accepted as ``Mailbox("postmaster", "")``, which the router sends to the first local
     domain's postmaster.
     """
-    path, after = _split_path(rest, "TO:", "Syntax: RCPT TO:<address> [parameters]")
-    mailbox = _parse_mailbox(path, "5.1.3", "recipient")
+    path, after = _split_path(rest, "TO:", replies.RCPT_SYNTAX)
+    mailbox = _parse_mailbox(path, replies.BAD_RECIPIENT, replies.RECIPIENT_TOO_LONG, "recipient")
     if mailbox is None:
-        raise AddressError(553, "5.1.3", "Bad recipient address syntax")
+        raise Refusal(replies.BAD_RECIPIENT)
     return mailbox, _split_params(after)

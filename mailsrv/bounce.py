@@ -20,10 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from mailsrv import dsn, headers, queue
-from mailsrv.address import AddressError, parse_rcpt_to
+from mailsrv.address import parse_rcpt_to
 from mailsrv.config import Config
 from mailsrv.envelope import BOUNCED, QueuedMessage, QueuedRecipient
-from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.policy import recipient_targets
+from mailsrv.replies import Refusal
 from mailsrv.router import Directory
 from mailsrv.store import Stored, store
 
@@ -57,7 +58,7 @@ def send_dsn(
     """Build the DSN about ``reports`` and store it for the original sender; return where.
 
     Raises ValueError for a message with the null sender (never bounce a bounce),
-    UnroutableBounce when the sender cannot be delivered to, and maildir.DeliveryError when
+    UnroutableBounce when the sender cannot be delivered to, and durable.DeliveryError when
     the disk refuses.
     """
     if not message.sender:
@@ -120,7 +121,7 @@ def _store_report(
     try:
         mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
         targets = recipient_targets(mailbox, directory, may_relay=True)
-    except (AddressError, Refusal) as exc:
+    except Refusal as exc:
         who = "sender" if sender else "postmaster"
         raise UnroutableBounce(f"the {who} <{to}> cannot receive mail: {exc}")
     dsn_id = queue.new_queue_id()

@@ -1,11 +1,11 @@
 """
 ``mailsrv check-config``: every start-up check of the server, without disturbing a running one.
 
-The server's own start-up (``service.prepare`` followed by ``service.lock_spool``) creates the
-mailbox root and the queue directories and takes the spool lock.  An administrator checks an
+The server's own start-up (``service.prepare`` followed by ``service.lock_queue``) creates the
+mailbox root and the queue directories and takes the queue lock.  An administrator checks an
 edited file *while the server runs*, usually as root, so this module does neither: a directory
 created here would belong to root (and the server, running as ``mailsrv``, could not write it),
-and holding the spool lock even for a moment could make a server starting meanwhile refuse to
+and holding the queue lock even for a moment could make a server starting meanwhile refuse to
 start.  Everything else is the server's code itself: ``load_config`` for the file,
 ``service.load_tls`` for the certificate and key, and ``service.load_directory`` for the users
 and aliases (every alias resolves, every local domain has a postmaster, and with AUTH on,

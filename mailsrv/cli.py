@@ -4,7 +4,7 @@ The ``mailsrv`` admin command: ``mailsrv queue list|show|flush|delete|bounce``,
 ``--config PATH`` may come anywhere on the line.  It does not run the server (``twistd
 mailsrv`` does).
 
-The spool lock decides how it works.  When a server runs (it holds the lock), changes are
+The queue lock decides how it works.  When a server runs (it holds the lock), changes are
 requests the server carries out, because its in-memory state would otherwise overwrite ours;
 when none runs, the command takes the lock itself (so none starts meanwhile) and changes the
 files directly.  Reading (``list``, ``show``) never needs the server.
@@ -133,7 +133,7 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _offline(config: Config, action: str, queue_id: str | None) -> str:
-    """Carry out a change on the files, while holding the spool lock."""
+    """Carry out a change on the files, while holding the queue lock."""
     qdir = Path(config.queue.path)
     if action == "flush":
         now = time.time()
@@ -181,8 +181,8 @@ def cmd_change(config: Config, args: argparse.Namespace) -> int:
     qdir = Path(config.queue.path)
     queue_id = getattr(args, "id", None)
     try:
-        lock = queue.lock_spool(qdir)
-    except queue.SpoolLocked:
+        lock = queue.lock_queue(qdir)
+    except queue.QueueLocked:
         text = _ask_server(qdir, args.action, queue_id, args.wait)
     else:
         try:

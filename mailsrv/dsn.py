@@ -33,6 +33,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mailsrv.headsection import is_field
+
 __all__ = ["RecipientReport", "build_dsn", "original_headers"]
 
 #: Longest line we write anywhere (RFC 5322 section 2.1.1 hard limit, without CRLF).
@@ -79,7 +81,6 @@ _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 # whitespace and without what opens/closes comments, quoted strings or angle addresses.
 _TOKEN_BAD = re.compile(r'[^\x21-\x7e]|[()\\;<>",]')
 # A header field name directly followed by ':' (RFC 5322 section 2.2; as mailsrv.headers).
-_FIELD_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 # An SMTP reply starts with its three-digit code (RFC 5321 section 4.2).
 _SMTP_REPLY_RE = re.compile(r"[2-5][0-9][0-9](?:[ -]|\Z)")
 
@@ -456,9 +457,10 @@ def original_headers(head: bytes, limit: int = 65536) -> bytes:
 
     *head* is the first bytes of the spooled original (LF line ends) and may stop mid-line;
     a line without its LF is dropped, since it may be cut anywhere.  The section ends at
-    the first empty line, or at the first line that is neither a header field nor the
-    continuation (leading SP/HTAB) of one (RFC 5322 parsing, as ``headers.inspect_head``):
-    a message without a header section gives ``b""``.  Lines are returned unchanged,
+    the first empty line, or at the first line that is neither a header field in the current
+    syntax (``headsection.is_field(line, obsolete=False)``: a name with WSP before its colon
+    ends it, unlike in ``headsection.inspect_head``) nor the continuation (leading SP/HTAB)
+    of one: a message without a header section gives ``b""``.  Lines are returned unchanged,
     8-bit octets included, each with its LF.
     """
     out: list[bytes] = []
@@ -470,7 +472,7 @@ def original_headers(head: bytes, limit: int = 65536) -> bytes:
         if line[:1] in (b" ", b"\t"):
             if not out:
                 break  # a continuation with no field before it
-        elif not _FIELD_RE.match(line):
+        elif not is_field(line, obsolete=False):  # "Name :" ends it, as it always has
             break
         if size + len(line) + 1 > limit:
             break

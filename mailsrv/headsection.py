@@ -30,6 +30,7 @@ from typing import BinaryIO
 __all__ = [
     "HEADER_SECTION_LIMIT",
     "HeaderFacts",
+    "field_name",
     "inspect_head",
     "is_field",
     "read_head",
@@ -45,8 +46,13 @@ HEADER_SECTION_LIMIT = 1 << 20
 _CHUNK = 65536
 
 # A field: name of printable ASCII except ':' (RFC 5322 §2.2), optional WSP before the
-# colon (obs-optional, §4.5.3; readers accept it, so we must too).
-_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# colon (obs-optional, §4.5.3; readers accept it, so we must too).  The one definition of a
+# header field line in mailsrv: sendmail, dsn and mime7bit read fields through is_field and
+# field_name.
+_NAME = rb"([\x21-\x39\x3b-\x7e]+)"
+_FIELD_RE = re.compile(_NAME + rb"[ \t]*:")
+# The current syntax only: the colon right after the name.
+_STRICT_FIELD_RE = re.compile(_NAME + rb":")
 
 # The fields that name who wrote or sent the message, as readers show them.
 _ORIGINATORS = {
@@ -78,9 +84,20 @@ class HeaderFacts:
     too_long: bool = False
 
 
-def is_field(line: bytes) -> bool:
-    """Whether *line* starts a header field (obsolete WSP before the colon included)."""
-    return _FIELD_RE.match(line) is not None
+def field_name(line: bytes, *, obsolete: bool = True) -> bytes | None:
+    """The name of the header field *line* starts, as written; None when it starts none.
+
+    With ``obsolete`` (the default) WSP between the name and the colon is accepted, as
+    readers do (``From : x`` is a From: field); without it only the current syntax is.
+    Continuation lines (leading SP/HTAB) start no field: the caller joins them.
+    """
+    match = (_FIELD_RE if obsolete else _STRICT_FIELD_RE).match(line)
+    return match.group(1) if match else None
+
+
+def is_field(line: bytes, *, obsolete: bool = True) -> bool:
+    """Whether *line* starts a header field (see :func:`field_name`)."""
+    return (_FIELD_RE if obsolete else _STRICT_FIELD_RE).match(line) is not None
 
 
 def _section_ended(head: bytes) -> bool:

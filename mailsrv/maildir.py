@@ -27,7 +27,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from mailsrv import dirfd
-from mailsrv.dirfd import fsync_dir
+from mailsrv.durable import DeliveryError, doing, ensure_dir
 from mailsrv.fdio import copy_data as _copy_data
 from mailsrv.fdio import write_all as _write_all
 
@@ -37,10 +37,7 @@ __all__ = [
     "deliver",
     "remove_delivered",
     "ensure_dir",
-    "fsync_dir",
 ]
-
-_DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 # The pid in unique names, read once (and again in a forked child) rather than per message.
 _pid = os.getpid()
@@ -61,50 +58,6 @@ _counter = itertools.count(1)
 _new_dir_sync = dirfd.DirectorySync()
 
 
-class DeliveryError(Exception):
-    """A Maildir (or queue) write failed; nothing was left visible.
-
-    ``disk_full`` is True for ENOSPC/EDQUOT, so that the server can answer
-    ``452 4.3.1`` instead of ``451 4.3.0``.  ``str(err)`` names the operation,
-    the path and the OS error, for the log line.
-    """
-
-    def __init__(self, message: str, *, disk_full: bool = False, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.disk_full = disk_full
-        self.errno = errno
-
-    @classmethod
-    def from_oserror(cls, action: str, path: os.PathLike[str] | str, exc: OSError) -> DeliveryError:
-        """Wrap *exc*, raised while doing *action* on *path*."""
-        reason = exc.strerror or str(exc)
-        code = exc.errno
-        text = f"cannot {action} {os.fspath(path)}: [Errno {code}] {reason}" if code else (
-            f"cannot {action} {os.fspath(path)}: {reason}"
-        )
-        return cls(text, disk_full=code in _DISK_FULL, errno=code)
-
-
-class _doing:
-    """``with _doing(action, path):`` turns an OSError raised in the block into a DeliveryError
-    naming *path* (a class, not a generator: it is on every delivery's path several times)."""
-
-    __slots__ = ("action", "path")
-
-    def __init__(self, action: str, path: os.PathLike[str] | str) -> None:
-        self.action, self.path = action, path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, OSError):
-            action, path = self.action, self.path
-            if isinstance(exc, dirfd.StepError):  # it knows the step and the path better
-                action, path = exc.action, exc.filename
-            raise DeliveryError.from_oserror(action, path, exc) from exc
-
-
 def unique_name(hostname: str, size: int) -> str:
     """A Maildir file name: ``<secs>.M<usecs>P<pid>Q<n>R<hex>.<host>,S=<size>``.
 
@@ -121,15 +74,6 @@ def unique_name(hostname: str, size: int) -> str:
         f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{secrets.token_hex(8)}"
         f".{host},S={size}"
     )
-
-
-def ensure_dir(path: os.PathLike[str] | str) -> None:
-    """``mkdir -p`` with mode 0700, fsyncing every parent that got a new entry.
-
-    Raises DeliveryError, like every other failure of this module.
-    """
-    with _doing("create directory", path):
-        dirfd.make_dirs(Path(path))
 
 
 def _create(dir_fd: int, name: str) -> int:
@@ -151,7 +95,7 @@ def _names(base: str, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
     is made (``a//b/./c`` is ``a``, ``b``, ``c``, as for the kernel)."""
     text = os.fspath(maildir)
     names = tuple(name for name in text.split("/") if name not in ("", "."))
-    with _doing("open directory", f"{base}/{text}"):
+    with doing("open directory", f"{base}/{text}"):
         if text.startswith("/") or not names:
             raise OSError(errno.EINVAL, "not a path below the root")
         for name in names:
@@ -161,13 +105,13 @@ def _names(base: str, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
 
 def _open_root(root: Path) -> int:
     """The root's descriptor. The root is the administrator's choice: a link there is followed."""
-    with _doing("open directory", root):
+    with doing("open directory", root):
         try:
             return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             pass
     ensure_dir(root)  # removed since start-up: made again, as before
-    with _doing("open directory", root):
+    with doing("open directory", root):
         return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -249,10 +193,10 @@ class _Delivery:
         body_path: os.PathLike[str] | str, hostname: str,
     ) -> None:
         """Open (or make) every directory, find duplicates, write one file per prefix."""
-        with _doing("open", body_path):
+        with doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _doing("stat", body_path):
+            with doing("stat", body_path):
                 body_size = os.fstat(src_fd).st_size
             index_of_key: dict[tuple[int, int], int] = {}
             for names, prefix in zip(wanted, prefixes):
@@ -294,7 +238,7 @@ class _Delivery:
                     try:
                         _link(source, box, name, size)
                         self.linked.append((self.unique[index], box.key, name))
-                        with _doing("fsync directory", f"{box.path}/new"):
+                        with doing("fsync directory", f"{box.path}/new"):
                             _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
                         new_paths[index] = Path(f"{box.path}/new/{name}")
                     finally:
@@ -332,7 +276,7 @@ class _Delivery:
         os.close(self.root_fd)
 
     def _open(self, names: tuple[str, ...]) -> dirfd.OpenMaildir:
-        with _doing("open directory", self.base):
+        with doing("open directory", self.base):
             return dirfd.open_maildir(self.root_fd, self.base, names)
 
     def _box(self, index: int) -> dirfd.OpenMaildir:
@@ -345,13 +289,13 @@ def _write_tmp(
 ) -> None:
     """Write *prefix* and the body into ``tmp/name`` of *box*, fsync'd; nothing left on error."""
     path = f"{box.path}/tmp/{name}"
-    with _doing("create", path):
+    with doing("create", path):
         dst_fd = _create(box.tmp_fd, name)
     try:
-        with _doing("write", path):
+        with doing("write", path):
             _write_all(dst_fd, prefix)
             _copy_data(src_fd, dst_fd, body_size)
-        with _doing("fsync", path):
+        with doing("fsync", path):
             os.fsync(dst_fd)
     except BaseException:
         with suppress(OSError):
@@ -371,14 +315,14 @@ def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int
         if exc.errno != errno.EXDEV:
             raise DeliveryError.from_oserror("link into", new_path, exc) from exc
     # Another file system: a copy of its own in its tmp/, made durable, then linked.
-    with _doing("open", f"{first.path}/tmp/{name}"):
+    with doing("open", f"{first.path}/tmp/{name}"):
         src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=first.tmp_fd)
     try:
         _write_tmp(box, name, b"", src_fd, size)
     finally:
         os.close(src_fd)
     try:
-        with _doing("link into", new_path):
+        with doing("link into", new_path):
             os.link(name, name, src_dir_fd=box.tmp_fd, dst_dir_fd=box.new_fd,
                     follow_symlinks=False)
     finally:

@@ -27,7 +27,7 @@ Everything else is passed through byte for byte: header fields are never re-fold
 and parts without 8-bit octets are untouched (a signed part stays signed).  The message is
 streamed line by line twice (first to plan and to find what cannot be converted, before any
 output; then to write), so memory stays small whatever the size.  Lines end with LF, as in
-the spool.  The standard library's ``email`` package reads each header section's
+the spool file.  The standard library's ``email`` package reads each header section's
 ``Content-Type`` and ``Content-Transfer-Encoding`` (parameters, RFC 2231, defaults); the
 structure is followed here, line by line, because the package holds whole messages in memory
 and re-folds what it writes.
@@ -41,12 +41,13 @@ import email.policy
 import re
 from collections.abc import Callable, Iterable, Iterator
 
+from mailsrv.headsection import is_field
+
 __all__ = ["ConversionError", "quoted_printable_line", "to_7bit"]
 
 #: RFC 2045 section 6.7 rule 5: encoded lines are at most 76 characters.
 QP_LINE_MAX = 76
 _IDENTITY = ("7bit", "8bit", "binary")
-_FIELD_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 # Octets that quoted-printable writes as =XX: all but printable ASCII other than "=", and
 # but space and tab (which are encoded at the end of a line only).
 _QP_UNSAFE = re.compile(rb"[^\x21-\x3c\x3e-\x7e \t]")
@@ -166,7 +167,7 @@ class _Converter:
             if _delimiter(line, boundaries) is not None:
                 lines.push(line)
                 break
-            if (line[:1] in (b" ", b"\t") and header) or _FIELD_RE.match(line):
+            if (line[:1] in (b" ", b"\t") and header) or is_field(line):
                 header.append(line)
                 continue
             lines.push(line)  # a body without the empty line before it

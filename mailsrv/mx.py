@@ -20,6 +20,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import dns, error
 
+from mailsrv import replies
+from mailsrv.replies import Refusal
+
 __all__ = [
     "MXHost",
     "DestinationError",
@@ -38,14 +41,16 @@ class MXHost:
     addresses: tuple[str, ...]  # IPv6 first, then IPv4, in DNS order
 
 
-class DestinationError(Exception):
-    """No host to deliver to; ``permanent`` decides bounce (True) or retry (False)."""
+class DestinationError(Refusal):
+    """No host to deliver to: the reply for the domain's recipients (``permanent`` decides
+    bounce or retry)."""
 
-    def __init__(self, permanent: bool, status: str, text: str) -> None:
-        super().__init__(text)
-        self.permanent = permanent
-        self.status = status
-        self.text = text
+    @property
+    def permanent(self) -> bool:
+        return self.reply.permanent
+
+    def __str__(self) -> str:
+        return self.reply.text
 
 
 def _name(value: Any) -> str:
@@ -135,7 +140,7 @@ def _literal(domain: str) -> MXHost | None:
     try:
         address = ipaddress.ip_address(inner)
     except ValueError:
-        raise DestinationError(True, "5.1.2", f"bad address literal {domain}") from None
+        raise DestinationError(replies.BAD_ADDRESS_LITERAL.format(domain=domain)) from None
     return MXHost(domain, 0, (str(address),))
 
 
@@ -152,20 +157,20 @@ def resolve_destination(
     literal = _literal(domain)
     if literal is not None:
         if is_own_address(ipaddress.ip_address(literal.addresses[0])):
-            raise DestinationError(True, "5.4.6", f"mail for {domain} loops back to myself")
+            raise DestinationError(replies.LOOPS_BACK.format(domain=domain))
         return [literal]
     rng = rng or random.Random()
     try:
         answers, _, _ = yield resolver.lookupMailExchange(domain, timeout=timeout)
     except error.DNSNameError:
-        raise DestinationError(True, "5.1.2", f"Domain {domain} not found (NXDOMAIN)")
+        raise DestinationError(replies.DOMAIN_NOT_FOUND.format(domain=domain))
     except Exception as e:
         raise DestinationError(
-            False, "4.4.3", f"DNS lookup of MX for {domain} failed: {type(e).__name__}; will retry"
+            replies.MX_LOOKUP_FAILED.format(domain=domain, error=type(e).__name__)
         )
     records = [(a.payload.preference, _name(a.payload.name)) for a in answers if a.type == dns.MX]
     if records and all(name == "" for _, name in records):
-        raise DestinationError(True, "5.1.10", f"Domain {domain} does not accept mail (null MX)")
+        raise DestinationError(replies.NULL_MX.format(domain=domain))
     records = [(pref, name) for pref, name in records if name]
     if not records:
         records = [(0, domain)]  # implicit MX
@@ -174,7 +179,7 @@ def resolve_destination(
         implicit = False
     usable = drop_own_hosts(order_mx(records, rng), own_names)
     if not usable:
-        raise DestinationError(True, "5.4.6", f"mail for {domain} loops back to myself")
+        raise DestinationError(replies.LOOPS_BACK.format(domain=domain))
     hosts: list[MXHost] = []
     any_temporary = False
     for pref, name in usable:
@@ -185,10 +190,10 @@ def resolve_destination(
     if hosts:
         return hosts
     if any_temporary:
-        raise DestinationError(False, "4.4.4", f"no MX host for {domain} has an address (DNS failed); will retry")
+        raise DestinationError(replies.NO_MX_ADDRESS_YET.format(domain=domain))
     if implicit:
-        raise DestinationError(True, "5.1.2", f"Domain {domain} has no MX and no address")
-    raise DestinationError(True, "5.4.4", f"no MX host for {domain} has an address")
+        raise DestinationError(replies.NO_MX_NO_ADDRESS.format(domain=domain))
+    raise DestinationError(replies.NO_MX_ADDRESS.format(domain=domain))
 
 
 def _v6_first(addresses: list[str]) -> list[str]:
@@ -209,6 +214,6 @@ def resolve_host(resolver: Any, name: str, *, timeout: tuple[int, ...] = (2, 5))
     if found:
         return MXHost(name.lower().rstrip("."), 0, tuple(_v6_first(found)))
     if temporary:
-        raise DestinationError(False, "4.4.3", f"DNS lookup of {name} failed; will retry")
-    raise DestinationError(True, "5.4.4", f"host {name} has no address")
+        raise DestinationError(replies.HOST_LOOKUP_FAILED.format(name=name))
+    raise DestinationError(replies.HOST_NO_ADDRESS.format(name=name))
 

@@ -20,8 +20,10 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailsrv import replies
 from mailsrv.mime7bit import ConversionError, to_7bit
-from mailsrv.smtpclient import Reply, Transaction
+from mailsrv.replies import Reply
+from mailsrv.smtpclient import OutboundTransaction
 
 __all__ = ["Outgoing", "measure", "prepare"]
 
@@ -56,7 +58,9 @@ def measure(prefix: bytes, path: Path) -> tuple[int, bool]:
     return size, eight_bit
 
 
-def prepare(transaction: Transaction, eight_bit_ok: bool, workdir: Path) -> Outgoing | Reply:
+def prepare(
+    transaction: OutboundTransaction, eight_bit_ok: bool, workdir: Path
+) -> Outgoing | Reply:
     """The message to send to a server (which offers 8BITMIME or not), or why it cannot be.
 
     A Reply is the verdict for all the transaction's recipients: ``554 5.6.3`` for an
@@ -69,13 +73,12 @@ def prepare(transaction: Transaction, eight_bit_ok: bool, workdir: Path) -> Outg
             return Outgoing(size, eight_bit, transaction.prefix, transaction.body_path)
         return _downgrade(transaction, Path(workdir))
     except ConversionError as e:
-        return Reply(554, "5.6.3 the message has 8-bit content, the receiving server does not "
-                     f"accept 8BITMIME, and it cannot be converted to 7 bits: {e}", "5.6.3")
+        return replies.CANNOT_CONVERT_8BIT.format(error=str(e))
     except OSError as e:
-        return Reply(451, f"4.3.0 cannot read the queued message: {e}", "4.3.0")
+        return replies.CANNOT_READ_QUEUED.format(error=str(e))
 
 
-def _downgrade(transaction: Transaction, workdir: Path) -> Outgoing:
+def _downgrade(transaction: OutboundTransaction, workdir: Path) -> Outgoing:
     """The 7-bit copy of the message, in a new file under ``workdir``."""
     fd, name = tempfile.mkstemp(prefix=f"{transaction.queue_id}.7bit.", dir=workdir)
     path = Path(name)

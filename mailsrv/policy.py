@@ -9,36 +9,12 @@ parsed mailbox, the :class:`~mailsrv.router.Directory` and whether the client ma
 
 from __future__ import annotations
 
+from mailsrv import replies
 from mailsrv.address import Mailbox, is_safe_local_part
+from mailsrv.replies import Refusal
 from mailsrv.router import Directory, LocalTarget, RemoteTarget, Target, UnknownRecipient
 
 __all__ = ["Refusal", "recipient_targets", "owns_address"]
-
-
-class Refusal(Exception):
-    """A recipient refused, with the exact SMTP reply to give."""
-
-    def __init__(self, code: int, status: str, text: str) -> None:
-        super().__init__(f"{code} {status} {text}")
-        self.code = code
-        self.status = status
-        self.text = text
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Refusal):
-            return NotImplemented
-        return (self.code, self.status, self.text) == (other.code, other.status, other.text)
-
-    def __hash__(self) -> int:
-        return hash((self.code, self.status, self.text))
-
-    def __repr__(self) -> str:
-        return f"Refusal({self.code!r}, {self.status!r}, {self.text!r})"
-
-
-RELAY_DENIED = (554, "5.7.1", "Relay access denied")
-MAILBOX_NOT_ALLOWED = (553, "5.1.3", "Mailbox name not allowed")
-USER_UNKNOWN = (550, "5.1.1", "User unknown in local recipient table")
 
 
 def recipient_targets(
@@ -54,17 +30,17 @@ def recipient_targets(
     """
     disguised = mailbox.relay_tokens or mailbox.source_route or mailbox.is_address_literal
     if disguised and not may_relay:
-        raise Refusal(*RELAY_DENIED)
+        raise Refusal(replies.RELAY_DENIED)
     if mailbox.domain == "" or directory.is_local_domain(mailbox.domain):
         if not is_safe_local_part(mailbox.local):
-            raise Refusal(*MAILBOX_NOT_ALLOWED)
+            raise Refusal(replies.MAILBOX_NOT_ALLOWED)
         try:
             return directory.resolve(mailbox)
         except UnknownRecipient:
-            raise Refusal(*USER_UNKNOWN) from None
+            raise Refusal(replies.USER_UNKNOWN) from None
     if may_relay:
         return (RemoteTarget(str(mailbox)),)
-    raise Refusal(*RELAY_DENIED)
+    raise Refusal(replies.RELAY_DENIED)
 
 
 def owns_address(login: str, address: Mailbox | None, directory: Directory) -> bool:

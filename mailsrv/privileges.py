@@ -3,7 +3,7 @@ Start-up work done as the user the server will run as.
 
 ``twistd --uid mailsrv mailsrv ...`` started as root builds the service as root and only
 switches to ``mailsrv`` just before the service starts.  The start-up checks (``prepare``:
-the mailbox root and queue directories are created and probed; the spool lock file is
+the mailbox root and queue directories are created and probed; the queue lock file is
 created) would then make root-owned directories that the server, once it is ``mailsrv``,
 cannot write, and would prove writability for the wrong user.  Doing that work with the
 *effective* uid and gid (and groups) twistd is going to switch to makes it exactly what the

@@ -1,4 +1,4 @@
-"""The durable outbound queue on the spool (blocking I/O; call it from the thread pool).
+"""The durable outbound queue in its directory (blocking I/O; call it from the thread pool).
 
 Layout under the queue directory ``qdir``::
 
@@ -7,7 +7,7 @@ Layout under the queue directory ``qdir``::
     messages/<id>.json   the envelope and per-recipient state (see mailsrv.envelope)
     corrupt/             envelopes that did not decode, moved aside with their bodies
     control/             requests from ``mailsrv queue`` to the running server
-    lock                 flock'd by the running server: one server per spool
+    lock                 flock'd by the running server: one server per queue
 
 The ``.json`` file is the commit point.  The body is moved in first (a rename on
 the same file system: no copy, and atomic), then the envelope is written to a
@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from mailsrv import durable
+from mailsrv.dirfd import fsync_dir
+from mailsrv.durable import DeliveryError, doing, ensure_dir
 from mailsrv.envelope import QueuedMessage, decode, encode, new_message
-from mailsrv.maildir import DeliveryError, _doing, _write_all, ensure_dir, fsync_dir
 
 __all__ = [
     "new_queue_id",
@@ -46,8 +48,8 @@ __all__ = [
     "body_path",
     "load",
     "LoadReport",
-    "SpoolLocked",
-    "lock_spool",
+    "QueueLocked",
+    "lock_queue",
     "control_request",
     "control_requests",
     "control_answer",
@@ -99,23 +101,6 @@ def queue_dirs(qdir: Path) -> None:
 
 def body_path(qdir: Path, queue_id: str) -> Path:
     return Path(qdir) / "messages" / f"{queue_id}.body"
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Create *path* (which must not exist), write *data*, fsync it; DeliveryError on failure.
-
-    On failure the file may remain; the caller removes it.
-    """
-    with _doing("create", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with _doing("write", path):
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-        with _doing("fsync", path):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def enqueue(
@@ -174,28 +159,28 @@ def enqueue(
                     f"cannot enqueue {existing}: queue id {queue_id} already in use"
                 )
 
-        with _doing("open", source):
+        with doing("open", source):
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            with _doing("fsync", source):
+            with doing("fsync", source):
                 os.fchmod(fd, 0o600)
                 os.fsync(fd)
         finally:
             os.close(fd)
-        with _doing("move into the queue", source):
+        with doing("move into the queue", source):
             os.rename(source, body_dest)
         body_moved = True
         # The body's new name must be durable before the envelope that points at it.
-        with _doing("fsync directory", messages):
+        with doing("fsync directory", messages):
             fsync_dir(messages)
 
         tmp_created = True
-        _write_durably(json_tmp, data)
-        with _doing("commit", json_dest):
+        durable.write_new(json_tmp, data, named=doing)
+        with doing("commit", json_dest):
             os.rename(json_tmp, json_dest)
         tmp_created = False
         committed = True
-        with _doing("fsync directory", messages):
+        with doing("fsync directory", messages):
             fsync_dir(messages)
     except BaseException:
         _undo(
@@ -243,19 +228,7 @@ def save(qdir: Path, message: QueuedMessage) -> None:
     """
     _check_id(message.id)
     data = encode(message)
-    messages = Path(qdir) / "messages"
-    dest = messages / f"{message.id}.json"
-    tmp = messages / f".{message.id}.json.{secrets.token_hex(4)}.tmp"
-    try:
-        _write_durably(tmp, data)
-        with _doing("replace", dest):
-            os.rename(tmp, dest)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with _doing("fsync directory", messages):
-        fsync_dir(messages)
+    durable.replace(Path(qdir) / "messages" / f"{message.id}.json", data, named=doing)
 
 
 def remove(qdir: Path, queue_id: str) -> bool:
@@ -273,7 +246,7 @@ def remove(qdir: Path, queue_id: str) -> bool:
             found = True
         except FileNotFoundError:
             pass
-    with _doing("fsync directory", messages):
+    with doing("fsync directory", messages):
         fsync_dir(messages)
     return found
 
@@ -318,7 +291,7 @@ def load(qdir: Path) -> LoadReport:
       ``250`` was given for it) or a removal that was cut short: removed.
     - an envelope that does not decode, or whose body is missing, is moved with
       its body to ``corrupt/`` for the administrator, and reported.
-    Only a server holding the spool lock may call this.
+    Only a server holding the queue lock may call this.
     """
     qdir = Path(qdir)
     messages_dir = qdir / "messages"
@@ -357,20 +330,20 @@ def load(qdir: Path) -> LoadReport:
     return report
 
 
-# --------------------------------------------------------------------------- the spool lock
+# --------------------------------------------------------------------------- the queue lock
 
 
-class SpoolLocked(Exception):
-    """Another process (a running mailsrv) holds the spool lock."""
+class QueueLocked(Exception):
+    """Another process (a running mailsrv) holds the queue lock."""
 
 
-def lock_spool(qdir: Path) -> IO[bytes]:
-    """Take the spool's exclusive lock, for as long as the returned file stays open.
+def lock_queue(qdir: Path) -> IO[bytes]:
+    """Take the queue's exclusive lock, for as long as the returned file stays open.
 
     A running server holds it for its whole life, so two servers never deliver the
     same queue, and ``mailsrv queue`` knows whether to ask the server (locked) or to
     work on the files itself (it then holds the lock, so no server starts meanwhile).
-    Raises SpoolLocked when it is held; the lock vanishes with the process, even
+    Raises QueueLocked when it is held; the lock vanishes with the process, even
     after SIGKILL.
     """
     path = Path(qdir) / "lock"
@@ -380,7 +353,7 @@ def lock_spool(qdir: Path) -> IO[bytes]:
     except OSError as exc:
         handle.close()
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise SpoolLocked(f"{path} is locked by a running mailsrv") from None
+            raise QueueLocked(f"{path} is locked by a running mailsrv") from None
         raise
     os.set_inheritable(handle.fileno(), False)
     return handle
@@ -414,7 +387,7 @@ def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
     control = Path(qdir) / "control"
     name = f"{action}.{queue_id or 'ALL'}.{secrets.token_hex(8)}.req"
     tmp = control / f".{name}"
-    _write_durably(tmp, b"")
+    durable.write_new(tmp, b"", named=doing)
     os.rename(tmp, control / name)
     return control / f"{name[:-4]}.ans"
 
@@ -441,7 +414,7 @@ def control_answer(qdir: Path, request: ControlRequest, text: str) -> None:
     tmp = control / f".{answer.name}"
     with suppress(FileNotFoundError):
         os.unlink(tmp)
-    _write_durably(tmp, text.encode("utf-8"))
+    durable.write_new(tmp, text.encode("utf-8"), named=doing)
     os.rename(tmp, answer)
     with suppress(FileNotFoundError):
         os.unlink(control / request.name)

@@ -33,11 +33,12 @@ from twisted.logger import Logger
 from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
+from mailsrv.durable import DeliveryError
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
-from mailsrv.maildir import DeliveryError
 from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
+from mailsrv.replies import Reply
 from mailsrv.schedule import RetryPolicy
-from mailsrv.smtpclient import RelayClientFactory, Reply, Transaction
+from mailsrv.smtpclient import RelayClientFactory, Transaction
 
 __all__ = ["Relayer"]
 
@@ -254,7 +255,7 @@ class Relayer(service.Service):
             # A smarthost that does not resolve is our configuration's fault: mail waits.
             permanent = e.permanent and key != SMARTHOST
             status = e.status if permanent or e.status[0] == "4" else "4" + e.status[1:]
-            reply = Reply(550 if permanent else 451, e.text, status)
+            reply = Reply(550 if permanent else 451, status, e.text)
             for queue_id, addresses in batch:
                 self._record(queue_id, {a: reply for a in addresses}, None)
             return
@@ -289,7 +290,7 @@ class Relayer(service.Service):
                     if t.complete:
                         self._record(t.queue_id, t.results, where, tls=outcome.tls)
                     elif t.attempted:
-                        deferred = Reply(451, f"{where}: {problem}", "4.4.2")
+                        deferred = Reply(451, "4.4.2", f"{where}: {problem}")
                         results = dict(t.results)
                         for a in t.recipients:
                             results.setdefault(a, deferred)
@@ -302,7 +303,7 @@ class Relayer(service.Service):
                 last_problem = f"{where}: {problem}"
                 log.info("relay: {where} failed: {problem}; trying the next address",
                          where=where, problem=problem)
-        reply = Reply(451, last_problem, "4.4.1")
+        reply = Reply(451, "4.4.1", last_problem)
         for queue_id, addresses in pending:
             self._record(queue_id, {a: reply for a in addresses}, None)
 

@@ -7,25 +7,89 @@ delivery code, and so that an administrator can read in one place what a client 
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
+
+_STATUS_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 class Reply(NamedTuple):
+    """An SMTP reply: one we send, one a remote server sent us, or our verdict in that shape."""
+
     code: int
     status: str  # enhanced status code, e.g. "5.1.1"
+    #: the reply text, lines joined with "\n", without the code (and, for our own replies,
+    #: without the enhanced status; a remote server's text is kept as it sent it)
     text: str
+
+    @classmethod
+    def from_wire(cls, code: int, text: bytes | str) -> "Reply":
+        """A remote server's reply; the enhanced status is derived from the code when absent."""
+        raw = text.encode("utf-8", "replace") if isinstance(text, str) else (text or b"")
+        found = _STATUS_RE.match(raw)
+        if found and found.group(1) == str(code)[:1].encode():
+            status = found.group(0).decode("ascii")
+        else:
+            status = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
+        return cls(code, status, raw.decode("utf-8", "replace"))
 
     def format(self, **values: str) -> "Reply":
         """This reply with its {placeholders} filled in (for raising, where no values travel)."""
         return self._replace(text=self.text.format(**values))
 
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code <= 599
 
-class SMTPReplyError(Exception):
-    """Raised by policy and delivery code to make the protocol answer with ``reply``."""
+    @property
+    def success(self) -> bool:
+        return 200 <= self.code <= 299
+
+    def __str__(self) -> str:
+        """One line, with the enhanced code even when the server gave none (for logs, DSNs)."""
+        text = " ".join(self.text.split())
+        if not text.startswith(self.status):
+            text = f"{self.status} {text}".strip()
+        return f"{self.code} {text}"
+
+
+class Refusal(Exception):
+    """A command, recipient or message refused: the protocol answers with ``reply``.
+
+    The one exception that carries a reply, raised by the address parser, the relay policy
+    and the delivery code alike, so that the protocol has one thing to catch.
+    """
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(f"{reply.code} {reply.status} {reply.text}")
         self.reply = reply
+
+    @property
+    def code(self) -> int:
+        return self.reply.code
+
+    @property
+    def status(self) -> str:
+        return self.reply.status
+
+    @property
+    def text(self) -> str:
+        return self.reply.text
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Refusal):
+            return NotImplemented
+        return self.reply == other.reply
+
+    def __hash__(self) -> int:
+        return hash(self.reply)
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.reply!r})"
+
+
+#: The name smtp.py and delivery.py still use for :class:`Refusal` (the same class).
+SMTPReplyError = Refusal
 
 
 # Positive replies
@@ -60,6 +124,25 @@ NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+
+# Addresses and their parameters (mailsrv.address: the parser knows why a path is wrong)
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+BAD_PARAMETER_SYNTAX = Reply(501, "5.5.4", "Bad parameter syntax")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses are not supported")
+BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
+SENDER_TOO_LONG = Reply(
+    553, "5.1.7", "Bad sender address syntax: {part} longer than {limit} octets"
+)
+RECIPIENT_TOO_LONG = Reply(
+    553, "5.1.3", "Bad recipient address syntax: {part} longer than {limit} octets"
+)
+
+# Recipients (mailsrv.policy)
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+MAILBOX_NOT_ALLOWED = Reply(553, "5.1.3", "Mailbox name not allowed")
+USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 
 # TLS and AUTH (RFC 3207, RFC 4954)
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
@@ -108,6 +191,37 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Error: server shutting down; try again late
 # Delivery
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing; try again later")
 DISK_FULL = Reply(452, "4.3.1", "Error: insufficient system storage; try again later")
+
+# Our own verdicts on outbound messages (mailsrv.smtpclient, mailsrv.outgoing), recorded per
+# recipient in the same shape as a remote server's reply; session-level trouble defers.
+GREETS_AS_OURSELVES = Reply(554, "5.4.6", "{name} greets with our own name: mail loop")
+CANNOT_PREPARE = Reply(451, "4.3.0", "cannot prepare the message: {error}")
+CANNOT_READ_QUEUED = Reply(451, "4.3.0", "cannot read the queued message: {error}")
+CANNOT_CONVERT_8BIT = Reply(
+    554, "5.6.3", "the message has 8-bit content, the receiving server does not accept "
+    "8BITMIME, and it cannot be converted to 7 bits: {error}"
+)
+TOO_BIG_FOR_PEER = Reply(
+    552, "5.3.4", "message size {size} exceeds the size limit {limit} of {peer}: not sent"
+)
+SESSION_FAILED = Reply(451, "4.4.2", "{reason}")  # before the greeting, or no reply code
+SESSION_REFUSED = Reply(451, "4.0.0", "{reason}")  # a permanent refusal after the greeting
+
+# No host to deliver to (mailsrv.mx): 5xx bounces the recipients, 4xx keeps them queued.
+BAD_ADDRESS_LITERAL = Reply(550, "5.1.2", "bad address literal {domain}")
+LOOPS_BACK = Reply(550, "5.4.6", "mail for {domain} loops back to myself")
+DOMAIN_NOT_FOUND = Reply(550, "5.1.2", "Domain {domain} not found (NXDOMAIN)")
+MX_LOOKUP_FAILED = Reply(
+    451, "4.4.3", "DNS lookup of MX for {domain} failed: {error}; will retry"
+)
+NULL_MX = Reply(550, "5.1.10", "Domain {domain} does not accept mail (null MX)")
+NO_MX_ADDRESS_YET = Reply(
+    451, "4.4.4", "no MX host for {domain} has an address (DNS failed); will retry"
+)
+NO_MX_NO_ADDRESS = Reply(550, "5.1.2", "Domain {domain} has no MX and no address")
+NO_MX_ADDRESS = Reply(550, "5.4.4", "no MX host for {domain} has an address")
+HOST_LOOKUP_FAILED = Reply(451, "4.4.3", "DNS lookup of {name} failed; will retry")
+HOST_NO_ADDRESS = Reply(550, "5.4.4", "host {name} has no address")
 
 
 def format_reply(reply: Reply, **values: str) -> bytes:

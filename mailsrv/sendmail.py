@@ -3,7 +3,7 @@ The ``sendmail`` command every Unix program expects (cron, PHP's ``mail()``, ``m
 applications): ``sendmail [-t] [-i|-oi] [-f sender] [-F name] [recipient ...]`` reads one message
 on standard input and hands it to the local mailsrv over SMTP.
 
-Why SMTP on a loopback listener rather than writing into the spool: the spool belongs to the
+Why SMTP on a loopback listener rather than writing into the queue: the queue belongs to the
 ``mailsrv`` user and is locked by the running server; going through the server gives every local
 program the same checks, trace headers, fsync guarantee and log line as any other client, and
 needs no set-uid helper.  The price is that nothing is queued while the server is down: the
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, endpoint_options, load_config
+from mailsrv.headsection import field_name, is_field
 
 __all__ = [
     "Invocation",
@@ -232,9 +233,6 @@ def normalise_line_ends(data: bytes) -> bytes:
     return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
 
 
-_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
 def split_header(data: bytes) -> tuple[list[bytes], bytes]:
     """A CRLF message as (header fields, body).
 
@@ -252,7 +250,7 @@ def split_header(data: bytes) -> tuple[list[bytes], bytes]:
             return fields, data[end:]
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += line
-        elif _FIELD_START.match(line):
+        elif is_field(line):
             fields.append(line)
         else:
             break
@@ -261,7 +259,9 @@ def split_header(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _name(field_bytes: bytes) -> str:
-    return field_bytes.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+    """The lower-case name of a field from ``split_header``."""
+    name = field_name(field_bytes)
+    return name.decode("ascii").lower() if name is not None else ""
 
 
 def _value(field_bytes: bytes) -> str:

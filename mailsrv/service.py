@@ -191,11 +191,11 @@ class _SpareFilesService(service.Service):
         return None
 
 
-def lock_spool(config: Config) -> Any:
-    """Take the spool lock for this process's lifetime; ConfigError when a server holds it."""
+def lock_queue(config: Config) -> Any:
+    """Take the queue lock for this process's lifetime; ConfigError when a server holds it."""
     try:
-        return queue.lock_spool(Path(config.queue.path))
-    except queue.SpoolLocked as e:
+        return queue.lock_queue(Path(config.queue.path))
+    except queue.QueueLocked as e:
         raise ConfigError(
             config.source, "queue.path", f"a spool no other running mailsrv uses ({e})"
         ) from None
@@ -207,11 +207,11 @@ def make_service(
     config: Config,
     reactor: Any = None,
     directory: Directory | None = None,
-    spool_lock: Any = None,
+    queue_lock: Any = None,
 ) -> service.MultiService:
     """The whole server: the relayer and one listener per endpoint, sharing one runtime.
 
-    ``spool_lock`` is the lock taken by the caller at start-up (taken here when None); it
+    ``queue_lock`` is the lock taken by the caller at start-up (taken here when None); it
     stays open as long as the service exists.
     """
     if reactor is None:
@@ -220,8 +220,8 @@ def make_service(
         reactor = default_reactor
     if directory is None:
         directory = prepare(config)
-    if spool_lock is None:
-        spool_lock = lock_spool(config)
+    if queue_lock is None:
+        queue_lock = lock_queue(config)
     removed = clear_incoming(Path(config.queue.path))
     if removed:
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
@@ -242,7 +242,7 @@ def make_service(
         pool = PasswordPool(reactor)
         pool.setServiceParent(top)
         runtime.checker = PasswordChecker(lambda: runtime.passwords, pool.run)
-    top.spool_lock = spool_lock  # held while the service lives
+    top.queue_lock = queue_lock  # held while the service lives
     runtime.relayer = Relayer(runtime)
     runtime.relayer.setServiceParent(top)
     TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes

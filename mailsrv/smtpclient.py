@@ -19,12 +19,12 @@ relay that must never lose or duplicate a message:
   does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
   offer 8BITMIME (``554 5.6.3`` when it cannot be converted).
 
-One :class:`Transaction` per message; the relayer reads the outcome from it after the session.
+One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
+session.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,50 +35,20 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-__all__ = ["Reply", "Transaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
+from mailsrv import replies
+from mailsrv.replies import Reply
 
-_STATUS_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+__all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
 
 log = Logger(namespace="mailsrv")
 
 
-@dataclass(frozen=True)
-class Reply:
-    """A remote server's reply, or our own verdict in the same shape."""
-
-    code: int
-    text: str  # the reply text, lines joined with "\n" (without the codes)
-    status: str  # enhanced status code, from the reply or derived from the code
-
-    @classmethod
-    def from_wire(cls, code: int, text: bytes | str) -> "Reply":
-        raw = text.encode("utf-8", "replace") if isinstance(text, str) else (text or b"")
-        found = _STATUS_RE.match(raw)
-        if found and found.group(1) == str(code)[:1].encode():
-            status = found.group(0).decode("ascii")
-        else:
-            status = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "4.0.0")
-        return cls(code, raw.decode("utf-8", "replace"), status)
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code <= 599
-
-    @property
-    def success(self) -> bool:
-        return 200 <= self.code <= 299
-
-    def __str__(self) -> str:
-        """One line, with the enhanced code even when the server gave none (for logs, DSNs)."""
-        text = " ".join(self.text.split())
-        if not text.startswith(self.status):
-            text = f"{self.status} {text}".strip()
-        return f"{self.code} {text}"
-
-
 @dataclass
-class Transaction:
-    """One message to one host: its envelope, its data, and (after the session) the results."""
+class OutboundTransaction:
+    """One message to one host: its envelope, its data, and (after the session) the results.
+
+    Not :class:`mailsrv.delivery.Transaction`, the inbound mail transaction of a session.
+    """
 
     queue_id: str
     sender: str  # "" for <>
@@ -94,6 +64,10 @@ class Transaction:
     @property
     def complete(self) -> bool:
         return all(address in self.results for address in self.recipients)
+
+
+#: The former name, still used by mailsrv.relayer (being split); remove once nothing uses it.
+Transaction = OutboundTransaction
 
 
 @dataclass
@@ -131,12 +105,12 @@ class RelayClient(smtp.ESMTPClient):
 
     def __init__(
         self,
-        transactions: list[Transaction],
+        transactions: list[OutboundTransaction],
         *,
         identity: str,
         own_names: Collection[str],
         outcome: SessionOutcome,
-        prepare: Callable[[Transaction, bool], defer.Deferred],
+        prepare: Callable[[OutboundTransaction, bool], defer.Deferred],
         tls_context: Any = None,
         require_tls: bool = False,
         auth: tuple[str, str] | None = None,
@@ -153,9 +127,9 @@ class RelayClient(smtp.ESMTPClient):
             self.registerAuthenticator(smtp.LOGINAuthenticator(user))
         self.outcome = outcome
         self._own_names = {n.lower().rstrip(".") for n in own_names}
-        self._queue: Iterator[Transaction] = iter(transactions)
+        self._queue: Iterator[OutboundTransaction] = iter(transactions)
         self._remaining = len(transactions)
-        self._current: Transaction | None = None
+        self._current: OutboundTransaction | None = None
         self._data: _MessageData | None = None
         self._at_line_start = True
         self._extensions: dict[bytes, Any] = {}
@@ -187,7 +161,7 @@ class RelayClient(smtp.ESMTPClient):
             self._peer = name or self._peer
             if name.rstrip(".") in self._own_names:
                 self.outcome.loop = True
-                self.outcome.error = Reply(554, f"{name} greets with our own name: mail loop", "5.4.6")
+                self.outcome.error = replies.GREETS_AS_OURSELVES.format(name=name)
                 self._disconnectFromServer()
                 return
         smtp.ESMTPClient.esmtpState_ehlo(self, code, resp)
@@ -231,16 +205,16 @@ class RelayClient(smtp.ESMTPClient):
         d.addErrback(self._prepare_failed, current)
         d.addCallback(self._prepared, current)
 
-    def _prepare_failed(self, failure: Failure, current: Transaction) -> Reply:
+    def _prepare_failed(self, failure: Failure, current: OutboundTransaction) -> Reply:
         log.failure("relay id={id}: cannot prepare the message", failure, id=current.queue_id)
-        return Reply(451, f"4.3.0 cannot prepare the message: {failure.getErrorMessage()}", "4.3.0")
+        return replies.CANNOT_PREPARE.format(error=failure.getErrorMessage())
 
     def _size_limit(self) -> int:
         """The server's SIZE (RFC 1870), 0 for none or no limit."""
         words = (self._extensions.get(b"SIZE") or b"").split()
         return int(words[0]) if words and words[0].isdigit() else 0
 
-    def _prepared(self, outgoing: Any, current: Transaction) -> None:
+    def _prepared(self, outgoing: Any, current: OutboundTransaction) -> None:
         if self._lost or current is not self._current:
             if not isinstance(outgoing, Reply):
                 outgoing.discard()
@@ -249,8 +223,8 @@ class RelayClient(smtp.ESMTPClient):
         limit = self._size_limit()
         if not isinstance(outgoing, Reply) and limit and outgoing.size > limit:
             outgoing.discard()
-            outgoing = Reply(552, f"5.3.4 message size {outgoing.size} exceeds the size limit"
-                             f" {limit} of {self._peer}: not sent", "5.3.4")
+            outgoing = replies.TOO_BIG_FOR_PEER.format(
+                size=str(outgoing.size), limit=str(limit), peer=self._peer)
         if isinstance(outgoing, Reply):  # decided here: nothing is sent for this message
             for address in current.recipients:
                 current.results.setdefault(address, outgoing)
@@ -350,11 +324,12 @@ class RelayClient(smtp.ESMTPClient):
             if isinstance(code, int) and 400 <= code <= 599:
                 reply = Reply.from_wire(code, resp)
             else:
-                reply = Reply(451, _text(resp) or type(exc).__name__, "4.4.2")
+                reply = replies.SESSION_FAILED.format(reason=_text(resp) or type(exc).__name__)
             # Session-level trouble (TLS, AUTH, a refusing greeting) is never final: the
             # message waits and is retried, possibly at another host.
             if reply.permanent:
-                reply = Reply(451, str(reply), "4.4.2" if not self.outcome.greeted else "4.0.0")
+                wrap = replies.SESSION_REFUSED if self.outcome.greeted else replies.SESSION_FAILED
+                reply = wrap.format(reason=str(reply))
             self.outcome.error = reply
         smtp.ESMTPClient.sendError(self, exc)
 
@@ -377,7 +352,7 @@ def _text(value: Any) -> str:
 class RelayClientFactory(protocol.ClientFactory):
     """One connection attempt; ``done`` fires with the outcome when the connection ends."""
 
-    def __init__(self, transactions: list[Transaction], **client_args: Any) -> None:
+    def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
         self.transactions = transactions
         self.client_args = client_args
         self.outcome = SessionOutcome()

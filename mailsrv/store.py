@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mailsrv import headers, maildir, queue
 from mailsrv.config import Config
+from mailsrv.durable import DeliveryError
 from mailsrv.envelope import QueuedMessage
 from mailsrv.router import LocalTarget, RemoteTarget, Target
 
@@ -40,7 +41,7 @@ def store(
     received_from: str,
     double_bounce: bool = False,
 ) -> Stored:
-    """Deliver local targets and queue remote ones; raise maildir.DeliveryError on failure.
+    """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
     ``trace`` is the header lines to put before the body (``Received:``, maybe
     ``Message-ID:``, maybe the blank separator line).  Local copies also get
@@ -73,7 +74,7 @@ def store(
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
             )
             stored.places += [(t, "queue") for t in remote]
-    except maildir.DeliveryError:
+    except DeliveryError:
         maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
     return stored

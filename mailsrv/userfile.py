@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mailsrv import durable
 
 __all__ = ["FILE_MODE", "UserFileError", "set_password", "remove_user", "list_users",
            "private_mode", "replace_file", "locked_directory"]
@@ -118,39 +119,23 @@ def replace_file(
         st = os.stat(path)
     except FileNotFoundError:
         st = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            made = os.fstat(out.fileno())
-            if st is None:
-                mode, uid, gid = FILE_MODE, made.st_uid, made.st_gid
-            else:
-                mode, uid, gid = st.st_mode & FILE_MODE, st.st_uid, st.st_gid
-            if server_group is not None and (st is None or st.st_mode & 0o004):
-                gid = server_group
-            if (uid, gid) != (made.st_uid, made.st_gid):
-                try:
-                    os.fchown(out.fileno(), uid, gid)
-                except PermissionError as e:
-                    raise UserFileError(
-                        f"cannot give {path} owner {uid} and group {gid} "
-                        f"({e.strerror}): run 'mailsrv user' as root"
-                    ) from None
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-        if check is not None:
-            check(Path(tmp))
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    def own(fd: int) -> None:
+        made = os.fstat(fd)
+        if st is None:
+            mode, uid, gid = FILE_MODE, made.st_uid, made.st_gid
+        else:
+            mode, uid, gid = st.st_mode & FILE_MODE, st.st_uid, st.st_gid
+        if server_group is not None and (st is None or st.st_mode & 0o004):
+            gid = server_group
+        if (uid, gid) != (made.st_uid, made.st_gid):
+            try:
+                os.fchown(fd, uid, gid)
+            except PermissionError as e:
+                raise UserFileError(
+                    f"cannot give {path} owner {uid} and group {gid} "
+                    f"({e.strerror}): run 'mailsrv user' as root"
+                ) from None
+        os.fchmod(fd, mode)
+
+    durable.replace(path, text.encode("utf-8"), prepare=own, check=check)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from mailsrv.address import (
-    AddressError,
     Mailbox,
     is_dot_atom,
     is_safe_local_part,
@@ -13,6 +12,7 @@ from mailsrv.address import (
     parse_mail_from,
     parse_rcpt_to,
 )
+from mailsrv.replies import Refusal, Reply
 
 MAIL_USAGE = (501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_USAGE = (501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
@@ -22,18 +22,18 @@ NON_ASCII = (553, "5.6.7", "Non-ASCII addresses are not supported")
 BAD_PARAM = (501, "5.5.4", "Bad parameter syntax")
 
 
-def reply(exc: pytest.ExceptionInfo[AddressError]) -> tuple[int, str, str]:
+def reply(exc: pytest.ExceptionInfo[Refusal]) -> tuple[int, str, str]:
     return exc.value.code, exc.value.status, exc.value.text
 
 
 def rcpt_error(rest: bytes) -> tuple[int, str, str]:
-    with pytest.raises(AddressError) as exc:
+    with pytest.raises(Refusal) as exc:
         parse_rcpt_to(rest)
     return reply(exc)
 
 
 def mail_error(rest: bytes) -> tuple[int, str, str]:
-    with pytest.raises(AddressError) as exc:
+    with pytest.raises(Refusal) as exc:
         parse_mail_from(rest)
     return reply(exc)
 
@@ -55,7 +55,7 @@ def label_domain(length: int) -> str:
 
 
 def test_address_error_attributes() -> None:
-    err = AddressError(553, "5.1.3", "Bad recipient address syntax")
+    err = Refusal(Reply(553, "5.1.3", "Bad recipient address syntax"))
     assert (err.code, err.status, err.text) == BAD_RECIPIENT
     assert isinstance(err, Exception)
     assert "553 5.1.3" in str(err)

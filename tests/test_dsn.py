@@ -505,3 +505,11 @@ def test_original_headers_feed_build_dsn() -> None:
     data = build(original_headers=head)
     assert b"secret body" not in data
     assert parts(parse(data))[2].get_payload(decode=True) == ORIGINAL
+
+
+def test_original_headers_end_at_a_name_with_space_before_its_colon() -> None:
+    # The current field syntax only (headsection.is_field(obsolete=False)), as always.
+    head = b"Subject: hi\nFrom : x@y\nTo: z@y\n\nbody\n"
+    assert original_headers(head) == b"Subject: hi\n"
+    assert original_headers(b"Subject: hi\n folded\nTo: z@y\n\n") == (
+        b"Subject: hi\n folded\nTo: z@y\n")

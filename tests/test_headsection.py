@@ -9,6 +9,7 @@ import io
 
 import pytest
 
+from mailsrv import headsection
 from mailsrv.headers import needs_separator
 from mailsrv.headsection import HEADER_SECTION_LIMIT, HeaderFacts, inspect_head, read_head
 
@@ -291,3 +292,38 @@ def test_what_pythons_reader_shows_is_checked_or_refused(message: bytes) -> None
         for _, address in email.utils.getaddresses(parsed.get_all(name, []))
     }
     assert shown <= {address for _, address in facts.originators}
+
+
+# --------------------------------------------------------------------------- the field reader
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "strict_name"),
+    [
+        (b"From: a@b", b"From", b"From"),
+        (b"From : a@b", b"From", None),  # obs-optional WSP: a field to readers
+        (b"X-Tab\t:x", b"X-Tab", None),
+        (b"Subject:", b"Subject", b"Subject"),
+        (b" folded: x", None, None),  # a continuation starts no field
+        (b"no colon here", None, None),
+        (b": no name", None, None),
+        (b"Bad Name: x", None, None),  # SP inside a name
+        (b"", None, None),
+    ],
+)
+def test_field_name_and_is_field(
+    line: bytes, name: bytes | None, strict_name: bytes | None
+) -> None:
+    assert headsection.field_name(line) == name
+    assert headsection.is_field(line) is (name is not None)
+    assert headsection.field_name(line, obsolete=False) == strict_name
+    assert headsection.is_field(line, obsolete=False) is (strict_name is not None)
+
+
+def test_sendmail_and_dsn_read_fields_with_headsection() -> None:
+    from mailsrv import dsn, mime7bit, sendmail
+
+    assert sendmail.is_field is headsection.is_field
+    assert sendmail.field_name is headsection.field_name
+    assert dsn.is_field is headsection.is_field
+    assert mime7bit.is_field is headsection.is_field

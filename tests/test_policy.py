@@ -6,6 +6,7 @@ import pytest
 
 from mailsrv.address import Mailbox, parse_rcpt_to
 from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.replies import Reply
 from mailsrv.router import Directory, LocalTarget, RemoteTarget
 
 RELAY_DENIED = (554, "5.7.1", "Relay access denied")
@@ -161,8 +162,8 @@ def test_foreign_domain_keeps_local_part_case_and_quoting(directory: Directory) 
 
 
 def test_refusal_is_an_exception_with_the_reply() -> None:
-    err = Refusal(554, "5.7.1", "Relay access denied")
+    err = Refusal(Reply(554, "5.7.1", "Relay access denied"))
     assert isinstance(err, Exception)
     assert (err.code, err.status, err.text) == RELAY_DENIED
-    assert err == Refusal(*RELAY_DENIED)
+    assert err == Refusal(Reply(*RELAY_DENIED))
     assert "554 5.7.1 Relay access denied" in str(err)

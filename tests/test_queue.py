@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailsrv import queue
-from mailsrv.maildir import DeliveryError
+from mailsrv.durable import DeliveryError
 from mailsrv.queue import enqueue, queue_dirs, read_message
 
 
@@ -401,14 +401,14 @@ def test_encode_decode_round_trip(qdir: Path, body: Path) -> None:
     assert decode(encode(message)) == message
 
 
-def test_spool_lock_is_exclusive(qdir: Path) -> None:
-    held = queue.lock_spool(qdir)
+def test_queue_lock_is_exclusive(qdir: Path) -> None:
+    held = queue.lock_queue(qdir)
     try:
-        with pytest.raises(queue.SpoolLocked):
-            queue.lock_spool(qdir)
+        with pytest.raises(queue.QueueLocked):
+            queue.lock_queue(qdir)
     finally:
         held.close()
-    queue.lock_spool(qdir).close()  # free again once the holder is gone
+    queue.lock_queue(qdir).close()  # free again once the holder is gone
 
 
 def test_control_request_and_answer(qdir: Path) -> None:

@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailsrv import outgoing
-from mailsrv.smtpclient import RelayClient, Reply, SessionOutcome, Transaction, _MessageData
+from mailsrv.replies import Reply
+from mailsrv.smtpclient import OutboundTransaction, RelayClient, SessionOutcome, _MessageData
 
 
 @pytest.mark.parametrize(
@@ -87,17 +88,17 @@ EIGHT_BIT = "Subject: 8 bits\n\nGrüße aus Köln\n.dot line\n".encode()
 SEVEN_BIT = b"Subject: 7 bits\n\nplain\n"
 
 
-def transaction(tmp_path: Path, name: str, body: bytes, sender: str = "a@x.test") -> Transaction:
+def transaction(tmp_path: Path, name: str, body: bytes, sender: str = "a@x.test") -> OutboundTransaction:
     path = tmp_path / f"{name}.body"
     path.write_bytes(body)
-    return Transaction(queue_id=name, sender=sender, recipients=[f"r@{name}.test"],
+    return OutboundTransaction(queue_id=name, sender=sender, recipients=[f"r@{name}.test"],
                        prefix=PREFIX, body_path=path)
 
 
 class Session:
     """A RelayClient talking to a scripted server through a StringTransport."""
 
-    def __init__(self, transactions: list[Transaction], extensions: list[str], workdir: Path,
+    def __init__(self, transactions: list[OutboundTransaction], extensions: list[str], workdir: Path,
                  prepare=None) -> None:
         self.outcome = SessionOutcome()
         self.client = RelayClient(

@@ -31,7 +31,7 @@ class Options(usage.Options):
         # start with the file, the key and the expectation, and exit status 2.
         from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
         from mailsrv.privileges import effective_user
-        from mailsrv.service import lock_spool, prepare
+        from mailsrv.service import lock_queue, prepare
 
         try:
             if self["config"] is not None:
@@ -44,8 +44,8 @@ class Options(usage.Options):
             parent = getattr(self, "parent", None) or {}
             with effective_user(parent.get("uid"), parent.get("gid")):
                 self["directory"] = prepare(config)
-                # One server per spool: a second one would deliver the same queue twice.
-                self["spool_lock"] = lock_spool(config)
+                # One server per queue: a second one would deliver the same queue twice.
+                self["queue_lock"] = lock_queue(config)
         except ConfigError as e:
             # One line an administrator can act on, not twistd's usage text around it.
             sys.stderr.write(f"mailsrv: configuration error: {e}\n")
@@ -64,7 +64,7 @@ class MailsrvServiceMaker:
 
         top = make_service(
             options["parsed_config"], directory=options["directory"],
-            spool_lock=options["spool_lock"],
+            queue_lock=options["queue_lock"],
         )
         # Listen here, still as root (port 25) and before twistd daemonizes: a port in use is
         # then one line from the command that was run, with exit status 2, as a
