@@ -29,11 +29,13 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
+from mailsrv.interfaces import IRelayer
 from mailsrv.maildir import DeliveryError
 from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.schedule import RetryPolicy
@@ -62,6 +64,7 @@ def _load_trust_root(path: Path | None) -> Any:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
 
 
+@implementer(IRelayer)
 class Relayer(service.Service):
     """Delivers queued mail; one instance per server, holding the spool lock's queue."""
 
