@@ -27,7 +27,7 @@ from mailsrv import headers, headsection, maildir, policy, queue, replies
 from mailsrv.address import Mailbox
 from mailsrv.checks import ACCEPTED, Client, Draft, Facts, Outcome, Stage
 from mailsrv.dnsutil import skips_reverse_lookup
-from mailsrv.interfaces import IMessageIntake, ISessionIntake
+from mailsrv.interfaces import IMessageIntake, IPipeline, ISessionIntake
 from mailsrv.policy import owns_address
 from mailsrv.replies import SMTPReplyError
 from mailsrv.router import LocalTarget, Target
@@ -144,8 +144,8 @@ class SessionDelivery:
         )
 
     @property
-    def checks(self) -> Any:
-        assert self.runtime.checks is not None
+    def checks(self) -> IPipeline:
+        assert self.runtime.checks is not None  # Runtime made the built-in pipeline
         return self.runtime.checks
 
     def receivedHeader(

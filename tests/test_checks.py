@@ -289,3 +289,37 @@ def test_builtin_pipeline_order_and_configuration():
     assert pipeline.run(rcpt_facts("a%b@example.org")).refusal.reply.code == 554
     assert LocalTarget("example.org", "alice") in route(
         parse_rcpt_to(b"TO:<sales@example.org>")[0], DIRECTORY, False)
+
+
+# -- the example check of docs/design.md, as written there -------------------------------------
+
+FORGED_HELO = replies.Reply(550, "5.7.1", "Error: you are not {hostname}")
+
+
+@implementer(ICheck)
+class HeloIsNotUs:
+    name = "helo_is_not_us"
+    stage = Stage.HELO
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname.lower()
+
+    def check(self, facts: Facts):
+        helo = (facts.client.helo or "").lower()
+        if helo == self.hostname and not facts.client.trusted_network:
+            return Reject(FORGED_HELO.format(hostname=self.hostname))
+        return ACCEPT
+
+
+def test_the_design_documents_example_check():
+    check = HeloIsNotUs("MX.example.org")
+    verifyObject(ICheck, check)
+    assert check.check(facts(Stage.HELO, client=client(helo="client.test"))) == ACCEPT
+    assert check.check(facts(Stage.HELO, client=client(helo="mx.example.org"))) == Reject(
+        Reply(550, "5.7.1", "Error: you are not mx.example.org"))
+    trusted = client(helo="mx.example.org", trusted_network=True)
+    assert check.check(facts(Stage.HELO, client=trusted)) == ACCEPT
+    outcome = Pipeline([check]).run_stages(
+        facts(Stage.MAIL, client=client(helo="mx.example.org")),
+        (Stage.CONNECT, Stage.HELO, Stage.MAIL))
+    assert outcome.refused_by == "helo_is_not_us"

@@ -273,3 +273,21 @@ def test_the_relay_rule_is_a_check_with_the_same_reply(tmp_path):
     trusted = Session(make_runtime(tmp_path), ip="10.1.2.3")
     assert trusted.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                         "RCPT TO:<x@elsewhere.test>")[-1] == "250 2.1.5 Ok"
+
+
+def test_bcrypt_runs_in_two_threads_of_its_own(tmp_path):
+    """AUTH's password checks never queue in front of deliveries: a runner of their own."""
+    config = make_runtime(
+        tmp_path, smtp={"listen": ["tcp:2525"], "auth": True},
+        tls={"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")},
+        mailboxes={"root": str(tmp_path / "mail"), "users": str(tmp_path / "users")},
+    ).config
+    directory = Directory(["example.org"], frozenset({"alice@example.org"}), {})
+    runtime = Runtime.build(config, directory, ThreadReactor(), tls=None, relayer=Relayer)
+    passwords = runtime.password_threads
+    assert isinstance(passwords, ThreadRunner) and passwords is not runtime.workers
+    assert (passwords.name, passwords.size) == ("passwords", 2)
+    verifyObject(IThreadRunner, passwords)
+    assert runtime.checker._in_thread == passwords.run
+    assert runtime.auth_failures is not None
+    runtime.spool_files.stop()
