@@ -298,11 +298,11 @@ class Pipeline:
                 raise TypeError(f"check {check.name} returned {verdict!r}, not a verdict")
         return Outcome(None, None, tuple(headers), folder)
 
-    def run_stages(self, facts: Facts, stages: Sequence[Stage]) -> Outcome:
-        """Run several stages in order with the same facts; the first refusal ends them."""
+    def run_stages(self, *stages: Facts) -> Outcome:
+        """Run several stages in order, each with its facts; the first refusal ends them."""
         outcome = ACCEPTED
-        for stage in stages:
-            outcome = outcome.then(self.run(facts.at(stage)))
+        for facts in stages:
+            outcome = outcome.then(self.run(facts))
             if not outcome.accepted:
                 break
         return outcome

@@ -171,8 +171,9 @@ class SessionDelivery:
         is answered at MAIL (as Postfix's ``smtpd_delay_reject = yes`` does), and they see
         the client as it is by then (TLS, AUTH).
         """
-        facts = Facts(Stage.MAIL, self.facts(), self.runtime.directory, sender=origin)
-        outcome = self.checks.run_stages(facts, (Stage.CONNECT, Stage.HELO, Stage.MAIL))
+        client = Facts(Stage.CONNECT, self.facts(), self.runtime.directory)
+        outcome = self.checks.run_stages(
+            client, client.at(Stage.HELO), client.at(Stage.MAIL, sender=origin))
         if outcome.refusal is not None:
             reply, reason = outcome.refusal.reply, outcome.refusal.reason
             user = f" user={self.authenticated_as}" if self.authenticated_as else ""
@@ -343,10 +344,9 @@ class Transaction:
             facts = Facts(
                 Stage.HEADER, client, self.runtime.directory, sender=self.sender,
                 recipients=tuple(self.recipients), head=headsection.inspect_head(head),
-                body_path=self.spool_path, size=self.size,
             )
-            outcome = self.outcome.then(
-                checks.run_stages(facts, (Stage.HEADER, Stage.MESSAGE)))
+            outcome = self.outcome.then(checks.run_stages(
+                facts, facts.at(Stage.MESSAGE, body_path=self.spool_path, size=self.size)))
             if outcome.refusal is not None:
                 raise SMTPReplyError(outcome.refusal.reply)
             if outcome.folder is not None:

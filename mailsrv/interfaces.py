@@ -168,8 +168,8 @@ class IPipeline(Interface):
     def run(facts):
         """The Outcome of the checks of ``facts.stage``: the first refusal stops them."""
 
-    def run_stages(facts, stages):
-        """The Outcome of several stages run in order with the same facts."""
+    def run_stages(*stages):
+        """The Outcome of several stages run in order, each given as its Facts."""
 
     def modify(draft):
         """The Draft after every modifier."""

@@ -41,7 +41,8 @@ class Runtime:
 
     config: Config
     directory: Directory
-    #: The reactor (a task.Clock in tests that need no threads).
+    #: The reactor (a task.Clock in tests that need no threads; threads and shutdown
+    #: triggers too in the server: see build).
     reactor: IReactorTime
     resolver: IResolver | None = None
     #: The relayer that learns of each newly queued message.
@@ -74,7 +75,7 @@ class Runtime:
         cls,
         config: Config,
         directory: Directory,
-        reactor: Any,
+        reactor: IReactorThreads,
         *,
         tls: ServerTLS | None,
         relayer: Callable[["Runtime"], IRelayer],
@@ -82,8 +83,8 @@ class Runtime:
     ) -> "Runtime":
         """The running server's runtime: every collaborator made here, from ``config``.
 
-        ``relayer`` makes the relayer from the runtime (it sends through the runtime's
-        threads and resolver).
+        ``reactor`` is the real one (time, threads, shutdown triggers). ``relayer`` makes the
+        relayer from the runtime (it sends through the runtime's threads and resolver).
         """
         runtime = cls(
             config=config, directory=directory, reactor=reactor,
@@ -128,6 +129,5 @@ class Runtime:
     def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run blocking disk work in a delivery thread, never on the reactor thread."""
         if self.workers is None:
-            reactor: IReactorThreads = self.reactor  # type: ignore[assignment]
-            self.workers = ThreadRunner(reactor, DELIVERY_THREADS, "delivery")
+            self.workers = ThreadRunner(IReactorThreads(self.reactor), DELIVERY_THREADS, "delivery")
         return self.workers.run(f, *args)

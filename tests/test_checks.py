@@ -116,7 +116,7 @@ def test_added_headers_accumulate_in_order_across_stages():
         Fixed("c", Stage.HEADER, AddHeaders((b"X-C: 3\n", b"X-D: 4\n\tfolded\n"))),
         Fixed("d", Stage.MESSAGE, AddHeaders((b"X-E: 5\n",))),
     ])
-    outcome = pipeline.run_stages(facts(Stage.HEADER), (Stage.HEADER, Stage.MESSAGE))
+    outcome = pipeline.run_stages(facts(Stage.HEADER), facts(Stage.MESSAGE))
     assert outcome.accepted
     assert outcome.headers == (b"X-A: 1\n", b"X-C: 3\n", b"X-D: 4\n\tfolded\n", b"X-E: 5\n")
 
@@ -134,7 +134,7 @@ def test_file_into_the_first_folder_named():
         Fixed("spam", Stage.HEADER, FileInto("Junk")),
         Fixed("lists", Stage.MESSAGE, FileInto("Lists.python")),
     ])
-    outcome = pipeline.run_stages(facts(Stage.HEADER), (Stage.HEADER, Stage.MESSAGE))
+    outcome = pipeline.run_stages(facts(Stage.HEADER), facts(Stage.MESSAGE))
     assert outcome.accepted and outcome.folder == "Junk"
 
 
@@ -156,7 +156,7 @@ def test_stages_run_in_order_and_only_their_own_checks():
     log: list = []
     checks = [Fixed(stage.value, stage, ACCEPT, log) for stage in reversed(Stage)]
     pipeline = Pipeline(checks)
-    pipeline.run_stages(facts(Stage.MAIL), (Stage.CONNECT, Stage.HELO, Stage.MAIL))
+    pipeline.run_stages(facts(Stage.CONNECT), facts(Stage.HELO), facts(Stage.MAIL))
     assert log == [("connect", Stage.CONNECT), ("helo", Stage.HELO), ("mail", Stage.MAIL)]
     assert [s.value for s in Stage] == ["connect", "helo", "mail", "rcpt", "header", "message"]
 
@@ -168,7 +168,7 @@ def test_a_refused_stage_ends_the_sequence():
         Fixed("helo", Stage.HELO, Reject(REJECTED), log),
         Fixed("mail", Stage.MAIL, ACCEPT, log),
     ])
-    outcome = pipeline.run_stages(facts(Stage.MAIL), (Stage.CONNECT, Stage.HELO, Stage.MAIL))
+    outcome = pipeline.run_stages(facts(Stage.CONNECT), facts(Stage.HELO), facts(Stage.MAIL))
     assert outcome.refusal == Reject(REJECTED) and outcome.refused_by == "helo"
     assert [name for name, _ in log] == ["connect", "helo"]
 
@@ -271,7 +271,8 @@ def test_missing_fields_adds_message_id_and_a_submitted_message_date():
 def test_builtin_pipeline_order_and_configuration():
     def config(check_from_header):
         return parse_config({"domains": {"local": ["example.org"]},
-                             "mailboxes": {"root": "/nonexistent"}, "queue": {"path": "/nonexistent"},
+                             "mailboxes": {"root": "/nonexistent"},
+                             "queue": {"path": "/nonexistent"},
                              "submission": {"check_from_header": check_from_header}}, None)
 
     pipeline = builtin_pipeline(config(True))
@@ -319,7 +320,7 @@ def test_the_design_documents_example_check():
         Reply(550, "5.7.1", "Error: you are not mx.example.org"))
     trusted = client(helo="mx.example.org", trusted_network=True)
     assert check.check(facts(Stage.HELO, client=trusted)) == ACCEPT
+    forged = client(helo="mx.example.org")
     outcome = Pipeline([check]).run_stages(
-        facts(Stage.MAIL, client=client(helo="mx.example.org")),
-        (Stage.CONNECT, Stage.HELO, Stage.MAIL))
+        facts(Stage.CONNECT, client=forged), facts(Stage.HELO, client=forged))
     assert outcome.refused_by == "helo_is_not_us"

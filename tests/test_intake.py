@@ -184,10 +184,13 @@ def test_every_stage_runs_once_in_order_with_what_it_knows(tmp_path):
     assert replies[-1].startswith("250 2.0.0 Ok: queued as ")
     assert [entry[0] for entry in log] == list(Stage)
     by_stage = {entry[0]: entry[1:] for entry in log}
-    assert by_stage[Stage.CONNECT][0] == "client.test"  # run at MAIL: HELO known by then
-    assert by_stage[Stage.MAIL][1] == "s@client.test"
-    assert by_stage[Stage.RCPT][2] == "alice@example.org"
-    assert by_stage[Stage.HEADER][3] and by_stage[Stage.MESSAGE][4] > 0
+    # (helo, sender, recipient, head read, size) as each stage saw them
+    assert by_stage[Stage.CONNECT] == ("client.test", None, None, False, 0)  # run at MAIL
+    assert by_stage[Stage.HELO] == ("client.test", None, None, False, 0)
+    assert by_stage[Stage.MAIL] == ("client.test", "s@client.test", None, False, 0)
+    assert by_stage[Stage.RCPT] == ("client.test", "s@client.test", "alice@example.org", False, 0)
+    assert by_stage[Stage.HEADER] == ("client.test", "s@client.test", None, True, 0)
+    assert by_stage[Stage.MESSAGE][3] and by_stage[Stage.MESSAGE][4] > 0
 
 
 def test_a_connection_stage_refusal_is_answered_at_mail(tmp_path):
