@@ -111,13 +111,14 @@ class TempFail:
 
 
 # A header field as stored: a name of printable characters other than colon, a value without
-# a bare CR, continuation lines starting with white space, LF-terminated (the spool's line end).
-_FIELD = re.compile(rb"[!-9;-~]+:[^\r\n]*\n(?:[ \t][^\r\n]*\n)*\Z")
+# CR or NUL, continuation lines starting with white space, LF-terminated (the spool's line end).
+_FIELD = re.compile(rb"[!-9;-~]+:[^\r\n\0]*\n(?:[ \t][^\r\n\0]*\n)*\Z")
 
 
 @dataclass(frozen=True)
 class AddHeaders:
-    """Accept, and add these fields (each ``b"Name: value\\n"``) after our ``Received:``."""
+    """Accept, and add these fields (each one ``b"Name: value\\n"``, LF-terminated, folded
+    lines allowed, no CR or NUL) after our ``Received:``."""
 
     fields: tuple[bytes, ...]
 

@@ -123,6 +123,7 @@ def test_added_headers_accumulate_in_order_across_stages():
 
 @pytest.mark.parametrize("field", [
     b"X-A: 1", b"X-A: 1\r\n", b"X-A 1\n", b"X-A: 1\nX-B: 2\n", b"X-A: a\rb\n", b": x\n",
+    b"X-A: a\0b\n",
 ])
 def test_added_headers_must_be_one_lf_terminated_field(field):
     with pytest.raises(ValueError):
