@@ -1,93 +1,42 @@
 """
-The glue between the SMTP protocol, the routing rules and the storage.
+The intake of a message: the glue between the SMTP protocol, the checks pipeline and the storage.
 
-``SessionDelivery`` is Twisted's ``IMessageDelivery`` for one connection: it knows the client
-(address, verified reverse name, whether it may relay) and decides MAIL and RCPT. A
-``Transaction`` is Twisted's ``IMessage`` for one message: it spools the body while it arrives
-and, at the end of DATA, delivers it in the thread pool: local copies into Maildirs, remote
-recipients into the queue, all or nothing, before the protocol may answer ``250``.
+``SessionDelivery`` (``ISessionIntake``) is one connection's: it knows the client (address,
+verified reverse name, whether it may relay) and runs the checks of the connection, HELO, MAIL
+and RCPT stages (mailsrv.checks) to decide MAIL and RCPT.  A ``Transaction``
+(``IMessageIntake``) is one message's: it spools the body while it arrives and, at the end of
+DATA, in a delivery thread, runs the header and message checks and the modifiers, then stores
+it: local copies into Maildirs (or the folder a check filed them into), remote recipients into
+the queue, all or nothing, before the protocol may answer ``250``.
 """
 
 from __future__ import annotations
 
 import datetime
 import errno
-import ipaddress
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.mail.smtp import IMessage, IMessageDelivery
 from zope.interface import implementer
 
-from mailsrv import headers, headsection, maildir, queue, replies
-from mailsrv.address import AddressError, Mailbox, parse_mail_from
-from mailsrv.auth import FailureTracker
-from mailsrv.config import Config
-from mailsrv.dnsutil import ReverseNames, skips_reverse_lookup
-from mailsrv.policy import Refusal, owns_address, recipient_targets
+from mailsrv import headers, headsection, maildir, policy, queue, replies
+from mailsrv.address import Mailbox
+from mailsrv.checks import ACCEPTED, Client, Draft, Facts, Outcome, Stage
+from mailsrv.dnsutil import skips_reverse_lookup
+from mailsrv.interfaces import IMessageIntake, IPipeline, ISessionIntake
+from mailsrv.policy import owns_address
 from mailsrv.replies import SMTPReplyError
-from mailsrv.router import Directory, LocalTarget, Target
+from mailsrv.router import LocalTarget, Target
+from mailsrv.runtime import Runtime
 from mailsrv.store import Stored, store
 
+__all__ = ["Runtime", "SessionDelivery", "Transaction"]
+
 log = Logger(namespace="mailsrv")
-
-
-@dataclass
-class Runtime:
-    """What every session shares: configuration, the mail directory, the reactor, DNS."""
-
-    config: Config
-    directory: Directory
-    reactor: Any
-    resolver: Any = None
-    #: The relayer (mailsrv.relayer.Relayer) that learns of each newly queued message.
-    relayer: Any = None
-    #: The server TLS context factory (mailsrv.tls.ServerTLS), None without [tls].
-    tls: Any = None
-    #: Failed AUTH per client address (the delay and the lockout), shared by all listeners.
-    auth_failures: FailureTracker | None = None
-    #: Twisted's ICredentialsChecker for AUTH (mailsrv.auth.PasswordChecker).
-    checker: Any = None
-
-    @property
-    def passwords(self) -> Mapping[str, str | None]:
-        """Lower-case address -> bcrypt hash (None: no login), from the current users file."""
-        return self.directory.passwords
-    #: Spool files created ahead in the thread pool (mailsrv.spoolfiles), or None.
-    spool_files: Any = None
-    #: The delivery threads (mailsrv.workers.Workers); None: Twisted's thread pool.
-    workers: Any = None
-    #: The clients' reverse names, one lookup per address shared by its connections.
-    reverse_names: ReverseNames | None = None
-
-    def __post_init__(self) -> None:
-        if self.reverse_names is None and self.resolver is not None:
-            self.reverse_names = ReverseNames(self.resolver)
-
-    @property
-    def incoming_dir(self) -> Path:
-        return Path(self.config.queue.path) / "incoming"
-
-    def new_session(self, client_ip: str, submission: bool = False) -> "SessionDelivery":
-        return SessionDelivery(self, client_ip, submission)
-
-    def may_relay(self, client_ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        return any(address in network for network in self.config.relay.trusted_networks)
-
-    def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """Run blocking disk work in a worker thread, never on the reactor thread."""
-        if self.workers is not None:
-            return self.workers.run(f, *args)
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
 
 def _fire(d: defer.Deferred) -> None:
@@ -99,7 +48,7 @@ def _addr(mailbox: Mailbox | None) -> str:
     return f"<{mailbox}>" if mailbox is not None else "<>"
 
 
-@implementer(IMessageDelivery)
+@implementer(ISessionIntake)
 class SessionDelivery:
     """Decides MAIL and RCPT for one connection and remembers the client's facts."""
 
@@ -185,7 +134,19 @@ class SessionDelivery:
     def greeted(self, helo: str, esmtp: bool) -> None:
         self.helo, self.esmtp = helo, esmtp
 
-    # IMessageDelivery
+    def facts(self) -> Client:
+        """The client as the checks see it now."""
+        return Client(
+            ip=self.client_ip, name=self.client, reverse_name=self.reverse_name,
+            trusted_network=self.trusted_network, submission=self.submission,
+            authenticated_as=self.authenticated_as, tls=self.tls,
+            helo=self.helo or None, esmtp=self.esmtp,
+        )
+
+    @property
+    def checks(self) -> IPipeline:
+        assert self.runtime.checks is not None  # Runtime made the built-in pipeline
+        return self.runtime.checks
 
     def receivedHeader(
         self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = ""
@@ -204,43 +165,55 @@ class SessionDelivery:
         )
 
     def validateFrom(self, helo: Any, origin: Mailbox | None) -> "Transaction":
-        """Start a transaction.
+        """MAIL: start a transaction, or raise the reply of the check that refused.
 
-        Any syntactically valid sender is accepted from an unauthenticated client (port 25
-        receives the world's mail); an authenticated user may only use an address they own,
-        so that a stolen or shared password cannot forge someone else's mail.
+        The connection and HELO checks run here too, before the MAIL checks: their refusal
+        is answered at MAIL (as Postfix's ``smtpd_delay_reject = yes`` does), and they see
+        the client as it is by then (TLS, AUTH).
         """
-        if self.authenticated_as is not None and not self.owns(origin):
+        client = Facts(Stage.CONNECT, self.facts(), self.runtime.directory)
+        outcome = self.checks.run_stages(
+            client, client.at(Stage.HELO), client.at(Stage.MAIL, sender=origin))
+        if outcome.refusal is not None:
+            reply, reason = outcome.refusal.reply, outcome.refusal.reason
+            user = f" user={self.authenticated_as}" if self.authenticated_as else ""
             log.info(
-                "refused sender client={client} user={user} from={sender} "
-                'reason="sender not owned"',
-                client=self.client, user=self.authenticated_as, sender=_addr(origin),
+                'refused sender client={client}{user} from={sender} reason="{reason}"',
+                client=self.client, user=user, sender=_addr(origin),
+                reason=reason or f"{reply.code} {reply.status} {reply.text}",
             )
-            raise SMTPReplyError(replies.SENDER_NOT_OWNED.format(
-                sender=str(origin) if origin is not None else "", user=self.authenticated_as
-            ))
-        self.transaction = Transaction(self, origin)
+            raise SMTPReplyError(reply)
+        self.transaction = Transaction(self, origin, outcome)
         return self.transaction
 
     def validateTo(self, user: Mailbox) -> Callable[[], "Transaction"]:
-        """Decide one recipient of the current transaction; raise the refusal's reply."""
+        """RCPT: add the recipient to the current transaction, or raise the reply of the check
+        that refused (mailsrv.checks_builtin: relay access, unknown recipients)."""
         transaction = self.transaction
         assert transaction is not None, "RCPT before MAIL is refused by the protocol"
-        try:
-            targets = recipient_targets(user, self.runtime.directory, self.may_relay)
-        except Refusal as refusal:
+        directory = self.runtime.directory
+        facts = Facts(
+            Stage.RCPT, self.facts(), directory, sender=transaction.sender, recipient=user,
+            recipient_is_local=policy.is_local(user, directory),
+            targets=policy.route(user, directory, self.may_relay),
+            recipients=tuple(transaction.recipients),
+        )
+        outcome = self.checks.run(facts)
+        if outcome.refusal is not None:
+            reply = outcome.refusal.reply
             log.info(
                 "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
                 'reason="{code} {status} {text}"',
                 id=transaction.queue_id, client=self.client, sender=_addr(transaction.sender),
-                rcpt=user, code=refusal.code, status=refusal.status, text=refusal.text,
+                rcpt=user, code=reply.code, status=reply.status, text=reply.text,
             )
-            raise SMTPReplyError(replies.Reply(refusal.code, refusal.status, refusal.text))
-        transaction.add_recipient(user, targets)
+            raise SMTPReplyError(reply)
+        assert facts.targets is not None, "a recipient without targets is refused by a check"
+        transaction.add_recipient(user, facts.targets, outcome)
         return lambda: transaction
 
 
-@implementer(IMessage)
+@implementer(IMessageIntake)
 class Transaction:
     """
     One message: its envelope, its spool file, and its delivery.
@@ -249,7 +222,9 @@ class Transaction:
     the end of DATA for all recipients (one write, hard links for further Maildirs).
     """
 
-    def __init__(self, session: SessionDelivery, sender: Mailbox | None) -> None:
+    def __init__(
+        self, session: SessionDelivery, sender: Mailbox | None, outcome: Outcome = ACCEPTED
+    ) -> None:
         self.session = session
         self.runtime = session.runtime
         self.sender = sender
@@ -258,15 +233,27 @@ class Transaction:
         self.recipients: list[Mailbox] = []
         #: Where copies go, each once, in the order first named.
         self.targets: dict[Target, Mailbox] = {}
+        #: The checks' outcome so far: the fields they add, the folder they filed into.
+        self.outcome = outcome
+        #: Local targets a check filed into a Maildir++ folder.
+        self.folders: dict[Target, str] = {}
         self.spool_path: Path | None = None
         self._spool: Any = None
         self._write_error: OSError | None = None
         self.size = 0
 
-    def add_recipient(self, recipient: Mailbox, targets: tuple[Target, ...]) -> None:
+    def add_recipient(
+        self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
+    ) -> None:
+        """An accepted recipient and what its RCPT checks decided: the fields they add go
+        to the message, the folder to its local targets (the first folder filed into stands)."""
         self.recipients.append(recipient)
+        self.outcome = self.outcome.then(replace(outcome, folder=None))
+        folder = self.outcome.folder or outcome.folder
         for target in targets:
             self.targets.setdefault(target, recipient)
+            if folder is not None and isinstance(target, LocalTarget):
+                self.folders.setdefault(target, folder)
 
     # spooling
 
@@ -298,10 +285,6 @@ class Transaction:
             self._write_error = e
             log.error("cannot write spool file {path}: {error}", path=self.spool_path, error=e)
 
-    def lineReceived(self, line: bytes) -> None:
-        """IMessage: one line of the message, without its line end."""
-        self.write(line + b"\n")
-
     def _close_spool(self) -> None:
         if self._spool is not None:
             spool, self._spool = self._spool, None
@@ -320,7 +303,7 @@ class Transaction:
             self.spool_path = None
 
     def connectionLost(self) -> None:
-        """IMessage: the client went away (or reset) before the end of the message."""
+        """The client went away (or reset) before the end of the message."""
         self._remove_spool()
 
     def refuse(self, reason: str, size: int) -> None:
@@ -336,7 +319,7 @@ class Transaction:
     # delivery
 
     def eomReceived(self) -> defer.Deferred:
-        """IMessage: the message is complete; deliver it, firing with the queue id."""
+        """The message is complete; deliver it, firing with the queue id."""
         self._close_spool()
         if self._write_error is not None:
             reply = _storage_reply(self._write_error)
@@ -345,37 +328,46 @@ class Transaction:
         trace = self.session.receivedHeader(
             None, self.sender, self.recipients, queue_id=self.queue_id
         )
-        d = self.runtime.in_thread(self._deliver_blocking, trace)
+        d = self.runtime.in_thread(self._deliver_blocking, trace, self.session.facts())
         d.addCallbacks(self._delivered, self._failed)
         return d
 
-    def _deliver_blocking(self, received: bytes) -> Stored:
-        """In a worker thread: every copy durable, or none visible. Returns what went where."""
+    def _deliver_blocking(self, received: bytes, client: Client) -> Stored:
+        """In a delivery thread: the header and message checks, the modifiers, then every
+        copy durable, or none visible. Returns what went where."""
         assert self.spool_path is not None
         config = self.runtime.config
+        checks = self.session.checks
         try:
             with open(self.spool_path, "rb") as spool:
                 head = headsection.read_head(spool)
-            facts = headsection.inspect_head(head)
-            if facts.received_count > config.smtp.max_received_headers:
-                raise SMTPReplyError(replies.TOO_MANY_HOPS)
-            user = self.session.authenticated_as
-            if user is not None and config.submission.check_from_header:
-                self._check_from_header(facts, user)
-            trace = received
-            if not facts.has_message_id:
-                msgid = headers.make_message_id(self.queue_id, config.hostname)
-                trace += headers.message_id_header(msgid)
-            if user is not None and not facts.has_date:
-                # RFC 6409 §8.2: a submission server may add the Date: a client forgot.
-                trace += headers.date_header(datetime.datetime.now(datetime.timezone.utc))
+            facts = Facts(
+                Stage.HEADER, client, self.runtime.directory, sender=self.sender,
+                recipients=tuple(self.recipients), head=headsection.inspect_head(head),
+            )
+            outcome = self.outcome.then(checks.run_stages(
+                facts, facts.at(Stage.MESSAGE, body_path=self.spool_path, size=self.size)))
+            if outcome.refusal is not None:
+                raise SMTPReplyError(outcome.refusal.reply)
+            if outcome.folder is not None:
+                for target in self.targets:
+                    if isinstance(target, LocalTarget):
+                        self.folders.setdefault(target, outcome.folder)
+            assert facts.head is not None
+            draft = checks.modify(Draft(
+                queue_id=self.queue_id, hostname=config.hostname,
+                sender=str(self.sender) if self.sender else None,
+                prefix=received + b"".join(outcome.headers), head=facts.head,
+                authenticated_as=client.authenticated_as,
+            ))
+            trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
             try:
                 return store(
-                    config, self.queue_id, sender=str(self.sender) if self.sender else None,
-                    targets=list(self.targets), trace=trace, body_path=self.spool_path,
-                    received_from=self.session.client,
+                    config, self.queue_id, sender=draft.sender, targets=list(self.targets),
+                    trace=trace, body_path=self.spool_path, received_from=client.name,
+                    folders=self.folders,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
@@ -389,27 +381,6 @@ class Transaction:
                 except FileNotFoundError:
                     pass  # moved into the queue
             self.spool_path = None
-
-    def _check_from_header(self, facts: headsection.HeaderFacts, user: str) -> None:
-        """Every From:, Sender:, Resent-From: and Resent-Sender: address must be the user's own.
-
-        Same rule as for the envelope sender.  The check holds only if no reader can see an
-        originator field we did not check, so a header section that readers may read
-        differently is refused (554 5.6.0), and so is one too long to read whole (552 5.3.4).
-        """
-        if facts.ambiguity is not None:
-            raise SMTPReplyError(replies.HEADER_AMBIGUOUS.format(reason=facts.ambiguity))
-        if facts.too_long:
-            raise SMTPReplyError(replies.HEADER_TOO_LONG.format(
-                limit=str(headsection.HEADER_SECTION_LIMIT)))
-        for field, address in facts.originators:
-            try:
-                mailbox, _ = parse_mail_from(f"FROM:<{address}>".encode("utf-8"))
-            except AddressError:
-                mailbox = None
-            if not self.session.owns(mailbox):
-                raise SMTPReplyError(
-                    replies.FROM_NOT_OWNED.format(field=field, address=address, user=user))
 
     def _delivered(self, stored: Stored) -> str:
         session = self.session

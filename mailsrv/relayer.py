@@ -29,12 +29,14 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailsrv import bounce, outgoing, queue
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
 from mailsrv.durable import DeliveryError
 from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
+from mailsrv.interfaces import IRelayer
 from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.replies import Reply
 from mailsrv.schedule import RetryPolicy
@@ -63,6 +65,7 @@ def _load_trust_root(path: Path | None) -> Any:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
 
 
+@implementer(IRelayer)
 class Relayer(service.Service):
     """Delivers queued mail; one instance per server, holding the spool lock's queue."""
 

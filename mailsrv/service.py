@@ -13,27 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
 from mailsrv import queue
-from mailsrv.auth import FailureTracker, PasswordChecker
 from mailsrv.config import (
     Config, ConfigError, endpoint_options, prepare_directories, tcp_endpoint_for_ssl,
 )
-from mailsrv.delivery import Runtime
-from mailsrv.dnsutil import make_resolver
+from mailsrv.interfaces import ISpareSpoolFiles
+from mailsrv.runtime import Runtime
 from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, read_users
 from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
-from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.tmpclean import TmpCleaner
-from mailsrv.workers import Workers
 
 log = Logger(namespace="mailsrv")
 
@@ -182,7 +177,7 @@ def listen_all(top: service.MultiService) -> None:
 class _SpareFilesService(service.Service):
     """Removes the unused spare spool files when the server stops."""
 
-    def __init__(self, spare: SpareSpoolFiles) -> None:
+    def __init__(self, spare: ISpareSpoolFiles) -> None:
         self.spare = spare
 
     def stopService(self) -> Any:
@@ -225,26 +220,12 @@ def make_service(
     removed = clear_incoming(Path(config.queue.path))
     if removed:
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
-    resolver = make_resolver(config.relay.dns_servers, reactor)
-    runtime = Runtime(
-        config=config, directory=directory, reactor=reactor, resolver=resolver,
-        tls=load_tls(config),
-    )
-    runtime.spool_files = SpareSpoolFiles(Path(config.queue.path), reactor)
-    runtime.workers = Workers(reactor)
+    runtime = Runtime.build(config, directory, reactor, tls=load_tls(config), relayer=Relayer)
     top = service.MultiService()
+    assert runtime.spool_files is not None
     _SpareFilesService(runtime.spool_files).setServiceParent(top)
-    if config.auth_enabled:
-        auth = config.auth
-        runtime.auth_failures = FailureTracker(
-            auth.max_failures, auth.window, auth.lockout, auth.failure_delay
-        )
-        pool = PasswordPool(reactor)
-        pool.setServiceParent(top)
-        runtime.checker = PasswordChecker(lambda: runtime.passwords, pool.run)
     top.queue_lock = queue_lock  # held while the service lives
-    runtime.relayer = Relayer(runtime)
-    runtime.relayer.setServiceParent(top)
+    service.IService(runtime.relayer).setServiceParent(top)
     TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes
     counter = ConnectionCounter(
         config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay
@@ -269,29 +250,6 @@ def make_service(
         source=config.source or "built-in demo",
     )
     return top
-
-
-class PasswordPool(service.Service):
-    """A thread pool of its own for bcrypt, so that a flood of AUTH attempts (each a quarter
-    of a second of CPU) can only queue behind each other, never in front of the fsyncs
-    of mail deliveries in the reactor's pool."""
-
-    THREADS = 2
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.pool = ThreadPool(1, self.THREADS, name="mailsrv-passwords")
-
-    def startService(self) -> None:
-        service.Service.startService(self)
-        self.pool.start()
-
-    def stopService(self) -> None:
-        service.Service.stopService(self)
-        self.pool.stop()  # waits for at most the checks under way (a fraction of a second)
-
-    def run(self, f: Any, *args: Any) -> Any:
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
 
 
 class Reloader(internet.TimerService):

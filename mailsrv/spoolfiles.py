@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.interfaces import ISpareSpoolFiles
 
 __all__ = ["SpareSpoolFiles", "SPARE_DIR"]
 
@@ -33,6 +36,7 @@ log = Logger(namespace="mailsrv")
 SPARE_DIR = "spare"
 
 
+@implementer(ISpareSpoolFiles)
 class SpareSpoolFiles:
     """A small stock of open, empty spool files (0600), refilled in the thread pool."""
 

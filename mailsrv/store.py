@@ -10,6 +10,7 @@ retry) without leaving half a delivery behind.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def store(
     body_path: Path,
     received_from: str,
     double_bounce: bool = False,
+    folders: Mapping[Target, str] | None = None,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -50,7 +52,9 @@ def store(
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
     Each local copy is thus a file of its own, which also keeps one recipient's address out
     of another's copy.  ``double_bounce`` marks a queued postmaster notice about a failed
-    bounce (see mailsrv.envelope).  The body file is consumed: moved into the queue or left
+    bounce (see mailsrv.envelope).  ``folders`` names the Maildir++ folder a check filed a
+    local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
+    others go to the INBOX.  The body file is consumed: moved into the queue or left
     for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
@@ -61,8 +65,9 @@ def store(
         if local:
             root = Path(config.mailboxes.root)
             return_path = headers.return_path(sender)
+            folders = folders or {}
             delivered = maildir.deliver(
-                root, [t.maildir(root).relative_to(root) for t in local],
+                root, [_maildir(root, t, folders.get(t)) for t in local],
                 [return_path + headers.delivered_to(t.address) + trace for t in local],
                 body_path, hostname=config.hostname,
             )
@@ -78,3 +83,10 @@ def store(
         maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
     return stored
+
+
+def _maildir(root: Path, target: LocalTarget, folder: str | None) -> Path:
+    """The Maildir of ``target`` relative to ``root``: its INBOX, or the Maildir++ folder
+    ``.<folder>`` in it (the name is checked by mailsrv.checks.FileInto)."""
+    inbox = target.maildir(root).relative_to(root)
+    return inbox / f".{folder}" if folder else inbox

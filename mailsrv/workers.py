@@ -1,6 +1,12 @@
 """
-The threads that do the blocking disk work of deliveries: lighter than Twisted's thread pool,
-and with results handed back to the reactor thread in batches.
+mailsrv's one thread runner: threads for blocking work, lighter than Twisted's thread pool,
+with results handed back to the reactor thread in batches.
+
+The server runs two instances (mailsrv.runtime.Runtime.build), one per role:
+
+- ``delivery`` (8 threads): the disk work of deliveries, the queue's writes, reloads;
+- ``passwords`` (2 threads): bcrypt, a quarter of a second of CPU per check, so that a flood
+  of AUTH attempts only queues behind itself, never in front of the fsyncs of deliveries.
 
 Why not ``deferToThreadPool``: under load the server is bound by the one core its reactor
 thread (holding the GIL) can use, and profiles showed about a fifth of that time in Twisted's
@@ -24,19 +30,37 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-__all__ = ["Workers"]
+from mailsrv.interfaces import IThreadRunner
+
+__all__ = ["ThreadRunner", "DELIVERY_THREADS", "PASSWORD_THREADS"]
+
+#: Deliveries waiting on the disk at once; fsyncs into the same ``new/`` are coalesced, so a
+#: handful is enough.
+DELIVERY_THREADS = 8
+#: bcrypt checks at once.
+PASSWORD_THREADS = 2
 
 _STOP = object()
 
 
-class Workers:
-    """``run(f, *args)`` calls ``f`` in one of ``size`` threads; a Deferred fires with its result."""
+@implementer(IThreadRunner)
+class ThreadRunner:
+    """``run(f, *args)`` calls ``f`` in one of ``size`` threads; a Deferred fires with its result.
 
-    def __init__(self, reactor: Any, size: int = 8) -> None:
+    Threads start when first needed, and end at the reactor's shutdown (after the queued jobs,
+    30 seconds at most).
+    """
+
+    def __init__(
+        self, reactor: IReactorThreads, size: int = DELIVERY_THREADS, name: str = "delivery"
+    ) -> None:
         self.reactor = reactor
         self.size = size
+        self.name = name
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -56,8 +80,8 @@ class Workers:
         return d
 
     def _start_thread(self) -> None:
-        thread = threading.Thread(target=self._work, name=f"mailsrv-worker-{len(self._threads)}",
-                                  daemon=True)
+        name = f"mailsrv-{self.name}-{len(self._threads)}"
+        thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
 

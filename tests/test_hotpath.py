@@ -14,11 +14,11 @@ import pytest
 
 from mailsrv import dirfd, maildir
 from mailsrv.spoolfiles import SpareSpoolFiles
-from mailsrv.workers import Workers
+from mailsrv.workers import ThreadRunner
 
 
 class ThreadReactor:
-    """Just what Workers and SpareSpoolFiles ask of a reactor, run in the test's thread:
+    """Just what ThreadRunner and SpareSpoolFiles ask of a reactor, run in the test's thread:
     calls from threads are queued and run by ``drain``; callInThread runs at once."""
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ def wait_until(predicate, reactor: ThreadReactor, timeout: float = 10.0) -> None
 
 def test_every_job_fires_its_own_deferred_in_batches() -> None:
     reactor = ThreadReactor()
-    workers = Workers(reactor, size=4)
+    workers = ThreadRunner(reactor, size=4)
     results: dict[int, object] = {}
 
     def job(n: int) -> int:
@@ -90,7 +90,7 @@ def test_every_job_fires_its_own_deferred_in_batches() -> None:
 
 def test_stop_lets_queued_jobs_finish() -> None:
     reactor = ThreadReactor()
-    workers = Workers(reactor, size=2)
+    workers = ThreadRunner(reactor, size=2)
     done = []
     for n in range(10):
         workers.run(lambda n=n: (time.sleep(0.01), done.append(n)))

@@ -1,0 +1,133 @@
+"""
+What every session shares, built in one place: configuration, the mail directory, the reactor,
+DNS, TLS, the thread runners, the spare spool files, AUTH, the checks pipeline, the relayer.
+
+``Runtime.build`` makes the running server's; tests make one with only what they need (the
+others keep their defaults: no TLS, no AUTH, the built-in checks).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
+
+from mailsrv.auth import FailureTracker, PasswordChecker
+from mailsrv.checks import Pipeline
+from mailsrv.checks_builtin import builtin_pipeline
+from mailsrv.config import Config
+from mailsrv.dnsutil import ReverseNames, make_resolver
+from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
+from mailsrv.router import Directory
+from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.tls import ServerTLS
+from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
+
+if TYPE_CHECKING:
+    from mailsrv.delivery import SessionDelivery
+
+__all__ = ["Runtime"]
+
+
+@dataclass
+class Runtime:
+    """What every session shares."""
+
+    config: Config
+    directory: Directory
+    #: The reactor (a task.Clock in tests that need no threads; threads and shutdown
+    #: triggers too in the server: see build).
+    reactor: IReactorTime
+    resolver: IResolver | None = None
+    #: The relayer that learns of each newly queued message.
+    relayer: IRelayer | None = None
+    #: The server TLS context factory, None without [tls].
+    tls: ServerTLS | None = None
+    #: Failed AUTH per client address (the delay and the lockout), shared by all listeners.
+    auth_failures: FailureTracker | None = None
+    #: The credentials checker for AUTH (mailsrv.auth.PasswordChecker), None without AUTH.
+    checker: ICredentialsChecker | None = None
+    #: Spool files created ahead in a thread (mailsrv.spoolfiles), or None: made at DATA.
+    spool_files: ISpareSpoolFiles | None = None
+    #: The delivery threads; made on first use when not given.
+    workers: IThreadRunner | None = None
+    #: The bcrypt threads, None without AUTH.
+    password_threads: IThreadRunner | None = None
+    #: The clients' reverse names, one lookup per address shared by its connections.
+    reverse_names: ReverseNames | None = None
+    #: The checks and modifiers every session and message goes through.
+    checks: IPipeline | None = None
+
+    def __post_init__(self) -> None:
+        if self.reverse_names is None and self.resolver is not None:
+            self.reverse_names = ReverseNames(self.resolver)
+        if self.checks is None:
+            self.checks = builtin_pipeline(self.config)
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        directory: Directory,
+        reactor: IReactorThreads,
+        *,
+        tls: ServerTLS | None,
+        relayer: Callable[["Runtime"], IRelayer],
+        checks: Pipeline | None = None,
+    ) -> "Runtime":
+        """The running server's runtime: every collaborator made here, from ``config``.
+
+        ``reactor`` is the real one (time, threads, shutdown triggers). ``relayer`` makes the
+        relayer from the runtime (it sends through the runtime's threads and resolver).
+        """
+        runtime = cls(
+            config=config, directory=directory, reactor=reactor,
+            resolver=make_resolver(config.relay.dns_servers, reactor), tls=tls,
+            spool_files=SpareSpoolFiles(Path(config.queue.path), reactor),
+            workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
+            checks=checks,
+        )
+        if config.auth_enabled:
+            auth = config.auth
+            runtime.auth_failures = FailureTracker(
+                auth.max_failures, auth.window, auth.lockout, auth.failure_delay
+            )
+            runtime.password_threads = ThreadRunner(reactor, PASSWORD_THREADS, "passwords")
+            runtime.checker = PasswordChecker(
+                lambda: runtime.passwords, runtime.password_threads.run
+            )
+        runtime.relayer = relayer(runtime)
+        return runtime
+
+    @property
+    def passwords(self) -> Mapping[str, str | None]:
+        """Lower-case address -> bcrypt hash (None: no login), from the current users file."""
+        return self.directory.passwords
+
+    @property
+    def incoming_dir(self) -> Path:
+        return Path(self.config.queue.path) / "incoming"
+
+    def new_session(self, client_ip: str, submission: bool = False) -> "SessionDelivery":
+        from mailsrv.delivery import SessionDelivery  # delivery imports this module
+
+        return SessionDelivery(self, client_ip, submission)
+
+    def may_relay(self, client_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.config.relay.trusted_networks)
+
+    def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run blocking disk work in a delivery thread, never on the reactor thread."""
+        if self.workers is None:
+            self.workers = ThreadRunner(IReactorThreads(self.reactor), DELIVERY_THREADS, "delivery")
+        return self.workers.run(f, *args)
