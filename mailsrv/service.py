@@ -29,7 +29,7 @@ from mailsrv.delivery import Runtime
 from mailsrv.dnsutil import make_resolver
 from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, read_users
-from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
+from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
 from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.tmpclean import TmpCleaner
