@@ -58,11 +58,6 @@ class CommandFramer:
         self.buffer = b""
         self._skipping_line = False
 
-    def take_all(self) -> bytes:
-        """Everything held, for the DATA scanner."""
-        data, self.buffer = self.buffer, b""
-        return data
-
     def next_line(self, in_exchange: bool) -> bytes | Framing:
         """The next command line without its CRLF, or what stands in the way of one.
 

@@ -45,8 +45,7 @@ RECIPIENT_OVERSHOOT_LIMIT = 1000
 #: Seconds the banner may wait for the client's forward-confirmed reverse DNS name.
 GREETING_DNS_WAIT = 5.0
 
-# The session's modes.
-COMMAND, DATA, CLOSING = "COMMAND", "DATA", "CLOSING"
+COMMAND, DATA, CLOSING = "COMMAND", "DATA", "CLOSING"  # the session's modes
 
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
@@ -317,18 +316,19 @@ class SMTPSession(TLSAndAuth):
         """All DATA held, to the scanner: None while the message goes on."""
         assert self._scanner is not None
         self._on_activity()
-        after = self._scanner.feed(self._framer.take_all())
+        framer = self._framer
+        data, framer.buffer = framer.buffer, b""  # (no copy: the chunk itself, usually)
+        after = self._scanner.feed(data)
         if after is None:
             return None
-        self._framer.buffer = after
+        framer.buffer = after
         self.mode = COMMAND
         return self._end_of_data()
 
     def _end_of_data(self) -> Result:
         assert self._scanner is not None and self._transaction is not None
         scanner, transaction = self._scanner, self._transaction
-        self._scanner = None
-        self._transaction = None
+        self._scanner = self._transaction = None
         if scanner.error is not None:
             transaction.refuse(scanner.error.value, scanner.size)
             return self._error(_DATA_REPLIES[scanner.error])
