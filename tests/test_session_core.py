@@ -112,7 +112,7 @@ def test_bad_address_syntax_553_5_1_7_sender_5_1_3_recipient(runtime):
     assert reply.startswith("553 5.1.3 ")
 
 
-@pytest.mark.parametrize("local", ["a/b", "a..b", ".alice", "a" * 65])
+@pytest.mark.parametrize("local", ["a/b", "a..b", ".alice", "a" * 65, '"a\tb"'])
 def test_unsafe_local_part_553_5_1_3(runtime, local):
     core = Core(runtime)
     core.greet()
