@@ -26,7 +26,7 @@ from mailsrv.interfaces import ISpareSpoolFiles
 from mailsrv.runtime import Runtime
 from mailsrv.relayer import Relayer
 from mailsrv.router import Directory, load_aliases, read_users
-from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
+from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
 from mailsrv.tmpclean import TmpCleaner
 

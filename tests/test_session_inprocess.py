@@ -19,9 +19,9 @@ from mailsrv import queue
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.delivery import Runtime
 from mailsrv.router import Directory
-from mailsrv.smtp import (
-    MAX_ERRORS, MAX_HELD_INPUT, RECIPIENT_OVERSHOOT_LIMIT, ConnectionCounter, SMTPServerFactory,
-)
+from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
+from mailsrv.listener import ConnectionCounter, SMTPServerFactory
+from mailsrv.smtp import MAX_HELD_INPUT
 
 CLIENT = "192.0.2.7"  # neither loopback nor trusted: its reverse name is looked up
 
@@ -171,7 +171,7 @@ def test_recipients_past_the_limit_are_no_errors_up_to_the_overshoot_limit(tmp_p
     too_many = "452 4.5.3 Error: too many recipients"
     replies = session.send(*["RCPT TO:<alice@example.org>"] * RECIPIENT_OVERSHOOT_LIMIT)
     assert replies == [too_many] * RECIPIENT_OVERSHOOT_LIMIT
-    assert session.protocol._errors == 0
+    assert session.protocol.core.errors == 0
     for _ in range(MAX_ERRORS - 1):
         assert session.send("BOGUS")[0].startswith("500 ")
     # One past the overshoot limit: an error, the 20th.
