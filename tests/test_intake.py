@@ -30,7 +30,7 @@ from mailsrv.relayer import Relayer
 from mailsrv.replies import Reply
 from mailsrv.router import Directory
 from mailsrv.runtime import Runtime
-from mailsrv.smtp import ConnectionCounter, SMTPServerFactory
+from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
 
