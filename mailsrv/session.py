@@ -112,7 +112,7 @@ class SMTPSession(TLSAndAuth):
     def greeting(self) -> "defer.Deferred[Reply]":
         """The banner, once the client's reverse name is known (or after a short wait), so
         that every log line and the Received: field name the client alike."""
-        banner = Reply(220, "", f"{self.runtime.config.hostname} ESMTP mailsrv")
+        banner = replies.BANNER.format(hostname=self.runtime.config.hostname)
         d = self.delivery.reverse_name_known(GREETING_DNS_WAIT)
         return d.addCallback(lambda _: banner)
 
@@ -219,10 +219,12 @@ class SMTPSession(TLSAndAuth):
         self._helo_name = argument.decode("ascii")
         self._esmtp = verb == "EHLO"
         self.delivery.greeted(self._helo_name, self._esmtp)
-        greeting = f"{self.runtime.config.hostname} Hello {self._helo_name} [{self.client_ip}]"
+        hello = replies.HELLO.format(
+            hostname=self.runtime.config.hostname, helo=self._helo_name, ip=self.client_ip
+        )
         if self._esmtp:
-            greeting = "\n".join([greeting, *self._extension_lines()])
-        return Reply(250, "", greeting)
+            hello = hello._replace(text="\n".join([hello.text, *self._extension_lines()]))
+        return hello
 
     def do_EHLO(self, rest: bytes) -> Reply:
         return self.do_HELO(rest, verb="EHLO")
