@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mailsrv import config as config_module
+from mailsrv.config import load as config_module
 from mailsrv.config import (
     DEFAULT_CONFIG_PATH,
     Config,
