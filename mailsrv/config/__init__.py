@@ -1,13 +1,23 @@
 """Configuration: one TOML file turned into frozen dataclasses.
 
 The rest of mailsrv imports from here; the modules of this package are the steps:
-:mod:`.load` reads the file and validates it table by table.
+:mod:`.schema` is what a configuration is (frozen dataclasses) and the error a bad one
+gives; :mod:`.load` reads the file and validates it table by table.
 """
 
 from __future__ import annotations
 
 from mailsrv.config.load import (
     DEFAULT_CONFIG_PATH,
+    demo_config,
+    endpoint_options,
+    load_config,
+    parse_config,
+    prepare_directories,
+    read_smarthost_password,
+    tcp_endpoint_for_ssl,
+)
+from mailsrv.config.schema import (
     AuthConfig,
     Config,
     ConfigError,
@@ -18,13 +28,6 @@ from mailsrv.config.load import (
     SmtpConfig,
     SubmissionConfig,
     TlsConfig,
-    demo_config,
-    endpoint_options,
-    load_config,
-    parse_config,
-    prepare_directories,
-    read_smarthost_password,
-    tcp_endpoint_for_ssl,
 )
 
 __all__ = [
