@@ -2,20 +2,20 @@
 
 The rest of mailsrv imports from here; the modules of this package are the steps:
 :mod:`.schema` is what a configuration is (frozen dataclasses) and the error a bad one
-gives; :mod:`.load` reads the file and validates it table by table.
+gives; :mod:`.endpoints` checks and reads Twisted endpoint strings (the listeners);
+:mod:`.load` reads the file and validates it table by table.
 """
 
 from __future__ import annotations
 
+from mailsrv.config.endpoints import endpoint_options, tcp_endpoint_for_ssl
 from mailsrv.config.load import (
     DEFAULT_CONFIG_PATH,
     demo_config,
-    endpoint_options,
     load_config,
     parse_config,
     prepare_directories,
     read_smarthost_password,
-    tcp_endpoint_for_ssl,
 )
 from mailsrv.config.schema import (
     AuthConfig,

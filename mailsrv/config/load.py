@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mailsrv.address import normalise_domain
+from mailsrv.config.endpoints import check_endpoint, is_decimal, is_ip_address
 from mailsrv.config.schema import (
     AuthConfig,
     Config,
@@ -47,18 +48,7 @@ from mailsrv.config.schema import (
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "Config",
-    "ConfigError",
-    "DomainsConfig",
-    "MailboxesConfig",
-    "QueueConfig",
-    "AuthConfig",
-    "RelayConfig",
-    "SmtpConfig",
-    "SubmissionConfig",
-    "TlsConfig",
     "demo_config",
-    "endpoint_options",
     "load_config",
     "parse_config",
     "prepare_directories",
@@ -262,160 +252,14 @@ def _hostname() -> _Key:
     return _Key(wanted, convert)
 
 
-# ----- listen endpoints
-
-# Parameter names of Twisted's server endpoint parsers, in their positional order
-# (twisted.internet.endpoints._parseTCP, _TCP6ServerParser._parseServer, _parseSSL,
-# _parseUNIX; identical in Twisted 22.4 and 26.10).
-_ENDPOINT_PARAMS: dict[str, tuple[str, ...]] = {
-    "tcp": ("port", "interface", "backlog"),
-    "tcp6": ("port", "backlog", "interface"),
-    # Implicit TLS (port 465).  Not Twisted's own ssl endpoint: the certificate comes from
-    # [tls], so that one set of TLS settings (TLS 1.2 minimum, modern ciphers) serves every
-    # listener and a SIGHUP renews it everywhere.  The certificate options are refused.
-    "ssl": ("port", "interface", "backlog"),
-    "unix": ("address", "mode", "backlog", "lockfile"),
-}
-_ENDPOINT_REQUIRED: dict[str, tuple[str, ...]] = {
-    "tcp": ("port",),
-    "tcp6": ("port",),
-    "ssl": ("port",),
-    "unix": ("address",),
-}
-_SSL_CERT_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "sslmethod")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_decimal(text: str, low: int, high: int) -> bool:
-    return text.isascii() and text.isdigit() and low <= int(text) <= high
-
-
-# option name -> (what it takes, test)
-_ENDPOINT_OPTIONS: dict[str, tuple[str, Callable[[str], bool]]] = {
-    "port": ("a number from 0 to 65535", lambda v: _is_decimal(v, 0, 65535)),
-    "interface": ("an IP address", _is_ip),
-    "backlog": ("an integer >= 1", lambda v: _is_decimal(v, 1, 2**31 - 1)),
-    "address": ("a socket path", bool),
-    "mode": ("an octal mode such as 660", lambda v: re.fullmatch(r"[0-7]{1,4}", v) is not None),
-    "lockfile": ("0 or 1", lambda v: v in ("0", "1")),
-}
-
-
-def _split_endpoint(text: str) -> list[list[str]]:
-    """Split an endpoint string the way Twisted's ``endpoints._parse`` does.
-
-    ``:`` separates fields, the first ``=`` of a field makes it ``key=value``, and a
-    backslash takes the next character literally (``interface=\\:\\:1``).  Each field is
-    returned as ``[value]`` or ``[key, value]``.
-    """
-    fields: list[list[str]] = []
-    current = [""]
-    chars = iter(text)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise ValueError("ends with a lone backslash")
-            current[-1] += escaped
-        elif char == ":":
-            fields.append(current)
-            current = [""]
-        elif char == "=" and len(current) == 1:
-            current.append("")
-        else:
-            current[-1] += char
-    fields.append(current)
-    return fields
-
-
-def _check_endpoint(text: str) -> str:
-    """Validate one Twisted server endpoint string; return it unchanged.
-
-    Only the endpoint types mailsrv supports are accepted, with the options Twisted's own
-    parser takes, so a typo fails here with a clear message instead of in the reactor.
-    """
-    try:
-        _check_endpoint_fields(_split_endpoint(text))
-    except ValueError as exc:
-        # The classic mistake: "interface=::1" is split at its colons into other fields.
-        unescaped = re.search(r"interface=([0-9A-Fa-f.:]*)", text)
-        if unescaped and unescaped.group(1).count(":") >= 2:
-            raise ValueError(f"{exc}; escape the colons of an IPv6 address: \\:") from None
-        raise
-    return text
-
-
-def _check_endpoint_fields(fields: list[list[str]]) -> None:
-    kind = fields[0][0] if len(fields[0]) == 1 else ""
-    if kind not in _ENDPOINT_PARAMS:
-        raise ValueError(f"the type must be one of {', '.join(_ENDPOINT_PARAMS)}")
-    params = _ENDPOINT_PARAMS[kind]
-    # As in Twisted, plain values fill the parameters in order wherever they appear, and
-    # key=value fields name them.
-    positional = [field[0] for field in fields[1:] if len(field) == 1]
-    if len(positional) > len(params):
-        raise ValueError(f"too many plain values for {kind} (it takes {', '.join(params)})")
-    named = [(params[i], value) for i, value in enumerate(positional)]
-    named += [(field[0], field[1]) for field in fields[1:] if len(field) == 2]
-    options: dict[str, str] = {}
-    for name, value in named:
-        if kind == "ssl" and name in _SSL_CERT_OPTIONS:
-            raise ValueError(f"{name} is not taken here: the certificate is [tls] cert and key")
-        if name not in params:
-            raise ValueError(f"unknown option {name!r} for {kind} (allowed: {', '.join(params)})")
-        if name in options:
-            raise ValueError(f"{name} given twice")
-        options[name] = value
-    for name in _ENDPOINT_REQUIRED[kind]:
-        if name not in options:
-            raise ValueError(f"{kind} needs {name}")
-    for name, value in options.items():
-        what, test = _ENDPOINT_OPTIONS[name]
-        if not test(value):
-            raise ValueError(f"{name} must be {what}")
-
-
-def endpoint_options(text: str) -> tuple[str, dict[str, str]]:
-    """The type and the options of an endpoint string from ``smtp.listen``, every value named.
-
-    Plain values take their parameter's name by position, as in Twisted ("tcp:25:192.0.2.1"
-    names interface), so that the tools that read a listener (sendmail looks for a loopback
-    port) see what Twisted will use.  For strings this module accepted; others give what
-    they spell.
-    """
-    fields = _split_endpoint(text)
-    kind = fields[0][0]
-    positional = [field[0] for field in fields[1:] if len(field) == 1]
-    options = dict(zip(_ENDPOINT_PARAMS.get(kind, ()), positional))
-    options.update((field[0], field[1]) for field in fields[1:] if len(field) == 2)
-    return kind, options
-
-
 def _listen(non_empty: bool = True) -> _Key:
     return _list_of(
         "a non-empty list of endpoint strings" if non_empty else "a list of endpoint strings",
         "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', 'ssl:465' "
         "(implicit TLS with the [tls] certificate) or 'unix:/run/mailsrv.sock'",
-        _check_endpoint,
+        check_endpoint,
         non_empty=non_empty,
     )
-
-
-def tcp_endpoint_for_ssl(text: str) -> str:
-    """The plain TCP endpoint under an ``ssl:`` listener (mailsrv layers TLS on it itself).
-
-    The ``ssl`` options accepted here (port, interface, backlog) are ``tcp``'s, in ``tcp``'s
-    positional order, so the rest of the string carries over unchanged, escapes included.
-    """
-    assert text.startswith("ssl:")
-    return "tcp:" + text[len("ssl:"):]
 
 
 # ----- relay
@@ -443,7 +287,7 @@ def _dns_server(text: str) -> tuple[str, int]:
     address = _ip(host)
     if port is None:
         return (str(address), 53)
-    if not _is_decimal(port, 1, 65535):
+    if not is_decimal(port, 1, 65535):
         raise ValueError("the port must be from 1 to 65535")
     return (str(address), int(port))
 
@@ -462,12 +306,12 @@ def _smarthost() -> _Key:
         else:
             host, port = value, None
         try:
-            host = str(ipaddress.ip_address(host)) if _is_ip(host) else normalise_domain(host)
+            host = str(ipaddress.ip_address(host)) if is_ip_address(host) else normalise_domain(host)
         except ValueError as exc:
             raise _Invalid(wanted, value, why=str(exc)) from None
         if port is None:
             return (host, 25)
-        if not _is_decimal(port, 1, 65535):
+        if not is_decimal(port, 1, 65535):
             raise _Invalid(wanted, value, why="the port must be from 1 to 65535")
         return (host, int(port))
 
