@@ -1,9 +1,11 @@
 """Configuration: one TOML file turned into frozen dataclasses.
 
-The rest of mailsrv imports from here; the modules of this package are the steps:
-:mod:`.schema` is what a configuration is (frozen dataclasses) and the error a bad one
-gives; :mod:`.endpoints` checks and reads Twisted endpoint strings (the listeners);
-:mod:`.load` reads the file and validates it table by table.
+The rest of mailsrv imports from here.  The modules of this package, each one concern:
+
+- :mod:`.schema`: what a configuration is (frozen dataclasses) and the error a bad one gives;
+- :mod:`.endpoints`: Twisted endpoint strings (the listeners), checked and read back;
+- :mod:`.keys`: what each kind of key takes, and its converter;
+- :mod:`.load`: the file read, validated table by table, and the keys checked together.
 """
 
 from __future__ import annotations

@@ -1,43 +1,41 @@
-"""Configuration: one TOML file turned into frozen dataclasses.
+"""Reading and validating the configuration file: TOML in, a frozen Config out.
 
 Every problem is found at start-up, before a socket is opened, and is reported as a
 :class:`ConfigError` naming the file, the dotted key (``smtp.listen[1]``) and what was
 expected, so that an administrator can fix the file without reading the source.
 
-Validation is table-driven: each table is a dataclass plus a mapping of its keys to a
-:class:`_Key` (a description of what the key takes and a converter).  A key that is absent
-from the file takes the dataclass default; a dataclass field without a default is a
-required key.  Unknown keys are errors rather than being ignored, because a misspelt
-``max_recipents`` silently keeping its default is the kind of mistake nobody notices until
-it matters.
+Validation is table-driven: each table is a dataclass of :mod:`mailsrv.config.schema` plus a
+mapping of its keys to a :class:`mailsrv.config.keys.Key` (a description of what the key
+takes and a converter).  A key that is absent from the file takes the dataclass default; a
+dataclass field without a default is a required key.  Unknown keys are errors rather than
+being ignored, because a misspelt ``max_recipents`` silently keeping its default is the kind
+of mistake nobody notices until it matters.  Keys that only make sense together (``tls.cert``
+and ``tls.key``, AUTH and a users file, the smarthost's user and password file) are checked
+once every table is built.
 
-The only I/O here is reading the configuration file (:func:`load_config`) and creating and
-probing the two data directories (:func:`prepare_directories`).
+The only I/O here is reading the configuration file (:func:`load_config`), the smarthost
+password file (:func:`read_smarthost_password`), and creating and probing the two data
+directories (:func:`prepare_directories`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import ipaddress
-import math
 import os
-import re
 import secrets
 import socket
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mailsrv.address import normalise_domain
-from mailsrv.config.endpoints import check_endpoint, is_decimal, is_ip_address
+from mailsrv.config import keys
 from mailsrv.config.schema import (
     AuthConfig,
     Config,
     ConfigError,
     DomainsConfig,
-    IPNetwork,
     MailboxesConfig,
     QueueConfig,
     RelayConfig,
@@ -58,382 +56,81 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/mailsrv/mailsrv.toml")
 
 
-# --------------------------------------------------------------------------- validators
-
-
-class _Invalid(Exception):
-    """Raised by a converter; parse_config turns it into a ConfigError with file and key.
-
-    ``where`` is appended to the key (``"[1]"`` for the second list element); ``why`` is an
-    optional explanation added after the offending value.
-    """
-
-    def __init__(self, wanted: str, value: Any, where: str = "", why: str = "") -> None:
-        expected = f"expected {wanted}, got {value!r}"
-        if why:
-            expected += f" ({why})"
-        super().__init__(expected)
-        self.expected = expected
-        self.where = where
-
-
-#: A converter takes the TOML value and the directory relative paths are resolved against,
-#: and returns the Python value or raises _Invalid.
-Converter = Callable[[Any, Path], Any]
-
-
-@dataclass(frozen=True)
-class _Key:
-    wanted: str  # what the key takes, in words: used when it is missing
-    convert: Converter
-
-
-def _integer(minimum: int, maximum: int | None = None) -> _Key:
-    if maximum is None:
-        wanted = f"an integer >= {minimum}"
-    else:
-        wanted = f"an integer from {minimum} to {maximum}"
-
-    def convert(value: Any, base: Path) -> int:
-        # type() rather than isinstance(): TOML true is a bool, and bool is a subclass of int.
-        if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
-            raise _Invalid(wanted, value)
-        return value
-
-    return _Key(wanted, convert)
-
-
-def _seconds() -> _Key:
-    wanted = "a number of seconds > 0"
-
-    def convert(value: Any, base: Path) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-            raise _Invalid(wanted, value)
-        return float(value)
-
-    return _Key(wanted, convert)
-
-
-def _seconds_or_zero() -> _Key:
-    wanted = "a number of seconds >= 0 (0 turns it off)"
-
-    def convert(value: Any, base: Path) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-            raise _Invalid(wanted, value)
-        return float(value)
-
-    return _Key(wanted, convert)
-
-
-def _seconds_list() -> _Key:
-    wanted = "a non-empty list of numbers of seconds > 0"
-    each = _seconds()
-
-    def convert(value: Any, base: Path) -> tuple[float, ...]:
-        if not isinstance(value, list) or not value:
-            raise _Invalid(wanted, value)
-        result = []
-        for index, item in enumerate(value):
-            try:
-                result.append(each.convert(item, base))
-            except _Invalid as exc:
-                raise _Invalid(each.wanted, item, where=f"[{index}]") from exc
-        return tuple(result)
-
-    return _Key(wanted, convert)
-
-
-def _choice(*choices: str) -> _Key:
-    wanted = "one of " + ", ".join(f'"{c}"' for c in choices)
-
-    def convert(value: Any, base: Path) -> str:
-        if value not in choices:
-            raise _Invalid(wanted, value)
-        return value
-
-    return _Key(wanted, convert)
-
-
-def _text() -> _Key:
-    wanted = "a non-empty string of printable characters"
-
-    def convert(value: Any, base: Path) -> str:
-        if not isinstance(value, str) or not value or not value.isprintable():
-            raise _Invalid(wanted, value)
-        return value
-
-    return _Key(wanted, convert)
-
-
-def _boolean() -> _Key:
-    wanted = "true or false"
-
-    def convert(value: Any, base: Path) -> bool:
-        if type(value) is not bool:
-            raise _Invalid(wanted, value)
-        return value
-
-    return _Key(wanted, convert)
-
-
-def _path() -> _Key:
-    wanted = "a path (a non-empty string)"
-
-    def convert(value: Any, base: Path) -> Path:
-        if not isinstance(value, str) or not value or "\0" in value:
-            raise _Invalid(wanted, value)
-        # Relative paths are relative to the configuration file, not to wherever twistd
-        # happened to be started; an absolute path makes ``base /`` a no-op.
-        return base / value
-
-    return _Key(wanted, convert)
-
-
-def _delimiter() -> _Key:
-    allowed = "+-_="
-    wanted = f'"" or one of the characters {allowed}'
-
-    def convert(value: Any, base: Path) -> str:
-        # Substring test: "" (plus-addressing off) is in every string; len() stops "+-".
-        if not isinstance(value, str) or len(value) > 1 or value not in allowed:
-            raise _Invalid(wanted, value)
-        return value
-
-    return _Key(wanted, convert)
-
-
-def _list_of(
-    wanted: str, element_wanted: str, element: Callable[[str], Any], non_empty: bool
-) -> _Key:
-    """A list of strings, each converted by ``element`` (which raises ValueError with a reason)."""
-
-    def convert(value: Any, base: Path) -> tuple[Any, ...]:
-        if not isinstance(value, list) or (non_empty and not value):
-            raise _Invalid(wanted, value)
-        result = []
-        for index, item in enumerate(value):
-            if not isinstance(item, str):
-                raise _Invalid(element_wanted, item, where=f"[{index}]")
-            try:
-                result.append(element(item))
-            except ValueError as exc:
-                raise _Invalid(element_wanted, item, where=f"[{index}]", why=str(exc)) from None
-        return tuple(result)
-
-    return _Key(wanted, convert)
-
-
-# ----- domain names (normalised by address.normalise_domain, so that the domains here and
-# the domains of RCPT TO compare with ==)
-
-
-def _domain_list() -> _Key:
-    inner = _list_of(
-        "a non-empty list of domain names", "a domain name", normalise_domain, non_empty=True
-    )
-
-    def convert(value: Any, base: Path) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(inner.convert(value, base)))  # de-duplicate, keep order
-
-    return _Key(inner.wanted, convert)
-
-
-def _hostname() -> _Key:
-    wanted = "a domain name"
-
-    def convert(value: Any, base: Path) -> str:
-        if not isinstance(value, str):
-            raise _Invalid(wanted, value)
-        try:
-            return normalise_domain(value)
-        except ValueError as exc:
-            raise _Invalid(wanted, value, why=str(exc)) from None
-
-    return _Key(wanted, convert)
-
-
-def _listen(non_empty: bool = True) -> _Key:
-    return _list_of(
-        "a non-empty list of endpoint strings" if non_empty else "a list of endpoint strings",
-        "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', 'ssl:465' "
-        "(implicit TLS with the [tls] certificate) or 'unix:/run/mailsrv.sock'",
-        check_endpoint,
-        non_empty=non_empty,
-    )
-
-
-# ----- relay
-
-
-def _network(text: str) -> IPNetwork:
-    # strict=True: "10.0.0.1/8" is almost certainly a typo for a host or for "10.0.0.0/8",
-    # and guessing which one would silently widen who may relay.
-    return ipaddress.ip_network(text, strict=True)
-
-
-def _dns_server(text: str) -> tuple[str, int]:
-    """``"192.0.2.1"``, ``"192.0.2.1:5353"``, ``"::1"`` or ``"[::1]:5353"`` -> (host, port)."""
-    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
-    if bracketed:
-        host, port = bracketed.group(1), bracketed.group(2)
-        if not isinstance(_ip(host), ipaddress.IPv6Address):
-            raise ValueError("only an IPv6 address goes in brackets")
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-        if not isinstance(_ip(host), ipaddress.IPv4Address):
-            raise ValueError("write an IPv6 address with a port as [address]:port")
-    else:
-        host, port = text, None
-    address = _ip(host)
-    if port is None:
-        return (str(address), 53)
-    if not is_decimal(port, 1, 65535):
-        raise ValueError("the port must be from 1 to 65535")
-    return (str(address), int(port))
-
-
-def _smarthost() -> _Key:
-    wanted = 'a host with an optional port: "smtp.example.net", "smtp.example.net:587", "192.0.2.25:587" or "[2001:db8::25]:587"'
-
-    def convert(value: Any, base: Path) -> tuple[str, int]:
-        if not isinstance(value, str):
-            raise _Invalid(wanted, value)
-        bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", value)
-        if bracketed:
-            host, port = bracketed.group(1), bracketed.group(2)
-        elif value.count(":") == 1:
-            host, port = value.split(":")
-        else:
-            host, port = value, None
-        try:
-            host = str(ipaddress.ip_address(host)) if is_ip_address(host) else normalise_domain(host)
-        except ValueError as exc:
-            raise _Invalid(wanted, value, why=str(exc)) from None
-        if port is None:
-            return (host, 25)
-        if not is_decimal(port, 1, 65535):
-            raise _Invalid(wanted, value, why="the port must be from 1 to 65535")
-        return (host, int(port))
-
-    return _Key(wanted, convert)
-
-
-_TLS_MODES = ("opportunistic", "verify", "none")
-
-
-def _tls_policy() -> _Key:
-    wanted = 'a table of domain = "opportunistic" | "verify" | "none"'
-
-    def convert(value: Any, base: Path) -> tuple[tuple[str, str], ...]:
-        if not isinstance(value, dict):
-            raise _Invalid(wanted, value)
-        result = []
-        for domain, mode in value.items():
-            try:
-                name = normalise_domain(domain)
-            except ValueError as exc:
-                raise _Invalid("a domain name", domain, where=f".{domain}", why=str(exc)) from None
-            if mode not in _TLS_MODES:
-                raise _Invalid(_choice(*_TLS_MODES).wanted, mode, where=f".{domain}")
-            result.append((name, mode))
-        return tuple(result)
-
-    return _Key(wanted, convert)
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address") from None
-
-
 # --------------------------------------------------------------------------- schema
 
 # table name -> (dataclass, its keys).  Required keys are the dataclass fields without a
 # default; a table holding a required key is itself required.
-_TABLES: dict[str, tuple[type, dict[str, _Key]]] = {
+_TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
     "smtp": (
         SmtpConfig,
         {
-            "listen": _listen(),
-            "max_message_size": _integer(1024),
-            "max_recipients": _integer(1),
-            "idle_timeout": _seconds(),
-            "data_timeout": _seconds(),
-            "max_connections": _integer(1),
-            "max_connections_per_ip": _integer(1),
-            "junk_command_limit": _integer(1),
-            "max_received_headers": _integer(1),
-            "reverse_dns": _boolean(),
-            "auth": _boolean(),
+            "listen": keys.listen(),
+            "max_message_size": keys.integer(1024),
+            "max_recipients": keys.integer(1),
+            "idle_timeout": keys.seconds(),
+            "data_timeout": keys.seconds(),
+            "max_connections": keys.integer(1),
+            "max_connections_per_ip": keys.integer(1),
+            "junk_command_limit": keys.integer(1),
+            "max_received_headers": keys.integer(1),
+            "reverse_dns": keys.boolean(),
+            "auth": keys.boolean(),
         },
     ),
-    "tls": (TlsConfig, {"cert": _path(), "key": _path()}),
+    "tls": (TlsConfig, {"cert": keys.path(), "key": keys.path()}),
     "submission": (
         SubmissionConfig,
-        {"listen": _listen(non_empty=False), "check_from_header": _boolean()},
+        {"listen": keys.listen(non_empty=False), "check_from_header": keys.boolean()},
     ),
     "auth": (
         AuthConfig,
         {
-            "max_failures": _integer(1),
-            "window": _seconds(),
-            "lockout": _seconds(),
-            "failure_delay": _seconds_or_zero(),
+            "max_failures": keys.integer(1),
+            "window": keys.seconds(),
+            "lockout": keys.seconds(),
+            "failure_delay": keys.seconds_or_zero(),
         },
     ),
-    "domains": (DomainsConfig, {"local": _domain_list()}),
+    "domains": (DomainsConfig, {"local": keys.domain_list()}),
     "mailboxes": (
         MailboxesConfig,
         {
-            "root": _path(),
-            "users": _path(),
-            "aliases": _path(),
-            "recipient_delimiter": _delimiter(),
+            "root": keys.path(),
+            "users": keys.path(),
+            "aliases": keys.path(),
+            "recipient_delimiter": keys.delimiter(),
         },
     ),
     "queue": (
         QueueConfig,
         {
-            "path": _path(),
-            "retry_schedule": _seconds_list(),
-            "max_age": _seconds(),
-            "delay_warning": _seconds_or_zero(),
+            "path": keys.path(),
+            "retry_schedule": keys.seconds_list(),
+            "max_age": keys.seconds(),
+            "delay_warning": keys.seconds_or_zero(),
         },
     ),
     "relay": (
         RelayConfig,
         {
-            "trusted_networks": _list_of(
-                "a list of networks",
-                "a network such as '192.0.2.0/24' or '2001:db8::/32' with no host bits set",
-                _network,
-                non_empty=False,
-            ),
-            "dns_servers": _list_of(
-                "a list of DNS server addresses",
-                "an IP address with an optional port: '192.0.2.53', '192.0.2.53:5353', "
-                "'2001:db8::53' or '[2001:db8::53]:5353'",
-                _dns_server,
-                non_empty=False,
-            ),
-            "port": _integer(1, 65535),
-            "smarthost": _smarthost(),
-            "smarthost_user": _text(),
-            "smarthost_password_file": _path(),
-            "tls": _choice(*_TLS_MODES),
-            "tls_policy": _tls_policy(),
-            "tls_ca_file": _path(),
-            "max_connections": _integer(1),
-            "max_connections_per_domain": _integer(1),
-            "connect_timeout": _seconds(),
-            "timeout": _seconds(),
+            "trusted_networks": keys.networks(),
+            "dns_servers": keys.dns_servers(),
+            "port": keys.integer(1, 65535),
+            "smarthost": keys.smarthost(),
+            "smarthost_user": keys.text(),
+            "smarthost_password_file": keys.path(),
+            "tls": keys.choice(*keys.TLS_MODES),
+            "tls_policy": keys.tls_policy(),
+            "tls_ca_file": keys.path(),
+            "max_connections": keys.integer(1),
+            "max_connections_per_domain": keys.integer(1),
+            "connect_timeout": keys.seconds(),
+            "timeout": keys.seconds(),
         },
     ),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
-_HOSTNAME = _hostname()
+_HOSTNAME = keys.hostname()
 
 
 def _required_fields(cls: type) -> list[str]:
@@ -455,7 +152,7 @@ def _reject_unknown(
 
 
 def _build_table(name: str, raw: Any, base: Path, source: Path | None) -> Any:
-    cls, keys = _TABLES[name]
+    cls, table_keys = _TABLES[name]
     required = _required_fields(cls)
     if raw is None:
         if required:
@@ -467,13 +164,13 @@ def _build_table(name: str, raw: Any, base: Path, source: Path | None) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, name, f"expected a table, got {raw!r}")
-    _reject_unknown(raw, tuple(keys), f"{name}.", source)
+    _reject_unknown(raw, tuple(table_keys), f"{name}.", source)
     values: dict[str, Any] = {}
-    for key, spec in keys.items():
+    for key, spec in table_keys.items():
         if key in raw:
             try:
                 values[key] = spec.convert(raw[key], base)
-            except _Invalid as exc:
+            except keys.Invalid as exc:
                 raise ConfigError(source, f"{name}.{key}{exc.where}", exc.expected) from None
         elif key in required:
             raise ConfigError(
@@ -501,7 +198,7 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
     if "hostname" in data:
         try:
             hostname = _HOSTNAME.convert(data["hostname"], base)
-        except _Invalid as exc:
+        except keys.Invalid as exc:
             raise ConfigError(source, "hostname", exc.expected) from None
     else:
         fqdn = socket.getfqdn()
