@@ -13,17 +13,14 @@ of mistake nobody notices until it matters.  Keys that only make sense together 
 and ``tls.key``, AUTH and a users file, the smarthost's user and password file) are checked
 once every table is built.
 
-The only I/O here is reading the configuration file (:func:`load_config`), the smarthost
-password file (:func:`read_smarthost_password`), and creating and probing the two data
-directories (:func:`prepare_directories`).
+The only I/O here is reading the configuration file (:func:`load_config`) and the smarthost
+password file (:func:`read_smarthost_password`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
-import secrets
 import socket
 import tomllib
 from pathlib import Path
@@ -49,7 +46,6 @@ __all__ = [
     "demo_config",
     "load_config",
     "parse_config",
-    "prepare_directories",
     "read_smarthost_password",
 ]
 
@@ -324,39 +320,3 @@ def demo_config(base: Path) -> Config:
         relay=RelayConfig(trusted_networks=()),
         source=None,
     )
-
-
-def prepare_directories(config: Config) -> None:
-    """Create the mailbox root and the queue directory, and prove both can be written.
-
-    Finding out at start-up is the point: otherwise the first message would be accepted
-    up to DATA and then fail with 451.  Permission bits are not inspected (root ignores
-    them); a probe file is created and removed instead.
-    """
-    directories = (("mailboxes.root", config.mailboxes.root), ("queue.path", config.queue.path))
-    for key, path in directories:
-        try:
-            _make_directory(path)
-            probe = path / f".mailsrv-probe-{os.getpid()}-{secrets.token_hex(4)}"
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            os.unlink(probe)
-        except OSError as exc:
-            raise ConfigError(
-                config.source, key, f"a directory mailsrv can write: {exc}"
-            ) from None
-
-
-def _make_directory(path: Path) -> None:
-    """``mkdir -p`` where every directory created gets mode 0700 (parents included)."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileNotFoundError:
-        if path.parent == path:
-            raise
-        _make_directory(path.parent)
-        path.mkdir(mode=0o700, exist_ok=True)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(
-                errno.ENOTDIR, "exists and is not a directory", str(path)
-            ) from None
