@@ -52,7 +52,7 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/mailsrv/mailsrv.toml")
 
 
-# --------------------------------------------------------------------------- schema
+# --------------------------------------------------------------------------- tables
 
 # table name -> (dataclass, its keys).  Required keys are the dataclass fields without a
 # default; a table holding a required key is itself required.
