@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from mailsrv import config as config_module
+from mailsrv.config import directories as directories_module
+from mailsrv.config import load as config_module
 from mailsrv.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -780,7 +781,7 @@ def test_prepare_directories_probe_fails(tmp_path: Path, monkeypatch: pytest.Mon
             raise OSError(30, "Read-only file system", os.fspath(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(config_module.os, "open", read_only)
+    monkeypatch.setattr(directories_module.os, "open", read_only)
     with pytest.raises(ConfigError) as info:
         prepare_directories(config_with_dirs(tmp_path / "mail", tmp_path / "queue"))
     assert info.value.key == "mailboxes.root"

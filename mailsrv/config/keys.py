@@ -1,0 +1,364 @@
+"""What each configuration key takes: a converter per kind of value, and its words.
+
+A :class:`Key` pairs what a key takes, in words for the error message ("an integer >= 1"),
+with a converter from the TOML value to the Python one.  A converter raises :class:`Invalid`
+with the offending value; :mod:`mailsrv.config.load` adds the file and the dotted key and
+raises :class:`~mailsrv.config.schema.ConfigError`.  Kept apart from the tables that use them
+so that each rule (what a port, a smarthost or a network may be) is written once and tested
+on its own.  Pure: the only thing a converter looks at is its value (paths are joined to the
+configuration file's directory, never opened).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mailsrv.address import normalise_domain
+from mailsrv.config.endpoints import check_endpoint, is_decimal, is_ip_address
+from mailsrv.config.schema import IPNetwork
+
+__all__ = [
+    "TLS_MODES",
+    "Converter",
+    "Invalid",
+    "Key",
+    "boolean",
+    "choice",
+    "delimiter",
+    "dns_servers",
+    "domain_list",
+    "hostname",
+    "integer",
+    "list_of",
+    "listen",
+    "networks",
+    "path",
+    "seconds",
+    "seconds_list",
+    "seconds_or_zero",
+    "smarthost",
+    "text",
+    "tls_policy",
+]
+
+
+class Invalid(Exception):
+    """Raised by a converter; mailsrv.config.load turns it into a ConfigError with file and key.
+
+    ``where`` is appended to the key (``"[1]"`` for the second list element); ``why`` is an
+    optional explanation added after the offending value.
+    """
+
+    def __init__(self, wanted: str, value: Any, where: str = "", why: str = "") -> None:
+        expected = f"expected {wanted}, got {value!r}"
+        if why:
+            expected += f" ({why})"
+        super().__init__(expected)
+        self.expected = expected
+        self.where = where
+
+
+#: A converter takes the TOML value and the directory relative paths are resolved against,
+#: and returns the Python value or raises Invalid.
+Converter = Callable[[Any, Path], Any]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One kind of key: ``wanted`` says what it takes when it is missing or wrong."""
+
+    wanted: str  # what the key takes, in words: used when it is missing
+    convert: Converter
+
+
+def integer(minimum: int, maximum: int | None = None) -> Key:
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        wanted = f"an integer from {minimum} to {maximum}"
+
+    def convert(value: Any, base: Path) -> int:
+        # type() rather than isinstance(): TOML true is a bool, and bool is a subclass of int.
+        if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+            raise Invalid(wanted, value)
+        return value
+
+    return Key(wanted, convert)
+
+
+def seconds() -> Key:
+    wanted = "a number of seconds > 0"
+
+    def convert(value: Any, base: Path) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise Invalid(wanted, value)
+        return float(value)
+
+    return Key(wanted, convert)
+
+
+def seconds_or_zero() -> Key:
+    wanted = "a number of seconds >= 0 (0 turns it off)"
+
+    def convert(value: Any, base: Path) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise Invalid(wanted, value)
+        return float(value)
+
+    return Key(wanted, convert)
+
+
+def seconds_list() -> Key:
+    wanted = "a non-empty list of numbers of seconds > 0"
+    each = seconds()
+
+    def convert(value: Any, base: Path) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value:
+            raise Invalid(wanted, value)
+        result = []
+        for index, item in enumerate(value):
+            try:
+                result.append(each.convert(item, base))
+            except Invalid as exc:
+                raise Invalid(each.wanted, item, where=f"[{index}]") from exc
+        return tuple(result)
+
+    return Key(wanted, convert)
+
+
+def choice(*choices: str) -> Key:
+    wanted = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def convert(value: Any, base: Path) -> str:
+        if value not in choices:
+            raise Invalid(wanted, value)
+        return value
+
+    return Key(wanted, convert)
+
+
+def text() -> Key:
+    wanted = "a non-empty string of printable characters"
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or not value or not value.isprintable():
+            raise Invalid(wanted, value)
+        return value
+
+    return Key(wanted, convert)
+
+
+def boolean() -> Key:
+    wanted = "true or false"
+
+    def convert(value: Any, base: Path) -> bool:
+        if type(value) is not bool:
+            raise Invalid(wanted, value)
+        return value
+
+    return Key(wanted, convert)
+
+
+def path() -> Key:
+    wanted = "a path (a non-empty string)"
+
+    def convert(value: Any, base: Path) -> Path:
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise Invalid(wanted, value)
+        # Relative paths are relative to the configuration file, not to wherever twistd
+        # happened to be started; an absolute path makes ``base /`` a no-op.
+        return base / value
+
+    return Key(wanted, convert)
+
+
+def delimiter() -> Key:
+    allowed = "+-_="
+    wanted = f'"" or one of the characters {allowed}'
+
+    def convert(value: Any, base: Path) -> str:
+        # Substring test: "" (plus-addressing off) is in every string; len() stops "+-".
+        if not isinstance(value, str) or len(value) > 1 or value not in allowed:
+            raise Invalid(wanted, value)
+        return value
+
+    return Key(wanted, convert)
+
+
+def list_of(
+    wanted: str, element_wanted: str, element: Callable[[str], Any], non_empty: bool
+) -> Key:
+    """A list of strings, each converted by ``element`` (which raises ValueError with a reason)."""
+
+    def convert(value: Any, base: Path) -> tuple[Any, ...]:
+        if not isinstance(value, list) or (non_empty and not value):
+            raise Invalid(wanted, value)
+        result = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise Invalid(element_wanted, item, where=f"[{index}]")
+            try:
+                result.append(element(item))
+            except ValueError as exc:
+                raise Invalid(element_wanted, item, where=f"[{index}]", why=str(exc)) from None
+        return tuple(result)
+
+    return Key(wanted, convert)
+
+
+# ----- domain names (normalised by address.normalise_domain, so that the domains here and
+# the domains of RCPT TO compare with ==)
+
+
+def domain_list() -> Key:
+    inner = list_of(
+        "a non-empty list of domain names", "a domain name", normalise_domain, non_empty=True
+    )
+
+    def convert(value: Any, base: Path) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(inner.convert(value, base)))  # de-duplicate, keep order
+
+    return Key(inner.wanted, convert)
+
+
+def hostname() -> Key:
+    wanted = "a domain name"
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str):
+            raise Invalid(wanted, value)
+        try:
+            return normalise_domain(value)
+        except ValueError as exc:
+            raise Invalid(wanted, value, why=str(exc)) from None
+
+    return Key(wanted, convert)
+
+
+# ----- listen endpoints (checked by mailsrv.config.endpoints)
+
+
+def listen(non_empty: bool = True) -> Key:
+    return list_of(
+        "a non-empty list of endpoint strings" if non_empty else "a list of endpoint strings",
+        "an endpoint such as 'tcp:25', 'tcp:25:interface=192.0.2.1', 'ssl:465' "
+        "(implicit TLS with the [tls] certificate) or 'unix:/run/mailsrv.sock'",
+        check_endpoint,
+        non_empty=non_empty,
+    )
+
+
+# ----- relay
+
+
+def networks() -> Key:
+    return list_of(
+        "a list of networks",
+        "a network such as '192.0.2.0/24' or '2001:db8::/32' with no host bits set",
+        _network,
+        non_empty=False,
+    )
+
+
+def _network(text: str) -> IPNetwork:
+    # strict=True: "10.0.0.1/8" is almost certainly a typo for a host or for "10.0.0.0/8",
+    # and guessing which one would silently widen who may relay.
+    return ipaddress.ip_network(text, strict=True)
+
+
+def dns_servers() -> Key:
+    return list_of(
+        "a list of DNS server addresses",
+        "an IP address with an optional port: '192.0.2.53', '192.0.2.53:5353', "
+        "'2001:db8::53' or '[2001:db8::53]:5353'",
+        _dns_server,
+        non_empty=False,
+    )
+
+
+def _dns_server(text: str) -> tuple[str, int]:
+    """``"192.0.2.1"``, ``"192.0.2.1:5353"``, ``"::1"`` or ``"[::1]:5353"`` -> (host, port)."""
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", text)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+        if not isinstance(_ip(host), ipaddress.IPv6Address):
+            raise ValueError("only an IPv6 address goes in brackets")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+        if not isinstance(_ip(host), ipaddress.IPv4Address):
+            raise ValueError("write an IPv6 address with a port as [address]:port")
+    else:
+        host, port = text, None
+    address = _ip(host)
+    if port is None:
+        return (str(address), 53)
+    if not is_decimal(port, 1, 65535):
+        raise ValueError("the port must be from 1 to 65535")
+    return (str(address), int(port))
+
+
+def smarthost() -> Key:
+    wanted = (
+        'a host with an optional port: "smtp.example.net", "smtp.example.net:587", '
+        '"192.0.2.25:587" or "[2001:db8::25]:587"'
+    )
+
+    def convert(value: Any, base: Path) -> tuple[str, int]:
+        if not isinstance(value, str):
+            raise Invalid(wanted, value)
+        bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", value)
+        if bracketed:
+            host, port = bracketed.group(1), bracketed.group(2)
+        elif value.count(":") == 1:
+            host, port = value.split(":")
+        else:
+            host, port = value, None
+        try:
+            if is_ip_address(host):
+                host = str(ipaddress.ip_address(host))
+            else:
+                host = normalise_domain(host)
+        except ValueError as exc:
+            raise Invalid(wanted, value, why=str(exc)) from None
+        if port is None:
+            return (host, 25)
+        if not is_decimal(port, 1, 65535):
+            raise Invalid(wanted, value, why="the port must be from 1 to 65535")
+        return (host, int(port))
+
+    return Key(wanted, convert)
+
+
+TLS_MODES = ("opportunistic", "verify", "none")
+
+
+def tls_policy() -> Key:
+    wanted = 'a table of domain = "opportunistic" | "verify" | "none"'
+
+    def convert(value: Any, base: Path) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            raise Invalid(wanted, value)
+        result = []
+        for domain, mode in value.items():
+            try:
+                name = normalise_domain(domain)
+            except ValueError as exc:
+                raise Invalid("a domain name", domain, where=f".{domain}", why=str(exc)) from None
+            if mode not in TLS_MODES:
+                raise Invalid(choice(*TLS_MODES).wanted, mode, where=f".{domain}")
+            result.append((name, mode))
+        return tuple(result)
+
+    return Key(wanted, convert)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None

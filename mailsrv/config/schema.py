@@ -1,0 +1,177 @@
+"""What a configuration is: the frozen dataclasses, and the error a bad one gives.
+
+The dataclasses are the schema: their defaults are the defaults of the keys, a field
+without a default is a required key (see :mod:`mailsrv.config.load`), and being frozen
+they can be shared by every part of the server without anyone changing them underneath
+the others.  Nothing here reads a file or checks a value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailsrv.schedule import DEFAULT_RETRY_SCHEDULE
+
+__all__ = [
+    "DEMO_SOURCE",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "DomainsConfig",
+    "IPNetwork",
+    "MailboxesConfig",
+    "QueueConfig",
+    "RelayConfig",
+    "SmtpConfig",
+    "SubmissionConfig",
+    "TlsConfig",
+]
+
+#: What ConfigError.file says when the configuration is the built-in demo.
+DEMO_SOURCE = "<built-in demo>"
+
+
+class ConfigError(Exception):
+    """A configuration problem found at start-up.
+
+    ``str(err)`` is ``"<file>: <key>: <expected>"``, e.g.
+    ``/etc/mailsrv/mailsrv.toml: smtp.max_recipients: expected an integer >= 1, got 'ten'``.
+    """
+
+    def __init__(self, file: str | os.PathLike[str] | None, key: str, expected: str) -> None:
+        self.file: str = DEMO_SOURCE if file is None else os.fspath(file)
+        self.key = key
+        self.expected = expected
+        super().__init__(f"{self.file}: {key}: {expected}")
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The SMTP listener and the limits it enforces on every client."""
+
+    listen: tuple[str, ...] = ("tcp:25",)  # Twisted server endpoint strings
+    max_message_size: int = 26214400  # bytes, advertised with SIZE
+    max_recipients: int = 100  # per transaction; more get 452 4.5.3
+    idle_timeout: float = 300.0  # seconds without a command before 421 4.4.2
+    data_timeout: float = 600.0  # seconds the whole DATA phase may take
+    max_connections: int = 100  # in total
+    max_connections_per_ip: int = 50  # trusted_networks are held to the total only
+    # NOOP, RSET, VRFY, HELP, HELO, EHLO per session (reset by a delivered message) before
+    # each further one counts as an error (Postfix's smtpd_junk_command_limit)
+    junk_command_limit: int = 100
+    max_received_headers: int = 50  # more Received: hops than this is a loop (554 5.4.6)
+    reverse_dns: bool = True  # look up the client's PTR name for Received:
+    auth: bool = False  # also offer AUTH here (after STARTTLS), as on the submission ports
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server certificate for STARTTLS and implicit-TLS listeners (re-read on SIGHUP)."""
+
+    cert: Path | None = None  # PEM: the certificate, then its chain (a fullchain.pem)
+    key: Path | None = None  # PEM private key
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """Listeners for the users' own mail programs (RFC 6409): AUTH required, over TLS only."""
+
+    listen: tuple[str, ...] = ()  # e.g. ("tcp:587", "ssl:465")
+    check_from_header: bool = True  # the From: address must be one the user owns
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Brute-force protection for AUTH, per client address."""
+
+    max_failures: int = 5  # failures within ``window`` before the address is locked out
+    window: float = 600.0  # seconds
+    lockout: float = 900.0  # seconds during which AUTH from that address gets 454 4.7.0
+    failure_delay: float = 1.0  # seconds before the first 535; doubles with each failure
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    """The domains whose mail is delivered here (normalised: lowercase IDNA A-labels)."""
+
+    local: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MailboxesConfig:
+    """Where local mail goes and who may receive it."""
+
+    root: Path  # <root>/<domain>/<user>/{tmp,new,cur}
+    users: Path | None = None  # None: every safe local part of a local domain is a mailbox
+    aliases: Path | None = None
+    recipient_delimiter: str = "+"  # "" disables plus-addressing
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The durable outbound queue and how long a message may stay in it."""
+
+    path: Path
+    # Seconds to wait after the 1st, 2nd, ... failed attempt; the last one repeats.
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_age: float = 5 * 86400.0  # then the message is bounced
+    delay_warning: float = 0.0  # seconds before the sender is told of a delay; 0: never
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Who may relay, and how remote mail is sent."""
+
+    trusted_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    dns_servers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver
+    port: int = 25  # port used on MX hosts (tests use another)
+    # (host, port) that takes all remote mail instead of the MX hosts; None: MX delivery.
+    smarthost: tuple[str, int] | None = None
+    smarthost_user: str | None = None  # AUTH on the smarthost (then TLS is required)
+    smarthost_password_file: Path | None = None  # first line is the password
+    tls: str = "opportunistic"  # "opportunistic", "verify" or "none"
+    tls_policy: tuple[tuple[str, str], ...] = ()  # (domain, mode) exceptions to ``tls``
+    tls_ca_file: Path | None = None  # CA bundle for "verify"; None: the system's
+    max_connections: int = 20  # outgoing connections in total
+    max_connections_per_domain: int = 5
+    connect_timeout: float = 30.0
+    timeout: float = 300.0  # seconds to wait for each reply of a remote server
+
+    def tls_mode(self, domain: str) -> str:
+        """The TLS mode for one destination domain: its policy entry, or the default."""
+        return dict(self.tls_policy).get(domain, self.tls)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration.  ``source`` is the file it came from, None for the demo."""
+
+    hostname: str
+    smtp: SmtpConfig
+    domains: DomainsConfig
+    mailboxes: MailboxesConfig
+    queue: QueueConfig
+    relay: RelayConfig
+    tls: TlsConfig = TlsConfig()
+    submission: SubmissionConfig = SubmissionConfig()
+    auth: AuthConfig = AuthConfig()
+    source: Path | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether any listener offers AUTH (and so whether passwords matter)."""
+        return bool(self.submission.listen) or self.smtp.auth
+

@@ -1,0 +1,44 @@
+"""setup.cfg lists every package of mailsrv, so that the wheel and the Debian package hold them all.
+
+setup.cfg names its packages one by one (``packages =``); setuptools copies a listed package's
+modules and nothing else, so a subpackage missing from the list is not an error anywhere: it is
+simply absent from the wheel that pybuild installs, and the installed server fails on its first
+import of it, while every test run from the checkout passes.
+"""
+
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+from support.harness import REPO
+
+
+def listed_packages() -> list[str]:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg", encoding="utf-8")
+    return parser.get("options", "packages").split()
+
+
+def python_directories(root: Path) -> list[Path]:
+    """``root`` and every directory below it that holds a Python module."""
+    found = {root}
+    for module in root.rglob("*.py"):
+        found.add(module.parent)
+    return sorted(found)
+
+
+def test_every_mailsrv_package_is_listed() -> None:
+    listed = listed_packages()
+    for directory in python_directories(REPO / "mailsrv"):
+        name = ".".join(directory.relative_to(REPO).parts)
+        # A directory without __init__.py would be a namespace package, which a plain
+        # "packages =" list and Debian's pybuild treat differently: none is wanted.
+        assert (directory / "__init__.py").is_file(), f"{name} has no __init__.py"
+        assert name in listed, f"{name} is not in setup.cfg's packages"
+
+
+def test_every_listed_package_exists() -> None:
+    for name in listed_packages():
+        assert (REPO / Path(*name.split("."))).is_dir(), name
+    assert "twisted.plugins" in listed_packages()  # where twistd finds the mailsrv plugin
