@@ -24,7 +24,6 @@ from mailsrv import replies
 from mailsrv.replies import Refusal, Reply
 
 __all__ = [
-    "AddressError",
     "Mailbox",
     "parse_mail_from",
     "parse_rcpt_to",
@@ -43,12 +42,6 @@ MAX_PATH = 256  # including the angle brackets, the source route and its separat
 # DNS: 253 octets of presentation form without the final dot (RFC 1035 section 2.3.4).
 _MAX_DNS_NAME = 253
 _MAX_LABEL = 63
-
-
-#: The name smtp.py, delivery.py and bounce.py use for the parser's refusals: the one
-#: refusal type of :mod:`mailsrv.replies`, carrying the reply the parser chose (it knows
-#: best *why* a path is wrong; the protocol only sends it).
-AddressError = Refusal
 
 
 # atext of RFC 5321/5322: letters, digits and these specials.

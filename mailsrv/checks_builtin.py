@@ -30,7 +30,8 @@ from typing import Callable
 from zope.interface import implementer
 
 from mailsrv import headers, headsection, replies
-from mailsrv.address import AddressError, parse_mail_from
+from mailsrv.replies import Refusal
+from mailsrv.address import parse_mail_from
 from mailsrv.checks import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.config import Config
 from mailsrv.interfaces import ICheck, IModifier
@@ -132,7 +133,7 @@ class HeaderOwnership:
         for field, address in head.originators:
             try:
                 mailbox, _ = parse_mail_from(f"FROM:<{address}>".encode("utf-8"))
-            except AddressError:
+            except Refusal:
                 mailbox = None
             if not owns_address(user, mailbox, facts.directory):
                 return Reject(

@@ -29,7 +29,7 @@ from mailsrv.checks import ACCEPTED, Client, Draft, Facts, Outcome, Stage
 from mailsrv.dnsutil import skips_reverse_lookup
 from mailsrv.interfaces import IMessageIntake, IPipeline, ISessionIntake
 from mailsrv.policy import owns_address
-from mailsrv.replies import SMTPReplyError
+from mailsrv.replies import Refusal
 from mailsrv.router import LocalTarget, Target
 from mailsrv.runtime import Runtime
 from mailsrv.store import Stored, store
@@ -182,7 +182,7 @@ class SessionDelivery:
                 client=self.client, user=user, sender=_addr(origin),
                 reason=reason or f"{reply.code} {reply.status} {reply.text}",
             )
-            raise SMTPReplyError(reply)
+            raise Refusal(reply)
         self.transaction = Transaction(self, origin, outcome)
         return self.transaction
 
@@ -207,7 +207,7 @@ class SessionDelivery:
                 id=transaction.queue_id, client=self.client, sender=_addr(transaction.sender),
                 rcpt=user, code=reply.code, status=reply.status, text=reply.text,
             )
-            raise SMTPReplyError(reply)
+            raise Refusal(reply)
         assert facts.targets is not None, "a recipient without targets is refused by a check"
         transaction.add_recipient(user, facts.targets, outcome)
         return lambda: transaction
@@ -269,7 +269,7 @@ class Transaction:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as e:
                 log.error("cannot create spool file {path}: {error}", path=path, error=e)
-                raise SMTPReplyError(_storage_reply(e))
+                raise Refusal(_storage_reply(e))
         self.spool_path = path
         self._spool = os.fdopen(fd, "wb", buffering=256 * 1024)
 
@@ -324,7 +324,7 @@ class Transaction:
         if self._write_error is not None:
             reply = _storage_reply(self._write_error)
             self._remove_spool()
-            return defer.fail(SMTPReplyError(reply))
+            return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
             None, self.sender, self.recipients, queue_id=self.queue_id
         )
@@ -348,7 +348,7 @@ class Transaction:
             outcome = self.outcome.then(checks.run_stages(
                 facts, facts.at(Stage.MESSAGE, body_path=self.spool_path, size=self.size)))
             if outcome.refusal is not None:
-                raise SMTPReplyError(outcome.refusal.reply)
+                raise Refusal(outcome.refusal.reply)
             if outcome.folder is not None:
                 for target in self.targets:
                     if isinstance(target, LocalTarget):
@@ -371,7 +371,7 @@ class Transaction:
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
-                raise SMTPReplyError(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+                raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
         finally:
             if self.runtime.spool_files is not None:
                 self.runtime.spool_files.release(self.spool_path)  # reused, not removed
@@ -412,7 +412,7 @@ class Transaction:
         return self.queue_id
 
     def _failed(self, failure: Any) -> Any:
-        if failure.check(SMTPReplyError):
+        if failure.check(Refusal):
             reply = failure.value.reply
             log.info(
                 "refused message id={id} client={client} from={sender} size={size} "

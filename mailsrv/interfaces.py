@@ -28,7 +28,7 @@ __all__ = [
 
 class ISessionIntake(Interface):
     """One connection's side of the intake: the client's facts, and MAIL and RCPT decided
-    by the checks pipeline.  Refusals are raised as ``mailsrv.replies.SMTPReplyError``."""
+    by the checks pipeline.  Refusals are raised as ``mailsrv.replies.Refusal``."""
 
     client_ip = Attribute("The client's address, as text.")
     submission = Attribute("True on a submission listener: AUTH is required before MAIL.")
@@ -78,7 +78,7 @@ class IMessageIntake(Interface):
         """An accepted recipient and its targets (filed into ``folder`` when not None)."""
 
     def open_spool():
-        """DATA: create the spool file; raise SMTPReplyError with the reply when refused."""
+        """DATA: create the spool file; raise Refusal with the reply when refused."""
 
     def write(data):
         """Append received, dot-unstuffed, LF-terminated data to the spool."""
@@ -91,7 +91,7 @@ class IMessageIntake(Interface):
 
     def eomReceived():
         """The message is complete: a Deferred firing with the queue id once every copy is
-        durable, or failing with SMTPReplyError (the header and message checks refused, or
+        durable, or failing with Refusal (the header and message checks refused, or
         storage failed)."""
 
 

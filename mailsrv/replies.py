@@ -88,10 +88,6 @@ class Refusal(Exception):
         return f"Refusal({self.reply!r})"
 
 
-#: The name smtp.py and delivery.py still use for :class:`Refusal` (the same class).
-SMTPReplyError = Refusal
-
-
 # Positive replies
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -24,11 +24,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv import replies, sasl
-from mailsrv.address import AddressError, parse_mail_from, parse_rcpt_to
+from mailsrv.address import parse_mail_from, parse_rcpt_to
 from mailsrv.framing import CommandFramer, Framing
-from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.replies import Refusal, Reply
 from mailsrv.tlsauth import TLSAndAuth
-from mailsrv.spool import DataError, DataScanner
+from mailsrv.datascan import DataError, DataScanner
 
 if TYPE_CHECKING:
     from mailsrv.delivery import Runtime, SessionDelivery, Transaction
@@ -257,25 +257,25 @@ class SMTPSession(TLSAndAuth):
             sender, params = parse_mail_from(rest)
             self._check_mail_parameters(params)
             self._transaction = self.delivery.validateFrom(helo, sender)
-        except (AddressError, SMTPReplyError) as e:
-            return self._error(_reply_for(e))
+        except Refusal as e:
+            return self._error(e.reply)
         self._overshoot = 0
         return replies.SENDER_OK
 
     def _check_mail_parameters(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
             if not self._esmtp:
-                raise SMTPReplyError(replies.PARAMETER_NEEDS_EHLO.format(name=name))
+                raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
             if name == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
-                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.format(name=name))
+                    raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
                 if int(value) > self.runtime.config.smtp.max_message_size:
-                    raise SMTPReplyError(replies.SIZE_EXCEEDS_LIMIT)
+                    raise Refusal(replies.SIZE_EXCEEDS_LIMIT)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise SMTPReplyError(replies.BAD_PARAMETER_VALUE.format(name=name))
+                    raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
             else:
-                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.format(name=name))
+                raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
 
     def do_RCPT(self, rest: bytes) -> Reply:
         transaction = self._transaction
@@ -291,10 +291,10 @@ class SMTPSession(TLSAndAuth):
             recipient, params = parse_rcpt_to(rest)
             if params:
                 name = next(iter(params))
-                raise SMTPReplyError(replies.UNSUPPORTED_PARAMETER.format(name=name))
+                raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
             self.delivery.validateTo(recipient)
-        except (AddressError, SMTPReplyError) as e:
-            return self._error(_reply_for(e))
+        except Refusal as e:
+            return self._error(e.reply)
         return replies.RECIPIENT_OK
 
     def do_DATA(self, rest: bytes) -> Reply:
@@ -307,7 +307,7 @@ class SMTPSession(TLSAndAuth):
             return self._error(replies.NEED_RCPT)
         try:
             transaction.open_spool()
-        except SMTPReplyError as e:
+        except Refusal as e:
             self._abort_transaction()
             return e.reply
         self._scanner = DataScanner(transaction.write, self.runtime.config.smtp.max_message_size)
@@ -340,7 +340,7 @@ class SMTPSession(TLSAndAuth):
             return replies.QUEUED.format(queue_id=queue_id)
 
         def failed(failure: Failure) -> Reply:
-            if failure.check(SMTPReplyError):
+            if failure.check(Refusal):
                 return failure.value.reply
             log.failure("delivery failed", failure)
             return replies.LOCAL_ERROR
@@ -393,10 +393,3 @@ class SMTPSession(TLSAndAuth):
         b"HELP": do_HELP,
         b"QUIT": do_QUIT,
     }
-
-
-def _reply_for(error: AddressError | SMTPReplyError) -> Reply:
-    """The reply a refused MAIL or RCPT gets (address errors carry their own codes)."""
-    if isinstance(error, AddressError):
-        return Reply(error.code, error.status, error.text)
-    return error.reply

@@ -51,7 +51,7 @@ def label_domain(length: int) -> str:
     return domain
 
 
-# --------------------------------------------------------------------------- AddressError
+# --------------------------------------------------------------------------- refusals
 
 
 def test_address_error_attributes() -> None:
