@@ -16,26 +16,23 @@ the recipient is marked bounced; for a message from ``<>`` it goes to the postma
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 import time
-from collections import defaultdict, deque
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, ssl
 from twisted.logger import Logger
 
-from mailsrv import bounce, outgoing, queue
+from mailsrv import bounce, outgoing, queue, relay_outcome
 from mailsrv.config import read_smarthost_password
-from mailsrv.dsn import RecipientReport
-from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
+from mailsrv.envelope import QueuedMessage, QueuedRecipient
 from mailsrv.maildir import DeliveryError
 from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
+from mailsrv.relay_control import ControlChannel
+from mailsrv.relay_schedule import Batch, Scheduler
 from mailsrv.schedule import RetryPolicy
 from mailsrv.smtpclient import RelayClientFactory, Reply, Transaction
 
@@ -43,10 +40,6 @@ __all__ = ["Relayer"]
 
 log = Logger(namespace="mailsrv")
 
-#: Messages carried by one session before it ends (the next session takes the rest).
-MESSAGES_PER_SESSION = 100
-#: Seconds between looks into queue/control/ for requests of ``mailsrv queue``.
-CONTROL_POLL = 1.0
 #: DNS timeouts per try, for MX and address lookups.
 DNS_TIMEOUT = (2, 5)
 SMARTHOST = "[smarthost]"
@@ -79,15 +72,16 @@ class Relayer(service.Service):
         self.rng = rng or random.Random()
         self.messages: dict[str, QueuedMessage] = {}
         self.loaded = False
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
-        self._in_flight: set[tuple[str, str]] = set()
-        self._waiting: dict[str, deque[tuple[str, list[str]]]] = defaultdict(deque)
-        self._sessions: dict[str, int] = defaultdict(int)
-        self._total_sessions = 0
+        self.scheduler = Scheduler(
+            self.reactor, self.messages, key_of=self._key, deliver=self._deliver,
+            max_sessions=relay.max_connections,
+            max_sessions_per_key=relay.max_connections_per_domain,
+            ready=lambda: self.running and self.loaded,
+        )
+        self.control = ControlChannel(
+            self.qdir, self.reactor, self, in_thread=runtime.in_thread, ready=lambda: self.loaded,
+        )
         self._writes: dict[str, defer.Deferred] = {}
-        self._timer: Any = None
-        self._control: task.LoopingCall | None = None
         self._password = read_smarthost_password(self.config)
         self._opportunistic = ssl.CertificateOptions(verify=False)
         self._trust_root = (
@@ -104,19 +98,12 @@ class Relayer(service.Service):
         d = self.runtime.in_thread(queue.load, self.qdir)
         d.addCallback(self._loaded, started)
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
-        self._control = task.LoopingCall(self._poll_control)
-        self._control.clock = self.reactor
-        self._control.start(CONTROL_POLL, now=False).addErrback(
-            lambda f: log.failure("queue control polling stopped", f)
-        )
+        self.control.start()
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._control is not None and self._control.running:
-            self._control.stop()
+        self.scheduler.stop()
+        self.control.stop()
         writes = [d for d in self._writes.values() if not d.called]
         return defer.DeferredList(writes) if writes else None
 
@@ -127,96 +114,23 @@ class Relayer(service.Service):
             log.info("queue: removed {name}, left unfinished by a crash (never sent)", name=name)
         for message in report.messages:
             self.messages[message.id] = message
-            self._push(message)
+            self.scheduler.push(message)
         self.loaded = True
         log.info(
             "queue loaded: {n} message(s), {r} recipient(s) waiting, in {secs:.2f}s",
             n=len(report.messages), r=sum(len(m.pending) for m in report.messages),
             secs=time.monotonic() - started,
         )
-        self._wake()
-
-    # --- what is due ---------------------------------------------------------------
+        self.scheduler.wake()
 
     def add(self, message: QueuedMessage) -> None:
         """A message just entered the queue (it is already durable): deliver it soon."""
         self.messages[message.id] = message
-        self._push(message)
-        self._wake()
-
-    def _push(self, message: QueuedMessage) -> None:
-        times = [
-            r.next_attempt for r in message.pending if (message.id, r.address) not in self._in_flight
-        ]
-        if times:
-            heapq.heappush(self._heap, (min(times), next(self._seq), message.id))
-
-    def _wake(self, delay: float = 0.0) -> None:
-        if not self.running or not self.loaded:
-            return
-        when = self.reactor.seconds() + delay
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= when:
-                return
-            self._timer.cancel()
-        self._timer = self.reactor.callLater(delay, self._run)
-
-    def _run(self) -> None:
-        self._timer = None
-        now = time.time()
-        seen: set[str] = set()
-        while self._heap and self._heap[0][0] <= now:
-            _, _, queue_id = heapq.heappop(self._heap)
-            message = self.messages.get(queue_id)
-            if message is None or queue_id in seen:
-                continue
-            seen.add(queue_id)
-            by_key: dict[str, list[str]] = defaultdict(list)
-            for r in message.pending:
-                if (queue_id, r.address) in self._in_flight:
-                    continue
-                if r.next_attempt <= now:
-                    by_key[self._key(r)].append(r.address)
-            for key, addresses in by_key.items():
-                self._in_flight.update((queue_id, a) for a in addresses)
-                self._waiting[key].append((queue_id, addresses))
-            self._push(message)  # its later recipients, if any
-        self._dispatch()
-        if self._heap:
-            self._wake(max(0.0, self._heap[0][0] - time.time()))
+        self.scheduler.push(message)
+        self.scheduler.wake()
 
     def _key(self, recipient: QueuedRecipient) -> str:
         return SMARTHOST if self.config.relay.smarthost else recipient.domain
-
-    def _dispatch(self) -> None:
-        relay = self.config.relay
-        for key, waiting in list(self._waiting.items()):
-            while (
-                waiting
-                and self._total_sessions < relay.max_connections
-                and self._sessions[key] < relay.max_connections_per_domain
-            ):
-                batch = [waiting.popleft() for _ in range(min(MESSAGES_PER_SESSION, len(waiting)))]
-                self._sessions[key] += 1
-                self._total_sessions += 1
-                d = self._deliver(key, batch)
-                d.addErrback(lambda f: log.failure("relay session failed", f))
-                d.addBoth(self._session_ended, key, batch)
-            if not waiting:
-                del self._waiting[key]
-
-    def _session_ended(self, _: Any, key: str, batch: list[tuple[str, list[str]]]) -> None:
-        self._sessions[key] -= 1
-        if not self._sessions[key]:
-            del self._sessions[key]
-        self._total_sessions -= 1
-        for queue_id, addresses in batch:
-            self._in_flight.difference_update((queue_id, a) for a in addresses)
-            message = self.messages.get(queue_id)
-            if message is not None:
-                self._push(message)
-        self._dispatch()
-        self._wake()
 
     # --- one session per destination ----------------------------------------------------
 
@@ -246,15 +160,14 @@ class Relayer(service.Service):
         return self._opportunistic, False
 
     @defer.inlineCallbacks
-    def _deliver(self, key: str, batch: list[tuple[str, list[str]]]) -> Any:
+    def _deliver(self, key: str, batch: Batch) -> Any:
+        """One session's work for one destination: its hosts in order, address by address,
+        until a server has answered for every message (results recorded as they come)."""
         relay = self.config.relay
         try:
             hosts = yield self._route(key)
         except DestinationError as e:
-            # A smarthost that does not resolve is our configuration's fault: mail waits.
-            permanent = e.permanent and key != SMARTHOST
-            status = e.status if permanent or e.status[0] == "4" else "4" + e.status[1:]
-            reply = Reply(550 if permanent else 451, e.text, status)
+            reply = relay_outcome.destination_failed(e, smarthost=key == SMARTHOST)
             for queue_id, addresses in batch:
                 self._record(queue_id, {a: reply for a in addresses}, None)
             return
@@ -289,10 +202,7 @@ class Relayer(service.Service):
                     if t.complete:
                         self._record(t.queue_id, t.results, where, tls=outcome.tls)
                     elif t.attempted:
-                        deferred = Reply(451, f"{where}: {problem}", "4.4.2")
-                        results = dict(t.results)
-                        for a in t.recipients:
-                            results.setdefault(a, deferred)
+                        results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
                         self._record(t.queue_id, results, where, tls=outcome.tls)
                     else:
                         retry_elsewhere.append((t.queue_id, t.recipients))
@@ -302,7 +212,7 @@ class Relayer(service.Service):
                 last_problem = f"{where}: {problem}"
                 log.info("relay: {where} failed: {problem}; trying the next address",
                          where=where, problem=problem)
-        reply = Reply(451, last_problem, "4.4.1")
+        reply = relay_outcome.unreachable(last_problem)
         for queue_id, addresses in pending:
             self._record(queue_id, {a: reply for a in addresses}, None)
 
@@ -331,83 +241,32 @@ class Relayer(service.Service):
         if message is None:
             return  # deleted or bounced by the administrator meanwhile
         now = time.time()
-        current = {r.address: r for r in message.recipients}
-        changed: dict[str, QueuedRecipient] = {}
-        reports: list[RecipientReport] = []
-        remote_host = where.split("[", 1)[0] if where else None
-        for address, reply in results.items():
-            r = current.get(address)
-            if r is None or r.status != QUEUED:
-                continue
-            attempts = r.attempts + 1
-            base = replace(r, attempts=attempts, last_attempt=now, remote_mta=remote_host,
-                           last_error=None if reply.success else str(reply))
-            if reply.success:
-                changed[address] = replace(base, status=SENT)
-                status = "sent"
-            elif reply.permanent:
-                changed[address] = replace(base, status=BOUNCED)
-                reports.append(self._report(base, reply, reply.status, str(reply)))
-                status = "bounced"
-            else:
-                retry = self.policy.next_attempt(message.created, now, attempts, self.rng)
-                if retry is None:
-                    changed[address] = replace(base, status=BOUNCED)
-                    days = self.config.queue.max_age / 86400
-                    reports.append(self._report(
-                        base, reply, "4.4.7",
-                        f"message expired after {days:g} day(s) in the queue;"
-                        f" last error: {reply}",
-                    ))
-                    status = "expired"
-                else:
-                    changed[address] = replace(base, next_attempt=retry)
-                    status = "deferred"
+        outcome = relay_outcome.apply_results(
+            message, results, where=where, now=now, policy=self.policy, rng=self.rng)
+        for line in outcome.results:
             log.info(
                 "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls} "
                 "delay={delay:.1f} tries={tries} status={status} reply=\"{reply}\"",
-                id=queue_id, sender=message.sender, rcpt=address, relay=where or "none",
-                tls=tls or "none", delay=now - message.created, tries=attempts,
-                status="bounced" if status == "expired" else status, reply=str(reply),
+                id=queue_id, sender=message.sender, rcpt=line.address, relay=where or "none",
+                tls=tls or "none", delay=now - message.created, tries=line.attempts,
+                status="bounced" if line.status == relay_outcome.EXPIRED else line.status,
+                reply=str(line.reply),
             )
-        if not changed:
-            return
-        updated = message.update(changed)
-        warn = []
-        if self.policy.warn_due(updated.created, now, updated.warned) and updated.pending:
-            if updated.sender:
-                until = self.policy.expires(updated.created)
-                warn = [RecipientReport(
-                    address=r.address, action="delayed", status=_status_of(r.last_error),
-                    diagnostic=r.last_error, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-                    will_retry_until=until,
-                ) for r in updated.pending]
-            updated = replace(updated, warned=True)
-        self._commit(message, updated, reports, warn)
+        if outcome.changed:
+            self._commit(outcome)
 
-    def _report(self, r: QueuedRecipient, reply: Reply, status: str, text: str) -> RecipientReport:
-        return RecipientReport(
-            address=r.address, action="failed", status=status, diagnostic=text,
-            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-        )
-
-    def _commit(
-        self,
-        before: QueuedMessage,
-        after: QueuedMessage,
-        reports: list[RecipientReport],
-        warn: list[RecipientReport],
-    ) -> None:
+    def _commit(self, outcome: relay_outcome.Outcome) -> None:
         """Make a state change durable (bounce first, then state), in order per message."""
+        before, after = outcome.before, outcome.message
+        reports, warn = list(outcome.reports), list(outcome.warnings)
         if after.done:
             del self.messages[after.id]
         else:
             self.messages[after.id] = after
-        if reports and after.double_bounce:
+        if outcome.dropped:
             log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
                      "failed bounce; dropped for {rcpts}", id=after.id,
-                     rcpts=",".join(f"<{r.address}>" for r in reports))
-            reports = []
+                     rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
 
         def blocking() -> list[Any]:
             stored = []
@@ -438,13 +297,10 @@ class Relayer(service.Service):
             log.error("queue id={id}: cannot store the new state: {error}", id=after.id,
                       error=failure.getErrorMessage())
             if failure.check(DeliveryError, OSError):
-                retry = time.time() + self.policy.schedule[0]
-                restored = before.update({
-                    r.address: replace(r, next_attempt=retry) for r in before.pending
-                })
+                restored = relay_outcome.rescheduled(before, time.time() + self.policy.schedule[0])
                 self.messages[after.id] = restored
-                self._push(restored)
-                self._wake(self.policy.schedule[0])
+                self.scheduler.push(restored)
+                self.scheduler.wake(self.policy.schedule[0])
             else:
                 return failure
 
@@ -460,64 +316,23 @@ class Relayer(service.Service):
 
         d.addBoth(forget)
 
-    # --- mailsrv queue requests -----------------------------------------------------------
+    # --- what mailsrv queue asks (relay_control.QueueActions) ---------------------------------
 
-    def _poll_control(self) -> None:
-        if not self.loaded:
-            return
-        for request in queue.control_requests(self.qdir):
-            try:
-                text = self._handle(request)
-            except Exception as e:  # never let one bad request stop the polling
-                text = f"error: {e}"
-            if isinstance(text, defer.Deferred):
-                text.addCallback(lambda t, r=request: self._answer(r, t))
-            else:
-                self._answer(request, text)
+    def flush(self, queue_ids: list[str]) -> None:
+        """Every recipient still queued of these messages due now."""
+        now = time.time()
+        for queue_id in queue_ids:
+            self.messages[queue_id] = relay_outcome.rescheduled(self.messages[queue_id], now)
+            self.scheduler.push(self.messages[queue_id])
+        self.scheduler.wake()
 
-    def _answer(self, request: queue.ControlRequest, text: str) -> None:
-        log.info("queue {action} {target}: {answer}", action=request.action,
-                 target=request.queue_id or "all", answer=text)
-        self.runtime.in_thread(queue.control_answer, self.qdir, request, text + "\n")
+    def delete(self, queue_id: str) -> defer.Deferred:
+        """Forget the message, and remove its files once its pending writes are done."""
+        del self.messages[queue_id]
+        d = self._writes.get(queue_id, defer.succeed(None))
+        return d.addBoth(lambda _: self.runtime.in_thread(queue.remove, self.qdir, queue_id))
 
-    def _handle(self, request: queue.ControlRequest) -> Any:
-        if request.action == "flush":
-            ids = [request.queue_id] if request.queue_id else list(self.messages)
-            if request.queue_id and request.queue_id not in self.messages:
-                return f"error: no message {request.queue_id} in the queue"
-            now = time.time()
-            for queue_id in ids:
-                message = self.messages[queue_id]
-                self.messages[queue_id] = message.update({
-                    r.address: replace(r, next_attempt=now) for r in message.pending
-                })
-                self._push(self.messages[queue_id])
-            self._wake()
-            return f"ok: {len(ids)} message(s) scheduled for delivery now"
-        message = self.messages.get(request.queue_id or "")
-        if message is None:
-            return f"error: no message {request.queue_id} in the queue"
-        if request.action == "delete":
-            del self.messages[message.id]
-            d = self._writes.get(message.id, defer.succeed(None))
-            d = d.addBoth(lambda _: self.runtime.in_thread(queue.remove, self.qdir, message.id))
-            return d.addCallback(lambda _: f"ok: deleted {message.id}")
-        # bounce
-        reason = "returned to the sender by the administrator"
-        # An administrator's bounce of a bounce tells nobody (the postmaster did it).
-        reports = bounce.given_up_reports(message, reason) if message.sender else []
-        after = message.update({r.address: replace(r, status=BOUNCED, last_error=reason)
-                                for r in message.pending})
-        self._commit(message, after, reports, [])
-        d = self._writes.get(message.id, defer.succeed(None))
-        return d.addCallback(lambda _: f"ok: bounced {message.id}"
-                             + ("" if message.sender else " (from <>: no DSN sent)"))
-
-
-def _status_of(error: str | None) -> str:
-    """The enhanced status of a stored error text ("451 4.3.0 ..."), for delay notices."""
-    if error:
-        reply = Reply.from_wire(int(error[:3]) if error[:3].isdigit() else 451, error[4:])
-        if not reply.success:
-            return reply.status if reply.status[0] == "4" else "4.0.0"
-    return "4.0.0"
+    def bounce(self, queue_id: str) -> defer.Deferred:
+        """Bounce every recipient still queued; fires once the DSN and the state are stored."""
+        self._commit(relay_outcome.bounced_by_administrator(self.messages[queue_id]))
+        return self._writes.get(queue_id, defer.succeed(None))
