@@ -2,16 +2,25 @@
 The relayer: a Twisted service that delivers the outbound queue and keeps its state on disk.
 
 The queue's truth is on disk (``mailsrv.queue``); the relayer holds the same envelopes in
-memory to decide what is due, and every change it makes (a recipient sent, deferred, bounced;
-a message finished) is written back with an atomic replace before the next change of that
-message, in order, in the thread pool.  Due recipients are grouped by destination domain (or
-all go to the smarthost); each group is one session carrying every due message for that
-domain, tried host by host, address by address, until a server answers.
+memory and writes every change back (a recipient sent, deferred, bounced; a message finished)
+with an atomic replace before the next change of that message, in order, in the thread pool.
+A bounce (RFC 3464 DSN) is stored before the recipient is marked bounced, so a crash in
+between can repeat a bounce but never lose one; for a message from ``<>`` it goes to the
+postmaster instead (once: that notice's own failure is only logged).  When the disk refuses,
+the recipients stay queued and are tried again after the first retry delay.
 
-Results per recipient: ``2xx`` sent, ``4xx`` deferred with backoff (bounced once the message
-is older than ``queue.max_age``), ``5xx`` bounced.  A bounce (RFC 3464 DSN) is stored before
-the recipient is marked bounced; for a message from ``<>`` it goes to the postmaster instead
-(once: that notice's own failure is only logged).
+The service ties four parts together, each in its own module:
+
+- ``relay_schedule.Scheduler``: what is due, grouped by destination, within the session limits;
+- ``relay_destination.DestinationDelivery``: one session's hosts, TLS, and host-by-host tries;
+- ``relay_outcome``: what the replies do to the message (sent, retry, bounce, expiry, delay
+  warning), pure;
+- ``relay_control.ControlChannel``: the requests of ``mailsrv queue`` in ``<queue>/control/``,
+  which it carries out through :meth:`Relayer.flush`, :meth:`Relayer.delete` and
+  :meth:`Relayer.bounce`.
+
+The rest of the server only calls :meth:`Relayer.add` (a message just queued) and runs it as a
+service.
 """
 
 from __future__ import annotations
@@ -23,36 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from mailsrv import bounce, outgoing, queue, relay_outcome
-from mailsrv.config import read_smarthost_password
-from mailsrv.envelope import QueuedMessage, QueuedRecipient
+from mailsrv import bounce, queue, relay_outcome
+from mailsrv.envelope import QueuedMessage
 from mailsrv.maildir import DeliveryError
-from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.relay_control import ControlChannel
+from mailsrv.relay_destination import DestinationDelivery
 from mailsrv.relay_schedule import Batch, Scheduler
 from mailsrv.schedule import RetryPolicy
-from mailsrv.smtpclient import RelayClientFactory, Reply, Transaction
+from mailsrv.smtpclient import Reply, Transaction
 
 __all__ = ["Relayer"]
 
 log = Logger(namespace="mailsrv")
-
-#: DNS timeouts per try, for MX and address lookups.
-DNS_TIMEOUT = (2, 5)
-SMARTHOST = "[smarthost]"
-
-
-def _load_trust_root(path: Path | None) -> Any:
-    """The CA certificates "verify" trusts: the configured bundle, or the platform's."""
-    if path is None:
-        return ssl.platformTrust()
-    text = Path(path).read_text("ascii")
-    marker = "-----BEGIN CERTIFICATE-----"
-    pems = [marker + part for part in text.split(marker)[1:]]
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
 
 
 class Relayer(service.Service):
@@ -72,8 +66,9 @@ class Relayer(service.Service):
         self.rng = rng or random.Random()
         self.messages: dict[str, QueuedMessage] = {}
         self.loaded = False
+        self.destinations = DestinationDelivery(runtime, self.rng)
         self.scheduler = Scheduler(
-            self.reactor, self.messages, key_of=self._key, deliver=self._deliver,
+            self.reactor, self.messages, key_of=self.destinations.key, deliver=self._deliver,
             max_sessions=relay.max_connections,
             max_sessions_per_key=relay.max_connections_per_domain,
             ready=lambda: self.running and self.loaded,
@@ -82,13 +77,6 @@ class Relayer(service.Service):
             self.qdir, self.reactor, self, in_thread=runtime.in_thread, ready=lambda: self.loaded,
         )
         self._writes: dict[str, defer.Deferred] = {}
-        self._password = read_smarthost_password(self.config)
-        self._opportunistic = ssl.CertificateOptions(verify=False)
-        self._trust_root = (
-            _load_trust_root(relay.tls_ca_file)
-            if relay.tls != "none" or relay.tls_policy or relay.smarthost_user
-            else None
-        )
 
     # --- service --------------------------------------------------------------------
 
@@ -129,92 +117,8 @@ class Relayer(service.Service):
         self.scheduler.push(message)
         self.scheduler.wake()
 
-    def _key(self, recipient: QueuedRecipient) -> str:
-        return SMARTHOST if self.config.relay.smarthost else recipient.domain
-
-    # --- one session per destination ----------------------------------------------------
-
-    def _route(self, key: str) -> defer.Deferred:
-        resolver = self.runtime.resolver
-        if key == SMARTHOST:
-            host, _ = self.config.relay.smarthost
-            return resolve_host(resolver, host, timeout=DNS_TIMEOUT).addCallback(lambda h: [h])
-        return resolve_destination(
-            resolver, key, own_names=(self.config.hostname,), timeout=DNS_TIMEOUT, rng=self.rng
-        )
-
-    def _tls_for(self, key: str, host: MXHost) -> tuple[Any, bool]:
-        """(context, required) for one host of a destination."""
-        relay = self.config.relay
-        if key == SMARTHOST:
-            mode = "verify" if relay.smarthost_user else relay.tls_mode(relay.smarthost[0])
-        else:
-            mode = relay.tls_mode(key)
-        if mode == "none":
-            return None, False
-        if mode == "verify" and not host.name.startswith("["):
-            return ssl.optionsForClientTLS(host.name, trustRoot=self._trust_root), True
-        if mode == "verify":
-            # An address literal has no name to verify: require TLS at least.
-            return self._opportunistic, True
-        return self._opportunistic, False
-
-    @defer.inlineCallbacks
-    def _deliver(self, key: str, batch: Batch) -> Any:
-        """One session's work for one destination: its hosts in order, address by address,
-        until a server has answered for every message (results recorded as they come)."""
-        relay = self.config.relay
-        try:
-            hosts = yield self._route(key)
-        except DestinationError as e:
-            reply = relay_outcome.destination_failed(e, smarthost=key == SMARTHOST)
-            for queue_id, addresses in batch:
-                self._record(queue_id, {a: reply for a in addresses}, None)
-            return
-        pending = [(queue_id, addresses) for queue_id, addresses in batch]
-        last_problem = "no MX host could be reached"
-        port = relay.smarthost[1] if key == SMARTHOST else relay.port
-        auth = (relay.smarthost_user, self._password) if key == SMARTHOST and relay.smarthost_user else None
-        incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
-        for host in hosts:
-            for address in host.addresses:
-                transactions = self._transactions(pending)
-                if not transactions:
-                    return
-                tls_context, require_tls = self._tls_for(key, host)
-                factory = RelayClientFactory(
-                    transactions, identity=self.config.hostname,
-                    own_names=(self.config.hostname,), tls_context=tls_context,
-                    require_tls=require_tls, auth=auth, timeout=relay.timeout,
-                    prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
-                )
-                self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
-                outcome = yield factory.done
-                where = f"{host.name}[{address}]:{port}"
-                if outcome.loop:
-                    reply = outcome.error
-                    for t in transactions:
-                        self._record(t.queue_id, {a: reply for a in t.recipients}, where)
-                    return
-                problem = outcome.error and str(outcome.error) or outcome.reason or "session ended"
-                retry_elsewhere = []
-                for t in transactions:
-                    if t.complete:
-                        self._record(t.queue_id, t.results, where, tls=outcome.tls)
-                    elif t.attempted:
-                        results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
-                        self._record(t.queue_id, results, where, tls=outcome.tls)
-                    else:
-                        retry_elsewhere.append((t.queue_id, t.recipients))
-                pending = retry_elsewhere
-                if not pending:
-                    return
-                last_problem = f"{where}: {problem}"
-                log.info("relay: {where} failed: {problem}; trying the next address",
-                         where=where, problem=problem)
-        reply = relay_outcome.unreachable(last_problem)
-        for queue_id, addresses in pending:
-            self._record(queue_id, {a: reply for a in addresses}, None)
+    def _deliver(self, key: str, batch: Batch) -> defer.Deferred:
+        return self.destinations.deliver(key, batch, self._transactions, self._record)
 
     def _transactions(self, items: Iterable[tuple[str, list[str]]]) -> list[Transaction]:
         transactions = []
