@@ -80,8 +80,9 @@ class Scheduler:
     def push(self, message: QueuedMessage) -> None:
         """Note when ``message``'s next recipient not in flight is due (a message may be
         pushed more than once: the earliest entry wins, the later ones find nothing due)."""
+        in_flight = self._in_flight
         times = [
-            r.next_attempt for r in message.pending if (message.id, r.address) not in self._in_flight
+            r.next_attempt for r in message.pending if (message.id, r.address) not in in_flight
         ]
         if times:
             heapq.heappush(self._heap, (min(times), next(self._seq), message.id))
@@ -151,7 +152,9 @@ class Scheduler:
                 d = self.deliver(key, batch)
                 d.addErrback(lambda f: log.failure("relay session failed", f))
                 d.addBoth(self._session_ended, key, batch)
-            if not waiting:
+            # A session that ended at once (a destination refused without a lookup, such as
+            # an address literal naming this host) has run _dispatch itself meanwhile.
+            if not waiting and self._waiting.get(key) is waiting:
                 del self._waiting[key]
 
     def _session_ended(self, _: Any, key: str, batch: Batch) -> None:

@@ -222,3 +222,24 @@ def test_a_failed_session_frees_its_slot_and_recipients(clock) -> None:
     relay.end(0)
     clock.advance(0)
     assert [batch for _, batch in relay.started()] == [[("Q1", ["a@one.test"])]]
+
+
+def test_a_session_that_ends_at_once(clock) -> None:
+    """A destination refused without a lookup (an address literal naming this host) ends its
+    session before deliver() returns: the next sessions still start, nothing raises."""
+    relay = Relay(clock, max_sessions=1)
+    ended: list[str] = []
+
+    def deliver(key, batch):
+        ended.append(key)
+        for queue_id, _ in batch:
+            relay.messages.pop(queue_id)  # bounced at once
+        return defer.succeed(None)
+
+    relay.scheduler.deliver = deliver
+    relay.add("Q1", "x@[127.0.0.1]")
+    relay.add("Q2", "y@[127.0.0.1]")
+    relay.add("Q3", "z@two.test")
+    clock.advance(0)
+    assert ended == ["[127.0.0.1]", "two.test"] and relay.scheduler.sessions == 0
+    assert clock.getDelayedCalls() == []
