@@ -1,5 +1,5 @@
 """
-The running server's side of ``mailsrv queue flush|delete|bounce``: requests in ``<queue>/control/``.
+The running server's side of ``mailsrv queue flush|delete|bounce``: ``<queue>/control/``.
 
 Only the server may change a queue it is delivering (it holds the messages in memory and
 writes their state), so the command leaves a request file (mailsrv.queue.control_request) and

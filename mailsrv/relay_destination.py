@@ -132,7 +132,9 @@ class DestinationDelivery:
         pending = [(queue_id, addresses) for queue_id, addresses in batch]
         last_problem = "no MX host could be reached"
         port = relay.smarthost[1] if key == SMARTHOST else relay.port
-        auth = (relay.smarthost_user, self._password) if key == SMARTHOST and relay.smarthost_user else None
+        auth = None
+        if key == SMARTHOST and relay.smarthost_user:
+            auth = (relay.smarthost_user, self._password)
         incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
         for host in hosts:
             for address in host.addresses:

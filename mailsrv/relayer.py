@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ class Relayer(service.Service):
         service.Service.stopService(self)
         self.scheduler.stop()
         self.control.stop()
-        writes = [d for d in self._writes.values() if not d.called]
+        writes = list(self._writes.values())  # a finished write is forgotten
         return defer.DeferredList(writes) if writes else None
 
     def _loaded(self, report: queue.LoadReport, started: float) -> None:
@@ -177,7 +177,8 @@ class Relayer(service.Service):
             for group in (reports, warn):
                 if group:
                     try:
-                        stored.append(bounce.notify(self.config, self.runtime.directory, after, group))
+                        stored.append(
+                            bounce.notify(self.config, self.runtime.directory, after, group))
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:
@@ -208,17 +209,33 @@ class Relayer(service.Service):
             else:
                 return failure
 
-        previous = self._writes.get(after.id, defer.succeed(None))
-        d = previous.addBoth(lambda _: self.runtime.in_thread(blocking))
-        d.addCallbacks(written, failed)
-        self._writes[after.id] = d
+        self._in_order(after.id, blocking).addCallbacks(written, failed)
+
+    def _in_order(self, queue_id: str, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``f`` in a thread once the message's earlier writes are done: one at a time and
+        in order, so that an older state never lands after a newer one.  stopService waits
+        for the writes under way."""
+        previous = self._writes.get(queue_id)
+        start: defer.Deferred
+        if previous is None:
+            start = defer.succeed(None)
+        else:
+            start = defer.Deferred()
+
+            def go(result: Any) -> Any:
+                start.callback(None)
+                return result
+
+            previous.addBoth(go)
+        d = start.addCallback(lambda _: self.runtime.in_thread(f, *args))
+        self._writes[queue_id] = d
 
         def forget(result: Any) -> Any:
-            if self._writes.get(after.id) is d:
-                del self._writes[after.id]
+            if self._writes.get(queue_id) is d:
+                del self._writes[queue_id]
             return result
 
-        d.addBoth(forget)
+        return d.addBoth(forget)
 
     # --- what mailsrv queue asks (relay_control.QueueActions) ---------------------------------
 
@@ -233,8 +250,7 @@ class Relayer(service.Service):
     def delete(self, queue_id: str) -> defer.Deferred:
         """Forget the message, and remove its files once its pending writes are done."""
         del self.messages[queue_id]
-        d = self._writes.get(queue_id, defer.succeed(None))
-        return d.addBoth(lambda _: self.runtime.in_thread(queue.remove, self.qdir, queue_id))
+        return self._in_order(queue_id, queue.remove, self.qdir, queue_id)
 
     def bounce(self, queue_id: str) -> defer.Deferred:
         """Bounce every recipient still queued; fires once the DSN and the state are stored."""

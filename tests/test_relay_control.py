@@ -13,12 +13,10 @@ import pytest
 from twisted.internet import defer, task
 
 from mailsrv import queue
-from mailsrv.config import parse_config, prepare_directories
-from mailsrv.delivery import Runtime
-from mailsrv.envelope import QueuedMessage, new_message
+from mailsrv.envelope import new_message
 from mailsrv.relay_control import CONTROL_POLL, ControlChannel
 from mailsrv.relayer import Relayer
-from mailsrv.router import Directory
+from support.inprocess import enqueue, queue_runtime
 
 
 def in_thread(f, *args):
@@ -72,7 +70,8 @@ def channel(qdir, actions, ready=lambda: True):
 
 def test_requests_are_answered_within_one_poll(qdir) -> None:
     clock, control = channel(qdir, Actions("Q1", "Q2"))
-    everything, one, unknown = ask(qdir, "flush"), ask(qdir, "flush", "Q2"), ask(qdir, "flush", "Q9")
+    everything, one, unknown = (ask(qdir, "flush"), ask(qdir, "flush", "Q2"),
+                                ask(qdir, "flush", "Q9"))
     clock.advance(CONTROL_POLL - 0.01)
     assert not everything.exists()
     clock.advance(0.01)
@@ -150,55 +149,31 @@ def test_no_answer_before_the_queue_is_loaded(qdir) -> None:
 # --- the relayer's side: the same requests acting on a real queue ----------------------------
 
 
-class SyncWorkers:
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
-
-
 @pytest.fixture
 def relayer(tmp_path):
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-    }, None)
-    prepare_directories(config)
-    queue.queue_dirs(config.queue.path)
-    clock = task.Clock()
-    directory = Directory(["example.org"], frozenset({"alice@example.org"}), {})
-    runtime = Runtime(config=config, directory=directory, reactor=clock, workers=SyncWorkers())
-    relayer = Relayer(runtime)
+    relayer = Relayer(queue_runtime(tmp_path))
     relayer.sessions = []
-    relayer.scheduler.deliver = lambda key, batch: relayer.sessions.append(batch) or defer.Deferred()
-    relayer.clock = clock
+    relayer.scheduler.deliver = (
+        lambda key, batch: relayer.sessions.append(batch) or defer.Deferred())
+    relayer.clock = relayer.reactor
     yield relayer
     relayer.stopService()
-
-
-def enqueue(relayer: Relayer, queue_id: str, sender: str | None, created: float) -> QueuedMessage:
-    qdir = relayer.qdir
-    body = qdir / "incoming" / queue_id
-    body.write_bytes(b"Subject: hello\r\n\r\nhello\r\n")
-    return queue.enqueue(qdir, queue_id, sender=sender, recipients=["bob@remote.test"],
-                         prefix=b"", body_path=body, created=created, received_from="local")
 
 
 def test_the_relayer_bounces_deletes_and_flushes(relayer, tmp_path) -> None:
     qdir = relayer.qdir
     future = time.time() + 3600  # not due: nothing goes out by itself
-    enqueue(relayer, "QBOUNCE", "alice@example.org", future)
-    enqueue(relayer, "QDELETE", "alice@example.org", future)
-    enqueue(relayer, "QNULL", None, future)
-    enqueue(relayer, "QFLUSH", "alice@example.org", future)
+    for queue_id in ("QBOUNCE", "QDELETE", "QFLUSH"):
+        enqueue(relayer.runtime, queue_id, "alice@example.org", ["bob@remote.test"], future)
+    enqueue(relayer.runtime, "QNULL", None, ["bob@remote.test"], future)
     relayer.startService()
     assert relayer.loaded and sorted(relayer.messages) == ["QBOUNCE", "QDELETE", "QFLUSH", "QNULL"]
     answers = [ask(qdir, "bounce", "QBOUNCE"), ask(qdir, "delete", "QDELETE"),
                ask(qdir, "bounce", "QNULL")]
     relayer.clock.advance(CONTROL_POLL)
     assert [a.read_text() for a in answers] == [
-        "ok: bounced QBOUNCE\n", "ok: deleted QDELETE\n", "ok: bounced QNULL (from <>: no DSN sent)\n"]
+        "ok: bounced QBOUNCE\n", "ok: deleted QDELETE\n",
+        "ok: bounced QNULL (from <>: no DSN sent)\n"]
     assert sorted(relayer.messages) == ["QFLUSH"]
     assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["QFLUSH.body", "QFLUSH.json"]
     (dsn,) = mailbox.Maildir(tmp_path / "mail" / "example.org" / "alice", create=False)
