@@ -2,67 +2,54 @@
 The relayer: a Twisted service that delivers the outbound queue and keeps its state on disk.
 
 The queue's truth is on disk (``mailsrv.queue``); the relayer holds the same envelopes in
-memory to decide what is due, and every change it makes (a recipient sent, deferred, bounced;
-a message finished) is written back with an atomic replace before the next change of that
-message, in order, in the thread pool.  Due recipients are grouped by destination domain (or
-all go to the smarthost); each group is one session carrying every due message for that
-domain, tried host by host, address by address, until a server answers.
+memory and writes every change back (a recipient sent, deferred, bounced; a message finished)
+with an atomic replace before the next change of that message, in order, in the thread pool.
+A bounce (RFC 3464 DSN) is stored before the recipient is marked bounced, so a crash in
+between can repeat a bounce but never lose one; for a message from ``<>`` it goes to the
+postmaster instead (once: that notice's own failure is only logged).  When the disk refuses,
+the recipients stay queued and are tried again after the first retry delay.
 
-Results per recipient: ``2xx`` sent, ``4xx`` deferred with backoff (bounced once the message
-is older than ``queue.max_age``), ``5xx`` bounced.  A bounce (RFC 3464 DSN) is stored before
-the recipient is marked bounced; for a message from ``<>`` it goes to the postmaster instead
-(once: that notice's own failure is only logged).
+The service ties four parts together, each in its own module:
+
+- ``relay_schedule.Scheduler``: what is due, grouped by destination, within the session limits;
+- ``relay_destination.DestinationDelivery``: one session's hosts, TLS, and host-by-host tries;
+- ``relay_outcome``: what the replies do to the message (sent, retry, bounce, expiry, delay
+  warning), pure;
+- ``relay_control.ControlChannel``: the requests of ``mailsrv queue`` in ``<queue>/control/``,
+  which it carries out through :meth:`Relayer.flush`, :meth:`Relayer.delete` and
+  :meth:`Relayer.bounce`.
+
+The rest of the server only calls :meth:`Relayer.add` (a message just queued) and runs it as a
+service.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv import bounce, outgoing, queue
-from mailsrv.config import read_smarthost_password
-from mailsrv.dsn import RecipientReport
+from mailsrv import bounce, queue, relay_outcome
 from mailsrv.durable import DeliveryError
-from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
+from mailsrv.envelope import QueuedMessage
 from mailsrv.interfaces import IRelayer
-from mailsrv.mx import DestinationError, MXHost, resolve_destination, resolve_host
-from mailsrv.replies import Reply
+from mailsrv.relay_control import ControlChannel
+from mailsrv.relay_destination import DestinationDelivery
+from mailsrv.relay_schedule import Batch, Scheduler
 from mailsrv.schedule import RetryPolicy
-from mailsrv.smtpclient import RelayClientFactory, Transaction
+from mailsrv.replies import Reply
+from mailsrv.smtpclient import OutboundTransaction
 
 __all__ = ["Relayer"]
 
 log = Logger(namespace="mailsrv")
-
-#: Messages carried by one session before it ends (the next session takes the rest).
-MESSAGES_PER_SESSION = 100
-#: Seconds between looks into queue/control/ for requests of ``mailsrv queue``.
-CONTROL_POLL = 1.0
-#: DNS timeouts per try, for MX and address lookups.
-DNS_TIMEOUT = (2, 5)
-SMARTHOST = "[smarthost]"
-
-
-def _load_trust_root(path: Path | None) -> Any:
-    """The CA certificates "verify" trusts: the configured bundle, or the platform's."""
-    if path is None:
-        return ssl.platformTrust()
-    text = Path(path).read_text("ascii")
-    marker = "-----BEGIN CERTIFICATE-----"
-    pems = [marker + part for part in text.split(marker)[1:]]
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
 
 
 @implementer(IRelayer)
@@ -83,22 +70,17 @@ class Relayer(service.Service):
         self.rng = rng or random.Random()
         self.messages: dict[str, QueuedMessage] = {}
         self.loaded = False
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
-        self._in_flight: set[tuple[str, str]] = set()
-        self._waiting: dict[str, deque[tuple[str, list[str]]]] = defaultdict(deque)
-        self._sessions: dict[str, int] = defaultdict(int)
-        self._total_sessions = 0
-        self._writes: dict[str, defer.Deferred] = {}
-        self._timer: Any = None
-        self._control: task.LoopingCall | None = None
-        self._password = read_smarthost_password(self.config)
-        self._opportunistic = ssl.CertificateOptions(verify=False)
-        self._trust_root = (
-            _load_trust_root(relay.tls_ca_file)
-            if relay.tls != "none" or relay.tls_policy or relay.smarthost_user
-            else None
+        self.destinations = DestinationDelivery(runtime, self.rng)
+        self.scheduler = Scheduler(
+            self.reactor, self.messages, key_of=self.destinations.key, deliver=self._deliver,
+            max_sessions=relay.max_connections,
+            max_sessions_per_key=relay.max_connections_per_domain,
+            ready=lambda: self.running and self.loaded,
         )
+        self.control = ControlChannel(
+            self.qdir, self.reactor, self, in_thread=runtime.in_thread, ready=lambda: self.loaded,
+        )
+        self._writes: dict[str, defer.Deferred] = {}
 
     # --- service --------------------------------------------------------------------
 
@@ -108,20 +90,13 @@ class Relayer(service.Service):
         d = self.runtime.in_thread(queue.load, self.qdir)
         d.addCallback(self._loaded, started)
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
-        self._control = task.LoopingCall(self._poll_control)
-        self._control.clock = self.reactor
-        self._control.start(CONTROL_POLL, now=False).addErrback(
-            lambda f: log.failure("queue control polling stopped", f)
-        )
+        self.control.start()
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._control is not None and self._control.running:
-            self._control.stop()
-        writes = [d for d in self._writes.values() if not d.called]
+        self.scheduler.stop()
+        self.control.stop()
+        writes = list(self._writes.values())  # a finished write is forgotten
         return defer.DeferredList(writes) if writes else None
 
     def _loaded(self, report: queue.LoadReport, started: float) -> None:
@@ -131,186 +106,25 @@ class Relayer(service.Service):
             log.info("queue: removed {name}, left unfinished by a crash (never sent)", name=name)
         for message in report.messages:
             self.messages[message.id] = message
-            self._push(message)
+            self.scheduler.push(message)
         self.loaded = True
         log.info(
             "queue loaded: {n} message(s), {r} recipient(s) waiting, in {secs:.2f}s",
             n=len(report.messages), r=sum(len(m.pending) for m in report.messages),
             secs=time.monotonic() - started,
         )
-        self._wake()
-
-    # --- what is due ---------------------------------------------------------------
+        self.scheduler.wake()
 
     def add(self, message: QueuedMessage) -> None:
         """A message just entered the queue (it is already durable): deliver it soon."""
         self.messages[message.id] = message
-        self._push(message)
-        self._wake()
+        self.scheduler.push(message)
+        self.scheduler.wake()
 
-    def _push(self, message: QueuedMessage) -> None:
-        times = [
-            r.next_attempt for r in message.pending if (message.id, r.address) not in self._in_flight
-        ]
-        if times:
-            heapq.heappush(self._heap, (min(times), next(self._seq), message.id))
+    def _deliver(self, key: str, batch: Batch) -> defer.Deferred:
+        return self.destinations.deliver(key, batch, self._transactions, self._record)
 
-    def _wake(self, delay: float = 0.0) -> None:
-        if not self.running or not self.loaded:
-            return
-        when = self.reactor.seconds() + delay
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= when:
-                return
-            self._timer.cancel()
-        self._timer = self.reactor.callLater(delay, self._run)
-
-    def _run(self) -> None:
-        self._timer = None
-        now = time.time()
-        seen: set[str] = set()
-        while self._heap and self._heap[0][0] <= now:
-            _, _, queue_id = heapq.heappop(self._heap)
-            message = self.messages.get(queue_id)
-            if message is None or queue_id in seen:
-                continue
-            seen.add(queue_id)
-            by_key: dict[str, list[str]] = defaultdict(list)
-            for r in message.pending:
-                if (queue_id, r.address) in self._in_flight:
-                    continue
-                if r.next_attempt <= now:
-                    by_key[self._key(r)].append(r.address)
-            for key, addresses in by_key.items():
-                self._in_flight.update((queue_id, a) for a in addresses)
-                self._waiting[key].append((queue_id, addresses))
-            self._push(message)  # its later recipients, if any
-        self._dispatch()
-        if self._heap:
-            self._wake(max(0.0, self._heap[0][0] - time.time()))
-
-    def _key(self, recipient: QueuedRecipient) -> str:
-        return SMARTHOST if self.config.relay.smarthost else recipient.domain
-
-    def _dispatch(self) -> None:
-        relay = self.config.relay
-        for key, waiting in list(self._waiting.items()):
-            while (
-                waiting
-                and self._total_sessions < relay.max_connections
-                and self._sessions[key] < relay.max_connections_per_domain
-            ):
-                batch = [waiting.popleft() for _ in range(min(MESSAGES_PER_SESSION, len(waiting)))]
-                self._sessions[key] += 1
-                self._total_sessions += 1
-                d = self._deliver(key, batch)
-                d.addErrback(lambda f: log.failure("relay session failed", f))
-                d.addBoth(self._session_ended, key, batch)
-            if not waiting:
-                del self._waiting[key]
-
-    def _session_ended(self, _: Any, key: str, batch: list[tuple[str, list[str]]]) -> None:
-        self._sessions[key] -= 1
-        if not self._sessions[key]:
-            del self._sessions[key]
-        self._total_sessions -= 1
-        for queue_id, addresses in batch:
-            self._in_flight.difference_update((queue_id, a) for a in addresses)
-            message = self.messages.get(queue_id)
-            if message is not None:
-                self._push(message)
-        self._dispatch()
-        self._wake()
-
-    # --- one session per destination ----------------------------------------------------
-
-    def _route(self, key: str) -> defer.Deferred:
-        resolver = self.runtime.resolver
-        if key == SMARTHOST:
-            host, _ = self.config.relay.smarthost
-            return resolve_host(resolver, host, timeout=DNS_TIMEOUT).addCallback(lambda h: [h])
-        return resolve_destination(
-            resolver, key, own_names=(self.config.hostname,), timeout=DNS_TIMEOUT, rng=self.rng
-        )
-
-    def _tls_for(self, key: str, host: MXHost) -> tuple[Any, bool]:
-        """(context, required) for one host of a destination."""
-        relay = self.config.relay
-        if key == SMARTHOST:
-            mode = "verify" if relay.smarthost_user else relay.tls_mode(relay.smarthost[0])
-        else:
-            mode = relay.tls_mode(key)
-        if mode == "none":
-            return None, False
-        if mode == "verify" and not host.name.startswith("["):
-            return ssl.optionsForClientTLS(host.name, trustRoot=self._trust_root), True
-        if mode == "verify":
-            # An address literal has no name to verify: require TLS at least.
-            return self._opportunistic, True
-        return self._opportunistic, False
-
-    @defer.inlineCallbacks
-    def _deliver(self, key: str, batch: list[tuple[str, list[str]]]) -> Any:
-        relay = self.config.relay
-        try:
-            hosts = yield self._route(key)
-        except DestinationError as e:
-            # A smarthost that does not resolve is our configuration's fault: mail waits.
-            permanent = e.permanent and key != SMARTHOST
-            status = e.status if permanent or e.status[0] == "4" else "4" + e.status[1:]
-            reply = Reply(550 if permanent else 451, status, e.text)
-            for queue_id, addresses in batch:
-                self._record(queue_id, {a: reply for a in addresses}, None)
-            return
-        pending = [(queue_id, addresses) for queue_id, addresses in batch]
-        last_problem = "no MX host could be reached"
-        port = relay.smarthost[1] if key == SMARTHOST else relay.port
-        auth = (relay.smarthost_user, self._password) if key == SMARTHOST and relay.smarthost_user else None
-        incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
-        for host in hosts:
-            for address in host.addresses:
-                transactions = self._transactions(pending)
-                if not transactions:
-                    return
-                tls_context, require_tls = self._tls_for(key, host)
-                factory = RelayClientFactory(
-                    transactions, identity=self.config.hostname,
-                    own_names=(self.config.hostname,), tls_context=tls_context,
-                    require_tls=require_tls, auth=auth, timeout=relay.timeout,
-                    prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
-                )
-                self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
-                outcome = yield factory.done
-                where = f"{host.name}[{address}]:{port}"
-                if outcome.loop:
-                    reply = outcome.error
-                    for t in transactions:
-                        self._record(t.queue_id, {a: reply for a in t.recipients}, where)
-                    return
-                problem = outcome.error and str(outcome.error) or outcome.reason or "session ended"
-                retry_elsewhere = []
-                for t in transactions:
-                    if t.complete:
-                        self._record(t.queue_id, t.results, where, tls=outcome.tls)
-                    elif t.attempted:
-                        deferred = Reply(451, "4.4.2", f"{where}: {problem}")
-                        results = dict(t.results)
-                        for a in t.recipients:
-                            results.setdefault(a, deferred)
-                        self._record(t.queue_id, results, where, tls=outcome.tls)
-                    else:
-                        retry_elsewhere.append((t.queue_id, t.recipients))
-                pending = retry_elsewhere
-                if not pending:
-                    return
-                last_problem = f"{where}: {problem}"
-                log.info("relay: {where} failed: {problem}; trying the next address",
-                         where=where, problem=problem)
-        reply = Reply(451, "4.4.1", last_problem)
-        for queue_id, addresses in pending:
-            self._record(queue_id, {a: reply for a in addresses}, None)
-
-    def _transactions(self, items: Iterable[tuple[str, list[str]]]) -> list[Transaction]:
+    def _transactions(self, items: Iterable[tuple[str, list[str]]]) -> list[OutboundTransaction]:
         transactions = []
         for queue_id, addresses in items:
             message = self.messages.get(queue_id)
@@ -318,7 +132,7 @@ class Relayer(service.Service):
                 continue  # deleted meanwhile
             still = [r.address for r in message.pending if r.address in addresses]
             if still:
-                transactions.append(Transaction(
+                transactions.append(OutboundTransaction(
                     queue_id=queue_id, sender=message.sender, recipients=still,
                     prefix=message.prefix.encode("ascii"),
                     body_path=queue.body_path(self.qdir, queue_id),
@@ -335,90 +149,40 @@ class Relayer(service.Service):
         if message is None:
             return  # deleted or bounced by the administrator meanwhile
         now = time.time()
-        current = {r.address: r for r in message.recipients}
-        changed: dict[str, QueuedRecipient] = {}
-        reports: list[RecipientReport] = []
-        remote_host = where.split("[", 1)[0] if where else None
-        for address, reply in results.items():
-            r = current.get(address)
-            if r is None or r.status != QUEUED:
-                continue
-            attempts = r.attempts + 1
-            base = replace(r, attempts=attempts, last_attempt=now, remote_mta=remote_host,
-                           last_error=None if reply.success else str(reply))
-            if reply.success:
-                changed[address] = replace(base, status=SENT)
-                status = "sent"
-            elif reply.permanent:
-                changed[address] = replace(base, status=BOUNCED)
-                reports.append(self._report(base, reply, reply.status, str(reply)))
-                status = "bounced"
-            else:
-                retry = self.policy.next_attempt(message.created, now, attempts, self.rng)
-                if retry is None:
-                    changed[address] = replace(base, status=BOUNCED)
-                    days = self.config.queue.max_age / 86400
-                    reports.append(self._report(
-                        base, reply, "4.4.7",
-                        f"message expired after {days:g} day(s) in the queue;"
-                        f" last error: {reply}",
-                    ))
-                    status = "expired"
-                else:
-                    changed[address] = replace(base, next_attempt=retry)
-                    status = "deferred"
+        outcome = relay_outcome.apply_results(
+            message, results, where=where, now=now, policy=self.policy, rng=self.rng)
+        for line in outcome.results:
             log.info(
                 "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls} "
                 "delay={delay:.1f} tries={tries} status={status} reply=\"{reply}\"",
-                id=queue_id, sender=message.sender, rcpt=address, relay=where or "none",
-                tls=tls or "none", delay=now - message.created, tries=attempts,
-                status="bounced" if status == "expired" else status, reply=str(reply),
+                id=queue_id, sender=message.sender, rcpt=line.address, relay=where or "none",
+                tls=tls or "none", delay=now - message.created, tries=line.attempts,
+                status="bounced" if line.status == relay_outcome.EXPIRED else line.status,
+                reply=str(line.reply),
             )
-        if not changed:
-            return
-        updated = message.update(changed)
-        warn = []
-        if self.policy.warn_due(updated.created, now, updated.warned) and updated.pending:
-            if updated.sender:
-                until = self.policy.expires(updated.created)
-                warn = [RecipientReport(
-                    address=r.address, action="delayed", status=_status_of(r.last_error),
-                    diagnostic=r.last_error, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-                    will_retry_until=until,
-                ) for r in updated.pending]
-            updated = replace(updated, warned=True)
-        self._commit(message, updated, reports, warn)
+        if outcome.changed:
+            self._commit(outcome)
 
-    def _report(self, r: QueuedRecipient, reply: Reply, status: str, text: str) -> RecipientReport:
-        return RecipientReport(
-            address=r.address, action="failed", status=status, diagnostic=text,
-            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-        )
-
-    def _commit(
-        self,
-        before: QueuedMessage,
-        after: QueuedMessage,
-        reports: list[RecipientReport],
-        warn: list[RecipientReport],
-    ) -> None:
+    def _commit(self, outcome: relay_outcome.Outcome) -> None:
         """Make a state change durable (bounce first, then state), in order per message."""
+        before, after = outcome.before, outcome.message
+        reports, warn = list(outcome.reports), list(outcome.warnings)
         if after.done:
             del self.messages[after.id]
         else:
             self.messages[after.id] = after
-        if reports and after.double_bounce:
+        if outcome.dropped:
             log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
                      "failed bounce; dropped for {rcpts}", id=after.id,
-                     rcpts=",".join(f"<{r.address}>" for r in reports))
-            reports = []
+                     rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
 
         def blocking() -> list[Any]:
             stored = []
             for group in (reports, warn):
                 if group:
                     try:
-                        stored.append(bounce.notify(self.config, self.runtime.directory, after, group))
+                        stored.append(
+                            bounce.notify(self.config, self.runtime.directory, after, group))
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:
@@ -442,86 +206,57 @@ class Relayer(service.Service):
             log.error("queue id={id}: cannot store the new state: {error}", id=after.id,
                       error=failure.getErrorMessage())
             if failure.check(DeliveryError, OSError):
-                retry = time.time() + self.policy.schedule[0]
-                restored = before.update({
-                    r.address: replace(r, next_attempt=retry) for r in before.pending
-                })
+                restored = relay_outcome.rescheduled(before, time.time() + self.policy.schedule[0])
                 self.messages[after.id] = restored
-                self._push(restored)
-                self._wake(self.policy.schedule[0])
+                self.scheduler.push(restored)
+                self.scheduler.wake(self.policy.schedule[0])
             else:
                 return failure
 
-        previous = self._writes.get(after.id, defer.succeed(None))
-        d = previous.addBoth(lambda _: self.runtime.in_thread(blocking))
-        d.addCallbacks(written, failed)
-        self._writes[after.id] = d
+        self._in_order(after.id, blocking).addCallbacks(written, failed)
+
+    def _in_order(self, queue_id: str, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``f`` in a thread once the message's earlier writes are done: one at a time and
+        in order, so that an older state never lands after a newer one.  stopService waits
+        for the writes under way."""
+        previous = self._writes.get(queue_id)
+        start: defer.Deferred
+        if previous is None:
+            start = defer.succeed(None)
+        else:
+            start = defer.Deferred()
+
+            def go(result: Any) -> Any:
+                start.callback(None)
+                return result
+
+            previous.addBoth(go)
+        d = start.addCallback(lambda _: self.runtime.in_thread(f, *args))
+        self._writes[queue_id] = d
 
         def forget(result: Any) -> Any:
-            if self._writes.get(after.id) is d:
-                del self._writes[after.id]
+            if self._writes.get(queue_id) is d:
+                del self._writes[queue_id]
             return result
 
-        d.addBoth(forget)
+        return d.addBoth(forget)
 
-    # --- mailsrv queue requests -----------------------------------------------------------
+    # --- what mailsrv queue asks (relay_control.QueueActions) ---------------------------------
 
-    def _poll_control(self) -> None:
-        if not self.loaded:
-            return
-        for request in queue.control_requests(self.qdir):
-            try:
-                text = self._handle(request)
-            except Exception as e:  # never let one bad request stop the polling
-                text = f"error: {e}"
-            if isinstance(text, defer.Deferred):
-                text.addCallback(lambda t, r=request: self._answer(r, t))
-            else:
-                self._answer(request, text)
+    def flush(self, queue_ids: list[str]) -> None:
+        """Every recipient still queued of these messages due now."""
+        now = time.time()
+        for queue_id in queue_ids:
+            self.messages[queue_id] = relay_outcome.rescheduled(self.messages[queue_id], now)
+            self.scheduler.push(self.messages[queue_id])
+        self.scheduler.wake()
 
-    def _answer(self, request: queue.ControlRequest, text: str) -> None:
-        log.info("queue {action} {target}: {answer}", action=request.action,
-                 target=request.queue_id or "all", answer=text)
-        self.runtime.in_thread(queue.control_answer, self.qdir, request, text + "\n")
+    def delete(self, queue_id: str) -> defer.Deferred:
+        """Forget the message, and remove its files once its pending writes are done."""
+        del self.messages[queue_id]
+        return self._in_order(queue_id, queue.remove, self.qdir, queue_id)
 
-    def _handle(self, request: queue.ControlRequest) -> Any:
-        if request.action == "flush":
-            ids = [request.queue_id] if request.queue_id else list(self.messages)
-            if request.queue_id and request.queue_id not in self.messages:
-                return f"error: no message {request.queue_id} in the queue"
-            now = time.time()
-            for queue_id in ids:
-                message = self.messages[queue_id]
-                self.messages[queue_id] = message.update({
-                    r.address: replace(r, next_attempt=now) for r in message.pending
-                })
-                self._push(self.messages[queue_id])
-            self._wake()
-            return f"ok: {len(ids)} message(s) scheduled for delivery now"
-        message = self.messages.get(request.queue_id or "")
-        if message is None:
-            return f"error: no message {request.queue_id} in the queue"
-        if request.action == "delete":
-            del self.messages[message.id]
-            d = self._writes.get(message.id, defer.succeed(None))
-            d = d.addBoth(lambda _: self.runtime.in_thread(queue.remove, self.qdir, message.id))
-            return d.addCallback(lambda _: f"ok: deleted {message.id}")
-        # bounce
-        reason = "returned to the sender by the administrator"
-        # An administrator's bounce of a bounce tells nobody (the postmaster did it).
-        reports = bounce.given_up_reports(message, reason) if message.sender else []
-        after = message.update({r.address: replace(r, status=BOUNCED, last_error=reason)
-                                for r in message.pending})
-        self._commit(message, after, reports, [])
-        d = self._writes.get(message.id, defer.succeed(None))
-        return d.addCallback(lambda _: f"ok: bounced {message.id}"
-                             + ("" if message.sender else " (from <>: no DSN sent)"))
-
-
-def _status_of(error: str | None) -> str:
-    """The enhanced status of a stored error text ("451 4.3.0 ..."), for delay notices."""
-    if error:
-        reply = Reply.from_wire(int(error[:3]) if error[:3].isdigit() else 451, error[4:])
-        if not reply.success:
-            return reply.status if reply.status[0] == "4" else "4.0.0"
-    return "4.0.0"
+    def bounce(self, queue_id: str) -> defer.Deferred:
+        """Bounce every recipient still queued; fires once the DSN and the state are stored."""
+        self._commit(relay_outcome.bounced_by_administrator(self.messages[queue_id]))
+        return self._writes.get(queue_id, defer.succeed(None))
