@@ -19,7 +19,7 @@ from mailsrv.session import log
 from mailsrv.smtp import CLOSE_GRACE, SMTPServerProtocol
 
 if TYPE_CHECKING:
-    from mailsrv.delivery import Runtime
+    from mailsrv.runtime import Runtime
 
 
 def plain_ip(host: str) -> str:

@@ -30,7 +30,7 @@ from mailsrv.tls import ServerTLS
 from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
 
 if TYPE_CHECKING:
-    from mailsrv.delivery import SessionDelivery
+    from mailsrv.session_intake import SessionDelivery
 
 __all__ = ["Runtime"]
 
@@ -115,7 +115,7 @@ class Runtime:
         return Path(self.config.queue.path) / "incoming"
 
     def new_session(self, client_ip: str, submission: bool = False) -> "SessionDelivery":
-        from mailsrv.delivery import SessionDelivery  # delivery imports this module
+        from mailsrv.session_intake import SessionDelivery  # it imports this module
 
         return SessionDelivery(self, client_ip, submission)
 

@@ -25,7 +25,8 @@ from mailsrv.config import (
 from mailsrv.interfaces import ISpareSpoolFiles
 from mailsrv.runtime import Runtime
 from mailsrv.relayer import Relayer
-from mailsrv.router import Directory, load_aliases, read_users
+from mailsrv.accounts import load_aliases, read_users
+from mailsrv.router import Directory
 from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.tls import ServerTLS, TLSSetupError
 from mailsrv.tmpclean import TmpCleaner

@@ -11,7 +11,7 @@ rest (writing, timers, flow control, TLS): every rule here is tested with no soc
 
 The session state lives here once: the transaction (its recipients are what
 ``max_recipients`` counts), the greeting, the error and junk counts, the AUTH exchange. What
-``delivery.SessionDelivery`` knows of the client (reverse name, TLS, user) is read from it.
+``session_intake.SessionDelivery`` knows of the client (reverse name, TLS, user) is read from it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from mailsrv.tlsauth import TLSAndAuth
 from mailsrv.datascan import DataError, DataScanner
 
 if TYPE_CHECKING:
-    from mailsrv.delivery import Runtime, SessionDelivery, Transaction
+    from mailsrv.message_intake import Transaction
+    from mailsrv.runtime import Runtime
+    from mailsrv.session_intake import SessionDelivery
 
 #: What a handler returns: the reply, one to come, or nothing to say (yet).
 Result = Union[Reply, "defer.Deferred[Reply]", None]

@@ -24,7 +24,8 @@ from mailsrv.session import CLOSING, COMMAND, DATA, SMTPSession, log
 from mailsrv.tls import describe_connection
 
 if TYPE_CHECKING:
-    from mailsrv.delivery import Runtime, SessionDelivery
+    from mailsrv.runtime import Runtime
+    from mailsrv.session_intake import SessionDelivery
     from mailsrv.listener import SMTPServerFactory
 
 #: Pipelined input held back while a command is in progress before we stop reading the socket.

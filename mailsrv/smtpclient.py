@@ -47,7 +47,7 @@ log = Logger(namespace="mailsrv")
 class OutboundTransaction:
     """One message to one host: its envelope, its data, and (after the session) the results.
 
-    Not :class:`mailsrv.delivery.Transaction`, the inbound mail transaction of a session.
+    Not :class:`mailsrv.message_intake.Transaction`, the inbound mail transaction of a session.
     """
 
     queue_id: str

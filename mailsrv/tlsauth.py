@@ -26,7 +26,9 @@ from mailsrv.framing import CommandFramer
 from mailsrv.replies import Reply
 
 if TYPE_CHECKING:
-    from mailsrv.delivery import Runtime, SessionDelivery, Transaction
+    from mailsrv.message_intake import Transaction
+    from mailsrv.runtime import Runtime
+    from mailsrv.session_intake import SessionDelivery
 
 AuthResult = Union[Reply, "defer.Deferred[Reply]"]
 

@@ -1,4 +1,5 @@
-"""Tests for mailsrv.router: loaders, alias resolution, plus-addressing, start-up checks."""
+"""Tests for mailsrv.router (alias resolution, plus-addressing, start-up checks) and the
+loaders of mailsrv.accounts."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ import pytest
 
 from mailsrv.address import Mailbox
 from mailsrv.config import ConfigError
+from mailsrv.accounts import load_aliases, load_users, read_users
 from mailsrv.router import (
     MAX_ALIAS_DEPTH,
     Directory,
     LocalTarget,
     RemoteTarget,
     UnknownRecipient,
-    load_aliases,
-    load_users,
-    read_users,
 )
 
 ORG = "example.org"

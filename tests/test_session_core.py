@@ -17,7 +17,7 @@ import re
 import pytest
 from twisted.internet import task
 
-from mailsrv import delivery as delivery_module
+from mailsrv import message_intake
 from mailsrv.headsection import HEADER_SECTION_LIMIT
 from mailsrv.sasl import MAX_RESPONSE_LINE
 from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
@@ -428,7 +428,7 @@ def test_disk_error_451_4_3_0_disk_full_452_4_3_1(tmp_path, runtime, monkeypatch
             raise OSError(failure["errno"], os.strerror(failure["errno"]), str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(delivery_module.os, "open", failing_open)
+    monkeypatch.setattr(message_intake.os, "open", failing_open)
     start = ["MAIL FROM:<a@client.test>", "RCPT TO:<alice@example.org>", "DATA"]
     assert core.send(*start)[-1] == "451 4.3.0 Error: local error in processing; try again later"
     failure["errno"] = errno.ENOSPC

@@ -17,8 +17,8 @@ except ImportError:  # Twisted 22.4 (Debian bookworm)
 
 from mailsrv import queue
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.delivery import Runtime
 from mailsrv.router import Directory
+from mailsrv.runtime import Runtime
 from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
 from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.smtp import MAX_HELD_INPUT

@@ -18,10 +18,10 @@ except ImportError:  # Twisted 22.4 (Debian bookworm)
 from mailsrv import queue
 from mailsrv.auth import FailureTracker, PasswordChecker, check_password_field, hash_password
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.delivery import Runtime
 from mailsrv.framing import Framing
 from mailsrv.replies import format_reply
 from mailsrv.router import Directory
+from mailsrv.runtime import Runtime
 from mailsrv.session import SMTPSession
 
 __all__ = [
