@@ -16,7 +16,7 @@ except ImportError:  # Twisted 22.4 (Debian bookworm)
     from twisted.test.proto_helpers import MemoryReactor
 
 from mailsrv.config import parse_config
-from mailsrv.delivery import Runtime
+from mailsrv.runtime import Runtime
 from mailsrv.envelope import QueuedRecipient
 from mailsrv.mx import DestinationError, MXHost
 from mailsrv.relay_destination import SMARTHOST, DestinationDelivery

@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 
 from mailsrv import queue
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.delivery import Runtime
+from mailsrv.runtime import Runtime
 from mailsrv.router import Directory
 
 
