@@ -195,7 +195,7 @@ def cmd_change(config: Config, args: argparse.Namespace) -> int:
 
 def _queue_id(text: str) -> str:
     try:
-        queue._check_id(text)
+        queue.check_queue_id(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

@@ -40,6 +40,7 @@ from mailsrv.envelope import QueuedMessage, decode, encode, new_message
 
 __all__ = [
     "new_queue_id",
+    "check_queue_id",
     "queue_dirs",
     "enqueue",
     "save",
@@ -83,7 +84,8 @@ def new_queue_id() -> str:
     return _base62(int(time.time()), 6) + _base62(secrets.randbelow(62**8), 8)
 
 
-def _check_id(queue_id: str) -> None:
+def check_queue_id(queue_id: str) -> None:
+    """ValueError unless *queue_id* is a queue id (file name, log key, part of Message-IDs)."""
     if not isinstance(queue_id, str) or not _QUEUE_ID_RE.fullmatch(queue_id):
         raise ValueError(f"invalid queue id {queue_id!r}: expected 1 to 64 letters or digits")
 
@@ -128,7 +130,7 @@ def enqueue(
     arguments (bad id, non-ASCII prefix, no recipients) raise ValueError
     before anything is touched.
     """
-    _check_id(queue_id)
+    check_queue_id(queue_id)
     message = new_message(
         queue_id,
         sender=sender,
@@ -226,7 +228,7 @@ def save(qdir: Path, message: QueuedMessage) -> None:
     old state or the new one, never a mixture.  DeliveryError on failure (the old
     state stays).
     """
-    _check_id(message.id)
+    check_queue_id(message.id)
     data = encode(message)
     durable.replace(Path(qdir) / "messages" / f"{message.id}.json", data, named=doing)
 
@@ -237,7 +239,7 @@ def remove(qdir: Path, queue_id: str) -> bool:
     The envelope goes first: a crash in between leaves a bare body, which the loader
     recognises as unfinished and removes, never a envelope without its body.
     """
-    _check_id(queue_id)
+    check_queue_id(queue_id)
     messages = Path(qdir) / "messages"
     found = False
     for suffix in (".json", ".body"):
@@ -383,7 +385,7 @@ def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
     if action not in CONTROL_ACTIONS:
         raise ValueError(f"unknown queue action {action!r}")
     if queue_id is not None:
-        _check_id(queue_id)
+        check_queue_id(queue_id)
     control = Path(qdir) / "control"
     name = f"{action}.{queue_id or 'ALL'}.{secrets.token_hex(8)}.req"
     tmp = control / f".{name}"

@@ -297,7 +297,7 @@ def test_new_queue_id() -> None:
     assert len(ids) == 10000
     for queue_id in list(ids)[:100]:
         assert re.fullmatch(r"[0-9A-Za-z]{14}", queue_id)
-        queue._check_id(queue_id)
+        queue.check_queue_id(queue_id)
 
 
 # --------------------------------------------------------------------------- state changes
