@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mailsrv import queue, userfile
+from mailsrv import queue, queue_control, userfile
 from mailsrv.address import normalise_domain
 from mailsrv.auth import PasswordError, hash_password
 from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -161,7 +161,7 @@ def _offline(config: Config, action: str, queue_id: str | None) -> str:
 
 
 def _ask_server(qdir: Path, action: str, queue_id: str | None, wait: float) -> str:
-    answer = queue.control_request(qdir, action, queue_id)
+    answer = queue_control.control_request(qdir, action, queue_id)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if answer.exists():
@@ -181,8 +181,8 @@ def cmd_change(config: Config, args: argparse.Namespace) -> int:
     qdir = Path(config.queue.path)
     queue_id = getattr(args, "id", None)
     try:
-        lock = queue.lock_queue(qdir)
-    except queue.QueueLocked:
+        lock = queue_control.lock_queue(qdir)
+    except queue_control.QueueLocked:
         text = _ask_server(qdir, args.action, queue_id, args.wait)
     else:
         try:

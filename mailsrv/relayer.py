@@ -31,7 +31,7 @@ from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv import bounce, outgoing, queue
+from mailsrv import bounce, outgoing, queue, queue_control
 from mailsrv.config import read_smarthost_password
 from mailsrv.dsn import RecipientReport
 from mailsrv.durable import DeliveryError
@@ -469,7 +469,7 @@ class Relayer(service.Service):
     def _poll_control(self) -> None:
         if not self.loaded:
             return
-        for request in queue.control_requests(self.qdir):
+        for request in queue_control.control_requests(self.qdir):
             try:
                 text = self._handle(request)
             except Exception as e:  # never let one bad request stop the polling
@@ -479,12 +479,12 @@ class Relayer(service.Service):
             else:
                 self._answer(request, text)
 
-    def _answer(self, request: queue.ControlRequest, text: str) -> None:
+    def _answer(self, request: queue_control.ControlRequest, text: str) -> None:
         log.info("queue {action} {target}: {answer}", action=request.action,
                  target=request.queue_id or "all", answer=text)
-        self.runtime.in_thread(queue.control_answer, self.qdir, request, text + "\n")
+        self.runtime.in_thread(queue_control.control_answer, self.qdir, request, text + "\n")
 
-    def _handle(self, request: queue.ControlRequest) -> Any:
+    def _handle(self, request: queue_control.ControlRequest) -> Any:
         if request.action == "flush":
             ids = [request.queue_id] if request.queue_id else list(self.messages)
             if request.queue_id and request.queue_id not in self.messages:
