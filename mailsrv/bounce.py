@@ -19,7 +19,7 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
-from mailsrv import dsn, headers, queue
+from mailsrv import dsn, dsn_original, headers, queue
 from mailsrv.address import parse_rcpt_to
 from mailsrv.config import Config
 from mailsrv.envelope import BOUNCED, QueuedMessage, QueuedRecipient
@@ -45,7 +45,7 @@ def _original_head(config: Config, message: QueuedMessage) -> bytes:
             head = body.read(headers.HEAD_LIMIT)
     except OSError:
         head = b""
-    return dsn.original_headers(message.prefix.encode("ascii") + head)
+    return dsn_original.original_headers(message.prefix.encode("ascii") + head)
 
 
 def send_dsn(

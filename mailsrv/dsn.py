@@ -15,11 +15,9 @@ be told, in a form both a person and a program can read.  The report is a
    their messages this is.  Never the body: it may be large, and returning it copies
    possibly private text into yet another mailbox.
 
-Everything a remote server said (and the recipient address it came back for) is treated as
-hostile text.  A reply line could hold CR/LF, NUL, non-ASCII, a ``--boundary`` line or
-thousands of characters: here it is reduced to printable ASCII, re-broken only where we
-choose, and indented or folded so that no line it contributes can start a header, end a
-MIME part, or exceed the 998-octet line limit (RFC 5322 section 2.1.1).
+This module checks our own data and assembles the report and its ``message/delivery-status``
+part; the human-readable part and the making safe of everything a remote server said are
+``mailsrv.dsn_text``'s, the original's header section ``mailsrv.dsn_original``'s.
 
 The result is a complete message with LF line ends, like every spool file (CRLF is added
 on the wire), ASCII except inside the original-headers part.
@@ -27,33 +25,18 @@ on the wire), ASCII except inside the original-headers part.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailsrv.headsection import is_field
+from mailsrv.dsn_original import headers_part
+from mailsrv.dsn_text import date, field, human_part, text_lines, token
 
-__all__ = ["RecipientReport", "build_dsn", "original_headers"]
+__all__ = ["RecipientReport", "build_dsn"]
 
-#: Longest line we write anywhere (RFC 5322 section 2.1.1 hard limit, without CRLF).
-_LINE_MAX = 998
-#: Width we fold our own text and header fields to when the words allow it.
-_WIDTH = 78
-#: Human text is wrapped a little narrower, as mail clients show it unchanged.
-_TEXT_WIDTH = 76
-#: A "word" longer than this is cut into pieces; anything shorter is never broken, so a
-#: long URL or address in a reply survives intact while no line can reach ``_LINE_MAX``.
-_WORD_MAX = 900
-#: Characters of one remote diagnostic we keep: enough for any honest multi-line reply,
-#: small enough that a hostile server cannot make the bounce large.
-_MAX_DIAGNOSTIC = 4000
 #: Longest address we accept (RFC 5321 paths are at most 256 octets; this leaves slack
 #: while keeping ``Final-Recipient: rfc822; <address>`` far below the line limit).
 _ADDRESS_MAX = 512
-#: Longest host name or other token copied from outside into the report.
-_TOKEN_MAX = 255
 #: RFC 2046 section 5.1.1: a boundary has 1 to 70 characters.
 _BOUNDARY_MAX = 70
 
@@ -73,14 +56,6 @@ _ADDRESS_RE = re.compile(
     r"""(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")"""
     r"""(?:@(?:[A-Za-z0-9.-]+|\[[A-Za-z0-9.:-]+\]))?"""
 )
-# Line breaks in remote text.  Deliberately not str.splitlines(): that also breaks at
-# \x0b, \x0c, \x1c-\x1e, \x85, \u2028 ..., which are simply replaced below instead.
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
-# Characters kept in a token (host name, client name): printable ASCII without
-# whitespace and without what opens/closes comments, quoted strings or angle addresses.
-_TOKEN_BAD = re.compile(r'[^\x21-\x7e]|[()\\;<>",]')
-# A header field name directly followed by ':' (RFC 5322 section 2.2; as mailsrv.headers).
 # An SMTP reply starts with its three-digit code (RFC 5321 section 4.2).
 _SMTP_REPLY_RE = re.compile(r"[2-5][0-9][0-9](?:[ -]|\Z)")
 
@@ -98,7 +73,7 @@ class RecipientReport:
     will_retry_until: float | None = None  # epoch seconds; only used for "delayed"
 
 
-# --- validation and sanitising -------------------------------------------------------
+# --- validation -----------------------------------------------------------------------
 
 
 def _check_address(value: object, what: str) -> str:
@@ -122,77 +97,7 @@ def _check(pattern: re.Pattern[str], value: object, what: str) -> str:
     return value
 
 
-def _token(value: str | None, default: str) -> str:
-    """Reduce an outside name (remote MTA, client) to one safe token, or *default*."""
-    if not value:
-        return default
-    cleaned = _TOKEN_BAD.sub("?", value[: _TOKEN_MAX * 2])[:_TOKEN_MAX]
-    return cleaned or default
-
-
-def _text_lines(text: str | None) -> list[str]:
-    """Hostile text as lines of printable ASCII with single spaces; empty lines dropped.
-
-    Line breaks (CRLF, CR or LF) are the only structure kept, because a multi-line SMTP
-    reply reads better line by line.  Every other control or non-ASCII character becomes
-    ``?`` (a tab becomes a space).  Over-long text is cut and marked with ``[...]``.
-    """
-    if not text:
-        return []
-    text = str(text)
-    cut = len(text) > _MAX_DIAGNOSTIC
-    text = text[:_MAX_DIAGNOSTIC]
-    lines = []
-    for raw in _LINE_BREAK.split(text):
-        line = " ".join(_NOT_PRINTABLE.sub("?", raw.replace("\t", " ")).split())
-        if line:
-            lines.append(line)
-    if cut and lines:
-        lines[-1] += " [...]"
-    return lines
-
-
-def _words(line: str) -> list[str]:
-    """The words of a cleaned line; words over ``_WORD_MAX`` characters are cut up."""
-    words = []
-    for word in line.split():
-        while len(word) > _WORD_MAX:
-            words.append(word[:_WORD_MAX])
-            word = word[_WORD_MAX:]
-        words.append(word)
-    return words
-
-
-def _wrap(words: list[str], *, width: int, first: str = "", rest: str = "    ") -> list[str]:
-    """Greedy fill of *words* into lines of at most *width* (a single long word excepted).
-
-    The first line starts with *first*, the others with *rest*.  With ``rest=" "`` this
-    is RFC 5322 folding: each break replaces exactly one space, so unfolding restores the
-    text.  A cut-up long word (``_words``) gains a space where it was cut.
-    """
-    lines: list[str] = []
-    line: str | None = None
-    for word in words:
-        if line is None:
-            line = first + word
-        elif len(line) + 1 + len(word) <= width:
-            line += " " + word
-        else:
-            lines.append(line)
-            line = rest + word
-    if line is not None:
-        lines.append(line)
-    return lines
-
-
-def _field(name: str, value: str) -> list[str]:
-    """A header-style field as lines, folded at spaces (continuations start with a space)."""
-    return _wrap([f"{name}:", *_words(value)], width=_WIDTH, rest=" ")
-
-
-def _date(when: float) -> str:
-    """An RFC 5322 date-time in UTC (``+0000``: the time is known to be UTC)."""
-    return email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.timezone.utc))
+# --- the report ----------------------------------------------------------------------
 
 
 def _diagnostic_type(first_line: str) -> str:
@@ -202,34 +107,6 @@ def _diagnostic_type(first_line: str) -> str:
     from a server, so they get an ``X-`` type, as Postfix does with ``X-Postfix``.
     """
     return "smtp" if _SMTP_REPLY_RE.match(first_line) else "X-Mailsrv"
-
-
-def _headers_part(raw: bytes) -> bytes:
-    """The original header section as the content of the ``text/rfc822-headers`` part.
-
-    Cut at the first empty line even if the caller passed more (the body never goes back);
-    CRLF becomes LF, a stray CR or NUL becomes ``?`` (neither is allowed in 8bit content);
-    a line over the limit is split into continuation lines rather than truncated, and the
-    result ends with a newline.  8-bit octets are kept: the part is then sent as 8bit.
-    """
-    text = raw.replace(b"\r\n", b"\n")
-    if text.startswith(b"\n"):
-        return b""
-    end = text.find(b"\n\n")
-    if end >= 0:
-        text = text[: end + 1]
-    text = text.replace(b"\r", b"?").replace(b"\x00", b"?")
-    if not text:
-        return b""
-    if not text.endswith(b"\n"):
-        text += b"\n"
-    out = []
-    for line in text[:-1].split(b"\n"):
-        while len(line) > _LINE_MAX:
-            out.append(line[:_LINE_MAX])
-            line = b" " + line[_LINE_MAX:]
-        out.append(line)
-    return b"\n".join(out) + b"\n"
 
 
 def _boundary(base: str, contents: Sequence[bytes]) -> str:
@@ -248,105 +125,28 @@ def _boundary(base: str, contents: Sequence[bytes]) -> str:
     return candidate
 
 
-# --- the report ----------------------------------------------------------------------
-
-
-def _human_part(
-    *,
-    hostname: str,
-    queue_id: str,
-    received_from: str,
-    arrival: float,
-    recipients: Sequence[RecipientReport],
-    delayed: bool,
-    postmaster: bool = False,
-) -> list[str]:
-    """The ``text/plain`` part: for a person who usually did nothing wrong."""
-    lines = [f"This is the mail system at host {hostname}.", ""]
-    if postmaster:
-        lines += _wrap(
-            ("A message from the null sender <> (a bounce or another delivery notice) could "
-             "not be delivered to one or more recipients. Such a message is never returned "
-             "to its sender, so this notice comes to the postmaster instead; nothing more "
-             "is sent about it. Its headers are attached below.").split(),
-            width=_TEXT_WIDTH, rest="")
-    elif delayed:
-        until = [r.will_retry_until for r in recipients if r.will_retry_until is not None]
-        retry = (f"it will be retried until {_date(max(until))}." if until
-                 else "it will be retried for a while.")
-        lines += [
-            "####################################################################",
-            "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-            "####################################################################",
-            "",
-        ]
-        lines += _wrap(
-            ("Your message has not yet been delivered to one or more recipients. "
-             f"It is still in the queue, and {retry}").split(),
-            width=_TEXT_WIDTH, rest="")
-    else:
-        lines += _wrap(
-            ("I'm sorry to have to inform you that your message could not be delivered "
-             "to one or more recipients. The headers of your message are attached "
-             "below.").split(),
-            width=_TEXT_WIDTH, rest="")
-    origin = _token(received_from, "") if received_from else ""
-    about = f"It arrived on {_date(arrival)}"
-    if origin:
-        about += f" from {origin}"
-    about += f" and had the queue id {queue_id} on this host."
-    lines += [""]
-    lines += _wrap(about.split(), width=_TEXT_WIDTH, rest="")
-    if not postmaster:
-        lines += [
-            "",
-            "For further assistance, please send mail to postmaster. If you do so,",
-            "please include this problem report.",
-        ]
-    lines += ["", "                   The mail system", ""]
-    for r in recipients:
-        mta = _token(r.remote_mta, "") if r.remote_mta else ""
-        said = _text_lines(r.diagnostic)
-        head = [f"<{r.address}>:"]
-        if said:
-            if mta:
-                head += ["host", mta, "said:"]
-            first, more = said[0], said[1:]
-        else:
-            verb = "delayed" if delayed else "failed"
-            where = f" at host {mta}" if mta else ""
-            first, more = f"delivery {verb}{where} (status {r.status})", []
-        lines += _wrap(head + _words(first), width=_TEXT_WIDTH)
-        for line in more:
-            lines += _wrap(_words(line), width=_TEXT_WIDTH, first="    ")
-        lines.append("")
-    while lines and lines[-1] == "":
-        lines.pop()
-    return lines
-
-
 def _status_part(
     *, hostname: str, queue_id: str, arrival: float, recipients: Sequence[RecipientReport],
     delayed: bool,
 ) -> list[str]:
     """The ``message/delivery-status`` part (RFC 3464 section 2): field blocks."""
-    lines = _field("Reporting-MTA", f"dns; {hostname}")
-    lines += _field("X-Mailsrv-Queue-ID", queue_id)
-    lines += _field("Arrival-Date", _date(arrival))
+    lines = field("Reporting-MTA", f"dns; {hostname}")
+    lines += field("X-Mailsrv-Queue-ID", queue_id)
+    lines += field("Arrival-Date", date(arrival))
     for r in recipients:
         lines.append("")
-        lines += _field("Final-Recipient", f"rfc822; {r.address}")
-        lines += _field("Action", r.action)
-        lines += _field("Status", r.status)
+        lines += field("Final-Recipient", f"rfc822; {r.address}")
+        lines += field("Action", r.action)
+        lines += field("Status", r.status)
         if r.remote_mta:
-            lines += _field("Remote-MTA", f"dns; {_token(r.remote_mta, 'unknown')}")
-        said = _text_lines(r.diagnostic)
+            lines += field("Remote-MTA", f"dns; {token(r.remote_mta, 'unknown')}")
+        said = text_lines(r.diagnostic)
         if said:
-            lines += _field("Diagnostic-Code", f"{_diagnostic_type(said[0])}; {' '.join(said)}")
+            lines += field("Diagnostic-Code", f"{_diagnostic_type(said[0])}; {' '.join(said)}")
         if r.last_attempt is not None:
-            lines += _field("Last-Attempt-Date", _date(r.last_attempt))
+            lines += field("Last-Attempt-Date", date(r.last_attempt))
         if delayed and r.will_retry_until is not None:
-            lines += _field("Will-Retry-Until", _date(r.will_retry_until))
+            lines += field("Will-Retry-Until", date(r.will_retry_until))
     return lines
 
 
@@ -398,12 +198,12 @@ def build_dsn(
     if delayed and postmaster is not None:
         raise ValueError("the postmaster is told of failures only")
 
-    human = _human_part(hostname=hostname, queue_id=queue_id, received_from=received_from,
-                        arrival=arrival, recipients=recipients, delayed=delayed,
-                        postmaster=postmaster is not None)
+    human = human_part(hostname=hostname, queue_id=queue_id, received_from=received_from,
+                       arrival=arrival, recipients=recipients, delayed=delayed,
+                       postmaster=postmaster is not None)
     status = _status_part(hostname=hostname, queue_id=queue_id, arrival=arrival,
                           recipients=recipients, delayed=delayed)
-    original = _headers_part(original_headers)
+    original = headers_part(original_headers)
     eight_bit = not original.isascii()
     contents = [
         ("\n".join(human) + "\n").encode("ascii"),
@@ -420,7 +220,7 @@ def build_dsn(
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{to}>",
         f"Subject: {subject}",
-        f"Date: {_date(now)}",
+        f"Date: {date(now)}",
         f"Message-ID: <{dsn_id}.dsn@{hostname}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -446,36 +246,4 @@ def build_dsn(
         # 5.1.1), so one more keeps each part's own last newline.
         out.append(content + b"\n")
     out.append(f"--{boundary}--\n".encode("ascii"))
-    return b"".join(out)
-
-
-# --- the original's header section ---------------------------------------------------
-
-
-def original_headers(head: bytes, limit: int = 65536) -> bytes:
-    """The header section at the start of *head*, cut at a line boundary to ≤ *limit* octets.
-
-    *head* is the first bytes of the spooled original (LF line ends) and may stop mid-line;
-    a line without its LF is dropped, since it may be cut anywhere.  The section ends at
-    the first empty line, or at the first line that is neither a header field in the current
-    syntax (``headsection.is_field(line, obsolete=False)``: a name with WSP before its colon
-    ends it, unlike in ``headsection.inspect_head``) nor the continuation (leading SP/HTAB)
-    of one: a message without a header section gives ``b""``.  Lines are returned unchanged,
-    8-bit octets included, each with its LF.
-    """
-    out: list[bytes] = []
-    size = 0
-    complete = head.split(b"\n")[:-1]  # the last piece has no LF: partial or empty
-    for line in complete:
-        if line in (b"", b"\r"):
-            break
-        if line[:1] in (b" ", b"\t"):
-            if not out:
-                break  # a continuation with no field before it
-        elif not is_field(line, obsolete=False):  # "Name :" ends it, as it always has
-            break
-        if size + len(line) + 1 > limit:
-            break
-        out.append(line + b"\n")
-        size += len(line) + 1
     return b"".join(out)

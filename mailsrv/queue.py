@@ -9,6 +9,8 @@ Layout under the queue directory ``qdir``::
     control/             requests from ``mailsrv queue`` to the running server
     lock                 flock'd by the running server: one server per queue
 
+The lock and the control requests are ``mailsrv.queue_control``'s.
+
 The ``.json`` file is the commit point.  The body is moved in first (a rename on
 the same file system: no copy, and atomic), then the envelope is written to a
 dot-file, fsync'd and renamed into place, then ``messages/`` is fsync'd.  A
@@ -21,8 +23,6 @@ a finished message loses its ``.json`` first, then its ``.body``.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import secrets
@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from mailsrv import durable
 from mailsrv.dirfd import fsync_dir
@@ -40,6 +39,7 @@ from mailsrv.envelope import QueuedMessage, decode, encode, new_message
 
 __all__ = [
     "new_queue_id",
+    "check_queue_id",
     "queue_dirs",
     "enqueue",
     "save",
@@ -48,13 +48,6 @@ __all__ = [
     "body_path",
     "load",
     "LoadReport",
-    "QueueLocked",
-    "lock_queue",
-    "control_request",
-    "control_requests",
-    "control_answer",
-    "ControlRequest",
-    "CONTROL_ACTIONS",
 ]
 
 # Queue ids are file names, log keys and part of Message-IDs: letters and
@@ -83,7 +76,8 @@ def new_queue_id() -> str:
     return _base62(int(time.time()), 6) + _base62(secrets.randbelow(62**8), 8)
 
 
-def _check_id(queue_id: str) -> None:
+def check_queue_id(queue_id: str) -> None:
+    """ValueError unless *queue_id* is a queue id (file name, log key, part of Message-IDs)."""
     if not isinstance(queue_id, str) or not _QUEUE_ID_RE.fullmatch(queue_id):
         raise ValueError(f"invalid queue id {queue_id!r}: expected 1 to 64 letters or digits")
 
@@ -128,7 +122,7 @@ def enqueue(
     arguments (bad id, non-ASCII prefix, no recipients) raise ValueError
     before anything is touched.
     """
-    _check_id(queue_id)
+    check_queue_id(queue_id)
     message = new_message(
         queue_id,
         sender=sender,
@@ -226,7 +220,7 @@ def save(qdir: Path, message: QueuedMessage) -> None:
     old state or the new one, never a mixture.  DeliveryError on failure (the old
     state stays).
     """
-    _check_id(message.id)
+    check_queue_id(message.id)
     data = encode(message)
     durable.replace(Path(qdir) / "messages" / f"{message.id}.json", data, named=doing)
 
@@ -237,7 +231,7 @@ def remove(qdir: Path, queue_id: str) -> bool:
     The envelope goes first: a crash in between leaves a bare body, which the loader
     recognises as unfinished and removes, never a envelope without its body.
     """
-    _check_id(queue_id)
+    check_queue_id(queue_id)
     messages = Path(qdir) / "messages"
     found = False
     for suffix in (".json", ".body"):
@@ -328,93 +322,3 @@ def load(qdir: Path) -> LoadReport:
         fsync_dir(messages_dir)
         fsync_dir(corrupt_dir)
     return report
-
-
-# --------------------------------------------------------------------------- the queue lock
-
-
-class QueueLocked(Exception):
-    """Another process (a running mailsrv) holds the queue lock."""
-
-
-def lock_queue(qdir: Path) -> IO[bytes]:
-    """Take the queue's exclusive lock, for as long as the returned file stays open.
-
-    A running server holds it for its whole life, so two servers never deliver the
-    same queue, and ``mailsrv queue`` knows whether to ask the server (locked) or to
-    work on the files itself (it then holds the lock, so no server starts meanwhile).
-    Raises QueueLocked when it is held; the lock vanishes with the process, even
-    after SIGKILL.
-    """
-    path = Path(qdir) / "lock"
-    handle = open(path, "a+b")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise QueueLocked(f"{path} is locked by a running mailsrv") from None
-        raise
-    os.set_inheritable(handle.fileno(), False)
-    return handle
-
-
-# --------------------------------------------------------------------------- control requests
-
-#: What ``mailsrv queue`` may ask a running server to do to one message, or to all ("*").
-CONTROL_ACTIONS = ("flush", "delete", "bounce")
-_REQUEST_RE = re.compile(r"(flush|delete|bounce)\.([A-Za-z0-9]{1,64}|ALL)\.([0-9a-f]{16})\.req")
-
-
-@dataclass(frozen=True)
-class ControlRequest:
-    name: str
-    action: str
-    queue_id: str | None  # None: every message (flush only)
-
-
-def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
-    """Leave a request for the running server in ``control/``; return the answer's path.
-
-    The request appears atomically (written to a dot-file, then renamed), so the server
-    never reads half of one.  The server answers by writing ``<name>.ans`` and removing
-    the request.
-    """
-    if action not in CONTROL_ACTIONS:
-        raise ValueError(f"unknown queue action {action!r}")
-    if queue_id is not None:
-        _check_id(queue_id)
-    control = Path(qdir) / "control"
-    name = f"{action}.{queue_id or 'ALL'}.{secrets.token_hex(8)}.req"
-    tmp = control / f".{name}"
-    durable.write_new(tmp, b"", named=doing)
-    os.rename(tmp, control / name)
-    return control / f"{name[:-4]}.ans"
-
-
-def control_requests(qdir: Path) -> list[ControlRequest]:
-    """The pending requests, oldest name first; anything else in ``control/`` is ignored."""
-    found = []
-    try:
-        names = sorted(os.listdir(Path(qdir) / "control"))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        match = _REQUEST_RE.fullmatch(name)
-        if match:
-            action, target, _ = match.groups()
-            found.append(ControlRequest(name, action, None if target == "ALL" else target))
-    return found
-
-
-def control_answer(qdir: Path, request: ControlRequest, text: str) -> None:
-    """Answer a request: the text goes to ``<name>.ans`` (atomically), the request goes."""
-    control = Path(qdir) / "control"
-    answer = control / f"{request.name[:-4]}.ans"
-    tmp = control / f".{answer.name}"
-    with suppress(FileNotFoundError):
-        os.unlink(tmp)
-    durable.write_new(tmp, text.encode("utf-8"), named=doing)
-    os.rename(tmp, answer)
-    with suppress(FileNotFoundError):
-        os.unlink(control / request.name)

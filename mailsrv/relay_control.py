@@ -2,7 +2,7 @@
 The running server's side of ``mailsrv queue flush|delete|bounce``: ``<queue>/control/``.
 
 Only the server may change a queue it is delivering (it holds the messages in memory and
-writes their state), so the command leaves a request file (mailsrv.queue.control_request) and
+writes their state), so the command leaves a request file (mailsrv.queue_control.control_request) and
 waits for the answer.  This channel looks into ``control/`` every :data:`CONTROL_POLL` seconds,
 asks the relayer to act, and writes the answer (``ok: ...`` or ``error: ...``) where the
 command reads it.  One bad request is answered with its error and never stops the polling.
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from mailsrv import queue
+from mailsrv import queue_control
 from mailsrv.envelope import QueuedMessage
 
 __all__ = ["CONTROL_POLL", "QueueActions", "ControlChannel"]
@@ -79,7 +79,7 @@ class ControlChannel:
         """Answer every request waiting in ``control/`` (none before the queue is loaded)."""
         if not self.ready():
             return
-        for request in queue.control_requests(self.qdir):
+        for request in queue_control.control_requests(self.qdir):
             try:
                 text = self.handle(request)
             except Exception as e:  # never let one bad request stop the polling
@@ -89,7 +89,7 @@ class ControlChannel:
             else:
                 self._answer(request, text)
 
-    def handle(self, request: queue.ControlRequest) -> str | defer.Deferred:
+    def handle(self, request: queue_control.ControlRequest) -> str | defer.Deferred:
         """The answer to one request, or a Deferred of it (once the change is on disk)."""
         messages = self.actions.messages
         if request.action == "flush":
@@ -108,7 +108,7 @@ class ControlChannel:
             lambda _: f"ok: bounced {message.id}"
             + ("" if message.sender else " (from <>: no DSN sent)"))
 
-    def _answer(self, request: queue.ControlRequest, text: str) -> None:
+    def _answer(self, request: queue_control.ControlRequest, text: str) -> None:
         log.info("queue {action} {target}: {answer}", action=request.action,
                  target=request.queue_id or "all", answer=text)
-        self.in_thread(queue.control_answer, self.qdir, request, text + "\n")
+        self.in_thread(queue_control.control_answer, self.qdir, request, text + "\n")

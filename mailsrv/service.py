@@ -18,7 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailsrv import queue
+from mailsrv import queue, queue_control
 from mailsrv.config import (
     Config, ConfigError, endpoint_options, prepare_directories, tcp_endpoint_for_ssl,
 )
@@ -190,8 +190,8 @@ class _SpareFilesService(service.Service):
 def lock_queue(config: Config) -> Any:
     """Take the queue lock for this process's lifetime; ConfigError when a server holds it."""
     try:
-        return queue.lock_queue(Path(config.queue.path))
-    except queue.QueueLocked as e:
+        return queue_control.lock_queue(Path(config.queue.path))
+    except queue_control.QueueLocked as e:
         raise ConfigError(
             config.source, "queue.path", f"a spool no other running mailsrv uses ({e})"
         ) from None

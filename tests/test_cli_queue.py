@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv import cli, queue
+from mailsrv import cli, queue, queue_control
 from mailsrv.envelope import SENT
 from support.harness import MailServer
 
@@ -108,7 +108,7 @@ def test_bounce_offline_sends_a_dsn(offline, capsys):
 
 
 def test_server_running_but_not_answering(offline, capsys):
-    held = queue.lock_queue(offline.queue)  # plays a server that never answers
+    held = queue_control.lock_queue(offline.queue)  # plays a server that never answers
     try:
         assert run(offline, "flush", "--wait", "0.3") == 1
     finally:

@@ -1,4 +1,5 @@
-"""Tests for mailsrv.dsn: RFC 3464 bounces and delay warnings, and the original's headers.
+"""Tests for mailsrv.dsn, dsn_text and dsn_original: RFC 3464 bounces and delay warnings, and the
+original's headers.
 
 The output is checked the way a mail client reads it (the standard library's parser, with
 LF and with CRLF line ends), and line by line for what the spool and the wire require.
@@ -17,8 +18,8 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv import dsn
-from mailsrv.dsn import RecipientReport, build_dsn, original_headers
+from mailsrv.dsn import RecipientReport, build_dsn
+from mailsrv.dsn_original import original_headers
 
 NOW = 1_795_000_000.0
 ARRIVAL = NOW - 3600
@@ -501,7 +502,7 @@ def test_original_headers_ends_at_non_field_line() -> None:
 
 
 def test_original_headers_feed_build_dsn() -> None:
-    head = dsn.original_headers(ORIGINAL + b"\nsecret body\n")
+    head = original_headers(ORIGINAL + b"\nsecret body\n")
     data = build(original_headers=head)
     assert b"secret body" not in data
     assert parts(parse(data))[2].get_payload(decode=True) == ORIGINAL

@@ -321,9 +321,9 @@ def test_field_name_and_is_field(
 
 
 def test_sendmail_and_dsn_read_fields_with_headsection() -> None:
-    from mailsrv import dsn, mime7bit, sendmail
+    from mailsrv import dsn_original, mime7bit, sendmail_message
 
-    assert sendmail.is_field is headsection.is_field
-    assert sendmail.field_name is headsection.field_name
-    assert dsn.is_field is headsection.is_field
+    assert sendmail_message.is_field is headsection.is_field
+    assert sendmail_message.field_name is headsection.field_name
+    assert dsn_original.is_field is headsection.is_field
     assert mime7bit.is_field is headsection.is_field

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import queue
+from mailsrv import queue, queue_control
 from mailsrv.durable import DeliveryError
 from mailsrv.queue import enqueue, queue_dirs, read_message
 
@@ -297,7 +297,7 @@ def test_new_queue_id() -> None:
     assert len(ids) == 10000
     for queue_id in list(ids)[:100]:
         assert re.fullmatch(r"[0-9A-Za-z]{14}", queue_id)
-        queue._check_id(queue_id)
+        queue.check_queue_id(queue_id)
 
 
 # --------------------------------------------------------------------------- state changes
@@ -402,26 +402,26 @@ def test_encode_decode_round_trip(qdir: Path, body: Path) -> None:
 
 
 def test_queue_lock_is_exclusive(qdir: Path) -> None:
-    held = queue.lock_queue(qdir)
+    held = queue_control.lock_queue(qdir)
     try:
-        with pytest.raises(queue.QueueLocked):
-            queue.lock_queue(qdir)
+        with pytest.raises(queue_control.QueueLocked):
+            queue_control.lock_queue(qdir)
     finally:
         held.close()
-    queue.lock_queue(qdir).close()  # free again once the holder is gone
+    queue_control.lock_queue(qdir).close()  # free again once the holder is gone
 
 
 def test_control_request_and_answer(qdir: Path) -> None:
-    answer = queue.control_request(qdir, "flush", None)
-    answer2 = queue.control_request(qdir, "delete", "ID1")
-    requests = queue.control_requests(qdir)
+    answer = queue_control.control_request(qdir, "flush", None)
+    answer2 = queue_control.control_request(qdir, "delete", "ID1")
+    requests = queue_control.control_requests(qdir)
     assert [(r.action, r.queue_id) for r in requests] in (
         [("delete", "ID1"), ("flush", None)], [("flush", None), ("delete", "ID1")])
     for request in requests:
-        queue.control_answer(qdir, request, f"ok: {request.action}\n")
+        queue_control.control_answer(qdir, request, f"ok: {request.action}\n")
     assert answer.read_text() == "ok: flush\n" and answer2.read_text() == "ok: delete\n"
-    assert queue.control_requests(qdir) == []
+    assert queue_control.control_requests(qdir) == []
     with pytest.raises(ValueError):
-        queue.control_request(qdir, "explode", None)
+        queue_control.control_request(qdir, "explode", None)
     with pytest.raises(ValueError):
-        queue.control_request(qdir, "delete", "../x")
+        queue_control.control_request(qdir, "delete", "../x")

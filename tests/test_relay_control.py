@@ -1,6 +1,6 @@
 """
 ``mailsrv queue flush|delete|bounce`` answered in-process: requests written into a temporary
-queue's ``control/`` by mailsrv.queue.control_request (as the command does), polling on a
+queue's ``control/`` by mailsrv.queue_control.control_request (as the command does), polling on a
 task.Clock, disk work run at once on the test's thread.
 """
 
@@ -12,7 +12,7 @@ import time
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv import queue
+from mailsrv import queue, queue_control
 from mailsrv.envelope import new_message
 from mailsrv.relay_control import CONTROL_POLL, ControlChannel
 from mailsrv.relayer import Relayer
@@ -58,7 +58,7 @@ def qdir(tmp_path):
 
 
 def ask(qdir, action, queue_id=None):
-    return queue.control_request(qdir, action, queue_id)
+    return queue_control.control_request(qdir, action, queue_id)
 
 
 def channel(qdir, actions, ready=lambda: True):

@@ -12,23 +12,23 @@ import pytest
 
 from mailsrv import sendmail
 from mailsrv.config import load_config
-from mailsrv.sendmail import (
+from mailsrv.sendmail_args import UsageError, parse_args, parse_recipients
+from mailsrv.sendmail_message import (
+    add_missing_headers,
+    header_recipients,
+    normalise_line_ends,
+    read_message,
+    remove_bcc,
+    split_header,
+)
+from mailsrv.sendmail_submit import (
     EX_CONFIG,
     EX_NOUSER,
     EX_OK,
     EX_TEMPFAIL,
     EX_USAGE,
     SendError,
-    UsageError,
-    add_missing_headers,
     choose_listener,
-    header_recipients,
-    normalise_line_ends,
-    parse_args,
-    parse_recipients,
-    read_message,
-    remove_bcc,
-    split_header,
 )
 from support.harness import _env, free_port, wait_for
 
