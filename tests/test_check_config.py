@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import smtplib
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 
 from mailsrv import cli
 from support.harness import MailServer, _env, render_config
+from support.mail import send_mail
 
 
 @pytest.fixture
@@ -169,8 +169,7 @@ def test_running_server_is_not_disturbed(make_server):
     assert result.returncode == 0, result.stderr
     assert b": ok\n" in result.stdout and b"note:" not in result.stdout
     assert sorted(os.listdir(server.queue)) == before
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=15) as c:
-        c.sendmail("x@client.test", ["alice@example.org"], b"Subject: still here\r\n\r\nx\r\n")
+    send_mail(server.port, "x@client.test", ["alice@example.org"], b"Subject: still here\r\n\r\nx\r\n")
     assert server.process.poll() is None
 
 

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import smtplib
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from support.harness import REPO, MailServer, render_config, wait_for
+from support.mail import connect
 
 TIMEOUT = 120
 
@@ -161,7 +161,7 @@ def test_twistd_runs_mailsrv_from_an_editable_install(editable):
             return re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", server.log_text())
 
         port = int(wait_for(listening, 30, "mailsrv to listen").group(1))
-        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=15) as c:
+        with connect(port) as c:
             assert c.ehlo()[0] == 250
     finally:
         process.send_signal(signal.SIGTERM)

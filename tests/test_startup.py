@@ -7,7 +7,6 @@ same ``twistd`` invocation without ``--config`` (the demo), with the checkout fi
 import mailbox
 import os
 import signal
-import smtplib
 import socket
 import ssl
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from mailsrv.config import DEFAULT_CONFIG_PATH, demo_config
 from support.certs import make_ca, self_signed
 from support.harness import START_TIMEOUT, TWISTD, _env, render_config, wait_for
+from support.mail import connect, connect_tls, send_mail
 
 #: How long a start with a broken configuration may take to give up.
 FAIL_TIMEOUT = 30.0
@@ -35,12 +35,6 @@ MESSAGE = (
 def message(to: str, subject: str, body: str) -> bytes:
     return MESSAGE.replace(b"{to}", to.encode()).replace(
         b"{subject}", subject.encode()).replace(b"{body}", body.encode())
-
-
-def send(port: int, sender: str, recipients: list[str], data: bytes) -> dict:
-    # local_hostname is given so that smtplib does not ask the resolver for our own name.
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=15) as client:
-        return client.sendmail(sender, recipients, data)
 
 
 def free_port() -> int:
@@ -269,7 +263,7 @@ def demo(tmp_path):
 
 def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
     cwd, home, log = demo
-    send(DEMO_PORT, "bob@client.test", ["someone@localhost"],
+    send_mail(DEMO_PORT, "bob@client.test", ["someone@localhost"],
          message("someone@localhost", "demo test", "Hello demo."))
 
     new = cwd / "demo-mail" / "mailboxes" / "localhost" / "someone" / "new"
@@ -283,7 +277,7 @@ def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
     assert received.startswith("from client.test (unknown [127.0.0.1]) by localhost")
 
     # The demo trusts no one to relay: it never sends mail to the Internet.
-    refused = send(DEMO_PORT, "bob@client.test", ["someone@localhost", "someone@remote.test"],
+    refused = send_mail(DEMO_PORT, "bob@client.test", ["someone@localhost", "someone@remote.test"],
                    message("someone@remote.test", "relay test", "Hello remote."))
     assert refused["someone@remote.test"][0] == 554
     assert list((cwd / "demo-mail" / "queue" / "messages").iterdir()) == []
@@ -299,7 +293,7 @@ def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
 
 def test_restart_keeps_delivered_mail(make_server):
     server = make_server().start()
-    send(server.port, "bob@client.test", ["alice@example.org"],
+    send_mail(server.port, "bob@client.test", ["alice@example.org"],
          message("alice@example.org", "before restart", "First."))
     box = server.root / "example.org" / "alice"
     before = {name: (box / "new" / name).read_bytes() for name in os.listdir(box / "new")}
@@ -311,7 +305,7 @@ def test_restart_keeps_delivered_mail(make_server):
 
     after = {name: (box / "new" / name).read_bytes() for name in os.listdir(box / "new")}
     assert after == before
-    send(server.port, "bob@client.test", ["alice@example.org"],
+    send_mail(server.port, "bob@client.test", ["alice@example.org"],
          message("alice@example.org", "after restart", "Second."))
     subjects = sorted(m["Subject"] for m in server.maildir("alice@example.org"))
     assert subjects == ["after restart", "before restart"]
@@ -401,13 +395,10 @@ def test_tls_start_and_handshakes_give_no_legacy_context_factory_warning(make_se
          ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"])
     server.start()
     context = ssl.create_default_context(cafile=str(ca.cert_path))
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
-                      timeout=15) as client:
+    with connect(server.port) as client:
         client.starttls(context=context)
         assert client.ehlo()[0] == 250
-    with smtplib.SMTP_SSL("127.0.0.1", server.port_of("submission", tls=True),
-                          local_hostname="client.test", timeout=15,
-                          context=context) as client:
+    with connect_tls(server.port_of("submission", tls=True), context) as client:
         assert client.ehlo()[0] == 250
         assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
     server.stop()

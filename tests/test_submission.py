@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from support.certs import make_ca
+from support.mail import connect, connect_tls
 from support.harness import (
     REPO, DNSServer, MailServer, RawClient, SMTPSink, free_port, wait_for,
 )
@@ -102,13 +103,8 @@ def client_context(env) -> ssl.SSLContext:
     return context
 
 
-def smtp(port: int, source: str = "127.0.0.1") -> smtplib.SMTP:
-    return smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20,
-                        source_address=(source, 0))
-
-
 def submit_starttls(env, server, *, user="alice@example.org", password=None) -> smtplib.SMTP:
-    client = smtp(server.port_of("submission"))
+    client = connect(server.port_of("submission"), timeout=20)
     client.starttls(context=client_context(env))
     client.ehlo()
     client.login(user, password or USERS_PASSWORDS[user])
@@ -190,7 +186,7 @@ def test_received_header_records_tls_and_auth(env, server):
 
 
 def test_port_25_with_starttls_without_auth_says_esmtps(env, server):
-    client = smtp(server.port_of("smtp"))
+    client = connect(server.port_of("smtp"), timeout=20)
     client.starttls(context=client_context(env))
     client.sendmail("x@client.test", ["bob@example.org"],
                     "Subject: s\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nmarker-esmtps\r\n")
@@ -259,7 +255,7 @@ def test_openssl_s_client_versions(env, server, flag, works):
 
 def test_auth_plain_and_login_with_smtplib(env, server):
     for method in ("PLAIN", "LOGIN"):
-        client = smtp(server.port_of("submission"))
+        client = connect(server.port_of("submission"), timeout=20)
         client.starttls(context=client_context(env))
         client.ehlo()
         client.user, client.password = "bob@example.org", USERS_PASSWORDS["bob@example.org"]
@@ -269,9 +265,7 @@ def test_auth_plain_and_login_with_smtplib(env, server):
 
 
 def test_auth_with_implicit_tls_smtp_ssl(env, server):
-    client = smtplib.SMTP_SSL("127.0.0.1", server.port_of("submission", tls=True),
-                              local_hostname="client.test", timeout=20,
-                              context=client_context(env))
+    client = connect_tls(server.port_of("submission", tls=True), client_context(env), timeout=20)
     client.login("alice@example.org", USERS_PASSWORDS["alice@example.org"])
     client.sendmail("alice+news@example.org", ["bob@example.org"],
                     "From: Alice <alice+news@example.org>\r\nSubject: x\r\n\r\nmarker-465\r\n")
@@ -401,7 +395,7 @@ def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, serv
 
 
 def test_relay_needs_auth_from_an_untrusted_address(env, server):
-    client = smtp(server.port_of("smtp"), source=UNTRUSTED)
+    client = connect(server.port_of("smtp"), timeout=20, source=UNTRUSTED)
     client.starttls(context=client_context(env))
     client.ehlo()
     client.mail("alice@example.org")
