@@ -7,7 +7,6 @@ in test_session_adapter.py.)
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import mailbox
@@ -23,16 +22,9 @@ from mailsrv.sasl import MAX_RESPONSE_LINE
 from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
 
 from support.inprocess import CLIENT, PASSWORD, Core, make_runtime
+from support.sasl import b64, plain
 
 QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as [0-9A-Za-z]{14}$")
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def plain(user: str, password: str) -> str:
-    return b64(f"\0{user}\0{password}")
 
 
 @pytest.fixture

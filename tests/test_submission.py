@@ -9,7 +9,6 @@ The server trusts only 127.0.0.1 for relaying; clients that must look untrusted 
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import hashlib
@@ -31,6 +30,7 @@ import pytest
 
 from support.certs import make_ca
 from support.mail import connect, connect_tls
+from support.sasl import b64, plain
 from support.harness import (
     REPO, DNSServer, MailServer, RawClient, SMTPSink, free_port, wait_for,
 )
@@ -115,10 +115,6 @@ def raw_client(port: int, source: str = "127.0.0.1", implicit: bool = False,
                  context: ssl.SSLContext | None = None) -> RawClient:
     """A raw client from ``source``; over implicit TLS when ``implicit``."""
     return RawClient(port, timeout=20, source=source, context=context if implicit else None)
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def received_of(server: MailServer, address: str, marker: str):
@@ -275,9 +271,9 @@ def test_auth_with_implicit_tls_smtp_ssl(env, server):
 
 def test_auth_sequencing_errors(env, server):
     client = raw_client(server.port_of("submission"))
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x"))[0] == 503  # no EHLO
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x"))[0] == 503  # no EHLO
     client.command("EHLO client.test")
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x")) == (
         538, "5.7.11 Error: encryption required for authentication (STARTTLS)")
     assert client.command("MAIL FROM:<alice@example.org>") == (
         530, "5.7.0 Error: authentication required")
@@ -293,9 +289,9 @@ def test_auth_sequencing_errors(env, server):
     # PLAIN without an initial response: an empty challenge, then the response.
     assert client.command("AUTH PLAIN") == (334, "")
     password = USERS_PASSWORDS["alice@example.org"]
-    assert client.command(b64(f"\0alice@example.org\0{password}")) == (
+    assert client.command(plain("alice@example.org", password)) == (
         235, "2.7.0 Authentication successful")
-    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", password)) == (
         503, "5.5.1 Error: already authenticated")
     client.close()
 
@@ -307,7 +303,7 @@ def test_auth_refused_inside_a_transaction(env, server):
     client.starttls(client_context(env))
     client.command("EHLO client.test")
     assert client.command("MAIL FROM:<x@client.test>")[0] == 250
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x")) == (
         503, "5.5.1 Error: MAIL transaction in progress")
     client.close()
 
@@ -334,7 +330,7 @@ def test_utf8_password(env, server):
     client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
-    assert client.command("AUTH PLAIN " + b64("\0dora@example.org\0pässwörd"))[0] == 235
+    assert client.command("AUTH PLAIN " + plain("dora@example.org", "pässwörd"))[0] == 235
     client.close()
 
 
@@ -343,7 +339,8 @@ def test_plain_authzid_for_another_user_is_refused(env, server):
                           context=client_context(env))
     client.command("EHLO client.test")
     password = USERS_PASSWORDS["alice@example.org"]
-    code, _ = client.command("AUTH PLAIN " + b64(f"bob@example.org\0alice@example.org\0{password}"))
+    code, _ = client.command(
+        "AUTH PLAIN " + plain("alice@example.org", password, authzid="bob@example.org"))
     assert code == 501
     client.close()
 
@@ -353,7 +350,7 @@ def test_sasl_line_limit_is_12288_octets(env, server):
                           context=client_context(env))
     client.command("EHLO client.test")
     filler = "x" * 9000
-    ok_line = "AUTH PLAIN " + b64(f"\0alice@example.org\0{filler}")
+    ok_line = "AUTH PLAIN " + plain("alice@example.org", filler)
     ok_line += "=" * 0
     assert len(ok_line) + 2 <= 12288
     assert client.command(ok_line)[0] == 535  # long, but within the limit: checked
@@ -387,7 +384,7 @@ def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, serv
     assert client.reply() == (500, "5.5.2 Error: command line too long")
     assert client.command("NOOP") == (250, "2.0.0 Ok")
     password = USERS_PASSWORDS["alice@example.org"]
-    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}"))[0] == 235
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", password))[0] == 235
     client.close()
 
 
@@ -499,7 +496,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
         client = raw_client(s.port_of("submission", tls=True), source=UNTRUSTED,
                               implicit=True, context=client_context(env))
         client.command("EHLO client.test")
-        bad = "AUTH PLAIN " + b64("\0alice@example.org\0wrong")
+        bad = "AUTH PLAIN " + plain("alice@example.org", "wrong")
         delays = []
         for _ in range(3):
             start = time.monotonic()
@@ -507,7 +504,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
             delays.append(time.monotonic() - start)
         # The delay grows (0.2, 0.4, 0.8 s); only lower bounds are certain on a busy machine.
         assert delays[0] >= 0.2 and delays[1] >= 0.4 and delays[2] >= 0.8, delays
-        good = "AUTH PLAIN " + b64(f"\0alice@example.org\0{USERS_PASSWORDS['alice@example.org']}")
+        good = "AUTH PLAIN " + plain("alice@example.org", USERS_PASSWORDS["alice@example.org"])
         assert client.command(good) == (
             454, "4.7.0 Error: too many failed authentication attempts; try again later")
         # Another address is not affected.
@@ -540,7 +537,7 @@ def test_parallel_connections_get_no_more_than_max_failures_checks(env, tmp_path
             client.command("EHLO client.test")
         # An unknown user: its check is a full-cost bcrypt (a quarter of a second), so all
         # ten first guesses arrive while the first checks are still running.
-        bad = "AUTH PLAIN " + b64("\0nobody@example.org\0wrong")
+        bad = "AUTH PLAIN " + plain("nobody@example.org", "wrong")
         codes: list[list[int]] = [[] for _ in clients]
         go = threading.Barrier(len(clients), timeout=30)
 
