@@ -239,7 +239,7 @@ def certificate(tmp_path_factory):
     work = tmp_path_factory.mktemp("certs")
     ca = make_ca(work)
     cert, key = ca.issue(["mx.example.org"], work)
-    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    context = ca.client_context()
     return cert, key, context
 
 

@@ -8,7 +8,6 @@ import mailbox
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import time
 
@@ -394,7 +393,7 @@ def test_tls_start_and_handshakes_give_no_legacy_context_factory_warning(make_se
     _set(server, "submission", "listen",
          ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"])
     server.start()
-    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    context = ca.client_context()
     with connect(server.port) as client:
         client.starttls(context=context)
         assert client.ehlo()[0] == 250

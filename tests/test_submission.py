@@ -99,8 +99,7 @@ def server(env):
 
 
 def client_context(env) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(env["ca"].cert_path))
-    return context
+    return env["ca"].client_context()
 
 
 def submit_starttls(env, server, *, user="alice@example.org", password=None) -> smtplib.SMTP:
