@@ -733,9 +733,7 @@ def test_tls_and_auth_configuration_errors_stop_the_start(env, tmp_path, tables,
             s.config.pop(table, None)
         else:
             s.config.setdefault(table, {}).update(values)
-    from support.harness import render_config
-
-    s.config_path.write_text(render_config(s.config))
+    s.write_config()
     result = subprocess.run(s.command(), cwd=s.workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -798,9 +796,7 @@ def test_user_command_errors(env, tmp_path):
         assert why in result.stderr.decode(), (args, result.stderr)
     assert (s.workdir / "users").read_text() == before  # nothing changed
     s.config.get("mailboxes", {}).pop("users")
-    from support.harness import render_config
-
-    s.config_path.write_text(render_config(s.config))
+    s.write_config()
     result = run_cli("user", "--config", config, "list")
     assert result.returncode == 2
     assert b"mailboxes.users: expected a users file" in result.stderr
