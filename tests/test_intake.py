@@ -9,7 +9,7 @@ from __future__ import annotations
 import mailbox
 import threading
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -27,7 +27,7 @@ from mailsrv.runtime import Runtime
 from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
 
-from support.inprocess import CLIENT, Connection
+from support.inprocess import CLIENT, Connection, SyncWorkers
 
 MESSAGE = ("Subject: x", "From: <sender@client.test>", "", "body", ".")
 
@@ -49,18 +49,6 @@ class ThreadReactor(task.Clock):
 
     def callInThread(self, f, *args) -> None:
         threading.Thread(target=f, args=args).start()
-
-
-class SyncWorkers:
-    """A runner calling the job at once on the test's thread."""
-
-    name, size = "sync", 1
-
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
-
-    def stop(self, timeout=30.0):
-        pass
 
 
 def make_runtime(tmp_path, checks=None, **tables) -> Runtime:

@@ -26,6 +26,8 @@ from mailsrv.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.session import SMTPSession
 
+from support.queue_runtime import SyncWorkers
+
 __all__ = [
     "CLIENT", "PASSWORD", "Connection", "Core", "StringTransport", "SyncWorkers", "factory_for",
     "make_runtime",
@@ -35,13 +37,6 @@ __all__ = [
 CLIENT = "192.0.2.7"
 PASSWORD = "correct horse"
 _HASH: list[str] = []
-
-
-class SyncWorkers:
-    """Runtime.workers running the delivery at once, on the test's thread."""
-
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
 
 
 def make_runtime(

@@ -17,8 +17,11 @@ from mailsrv.router import Directory
 
 
 class SyncWorkers:
-    """Runtime.workers running each job at once; ``hold()`` keeps the next jobs waiting until
-    ``release()``, to see what waits for a write still under way."""
+    """Runtime.workers (an IThreadRunner) running each job at once on the test's thread;
+    ``hold()`` keeps the next jobs waiting until ``release()``, to see what waits for a write
+    still under way."""
+
+    name, size = "sync", 1
 
     def __init__(self) -> None:
         self.held: list[tuple[defer.Deferred, Any, tuple]] | None = None
@@ -45,6 +48,9 @@ class SyncWorkers:
             d, f, args = self.held.pop(0)
             defer.maybeDeferred(f, *args).chainDeferred(d)
         self.held = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        pass
 
 
 def queue_runtime(tmp_path: Path, users=("alice@example.org",), **queue_keys) -> Runtime:
