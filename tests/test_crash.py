@@ -144,7 +144,7 @@ def stored_files(server):
     """{address: [(name, path)]} for every file in every new/."""
     result = {}
     for address in LOCAL_BOXES:
-        new = server.root / address.split("@")[1] / address.split("@")[0] / "new"
+        new = server.mailbox_path(address) / "new"
         names = sorted(os.listdir(new)) if new.is_dir() else []
         result[address] = [(name, new / name) for name in names]
     return result

@@ -25,8 +25,7 @@ def test_one_copy_per_mailbox_however_it_is_named(mail_server):
 
 def copy_of(server, address, token):
     """The bytes of the one file in *address*'s new/ holding *token*."""
-    local, domain = address.split("@")
-    new = server.root / domain / local / "new"
+    new = server.mailbox_path(address) / "new"
     [data] = [data for data in (p.read_bytes() for p in new.iterdir()) if token in data]
     return data
 

@@ -68,7 +68,7 @@ def pieces(chunks, size=MiB):
 
 
 def only_file(server, address):
-    new = server.root / address.split("@")[1] / address.split("@")[0] / "new"
+    new = server.mailbox_path(address) / "new"
     names = os.listdir(new)
     assert len(names) == 1, names
     return names[0], new / names[0]

@@ -215,12 +215,16 @@ class MailServer:
             self.process.wait(10)
             self.process = None
 
-    def maildir(self, address: str) -> mailbox.Maildir:
+    def mailbox_path(self, address: str) -> Path:
+        """Where ``address``'s Maildir is (root/domain/user), made or not."""
         user, domain = address.split("@")
-        return mailbox.Maildir(self.root / domain / user, create=False)
+        return self.root / domain / user
+
+    def maildir(self, address: str) -> mailbox.Maildir:
+        return mailbox.Maildir(self.mailbox_path(address), create=False)
 
     def messages(self, address: str) -> list[Any]:
-        path = self.root / address.split("@")[1] / address.split("@")[0]
+        path = self.mailbox_path(address)
         if not path.exists():
             return []
         try:
