@@ -6,7 +6,6 @@ deliveries run at once on the test's thread into a Maildir under tmp_path.
 
 from __future__ import annotations
 
-import mailbox
 import threading
 
 from twisted.internet import task
@@ -28,6 +27,7 @@ from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
 
 from support.inprocess import CLIENT, Connection, SyncWorkers
+from support.queue_runtime import maildir_of
 
 MESSAGE = ("Subject: x", "From: <sender@client.test>", "", "body", ".")
 
@@ -93,10 +93,6 @@ def with_checks(tmp_path, *extra, **tables) -> Runtime:
     builtin = builtin_pipeline(runtime.config)
     runtime.checks = Pipeline(list(builtin.checks) + list(extra), builtin.modifiers)
     return runtime
-
-
-def inbox(tmp_path, user="alice", folder=""):
-    return mailbox.Maildir(tmp_path / "mail" / "example.org" / user / folder, create=False)
 
 
 def count(tmp_path, user="alice", folder="") -> int:
@@ -201,7 +197,7 @@ def test_added_headers_from_every_stage_follow_our_received(tmp_path):
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "DATA", *MESSAGE)
     assert replies[-1].startswith("250 ")
-    (message,) = inbox(tmp_path)
+    (message,) = maildir_of(tmp_path)
     raw = message.as_bytes()
     after_received = raw[raw.index(b"Received:"):].split(b"\n")
     fields = [line.split(b":")[0] for line in after_received if line[:1] not in (b" ", b"\t")]

@@ -5,6 +5,7 @@ threads" run each job at once on the test's thread, over a temporary mail root a
 
 from __future__ import annotations
 
+import mailbox
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,11 @@ def queue_runtime(tmp_path: Path, users=("alice@example.org",), **queue_keys) ->
     directory = Directory(["example.org"], frozenset(users), {"postmaster": (users[0],)})
     return Runtime(config=config, directory=directory, reactor=task.Clock(),
                    workers=SyncWorkers())
+
+
+def maildir_of(tmp_path: Path, user: str = "alice", folder: str = "") -> mailbox.Maildir:
+    """The Maildir (or ``folder`` in it) of user@example.org under a test runtime's mail root."""
+    return mailbox.Maildir(tmp_path / "mail" / "example.org" / user / folder, create=False)
 
 
 def enqueue(runtime: Runtime, queue_id: str, sender: str | None, recipients: list[str],
