@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import smtplib
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from bench import content, cpuload
+from support.mail import send_mail
 
 STAT_BEFORE = """cpu  100 0 50 1000 20 0 5 0 0 0
 cpu0 50 0 25 500 10 0 3 0 0 0
@@ -144,8 +144,7 @@ def test_capture_keeps_the_message_as_sent():
     message = sent() + b".starts with a dot\r\n..two dots\r\n"
 
     def send(port: int) -> None:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-            client.sendmail("bench@client.test", ["alice@example.org"], message)
+        send_mail(port, "bench@client.test", ["alice@example.org"], message, timeout=10)
 
     assert content.capture(send, timeout=10) == message
 

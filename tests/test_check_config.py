@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import smtplib
 import subprocess
 import sys
 
 import pytest
 
 from mailsrv import cli
-from support.harness import MailServer, _env, render_config
+from support.harness import MailServer, _env
+from support.mail import send_mail
 
 
 @pytest.fixture
@@ -21,14 +21,6 @@ def configured(tmp_path):
 
 def check(server: MailServer) -> int:
     return cli.main(["check-config", "--config", str(server.config_path)])
-
-
-def rewrite(server: MailServer, table: str | None, key: str, value) -> None:
-    if table is None:
-        server.config[key] = value
-    else:
-        server.config.setdefault(table, {})[key] = value
-    server.config_path.write_text(render_config(server.config))
 
 
 def test_good_configuration_summary_creates_nothing(configured, capsys):
@@ -53,7 +45,7 @@ def test_good_configuration_summary_creates_nothing(configured, capsys):
     ("relay", "smarthost_user", "u", "relay.smarthost_password_file", "together"),
 ])
 def test_broken_keys_are_named(configured, capsys, table, key, value, named, expected):
-    rewrite(configured, table, key, value)
+    configured.set_config(table, key, value)
     assert check(configured) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mailsrv: configuration error: {configured.config_path}: {named}: ")
@@ -83,7 +75,7 @@ def test_unreadable_files_and_unusable_directories(configured, capsys):
     configured.root.unlink()
     blocker = configured.workdir / "blocker"
     blocker.write_text("a file in the way of the queue path")
-    rewrite(configured, "queue", "path", str(blocker / "x" / "queue"))
+    configured.set_config("queue", "path", str(blocker / "x" / "queue"))
     assert check(configured) == 2
     assert (f": queue.path: a directory mailsrv can write: {blocker / 'x' / 'queue'} does not "
             f"exist and {blocker} is not a writable directory") in capsys.readouterr().err
@@ -97,7 +89,7 @@ def test_a_user_outside_the_local_domains_is_refused(configured, capsys):
         f"mailsrv: configuration error: {users}: line 4 (dave@other.net): expected an address "
         "in a local domain (example.org, example.net); other.net is not in [domains] local\n"
     )
-    rewrite(configured, "domains", "local", ["example.org", "example.net", "other.net"])
+    configured.set_config("domains", "local", ["example.org", "example.net", "other.net"])
     assert check(configured) == 0
 
 
@@ -128,8 +120,8 @@ def test_tls_files_must_load(configured, capsys, which):
     cert, key = self_signed(["mx.example.org"], configured.workdir)
     files = {"cert": str(cert), "key": str(key)}
     files[which] = str(configured.workdir / f"missing.{which}")
-    rewrite(configured, None, "tls", files)
-    rewrite(configured, "submission", "listen", ["tcp:5870", "ssl:4650"])
+    configured.set_config(None, "tls", files)
+    configured.set_config("submission", "listen", ["tcp:5870", "ssl:4650"])
     assert check(configured) == 2
     err = capsys.readouterr().err
     assert f": tls.{which}: expected a readable PEM file: " in err and f"missing.{which}" in err
@@ -139,8 +131,8 @@ def test_tls_summary(configured, capsys):
     from support.certs import self_signed
 
     cert, key = self_signed(["mx.example.org"], configured.workdir)
-    rewrite(configured, None, "tls", {"cert": str(cert), "key": str(key)})
-    rewrite(configured, "submission", "listen", ["tcp:5870", "ssl:4650"])
+    configured.set_config(None, "tls", {"cert": str(cert), "key": str(key)})
+    configured.set_config("submission", "listen", ["tcp:5870", "ssl:4650"])
     assert check(configured) == 0
     out = capsys.readouterr().out
     assert "; submission: tcp:5870, ssl:4650\n" in out
@@ -148,9 +140,9 @@ def test_tls_summary(configured, capsys):
 
 
 def test_smarthost_password_file_is_read(configured, capsys):
-    rewrite(configured, "relay", "smarthost", "smtp.remote.test:587")
-    rewrite(configured, "relay", "smarthost_user", "u")
-    rewrite(configured, "relay", "smarthost_password_file", str(configured.workdir / "pw"))
+    configured.set_config("relay", "smarthost", "smtp.remote.test:587")
+    configured.set_config("relay", "smarthost_user", "u")
+    configured.set_config("relay", "smarthost_password_file", str(configured.workdir / "pw"))
     assert check(configured) == 2
     assert ": relay.smarthost_password_file: a readable password file" in capsys.readouterr().err
     (configured.workdir / "pw").write_text("secret\n")
@@ -169,8 +161,7 @@ def test_running_server_is_not_disturbed(make_server):
     assert result.returncode == 0, result.stderr
     assert b": ok\n" in result.stdout and b"note:" not in result.stdout
     assert sorted(os.listdir(server.queue)) == before
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=15) as c:
-        c.sendmail("x@client.test", ["alice@example.org"], b"Subject: still here\r\n\r\nx\r\n")
+    send_mail(server.port, "x@client.test", ["alice@example.org"], b"Subject: still here\r\n\r\nx\r\n")
     assert server.process.poll() is None
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 
 from support.harness import wait_for
+from support.mail import connect, send_mail
 
 CLIENTS = 6
 MESSAGES_PER_CLIENT = 60
@@ -116,7 +117,7 @@ class Load:
                 with self.lock:
                     self.attempted[token] = (stored, body, recipients)
                 if client is None:
-                    client = smtplib.SMTP("127.0.0.1", self.port, "client.test", timeout=10)
+                    client = connect(self.port, timeout=10)
                 refused = client.sendmail("load@client.test", recipients, wire)
                 assert refused == {}, refused
                 with self.lock:
@@ -143,7 +144,7 @@ def stored_files(server):
     """{address: [(name, path)]} for every file in every new/."""
     result = {}
     for address in LOCAL_BOXES:
-        new = server.root / address.split("@")[1] / address.split("@")[0] / "new"
+        new = server.mailbox_path(address) / "new"
         names = sorted(os.listdir(new)) if new.is_dir() else []
         result[address] = [(name, new / name) for name in names]
     return result
@@ -233,5 +234,5 @@ def test_sigkill_under_load_loses_nothing_accepted(make_server):
             f"{files} files in new/ in all"
         )
     # The server still works after the crashes.
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=10) as client:
-        assert client.sendmail("load@client.test", ["carol@example.net"], b"Subject: after\r\n\r\nok\r\n") == {}
+    assert send_mail(server.port, "load@client.test", ["carol@example.net"],
+                     b"Subject: after\r\n\r\nok\r\n", timeout=10) == {}

@@ -8,11 +8,7 @@ import time
 
 import pytest
 from support.harness import wait_for
-
-
-def send(server, recipients, body=b"Subject: t\r\n\r\nbody\r\n", sender="a@c.test"):
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
-        return client.sendmail(sender, recipients, body)
+from support.mail import connect, send_mail
 
 
 def token_count(server, address, token):
@@ -21,7 +17,7 @@ def token_count(server, address, token):
 
 def test_one_copy_per_mailbox_however_it_is_named(mail_server):
     body = b"Subject: dedupe\r\n\r\ntoken-dedupe-1\r\n"
-    send(mail_server, ["alice@example.org", "ALICE@example.org", "alice+x@example.org",
+    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "ALICE@example.org", "alice+x@example.org",
                        "sales@example.org", "team@example.org", "postmaster@example.net"], body)
     for address in ("alice@example.org", "bob@example.org", "carol@example.net"):
         assert token_count(mail_server, address, "token-dedupe-1") == 1, address
@@ -29,15 +25,14 @@ def test_one_copy_per_mailbox_however_it_is_named(mail_server):
 
 def copy_of(server, address, token):
     """The bytes of the one file in *address*'s new/ holding *token*."""
-    local, domain = address.split("@")
-    new = server.root / domain / local / "new"
+    new = server.mailbox_path(address) / "new"
     [data] = [data for data in (p.read_bytes() for p in new.iterdir()) if token in data]
     return data
 
 
 def test_each_copy_names_its_mailbox_in_delivered_to(mail_server):
     # team@ -> sales@ (alice, bob) and carol; postmaster@example.net -> alice (already there).
-    send(mail_server, ["team@example.org", "postmaster@example.net"],
+    send_mail(mail_server.port, "a@c.test", ["team@example.org", "postmaster@example.net"],
          b"Subject: dt\r\nDelivered-To: someone@elsewhere.test\r\n\r\ntoken-dt\r\n")
     copies = {address: copy_of(mail_server, address, b"token-dt")
               for address in ("alice@example.org", "bob@example.org", "carol@example.net")}
@@ -54,20 +49,20 @@ def test_each_copy_names_its_mailbox_in_delivered_to(mail_server):
 
 
 def test_delivered_to_is_the_final_mailbox_for_one_recipient(mail_server):
-    send(mail_server, ["Alice+tag@Example.org"], b"Subject: one\r\n\r\ntoken-dt-one\r\n")
+    send_mail(mail_server.port, "a@c.test", ["Alice+tag@Example.org"], b"Subject: one\r\n\r\ntoken-dt-one\r\n")
     data = copy_of(mail_server, "alice@example.org", b"token-dt-one")
     assert data.split(b"\n")[1] == b"Delivered-To: alice@example.org"
 
 
 def test_same_message_id_in_every_copy(mail_server):
-    send(mail_server, ["alice@example.org", "carol@example.net"], b"Subject: mid\r\n\r\ntoken-mid\r\n")
+    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "carol@example.net"], b"Subject: mid\r\n\r\ntoken-mid\r\n")
     ids = {m["Message-ID"] for a in ("alice@example.org", "carol@example.net")
            for m in mail_server.messages(a) if "token-mid" in m.as_string()}
     assert len(ids) == 1 and None not in ids
 
 
 def test_received_for_clause_only_with_one_recipient(mail_server):
-    send(mail_server, ["alice@example.org", "bob@example.org"], b"Subject: two\r\n\r\ntoken-two\r\n")
+    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: two\r\n\r\ntoken-two\r\n")
     [msg] = [m for m in mail_server.messages("bob@example.org") if "token-two" in m.as_string()]
     assert " for <" not in msg["Received"]
 
@@ -78,11 +73,11 @@ def test_mail_loop_is_refused_past_50_hops(mail_server, hops, code):
                         % (n, n + 1) for n in range(hops))
     body = received + b"Subject: hops %d\r\n\r\ntoken-hops-%d\r\n" % (hops, hops)
     if code == 250:
-        send(mail_server, ["carol@example.net"], body)
+        send_mail(mail_server.port, "a@c.test", ["carol@example.net"], body)
         assert token_count(mail_server, "carol@example.net", f"token-hops-{hops}") == 1
     else:
         with pytest.raises(smtplib.SMTPDataError) as e:
-            send(mail_server, ["carol@example.net"], body)
+            send_mail(mail_server.port, "a@c.test", ["carol@example.net"], body)
         assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.4.6")
         assert token_count(mail_server, "carol@example.net", f"token-hops-{hops}") == 0
 
@@ -93,7 +88,7 @@ def test_unwritable_maildir_gives_451_and_leaves_no_copy_anywhere(make_server):
     (server.root / "example.org").mkdir(parents=True, exist_ok=True)
     (server.root / "example.org" / "bob").write_text("not a directory")
     with pytest.raises(smtplib.SMTPDataError) as e:
-        send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
     assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
     assert token_count(server, "alice@example.org", "token-fail") == 0
     alice = server.root / "example.org" / "alice"
@@ -101,7 +96,7 @@ def test_unwritable_maildir_gives_451_and_leaves_no_copy_anywhere(make_server):
     assert os.listdir(server.queue / "incoming") == []
     # Once the administrator fixes it, the retry succeeds.
     (server.root / "example.org" / "bob").unlink()
-    send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
     assert token_count(server, "bob@example.org", "token-fail") == 1
 
 
@@ -121,10 +116,10 @@ def small_filesystem(tmp_path):
 
 def test_full_disk_gives_452_and_leaves_no_partial_file(make_server, small_filesystem):
     server = make_server(overrides={"mailboxes": {"root": str(small_filesystem / "mail")}}).start()
-    send(server, ["alice@example.org"], b"Subject: fits\r\n\r\nsmall\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org"], b"Subject: fits\r\n\r\nsmall\r\n")
     big = b"Subject: too big for the disk\r\n\r\n" + (b"z" * 76 + b"\r\n") * 20000  # ~1.5 MB
     with pytest.raises(smtplib.SMTPDataError) as e:
-        send(server, ["alice@example.org", "bob@example.org"], big)
+        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], big)
     assert e.value.smtp_code == 452 and e.value.smtp_error.startswith(b"4.3.1")
     for user in ("alice", "bob"):
         box = small_filesystem / "mail" / "example.org" / user
@@ -135,14 +130,14 @@ def test_full_disk_gives_452_and_leaves_no_partial_file(make_server, small_files
     server.root = small_filesystem / "mail"
     assert [m["Subject"] for m in server.messages("alice@example.org")] == ["fits"]
     # The server keeps working once there is room again.
-    send(server, ["bob@example.org"], b"Subject: after\r\n\r\nsmall again\r\n")
+    send_mail(server.port, "a@c.test", ["bob@example.org"], b"Subject: after\r\n\r\nsmall again\r\n")
     assert [m["Subject"] for m in server.messages("bob@example.org")] == ["after"]
 
 
 def test_full_spool_during_data_gives_452_and_keeps_the_session(make_server, small_filesystem):
     server = make_server(overrides={"queue": {"path": str(small_filesystem / "queue")}}).start()
     big = b"Subject: spool full\r\n\r\n" + (b"q" * 76 + b"\r\n") * 20000  # ~1.5 MB > 1 MB tmpfs
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
+    with connect(server.port) as client:
         with pytest.raises(smtplib.SMTPDataError) as e:
             client.sendmail("a@c.test", ["alice@example.org"], big)
         assert e.value.smtp_code == 452 and e.value.smtp_error.startswith(b"4.3.1")
@@ -166,7 +161,7 @@ def test_a_symlink_below_the_root_gives_451_is_logged_and_nothing_is_written(
 ):
     server = make_server().start()
     root = server.root
-    send(server, ["carol@example.net", "bob@example.org"], b"Subject: before\r\n\r\nfirst\r\n")
+    send_mail(server.port, "a@c.test", ["carol@example.net", "bob@example.org"], b"Subject: before\r\n\r\nfirst\r\n")
     (root / "elsewhere").mkdir()
     if link == "example.org":
         shutil.rmtree(root / "example.org")
@@ -175,7 +170,7 @@ def test_a_symlink_below_the_root_gives_451_is_logged_and_nothing_is_written(
     (root / link).symlink_to(os.path.relpath(root / target, (root / link).parent))
     before = tree(root / target)
     with pytest.raises(smtplib.SMTPDataError) as e:
-        send(server, ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-link\r\n")
+        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-link\r\n")
     assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
     # Nothing through the link, nothing for alice either (all or nothing), nothing queued.
     assert tree(root / target) == before
@@ -195,7 +190,7 @@ def test_a_symlinked_mailbox_root_is_followed(make_server, tmp_path):
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "mail").symlink_to(real)
     server = make_server(overrides={"mailboxes": {"root": str(tmp_path / "var" / "mail")}}).start()
-    send(server, ["alice@example.org", "bob@example.org"], b"Subject: rooted\r\n\r\nok\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: rooted\r\n\r\nok\r\n")
     for user in ("alice", "bob"):
         assert len(os.listdir(real / "example.org" / user / "new")) == 1
 
@@ -224,5 +219,5 @@ def test_a_started_server_removes_tmp_files_left_by_a_crash(make_server, tmp_pat
     assert f"tmp cleanup: removed {old}, unchanged for 36.0 hours (left by a crash)" in (
         server.log_text()
     )
-    send(server, ["alice@example.org"], b"Subject: still works\r\n\r\nok\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org"], b"Subject: still works\r\n\r\nok\r\n")
     assert [m["Subject"] for m in server.messages("alice@example.org")] == ["still works"]

@@ -12,6 +12,7 @@ import pytest
 import mailsrv
 from mailsrv import durable
 from mailsrv.durable import DeliveryError, doing
+from support.procfs import fd_path
 
 
 def _eio() -> OSError:
@@ -27,7 +28,7 @@ def test_replace_puts_the_new_content_in_place_and_fsyncs_file_then_directory(
     real_fsync, real_rename, real_fsync_dir = os.fsync, os.rename, durable.fsync_dir
 
     def fsync(fd: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
+        path = fd_path(fd)
         if not os.path.isdir(path):
             events.append("fsync " + os.path.basename(path))
         real_fsync(fd)

@@ -19,8 +19,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
-import smtplib
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from support.harness import REPO, MailServer, render_config, wait_for
+from support.harness import REPO, MailServer, stop_process, wait_for
+from support.mail import connect
 
 TIMEOUT = 120
 
@@ -146,7 +145,7 @@ def test_twistd_runs_mailsrv_from_an_editable_install(editable):
     (work / "server").mkdir()
     server = MailServer(work / "server", dns_port=53)
     server.config["smtp"]["reverse_dns"] = False  # nothing is looked up: no DNS is asked
-    server.config_path.write_text(render_config(server.config))
+    server.write_config()
     process = subprocess.Popen(
         twistd(python, "-n", "--pidfile=", "--logfile", str(server.log_path),
                "mailsrv", "--config", str(server.config_path)),
@@ -161,13 +160,8 @@ def test_twistd_runs_mailsrv_from_an_editable_install(editable):
             return re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", server.log_text())
 
         port = int(wait_for(listening, 30, "mailsrv to listen").group(1))
-        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=15) as c:
+        with connect(port) as c:
             assert c.ehlo()[0] == 250
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
     assert "Server Shut Down." in server.log_text()

@@ -6,18 +6,11 @@ deliveries run at once on the test's thread into a Maildir under tmp_path.
 
 from __future__ import annotations
 
-import mailbox
 import threading
 
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
+from twisted.internet import task
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
-
-try:
-    from twisted.internet.testing import StringTransport
-except ImportError:  # Twisted 22.4 (Debian bookworm)
-    from twisted.test.proto_helpers import StringTransport
 
 from mailsrv import queue
 from mailsrv.checks import ACCEPT, AddHeaders, FileInto, Pipeline, Reject, Stage, TempFail
@@ -30,11 +23,12 @@ from mailsrv.relayer import Relayer
 from mailsrv.replies import Reply
 from mailsrv.router import Directory
 from mailsrv.runtime import Runtime
-from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
 
-CLIENT = "192.0.2.7"
+from support.inprocess import CLIENT, Connection, SyncWorkers
+from support.queue_runtime import maildir_of
+
 MESSAGE = ("Subject: x", "From: <sender@client.test>", "", "body", ".")
 
 
@@ -57,18 +51,6 @@ class ThreadReactor(task.Clock):
         threading.Thread(target=f, args=args).start()
 
 
-class SyncWorkers:
-    """A runner calling the job at once on the test's thread."""
-
-    name, size = "sync", 1
-
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
-
-    def stop(self, timeout=30.0):
-        pass
-
-
 def make_runtime(tmp_path, checks=None, **tables) -> Runtime:
     config = parse_config({
         "hostname": "mx.example.org",
@@ -86,24 +68,11 @@ def make_runtime(tmp_path, checks=None, **tables) -> Runtime:
                    workers=SyncWorkers(), checks=checks)
 
 
-class Session:
-    def __init__(self, runtime: Runtime, ip: str = CLIENT) -> None:
-        factory = SMTPServerFactory(runtime, ConnectionCounter(100, 100))
-        address = IPv4Address("TCP", ip, 40000)
-        self.protocol = factory.buildProtocol(address)
-        self.protocol.callLater = runtime.reactor.callLater
-        self.transport = StringTransport(peerAddress=address)
-        self.protocol.makeConnection(self.transport)
-        self.output()
-
-    def output(self) -> list[str]:
-        lines = self.transport.value().decode().split("\r\n")[:-1]
-        self.transport.clear()
-        return lines
-
-    def send(self, *commands: str) -> list[str]:
-        self.protocol.dataReceived(b"".join(c.encode() + b"\r\n" for c in commands))
-        return self.output()
+def open_session(runtime: Runtime, ip: str = CLIENT) -> Connection:
+    """A connection with the banner read."""
+    connection = Connection.to(runtime, ip)
+    connection.output()
+    return connection
 
 
 @implementer(ICheck)
@@ -124,10 +93,6 @@ def with_checks(tmp_path, *extra, **tables) -> Runtime:
     builtin = builtin_pipeline(runtime.config)
     runtime.checks = Pipeline(list(builtin.checks) + list(extra), builtin.modifiers)
     return runtime
-
-
-def inbox(tmp_path, user="alice", folder=""):
-    return mailbox.Maildir(tmp_path / "mail" / "example.org" / user / folder, create=False)
 
 
 def count(tmp_path, user="alice", folder="") -> int:
@@ -178,7 +143,7 @@ def test_build_makes_every_collaborator_with_a_runner_per_role(tmp_path):
 def test_every_stage_runs_once_in_order_with_what_it_knows(tmp_path):
     log: list = []
     runtime = with_checks(tmp_path, *(Recording(stage, log=log) for stage in reversed(Stage)))
-    session = Session(runtime)
+    session = open_session(runtime)
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "DATA", *MESSAGE)
     assert replies[-1].startswith("250 2.0.0 Ok: queued as ")
@@ -195,7 +160,7 @@ def test_every_stage_runs_once_in_order_with_what_it_knows(tmp_path):
 
 def test_a_connection_stage_refusal_is_answered_at_mail(tmp_path):
     refused = Reply(554, "5.7.1", "Error: your address is listed")
-    session = Session(with_checks(tmp_path, Recording(Stage.CONNECT, Reject(refused))))
+    session = open_session(with_checks(tmp_path, Recording(Stage.CONNECT, Reject(refused))))
     assert session.send("EHLO client.test")[-1].startswith("250 ")
     assert session.send("MAIL FROM:<s@client.test>") == [
         "554 5.7.1 Error: your address is listed"]
@@ -204,7 +169,7 @@ def test_a_connection_stage_refusal_is_answered_at_mail(tmp_path):
 
 def test_a_recipient_tempfail_is_the_rcpt_reply(tmp_path):
     later = Reply(450, "4.2.0", "Error: greylisted, try again later")
-    session = Session(with_checks(tmp_path, Recording(Stage.RCPT, TempFail(later))))
+    session = open_session(with_checks(tmp_path, Recording(Stage.RCPT, TempFail(later))))
     assert session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                         "RCPT TO:<alice@example.org>")[-1] == (
         "450 4.2.0 Error: greylisted, try again later")
@@ -215,7 +180,7 @@ def test_a_recipient_tempfail_is_the_rcpt_reply(tmp_path):
 
 def test_a_message_stage_refusal_stores_nothing(tmp_path):
     refused = Reply(554, "5.7.1", "Error: message content rejected")
-    session = Session(with_checks(tmp_path, Recording(Stage.MESSAGE, Reject(refused))))
+    session = open_session(with_checks(tmp_path, Recording(Stage.MESSAGE, Reject(refused))))
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "DATA", *MESSAGE)
     assert replies[-1] == "554 5.7.1 Error: message content rejected"
@@ -223,7 +188,7 @@ def test_a_message_stage_refusal_stores_nothing(tmp_path):
 
 
 def test_added_headers_from_every_stage_follow_our_received(tmp_path):
-    session = Session(with_checks(
+    session = open_session(with_checks(
         tmp_path,
         Recording(Stage.HELO, AddHeaders((b"X-Helo-Check: pass\n",))),
         Recording(Stage.RCPT, AddHeaders((b"X-Rcpt-Check: pass\n",))),
@@ -232,7 +197,7 @@ def test_added_headers_from_every_stage_follow_our_received(tmp_path):
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "DATA", *MESSAGE)
     assert replies[-1].startswith("250 ")
-    (message,) = inbox(tmp_path)
+    (message,) = maildir_of(tmp_path)
     raw = message.as_bytes()
     after_received = raw[raw.index(b"Received:"):].split(b"\n")
     fields = [line.split(b":")[0] for line in after_received if line[:1] not in (b" ", b"\t")]
@@ -241,7 +206,7 @@ def test_added_headers_from_every_stage_follow_our_received(tmp_path):
 
 
 def test_a_message_filed_into_a_folder_lands_in_its_maildirplusplus_folder(tmp_path):
-    session = Session(with_checks(tmp_path, Recording(Stage.HEADER, FileInto("Junk"))))
+    session = open_session(with_checks(tmp_path, Recording(Stage.HEADER, FileInto("Junk"))))
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "RCPT TO:<bob@example.org>", "DATA",
                            *MESSAGE)
@@ -259,7 +224,7 @@ def test_a_recipient_filed_into_a_folder_keeps_the_others_in_their_inbox(tmp_pat
         def check(self, facts):
             return FileInto("Lists.python") if facts.recipient.local == "bob" else ACCEPT
 
-    session = Session(with_checks(tmp_path, BobsLists()))
+    session = open_session(with_checks(tmp_path, BobsLists()))
     replies = session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                            "RCPT TO:<alice@example.org>", "RCPT TO:<bob@example.org>", "DATA",
                            *MESSAGE)
@@ -270,10 +235,10 @@ def test_a_recipient_filed_into_a_folder_keeps_the_others_in_their_inbox(tmp_pat
 
 
 def test_the_relay_rule_is_a_check_with_the_same_reply(tmp_path):
-    session = Session(make_runtime(tmp_path))
+    session = open_session(make_runtime(tmp_path))
     assert session.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                         "RCPT TO:<x@elsewhere.test>")[-1] == "554 5.7.1 Relay access denied"
-    trusted = Session(make_runtime(tmp_path), ip="10.1.2.3")
+    trusted = open_session(make_runtime(tmp_path), ip="10.1.2.3")
     assert trusted.send("EHLO client.test", "MAIL FROM:<s@client.test>",
                         "RCPT TO:<x@elsewhere.test>")[-1] == "250 2.1.5 Ok"
 

@@ -8,6 +8,7 @@ import re
 import select
 
 from support.harness import wait_for
+from support.procfs import memory_kib
 
 MiB = 1 << 20
 BIG_WIRE_SIZE = 100 * MiB  # octets on the wire, roughly (whole lines)
@@ -18,17 +19,6 @@ HEADER = (
     b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
 )
 _TRACE_FIELD = re.compile(rb"(Return-Path|Delivered-To|Received|Message-ID):", re.IGNORECASE)
-
-
-def proc_status(pid):
-    """{'VmRSS': kB, 'VmHWM': kB} of a process."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
 
 
 class BigMessage:
@@ -78,7 +68,7 @@ def pieces(chunks, size=MiB):
 
 
 def only_file(server, address):
-    new = server.root / address.split("@")[1] / address.split("@")[0] / "new"
+    new = server.mailbox_path(address) / "new"
     names = os.listdir(new)
     assert len(names) == 1, names
     return names[0], new / names[0]
@@ -105,7 +95,7 @@ def test_100_mb_message_streams_to_disk_with_flat_memory(make_server):
     start_transaction(client, "bob@example.org")
     client.send(b"Subject: warm-up\r\n\r\nhello\r\n.\r\n")
     assert client.reply()[0] == 250
-    before = proc_status(pid)
+    before = memory_kib(pid)
 
     message = BigMessage(BIG_WIRE_SIZE, SEED)
     assert client.command("MAIL FROM:<big@client.test>")[0] == 250
@@ -115,11 +105,11 @@ def test_100_mb_message_streams_to_disk_with_flat_memory(make_server):
     for n, piece in enumerate(pieces(message.chunks())):
         client.send(piece)
         if n % 16 == 0:
-            peak_during = max(peak_during, proc_status(pid)["VmRSS"])
+            peak_during = max(peak_during, memory_kib(pid)["VmRSS"])
     client.send(b".\r\n")
     code, text = client.reply()
     assert code == 250, text
-    after = proc_status(pid)
+    after = memory_kib(pid)
     assert client.command("QUIT")[0] == 221
 
     assert message.wire_size >= BIG_WIRE_SIZE - 78

@@ -10,6 +10,7 @@ import pytest
 
 from support.certs import make_ca
 from support.harness import RawClient, wait_for
+from support.procfs import rss_bytes
 
 
 def send_slowly(client, pieces, interval):
@@ -223,15 +224,6 @@ def test_unfinished_command_line_does_not_stall_other_clients(mail_server):
     assert slow.reply()[0] == 250
 
 
-def vm_rss(pid):
-    """The resident memory of process ``pid``, in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def read_reply(sock):
     """One reply, read byte by byte so that nothing after it is consumed."""
     data = b""
@@ -247,7 +239,7 @@ def certificate(tmp_path_factory):
     work = tmp_path_factory.mktemp("certs")
     ca = make_ca(work)
     cert, key = ca.issue(["mx.example.org"], work)
-    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    context = ca.client_context()
     return cert, key, context
 
 
@@ -262,7 +254,7 @@ def test_client_that_reads_no_replies_is_not_buffered_without_limit(make_server,
         "tls": {"cert": str(cert), "key": str(key)},
     }).start()
     server.connect().command("QUIT")  # warm up: one whole session
-    before = vm_rss(server.process.pid)
+    before = rss_bytes(server.process.pid)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
@@ -286,10 +278,10 @@ def test_client_that_reads_no_replies_is_not_buffered_without_limit(make_server,
             sock.sendall(chunk)
             sent += len(chunk)
             if sent % (20 * len(chunk)) == 0:
-                growth = vm_rss(server.process.pid) - before
+                growth = rss_bytes(server.process.pid) - before
     except (socket.timeout, ssl.SSLError):
         pass
-    growth = vm_rss(server.process.pid) - before
+    growth = rss_bytes(server.process.pid) - before
     assert growth < limit, (sent, growth)
     assert sent < total, "the server kept reading"
     assert "too many errors" not in server.log_text()

@@ -15,6 +15,7 @@ import pytest
 
 from mailsrv import maildir
 from mailsrv.maildir import DeliveryError, deliver, remove_delivered, unique_name
+from support.procfs import open_fd_count
 
 PREFIX = b"Return-Path: <a@example.org>\nReceived: from x (unknown [192.0.2.7])\n"
 BODY = b"Subject: hello\n\nHello Bob.\n"
@@ -269,14 +270,14 @@ def test_many_maildirs_keep_few_descriptors_open(
     open_fds: list[int] = []
 
     def link(src: object, dst: object, **kwargs: object) -> None:
-        open_fds.append(len(os.listdir("/proc/self/fd")))
+        open_fds.append(open_fd_count())
         real_link(src, dst, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "link", link)
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_fd_count()
     paths = deliver(tmp_path, users, prefixes, body, hostname="h")
     assert max(open_fds) <= before + 2 * maildir._HELD + 8
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_fd_count() == before
     for user, prefix, path in zip(users, prefixes, paths):
         assert path.parent == tmp_path / user / "new"
         assert path.read_bytes() == prefix + BODY

@@ -14,6 +14,7 @@ import pytest
 from mailsrv import queue, queue_control
 from mailsrv.durable import DeliveryError
 from mailsrv.queue import enqueue, queue_dirs, read_message
+from support.procfs import fd_path
 
 
 def read_envelope(path: Path) -> dict:
@@ -171,7 +172,7 @@ def test_failure_leaves_nothing_committed(
         return OSError(errno.EIO, "Input/output error")
 
     def fsync(fd: int) -> None:
-        if fail_on == "fsync-json" and os.readlink(f"/proc/self/fd/{fd}").endswith(".json.tmp"):
+        if fail_on == "fsync-json" and fd_path(fd).endswith(".json.tmp"):
             raise boom()
         real_fsync(fd)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import smtplib
 import time
 
 import pytest
 
 from support.certs import make_ca
 from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for
+from support.mail import send_mail
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7"]
 
@@ -95,8 +95,7 @@ def server(env, tmp_path):
 def send(server: MailServer, sender: str, recipients: list[str], subject: str = "hello",
          body: str = "Hello there.\r\n.leading dot line\r\n") -> None:
     message = f"From: <{sender or 'nobody@example.org'}>\r\nSubject: {subject}\r\n\r\n{body}"
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=20) as client:
-        client.sendmail(sender, recipients, message.encode())
+    send_mail(server.port, sender, recipients, message.encode(), timeout=20)
 
 
 def queue_files(server: MailServer) -> list[str]:
@@ -355,8 +354,7 @@ def test_delay_warning_once(env, server):
 
 
 def send_bytes(server: MailServer, sender: str, recipients: list[str], data: bytes) -> None:
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=20) as client:
-        client.sendmail(sender, recipients, data, mail_options=["BODY=8BITMIME"])
+    send_mail(server.port, sender, recipients, data, timeout=20, mail_options=["BODY=8BITMIME"])
 
 
 def raw_data(got: dict) -> bytes:

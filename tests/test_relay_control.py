@@ -6,7 +6,6 @@ task.Clock, disk work run at once on the test's thread.
 
 from __future__ import annotations
 
-import mailbox
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from mailsrv import queue, queue_control
 from mailsrv.envelope import new_message
 from mailsrv.relay_control import CONTROL_POLL, ControlChannel
 from mailsrv.relayer import Relayer
-from support.queue_runtime import enqueue, queue_runtime
+from support.queue_runtime import enqueue, maildir_of, queue_runtime
 
 
 def in_thread(f, *args):
@@ -176,7 +175,7 @@ def test_the_relayer_bounces_deletes_and_flushes(relayer, tmp_path) -> None:
         "ok: bounced QNULL (from <>: no DSN sent)\n"]
     assert sorted(relayer.messages) == ["QFLUSH"]
     assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["QFLUSH.body", "QFLUSH.json"]
-    (dsn,) = mailbox.Maildir(tmp_path / "mail" / "example.org" / "alice", create=False)
+    (dsn,) = maildir_of(tmp_path)
     assert "returned to the sender by the administrator" in dsn.as_string()
     assert relayer.sessions == []
     answer = ask(qdir, "flush")

@@ -88,13 +88,11 @@ def test_remote_recipient_from_trusted_client_is_queued_then_relayed(mail_server
     """Queued, then handed to the relayer: remote.test does not exist here, so it bounces."""
     import email
     import email.policy
-    import smtplib
-
     from support.harness import wait_for
+    from support.mail import send_mail
 
-    with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
-        client.sendmail("alice@example.org", ["friend@remote.test", "bob@example.org"],
-                        b"Subject: out\r\n\r\nto the world\r\n")
+    send_mail(mail_server.port, "alice@example.org", ["friend@remote.test", "bob@example.org"],
+              b"Subject: out\r\n\r\nto the world\r\n")
     [local] = [m for m in mail_server.messages("bob@example.org") if m["Subject"] == "out"]
     queue_id = local["Received"].split(" id ")[1].split()[0].rstrip(";")
     log = mail_server.log_text()

@@ -2,25 +2,20 @@
 
 import os
 import re
-import smtplib
 import socket
 import stat
 
 import pytest
 
 from support.harness import wait_for
-
-
-def sent(server, sender, recipients, body, **kw):
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
-        return client.sendmail(sender, recipients, body, **kw)
+from support.mail import connect, send_mail
 
 
 MESSAGE = b"From: Bob <bob@client.test>\r\nTo: alice@example.org\r\nSubject: hello\r\n\r\nHi Alice.\r\n"
 
 
 def test_message_is_delivered_into_the_maildir(mail_server):
-    with smtplib.SMTP("127.0.0.1", mail_server.port, "client.test", timeout=15) as client:
+    with connect(mail_server.port) as client:
         client.ehlo("client.test")
         client.mail("bob@client.test")
         client.rcpt("alice@example.org")
@@ -40,7 +35,7 @@ def test_message_is_delivered_into_the_maildir(mail_server):
 
 
 def test_maildir_modes_and_file_name(mail_server):
-    sent(mail_server, "bob@client.test", ["bob@example.org"], MESSAGE)
+    send_mail(mail_server.port, "bob@client.test", ["bob@example.org"], MESSAGE)
     box = mail_server.root / "example.org" / "bob"
     for sub in ("", "tmp", "new", "cur"):
         assert stat.S_IMODE(os.stat(box / sub).st_mode) == 0o700
@@ -162,7 +157,7 @@ def test_message_without_header_section_gets_a_well_formed_one(mail_server):
 
 def test_existing_message_id_is_kept(mail_server):
     body = b"Message-ID: <keep.me@client.test>\r\nSubject: k\r\n\r\nx\r\n"
-    sent(mail_server, "a@c.test", ["bob@example.org"], body)
+    send_mail(mail_server.port, "a@c.test", ["bob@example.org"], body)
     ids = [m["Message-ID"] for m in mail_server.messages("bob@example.org")]
     assert ids.count("<keep.me@client.test>") == 1
 
@@ -221,8 +216,7 @@ def test_loopback_client_is_not_looked_up_in_the_dns(make_server):
 def test_dns_queries_leave_no_lines_in_the_log(make_server):
     """twisted.names' UDP ports log their start and stop; one MX lookup must log nothing."""
     server = make_server().start()
-    with smtplib.SMTP("127.0.0.1", server.port, "client.test", timeout=15) as client:
-        client.sendmail("", ["someone@nowhere.test"], b"Subject: x\r\n\r\nx\r\n")
+    send_mail(server.port, "", ["someone@nowhere.test"], b"Subject: x\r\n\r\nx\r\n")
     wait_for(lambda: "relay id=" in server.log_text(), 20, "the MX lookup of nowhere.test")
     log = server.log_text()
     for noise in ("UDP Port", "DNSDatagramProtocol", "Starting protocol", "Stopping protocol"):

@@ -10,12 +10,11 @@ import re
 
 import pytest
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
 
 from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.smtp import CLOSE_GRACE
 
-from support.inprocess import CLIENT, StringTransport, make_runtime
+from support.inprocess import CLIENT, Connection, StringTransport, factory_for, make_runtime
 
 
 class TLSStringTransport(StringTransport):
@@ -32,33 +31,11 @@ class TLSStringTransport(StringTransport):
         self.disconnecting = True
 
 
-class Connection:
-    """One connection through the factory: what the server wrote, line by line."""
+class TLSConnection(Connection):
+    """A Connection on a TLSStringTransport, for what STARTTLS and aborts did."""
 
     def __init__(self, factory: SMTPServerFactory, ip: str = CLIENT) -> None:
-        address = IPv4Address("TCP", ip, 40000)
-        self.protocol = factory.buildProtocol(address)
-        self.transport = TLSStringTransport(peerAddress=address)
-        self.protocol.makeConnection(self.transport)
-
-    def output(self) -> list[str]:
-        lines = self.transport.value().decode().split("\r\n")[:-1]
-        self.transport.clear()
-        return lines
-
-    def send(self, *commands: str) -> list[str]:
-        return self.send_bytes(b"".join(c.encode() + b"\r\n" for c in commands))
-
-    def send_bytes(self, data: bytes) -> list[str]:
-        self.protocol.dataReceived(data)
-        return self.output()
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-    def lose(self) -> None:
-        self.protocol.connectionLost(None)
+        super().__init__(factory, ip, TLSStringTransport)
 
 
 @pytest.fixture
@@ -66,12 +43,8 @@ def clock():
     return task.Clock()
 
 
-def factory_for(runtime, counter=None, **kwargs) -> SMTPServerFactory:
-    return SMTPServerFactory(runtime, counter or ConnectionCounter(100, 100), **kwargs)
-
-
-def connect(runtime, **kwargs) -> Connection:
-    connection = Connection(factory_for(runtime, **kwargs))
+def connect(runtime, **kwargs) -> TLSConnection:
+    connection = TLSConnection(factory_for(runtime, **kwargs))
     assert connection.output() == ["220 mx.example.org ESMTP mailsrv"]
     return connection
 
@@ -123,27 +96,27 @@ def test_too_many_connections_in_total_or_from_one_address_421_4_7_0(tmp_path, c
     runtime = make_runtime(tmp_path, clock)
     counter = ConnectionCounter(max_connections=3, max_per_ip=2, exempt=runtime.may_relay)
     factory = factory_for(runtime, counter)
-    first, second = Connection(factory), Connection(factory)
+    first, second = TLSConnection(factory), TLSConnection(factory)
     assert first.output() == second.output() == ["220 mx.example.org ESMTP mailsrv"]
-    third = Connection(factory)  # one past the per-address limit
+    third = TLSConnection(factory)  # one past the per-address limit
     assert third.output() == [
         "421 4.7.0 Error: too many connections from your address; try again later"]
     assert third.closing
     third.lose()  # (a refused connection was never counted)
     assert counter.connections == 2
-    trusted = Connection(factory, ip="10.0.0.1")  # held to the total only
+    trusted = TLSConnection(factory, ip="10.0.0.1")  # held to the total only
     assert trusted.output() == ["220 mx.example.org ESMTP mailsrv"]
-    other = Connection(factory, ip="192.0.2.99")  # one past the total
+    other = TLSConnection(factory, ip="192.0.2.99")  # one past the total
     assert other.output() == ["421 4.7.0 Error: too many connections; try again later"]
     other.lose()
     first.send("QUIT")
     first.lose()
-    assert Connection(factory).output() == ["220 mx.example.org ESMTP mailsrv"]
+    assert TLSConnection(factory).output() == ["220 mx.example.org ESMTP mailsrv"]
 
 
 def test_a_refused_connection_is_cut_if_it_does_not_go_away(tmp_path, clock):
     factory = factory_for(make_runtime(tmp_path, clock), ConnectionCounter(0, 0))
-    connection = Connection(factory)
+    connection = TLSConnection(factory)
     assert connection.output()[0].startswith("421 4.7.0 ")
     assert connection.send("EHLO client.test") == []  # nothing it says is read
     clock.advance(CLOSE_GRACE)

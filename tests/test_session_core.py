@@ -7,10 +7,8 @@ in test_session_adapter.py.)
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
-import mailbox
 import os
 import re
 
@@ -23,16 +21,10 @@ from mailsrv.sasl import MAX_RESPONSE_LINE
 from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
 
 from support.inprocess import CLIENT, PASSWORD, Core, make_runtime
+from support.queue_runtime import maildir_of
+from support.sasl import b64, plain
 
 QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as [0-9A-Za-z]{14}$")
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
-
-
-def plain(user: str, password: str) -> str:
-    return b64(f"\0{user}\0{password}")
 
 
 @pytest.fixture
@@ -45,13 +37,9 @@ def runtime(tmp_path, clock):
     return make_runtime(tmp_path, clock)
 
 
-def alice_maildir(tmp_path) -> mailbox.Maildir:
-    return mailbox.Maildir(tmp_path / "mail" / "example.org" / "alice", create=False)
-
-
 def delivered(tmp_path) -> int:
     path = tmp_path / "mail" / "example.org" / "alice"
-    return len(alice_maildir(tmp_path)) if path.exists() else 0
+    return len(maildir_of(tmp_path)) if path.exists() else 0
 
 
 def transaction(core: Core, *body: str, sender="a@client.test", rcpt="alice@example.org"):
@@ -69,7 +57,7 @@ def test_accepted_message_is_stored_before_250_queued_as_its_id(tmp_path, runtim
     assert replies[:3] == ["250 2.1.0 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>"]
     assert QUEUED.match(replies[3])
     queue_id = replies[3].rsplit(" ", 1)[1]
-    [message] = alice_maildir(tmp_path)
+    [message] = maildir_of(tmp_path)
     assert message["Subject"] == "hello" and queue_id in message["Received"]
     # The transaction is over: the next one starts afresh (recipients, junk count).
     assert core.send("RCPT TO:<alice@example.org>") == ["503 5.5.1 Error: need MAIL command"]

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
 from twisted.names import client, dns
-
-try:
-    from twisted.internet.testing import StringTransport
-except ImportError:  # Twisted 22.4 (Debian bookworm)
-    from twisted.test.proto_helpers import StringTransport
 
 from mailsrv import queue
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
-from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.smtp import MAX_HELD_INPUT
 
-CLIENT = "192.0.2.7"  # neither loopback nor trusted: its reverse name is looked up
+from support.inprocess import CLIENT, Connection, SyncWorkers
+
 
 
 class ScriptedResolver(client.Resolver):
@@ -63,31 +57,6 @@ def make_runtime(tmp_path, clock, resolver=None, trusted=("10.0.0.0/8",), **smtp
     return Runtime(config=config, directory=directory, reactor=clock, resolver=resolver)
 
 
-class Session:
-    """One connection: what the server wrote, line by line."""
-
-    def __init__(self, runtime: Runtime, ip: str = CLIENT, counter=None) -> None:
-        factory = SMTPServerFactory(runtime, counter or ConnectionCounter(100, 100))
-        address = IPv4Address("TCP", ip, 40000)
-        self.protocol = factory.buildProtocol(address)
-        self.protocol.callLater = runtime.reactor.callLater  # TimeoutMixin on the clock
-        self.transport = StringTransport(peerAddress=address)
-        self.protocol.makeConnection(self.transport)
-
-    def output(self) -> list[str]:
-        lines = self.transport.value().decode().split("\r\n")[:-1]
-        self.transport.clear()
-        return lines
-
-    def send(self, *commands: str) -> list[str]:
-        self.protocol.dataReceived(b"".join(c.encode() + b"\r\n" for c in commands))
-        return self.output()
-
-    @property
-    def closing(self) -> bool:
-        return self.transport.disconnecting
-
-
 @pytest.fixture
 def clock():
     return task.Clock()
@@ -97,7 +66,7 @@ def clock():
 
 
 def test_the_101st_junk_command_counts_as_an_error(tmp_path, clock):
-    session = Session(make_runtime(tmp_path, clock))
+    session = Connection.to(make_runtime(tmp_path, clock))
     session.output()  # the banner
     junk = ["NOOP", "RSET", "VRFY x", "HELP", "EHLO c.test", "HELO c.test"]
     for n in range(99):
@@ -110,19 +79,12 @@ def test_the_101st_junk_command_counts_as_an_error(tmp_path, clock):
     assert session.closing
 
 
-class SyncWorkers:
-    """Runtime.workers running the delivery at once, on the test's thread."""
-
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
-
-
 def test_junk_count_restarts_after_a_delivered_message(tmp_path, clock):
     runtime = make_runtime(tmp_path, clock, junk_command_limit=3)
     prepare_directories(runtime.config)
     queue.queue_dirs(runtime.config.queue.path)
     runtime.workers = SyncWorkers()
-    session = Session(runtime)
+    session = Connection.to(runtime)
     session.output()
     session.send("EHLO c.test", "NOOP", "NOOP")  # three: the limit
     replies = session.send("MAIL FROM:<a@c.test>", "RCPT TO:<alice@example.org>", "DATA",
@@ -140,7 +102,7 @@ def test_no_command_runs_while_the_client_reads_no_replies(tmp_path, clock):
     """The transport pauses its producer when its write buffer is full: from then on the
     session executes nothing, and stops reading once 64 KiB of commands wait, until the
     buffer has drained."""
-    session = Session(make_runtime(tmp_path, clock, junk_command_limit=10**6))
+    session = Connection.to(make_runtime(tmp_path, clock, junk_command_limit=10**6))
     session.output()
     assert session.transport.producer is not None and session.transport.streaming
     session.transport.producer.pauseProducing()  # what a full write buffer does
@@ -155,7 +117,7 @@ def test_no_command_runs_while_the_client_reads_no_replies(tmp_path, clock):
 
 
 def test_closing_unregisters_the_producer_so_the_connection_can_close(tmp_path, clock):
-    session = Session(make_runtime(tmp_path, clock))
+    session = Connection.to(make_runtime(tmp_path, clock))
     session.send("QUIT")
     assert session.transport.producer is None and session.closing
 
@@ -164,7 +126,7 @@ def test_closing_unregisters_the_producer_so_the_connection_can_close(tmp_path, 
 
 
 def test_recipients_past_the_limit_are_no_errors_up_to_the_overshoot_limit(tmp_path, clock):
-    session = Session(make_runtime(tmp_path, clock, max_recipients=1))
+    session = Connection.to(make_runtime(tmp_path, clock, max_recipients=1))
     session.output()
     session.send("EHLO c.test", "MAIL FROM:<a@c.test>")
     assert session.send("RCPT TO:<alice@example.org>") == ["250 2.1.5 Ok"]
@@ -225,7 +187,7 @@ def test_lookup_is_cancelled_once_no_connection_waits(tmp_path, clock):
 def test_banner_waits_for_reverse_dns_but_not_for_ever(tmp_path, clock):
     """A DNS server that never answers: the banner comes after the bounded wait (5 s), the
     client is 'unknown', and what it said before the banner is answered after it."""
-    session = Session(make_runtime(tmp_path, clock, ScriptedResolver(clock)))
+    session = Connection.to(make_runtime(tmp_path, clock, ScriptedResolver(clock)))
     assert session.send("EHLO early.test") == []  # an early talker: held
     clock.advance(4.9)
     assert session.output() == []
@@ -238,7 +200,7 @@ def test_banner_waits_for_reverse_dns_but_not_for_ever(tmp_path, clock):
 
 def test_banner_comes_with_the_reverse_name_once_known(tmp_path, clock):
     resolver = ScriptedResolver(clock)
-    session = Session(make_runtime(tmp_path, clock, resolver))
+    session = Connection.to(make_runtime(tmp_path, clock, resolver))
     assert session.output() == []
     resolver.answer(0, dns.Record_PTR(b"client.test"))
     assert session.output() == []  # the forward lookup confirms it first

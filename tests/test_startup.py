@@ -7,9 +7,7 @@ same ``twistd`` invocation without ``--config`` (the demo), with the checkout fi
 import mailbox
 import os
 import signal
-import smtplib
 import socket
-import ssl
 import subprocess
 import time
 
@@ -17,7 +15,8 @@ import pytest
 
 from mailsrv.config import DEFAULT_CONFIG_PATH, demo_config
 from support.certs import make_ca, self_signed
-from support.harness import START_TIMEOUT, TWISTD, _env, render_config, wait_for
+from support.harness import START_TIMEOUT, TWISTD, _env, render_config, stop_process, wait_for
+from support.mail import connect, connect_tls, send_mail
 
 #: How long a start with a broken configuration may take to give up.
 FAIL_TIMEOUT = 30.0
@@ -35,12 +34,6 @@ MESSAGE = (
 def message(to: str, subject: str, body: str) -> bytes:
     return MESSAGE.replace(b"{to}", to.encode()).replace(
         b"{subject}", subject.encode()).replace(b"{body}", body.encode())
-
-
-def send(port: int, sender: str, recipients: list[str], data: bytes) -> dict:
-    # local_hostname is given so that smtplib does not ask the resolver for our own name.
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=15) as client:
-        return client.sendmail(sender, recipients, data)
 
 
 def free_port() -> int:
@@ -61,21 +54,13 @@ def accepts(port: int) -> bool:
 # --------------------------------------------------------------------------- configuration errors
 
 
-def _set(server, table: str | None, key: str, value) -> None:
-    if table is None:
-        server.config[key] = value
-    else:
-        server.config.setdefault(table, {})[key] = value
-    server.config_path.write_text(render_config(server.config))
-
-
 def unknown_key(server, tmp_path):
-    _set(server, "smtp", "max_recipient", 5)
+    server.set_config("smtp", "max_recipient", 5)
     return server.config_path, "smtp.max_recipient", "unknown key; allowed keys: listen,"
 
 
 def wrong_type(server, tmp_path):
-    _set(server, "smtp", "max_recipients", "ten")
+    server.set_config("smtp", "max_recipients", "ten")
     return server.config_path, "smtp.max_recipients", "expected an integer >= 1, got 'ten'"
 
 
@@ -94,7 +79,7 @@ def toml_syntax_error(server, tmp_path):
 def root_through_a_file(server, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("a regular file\n")
-    _set(server, "mailboxes", "root", str(afile / "mailboxes"))
+    server.set_config("mailboxes", "root", str(afile / "mailboxes"))
     return server.config_path, "mailboxes.root", "a directory mailsrv can write: "
 
 
@@ -164,7 +149,7 @@ def test_configuration_error_stops_the_start(make_server, breaker):
     server = make_server()
     workdir = server.workdir
     port = free_port()
-    _set(server, "smtp", "listen", [f"tcp:{port}:interface=127.0.0.1"])
+    server.set_config("smtp", "listen", [f"tcp:{port}:interface=127.0.0.1"])
     file, key, expectation = breaker(server, workdir)
 
     process = subprocess.Popen(
@@ -200,7 +185,7 @@ def test_broken_start_leaves_the_mailbox_root_path_alone(make_server):
     server = make_server()
     afile = server.workdir / "afile"
     afile.write_text("a regular file\n")
-    _set(server, "mailboxes", "root", str(afile / "mailboxes"))
+    server.set_config("mailboxes", "root", str(afile / "mailboxes"))
     result = subprocess.run(
         server.command(), cwd=server.workdir, env=_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=FAIL_TIMEOUT,
@@ -258,18 +243,12 @@ def demo(tmp_path):
         wait_for(listening, START_TIMEOUT, "the demo to listen")
         yield cwd, home, log
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
 
 
 def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
     cwd, home, log = demo
-    send(DEMO_PORT, "bob@client.test", ["someone@localhost"],
+    send_mail(DEMO_PORT, "bob@client.test", ["someone@localhost"],
          message("someone@localhost", "demo test", "Hello demo."))
 
     new = cwd / "demo-mail" / "mailboxes" / "localhost" / "someone" / "new"
@@ -283,7 +262,7 @@ def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
     assert received.startswith("from client.test (unknown [127.0.0.1]) by localhost")
 
     # The demo trusts no one to relay: it never sends mail to the Internet.
-    refused = send(DEMO_PORT, "bob@client.test", ["someone@localhost", "someone@remote.test"],
+    refused = send_mail(DEMO_PORT, "bob@client.test", ["someone@localhost", "someone@remote.test"],
                    message("someone@remote.test", "relay test", "Hello remote."))
     assert refused["someone@remote.test"][0] == 554
     assert list((cwd / "demo-mail" / "queue" / "messages").iterdir()) == []
@@ -299,7 +278,7 @@ def test_demo_delivers_to_localhost_and_queues_relay_from_loopback(demo):
 
 def test_restart_keeps_delivered_mail(make_server):
     server = make_server().start()
-    send(server.port, "bob@client.test", ["alice@example.org"],
+    send_mail(server.port, "bob@client.test", ["alice@example.org"],
          message("alice@example.org", "before restart", "First."))
     box = server.root / "example.org" / "alice"
     before = {name: (box / "new" / name).read_bytes() for name in os.listdir(box / "new")}
@@ -311,7 +290,7 @@ def test_restart_keeps_delivered_mail(make_server):
 
     after = {name: (box / "new" / name).read_bytes() for name in os.listdir(box / "new")}
     assert after == before
-    send(server.port, "bob@client.test", ["alice@example.org"],
+    send_mail(server.port, "bob@client.test", ["alice@example.org"],
          message("alice@example.org", "after restart", "Second."))
     subjects = sorted(m["Subject"] for m in server.maildir("alice@example.org"))
     assert subjects == ["after restart", "before restart"]
@@ -349,7 +328,7 @@ def test_port_in_use_is_one_line_and_status_2(make_server, held_port, daemonize)
     listener's key, its endpoint and the reason, from the command that was run."""
     server = make_server()
     endpoint = f"tcp:{held_port}:interface=127.0.0.1"
-    _set(server, "smtp", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
+    server.set_config("smtp", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
     command = server.command()
     pidfile = server.workdir / "twistd.pid"
     if daemonize:
@@ -376,7 +355,7 @@ def test_implicit_tls_port_in_use_names_its_key(make_server, held_port):
     cert, key = self_signed(["mx.example.org"], server.workdir)
     endpoint = f"ssl:{held_port}:interface=127.0.0.1"
     server.config["tls"] = {"cert": str(cert), "key": str(key)}
-    _set(server, "submission", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
+    server.set_config("submission", "listen", ["tcp:0:interface=127.0.0.1", endpoint])
     result = subprocess.run(
         server.command(), cwd=server.workdir, env=_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=FAIL_TIMEOUT,
@@ -397,17 +376,14 @@ def test_tls_start_and_handshakes_give_no_legacy_context_factory_warning(make_se
     ca = make_ca(server.workdir)
     cert, key = ca.issue(["mx.example.org"], server.workdir, ips=("127.0.0.1",))
     server.config["tls"] = {"cert": str(cert), "key": str(key)}
-    _set(server, "submission", "listen",
-         ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"])
+    server.set_config("submission", "listen",
+                      ["tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"])
     server.start()
-    context = ssl.create_default_context(cafile=str(ca.cert_path))
-    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test",
-                      timeout=15) as client:
+    context = ca.client_context()
+    with connect(server.port) as client:
         client.starttls(context=context)
         assert client.ehlo()[0] == 250
-    with smtplib.SMTP_SSL("127.0.0.1", server.port_of("submission", tls=True),
-                          local_hostname="client.test", timeout=15,
-                          context=context) as client:
+    with connect_tls(server.port_of("submission", tls=True), context) as client:
         assert client.ehlo()[0] == 250
         assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
     server.stop()

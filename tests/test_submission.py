@@ -9,7 +9,6 @@ The server trusts only 127.0.0.1 for relaying; clients that must look untrusted 
 
 from __future__ import annotations
 
-import base64
 import email
 import email.policy
 import hashlib
@@ -30,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from support.certs import make_ca
+from support.mail import connect, connect_tls
+from support.sasl import b64, plain
 from support.harness import (
     REPO, DNSServer, MailServer, RawClient, SMTPSink, free_port, wait_for,
 )
@@ -98,17 +99,11 @@ def server(env):
 
 
 def client_context(env) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(env["ca"].cert_path))
-    return context
-
-
-def smtp(port: int, source: str = "127.0.0.1") -> smtplib.SMTP:
-    return smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20,
-                        source_address=(source, 0))
+    return env["ca"].client_context()
 
 
 def submit_starttls(env, server, *, user="alice@example.org", password=None) -> smtplib.SMTP:
-    client = smtp(server.port_of("submission"))
+    client = connect(server.port_of("submission"), timeout=20)
     client.starttls(context=client_context(env))
     client.ehlo()
     client.login(user, password or USERS_PASSWORDS[user])
@@ -119,10 +114,6 @@ def raw_client(port: int, source: str = "127.0.0.1", implicit: bool = False,
                  context: ssl.SSLContext | None = None) -> RawClient:
     """A raw client from ``source``; over implicit TLS when ``implicit``."""
     return RawClient(port, timeout=20, source=source, context=context if implicit else None)
-
-
-def b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def received_of(server: MailServer, address: str, marker: str):
@@ -190,7 +181,7 @@ def test_received_header_records_tls_and_auth(env, server):
 
 
 def test_port_25_with_starttls_without_auth_says_esmtps(env, server):
-    client = smtp(server.port_of("smtp"))
+    client = connect(server.port_of("smtp"), timeout=20)
     client.starttls(context=client_context(env))
     client.sendmail("x@client.test", ["bob@example.org"],
                     "Subject: s\r\nDate: Tue, 01 Dec 2026 10:00:00 +0000\r\n\r\nmarker-esmtps\r\n")
@@ -259,7 +250,7 @@ def test_openssl_s_client_versions(env, server, flag, works):
 
 def test_auth_plain_and_login_with_smtplib(env, server):
     for method in ("PLAIN", "LOGIN"):
-        client = smtp(server.port_of("submission"))
+        client = connect(server.port_of("submission"), timeout=20)
         client.starttls(context=client_context(env))
         client.ehlo()
         client.user, client.password = "bob@example.org", USERS_PASSWORDS["bob@example.org"]
@@ -269,9 +260,7 @@ def test_auth_plain_and_login_with_smtplib(env, server):
 
 
 def test_auth_with_implicit_tls_smtp_ssl(env, server):
-    client = smtplib.SMTP_SSL("127.0.0.1", server.port_of("submission", tls=True),
-                              local_hostname="client.test", timeout=20,
-                              context=client_context(env))
+    client = connect_tls(server.port_of("submission", tls=True), client_context(env), timeout=20)
     client.login("alice@example.org", USERS_PASSWORDS["alice@example.org"])
     client.sendmail("alice+news@example.org", ["bob@example.org"],
                     "From: Alice <alice+news@example.org>\r\nSubject: x\r\n\r\nmarker-465\r\n")
@@ -281,9 +270,9 @@ def test_auth_with_implicit_tls_smtp_ssl(env, server):
 
 def test_auth_sequencing_errors(env, server):
     client = raw_client(server.port_of("submission"))
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x"))[0] == 503  # no EHLO
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x"))[0] == 503  # no EHLO
     client.command("EHLO client.test")
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x")) == (
         538, "5.7.11 Error: encryption required for authentication (STARTTLS)")
     assert client.command("MAIL FROM:<alice@example.org>") == (
         530, "5.7.0 Error: authentication required")
@@ -299,9 +288,9 @@ def test_auth_sequencing_errors(env, server):
     # PLAIN without an initial response: an empty challenge, then the response.
     assert client.command("AUTH PLAIN") == (334, "")
     password = USERS_PASSWORDS["alice@example.org"]
-    assert client.command(b64(f"\0alice@example.org\0{password}")) == (
+    assert client.command(plain("alice@example.org", password)) == (
         235, "2.7.0 Authentication successful")
-    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", password)) == (
         503, "5.5.1 Error: already authenticated")
     client.close()
 
@@ -313,7 +302,7 @@ def test_auth_refused_inside_a_transaction(env, server):
     client.starttls(client_context(env))
     client.command("EHLO client.test")
     assert client.command("MAIL FROM:<x@client.test>")[0] == 250
-    assert client.command("AUTH PLAIN " + b64("\0alice@example.org\0x")) == (
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", "x")) == (
         503, "5.5.1 Error: MAIL transaction in progress")
     client.close()
 
@@ -340,7 +329,7 @@ def test_utf8_password(env, server):
     client = raw_client(server.port_of("submission", tls=True), implicit=True,
                           context=client_context(env))
     client.command("EHLO client.test")
-    assert client.command("AUTH PLAIN " + b64("\0dora@example.org\0pässwörd"))[0] == 235
+    assert client.command("AUTH PLAIN " + plain("dora@example.org", "pässwörd"))[0] == 235
     client.close()
 
 
@@ -349,7 +338,8 @@ def test_plain_authzid_for_another_user_is_refused(env, server):
                           context=client_context(env))
     client.command("EHLO client.test")
     password = USERS_PASSWORDS["alice@example.org"]
-    code, _ = client.command("AUTH PLAIN " + b64(f"bob@example.org\0alice@example.org\0{password}"))
+    code, _ = client.command(
+        "AUTH PLAIN " + plain("alice@example.org", password, authzid="bob@example.org"))
     assert code == 501
     client.close()
 
@@ -359,7 +349,7 @@ def test_sasl_line_limit_is_12288_octets(env, server):
                           context=client_context(env))
     client.command("EHLO client.test")
     filler = "x" * 9000
-    ok_line = "AUTH PLAIN " + b64(f"\0alice@example.org\0{filler}")
+    ok_line = "AUTH PLAIN " + plain("alice@example.org", filler)
     ok_line += "=" * 0
     assert len(ok_line) + 2 <= 12288
     assert client.command(ok_line)[0] == 535  # long, but within the limit: checked
@@ -393,7 +383,7 @@ def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, serv
     assert client.reply() == (500, "5.5.2 Error: command line too long")
     assert client.command("NOOP") == (250, "2.0.0 Ok")
     password = USERS_PASSWORDS["alice@example.org"]
-    assert client.command("AUTH PLAIN " + b64(f"\0alice@example.org\0{password}"))[0] == 235
+    assert client.command("AUTH PLAIN " + plain("alice@example.org", password))[0] == 235
     client.close()
 
 
@@ -401,7 +391,7 @@ def test_an_over_long_sasl_response_in_several_reads_ends_the_exchange(env, serv
 
 
 def test_relay_needs_auth_from_an_untrusted_address(env, server):
-    client = smtp(server.port_of("smtp"), source=UNTRUSTED)
+    client = connect(server.port_of("smtp"), timeout=20, source=UNTRUSTED)
     client.starttls(context=client_context(env))
     client.ehlo()
     client.mail("alice@example.org")
@@ -505,7 +495,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
         client = raw_client(s.port_of("submission", tls=True), source=UNTRUSTED,
                               implicit=True, context=client_context(env))
         client.command("EHLO client.test")
-        bad = "AUTH PLAIN " + b64("\0alice@example.org\0wrong")
+        bad = "AUTH PLAIN " + plain("alice@example.org", "wrong")
         delays = []
         for _ in range(3):
             start = time.monotonic()
@@ -513,7 +503,7 @@ def test_lockout_after_failures_and_its_expiry(env, tmp_path):
             delays.append(time.monotonic() - start)
         # The delay grows (0.2, 0.4, 0.8 s); only lower bounds are certain on a busy machine.
         assert delays[0] >= 0.2 and delays[1] >= 0.4 and delays[2] >= 0.8, delays
-        good = "AUTH PLAIN " + b64(f"\0alice@example.org\0{USERS_PASSWORDS['alice@example.org']}")
+        good = "AUTH PLAIN " + plain("alice@example.org", USERS_PASSWORDS["alice@example.org"])
         assert client.command(good) == (
             454, "4.7.0 Error: too many failed authentication attempts; try again later")
         # Another address is not affected.
@@ -546,7 +536,7 @@ def test_parallel_connections_get_no_more_than_max_failures_checks(env, tmp_path
             client.command("EHLO client.test")
         # An unknown user: its check is a full-cost bcrypt (a quarter of a second), so all
         # ten first guesses arrive while the first checks are still running.
-        bad = "AUTH PLAIN " + b64("\0nobody@example.org\0wrong")
+        bad = "AUTH PLAIN " + plain("nobody@example.org", "wrong")
         codes: list[list[int]] = [[] for _ in clients]
         go = threading.Barrier(len(clients), timeout=30)
 
@@ -743,9 +733,7 @@ def test_tls_and_auth_configuration_errors_stop_the_start(env, tmp_path, tables,
             s.config.pop(table, None)
         else:
             s.config.setdefault(table, {}).update(values)
-    from support.harness import render_config
-
-    s.config_path.write_text(render_config(s.config))
+    s.write_config()
     result = subprocess.run(s.command(), cwd=s.workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -808,9 +796,7 @@ def test_user_command_errors(env, tmp_path):
         assert why in result.stderr.decode(), (args, result.stderr)
     assert (s.workdir / "users").read_text() == before  # nothing changed
     s.config.get("mailboxes", {}).pop("users")
-    from support.harness import render_config
-
-    s.config_path.write_text(render_config(s.config))
+    s.write_config()
     result = run_cli("user", "--config", config, "list")
     assert result.returncode == 2
     assert b"mailboxes.users: expected a users file" in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,10 @@ class CA:
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
         return _write(Path(workdir), stem or names[0], cert, key)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client's TLS context trusting this CA alone, as a test's smtplib or raw client."""
+        return ssl.create_default_context(cafile=str(self.cert_path))
 
 
 def make_ca(workdir: Path) -> CA:

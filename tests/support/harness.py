@@ -50,6 +50,17 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> An
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it is still there 15 s later: how a test ends a twistd it ran."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 class DNSServer:
     """tests/support/dns_server.py on 127.0.0.1, serving ``zone``."""
 
@@ -131,11 +142,23 @@ class MailServer:
         for table, values in (overrides or {}).items():
             self.config.setdefault(table, {}).update(values)
         self.config_path = workdir / "mailsrv.toml"
-        self.config_path.write_text(render_config(self.config))
+        self.write_config()
         self.process: subprocess.Popen | None = None
         self.port = 0
         #: (configured endpoint, "smtp" or "submission", port) of every listener, in order.
         self.listeners: list[tuple[str, str, int]] = []
+
+    def write_config(self) -> None:
+        """Write ``self.config`` to the file again, after the test changed it."""
+        self.config_path.write_text(render_config(self.config))
+
+    def set_config(self, table: str | None, key: str, value: Any) -> None:
+        """Set one key of the configuration (top level when ``table`` is None) and write it."""
+        if table is None:
+            self.config[key] = value
+        else:
+            self.config.setdefault(table, {})[key] = value
+        self.write_config()
 
     def command(self) -> list[str]:
         return [
@@ -181,13 +204,8 @@ class MailServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def kill(self) -> None:
@@ -197,12 +215,16 @@ class MailServer:
             self.process.wait(10)
             self.process = None
 
-    def maildir(self, address: str) -> mailbox.Maildir:
+    def mailbox_path(self, address: str) -> Path:
+        """Where ``address``'s Maildir is (root/domain/user), made or not."""
         user, domain = address.split("@")
-        return mailbox.Maildir(self.root / domain / user, create=False)
+        return self.root / domain / user
+
+    def maildir(self, address: str) -> mailbox.Maildir:
+        return mailbox.Maildir(self.mailbox_path(address), create=False)
 
     def messages(self, address: str) -> list[Any]:
-        path = self.root / address.split("@")[1] / address.split("@")[0]
+        path = self.mailbox_path(address)
         if not path.exists():
             return []
         try:

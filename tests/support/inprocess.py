@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
 
 try:
     from twisted.internet.testing import StringTransport
@@ -19,26 +20,23 @@ from mailsrv import queue
 from mailsrv.auth import FailureTracker, PasswordChecker, check_password_field, hash_password
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.framing import Framing
+from mailsrv.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.replies import format_reply
 from mailsrv.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.session import SMTPSession
 
+from support.queue_runtime import SyncWorkers
+
 __all__ = [
-    "CLIENT", "PASSWORD", "Core", "StringTransport", "SyncWorkers", "make_runtime",
+    "CLIENT", "PASSWORD", "Connection", "Core", "StringTransport", "SyncWorkers", "factory_for",
+    "make_runtime",
 ]
 
 #: Neither loopback nor in trusted_networks: may not relay.
 CLIENT = "192.0.2.7"
 PASSWORD = "correct horse"
 _HASH: list[str] = []
-
-
-class SyncWorkers:
-    """Runtime.workers running the delivery at once, on the test's thread."""
-
-    def run(self, f, *args):
-        return defer.maybeDeferred(f, *args)
 
 
 def make_runtime(
@@ -134,3 +132,48 @@ class Core:
     @property
     def closing(self) -> bool:
         return self.core.mode == "CLOSING"
+
+
+def factory_for(
+    runtime: Runtime, counter: ConnectionCounter | None = None, **kwargs,
+) -> SMTPServerFactory:
+    """The listener's factory over ``runtime``, with room for 100 connections unless told."""
+    return SMTPServerFactory(runtime, counter or ConnectionCounter(100, 100), **kwargs)
+
+
+class Connection:
+    """One connection through the factory on a StringTransport (timers on the runtime's clock):
+    what the server wrote, line by line."""
+
+    def __init__(
+        self, factory: SMTPServerFactory, ip: str = CLIENT,
+        transport: type[StringTransport] = StringTransport,
+    ) -> None:
+        address = IPv4Address("TCP", ip, 40000)
+        self.protocol = factory.buildProtocol(address)
+        self.transport = transport(peerAddress=address)
+        self.protocol.makeConnection(self.transport)
+
+    @classmethod
+    def to(cls, runtime: Runtime, ip: str = CLIENT) -> Connection:
+        """A connection to a port 25 listener over ``runtime``."""
+        return cls(factory_for(runtime), ip)
+
+    def output(self) -> list[str]:
+        lines = self.transport.value().decode().split("\r\n")[:-1]
+        self.transport.clear()
+        return lines
+
+    def send(self, *commands: str) -> list[str]:
+        return self.send_bytes(b"".join(c.encode() + b"\r\n" for c in commands))
+
+    def send_bytes(self, data: bytes) -> list[str]:
+        self.protocol.dataReceived(data)
+        return self.output()
+
+    @property
+    def closing(self) -> bool:
+        return self.transport.disconnecting
+
+    def lose(self) -> None:
+        self.protocol.connectionLost(None)

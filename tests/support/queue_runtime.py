@@ -5,6 +5,7 @@ threads" run each job at once on the test's thread, over a temporary mail root a
 
 from __future__ import annotations
 
+import mailbox
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,11 @@ from mailsrv.router import Directory
 
 
 class SyncWorkers:
-    """Runtime.workers running each job at once; ``hold()`` keeps the next jobs waiting until
-    ``release()``, to see what waits for a write still under way."""
+    """Runtime.workers (an IThreadRunner) running each job at once on the test's thread;
+    ``hold()`` keeps the next jobs waiting until ``release()``, to see what waits for a write
+    still under way."""
+
+    name, size = "sync", 1
 
     def __init__(self) -> None:
         self.held: list[tuple[defer.Deferred, Any, tuple]] | None = None
@@ -46,6 +50,9 @@ class SyncWorkers:
             defer.maybeDeferred(f, *args).chainDeferred(d)
         self.held = None
 
+    def stop(self, timeout: float = 30.0) -> None:
+        pass
+
 
 def queue_runtime(tmp_path: Path, users=("alice@example.org",), **queue_keys) -> Runtime:
     """A Runtime for mx.example.org (local domain example.org, ``users`` its mailboxes, the
@@ -63,6 +70,11 @@ def queue_runtime(tmp_path: Path, users=("alice@example.org",), **queue_keys) ->
     directory = Directory(["example.org"], frozenset(users), {"postmaster": (users[0],)})
     return Runtime(config=config, directory=directory, reactor=task.Clock(),
                    workers=SyncWorkers())
+
+
+def maildir_of(tmp_path: Path, user: str = "alice", folder: str = "") -> mailbox.Maildir:
+    """The Maildir (or ``folder`` in it) of user@example.org under a test runtime's mail root."""
+    return mailbox.Maildir(tmp_path / "mail" / "example.org" / user / folder, create=False)
 
 
 def enqueue(runtime: Runtime, queue_id: str, sender: str | None, recipients: list[str],
