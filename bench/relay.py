@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from mailsrv import queue  # noqa: E402
+from mailsrv.storage import queue  # noqa: E402
 from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for  # noqa: E402
 
 BODY = b"Subject: bench\n\n" + (b"x" * 76 + b"\n") * 66  # about 5 KB

@@ -345,7 +345,7 @@ def fill_mailsrv_queue(qdir: Path, count: int, due_in: float = 0.0, durable: boo
     ``durable``: through ``queue.enqueue`` (fsync'd, as after SMTP); otherwise written plainly
     and synced once at the end (for 100,000 messages, where only the load matters).
     """
-    from mailsrv import envelope, queue
+    from mailsrv.storage import envelope, queue
 
     queue.queue_dirs(qdir)
     now = time.time()

@@ -136,17 +136,17 @@ class ISpareSpoolFiles(Interface):
 
 
 class ICheck(Interface):
-    """One rule of the checks pipeline (mailsrv.checks): pure, fast, never blocking.
+    """One rule of the checks pipeline (mailsrv.checks.pipeline): pure, fast, never blocking.
 
     Checks of the connection, HELO, MAIL and RCPT stages run on the reactor thread; those of
     the header and message stages in a delivery thread.
     """
 
     name = Attribute("A short name for the log lines ('relay_access').")
-    stage = Attribute("The mailsrv.checks.Stage it runs at.")
+    stage = Attribute("The mailsrv.checks.pipeline.Stage it runs at.")
 
     def check(facts):
-        """The mailsrv.checks.Verdict on these mailsrv.checks.Facts."""
+        """The mailsrv.checks.pipeline.Verdict on these mailsrv.checks.pipeline.Facts."""
 
 
 class IModifier(Interface):
@@ -156,7 +156,7 @@ class IModifier(Interface):
     name = Attribute("A short name for the log lines.")
 
     def modify(draft):
-        """The mailsrv.checks.Draft to store instead of ``draft``."""
+        """The mailsrv.checks.pipeline.Draft to store instead of ``draft``."""
 
 
 class IPipeline(Interface):

@@ -123,7 +123,7 @@ NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 
-# Addresses and their parameters (mailsrv.address: the parser knows why a path is wrong)
+# Addresses and their parameters (mailsrv.routing.address: the parser knows why a path is wrong)
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
 BAD_PARAMETER_SYNTAX = Reply(501, "5.5.4", "Bad parameter syntax")
@@ -137,7 +137,7 @@ RECIPIENT_TOO_LONG = Reply(
     553, "5.1.3", "Bad recipient address syntax: {part} longer than {limit} octets"
 )
 
-# Recipients (mailsrv.policy)
+# Recipients (mailsrv.checks.policy)
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 MAILBOX_NOT_ALLOWED = Reply(553, "5.1.3", "Mailbox name not allowed")
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
@@ -190,7 +190,7 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Error: server shutting down; try again late
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing; try again later")
 DISK_FULL = Reply(452, "4.3.1", "Error: insufficient system storage; try again later")
 
-# Our own verdicts on outbound messages (mailsrv.smtpclient, mailsrv.outgoing), recorded per
+# Our own verdicts on outbound messages (mailsrv.outbound.smtpclient, mailsrv.outbound.outgoing), recorded per
 # recipient in the same shape as a remote server's reply; session-level trouble defers.
 GREETS_AS_OURSELVES = Reply(554, "5.4.6", "{name} greets with our own name: mail loop")
 CANNOT_PREPARE = Reply(451, "4.3.0", "cannot prepare the message: {error}")
@@ -207,7 +207,7 @@ SESSION_REFUSED = Reply(451, "4.0.0", "{reason}")  # a permanent refusal after t
 RELAY_INTERRUPTED = Reply(451, "4.4.2", "{where}: {problem}")  # broken off after MAIL FROM
 RELAY_UNREACHABLE = Reply(451, "4.4.1", "{problem}")  # no host of the destination answered
 
-# No host to deliver to (mailsrv.mx): 5xx bounces the recipients, 4xx keeps them queued.
+# No host to deliver to (mailsrv.outbound.mx): 5xx bounces the recipients, 4xx keeps them queued.
 BAD_ADDRESS_LITERAL = Reply(550, "5.1.2", "bad address literal {domain}")
 LOOPS_BACK = Reply(550, "5.4.6", "mail for {domain} loops back to myself")
 DOMAIN_NOT_FOUND = Reply(550, "5.1.2", "Domain {domain} not found (NXDOMAIN)")

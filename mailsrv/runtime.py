@@ -18,19 +18,19 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
 
-from mailsrv.auth import FailureTracker, PasswordChecker
-from mailsrv.checks import Pipeline
-from mailsrv.checks_builtin import builtin_pipeline
+from mailsrv.accounts.auth import FailureTracker, PasswordChecker
+from mailsrv.checks.pipeline import Pipeline
+from mailsrv.checks.builtin import builtin_pipeline
 from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
-from mailsrv.router import Directory
-from mailsrv.spoolfiles import SpareSpoolFiles
-from mailsrv.tls import ServerTLS
+from mailsrv.routing.router import Directory
+from mailsrv.storage.spoolfiles import SpareSpoolFiles
+from mailsrv.inbound.tls import ServerTLS
 from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
 
 if TYPE_CHECKING:
-    from mailsrv.session_intake import SessionDelivery
+    from mailsrv.inbound.session_intake import SessionDelivery
 
 __all__ = ["Runtime"]
 
@@ -51,9 +51,9 @@ class Runtime:
     tls: ServerTLS | None = None
     #: Failed AUTH per client address (the delay and the lockout), shared by all listeners.
     auth_failures: FailureTracker | None = None
-    #: The credentials checker for AUTH (mailsrv.auth.PasswordChecker), None without AUTH.
+    #: The credentials checker for AUTH (mailsrv.accounts.auth.PasswordChecker), None without AUTH.
     checker: ICredentialsChecker | None = None
-    #: Spool files created ahead in a thread (mailsrv.spoolfiles), or None: made at DATA.
+    #: Spool files created ahead in a thread (mailsrv.storage.spoolfiles), or None: made at DATA.
     spool_files: ISpareSpoolFiles | None = None
     #: The delivery threads; made on first use when not given.
     workers: IThreadRunner | None = None
@@ -115,7 +115,7 @@ class Runtime:
         return Path(self.config.queue.path) / "incoming"
 
     def new_session(self, client_ip: str, submission: bool = False) -> "SessionDelivery":
-        from mailsrv.session_intake import SessionDelivery  # it imports this module
+        from mailsrv.inbound.session_intake import SessionDelivery  # it imports this module
 
         return SessionDelivery(self, client_ip, submission)
 

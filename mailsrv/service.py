@@ -18,18 +18,18 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailsrv import queue, queue_control
+from mailsrv.storage import queue, queue_control
 from mailsrv.config import (
     Config, ConfigError, endpoint_options, prepare_directories, tcp_endpoint_for_ssl,
 )
 from mailsrv.interfaces import ISpareSpoolFiles
 from mailsrv.runtime import Runtime
-from mailsrv.relayer import Relayer
-from mailsrv.accounts import load_aliases, read_users
-from mailsrv.router import Directory
-from mailsrv.listener import ConnectionCounter, SMTPServerFactory
-from mailsrv.tls import ServerTLS, TLSSetupError
-from mailsrv.tmpclean import TmpCleaner
+from mailsrv.outbound.relayer import Relayer
+from mailsrv.accounts.files import load_aliases, read_users
+from mailsrv.routing.router import Directory
+from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
+from mailsrv.inbound.tls import ServerTLS, TLSSetupError
+from mailsrv.storage.tmpclean import TmpCleaner
 
 log = Logger(namespace="mailsrv")
 

@@ -15,7 +15,7 @@ thread-pool machinery (``Team``/``LockWorker`` coordination, a context copy and 
 (implemented in C), and a worker that finishes a job wakes the reactor only when no wake-up is
 already pending: the reactor thread then fires every finished job's Deferred in one go. Under
 load many deliveries finish per wake-up, which is the reactor-side half of group commit (the
-disk-side half is the shared directory fsync in ``mailsrv.maildir``).
+disk-side half is the shared directory fsync in ``mailsrv.storage.maildir``).
 
 The number of threads bounds how many deliveries wait on the disk at once; fsyncs of
 concurrent deliveries into the same ``new/`` are coalesced, so a handful is enough.

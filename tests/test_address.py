@@ -1,10 +1,10 @@
-"""Tests for mailsrv.address: SMTP path and parameter parsing, domains, safe local parts."""
+"""Tests for mailsrv.routing.address: SMTP path and parameter parsing, domains, safe local parts."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailsrv.address import (
+from mailsrv.routing.address import (
     Mailbox,
     is_dot_atom,
     is_safe_local_part,

@@ -8,17 +8,18 @@ import os
 
 import pytest
 
-from mailsrv import sasl, userfile
-from mailsrv.address import Mailbox
-from mailsrv.auth import (
+from mailsrv.accounts import userfile
+from mailsrv.inbound import sasl
+from mailsrv.routing.address import Mailbox
+from mailsrv.accounts.auth import (
     FailureTracker,
     PasswordError,
     check_password_field,
     hash_password,
     verify_password,
 )
-from mailsrv.policy import owns_address
-from mailsrv.router import Directory
+from mailsrv.checks.policy import owns_address
+from mailsrv.routing.router import Directory
 
 # --------------------------------------------------------------------------- SASL
 

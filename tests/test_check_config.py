@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mailsrv import cli
+from mailsrv.tools import cli
 from support.harness import MailServer, _env
 from support.mail import send_mail
 
@@ -94,7 +94,7 @@ def test_a_user_outside_the_local_domains_is_refused(configured, capsys):
 
 
 def test_password_hashes_readable_by_others_are_refused(configured, capsys):
-    from mailsrv.auth import hash_password
+    from mailsrv.accounts.auth import hash_password
 
     users = configured.workdir / "users"
     users.write_text(f"alice@example.org:{hash_password('pw', cost=4)}\nbob@example.org\n"
@@ -155,7 +155,7 @@ def test_running_server_is_not_disturbed(make_server):
     server = make_server().start()
     before = sorted(os.listdir(server.queue))
     result = subprocess.run(
-        [sys.executable, "-m", "mailsrv.cli", "check-config", "--config", str(server.config_path)],
+        [sys.executable, "-m", "mailsrv.tools.cli", "check-config", "--config", str(server.config_path)],
         capture_output=True, env=_env(), timeout=60,
     )
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,5 @@
 """
-The checks pipeline (mailsrv.checks) and its first checks (mailsrv.checks_builtin), in-process:
+The checks pipeline (mailsrv.checks.pipeline) and its first checks (mailsrv.checks.builtin), in-process:
 verdicts, how a stage's verdicts combine, the order of stages, and the built-in rules' replies.
 """
 
@@ -12,20 +12,20 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailsrv import replies
-from mailsrv.address import parse_mail_from, parse_rcpt_to
-from mailsrv.checks import (
+from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
+from mailsrv.checks.pipeline import (
     ACCEPT, AddHeaders, Client, Draft, Facts, FileInto, Pipeline, Reject, Stage, TempFail,
 )
-from mailsrv.checks_builtin import (
+from mailsrv.checks.builtin import (
     HeaderOwnership, HopLimit, LocalRecipient, MissingFields, RelayAccess, SenderOwnership,
     builtin_pipeline,
 )
 from mailsrv.config import parse_config
-from mailsrv.headsection import HeaderFacts
+from mailsrv.message.headsection import HeaderFacts
 from mailsrv.interfaces import ICheck, IModifier, IPipeline
-from mailsrv.policy import is_local, route
+from mailsrv.checks.policy import is_local, route
 from mailsrv.replies import Reply
-from mailsrv.router import Directory, LocalTarget
+from mailsrv.routing.router import Directory, LocalTarget
 
 REJECTED = Reply(550, "5.7.1", "Error: go away")
 DEFERRED = Reply(451, "4.7.1", "Error: try later")

@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv import cli, queue, queue_control
-from mailsrv.envelope import SENT
+from mailsrv.storage import queue, queue_control
+from mailsrv.tools import cli
+from mailsrv.storage.envelope import SENT
 from support.harness import MailServer
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mailsrv.datascan import DataError, DataScanner
+from mailsrv.inbound.datascan import DataError, DataScanner
 
 
 def scan(chunks, max_size=10_000_000):

@@ -1,4 +1,4 @@
-"""Tests for mailsrv.dsn, dsn_text and dsn_original: RFC 3464 bounces and delay warnings, and the
+"""Tests for mailsrv.outbound.dsn, dsn_text and dsn_original: RFC 3464 bounces and delay warnings, and the
 original's headers.
 
 The output is checked the way a mail client reads it (the standard library's parser, with
@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv.dsn import RecipientReport, build_dsn
-from mailsrv.dsn_original import original_headers
+from mailsrv.outbound.dsn import RecipientReport, build_dsn
+from mailsrv.outbound.dsn_original import original_headers
 
 NOW = 1_795_000_000.0
 ARRIVAL = NOW - 3600

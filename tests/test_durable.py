@@ -1,4 +1,4 @@
-"""Tests for mailsrv.durable: write, fsync, rename, fsync the directory."""
+"""Tests for mailsrv.storage.durable: write, fsync, rename, fsync the directory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import mailsrv
-from mailsrv import durable
-from mailsrv.durable import DeliveryError, doing
+from mailsrv.storage import durable
+from mailsrv.storage.durable import DeliveryError, doing
 from support.procfs import fd_path
 
 
@@ -117,10 +117,10 @@ def test_named_by_doing_a_failed_step_is_a_delivery_error_naming_it(
 
 def test_no_module_imports_another_modules_private_names() -> None:
     """The queue once borrowed maildir's ``_doing`` and ``_write_all``: storage helpers are
-    public, in mailsrv.durable, mailsrv.dirfd and mailsrv.fdio."""
+    public, in mailsrv.storage.durable, mailsrv.storage.dirfd and mailsrv.storage.fdio."""
     package = Path(mailsrv.__file__).parent
     borrowed = []
-    for source in sorted(package.glob("*.py")):
+    for source in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mailsrv"):
                 borrowed += [f"{source.name}: {node.module}.{a.name}" for a in node.names

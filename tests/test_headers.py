@@ -1,4 +1,4 @@
-"""Tests for mailsrv.headers: the trace fields we prepend (the message's own: test_headsection)."""
+"""Tests for mailsrv.message.headers: the trace fields we prepend (the message's own: test_headsection)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from mailsrv import headers
-from mailsrv.headers import needs_separator
+from mailsrv.message import headers
+from mailsrv.message.headers import needs_separator
 
 WHEN = datetime.datetime(2026, 11, 22, 21, 7, 1, tzinfo=datetime.timezone.utc)
 DATE = "Sun, 22 Nov 2026 21:07:01 +0000"

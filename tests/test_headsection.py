@@ -1,4 +1,4 @@
-"""Tests for mailsrv.headsection: reading a message's header section as mail readers do."""
+"""Tests for mailsrv.message.headsection: reading a message's header section as mail readers do."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import io
 
 import pytest
 
-from mailsrv import headsection
-from mailsrv.headers import needs_separator
-from mailsrv.headsection import HEADER_SECTION_LIMIT, HeaderFacts, inspect_head, read_head
+from mailsrv.message import headsection
+from mailsrv.message.headers import needs_separator
+from mailsrv.message.headsection import HEADER_SECTION_LIMIT, HeaderFacts, inspect_head, read_head
 
 ALICE = ("From", "alice@example.test")
 
@@ -321,7 +321,8 @@ def test_field_name_and_is_field(
 
 
 def test_sendmail_and_dsn_read_fields_with_headsection() -> None:
-    from mailsrv import dsn_original, mime7bit, sendmail_message
+    from mailsrv.outbound import dsn_original, mime7bit
+    from mailsrv.tools import sendmail_message
 
     assert sendmail_message.is_field is headsection.is_field
     assert sendmail_message.field_name is headsection.field_name

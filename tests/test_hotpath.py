@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import dirfd, maildir
-from mailsrv.spoolfiles import SpareSpoolFiles
+from mailsrv.storage import dirfd, maildir
+from mailsrv.storage.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
 
 

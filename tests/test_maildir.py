@@ -1,4 +1,4 @@
-"""Tests for mailsrv.maildir: fsync'd, all-or-nothing Maildir delivery (real files)."""
+"""Tests for mailsrv.storage.maildir: fsync'd, all-or-nothing Maildir delivery (real files)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import maildir
-from mailsrv.maildir import DeliveryError, deliver, remove_delivered, unique_name
+from mailsrv.storage import maildir
+from mailsrv.storage.maildir import DeliveryError, deliver, remove_delivered, unique_name
 from support.procfs import open_fd_count
 
 PREFIX = b"Return-Path: <a@example.org>\nReceived: from x (unknown [192.0.2.7])\n"

@@ -1,4 +1,4 @@
-"""The 7-bit downgrade for peers without 8BITMIME (mailsrv.mime7bit), checked with real bytes:
+"""The 7-bit downgrade for peers without 8BITMIME (mailsrv.outbound.mime7bit), checked with real bytes:
 each converted message is read back with the standard library's parser and every part's
 decoded content compared with the original's."""
 
@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from mailsrv.mime7bit import QP_LINE_MAX, ConversionError, quoted_printable_line, to_7bit
+from mailsrv.outbound.mime7bit import QP_LINE_MAX, ConversionError, quoted_printable_line, to_7bit
 
 UTF8_TEXT = "Grüße aus Köln — naïve café, 日本語.\n".encode()
 

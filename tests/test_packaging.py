@@ -69,11 +69,11 @@ def test_every_console_script_names_a_function() -> None:
 
 
 @pytest.mark.parametrize("module", [
-    "mailsrv.cli", "mailsrv.cli_exit", "mailsrv.cli_queue", "mailsrv.cli_user",
-    "mailsrv.dsn", "mailsrv.dsn_original", "mailsrv.dsn_text",
-    "mailsrv.queue", "mailsrv.queue_control",
-    "mailsrv.sendmail", "mailsrv.sendmail_args", "mailsrv.sendmail_message",
-    "mailsrv.sendmail_submit",
+    "mailsrv.tools.cli", "mailsrv.tools.cli_exit", "mailsrv.tools.cli_queue", "mailsrv.tools.cli_user",
+    "mailsrv.outbound.dsn", "mailsrv.outbound.dsn_original", "mailsrv.outbound.dsn_text",
+    "mailsrv.storage.queue", "mailsrv.storage.queue_control",
+    "mailsrv.tools.sendmail", "mailsrv.tools.sendmail_args", "mailsrv.tools.sendmail_message",
+    "mailsrv.tools.sendmail_submit",
 ])
 def test_split_module_imports_first(module: str) -> None:
     """Each part of a split module imports on its own, in a fresh interpreter (no import

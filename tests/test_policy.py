@@ -1,13 +1,13 @@
-"""Tests for mailsrv.policy: relay rules, disguised routing, local recipients."""
+"""Tests for mailsrv.checks.policy: relay rules, disguised routing, local recipients."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailsrv.address import Mailbox, parse_rcpt_to
-from mailsrv.policy import Refusal, recipient_targets
+from mailsrv.routing.address import Mailbox, parse_rcpt_to
+from mailsrv.checks.policy import Refusal, recipient_targets
 from mailsrv.replies import Reply
-from mailsrv.router import Directory, LocalTarget, RemoteTarget
+from mailsrv.routing.router import Directory, LocalTarget, RemoteTarget
 
 RELAY_DENIED = (554, "5.7.1", "Relay access denied")
 NOT_ALLOWED = (553, "5.1.3", "Mailbox name not allowed")

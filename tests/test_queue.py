@@ -1,4 +1,4 @@
-"""Tests for mailsrv.queue: the durable enqueue (real files under tmp_path)."""
+"""Tests for mailsrv.storage.queue: the durable enqueue (real files under tmp_path)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import queue, queue_control
-from mailsrv.durable import DeliveryError
-from mailsrv.queue import enqueue, queue_dirs, read_message
+from mailsrv.storage import queue, queue_control
+from mailsrv.storage.durable import DeliveryError
+from mailsrv.storage.queue import enqueue, queue_dirs, read_message
 from support.procfs import fd_path
 
 
@@ -305,7 +305,7 @@ def test_new_queue_id() -> None:
 
 from dataclasses import replace  # noqa: E402
 
-from mailsrv.envelope import SENT, decode, encode  # noqa: E402
+from mailsrv.storage.envelope import SENT, decode, encode  # noqa: E402
 
 
 def test_double_bounce_mark_round_trips(qdir: Path, body: Path) -> None:

@@ -240,7 +240,7 @@ def test_address_literal_naming_this_host_bounces_at_once(env, server, literal):
 def test_own_address_check_and_literal_destinations():
     import ipaddress
 
-    from mailsrv.mx import DestinationError, is_own_address, resolve_destination
+    from mailsrv.outbound.mx import DestinationError, is_own_address, resolve_destination
 
     for own in ("127.0.0.1", "127.0.0.53", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
         assert is_own_address(ipaddress.ip_address(own)), own
@@ -565,12 +565,12 @@ def test_queue_command_flush_against_running_server(env, server):
         before = len(mx1.messages())
         mx1.set_rules({})
         listing = subprocess.run(
-            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path), "list"],
+            [sys.executable, "-m", "mailsrv.tools.cli", "queue", "--config", str(s.config_path), "list"],
             capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30,
         )
         assert "flush@remote.test" in listing.stdout, listing
         flushed = subprocess.run(
-            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path),
+            [sys.executable, "-m", "mailsrv.tools.cli", "queue", "--config", str(s.config_path),
              "flush"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30,
         )
         assert flushed.returncode == 0 and flushed.stdout.startswith("ok"), flushed
@@ -592,7 +592,7 @@ def test_queue_command_bounce_and_delete_against_running_server(env, server):
 
     def queue_cmd(*args):
         return subprocess.run(
-            [sys.executable, "-m", "mailsrv.cli", "queue", "--config", str(s.config_path), *args],
+            [sys.executable, "-m", "mailsrv.tools.cli", "queue", "--config", str(s.config_path), *args],
             capture_output=True, text=True, env=_env(), cwd=REPO, timeout=30)
 
     try:

@@ -1,6 +1,6 @@
 """
 ``mailsrv queue flush|delete|bounce`` answered in-process: requests written into a temporary
-queue's ``control/`` by mailsrv.queue_control.control_request (as the command does), polling on a
+queue's ``control/`` by mailsrv.storage.queue_control.control_request (as the command does), polling on a
 task.Clock, disk work run at once on the test's thread.
 """
 
@@ -11,10 +11,10 @@ import time
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv import queue, queue_control
-from mailsrv.envelope import new_message
-from mailsrv.relay_control import CONTROL_POLL, ControlChannel
-from mailsrv.relayer import Relayer
+from mailsrv.storage import queue, queue_control
+from mailsrv.storage.envelope import new_message
+from mailsrv.outbound.control import CONTROL_POLL, ControlChannel
+from mailsrv.outbound.relayer import Relayer
 from support.queue_runtime import enqueue, maildir_of, queue_runtime
 
 

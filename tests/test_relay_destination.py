@@ -1,5 +1,5 @@
 """
-mailsrv.relay_destination in-process: the TLS chosen per destination and host, and the
+mailsrv.outbound.destination in-process: the TLS chosen per destination and host, and the
 host-by-host loop of one session, on a MemoryReactor (connections recorded, never made) whose
 outcomes the test decides.  The SMTP exchange itself is tests/test_smtpclient.py's.
 """
@@ -17,12 +17,12 @@ except ImportError:  # Twisted 22.4 (Debian bookworm)
 
 from mailsrv.config import parse_config
 from mailsrv.runtime import Runtime
-from mailsrv.envelope import QueuedRecipient
-from mailsrv.mx import DestinationError, MXHost
-from mailsrv.relay_destination import SMARTHOST, DestinationDelivery
-from mailsrv.router import Directory
+from mailsrv.storage.envelope import QueuedRecipient
+from mailsrv.outbound.mx import DestinationError, MXHost
+from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
+from mailsrv.routing.router import Directory
 from mailsrv.replies import Reply
-from mailsrv.smtpclient import OutboundTransaction
+from mailsrv.outbound.smtpclient import OutboundTransaction
 
 
 def make(tmp_path, **relay) -> DestinationDelivery:

@@ -1,4 +1,4 @@
-"""Tests for mailsrv.relay_outcome: one attempt's replies -> the message's new state (pure)."""
+"""Tests for mailsrv.outbound.outcome: one attempt's replies -> the message's new state (pure)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, new_message
-from mailsrv.mx import DestinationError
-from mailsrv.relay_outcome import (
+from mailsrv.storage.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, new_message
+from mailsrv.outbound.mx import DestinationError
+from mailsrv.outbound.outcome import (
     ADMIN_BOUNCE_REASON, BOUNCED_NOW, DEFERRED, EXPIRED, SENT_NOW, apply_results,
     bounced_by_administrator, delay_status, destination_failed, interrupted, rescheduled,
     unreachable,
 )
-from mailsrv.schedule import RetryPolicy
+from mailsrv.outbound.retry import RetryPolicy
 from mailsrv.replies import Reply
 
 CREATED = 1_000_000.0
@@ -146,7 +146,7 @@ def test_a_message_from_null_gets_no_delay_warning_but_is_marked_warned() -> Non
 
 
 def test_a_message_from_null_still_reports_its_failures() -> None:
-    """They go to the postmaster (mailsrv.bounce.notify decides), as a double bounce."""
+    """They go to the postmaster (mailsrv.outbound.bounce.notify decides), as a double bounce."""
     out = apply_results(message(A, sender=""), {A: NO_USER}, where=WHERE, now=CREATED + 1,
                         policy=POLICY)
     assert [r.status for r in out.reports] == ["5.1.1"] and out.dropped == ()

@@ -1,5 +1,5 @@
 """
-mailsrv.relay_schedule in-process: the timer and the recipients' due times on one task.Clock,
+mailsrv.outbound.scheduler in-process: the timer and the recipients' due times on one task.Clock,
 sessions replaced by Deferreds the test fires.  No reactor, no sockets, no disk.
 """
 
@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv.envelope import SENT, QueuedMessage, new_message
-from mailsrv.relay_schedule import MESSAGES_PER_SESSION, Scheduler
+from mailsrv.storage.envelope import SENT, QueuedMessage, new_message
+from mailsrv.outbound.scheduler import MESSAGES_PER_SESSION, Scheduler
 
 START = 1_000_000.0
 

@@ -1,6 +1,6 @@
 """
 The relayer service in-process: a real queue in a temporary directory, the results of each
-session scripted (mailsrv.relay_destination is replaced), disk work run on the test's thread
+session scripted (mailsrv.outbound.destination is replaced), disk work run on the test's thread
 (or held, to see what waits for a write under way), time on a task.Clock.
 """
 
@@ -13,8 +13,8 @@ import time
 import pytest
 from twisted.internet import defer
 
-from mailsrv import queue
-from mailsrv.relayer import Relayer
+from mailsrv.storage import queue
+from mailsrv.outbound.relayer import Relayer
 from mailsrv.replies import Reply
 from support.queue_runtime import enqueue, queue_runtime
 

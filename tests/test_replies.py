@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv import address, policy, replies
+from mailsrv import replies
+from mailsrv.checks import policy
+from mailsrv.routing import address
 from mailsrv.replies import Refusal, Reply
 
 
@@ -61,7 +63,7 @@ def test_wire_format_of_a_multiline_reply() -> None:
 
 
 def test_a_destination_error_is_a_refusal_whose_code_says_bounce_or_retry() -> None:
-    from mailsrv.mx import DestinationError
+    from mailsrv.outbound.mx import DestinationError
 
     final = DestinationError(replies.NULL_MX.format(domain="x.test"))
     assert isinstance(final, Refusal) and final.permanent and final.status == "5.1.10"
@@ -79,7 +81,7 @@ def test_no_reply_is_written_outside_replies_py() -> None:
     clients and bounce reports are told."""
     package = Path(replies.__file__).parent
     found = []
-    for source in sorted(package.glob("*.py")):
+    for source in sorted(package.rglob("*.py")):
         if source.name in _NOT_YET | {"replies.py"}:
             continue
         for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):

@@ -1,5 +1,5 @@
-"""Tests for mailsrv.router (alias resolution, plus-addressing, start-up checks) and the
-loaders of mailsrv.accounts."""
+"""Tests for mailsrv.routing.router (alias resolution, plus-addressing, start-up checks) and the
+loaders of mailsrv.accounts.files."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv.address import Mailbox
+from mailsrv.routing.address import Mailbox
 from mailsrv.config import ConfigError
-from mailsrv.accounts import load_aliases, load_users, read_users
-from mailsrv.router import (
+from mailsrv.accounts.files import load_aliases, load_users, read_users
+from mailsrv.routing.router import (
     MAX_ALIAS_DEPTH,
     Directory,
     LocalTarget,

@@ -1,4 +1,4 @@
-"""Tests for mailsrv.schedule: backoff, jitter, expiry, delay warnings (pure)."""
+"""Tests for mailsrv.outbound.retry: backoff, jitter, expiry, delay warnings (pure)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mailsrv.schedule import DEFAULT_RETRY_SCHEDULE, RetryPolicy
+from mailsrv.outbound.retry import DEFAULT_RETRY_SCHEDULE, RetryPolicy
 
 
 def test_default_schedule_is_the_documented_one() -> None:

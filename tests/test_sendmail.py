@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from mailsrv import sendmail
+from mailsrv.tools import sendmail
 from mailsrv.config import load_config
-from mailsrv.sendmail_args import UsageError, parse_args, parse_recipients
-from mailsrv.sendmail_message import (
+from mailsrv.tools.sendmail_args import UsageError, parse_args, parse_recipients
+from mailsrv.tools.sendmail_message import (
     add_missing_headers,
     header_recipients,
     normalise_line_ends,
@@ -21,7 +21,7 @@ from mailsrv.sendmail_message import (
     remove_bcc,
     split_header,
 )
-from mailsrv.sendmail_submit import (
+from mailsrv.tools.sendmail_submit import (
     EX_CONFIG,
     EX_NOUSER,
     EX_OK,
@@ -182,7 +182,7 @@ def server(make_server):
 
 def run_sendmail(config, *args: str, message: bytes) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mailsrv.sendmail", "-C", str(config), *args],
+        [sys.executable, "-m", "mailsrv.tools.sendmail", "-C", str(config), *args],
         input=message, capture_output=True, env=_env(), timeout=60,
     )
 

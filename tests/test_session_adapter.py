@@ -11,8 +11,8 @@ import re
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv.listener import ConnectionCounter, SMTPServerFactory
-from mailsrv.smtp import CLOSE_GRACE
+from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
+from mailsrv.inbound.smtp import CLOSE_GRACE
 
 from support.inprocess import CLIENT, Connection, StringTransport, factory_for, make_runtime
 

@@ -9,12 +9,12 @@ import pytest
 from twisted.internet import defer, task
 from twisted.names import client, dns
 
-from mailsrv import queue
+from mailsrv.storage import queue
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.router import Directory
+from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
-from mailsrv.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
-from mailsrv.smtp import MAX_HELD_INPUT
+from mailsrv.inbound.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
+from mailsrv.inbound.smtp import MAX_HELD_INPUT
 
 from support.inprocess import CLIENT, Connection, SyncWorkers
 

@@ -14,9 +14,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailsrv import outgoing
+from mailsrv.outbound import outgoing
 from mailsrv.replies import Reply
-from mailsrv.smtpclient import OutboundTransaction, RelayClient, SessionOutcome, _MessageData
+from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClient, SessionOutcome, _MessageData
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ from support.harness import (
 )
 
 sys.path.insert(0, str(REPO))
-from mailsrv.auth import hash_password  # noqa: E402  (the checkout's code, like the server)
+from mailsrv.accounts.auth import hash_password  # noqa: E402  (the checkout's code, like the server)
 
 USERS_PASSWORDS = {"alice@example.org": "alice pw 1", "bob@example.org": "bob:pw 2",
                    "dora@example.org": "pässwörd"}
@@ -571,7 +571,7 @@ def test_parallel_connections_get_no_more_than_max_failures_checks(env, tmp_path
 
 def run_cli(*args, stdin: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "mailsrv.cli", *args], input=stdin.encode(),
+    return subprocess.run([sys.executable, "-m", "mailsrv.tools.cli", *args], input=stdin.encode(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=60)
 
 
@@ -835,7 +835,7 @@ def test_user_add_prompts_twice_on_the_terminal(env, tmp_path):
         pid, fd = pty.fork()
         if pid == 0:  # the child: the CLI on the new terminal
             os.environ["PYTHONPATH"] = str(REPO)
-            os.execv(sys.executable, [sys.executable, "-m", "mailsrv.cli", "user", "--config",
+            os.execv(sys.executable, [sys.executable, "-m", "mailsrv.tools.cli", "user", "--config",
                                       str(s.config_path), "add", address])
         output = b""
         deadline = time.monotonic() + 60

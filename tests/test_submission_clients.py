@@ -133,7 +133,7 @@ def test_swaks_auth_without_tls_is_refused(server, swaks_env):  # noqa: F811
 def test_doveadm_verifies_the_hash_mailsrv_user_add_wrote(env, tmp_path):  # noqa: F811
     s = make_server(env, tmp_path / "s")  # only its configuration and files are needed
     result = subprocess.run(
-        [sys.executable, "-m", "mailsrv.cli", "user", "--config", str(s.config_path), "add",
+        [sys.executable, "-m", "mailsrv.tools.cli", "user", "--config", str(s.config_path), "add",
          "erin@example.org", "--password-stdin"],
         input="erin's pässword\n".encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,

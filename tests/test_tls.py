@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 
-from mailsrv.tls import ServerTLS, TLSSetupError, build_server_context
+from mailsrv.inbound.tls import ServerTLS, TLSSetupError, build_server_context
 from support.certs import self_signed
 
 

@@ -1,4 +1,4 @@
-"""Tests for mailsrv.tmpclean: tmp/ files left by a crash are removed after 36 hours."""
+"""Tests for mailsrv.storage.tmpclean: tmp/ files left by a crash are removed after 36 hours."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from twisted.internet import defer, task
 from twisted.logger import formatEvent, globalLogPublisher
 
-from mailsrv import tmpclean
-from mailsrv.tmpclean import INTERVAL, MAX_AGE, TmpCleaner, clean_tmp
+from mailsrv.storage import tmpclean
+from mailsrv.storage.tmpclean import INTERVAL, MAX_AGE, TmpCleaner, clean_tmp
 
 NOW = 1_800_000_000.0
 

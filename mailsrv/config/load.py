@@ -26,7 +26,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from mailsrv.address import normalise_domain
+from mailsrv.routing.address import normalise_domain
 from mailsrv.config import keys
 from mailsrv.config.schema import (
     AuthConfig,

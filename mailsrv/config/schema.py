@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsrv.schedule import DEFAULT_RETRY_SCHEDULE
+from mailsrv.outbound.retry import DEFAULT_RETRY_SCHEDULE
 
 __all__ = [
     "DEMO_SOURCE",

@@ -16,15 +16,15 @@ try:
 except ImportError:  # Twisted 22.4 (Debian bookworm)
     from twisted.test.proto_helpers import StringTransport
 
-from mailsrv import queue
-from mailsrv.auth import FailureTracker, PasswordChecker, check_password_field, hash_password
+from mailsrv.storage import queue
+from mailsrv.accounts.auth import FailureTracker, PasswordChecker, check_password_field, hash_password
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.framing import Framing
-from mailsrv.listener import ConnectionCounter, SMTPServerFactory
+from mailsrv.inbound.framing import Framing
+from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.replies import format_reply
-from mailsrv.router import Directory
+from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
-from mailsrv.session import SMTPSession
+from mailsrv.inbound.session import SMTPSession
 
 from support.queue_runtime import SyncWorkers
 

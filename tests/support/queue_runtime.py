@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from mailsrv import queue
+from mailsrv.storage import queue
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.runtime import Runtime
-from mailsrv.router import Directory
+from mailsrv.routing.router import Directory
 
 
 class SyncWorkers:

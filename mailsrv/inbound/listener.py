@@ -1,0 +1,123 @@
+"""
+The SMTP listeners' factory and the connection limits (in total and per client address)
+that all listeners share.
+
+The factory asks ``ConnectionCounter.admit`` for every new connection; a refused one gets a
+protocol that answers the refusal (``421 4.7.0``) and closes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet import protocol
+
+from mailsrv import replies
+from mailsrv.replies import Reply, format_reply
+from mailsrv.inbound.session import log
+from mailsrv.inbound.smtp import CLOSE_GRACE, SMTPServerProtocol
+
+if TYPE_CHECKING:
+    from mailsrv.runtime import Runtime
+
+
+def plain_ip(host: str) -> str:
+    """The client address as people write it (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class ConnectionCounter:
+    """The connection limits (in total and per client address), shared by all listeners.
+
+    Addresses for which ``exempt`` is true (our own networks: a burst of local ``sendmail``
+    runs) are held to the total only, as Postfix exempts $mynetworks from its per-client limit.
+    """
+
+    def __init__(
+        self, max_connections: int, max_per_ip: int,
+        exempt: Callable[[str], bool] = lambda ip: False,
+    ) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.exempt = exempt
+        self.connections = 0
+        self.connections_by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> Reply | None:
+        """Count one more connection from ``ip``; the refusal to give instead, if over a limit."""
+        if self.connections >= self.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self.connections_by_ip.get(ip, 0) >= self.max_per_ip and not self.exempt(ip):
+            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+        self.connections += 1
+        self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.connections -= 1
+        remaining = self.connections_by_ip.get(ip, 1) - 1
+        if remaining:
+            self.connections_by_ip[ip] = remaining
+        else:
+            self.connections_by_ip.pop(ip, None)
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """Builds the sessions of one kind of listener (port 25 or submission, plain or TLS)."""
+
+    def __init__(
+        self, runtime: "Runtime", counter: ConnectionCounter,
+        submission: bool = False, implicit_tls: bool = False,
+    ) -> None:
+        self.runtime = runtime
+        self.counter = counter
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        ip = plain_ip(getattr(addr, "host", ""))
+        refusal = self.counter.admit(ip)
+        p: protocol.Protocol
+        if refusal is not None:
+            p = Refused(self.runtime.reactor, ip, refusal)
+        else:
+            p = SMTPServerProtocol(self.runtime, ip, self.submission, self.implicit_tls)
+        p.factory = self
+        return p
+
+    def connection_closed(self, ip: str) -> None:
+        """An admitted connection (a SMTPServerProtocol) has closed."""
+        self.counter.release(ip)
+
+
+class Refused(protocol.Protocol):
+    """A connection over a limit: the refusal, then the close (nothing it says is read)."""
+
+    def __init__(self, reactor: Any, client_ip: str, refusal: Reply) -> None:
+        self.reactor = reactor
+        self.client_ip = client_ip
+        self.refusal = refusal
+        self._force_close: Any = None
+
+    def connectionMade(self) -> None:
+        log.info(
+            "refused connection client={client} reason={reason}", client=self.client_ip,
+            reason=f"{self.refusal.code} {self.refusal.status}",
+        )
+        self.transport.write(format_reply(self.refusal) + b"\r\n")
+        self.transport.loseConnection()
+        # As SMTPServerProtocol: a TLS client that never finishes its handshake would keep
+        # its socket for ever; after a grace period it is cut.
+        self._force_close = self.reactor.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        if self._force_close is not None and self._force_close.active():
+            self._force_close.cancel()
+        self._force_close = None

@@ -1,0 +1,262 @@
+"""
+The intake of one message: its envelope, its spool file, and its storage.
+
+A ``Transaction`` (``IMessageIntake``) is started by the connection's
+:class:`~mailsrv.inbound.session_intake.SessionDelivery` at MAIL and given each accepted recipient.  It
+spools the body while it arrives and, at the end of DATA, in a delivery thread, runs the
+header and message checks (mailsrv.checks.pipeline) and the modifiers, then stores it: local copies
+into Maildirs (or the folder a check filed them into), remote recipients into the queue, all
+or nothing, before the protocol may answer ``250``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv import replies
+from mailsrv.message import headers, headsection
+from mailsrv.storage import maildir, queue
+from mailsrv.routing.address import Mailbox
+from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
+from mailsrv.interfaces import IMessageIntake
+from mailsrv.replies import Refusal
+from mailsrv.routing.router import LocalTarget, Target
+from mailsrv.storage.store import Stored, store
+
+if TYPE_CHECKING:
+    from mailsrv.inbound.session_intake import SessionDelivery
+
+__all__ = ["Transaction", "bracketed"]
+
+log = Logger(namespace="mailsrv")
+
+
+def bracketed(mailbox: Mailbox | None) -> str:
+    """A sender as the log lines write it: ``<address>``, or ``<>`` for the null sender."""
+    return f"<{mailbox}>" if mailbox is not None else "<>"
+
+
+@implementer(IMessageIntake)
+class Transaction:
+    """
+    One message: its envelope, its spool file, and its delivery.
+
+    The body is streamed to ``<queue>/incoming/<id>`` while it arrives and read back once at
+    the end of DATA for all recipients (one write, hard links for further Maildirs).
+    """
+
+    def __init__(
+        self, session: SessionDelivery, sender: Mailbox | None, outcome: Outcome = ACCEPTED
+    ) -> None:
+        self.session = session
+        self.runtime = session.runtime
+        self.sender = sender
+        self.queue_id = queue.new_queue_id()
+        #: The recipients as the client named them (for Received: and the logs).
+        self.recipients: list[Mailbox] = []
+        #: Where copies go, each once, in the order first named.
+        self.targets: dict[Target, Mailbox] = {}
+        #: The checks' outcome so far: the fields they add, the folder they filed into.
+        self.outcome = outcome
+        #: Local targets a check filed into a Maildir++ folder.
+        self.folders: dict[Target, str] = {}
+        self.spool_path: Path | None = None
+        self._spool: Any = None
+        self._write_error: OSError | None = None
+        self.size = 0
+
+    def add_recipient(
+        self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
+    ) -> None:
+        """An accepted recipient and what its RCPT checks decided: the fields they add go
+        to the message, the folder to its local targets (the first folder filed into stands)."""
+        self.recipients.append(recipient)
+        self.outcome = self.outcome.then(replace(outcome, folder=None))
+        folder = self.outcome.folder or outcome.folder
+        for target in targets:
+            self.targets.setdefault(target, recipient)
+            if folder is not None and isinstance(target, LocalTarget):
+                self.folders.setdefault(target, folder)
+
+    # spooling
+
+    def open_spool(self) -> None:
+        """Create the spool file; raise the reply to give when the disk refuses."""
+        # A file made ahead by a worker thread: no file creation on the reactor thread.
+        ready = self.runtime.spool_files.take() if self.runtime.spool_files else None
+        if ready is not None:
+            path, fd = ready
+        else:
+            path = self.runtime.incoming_dir / self.queue_id
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as e:
+                log.error("cannot create spool file {path}: {error}", path=path, error=e)
+                raise Refusal(_storage_reply(e))
+        self.spool_path = path
+        self._spool = os.fdopen(fd, "wb", buffering=256 * 1024)
+
+    def write(self, data: bytes) -> None:
+        """Append received, unstuffed, LF-terminated data to the spool."""
+        if self._write_error is not None or self._spool is None:
+            return
+        try:
+            self._spool.write(data)
+            self.size += len(data)
+        except OSError as e:
+            # Keep reading the DATA to its end; the reply comes after the final dot.
+            self._write_error = e
+            log.error("cannot write spool file {path}: {error}", path=self.spool_path, error=e)
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            try:
+                spool.close()
+            except OSError as e:
+                self._write_error = self._write_error or e
+
+    def _remove_spool(self) -> None:
+        self._close_spool()
+        if self.spool_path is not None:
+            try:
+                os.unlink(self.spool_path)
+            except FileNotFoundError:
+                pass
+            self.spool_path = None
+
+    def connectionLost(self) -> None:
+        """The client went away (or reset) before the end of the message."""
+        self._remove_spool()
+
+    def refuse(self, reason: str, size: int) -> None:
+        """The protocol refused the message while receiving it: log it, keep nothing."""
+        log.info(
+            "refused message id={id} client={client} from={sender} size={size} "
+            "nrcpt={nrcpt} reason=\"{reason}\"",
+            id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
+            size=size, nrcpt=len(self.recipients), reason=reason,
+        )
+        self._remove_spool()
+
+    # delivery
+
+    def eomReceived(self) -> defer.Deferred:
+        """The message is complete; deliver it, firing with the queue id."""
+        self._close_spool()
+        if self._write_error is not None:
+            reply = _storage_reply(self._write_error)
+            self._remove_spool()
+            return defer.fail(Refusal(reply))
+        trace = self.session.receivedHeader(
+            None, self.sender, self.recipients, queue_id=self.queue_id
+        )
+        d = self.runtime.in_thread(self._deliver_blocking, trace, self.session.facts())
+        d.addCallbacks(self._delivered, self._failed)
+        return d
+
+    def _deliver_blocking(self, received: bytes, client: Client) -> Stored:
+        """In a delivery thread: the header and message checks, the modifiers, then every
+        copy durable, or none visible. Returns what went where."""
+        assert self.spool_path is not None
+        config = self.runtime.config
+        checks = self.session.checks
+        try:
+            with open(self.spool_path, "rb") as spool:
+                head = headsection.read_head(spool)
+            facts = Facts(
+                Stage.HEADER, client, self.runtime.directory, sender=self.sender,
+                recipients=tuple(self.recipients), head=headsection.inspect_head(head),
+            )
+            outcome = self.outcome.then(checks.run_stages(
+                facts, facts.at(Stage.MESSAGE, body_path=self.spool_path, size=self.size)))
+            if outcome.refusal is not None:
+                raise Refusal(outcome.refusal.reply)
+            if outcome.folder is not None:
+                for target in self.targets:
+                    if isinstance(target, LocalTarget):
+                        self.folders.setdefault(target, outcome.folder)
+            assert facts.head is not None
+            draft = checks.modify(Draft(
+                queue_id=self.queue_id, hostname=config.hostname,
+                sender=str(self.sender) if self.sender else None,
+                prefix=received + b"".join(outcome.headers), head=facts.head,
+                authenticated_as=client.authenticated_as,
+            ))
+            trace = draft.prefix
+            if headers.needs_separator(head):
+                trace += b"\n"
+            try:
+                return store(
+                    config, self.queue_id, sender=draft.sender, targets=list(self.targets),
+                    trace=trace, body_path=self.spool_path, received_from=client.name,
+                    folders=self.folders,
+                )
+            except maildir.DeliveryError as e:
+                log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
+                raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+        finally:
+            if self.runtime.spool_files is not None:
+                self.runtime.spool_files.release(self.spool_path)  # reused, not removed
+            else:
+                try:
+                    os.unlink(self.spool_path)
+                except FileNotFoundError:
+                    pass  # moved into the queue
+            self.spool_path = None
+
+    def _delivered(self, stored: Stored) -> str:
+        session = self.session
+        extra = ""
+        if session.tls:
+            extra += f' tls="{session.tls}"'
+        if session.authenticated_as:
+            extra += f" user={session.authenticated_as}"
+        log.info(
+            "accepted id={id} client={client} helo={helo} from={sender} size={size} "
+            "nrcpt={nrcpt}{extra}",
+            id=self.queue_id, client=session.client, helo=session.helo,
+            sender=bracketed(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
+        )
+        for target, where in stored.places:
+            if isinstance(target, LocalTarget):
+                log.info(
+                    "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
+                    "status=sent",
+                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], path=where,
+                )
+            else:
+                log.info(
+                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued",
+                    id=self.queue_id, rcpt=target.address, orig=self.targets[target],
+                )
+        if stored.queued is not None and self.runtime.relayer is not None:
+            self.runtime.relayer.add(stored.queued)
+        return self.queue_id
+
+    def _failed(self, failure: Any) -> Any:
+        if failure.check(Refusal):
+            reply = failure.value.reply
+            log.info(
+                "refused message id={id} client={client} from={sender} size={size} "
+                'nrcpt={nrcpt} reason="{code} {status} {text}"',
+                id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
+                size=self.size, nrcpt=len(self.targets), code=reply.code, status=reply.status,
+                text=reply.text,
+            )
+        return failure
+
+
+def _storage_reply(error: OSError) -> replies.Reply:
+    """452 4.3.1 when the disk is full, 451 4.3.0 for any other storage failure."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return replies.DISK_FULL
+    return replies.LOCAL_ERROR

@@ -1,0 +1,202 @@
+"""
+The intake of one connection: who the client is, and whether its MAIL and RCPT are accepted.
+
+``SessionDelivery`` (``ISessionIntake``) is one connection's: it knows the client (address,
+verified reverse name, whether it may relay) and runs the checks of the connection, HELO, MAIL
+and RCPT stages (mailsrv.checks.pipeline) to decide MAIL and RCPT.  MAIL starts a
+:class:`~mailsrv.inbound.message_intake.Transaction`, which takes the message itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.checks import policy
+from mailsrv.message import headers
+from mailsrv.routing.address import Mailbox
+from mailsrv.checks.pipeline import Client, Facts, Stage
+from mailsrv.dnsutil import skips_reverse_lookup
+from mailsrv.interfaces import IPipeline, ISessionIntake
+from mailsrv.inbound.message_intake import Transaction, bracketed
+from mailsrv.checks.policy import owns_address
+from mailsrv.replies import Refusal
+from mailsrv.runtime import Runtime
+
+__all__ = ["SessionDelivery"]
+
+log = Logger(namespace="mailsrv")
+
+
+def _fire(d: defer.Deferred) -> None:
+    if not d.called:
+        d.callback(None)
+
+
+@implementer(ISessionIntake)
+class SessionDelivery:
+    """Decides MAIL and RCPT for one connection and remembers the client's facts."""
+
+    def __init__(self, runtime: Runtime, client_ip: str, submission: bool = False) -> None:
+        self.runtime = runtime
+        self.client_ip = client_ip
+        #: On a submission listener: AUTH is required before MAIL.
+        self.submission = submission
+        self.trusted_network = runtime.may_relay(client_ip)
+        #: The users-file address of the authenticated user, once AUTH succeeded.
+        self.authenticated_as: str | None = None
+        #: "TLSv1.3 TLS_AES_256_GCM_SHA384" once the session runs over TLS.
+        self.tls: str | None = None
+        self.helo = ""
+        self.esmtp = False
+        #: The forward-confirmed reverse DNS name of the client, once known.
+        self.reverse_name: str | None = None
+        self._lookup: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
+        #: The transaction MAIL started, which RCPT adds to.
+        self.transaction: Transaction | None = None
+        config = runtime.config
+        if (
+            config.smtp.reverse_dns and runtime.reverse_names is not None
+            and not skips_reverse_lookup(client_ip, config.relay.trusted_networks)
+        ):
+            self._lookup = runtime.reverse_names.lookup(client_ip)
+            self._lookup.addCallbacks(self._got_reverse_name, lambda failure: None)
+
+    def _got_reverse_name(self, name: str | None) -> None:
+        self.reverse_name = name
+        self._lookup = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            _fire(d)
+
+    def reverse_name_known(self, timeout: float) -> defer.Deferred:
+        """Fires once the reverse lookup has ended, or after ``timeout`` seconds at most.
+
+        The greeting waits for it (as Postfix's does), so that every log line and the
+        Received: field name the client the same way; a slow DNS delays only the banner.
+        """
+        if self._lookup is None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        timer = self.runtime.reactor.callLater(timeout, _fire, d)
+
+        def stop_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(stop_timer)
+
+    def close(self) -> None:
+        """The connection is gone: stop waiting (other connections may still wait)."""
+        if self._lookup is not None:
+            lookup, self._lookup = self._lookup, None
+            lookup.cancel()
+
+    @property
+    def client(self) -> str:
+        return f"{self.reverse_name or 'unknown'}[{self.client_ip}]"
+
+    @property
+    def may_relay(self) -> bool:
+        """A trusted network, or an authenticated user, may send to any domain."""
+        return self.trusted_network or self.authenticated_as is not None
+
+    @property
+    def protocol(self) -> str:
+        """The Received: ``with`` keyword (RFC 3848): ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.tls else "") + ("A" if self.authenticated_as else "")
+
+    def owns(self, address: Mailbox | None) -> bool:
+        """Whether the authenticated user may use ``address`` as a sender."""
+        assert self.authenticated_as is not None
+        return owns_address(self.authenticated_as, address, self.runtime.directory)
+
+    def greeted(self, helo: str, esmtp: bool) -> None:
+        self.helo, self.esmtp = helo, esmtp
+
+    def facts(self) -> Client:
+        """The client as the checks see it now."""
+        return Client(
+            ip=self.client_ip, name=self.client, reverse_name=self.reverse_name,
+            trusted_network=self.trusted_network, submission=self.submission,
+            authenticated_as=self.authenticated_as, tls=self.tls,
+            helo=self.helo or None, esmtp=self.esmtp,
+        )
+
+    @property
+    def checks(self) -> IPipeline:
+        assert self.runtime.checks is not None  # Runtime made the built-in pipeline
+        return self.runtime.checks
+
+    def receivedHeader(
+        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = ""
+    ) -> bytes:
+        """Our own Received: field (Twisted's default one is malformed and injectable)."""
+        return headers.received_header(
+            helo=self.helo,
+            client_ip=self.client_ip,
+            reverse_name=self.reverse_name,
+            hostname=self.runtime.config.hostname,
+            protocol=self.protocol,
+            queue_id=queue_id,
+            recipient=str(recipients[0]) if len(recipients) == 1 else None,
+            when=datetime.datetime.now(datetime.timezone.utc),
+            tls=self.tls,
+        )
+
+    def validateFrom(self, helo: Any, origin: Mailbox | None) -> "Transaction":
+        """MAIL: start a transaction, or raise the reply of the check that refused.
+
+        The connection and HELO checks run here too, before the MAIL checks: their refusal
+        is answered at MAIL (as Postfix's ``smtpd_delay_reject = yes`` does), and they see
+        the client as it is by then (TLS, AUTH).
+        """
+        client = Facts(Stage.CONNECT, self.facts(), self.runtime.directory)
+        outcome = self.checks.run_stages(
+            client, client.at(Stage.HELO), client.at(Stage.MAIL, sender=origin))
+        if outcome.refusal is not None:
+            reply, reason = outcome.refusal.reply, outcome.refusal.reason
+            user = f" user={self.authenticated_as}" if self.authenticated_as else ""
+            log.info(
+                'refused sender client={client}{user} from={sender} reason="{reason}"',
+                client=self.client, user=user, sender=bracketed(origin),
+                reason=reason or f"{reply.code} {reply.status} {reply.text}",
+            )
+            raise Refusal(reply)
+        self.transaction = Transaction(self, origin, outcome)
+        return self.transaction
+
+    def validateTo(self, user: Mailbox) -> Callable[[], "Transaction"]:
+        """RCPT: add the recipient to the current transaction, or raise the reply of the check
+        that refused (mailsrv.checks.builtin: relay access, unknown recipients)."""
+        transaction = self.transaction
+        assert transaction is not None, "RCPT before MAIL is refused by the protocol"
+        directory = self.runtime.directory
+        facts = Facts(
+            Stage.RCPT, self.facts(), directory, sender=transaction.sender, recipient=user,
+            recipient_is_local=policy.is_local(user, directory),
+            targets=policy.route(user, directory, self.may_relay),
+            recipients=tuple(transaction.recipients),
+        )
+        outcome = self.checks.run(facts)
+        if outcome.refusal is not None:
+            reply = outcome.refusal.reply
+            log.info(
+                "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
+                'reason="{code} {status} {text}"',
+                id=transaction.queue_id, client=self.client, sender=bracketed(transaction.sender),
+                rcpt=user, code=reply.code, status=reply.status, text=reply.text,
+            )
+            raise Refusal(reply)
+        assert facts.targets is not None, "a recipient without targets is refused by a check"
+        transaction.add_recipient(user, facts.targets, outcome)
+        return lambda: transaction

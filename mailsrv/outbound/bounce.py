@@ -1,0 +1,191 @@
+"""
+Returning a message to its sender: the DSN is built, routed and stored (blocking I/O).
+
+The bounce enters the system like any message, with the null sender ``<>``: a local sender
+gets it in their Maildir, a remote one through the queue.  A message whose own sender is
+``<>`` is never bounced to its sender: when it fails, the postmaster is told instead (a
+"double bounce", as Postfix does), in a notice marked ``double_bounce`` whose own failure is
+only logged, so bounces never loop.
+The DSN is stored *before* the failed recipients are marked bounced in the original's state,
+so a crash in between can at worst repeat a bounce, never lose one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+
+from mailsrv.message import headers
+from mailsrv.outbound import dsn, dsn_original
+from mailsrv.storage import queue
+from mailsrv.routing.address import parse_rcpt_to
+from mailsrv.config import Config
+from mailsrv.storage.envelope import BOUNCED, QueuedMessage, QueuedRecipient
+from mailsrv.checks.policy import recipient_targets
+from mailsrv.replies import Refusal
+from mailsrv.routing.router import Directory
+from mailsrv.storage.store import Stored, store
+
+__all__ = [
+    "UnroutableBounce", "send_dsn", "send_double_bounce", "notify", "postmaster_address",
+    "given_up_reports", "bounce_pending",
+]
+
+
+class UnroutableBounce(Exception):
+    """The original sender cannot receive a bounce (unknown local user, bad address)."""
+
+
+def _original_head(config: Config, message: QueuedMessage) -> bytes:
+    """The original's header section: our trace lines, then the body's own headers."""
+    try:
+        with open(queue.body_path(Path(config.queue.path), message.id), "rb") as body:
+            head = body.read(headers.HEAD_LIMIT)
+    except OSError:
+        head = b""
+    return dsn_original.original_headers(message.prefix.encode("ascii") + head)
+
+
+def send_dsn(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    now: float | None = None,
+) -> Stored:
+    """Build the DSN about ``reports`` and store it for the original sender; return where.
+
+    Raises ValueError for a message with the null sender (never bounce a bounce),
+    UnroutableBounce when the sender cannot be delivered to, and durable.DeliveryError when
+    the disk refuses.
+    """
+    if not message.sender:
+        raise ValueError(f"queue {message.id}: a message from <> is never bounced")
+    return _store_report(config, directory, message, reports, message.sender, now)
+
+
+def postmaster_address(config: Config, directory: Directory) -> str:
+    """Our postmaster: at the host name's domain (or its parent) if local, else RFC 5321's
+    bare ``postmaster``, which the router gives to the first local domain's postmaster."""
+    host = config.hostname
+    for domain in (host, host.partition(".")[2]):
+        if domain and directory.is_local_domain(domain):
+            return f"postmaster@{domain}"
+    return "postmaster"
+
+
+def send_double_bounce(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    now: float | None = None,
+) -> Stored:
+    """Tell the postmaster that a message from ``<>`` failed; the notice is marked so that
+    its own failure is only logged (raises ValueError for a message that is not from
+    ``<>`` or is itself such a notice; otherwise as :func:`send_dsn`)."""
+    if message.sender or message.double_bounce:
+        raise ValueError(f"queue {message.id}: not a bounce the postmaster is told of")
+    return _store_report(config, directory, message, reports, None, now)
+
+
+def notify(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+) -> tuple[str, Stored]:
+    """Whoever must hear of ``reports`` told: (their address, where the report went).
+
+    The sender gets the DSN; for a message from ``<>`` the postmaster gets a double bounce.
+    """
+    if message.sender:
+        return message.sender, send_dsn(config, directory, message, reports)
+    return postmaster_address(config, directory), send_double_bounce(
+        config, directory, message, reports)
+
+
+def _store_report(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reports: list[dsn.RecipientReport],
+    sender: str | None,
+    now: float | None,
+) -> Stored:
+    """Build and store the report for ``sender``, or (None) the postmaster's double bounce."""
+    now = time.time() if now is None else now
+    to = sender or postmaster_address(config, directory)
+    try:
+        mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
+        targets = recipient_targets(mailbox, directory, may_relay=True)
+    except Refusal as exc:
+        who = "sender" if sender else "postmaster"
+        raise UnroutableBounce(f"the {who} <{to}> cannot receive mail: {exc}")
+    dsn_id = queue.new_queue_id()
+    data = dsn.build_dsn(
+        hostname=config.hostname,
+        dsn_id=dsn_id,
+        queue_id=message.id,
+        original_sender=message.sender,
+        received_from=message.received_from,
+        arrival=message.created,
+        recipients=reports,
+        original_headers=_original_head(config, message),
+        now=now,
+        postmaster=None if sender else to,
+    )
+    trace = headers.local_received_header(
+        hostname=config.hostname, queue_id=dsn_id, recipient=to,
+        when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc),
+    )
+    body = Path(config.queue.path) / "incoming" / dsn_id
+    with open(body, "xb") as handle:
+        handle.write(data)
+    try:
+        return store(
+            config, dsn_id, sender=None, targets=list(targets), trace=trace, body_path=body,
+            received_from="local", double_bounce=not sender,
+        )
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(body)
+
+
+def given_up_reports(message: QueuedMessage, reason: str) -> list[dsn.RecipientReport]:
+    """DSN lines for every recipient still queued, when we give up on them for ``reason``."""
+    return [
+        dsn.RecipientReport(
+            address=r.address, action="failed", status="5.0.0",
+            diagnostic=reason + (f"; last error: {r.last_error}" if r.last_error else ""),
+            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+        )
+        for r in message.pending
+    ]
+
+
+def bounce_pending(
+    config: Config,
+    directory: Directory,
+    message: QueuedMessage,
+    reason: str,
+    now: float | None = None,
+) -> tuple[QueuedMessage, Stored | None]:
+    """Give up on every recipient still queued (``mailsrv queue bounce``, or expiry).
+
+    Returns the message with those recipients marked bounced (the caller saves or removes
+    it) and where the DSN went (None when the sender is ``<>``: nothing is sent).
+    """
+    now = time.time() if now is None else now
+    pending = message.pending
+    stored = None
+    if message.sender and pending:
+        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now)
+    changed: dict[str, QueuedRecipient] = {
+        r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
+    }
+    return message.update(changed), stored

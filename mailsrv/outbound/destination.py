@@ -1,0 +1,179 @@
+"""
+Delivering to one destination: its hosts, the TLS each gets, and trying them in turn.
+
+A destination is a domain (its MX hosts, or its implicit MX) or, with ``relay.smarthost``,
+the smarthost for every domain.  One session carries every due message for it, tried host by
+host, address by address, until a server answers: a transaction that never reached
+``MAIL FROM`` moves on to the next address, one the server had started on is deferred (the
+remote side may have it), and a greeting that names ourselves is a mail loop.
+
+TLS follows ``relay.tls`` / ``relay.tls_policy`` per destination: ``none``, opportunistic
+(any certificate, plain text if STARTTLS is not offered), or ``verify`` (the host's name
+checked against the trusted CAs, TLS required); a smarthost with a login is always
+``verify``, so the password never goes out in the clear or to an impostor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from twisted.internet import defer, ssl
+from twisted.logger import Logger
+
+from mailsrv.outbound import outcome as relay_outcome, outgoing
+from mailsrv.config import read_smarthost_password
+from mailsrv.storage.envelope import QueuedRecipient
+from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
+from mailsrv.outbound.scheduler import Batch
+from mailsrv.replies import Reply
+from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
+
+__all__ = ["SMARTHOST", "DNS_TIMEOUT", "Record", "DestinationDelivery"]
+
+log = Logger(namespace="mailsrv")
+
+#: DNS timeouts per try, for MX and address lookups.
+DNS_TIMEOUT = (2, 5)
+#: The destination key of every recipient when a smarthost is configured.
+SMARTHOST = "[smarthost]"
+
+class Record(Protocol):
+    """Told one message's results, and where they came from (None: no server answered)."""
+
+    def __call__(
+        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None
+    ) -> None: ...
+
+
+def _load_trust_root(path: Path | None) -> Any:
+    """The CA certificates "verify" trusts: the configured bundle, or the platform's."""
+    if path is None:
+        return ssl.platformTrust()
+    text = Path(path).read_text("ascii")
+    marker = "-----BEGIN CERTIFICATE-----"
+    pems = [marker + part for part in text.split(marker)[1:]]
+    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+
+
+class DestinationDelivery:
+    """Routes and delivers the relayer's sessions (one instance per relayer)."""
+
+    def __init__(self, runtime: Any, rng: Any) -> None:
+        """``runtime`` gives the configuration, the reactor, the resolver and the threads."""
+        self.runtime = runtime
+        self.config = runtime.config
+        self.reactor = runtime.reactor
+        self.rng = rng
+        self.qdir = Path(self.config.queue.path)
+        relay = self.config.relay
+        self._password = read_smarthost_password(self.config)
+        self._opportunistic = ssl.CertificateOptions(verify=False)
+        self._trust_root = (
+            _load_trust_root(relay.tls_ca_file)
+            if relay.tls != "none" or relay.tls_policy or relay.smarthost_user
+            else None
+        )
+
+    def key(self, recipient: QueuedRecipient) -> str:
+        """The recipient's destination: its domain, or the smarthost for all."""
+        return SMARTHOST if self.config.relay.smarthost else recipient.domain
+
+    def route(self, key: str) -> defer.Deferred:
+        """The destination's hosts, in the order to try them (mailsrv.outbound.mx), or a
+        DestinationError."""
+        resolver = self.runtime.resolver
+        if key == SMARTHOST:
+            host, _ = self.config.relay.smarthost
+            return resolve_host(resolver, host, timeout=DNS_TIMEOUT).addCallback(lambda h: [h])
+        return resolve_destination(
+            resolver, key, own_names=(self.config.hostname,), timeout=DNS_TIMEOUT, rng=self.rng
+        )
+
+    def tls_for(self, key: str, host: MXHost) -> tuple[Any, bool]:
+        """(context, required) for one host of a destination."""
+        relay = self.config.relay
+        if key == SMARTHOST:
+            mode = "verify" if relay.smarthost_user else relay.tls_mode(relay.smarthost[0])
+        else:
+            mode = relay.tls_mode(key)
+        if mode == "none":
+            return None, False
+        if mode == "verify" and not host.name.startswith("["):
+            return ssl.optionsForClientTLS(host.name, trustRoot=self._trust_root), True
+        if mode == "verify":
+            # An address literal has no name to verify: require TLS at least.
+            return self._opportunistic, True
+        return self._opportunistic, False
+
+    @defer.inlineCallbacks
+    def deliver(
+        self,
+        key: str,
+        batch: Batch,
+        make_transactions: Callable[[Batch], list[OutboundTransaction]],
+        record: Record,
+    ) -> Any:
+        """One session's work for one destination: its hosts in order, address by address,
+        until a server has answered for every message.
+
+        ``make_transactions`` makes the transactions of what is still to be sent (a message
+        deleted or bounced meanwhile drops out); ``record`` is told each message's results
+        as soon as a server (or the lack of one) has decided them.
+        """
+        relay = self.config.relay
+        try:
+            hosts = yield self.route(key)
+        except DestinationError as e:
+            reply = relay_outcome.destination_failed(e, smarthost=key == SMARTHOST)
+            for queue_id, addresses in batch:
+                record(queue_id, {a: reply for a in addresses}, None)
+            return
+        pending = [(queue_id, addresses) for queue_id, addresses in batch]
+        last_problem = "no MX host could be reached"
+        port = relay.smarthost[1] if key == SMARTHOST else relay.port
+        auth = None
+        if key == SMARTHOST and relay.smarthost_user:
+            auth = (relay.smarthost_user, self._password)
+        incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
+        for host in hosts:
+            for address in host.addresses:
+                transactions = make_transactions(pending)
+                if not transactions:
+                    return
+                tls_context, require_tls = self.tls_for(key, host)
+                factory = RelayClientFactory(
+                    transactions, identity=self.config.hostname,
+                    own_names=(self.config.hostname,), tls_context=tls_context,
+                    require_tls=require_tls, auth=auth, timeout=relay.timeout,
+                    prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
+                )
+                self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
+                outcome = yield factory.done
+                where = f"{host.name}[{address}]:{port}"
+                if outcome.loop:
+                    reply = outcome.error
+                    for t in transactions:
+                        record(t.queue_id, {a: reply for a in t.recipients}, where)
+                    return
+                problem = outcome.error and str(outcome.error) or outcome.reason or "session ended"
+                retry_elsewhere = []
+                for t in transactions:
+                    if t.complete:
+                        record(t.queue_id, t.results, where, tls=outcome.tls)
+                    elif t.attempted:
+                        results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
+                        record(t.queue_id, results, where, tls=outcome.tls)
+                    else:
+                        retry_elsewhere.append((t.queue_id, t.recipients))
+                pending = retry_elsewhere
+                if not pending:
+                    return
+                last_problem = f"{where}: {problem}"
+                log.info("relay: {where} failed: {problem}; trying the next address",
+                         where=where, problem=problem)
+        reply = relay_outcome.unreachable(last_problem)
+        for queue_id, addresses in pending:
+            record(queue_id, {a: reply for a in addresses}, None)
+

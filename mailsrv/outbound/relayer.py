@@ -1,0 +1,263 @@
+"""
+The relayer: a Twisted service that delivers the outbound queue and keeps its state on disk.
+
+The queue's truth is on disk (``mailsrv.storage.queue``); the relayer holds the same envelopes in
+memory and writes every change back (a recipient sent, deferred, bounced; a message finished)
+with an atomic replace before the next change of that message, in order, in the thread pool.
+A bounce (RFC 3464 DSN) is stored before the recipient is marked bounced, so a crash in
+between can repeat a bounce but never lose one; for a message from ``<>`` it goes to the
+postmaster instead (once: that notice's own failure is only logged).  When the disk refuses,
+the recipients stay queued and are tried again after the first retry delay.
+
+The service ties four parts together, each in its own module:
+
+- ``relay_schedule.Scheduler``: what is due, grouped by destination, within the session limits;
+- ``relay_destination.DestinationDelivery``: one session's hosts, TLS, and host-by-host tries;
+- ``relay_outcome``: what the replies do to the message (sent, retry, bounce, expiry, delay
+  warning), pure;
+- ``relay_control.ControlChannel``: the requests of ``mailsrv queue`` in ``<queue>/control/``,
+  which it carries out through :meth:`Relayer.flush`, :meth:`Relayer.delete` and
+  :meth:`Relayer.bounce`.
+
+The rest of the server only calls :meth:`Relayer.add` (a message just queued) and runs it as a
+service.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.outbound import bounce, outcome as relay_outcome
+from mailsrv.storage import queue
+from mailsrv.storage.durable import DeliveryError
+from mailsrv.storage.envelope import QueuedMessage
+from mailsrv.interfaces import IRelayer
+from mailsrv.outbound.control import ControlChannel
+from mailsrv.outbound.destination import DestinationDelivery
+from mailsrv.outbound.scheduler import Batch, Scheduler
+from mailsrv.outbound.retry import RetryPolicy
+from mailsrv.replies import Reply
+from mailsrv.outbound.smtpclient import OutboundTransaction
+
+__all__ = ["Relayer"]
+
+log = Logger(namespace="mailsrv")
+
+
+@implementer(IRelayer)
+class Relayer(service.Service):
+    """Delivers queued mail; one instance per server, holding the spool lock's queue."""
+
+    def __init__(self, runtime: Any, rng: random.Random | None = None) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.reactor = runtime.reactor
+        self.qdir = Path(self.config.queue.path)
+        relay = self.config.relay
+        self.policy = RetryPolicy(
+            schedule=self.config.queue.retry_schedule,
+            max_age=self.config.queue.max_age,
+            delay_warning=self.config.queue.delay_warning,
+        )
+        self.rng = rng or random.Random()
+        self.messages: dict[str, QueuedMessage] = {}
+        self.loaded = False
+        self.destinations = DestinationDelivery(runtime, self.rng)
+        self.scheduler = Scheduler(
+            self.reactor, self.messages, key_of=self.destinations.key, deliver=self._deliver,
+            max_sessions=relay.max_connections,
+            max_sessions_per_key=relay.max_connections_per_domain,
+            ready=lambda: self.running and self.loaded,
+        )
+        self.control = ControlChannel(
+            self.qdir, self.reactor, self, in_thread=runtime.in_thread, ready=lambda: self.loaded,
+        )
+        self._writes: dict[str, defer.Deferred] = {}
+
+    # --- service --------------------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        started = time.monotonic()
+        d = self.runtime.in_thread(queue.load, self.qdir)
+        d.addCallback(self._loaded, started)
+        d.addErrback(lambda f: log.failure("cannot load the queue", f))
+        self.control.start()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self.scheduler.stop()
+        self.control.stop()
+        writes = list(self._writes.values())  # a finished write is forgotten
+        return defer.DeferredList(writes) if writes else None
+
+    def _loaded(self, report: queue.LoadReport, started: float) -> None:
+        for name, reason in report.corrupt:
+            log.error("queue: moved {name} to corrupt/: {reason}", name=name, reason=reason)
+        for name in report.unfinished:
+            log.info("queue: removed {name}, left unfinished by a crash (never sent)", name=name)
+        for message in report.messages:
+            self.messages[message.id] = message
+            self.scheduler.push(message)
+        self.loaded = True
+        log.info(
+            "queue loaded: {n} message(s), {r} recipient(s) waiting, in {secs:.2f}s",
+            n=len(report.messages), r=sum(len(m.pending) for m in report.messages),
+            secs=time.monotonic() - started,
+        )
+        self.scheduler.wake()
+
+    def add(self, message: QueuedMessage) -> None:
+        """A message just entered the queue (it is already durable): deliver it soon."""
+        self.messages[message.id] = message
+        self.scheduler.push(message)
+        self.scheduler.wake()
+
+    def _deliver(self, key: str, batch: Batch) -> defer.Deferred:
+        return self.destinations.deliver(key, batch, self._transactions, self._record)
+
+    def _transactions(self, items: Iterable[tuple[str, list[str]]]) -> list[OutboundTransaction]:
+        transactions = []
+        for queue_id, addresses in items:
+            message = self.messages.get(queue_id)
+            if message is None:
+                continue  # deleted meanwhile
+            still = [r.address for r in message.pending if r.address in addresses]
+            if still:
+                transactions.append(OutboundTransaction(
+                    queue_id=queue_id, sender=message.sender, recipients=still,
+                    prefix=message.prefix.encode("ascii"),
+                    body_path=queue.body_path(self.qdir, queue_id),
+                ))
+        return transactions
+
+    # --- results ---------------------------------------------------------------------
+
+    def _record(
+        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None
+    ) -> None:
+        """Apply one attempt's results to a message, log them, and write the new state."""
+        message = self.messages.get(queue_id)
+        if message is None:
+            return  # deleted or bounced by the administrator meanwhile
+        now = time.time()
+        outcome = relay_outcome.apply_results(
+            message, results, where=where, now=now, policy=self.policy, rng=self.rng)
+        for line in outcome.results:
+            log.info(
+                "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls} "
+                "delay={delay:.1f} tries={tries} status={status} reply=\"{reply}\"",
+                id=queue_id, sender=message.sender, rcpt=line.address, relay=where or "none",
+                tls=tls or "none", delay=now - message.created, tries=line.attempts,
+                status="bounced" if line.status == relay_outcome.EXPIRED else line.status,
+                reply=str(line.reply),
+            )
+        if outcome.changed:
+            self._commit(outcome)
+
+    def _commit(self, outcome: relay_outcome.Outcome) -> None:
+        """Make a state change durable (bounce first, then state), in order per message."""
+        before, after = outcome.before, outcome.message
+        reports, warn = list(outcome.reports), list(outcome.warnings)
+        if after.done:
+            del self.messages[after.id]
+        else:
+            self.messages[after.id] = after
+        if outcome.dropped:
+            log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
+                     "failed bounce; dropped for {rcpts}", id=after.id,
+                     rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
+
+        def blocking() -> list[Any]:
+            stored = []
+            for group in (reports, warn):
+                if group:
+                    try:
+                        stored.append(
+                            bounce.notify(self.config, self.runtime.directory, after, group))
+                    except bounce.UnroutableBounce as e:
+                        log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
+            if after.done:
+                queue.remove(self.qdir, after.id)
+            else:
+                queue.save(self.qdir, after)
+            return stored
+
+        def written(stored: list[Any]) -> None:
+            kind = "DSN" if after.sender else "double bounce"
+            for to, place in stored:
+                went = f"{place.queued.id} queued for" if place.queued else "delivered to"
+                log.info("bounce id={id}: {kind} {went} <{to}>", id=after.id, kind=kind,
+                         went=went, to=to)
+                if place.queued is not None:
+                    self.add(place.queued)
+
+        def failed(failure: Any) -> None:
+            # The bounce or the state could not be stored: keep the recipients queued, so
+            # that nothing is lost; they are tried (and bounced) again later.
+            log.error("queue id={id}: cannot store the new state: {error}", id=after.id,
+                      error=failure.getErrorMessage())
+            if failure.check(DeliveryError, OSError):
+                restored = relay_outcome.rescheduled(before, time.time() + self.policy.schedule[0])
+                self.messages[after.id] = restored
+                self.scheduler.push(restored)
+                self.scheduler.wake(self.policy.schedule[0])
+            else:
+                return failure
+
+        self._in_order(after.id, blocking).addCallbacks(written, failed)
+
+    def _in_order(self, queue_id: str, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``f`` in a thread once the message's earlier writes are done: one at a time and
+        in order, so that an older state never lands after a newer one.  stopService waits
+        for the writes under way."""
+        previous = self._writes.get(queue_id)
+        start: defer.Deferred
+        if previous is None:
+            start = defer.succeed(None)
+        else:
+            start = defer.Deferred()
+
+            def go(result: Any) -> Any:
+                start.callback(None)
+                return result
+
+            previous.addBoth(go)
+        d = start.addCallback(lambda _: self.runtime.in_thread(f, *args))
+        self._writes[queue_id] = d
+
+        def forget(result: Any) -> Any:
+            if self._writes.get(queue_id) is d:
+                del self._writes[queue_id]
+            return result
+
+        return d.addBoth(forget)
+
+    # --- what mailsrv queue asks (relay_control.QueueActions) ---------------------------------
+
+    def flush(self, queue_ids: list[str]) -> None:
+        """Every recipient still queued of these messages due now."""
+        now = time.time()
+        for queue_id in queue_ids:
+            self.messages[queue_id] = relay_outcome.rescheduled(self.messages[queue_id], now)
+            self.scheduler.push(self.messages[queue_id])
+        self.scheduler.wake()
+
+    def delete(self, queue_id: str) -> defer.Deferred:
+        """Forget the message, and remove its files once its pending writes are done."""
+        del self.messages[queue_id]
+        return self._in_order(queue_id, queue.remove, self.qdir, queue_id)
+
+    def bounce(self, queue_id: str) -> defer.Deferred:
+        """Bounce every recipient still queued; fires once the DSN and the state are stored."""
+        self._commit(relay_outcome.bounced_by_administrator(self.messages[queue_id]))
+        return self._writes.get(queue_id, defer.succeed(None))

@@ -1,0 +1,375 @@
+"""
+The outbound SMTP session: Twisted's ESMTP client, carrying several messages over one connection.
+
+Twisted's ``ESMTPClient`` does the greeting, EHLO (HELO fallback), STARTTLS and AUTH; this
+subclass takes over the mail transactions, because the defaults are not safe enough for a
+relay that must never lose or duplicate a message:
+
+- addresses are sent exactly as queued (Twisted runs them through ``email.utils.parseaddr``,
+  which can rewrite unusual but valid local parts);
+- dot-stuffing is correct across read chunks (Twisted's ``transformChunk`` misses a line that
+  starts with "." at the start of a 16 KiB chunk, or on the first line of a message);
+- results are recorded per recipient and per message, and a refused ``MAIL``, ``RSET`` or a
+  dropped connection ends the session cleanly instead of looping or losing results;
+- a greeting that names ourselves is a mail loop and is reported as such, not delivered to;
+- a ``454`` to an opportunistic ``STARTTLS`` continues in plain text (as Postfix does);
+- before each ``MAIL FROM`` the message is prepared in a worker thread (``prepare``, see
+  mailsrv.outbound.outgoing): ``SIZE=`` goes out when the server offers SIZE, and a message over the
+  server's announced limit is not sent at all (``552 5.3.4`` for its recipients, as Postfix
+  does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
+  offer 8BITMIME (``554 5.6.3`` when it cannot be converted).
+
+One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
+session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from mailsrv import replies
+from mailsrv.replies import Reply
+
+__all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
+
+log = Logger(namespace="mailsrv")
+
+
+@dataclass
+class OutboundTransaction:
+    """One message to one host: its envelope, its data, and (after the session) the results.
+
+    Not :class:`mailsrv.inbound.message_intake.Transaction`, the inbound mail transaction of a session.
+    """
+
+    queue_id: str
+    sender: str  # "" for <>
+    recipients: list[str]
+    prefix: bytes
+    body_path: Path
+    #: address -> the reply that decided it (RCPT refusal, or the reply to the data)
+    results: dict[str, Reply] = field(default_factory=dict)
+    #: MAIL FROM was sent: from here on the remote side may have the message, so a broken
+    #: session defers it rather than handing it straight to the next host.
+    attempted: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return all(address in self.results for address in self.recipients)
+
+
+#: The former name, still used by mailsrv.outbound.relayer (being split); remove once nothing uses it.
+Transaction = OutboundTransaction
+
+
+@dataclass
+class SessionOutcome:
+    """How a session went, beyond the per-message results."""
+
+    greeted: bool = False  # the server said 220
+    error: Reply | None = None  # why the session ended early, if it did
+    loop: bool = False  # the server is ourselves
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    reason: str | None = None  # connection-level failure text (refused, reset, timeout)
+
+
+class _MessageData:
+    """The message as sent: the trace headers, then the body file, read in chunks."""
+
+    def __init__(self, prefix: bytes, body: IO[bytes]) -> None:
+        self._prefix = prefix
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        if self._prefix:
+            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
+            if size < 0:
+                chunk, self._prefix = chunk + self._body.read(), b""
+            return chunk
+        return self._body.read(size)
+
+    def close(self) -> None:
+        self._body.close()
+
+
+class RelayClient(smtp.ESMTPClient):
+    """Sends a list of transactions over one connection, one after the other."""
+
+    def __init__(
+        self,
+        transactions: list[OutboundTransaction],
+        *,
+        identity: str,
+        own_names: Collection[str],
+        outcome: SessionOutcome,
+        prepare: Callable[[OutboundTransaction, bool], defer.Deferred],
+        tls_context: Any = None,
+        require_tls: bool = False,
+        auth: tuple[str, str] | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        secret = auth[1].encode("utf-8") if auth else None
+        smtp.ESMTPClient.__init__(self, secret, tls_context, identity)
+        self.timeout = timeout
+        self.requireTransportSecurity = require_tls
+        if auth is not None:
+            user = auth[0].encode("utf-8")
+            self.requireAuthentication = True
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(user))
+        self.outcome = outcome
+        self._own_names = {n.lower().rstrip(".") for n in own_names}
+        self._queue: Iterator[OutboundTransaction] = iter(transactions)
+        self._remaining = len(transactions)
+        self._current: OutboundTransaction | None = None
+        self._data: _MessageData | None = None
+        self._at_line_start = True
+        self._extensions: dict[bytes, Any] = {}
+        #: (transaction, 8BITMIME offered) -> Deferred firing with an ``Outgoing`` or a Reply
+        self._prepare = prepare
+        self._outgoing: Any = None  # the mailsrv.outbound.outgoing.Outgoing being sent
+        self._peer = "the server"
+        self._lost = False
+
+    # --- greeting, loop check, TLS ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        # Without TCP_NODELAY, Nagle holds each small write that follows an unacknowledged
+        # one (the final ".", the next MAIL) until the server's delayed ACK: ~40 ms per
+        # message on loopback, which capped a relay session at a few dozen messages a second.
+        # Every command waits for its reply anyway, so nothing is gained by coalescing.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        smtp.ESMTPClient.connectionMade(self)
+
+    def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
+        if not self.outcome.greeted:
+            self.outcome.greeted = True
+            name = resp.split(None, 1)[0].decode("ascii", "replace").lower() if resp else ""
+            self._peer = name or self._peer
+            if name.rstrip(".") in self._own_names:
+                self.outcome.loop = True
+                self.outcome.error = replies.GREETS_AS_OURSELVES.format(name=name)
+                self._disconnectFromServer()
+                return
+        smtp.ESMTPClient.esmtpState_ehlo(self, code, resp)
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self._extensions = {}
+        for line in resp.splitlines()[1:]:
+            words = line.split(None, 1)
+            if words:
+                self._extensions[words[0].upper()] = words[1] if len(words) > 1 else None
+        smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        if 400 <= code <= 499 and not self.requireTransportSecurity and not self._tlsMode:
+            # Opportunistic: the server refused STARTTLS; the session is still usable in clear.
+            self.authenticate(code, resp, self._extensions)
+            return
+        smtp.ESMTPClient.esmtpTLSFailed(self, code, resp)
+
+    def _note_tls(self) -> None:
+        if self._tlsMode and self.outcome.tls is None:
+            try:
+                handle = self.transport.getHandle()
+                self.outcome.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
+            except Exception:
+                self.outcome.tls = "TLS"
+
+    # --- transactions ------------------------------------------------------------------
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        self._note_tls()
+        self._failresponse = self.smtpTransferFailed
+        self._next_transaction()
+
+    def _next_transaction(self) -> None:
+        self._current = current = next(self._queue, None)
+        if current is None:
+            self._disconnectFromServer()
+            return
+        d = self._prepare(current, b"8BITMIME" in self._extensions)
+        d.addErrback(self._prepare_failed, current)
+        d.addCallback(self._prepared, current)
+
+    def _prepare_failed(self, failure: Failure, current: OutboundTransaction) -> Reply:
+        log.failure("relay id={id}: cannot prepare the message", failure, id=current.queue_id)
+        return replies.CANNOT_PREPARE.format(error=failure.getErrorMessage())
+
+    def _size_limit(self) -> int:
+        """The server's SIZE (RFC 1870), 0 for none or no limit."""
+        words = (self._extensions.get(b"SIZE") or b"").split()
+        return int(words[0]) if words and words[0].isdigit() else 0
+
+    def _prepared(self, outgoing: Any, current: OutboundTransaction) -> None:
+        if self._lost or current is not self._current:
+            if not isinstance(outgoing, Reply):
+                outgoing.discard()
+            return
+        self.resetTimeout()
+        limit = self._size_limit()
+        if not isinstance(outgoing, Reply) and limit and outgoing.size > limit:
+            outgoing.discard()
+            outgoing = replies.TOO_BIG_FOR_PEER.format(
+                size=str(outgoing.size), limit=str(limit), peer=self._peer)
+        if isinstance(outgoing, Reply):  # decided here: nothing is sent for this message
+            for address in current.recipients:
+                current.results.setdefault(address, outgoing)
+            self._remaining -= 1
+            self._next_transaction()
+            return
+        self._outgoing = outgoing
+        self._from = current.sender
+        current.attempted = True
+        params = b" SIZE=%d" % outgoing.size if b"SIZE" in self._extensions else b""
+        if outgoing.eight_bit:
+            params += b" BODY=8BITMIME"
+        self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+
+    def getMailTo(self) -> list[str]:
+        assert self._current is not None
+        return list(self._current.recipients)
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> None:
+        assert self._current is not None
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if 200 <= code <= 299:
+                self.successAddresses.append(self.lastAddress)
+            else:
+                self._current.results[self.lastAddress] = Reply.from_wire(code, resp)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+            else:
+                self.smtpState_msgSent(code, resp)
+        else:
+            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">")
+
+    def getMailData(self) -> _MessageData:
+        assert self._current is not None
+        self._at_line_start = True
+        self._data = _MessageData(self._outgoing.prefix, open(self._outgoing.path, "rb"))
+        return self._data
+
+    def _release(self) -> None:
+        """Close the data being sent and drop its converted copy, if any."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._outgoing is not None:
+            self._outgoing.discard()
+            self._outgoing = None
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """LF to CRLF and dot-stuffing, correct at chunk boundaries and on the first line."""
+        self.resetTimeout()
+        if not chunk:
+            return chunk
+        if self._at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        self._at_line_start = chunk[-1:] == b"\n"
+        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        current, self._current = self._current, None
+        self._release()
+        if current is not None:
+            self._remaining -= 1
+            verdict = Reply.from_wire(code, resp)
+            for address in current.recipients:
+                # Recipients refused at RCPT keep that refusal; the rest share the verdict
+                # on the message (the reply to MAIL, to DATA, or to the end of the data).
+                current.results.setdefault(address, verdict)
+        self._from = None
+        self.toAddressesResult = []
+        self.successAddresses = []
+        if self._remaining <= 0 or (current is not None and code == 421):
+            self._disconnectFromServer()
+            return
+        self.sendLine(b"RSET")
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_from
+        self._failresponse = self._rset_failed
+
+    def _rset_failed(self, code: int, resp: bytes) -> None:
+        self.outcome.error = Reply.from_wire(code, resp)
+        self._disconnectFromServer()
+
+    # --- errors ------------------------------------------------------------------------
+
+    def sendError(self, exc: Exception) -> None:
+        if self.outcome.error is None:
+            code = getattr(exc, "code", -1)
+            resp = getattr(exc, "resp", b"") or str(exc)
+            if isinstance(code, int) and 400 <= code <= 599:
+                reply = Reply.from_wire(code, resp)
+            else:
+                reply = replies.SESSION_FAILED.format(reason=_text(resp) or type(exc).__name__)
+            # Session-level trouble (TLS, AUTH, a refusing greeting) is never final: the
+            # message waits and is retried, possibly at another host.
+            if reply.permanent:
+                wrap = replies.SESSION_REFUSED if self.outcome.greeted else replies.SESSION_FAILED
+                reply = wrap.format(reason=str(reply))
+            self.outcome.error = reply
+        smtp.ESMTPClient.sendError(self, exc)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
+        self._release()
+        if self._current is not None and self.outcome.reason is None:
+            self.outcome.reason = f"connection lost during the transaction: {reason.getErrorMessage()}"
+        elif self.outcome.error is None and self._remaining > 0 and self.outcome.reason is None:
+            self.outcome.reason = f"connection lost: {reason.getErrorMessage()}"
+        smtp.ESMTPClient.connectionLost(self, reason)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class RelayClientFactory(protocol.ClientFactory):
+    """One connection attempt; ``done`` fires with the outcome when the connection ends."""
+
+    def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
+        self.transactions = transactions
+        self.client_args = client_args
+        self.outcome = SessionOutcome()
+        self.done: defer.Deferred = defer.Deferred()
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        client = RelayClient(self.transactions, outcome=self.outcome, **self.client_args)
+        client.factory = self
+        return client
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.outcome.reason = reason.getErrorMessage()
+        self._finish()
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.outcome)

@@ -1,0 +1,383 @@
+"""fsync'd, all-or-nothing Maildir delivery (blocking; call it via deferToThread).
+
+Why not ``twisted.mail.maildir``: it writes files 0644, never fsyncs, and writes
+one copy per recipient.  The server answers ``250`` only after ``deliver``
+returns, so by then every copy must be on disk; and when anything fails, no
+partial message may be visible in any ``new/`` (the client will retry after our
+``451``/``452``, so a half delivery would become a duplicate).
+
+The qmail discipline: write the message once into ``tmp/`` under a unique name,
+fsync it, hard-link it into each ``new/``, fsync each ``new/``, remove ``tmp/``.
+
+Below the configured root nothing is reached through a symbolic link: every level
+(domain, user, ``tmp``/``new``/``cur``) is opened by descriptor with ``O_NOFOLLOW``
+(``mailsrv.storage.dirfd``) and a link there refuses the whole delivery.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from pathlib import Path
+
+from mailsrv.storage import dirfd
+from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
+from mailsrv.storage.fdio import copy_data as _copy_data
+from mailsrv.storage.fdio import write_all as _write_all
+
+__all__ = [
+    "DeliveryError",
+    "unique_name",
+    "deliver",
+    "remove_delivered",
+    "ensure_dir",
+]
+
+# The pid in unique names, read once (and again in a forked child) rather than per message.
+_pid = os.getpid()
+
+
+def _update_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_update_pid)
+
+# Per-process delivery counter for unique names.  next() on itertools.count is
+# atomic under the GIL, so concurrent worker threads never get the same value.
+_counter = itertools.count(1)
+
+# Group commit of the new/ directories' fsyncs, shared by the delivery threads.
+_new_dir_sync = dirfd.DirectorySync()
+
+
+def unique_name(hostname: str, size: int) -> str:
+    """A Maildir file name: ``<secs>.M<usecs>P<pid>Q<n>R<hex>.<host>,S=<size>``.
+
+    Unique through time, pid, a per-process counter and 64 random bits (so
+    even a pid reused within the same microsecond, say in a container, does
+    not collide).  ``/`` and ``:`` in the host are escaped as the Maildir
+    specification asks, since they would be a path separator and the start of
+    the info part.  ``,S=<size>`` lets readers (Dovecot) skip a stat.
+    """
+    now = time.time_ns()
+    secs, nanos = divmod(now, 1_000_000_000)
+    host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
+    return (
+        f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{secrets.token_hex(8)}"
+        f".{host},S={size}"
+    )
+
+
+def _create(dir_fd: int, name: str) -> int:
+    """Open a new file *name* in *dir_fd* for writing, 0600, failing if the name exists."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, 0o600)  # exact mode whatever the process umask is
+    except BaseException:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    return fd
+
+
+def _names(base: str, maildir: os.PathLike[str] | str) -> tuple[str, ...]:
+    """The directory names of *maildir* below the root *base*, each checked before anything
+    is made (``a//b/./c`` is ``a``, ``b``, ``c``, as for the kernel)."""
+    text = os.fspath(maildir)
+    names = tuple(name for name in text.split("/") if name not in ("", "."))
+    with doing("open directory", f"{base}/{text}"):
+        if text.startswith("/") or not names:
+            raise OSError(errno.EINVAL, "not a path below the root")
+        for name in names:
+            dirfd.check_name(name, f"{base}/{text}")
+    return names
+
+
+def _open_root(root: Path) -> int:
+    """The root's descriptor. The root is the administrator's choice: a link there is followed."""
+    with doing("open directory", root):
+        try:
+            return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+    ensure_dir(root)  # removed since start-up: made again, as before
+    with doing("open directory", root):
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+# Maildirs one delivery keeps open from writing its files to linking them (two descriptors
+# each); the others are closed and walked to again for the links, so that a message for
+# hundreds of mailboxes, in each of the delivery threads at once, stays far from the limit
+# on open files.
+_HELD = 8
+
+
+def deliver(
+    root: os.PathLike[str] | str,
+    maildirs: Sequence[os.PathLike[str] | str],
+    prefix: bytes | Sequence[bytes],
+    body_path: os.PathLike[str] | str,
+    *,
+    hostname: str,
+) -> list[Path]:
+    """Deliver *prefix* + the content of *body_path* into every maildir, durably.
+
+    *maildirs* are relative to *root* (``example.org/alice``). The root may be reached
+    through a symbolic link (the administrator's choice); below it, a link at any level —
+    domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
+    path and saying why) and nothing is written through it.
+
+    *prefix* is one for all, or one per maildir (aligned with *maildirs*: a copy's own
+    ``Delivered-To:``).  The message is written once per distinct prefix into the
+    ``tmp/`` of the first maildir taking it (0600), fsync'd, then hard-linked into the
+    ``new/`` of each maildir taking that prefix (copied first when a maildir is on another
+    file system); every file is written before any is linked, so that a full disk shows
+    in no ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer
+    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up
+    to the root) are created 0700.  Duplicate maildirs (same names, or the same directory
+    reached by a bind mount) receive one copy, with the prefix of the first occurrence.
+
+    All or nothing: on any OSError or refusal, every file created by this call in any
+    ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
+    for ENOSPC/EDQUOT).
+
+    Returns the path in ``new/`` for each element of *maildirs*, aligned with
+    the argument (so callers can ``zip`` it with their recipients); a
+    duplicate maildir gets the same path as its first occurrence.  Undo a
+    delivery that must not stand with ``remove_delivered``.
+    """
+    root = Path(root)
+    base = os.fspath(root)
+    wanted = [_names(base, maildir) for maildir in maildirs]
+    if not wanted:
+        return []
+    prefixes = [prefix] * len(wanted) if isinstance(prefix, bytes) else list(prefix)
+    if len(prefixes) != len(wanted):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(wanted)} maildirs")
+    run = _Delivery(_open_root(root), base)
+    try:
+        run.write(wanted, prefixes, body_path, hostname)
+        new_paths = run.link()
+    except BaseException:
+        run.roll_back()
+        raise
+    finally:
+        run.close()
+    return [new_paths[run.index_of[names]] for names in wanted]
+
+
+class _Delivery:
+    """The state of one ``deliver`` call: which directories, which files, what is linked."""
+
+    def __init__(self, root_fd: int, base: str) -> None:
+        self.root_fd, self.base = root_fd, base
+        self.unique: list[tuple[str, ...]] = []  # names of each distinct directory
+        self.index_of: dict[tuple[str, ...], int] = {}  # names -> index in unique
+        self.held: dict[int, dirfd.OpenMaildir] = {}  # index -> kept open (at most _HELD)
+        self.files: dict[bytes, tuple[list[int], str, int]] = {}  # prefix -> members, name, size
+        self.written: dict[int, str] = {}  # index -> the file in its tmp/ (removed at the end)
+        self.linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+
+    def write(
+        self, wanted: list[tuple[str, ...]], prefixes: list[bytes],
+        body_path: os.PathLike[str] | str, hostname: str,
+    ) -> None:
+        """Open (or make) every directory, find duplicates, write one file per prefix."""
+        with doing("open", body_path):
+            src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with doing("stat", body_path):
+                body_size = os.fstat(src_fd).st_size
+            index_of_key: dict[tuple[int, int], int] = {}
+            for names, prefix in zip(wanted, prefixes):
+                if names in self.index_of:
+                    continue
+                box = self._open(names)
+                index = index_of_key.get(box.key)
+                if index is not None:  # the same directory under another name
+                    self.index_of[names] = index
+                    box.close()
+                    continue
+                index = index_of_key[box.key] = self.index_of[names] = len(self.unique)
+                self.unique.append(names)
+                try:
+                    if prefix in self.files:
+                        self.files[prefix][0].append(index)
+                    else:
+                        size = len(prefix) + body_size
+                        name = unique_name(hostname, size)
+                        _write_tmp(box, name, prefix, src_fd, body_size)
+                        self.written[index] = name
+                        self.files[prefix] = ([index], name, size)
+                finally:
+                    if len(self.held) < _HELD:
+                        self.held[index] = box
+                    else:
+                        box.close()
+        finally:
+            os.close(src_fd)
+
+    def link(self) -> dict[int, Path]:
+        """Link each file into the ``new/`` of its directories, fsync each; their paths."""
+        new_paths: dict[int, Path] = {}
+        for members, name, size in self.files.values():
+            source = self._box(members[0])
+            try:
+                for index in members:
+                    box = source if index == members[0] else self._box(index)
+                    try:
+                        _link(source, box, name, size)
+                        self.linked.append((self.unique[index], box.key, name))
+                        with doing("fsync directory", f"{box.path}/new"):
+                            _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
+                        new_paths[index] = Path(f"{box.path}/new/{name}")
+                    finally:
+                        if box is not source and index not in self.held:
+                            box.close()
+                # Linked everywhere: the tmp/ name is only litter now.  A failure to remove
+                # it must not turn a durable delivery into an error (and a retry, a
+                # duplicate); tmpclean removes what is left.
+                with suppress(OSError):
+                    os.unlink(self.written.pop(members[0]), dir_fd=source.tmp_fd)
+            finally:
+                if members[0] not in self.held:
+                    source.close()
+        return new_paths
+
+    def roll_back(self) -> None:
+        """Remove every link made and every file written; best effort, never raises."""
+        _rollback(self.root_fd, self.base, self.linked)
+        for index, name in self.written.items():
+            box = self.held.get(index)
+            try:
+                fd = box.tmp_fd if box else dirfd.open_sub(
+                    self.root_fd, self.base, self.unique[index], "tmp"
+                )
+            except OSError:
+                continue
+            with suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+            if box is None:
+                os.close(fd)
+
+    def close(self) -> None:
+        for box in self.held.values():
+            box.close()
+        os.close(self.root_fd)
+
+    def _open(self, names: tuple[str, ...]) -> dirfd.OpenMaildir:
+        with doing("open directory", self.base):
+            return dirfd.open_maildir(self.root_fd, self.base, names)
+
+    def _box(self, index: int) -> dirfd.OpenMaildir:
+        """The directory *index*, held open or walked to again (then the caller closes it)."""
+        return self.held.get(index) or self._open(self.unique[index])
+
+
+def _write_tmp(
+    box: dirfd.OpenMaildir, name: str, prefix: bytes, src_fd: int, body_size: int
+) -> None:
+    """Write *prefix* and the body into ``tmp/name`` of *box*, fsync'd; nothing left on error."""
+    path = f"{box.path}/tmp/{name}"
+    with doing("create", path):
+        dst_fd = _create(box.tmp_fd, name)
+    try:
+        with doing("write", path):
+            _write_all(dst_fd, prefix)
+            _copy_data(src_fd, dst_fd, body_size)
+        with doing("fsync", path):
+            os.fsync(dst_fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(name, dir_fd=box.tmp_fd)
+        raise
+    finally:
+        os.close(dst_fd)
+
+
+def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int) -> None:
+    """Link ``tmp/name`` of *first* into ``new/`` of *box* (through a copy across devices)."""
+    new_path = f"{box.path}/new/{name}"
+    try:
+        os.link(name, name, src_dir_fd=first.tmp_fd, dst_dir_fd=box.new_fd, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise DeliveryError.from_oserror("link into", new_path, exc) from exc
+    # Another file system: a copy of its own in its tmp/, made durable, then linked.
+    with doing("open", f"{first.path}/tmp/{name}"):
+        src_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=first.tmp_fd)
+    try:
+        _write_tmp(box, name, b"", src_fd, size)
+    finally:
+        os.close(src_fd)
+    try:
+        with doing("link into", new_path):
+            os.link(name, name, src_dir_fd=box.tmp_fd, dst_dir_fd=box.new_fd,
+                    follow_symlinks=False)
+    finally:
+        with suppress(OSError):
+            os.unlink(name, dir_fd=box.tmp_fd)
+
+
+def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[str] | str]) -> None:
+    """Take back a delivery made by ``deliver`` (best effort, never raises).
+
+    For the caller whose later step failed (the queue could not take the
+    remote recipients): the client gets ``451`` and will send again, so the
+    local copies must go, or they would be delivered twice.  *paths* are what
+    ``deliver`` returned for *root*; they are reached without following links.
+    The ``new/`` directories are fsync'd so the removal survives a crash.
+    """
+    root = Path(root)
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
+    for path in dict.fromkeys(Path(p) for p in paths):
+        with suppress(ValueError):
+            *names, new, name = path.relative_to(root).parts
+            if new == "new" and names:
+                linked.append((tuple(names), None, name))
+    try:
+        _rollback(root_fd, os.fspath(root), linked)
+    finally:
+        os.close(root_fd)
+
+
+def _rollback(
+    root_fd: int, root: str, linked: Sequence[tuple[tuple[str, ...], tuple[int, int] | None, str]]
+) -> None:
+    """Remove each (maildir names, identity of its new/, file name) in *linked*; best effort,
+    never raises.
+
+    Each ``new/`` is opened again without following links and, when its identity is known,
+    only the very directory the message was linked into is touched. It is fsync'd after
+    the removal, so that a crash right after our ``451`` cannot bring back a link the
+    client will resend.
+    """
+    for names, key, name in linked:
+        try:
+            fd = dirfd.open_sub(root_fd, root, names, "new")
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if key is None or key == (st.st_dev, st.st_ino):
+                os.unlink(name, dir_fd=fd)
+                os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -1,0 +1,93 @@
+"""
+Storing one message for all its targets, all or nothing (blocking; run it in the thread pool).
+
+Both ways mail enters the system end here: a message received over SMTP and a bounce the
+relayer writes.  Local copies go into the Maildirs first, remote recipients into the queue;
+if the queue refuses, the local copies are taken back out, so that the caller can answer (or
+retry) without leaving half a delivery behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsrv.message import headers
+from mailsrv.storage import maildir, queue
+from mailsrv.config import Config
+from mailsrv.storage.durable import DeliveryError
+from mailsrv.storage.envelope import QueuedMessage
+from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
+
+__all__ = ["Stored", "store"]
+
+
+@dataclass
+class Stored:
+    """Where the copies went: (target, Maildir path or "queue"), and the queue entry if any."""
+
+    places: list[tuple[Target, str]] = field(default_factory=list)
+    queued: QueuedMessage | None = None
+
+
+def store(
+    config: Config,
+    queue_id: str,
+    *,
+    sender: str | None,
+    targets: list[Target],
+    trace: bytes,
+    body_path: Path,
+    received_from: str,
+    double_bounce: bool = False,
+    folders: Mapping[Target, str] | None = None,
+) -> Stored:
+    """Deliver local targets and queue remote ones; raise DeliveryError on failure.
+
+    ``trace`` is the header lines to put before the body (``Received:``, maybe
+    ``Message-ID:``, maybe the blank separator line).  Local copies also get
+    ``Return-Path:`` and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
+    local and virtual write it; what Sieve and loop detection read): they belong to the
+    final delivery only, so the queued copy, which is relayed onwards, does not carry them.
+    Each local copy is thus a file of its own, which also keeps one recipient's address out
+    of another's copy.  ``double_bounce`` marks a queued postmaster notice about a failed
+    bounce (see mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
+    local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
+    others go to the INBOX.  The body file is consumed: moved into the queue or left
+    for the caller to remove.
+    """
+    local = [t for t in targets if isinstance(t, LocalTarget)]
+    remote = [t for t in targets if isinstance(t, RemoteTarget)]
+    stored = Stored()
+    delivered: list[Path] = []
+    try:
+        if local:
+            root = Path(config.mailboxes.root)
+            return_path = headers.return_path(sender)
+            folders = folders or {}
+            delivered = maildir.deliver(
+                root, [_maildir(root, t, folders.get(t)) for t in local],
+                [return_path + headers.delivered_to(t.address) + trace for t in local],
+                body_path, hostname=config.hostname,
+            )
+            stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
+        if remote:
+            stored.queued = queue.enqueue(
+                Path(config.queue.path), queue_id, sender=sender,
+                recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
+                created=time.time(), received_from=received_from, double_bounce=double_bounce,
+            )
+            stored.places += [(t, "queue") for t in remote]
+    except DeliveryError:
+        maildir.remove_delivered(config.mailboxes.root, delivered)
+        raise
+    return stored
+
+
+def _maildir(root: Path, target: LocalTarget, folder: str | None) -> Path:
+    """The Maildir of ``target`` relative to ``root``: its INBOX, or the Maildir++ folder
+    ``.<folder>`` in it (the name is checked by mailsrv.checks.pipeline.FileInto)."""
+    inbox = target.maildir(root).relative_to(root)
+    return inbox / f".{folder}" if folder else inbox

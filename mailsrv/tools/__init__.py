@@ -1,0 +1,3 @@
+"""
+The command-line tools: ``mailsrv`` (users, queue, check-config) and ``sendmail``.
+"""
