@@ -34,7 +34,7 @@ from mailsrv.config import (
 )
 
 SOURCE = Path("/etc/mailsrv/mailsrv.toml")
-EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mailsrv.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mailsrv.toml"
 
 MINIMAL: dict[str, Any] = {
     "hostname": "mail.example.org",

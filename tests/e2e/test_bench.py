@@ -199,7 +199,7 @@ def test_postfix_starts_outside_var(outside_var):
 
 def readme_postfix_settings() -> set[str]:
     """The settings named in the first column of bench/README.md's "Postfix's settings" table."""
-    text = (Path(__file__).resolve().parents[1] / "bench" / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "bench" / "README.md").read_text()
     section = text.split("### Postfix's settings", 1)[1].split("\n#", 1)[0]
     names: set[str] = set()
     for line in section.splitlines():

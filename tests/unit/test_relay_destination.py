@@ -1,7 +1,7 @@
 """
 mailsrv.outbound.destination in-process: the TLS chosen per destination and host, and the
 host-by-host loop of one session, on a MemoryReactor (connections recorded, never made) whose
-outcomes the test decides.  The SMTP exchange itself is tests/test_smtpclient.py's.
+outcomes the test decides.  The SMTP exchange itself is tests/unit/test_smtpclient.py's.
 """
 
 from __future__ import annotations
