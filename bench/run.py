@@ -442,12 +442,12 @@ def measure_queue_scale(plan: Plan, work: Path) -> None:
     server = Mailsrv(wd, overrides={"queue": {"retry_schedule": [3600]}})
     try:
         fill_mailsrv_queue(server.queue, count, due_in=3600, durable=False)
-        for r in range(plan.repeats):
+        for _ in range(plan.repeats):
             offset = len(server.log_text())
             cpu_start = cpuload.snapshot()
             t0 = time.monotonic()
             server.start(timeout=300)
-            m = wait_until(lambda: re.search(r"queue loaded: (\d+) message",
+            m = wait_until(lambda offset=offset: re.search(r"queue loaded: (\d+) message",
                                              server.log_text()[offset:]), 300,
                            "the queue to load", 0.01)
             elapsed = time.monotonic() - t0

@@ -19,14 +19,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
 
 from mailsrv.accounts.auth import FailureTracker, PasswordChecker
-from mailsrv.checks.pipeline import Pipeline
 from mailsrv.checks.builtin import builtin_pipeline
+from mailsrv.checks.pipeline import Pipeline
 from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
+from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.routing.router import Directory
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
-from mailsrv.inbound.tls import ServerTLS
 from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
 
 if TYPE_CHECKING:

@@ -18,17 +18,21 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailsrv.storage import queue, queue_control
-from mailsrv.config import (
-    Config, ConfigError, endpoint_options, prepare_directories, tcp_endpoint_for_ssl,
-)
-from mailsrv.interfaces import ISpareSpoolFiles
-from mailsrv.runtime import Runtime
-from mailsrv.outbound.relayer import Relayer
 from mailsrv.accounts.files import load_aliases, read_users
-from mailsrv.routing.router import Directory
+from mailsrv.config import (
+    Config,
+    ConfigError,
+    endpoint_options,
+    prepare_directories,
+    tcp_endpoint_for_ssl,
+)
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.inbound.tls import ServerTLS, TLSSetupError
+from mailsrv.interfaces import ISpareSpoolFiles
+from mailsrv.outbound.relayer import Relayer
+from mailsrv.routing.router import Directory
+from mailsrv.runtime import Runtime
+from mailsrv.storage import queue, queue_control
 from mailsrv.storage.tmpclean import TmpCleaner
 
 log = Logger(namespace="mailsrv")

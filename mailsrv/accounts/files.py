@@ -30,9 +30,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mailsrv.accounts import userfile
-from mailsrv.routing.address import is_dot_atom, is_safe_local_part, normalise_domain
 from mailsrv.accounts.auth import PasswordError, check_password_field
 from mailsrv.config import ConfigError
+from mailsrv.routing.address import is_dot_atom, is_safe_local_part, normalise_domain
 
 __all__ = ["load_users", "read_users", "load_aliases"]
 

@@ -30,13 +30,13 @@ from typing import Callable
 from zope.interface import implementer
 
 from mailsrv import replies
+from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
+from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
+from mailsrv.config import Config
+from mailsrv.interfaces import ICheck, IModifier
 from mailsrv.message import headers, headsection
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import parse_mail_from
-from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
-from mailsrv.config import Config
-from mailsrv.interfaces import ICheck, IModifier
-from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
 
 __all__ = [
     "HeaderOwnership", "HopLimit", "LocalRecipient", "MissingFields", "RelayAccess",

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Union
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailsrv.routing.address import Mailbox
-from mailsrv.message.headsection import HeaderFacts
 from mailsrv.interfaces import ICheck, IModifier, IPipeline
+from mailsrv.message.headsection import HeaderFacts
 from mailsrv.replies import Reply
+from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import Target
 
 if TYPE_CHECKING:

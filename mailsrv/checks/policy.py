@@ -10,8 +10,8 @@ parsed mailbox, the :class:`~mailsrv.routing.router.Directory` and whether the c
 from __future__ import annotations
 
 from mailsrv import replies
-from mailsrv.routing.address import Mailbox, is_safe_local_part
 from mailsrv.replies import Refusal, Reply
+from mailsrv.routing.address import Mailbox, is_safe_local_part
 from mailsrv.routing.router import Directory, LocalTarget, RemoteTarget, Target, UnknownRecipient
 
 __all__ = [

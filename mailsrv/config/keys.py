@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mailsrv.routing.address import normalise_domain
 from mailsrv.config.endpoints import check_endpoint, is_decimal, is_ip_address
 from mailsrv.config.schema import IPNetwork
+from mailsrv.routing.address import normalise_domain
 
 __all__ = [
     "TLS_MODES",

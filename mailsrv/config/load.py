@@ -26,7 +26,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from mailsrv.routing.address import normalise_domain
 from mailsrv.config import keys
 from mailsrv.config.schema import (
     AuthConfig,
@@ -40,6 +39,7 @@ from mailsrv.config.schema import (
     SubmissionConfig,
     TlsConfig,
 )
+from mailsrv.routing.address import normalise_domain
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import protocol
 
 from mailsrv import replies
-from mailsrv.replies import Reply, format_reply
 from mailsrv.inbound.session import log
 from mailsrv.inbound.smtp import CLOSE_GRACE, SMTPServerProtocol
+from mailsrv.replies import Reply, format_reply
 
 if TYPE_CHECKING:
     from mailsrv.runtime import Runtime

@@ -22,13 +22,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv import replies
-from mailsrv.message import headers, headsection
-from mailsrv.storage import maildir, queue
-from mailsrv.routing.address import Mailbox
 from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
 from mailsrv.interfaces import IMessageIntake
+from mailsrv.message import headers, headsection
 from mailsrv.replies import Refusal
+from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import LocalTarget, Target
+from mailsrv.storage import maildir, queue
 from mailsrv.storage.store import Stored, store
 
 if TYPE_CHECKING:

@@ -25,16 +25,16 @@ from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.inbound import sasl
-from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
-from mailsrv.inbound.framing import CommandFramer, Framing
-from mailsrv.replies import Refusal, Reply
-from mailsrv.inbound.tlsauth import TLSAndAuth
 from mailsrv.inbound.datascan import DataError, DataScanner
+from mailsrv.inbound.framing import CommandFramer, Framing
+from mailsrv.inbound.tlsauth import TLSAndAuth
+from mailsrv.replies import Refusal, Reply
+from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
 
 if TYPE_CHECKING:
     from mailsrv.inbound.message_intake import Transaction
-    from mailsrv.runtime import Runtime
     from mailsrv.inbound.session_intake import SessionDelivery
+    from mailsrv.runtime import Runtime
 
 #: What a handler returns: the reply, one to come, or nothing to say (yet).
 Result = Union[Reply, "defer.Deferred[Reply]", None]

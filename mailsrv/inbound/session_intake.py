@@ -17,14 +17,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.checks import policy
-from mailsrv.message import headers
-from mailsrv.routing.address import Mailbox
 from mailsrv.checks.pipeline import Client, Facts, Stage
-from mailsrv.dnsutil import skips_reverse_lookup
-from mailsrv.interfaces import IPipeline, ISessionIntake
-from mailsrv.inbound.message_intake import Transaction, bracketed
 from mailsrv.checks.policy import owns_address
+from mailsrv.dnsutil import skips_reverse_lookup
+from mailsrv.inbound.message_intake import Transaction, bracketed
+from mailsrv.interfaces import IPipeline, ISessionIntake
+from mailsrv.message import headers
 from mailsrv.replies import Refusal
+from mailsrv.routing.address import Mailbox
 from mailsrv.runtime import Runtime
 
 __all__ = ["SessionDelivery"]

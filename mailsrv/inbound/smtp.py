@@ -19,14 +19,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.inbound.framing import Framing
-from mailsrv.replies import Reply, format_reply
 from mailsrv.inbound.session import CLOSING, COMMAND, DATA, SMTPSession, log
 from mailsrv.inbound.tls import describe_connection
+from mailsrv.replies import Reply, format_reply
 
 if TYPE_CHECKING:
-    from mailsrv.runtime import Runtime
-    from mailsrv.inbound.session_intake import SessionDelivery
     from mailsrv.inbound.listener import SMTPServerFactory
+    from mailsrv.runtime import Runtime
 
 #: Pipelined input held back while a command is in progress before we stop reading the socket.
 MAX_HELD_INPUT = 64 * 1024
@@ -57,10 +56,6 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         self._replies_blocked = False  # the transport's write buffer is full
         self._data_deadline: Any = None
         self._force_close: Any = None
-
-    @property
-    def session(self) -> "SessionDelivery":
-        return self.core.delivery
 
     def connectionMade(self) -> None:
         delivery = self.runtime.new_session(self._client_ip, self._submission)

@@ -21,15 +21,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv import replies
-from mailsrv.inbound import sasl
 from mailsrv.accounts.auth import login_name
+from mailsrv.inbound import sasl
 from mailsrv.inbound.framing import CommandFramer
 from mailsrv.replies import Reply
 
 if TYPE_CHECKING:
     from mailsrv.inbound.message_intake import Transaction
-    from mailsrv.runtime import Runtime
     from mailsrv.inbound.session_intake import SessionDelivery
+    from mailsrv.runtime import Runtime
 
 AuthResult = Union[Reply, "defer.Deferred[Reply]"]
 

@@ -19,15 +19,15 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
+from mailsrv.checks.policy import recipient_targets
+from mailsrv.config import Config
 from mailsrv.message import headers
 from mailsrv.outbound import dsn, dsn_original
-from mailsrv.storage import queue
-from mailsrv.routing.address import parse_rcpt_to
-from mailsrv.config import Config
-from mailsrv.storage.envelope import BOUNCED, QueuedMessage, QueuedRecipient
-from mailsrv.checks.policy import recipient_targets
 from mailsrv.replies import Refusal
+from mailsrv.routing.address import parse_rcpt_to
 from mailsrv.routing.router import Directory
+from mailsrv.storage import queue
+from mailsrv.storage.envelope import BOUNCED, QueuedMessage, QueuedRecipient
 from mailsrv.storage.store import Stored, store
 
 __all__ = [

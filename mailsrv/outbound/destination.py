@@ -22,13 +22,14 @@ from typing import Any, Protocol
 from twisted.internet import defer, ssl
 from twisted.logger import Logger
 
-from mailsrv.outbound import outcome as relay_outcome, outgoing
 from mailsrv.config import read_smarthost_password
-from mailsrv.storage.envelope import QueuedRecipient
+from mailsrv.outbound import outcome as relay_outcome
+from mailsrv.outbound import outgoing
 from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.outbound.scheduler import Batch
-from mailsrv.replies import Reply
 from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
+from mailsrv.replies import Reply
+from mailsrv.storage.envelope import QueuedRecipient
 
 __all__ = ["SMARTHOST", "DNS_TIMEOUT", "Record", "DestinationDelivery"]
 

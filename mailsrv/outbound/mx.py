@@ -89,7 +89,7 @@ def _addresses(resolver: Any, name: str, timeout: tuple[int, ...]) -> Any:
     results = yield defer.DeferredList([v6, v4], consumeErrors=True)
     found: list[str] = []
     temporary = False
-    for (ok, value), rtype in zip(results, (dns.AAAA, dns.A)):
+    for ok, value in results:  # AAAA, then A
         if not ok:
             temporary = temporary or _temporary(value)
             continue

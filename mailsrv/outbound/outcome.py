@@ -24,13 +24,13 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from mailsrv import replies
 from mailsrv.outbound.bounce import given_up_reports
 from mailsrv.outbound.dsn import RecipientReport
-from mailsrv.storage.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
 from mailsrv.outbound.mx import DestinationError
 from mailsrv.outbound.retry import RetryPolicy
-from mailsrv import replies
 from mailsrv.replies import Reply
+from mailsrv.storage.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, QueuedRecipient
 
 __all__ = [
     "SENT_NOW", "DEFERRED", "BOUNCED_NOW", "EXPIRED", "ADMIN_BOUNCE_REASON",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from mailsrv import replies
 from mailsrv.outbound.mime7bit import ConversionError, to_7bit
-from mailsrv.replies import Reply
 from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.replies import Reply
 
 __all__ = ["Outgoing", "measure", "prepare"]
 

@@ -36,17 +36,18 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.outbound import bounce, outcome as relay_outcome
+from mailsrv.interfaces import IRelayer
+from mailsrv.outbound import bounce
+from mailsrv.outbound import outcome as relay_outcome
+from mailsrv.outbound.control import ControlChannel
+from mailsrv.outbound.destination import DestinationDelivery
+from mailsrv.outbound.retry import RetryPolicy
+from mailsrv.outbound.scheduler import Batch, Scheduler
+from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.replies import Reply
 from mailsrv.storage import queue
 from mailsrv.storage.durable import DeliveryError
 from mailsrv.storage.envelope import QueuedMessage
-from mailsrv.interfaces import IRelayer
-from mailsrv.outbound.control import ControlChannel
-from mailsrv.outbound.destination import DestinationDelivery
-from mailsrv.outbound.scheduler import Batch, Scheduler
-from mailsrv.outbound.retry import RetryPolicy
-from mailsrv.replies import Reply
-from mailsrv.outbound.smtpclient import OutboundTransaction
 
 __all__ = ["Relayer"]
 

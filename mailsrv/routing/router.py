@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from mailsrv.routing.address import Mailbox, is_safe_local_part, normalise_domain
 from mailsrv.config import ConfigError
+from mailsrv.routing.address import Mailbox, is_safe_local_part, normalise_domain
 
 __all__ = [
     "LocalTarget",

@@ -284,7 +284,7 @@ def open_maildir(root_fd: int, root: str, names: tuple[str, ...]) -> OpenMaildir
         if made:
             dirty.append((parent, path))
         action = "fsync directory"
-        for fd, where in reversed(dirty):  # deepest first
+        for fd, _path in reversed(dirty):  # deepest first
             os.fsync(fd)
         action, where = "stat", f"{path}/new"
         box = OpenMaildir(path, opened[0], opened[1])

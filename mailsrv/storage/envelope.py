@@ -25,8 +25,8 @@ fails too, it is only logged, so bounces never loop (written only when true).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = [

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailsrv.message import headers
-from mailsrv.storage import maildir, queue
 from mailsrv.config import Config
+from mailsrv.message import headers
+from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
+from mailsrv.storage import maildir, queue
 from mailsrv.storage.durable import DeliveryError
 from mailsrv.storage.envelope import QueuedMessage
-from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 
 __all__ = ["Stored", "store"]
 

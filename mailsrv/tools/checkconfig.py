@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsrv.routing.address import Mailbox
 from mailsrv.config import Config, ConfigError, load_config, read_smarthost_password
+from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import Directory, RemoteTarget
 
 __all__ = ["CheckResult", "check_config", "check_directory", "postmaster_warnings"]

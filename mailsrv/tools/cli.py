@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import Any
 
+from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from mailsrv.storage import queue
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failed
 from mailsrv.tools.cli_queue import cmd_change, cmd_list, cmd_show
 from mailsrv.tools.cli_user import cmd_user
-from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 __all__ = ["main"]
 
@@ -114,7 +114,6 @@ def cmd_version(args: argparse.Namespace) -> int:
     import platform
 
     import twisted
-
     from mailsrv import __version__
 
     print(f"mailsrv {__version__} (Twisted {twisted.__version__}, "

@@ -16,10 +16,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mailsrv.storage import queue, queue_control
-from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 from mailsrv.config import Config
+from mailsrv.storage import queue, queue_control
 from mailsrv.storage.envelope import QueuedMessage
+from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 
 __all__ = ["cmd_change", "cmd_list", "cmd_show"]
 

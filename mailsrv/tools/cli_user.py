@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from mailsrv.accounts import userfile
-from mailsrv.routing.address import normalise_domain
 from mailsrv.accounts.auth import PasswordError, hash_password
-from mailsrv.tools.cli_exit import EXIT_OK, Failed
 from mailsrv.config import Config, ConfigError
+from mailsrv.routing.address import normalise_domain
+from mailsrv.tools.cli_exit import EXIT_OK, Failed
 
 __all__ = ["cmd_user"]
 

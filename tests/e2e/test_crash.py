@@ -208,7 +208,7 @@ def test_sigkill_under_load_loses_nothing_accepted(make_server):
         load = Load(server.port, round_no, seed=20240 + round_no).start()
         started = time.monotonic()
         wait_for(
-            lambda: (load.accepted_count() >= KILL_AFTER_ACCEPTED
+            lambda load=load, started=started: (load.accepted_count() >= KILL_AFTER_ACCEPTED
                      and (time.monotonic() - started >= KILL_AFTER_SECONDS
                           # a fast machine: kill at half load rather than after it
                           or load.accepted_count() >= CLIENTS * MESSAGES_PER_CLIENT // 2))
@@ -225,7 +225,7 @@ def test_sigkill_under_load_loses_nothing_accepted(make_server):
         litter = age_tmp_litter(server)
         server.start()
         files = check_after_restart(server, attempted, accepted)
-        wait_for(lambda: not any(path.exists() for path in litter), 10, "tmp/ cleaned")
+        wait_for(lambda litter=litter: not any(path.exists() for path in litter), 10, "tmp/ cleaned")
         print(
             f"round {round_no}: killed after {time.monotonic() - started:.2f}s "
             f"(load still running: {in_flight}); attempted {len(load.attempted)}, "

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+
 from support.harness import wait_for
 from support.mail import connect, send_mail
 
@@ -49,20 +50,23 @@ def test_each_copy_names_its_mailbox_in_delivered_to(mail_server):
 
 
 def test_delivered_to_is_the_final_mailbox_for_one_recipient(mail_server):
-    send_mail(mail_server.port, "a@c.test", ["Alice+tag@Example.org"], b"Subject: one\r\n\r\ntoken-dt-one\r\n")
+    send_mail(mail_server.port, "a@c.test", ["Alice+tag@Example.org"],
+              b"Subject: one\r\n\r\ntoken-dt-one\r\n")
     data = copy_of(mail_server, "alice@example.org", b"token-dt-one")
     assert data.split(b"\n")[1] == b"Delivered-To: alice@example.org"
 
 
 def test_same_message_id_in_every_copy(mail_server):
-    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "carol@example.net"], b"Subject: mid\r\n\r\ntoken-mid\r\n")
+    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "carol@example.net"],
+              b"Subject: mid\r\n\r\ntoken-mid\r\n")
     ids = {m["Message-ID"] for a in ("alice@example.org", "carol@example.net")
            for m in mail_server.messages(a) if "token-mid" in m.as_string()}
     assert len(ids) == 1 and None not in ids
 
 
 def test_received_for_clause_only_with_one_recipient(mail_server):
-    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: two\r\n\r\ntoken-two\r\n")
+    send_mail(mail_server.port, "a@c.test", ["alice@example.org", "bob@example.org"],
+              b"Subject: two\r\n\r\ntoken-two\r\n")
     [msg] = [m for m in mail_server.messages("bob@example.org") if "token-two" in m.as_string()]
     assert " for <" not in msg["Received"]
 
@@ -88,7 +92,8 @@ def test_unwritable_maildir_gives_451_and_leaves_no_copy_anywhere(make_server):
     (server.root / "example.org").mkdir(parents=True, exist_ok=True)
     (server.root / "example.org" / "bob").write_text("not a directory")
     with pytest.raises(smtplib.SMTPDataError) as e:
-        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"],
+                  b"Subject: x\r\n\r\ntoken-fail\r\n")
     assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
     assert token_count(server, "alice@example.org", "token-fail") == 0
     alice = server.root / "example.org" / "alice"
@@ -96,7 +101,8 @@ def test_unwritable_maildir_gives_451_and_leaves_no_copy_anywhere(make_server):
     assert os.listdir(server.queue / "incoming") == []
     # Once the administrator fixes it, the retry succeeds.
     (server.root / "example.org" / "bob").unlink()
-    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-fail\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"],
+              b"Subject: x\r\n\r\ntoken-fail\r\n")
     assert token_count(server, "bob@example.org", "token-fail") == 1
 
 
@@ -161,7 +167,8 @@ def test_a_symlink_below_the_root_gives_451_is_logged_and_nothing_is_written(
 ):
     server = make_server().start()
     root = server.root
-    send_mail(server.port, "a@c.test", ["carol@example.net", "bob@example.org"], b"Subject: before\r\n\r\nfirst\r\n")
+    send_mail(server.port, "a@c.test", ["carol@example.net", "bob@example.org"],
+              b"Subject: before\r\n\r\nfirst\r\n")
     (root / "elsewhere").mkdir()
     if link == "example.org":
         shutil.rmtree(root / "example.org")
@@ -170,7 +177,8 @@ def test_a_symlink_below_the_root_gives_451_is_logged_and_nothing_is_written(
     (root / link).symlink_to(os.path.relpath(root / target, (root / link).parent))
     before = tree(root / target)
     with pytest.raises(smtplib.SMTPDataError) as e:
-        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: x\r\n\r\ntoken-link\r\n")
+        send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"],
+                  b"Subject: x\r\n\r\ntoken-link\r\n")
     assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
     # Nothing through the link, nothing for alice either (all or nothing), nothing queued.
     assert tree(root / target) == before
@@ -190,7 +198,8 @@ def test_a_symlinked_mailbox_root_is_followed(make_server, tmp_path):
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "mail").symlink_to(real)
     server = make_server(overrides={"mailboxes": {"root": str(tmp_path / "var" / "mail")}}).start()
-    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"], b"Subject: rooted\r\n\r\nok\r\n")
+    send_mail(server.port, "a@c.test", ["alice@example.org", "bob@example.org"],
+              b"Subject: rooted\r\n\r\nok\r\n")
     for user in ("alice", "bob"):
         assert len(os.listdir(real / "example.org" / user / "new")) == 1
 

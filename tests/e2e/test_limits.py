@@ -1,7 +1,7 @@
 """Every limit, at its edge and one past it, against a running server."""
 
-import socket
 import shutil
+import socket
 import ssl
 import subprocess
 import time

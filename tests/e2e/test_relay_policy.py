@@ -88,6 +88,7 @@ def test_remote_recipient_from_trusted_client_is_queued_then_relayed(mail_server
     """Queued, then handed to the relayer: remote.test does not exist here, so it bounces."""
     import email
     import email.policy
+
     from support.harness import wait_for
     from support.mail import send_mail
 

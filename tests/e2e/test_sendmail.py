@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from mailsrv.tools import sendmail
 from mailsrv.config import load_config
+from mailsrv.tools import sendmail
 from mailsrv.tools.sendmail_args import UsageError, parse_args, parse_recipients
 from mailsrv.tools.sendmail_message import (
     add_missing_headers,
@@ -194,7 +194,7 @@ def test_sendmail_t_delivers_and_hides_bcc(server):
                           message=message)
     assert result.returncode == EX_OK, result.stderr
     for address in ("alice@example.org", "carol@example.net", "bob@example.org"):
-        [delivered] = wait_for(lambda: server.messages(address), 20, f"mail for {address}")
+        [delivered] = wait_for(lambda address=address: server.messages(address), 20, f"mail for {address}")
         assert delivered["Subject"] == "from cron"
         header_section = delivered.as_bytes().split(b"\n\n", 1)[0]
         assert delivered["Delivered-To"] == address  # each copy names its own mailbox only

@@ -10,7 +10,6 @@ import pytest
 from support.harness import wait_for
 from support.mail import connect, send_mail
 
-
 MESSAGE = b"From: Bob <bob@client.test>\r\nTo: alice@example.org\r\nSubject: hello\r\n\r\nHi Alice.\r\n"
 
 

@@ -29,11 +29,17 @@ from pathlib import Path
 import pytest
 
 from support.certs import make_ca
+from support.harness import (
+    REPO,
+    DNSServer,
+    MailServer,
+    RawClient,
+    SMTPSink,
+    free_port,
+    wait_for,
+)
 from support.mail import connect, connect_tls
 from support.sasl import b64, plain
-from support.harness import (
-    REPO, DNSServer, MailServer, RawClient, SMTPSink, free_port, wait_for,
-)
 
 sys.path.insert(0, str(REPO))
 from mailsrv.accounts.auth import hash_password  # noqa: E402  (the checkout's code, like the server)

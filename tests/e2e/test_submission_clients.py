@@ -16,10 +16,10 @@ import subprocess
 import sys
 
 import pytest
+from test_submission import USERS_PASSWORDS, env, make_server, received_of, server  # noqa: F401
 
 from support.harness import REPO, wait_for
 from support.peers import SWAKS, swaks_lacks
-from test_submission import USERS_PASSWORDS, env, make_server, received_of, server  # noqa: F401
 
 MSMTP = shutil.which("msmtp")
 DOVEADM = shutil.which("doveadm")
@@ -139,8 +139,8 @@ def test_doveadm_verifies_the_hash_mailsrv_user_add_wrote(env, tmp_path):  # noq
         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    line = next(l for l in (s.workdir / "users").read_text().splitlines()
-                if l.startswith("erin@example.org:"))
+    line = next(entry for entry in (s.workdir / "users").read_text().splitlines()
+                if entry.startswith("erin@example.org:"))
     hashed = line.split(":")[1]
     assert hashed.startswith("{BLF-CRYPT}$2y$12$")
     ok = subprocess.run([DOVEADM, "pw", "-t", hashed, "-p", "erin's pässword"],

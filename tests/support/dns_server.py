@@ -61,7 +61,7 @@ def main():
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
     # The kernel picks a free UDP port; the same TCP port may be taken (by any client socket),
     # so try again with another pair, a bounded number of times.
-    for attempt in range(50):
+    for _attempt in range(50):
         udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         port = udp.getHost().port
         try:

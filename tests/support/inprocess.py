@@ -16,16 +16,20 @@ try:
 except ImportError:  # Twisted 22.4 (Debian bookworm)
     from twisted.test.proto_helpers import StringTransport
 
-from mailsrv.storage import queue
-from mailsrv.accounts.auth import FailureTracker, PasswordChecker, check_password_field, hash_password
+from mailsrv.accounts.auth import (
+    FailureTracker,
+    PasswordChecker,
+    check_password_field,
+    hash_password,
+)
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.inbound.framing import Framing
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
+from mailsrv.inbound.session import SMTPSession
 from mailsrv.replies import format_reply
 from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
-from mailsrv.inbound.session import SMTPSession
-
+from mailsrv.storage import queue
 from support.queue_runtime import SyncWorkers
 
 __all__ = [

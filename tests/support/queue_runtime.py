@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from mailsrv.storage import queue
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.runtime import Runtime
 from mailsrv.routing.router import Directory
+from mailsrv.runtime import Runtime
+from mailsrv.storage import queue
 
 
 class SyncWorkers:

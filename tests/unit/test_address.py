@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import (
     Mailbox,
     is_dot_atom,
@@ -12,7 +13,6 @@ from mailsrv.routing.address import (
     parse_mail_from,
     parse_rcpt_to,
 )
-from mailsrv.replies import Refusal, Reply
 
 MAIL_USAGE = (501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_USAGE = (501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")

@@ -9,8 +9,6 @@ import os
 import pytest
 
 from mailsrv.accounts import userfile
-from mailsrv.inbound import sasl
-from mailsrv.routing.address import Mailbox
 from mailsrv.accounts.auth import (
     FailureTracker,
     PasswordError,
@@ -19,6 +17,8 @@ from mailsrv.accounts.auth import (
     verify_password,
 )
 from mailsrv.checks.policy import owns_address
+from mailsrv.inbound import sasl
+from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import Directory
 
 # --------------------------------------------------------------------------- SASL

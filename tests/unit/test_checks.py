@@ -9,22 +9,37 @@ import datetime
 
 import pytest
 from zope.interface import implementer
+from zope.interface.exceptions import BrokenImplementation
 from zope.interface.verify import verifyObject
 
 from mailsrv import replies
-from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
-from mailsrv.checks.pipeline import (
-    ACCEPT, AddHeaders, Client, Draft, Facts, FileInto, Pipeline, Reject, Stage, TempFail,
-)
 from mailsrv.checks.builtin import (
-    HeaderOwnership, HopLimit, LocalRecipient, MissingFields, RelayAccess, SenderOwnership,
+    HeaderOwnership,
+    HopLimit,
+    LocalRecipient,
+    MissingFields,
+    RelayAccess,
+    SenderOwnership,
     builtin_pipeline,
 )
-from mailsrv.config import parse_config
-from mailsrv.message.headsection import HeaderFacts
-from mailsrv.interfaces import ICheck, IModifier, IPipeline
+from mailsrv.checks.pipeline import (
+    ACCEPT,
+    AddHeaders,
+    Client,
+    Draft,
+    Facts,
+    FileInto,
+    Pipeline,
+    Reject,
+    Stage,
+    TempFail,
+)
 from mailsrv.checks.policy import is_local, route
+from mailsrv.config import parse_config
+from mailsrv.interfaces import ICheck, IModifier, IPipeline
+from mailsrv.message.headsection import HeaderFacts
 from mailsrv.replies import Reply
+from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
 from mailsrv.routing.router import Directory, LocalTarget
 
 REJECTED = Reply(550, "5.7.1", "Error: go away")
@@ -181,7 +196,7 @@ def test_the_pipeline_verifies_what_it_is_given():
         def check(self, facts):
             return ACCEPT
 
-    with pytest.raises(Exception):
+    with pytest.raises(BrokenImplementation):  # no stage: verifyObject refuses it
         Pipeline([implementer(ICheck)(NoStage)()])
     with pytest.raises(TypeError):
         Pipeline([Fixed("x", "mail", ACCEPT)])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import email
-import io
 import email.policy
+import io
 import json
 import time
 from dataclasses import replace
@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 
 from mailsrv.storage import queue, queue_control
-from mailsrv.tools import cli
 from mailsrv.storage.envelope import SENT
+from mailsrv.tools import cli
 from support.harness import MailServer
 
 

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 
-from mailsrv.config import directories as directories_module
-from mailsrv.config import load as config_module
 from mailsrv.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -32,6 +30,8 @@ from mailsrv.config import (
     parse_config,
     prepare_directories,
 )
+from mailsrv.config import directories as directories_module
+from mailsrv.config import load as config_module
 
 SOURCE = Path("/etc/mailsrv/mailsrv.toml")
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mailsrv.toml"

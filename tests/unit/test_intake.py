@@ -12,20 +12,24 @@ from twisted.internet import task
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from mailsrv.storage import queue
-from mailsrv.checks.pipeline import ACCEPT, AddHeaders, FileInto, Pipeline, Reject, Stage, TempFail
 from mailsrv.checks.builtin import builtin_pipeline
+from mailsrv.checks.pipeline import ACCEPT, AddHeaders, FileInto, Pipeline, Reject, Stage, TempFail
 from mailsrv.config import parse_config, prepare_directories
 from mailsrv.interfaces import (
-    ICheck, IMessageIntake, IRelayer, ISessionIntake, ISpareSpoolFiles, IThreadRunner,
+    ICheck,
+    IMessageIntake,
+    IRelayer,
+    ISessionIntake,
+    ISpareSpoolFiles,
+    IThreadRunner,
 )
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.replies import Reply
 from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
+from mailsrv.storage import queue
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
-
 from support.inprocess import CLIENT, Connection, SyncWorkers
 from support.queue_runtime import maildir_of
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mailsrv.routing.address import Mailbox, parse_rcpt_to
 from mailsrv.checks.policy import Refusal, recipient_targets
 from mailsrv.replies import Reply
+from mailsrv.routing.address import Mailbox, parse_rcpt_to
 from mailsrv.routing.router import Directory, LocalTarget, RemoteTarget
 
 RELAY_DENIED = (554, "5.7.1", "Relay access denied")

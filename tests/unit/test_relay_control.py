@@ -11,10 +11,10 @@ import time
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv.storage import queue, queue_control
-from mailsrv.storage.envelope import new_message
 from mailsrv.outbound.control import CONTROL_POLL, ControlChannel
 from mailsrv.outbound.relayer import Relayer
+from mailsrv.storage import queue, queue_control
+from mailsrv.storage.envelope import new_message
 from support.queue_runtime import enqueue, maildir_of, queue_runtime
 
 

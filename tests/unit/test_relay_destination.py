@@ -16,13 +16,13 @@ except ImportError:  # Twisted 22.4 (Debian bookworm)
     from twisted.test.proto_helpers import MemoryReactor
 
 from mailsrv.config import parse_config
+from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
+from mailsrv.outbound.mx import DestinationError, MXHost
+from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.replies import Reply
+from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.storage.envelope import QueuedRecipient
-from mailsrv.outbound.mx import DestinationError, MXHost
-from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
-from mailsrv.routing.router import Directory
-from mailsrv.replies import Reply
-from mailsrv.outbound.smtpclient import OutboundTransaction
 
 
 def make(tmp_path, **relay) -> DestinationDelivery:

@@ -7,15 +7,24 @@ from dataclasses import replace
 
 import pytest
 
-from mailsrv.storage.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, new_message
 from mailsrv.outbound.mx import DestinationError
 from mailsrv.outbound.outcome import (
-    ADMIN_BOUNCE_REASON, BOUNCED_NOW, DEFERRED, EXPIRED, SENT_NOW, apply_results,
-    bounced_by_administrator, delay_status, destination_failed, interrupted, rescheduled,
+    ADMIN_BOUNCE_REASON,
+    BOUNCED_NOW,
+    DEFERRED,
+    EXPIRED,
+    SENT_NOW,
+    apply_results,
+    bounced_by_administrator,
+    delay_status,
+    destination_failed,
+    interrupted,
+    rescheduled,
     unreachable,
 )
 from mailsrv.outbound.retry import RetryPolicy
 from mailsrv.replies import Reply
+from mailsrv.storage.envelope import BOUNCED, QUEUED, SENT, QueuedMessage, new_message
 
 CREATED = 1_000_000.0
 DAY = 86400.0

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 from twisted.internet import defer, task
 
-from mailsrv.storage.envelope import SENT, QueuedMessage, new_message
 from mailsrv.outbound.scheduler import MESSAGES_PER_SESSION, Scheduler
+from mailsrv.storage.envelope import SENT, QueuedMessage, new_message
 
 START = 1_000_000.0
 

@@ -13,9 +13,9 @@ import time
 import pytest
 from twisted.internet import defer
 
-from mailsrv.storage import queue
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.replies import Reply
+from mailsrv.storage import queue
 from support.queue_runtime import enqueue, queue_runtime
 
 WHERE = "mx1.remote.test[192.0.2.25]:25"

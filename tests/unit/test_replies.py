@@ -9,8 +9,8 @@ import pytest
 
 from mailsrv import replies
 from mailsrv.checks import policy
-from mailsrv.routing import address
 from mailsrv.replies import Refusal, Reply
+from mailsrv.routing import address
 
 
 def test_every_reply_is_a_reply_whose_status_matches_its_code() -> None:

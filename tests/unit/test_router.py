@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv.routing.address import Mailbox
-from mailsrv.config import ConfigError
 from mailsrv.accounts.files import load_aliases, load_users, read_users
+from mailsrv.config import ConfigError
+from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import (
     MAX_ALIAS_DEPTH,
     Directory,

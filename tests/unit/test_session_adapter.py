@@ -13,7 +13,6 @@ from twisted.internet import defer, task
 
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.inbound.smtp import CLOSE_GRACE
-
 from support.inprocess import CLIENT, Connection, StringTransport, factory_for, make_runtime
 
 

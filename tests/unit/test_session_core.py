@@ -16,10 +16,9 @@ import pytest
 from twisted.internet import task
 
 from mailsrv.inbound import message_intake
-from mailsrv.message.headsection import HEADER_SECTION_LIMIT
 from mailsrv.inbound.sasl import MAX_RESPONSE_LINE
 from mailsrv.inbound.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
-
+from mailsrv.message.headsection import HEADER_SECTION_LIMIT
 from support.inprocess import CLIENT, PASSWORD, Core, make_runtime
 from support.queue_runtime import maildir_of
 from support.sasl import b64, plain

@@ -9,15 +9,13 @@ import pytest
 from twisted.internet import defer, task
 from twisted.names import client, dns
 
-from mailsrv.storage import queue
 from mailsrv.config import parse_config, prepare_directories
-from mailsrv.routing.router import Directory
-from mailsrv.runtime import Runtime
 from mailsrv.inbound.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
 from mailsrv.inbound.smtp import MAX_HELD_INPUT
-
+from mailsrv.routing.router import Directory
+from mailsrv.runtime import Runtime
+from mailsrv.storage import queue
 from support.inprocess import CLIENT, Connection, SyncWorkers
-
 
 
 class ScriptedResolver(client.Resolver):
@@ -195,7 +193,7 @@ def test_banner_waits_for_reverse_dns_but_not_for_ever(tmp_path, clock):
     lines = session.output()
     assert lines[0] == "220 mx.example.org ESMTP mailsrv"
     assert lines[1].startswith(f"250-mx.example.org Hello early.test [{CLIENT}]")
-    assert session.protocol.session.client == f"unknown[{CLIENT}]"
+    assert session.protocol.core.delivery.client == f"unknown[{CLIENT}]"
 
 
 def test_banner_comes_with_the_reverse_name_once_known(tmp_path, clock):
@@ -206,4 +204,4 @@ def test_banner_comes_with_the_reverse_name_once_known(tmp_path, clock):
     assert session.output() == []  # the forward lookup confirms it first
     resolver.answer(1, dns.Record_A(CLIENT))
     assert session.output() == ["220 mx.example.org ESMTP mailsrv"]
-    assert session.protocol.session.client == f"client.test[{CLIENT}]"
+    assert session.protocol.core.delivery.client == f"client.test[{CLIENT}]"

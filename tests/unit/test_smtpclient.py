@@ -15,8 +15,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailsrv.outbound import outgoing
+from mailsrv.outbound.smtpclient import (
+    OutboundTransaction,
+    RelayClient,
+    SessionOutcome,
+    _MessageData,
+)
 from mailsrv.replies import Reply
-from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClient, SessionOutcome, _MessageData
 
 
 @pytest.mark.parametrize(
