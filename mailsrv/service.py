@@ -18,7 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailsrv.accounts.files import load_aliases, read_users
+from mailsrv.accounts.files import load_aliases, read_srs_secrets, read_users
 from mailsrv.config import (
     Config,
     ConfigError,
@@ -31,6 +31,7 @@ from mailsrv.inbound.tls import ServerTLS, TLSSetupError
 from mailsrv.interfaces import ISpareSpoolFiles
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.routing.router import Directory
+from mailsrv.routing.srs import SRS
 from mailsrv.runtime import Runtime
 from mailsrv.storage import queue, queue_control
 from mailsrv.storage.tmpclean import TmpCleaner
@@ -47,15 +48,32 @@ def load_directory(config: Config) -> Directory:
             Path(boxes.users), passwords=config.auth_enabled, local_domains=config.domains.local
         )
     aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
+    srs = None
+    if config.srs.secret_file is not None:
+        srs = SRS(read_srs_secrets(Path(config.srs.secret_file)), srs_domain(config),
+                  max_age=config.srs.max_age)
     directory = Directory(
         config.domains.local,
         None if passwords is None else frozenset(passwords),
         aliases,
         boxes.recipient_delimiter,
         passwords if config.auth_enabled else None,
+        srs=srs,
     )
     directory.check(boxes.aliases or boxes.users or config.source)
     return directory
+
+
+def srs_domain(config: Config) -> str:
+    """The domain SRS addresses are made in: srs.domain, else the host name's domain (or
+    the host name) when local, else the first local domain (bounces must come back here)."""
+    if config.srs.domain is not None:
+        return config.srs.domain
+    host = config.hostname
+    for domain in (host, host.partition(".")[2]):
+        if domain in config.domains.local:
+            return domain
+    return config.domains.local[0]
 
 
 def load_tls(config: Config) -> ServerTLS | None:

@@ -176,3 +176,33 @@ def load_aliases(path: Path) -> dict[str, tuple[str, ...]]:
         aliases[name] = tuple(targets)
         lines[name] = number
     return aliases
+
+
+def read_srs_secrets(path: Path) -> list[bytes]:
+    """Read the SRS secret file: one secret a line (blank lines and ``#`` comments skipped);
+    the first signs, the others still verify (a rotation keeps the old one for max_age days).
+
+    Anyone with the secret can make our server forward mail to any address (a bounce to a
+    valid SRS address is relayed), so the file must not be open to others.
+    """
+    key = "srs.secret_file"
+    try:
+        mode = os.stat(path).st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, key, f"expected a readable file of secrets: {exc}") from None
+    if not userfile.private_mode(mode):
+        raise ConfigError(
+            path, f"mode {stat.S_IMODE(mode):04o}",
+            f"expected a secret file that others cannot read: chmod {userfile.FILE_MODE:04o}",
+        )
+    secrets = [line.strip() for line in text.splitlines()]
+    secrets = [s.encode("utf-8") for s in secrets if s and not s.startswith("#")]
+    if not secrets:
+        raise ConfigError(path, key, "expected at least one secret (a line of random text)")
+    short = [n for n, s in enumerate(secrets, 1) if len(s) < 16]
+    if short:
+        raise ConfigError(
+            path, key, f"expected secrets of 16 characters or more (secret {short[0]} is shorter)"
+        )
+    return secrets

@@ -37,10 +37,11 @@ from mailsrv.interfaces import ICheck, IModifier
 from mailsrv.message import headers, headsection
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import parse_mail_from
+from mailsrv.routing.srs import SRSError
 
 __all__ = [
     "HeaderOwnership", "HopLimit", "LocalRecipient", "MissingFields", "RelayAccess",
-    "SenderOwnership", "builtin_pipeline",
+    "SenderOwnership", "SenderRewriting", "SrsAddress", "builtin_pipeline",
 ]
 
 
@@ -55,6 +56,25 @@ class RelayAccess:
         assert facts.recipient is not None
         refusal = relay_refusal(facts.recipient, facts.recipient_is_local, facts.client.may_relay)
         return ACCEPT if refusal is None else Reject(refusal)
+
+
+@implementer(ICheck)
+class SrsAddress:
+    """A bounce to an SRS address in our SRS domain must be to one we made and that has not
+    expired: any other would make us forward mail to an address of the sender's choosing."""
+
+    name = "srs_address"
+    stage = Stage.RCPT
+
+    def check(self, facts: Facts) -> Verdict:
+        assert facts.recipient is not None
+        if not facts.recipient_is_local:
+            return ACCEPT
+        try:
+            facts.directory.srs_target(facts.recipient)
+        except SRSError as exc:
+            return Reject(replies.SRS_INVALID.format(reason=str(exc)))
+        return ACCEPT
 
 
 @implementer(ICheck)
@@ -166,12 +186,33 @@ class MissingFields:
         return replace(draft, prefix=draft.prefix + added) if added else draft
 
 
+@implementer(IModifier)
+class SenderRewriting:
+    """SRS: the queued copy of a message whose envelope sender is in a domain not ours is
+    sent from an address in our SRS domain, so that the receiver's SPF check of the sender
+    passes (we are not the sender's server; a forwarded message would fail it) and bounces
+    come back to us, to be reversed and returned (postsrsd's rule: every such sender)."""
+
+    name = "sender_rewriting"
+
+    def modify(self, draft: Draft) -> Draft:
+        directory, sender = draft.directory, draft.sender
+        if directory is None or directory.srs is None or sender is None:
+            return draft
+        if directory.is_local_domain(sender.rpartition("@")[2]):
+            return draft
+        try:
+            return replace(draft, queue_sender=directory.srs.forward(sender))
+        except SRSError:
+            return draft  # a quoted local part: sent as it is (SPF may fail at the receiver)
+
+
 def builtin_pipeline(config: Config) -> Pipeline:
     """The checks and modifiers a server with ``config`` runs, in their order."""
     checks: list[ICheck] = [
-        SenderOwnership(), RelayAccess(), LocalRecipient(),
+        SenderOwnership(), RelayAccess(), SrsAddress(), LocalRecipient(),
         HopLimit(config.smtp.max_received_headers),
     ]
     if config.submission.check_from_header:
         checks.append(HeaderOwnership())
-    return Pipeline(checks, [MissingFields()])
+    return Pipeline(checks, [MissingFields(), SenderRewriting()])

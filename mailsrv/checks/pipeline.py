@@ -249,7 +249,10 @@ class Draft:
     ``prefix`` is the header fields put before the spool body (our ``Received:``, fields the
     checks added, ``Message-ID:``/``Date:`` when missing); the blank line that separates a
     body without a header section is added after the modifiers ran.  ``sender`` is the
-    envelope sender for the Return-Path: and the queue (None: ``<>``).
+    envelope sender for the Return-Path: and the queue (None: ``<>``); ``queue_sender``, when
+    set, the queued copy's instead (SRS: mail we forward off-site is sent from our domain,
+    while local copies keep the original in Return-Path:).  ``directory`` is the one the
+    message was routed with (who is local, the SRS secrets).
     """
 
     queue_id: str
@@ -258,6 +261,8 @@ class Draft:
     prefix: bytes
     head: HeaderFacts
     authenticated_as: str | None = None
+    directory: Directory | None = None
+    queue_sender: str | None = None
 
 
 @implementer(IPipeline)

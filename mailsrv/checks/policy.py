@@ -13,6 +13,7 @@ from mailsrv import replies
 from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import Mailbox, is_safe_local_part
 from mailsrv.routing.router import Directory, LocalTarget, RemoteTarget, Target, UnknownRecipient
+from mailsrv.routing.srs import SRSError
 
 __all__ = [
     "Refusal", "is_disguised", "is_local", "local_refusal", "owns_address", "recipient_targets",
@@ -50,6 +51,12 @@ def route(
     """Where a recipient goes: its local targets, the queue for a foreign one the client may
     relay to, or None (an unsafe or unknown local part, a foreign domain without relay)."""
     if is_local(mailbox, directory):
+        try:
+            returned = directory.srs_target(mailbox)
+        except SRSError:
+            return None  # refused as such by the srs_address check
+        if returned is not None:
+            return (returned,)  # a bounce to a sender we rewrote goes back to that sender
         if not is_safe_local_part(mailbox.local):
             return None  # never looked up: such names are unknown here
         try:

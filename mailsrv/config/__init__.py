@@ -29,6 +29,7 @@ from mailsrv.config.schema import (
     QueueConfig,
     RelayConfig,
     SmtpConfig,
+    SrsConfig,
     SubmissionConfig,
     TlsConfig,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "QueueConfig",
     "RelayConfig",
     "SmtpConfig",
+    "SrsConfig",
     "SubmissionConfig",
     "TlsConfig",
     "demo_config",

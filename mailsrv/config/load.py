@@ -36,6 +36,7 @@ from mailsrv.config.schema import (
     QueueConfig,
     RelayConfig,
     SmtpConfig,
+    SrsConfig,
     SubmissionConfig,
     TlsConfig,
 )
@@ -123,6 +124,10 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "connect_timeout": keys.seconds(),
             "timeout": keys.seconds(),
         },
+    ),
+    "srs": (
+        SrsConfig,
+        {"secret_file": keys.path(), "domain": keys.hostname(), "max_age": keys.integer(1, 1000)},
     ),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
@@ -212,7 +217,19 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
     _check_smarthost(tables["relay"], source)
     config = Config(hostname=hostname, source=source, **tables)
     _check_tls(config)
+    _check_srs(config)
     return config
+
+
+def _check_srs(config: Config) -> None:
+    """The SRS domain must be ours: bounces to it have to come back here to be reversed."""
+    domain = config.srs.domain
+    if domain is not None and domain not in config.domains.local:
+        raise ConfigError(
+            config.source, "srs.domain",
+            f"expected one of the local domains ({', '.join(config.domains.local)}), "
+            f"got {domain!r}",
+        )
 
 
 def _check_tls(config: Config) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "QueueConfig",
     "RelayConfig",
     "SmtpConfig",
+    "SrsConfig",
     "SubmissionConfig",
     "TlsConfig",
 ]
@@ -156,6 +157,15 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class SrsConfig:
+    """[srs]: the sender of mail we forward off-site rewritten (mailsrv.routing.srs)."""
+
+    secret_file: Path | None = None  # one secret a line, the first signs; None: no SRS
+    domain: str | None = None  # None: the hostname's domain if local, else the first local
+    max_age: int = 21  # days a rewritten sender is good for bounces
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -168,6 +178,7 @@ class Config:
     tls: TlsConfig = TlsConfig()
     submission: SubmissionConfig = SubmissionConfig()
     auth: AuthConfig = AuthConfig()
+    srs: SrsConfig = SrsConfig()
     source: Path | None = None
 
     @property

@@ -189,14 +189,15 @@ class Transaction:
                 queue_id=self.queue_id, hostname=config.hostname,
                 sender=str(self.sender) if self.sender else None,
                 prefix=received + b"".join(outcome.headers), head=facts.head,
-                authenticated_as=client.authenticated_as,
+                authenticated_as=client.authenticated_as, directory=self.runtime.directory,
             ))
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
             try:
                 return store(
-                    config, self.queue_id, sender=draft.sender, targets=list(self.targets),
+                    config, self.queue_id, sender=draft.sender, queue_sender=draft.queue_sender,
+                    targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
                     folders=self.folders,
                 )

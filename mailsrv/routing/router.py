@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 from mailsrv.config import ConfigError
 from mailsrv.routing.address import Mailbox, is_safe_local_part, normalise_domain
+from mailsrv.routing.srs import SRS, is_srs_local_part
 
 __all__ = [
     "LocalTarget",
@@ -96,6 +97,7 @@ class Directory:
         aliases: Mapping[str, tuple[str, ...]],
         recipient_delimiter: str = "+",
         passwords: Mapping[str, str | None] | None = None,
+        srs: SRS | None = None,
     ) -> None:
         domains: list[str] = []
         for domain in local_domains:
@@ -110,6 +112,9 @@ class Directory:
         #: Lower-case address -> bcrypt hash or None (no login), read with the users file
         #: when AUTH is offered, so that a reload swaps mailboxes and passwords together.
         self.passwords: Mapping[str, str | None] = dict(passwords or {})
+        #: The sender rewriting of mail we forward, None without [srs] (read with the users
+        #: file, so that a reload also rotates its secrets).
+        self.srs = srs
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -165,6 +170,20 @@ class Directory:
             if name is not None and self._is_user(name, domain):
                 return LocalTarget(domain, name)
         return None
+
+    def srs_target(self, mailbox: Mailbox) -> RemoteTarget | None:
+        """For a bounce to a sender address our SRS made: the original sender it goes back to.
+
+        None for an address that does not claim to be one (not in the SRS domain, or no
+        ``SRS0=``/``SRS1=`` local part); raises mailsrv.routing.srs.SRSError for one that
+        claims to be but is not ours, has expired or is malformed.
+        """
+        srs = self.srs
+        if srs is None or mailbox.domain.lower() != srs.domain:
+            return None
+        if not is_srs_local_part(mailbox.local):
+            return None
+        return RemoteTarget(srs.reverse(mailbox.local))
 
     def resolve(self, mailbox: Mailbox) -> tuple[Target, ...]:
         """The delivery targets of a recipient in a local domain (or ``""``: postmaster).

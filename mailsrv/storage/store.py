@@ -37,6 +37,7 @@ def store(
     queue_id: str,
     *,
     sender: str | None,
+    queue_sender: str | None = None,
     targets: list[Target],
     trace: bytes,
     body_path: Path,
@@ -48,7 +49,8 @@ def store(
 
     ``trace`` is the header lines to put before the body (``Received:``, maybe
     ``Message-ID:``, maybe the blank separator line).  Local copies also get
-    ``Return-Path:`` and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
+    ``Return-Path:`` (``sender``; the queued copy is sent from ``queue_sender`` when given,
+    the SRS address of a forwarded message) and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
     local and virtual write it; what Sieve and loop detection read): they belong to the
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
     Each local copy is thus a file of its own, which also keeps one recipient's address out
@@ -75,7 +77,8 @@ def store(
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
         if remote:
             stored.queued = queue.enqueue(
-                Path(config.queue.path), queue_id, sender=sender,
+                Path(config.queue.path), queue_id,
+                sender=queue_sender if queue_sender is not None else sender,
                 recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
             )

@@ -22,6 +22,7 @@ PUBLIC = {
     "QueueConfig": schema,
     "RelayConfig": schema,
     "SmtpConfig": schema,
+    "SrsConfig": schema,
     "SubmissionConfig": schema,
     "TlsConfig": schema,
     "demo_config": load,

@@ -136,8 +136,8 @@ def test_build_makes_every_collaborator_with_a_runner_per_role(tmp_path):
     assert runtime.workers.size == 8
     assert runtime.password_threads is None and runtime.checker is None  # no AUTH configured
     assert isinstance(runtime.spool_files, SpareSpoolFiles)
-    assert [c.name for c in runtime.checks.checks][:3] == [
-        "sender_ownership", "relay_access", "local_recipient"]
+    assert [c.name for c in runtime.checks.checks][:4] == [
+        "sender_ownership", "relay_access", "srs_address", "local_recipient"]
     runtime.spool_files.stop()
 
 
