@@ -4,7 +4,8 @@ A small authoritative DNS server for the tests, built on twisted.names.
 Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP, same port, chosen
 by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
 ``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
-["PTR", "host.name"]]}, "servfail": ["name"]}``. Names not listed are NXDOMAIN; listed names
+["PTR", "host.name"], ["TXT", "v=spf1 -all"]]}, "servfail": ["name"]}`` (a TXT value longer
+than 255 octets is sent as several strings of one record, as DKIM keys are). Names not listed are NXDOMAIN; listed names
 without records of the asked type answer NOERROR with no answer (NODATA).
 """
 
@@ -28,6 +29,10 @@ def _payload(record):
         return dns.PTR, dns.Record_PTR(args[0].encode(), ttl=60)
     if kind == "CNAME":
         return dns.CNAME, dns.Record_CNAME(args[0].encode(), ttl=60)
+    if kind == "TXT":
+        text = args[0].encode()
+        return dns.TXT, dns.Record_TXT(*[text[i:i + 255] for i in range(0, len(text), 255)] or [b""],
+                                       ttl=60)
     raise ValueError(f"unsupported record type {kind}")
 
 

@@ -48,6 +48,15 @@ def _tag(fields: dict, name: bytes) -> str:
     return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _fields(verifier: dkim.DKIM | None) -> dict[str, str]:
+    """The signature's d=, s=, i= and b= (what dkimpy read of it; empty when nothing)."""
+    fields = getattr(verifier, "signature_fields", None) or {}
+    return dict(
+        domain=_tag(fields, b"d").lower(), selector=_tag(fields, b"s"),
+        identity=_tag(fields, b"i"), b=re.sub(r"\s", "", _tag(fields, b"b"))[:8],
+    )
+
+
 def _signature_count(head: bytes) -> int:
     return sum(1 for line in head.split(b"\n") if _SIGNATURE.match(line))
 
@@ -69,20 +78,23 @@ def _verify_one(message: bytes, index: int, dns: ThreadDNS) -> DKIMResult:
         keys = [r for r in records if b"p=" in r]
         return (keys or records)[0]
 
+    verifier = None
     try:
         verifier = dkim.DKIM(message, logger=_quiet)
         passed = verifier.verify(idx=index, dnsfunc=dnsfunc)
-    except (dkim.MessageFormatError, dkim.ValidationError, dkim.ParameterError) as e:
-        return DKIMResult("neutral", reason=f"signature not usable: {e}")
-    except dkim.DKIMException as e:
-        return DKIMResult("permerror", reason=str(e))
+        failure = None
+    except dkim.ValidationError as e:
+        passed, failure = False, "body hash mismatch"
+        if not str(e).startswith(failure):
+            return DKIMResult("neutral", reason=f"signature not usable: {e}",
+                              **_fields(verifier))
+    except (dkim.MessageFormatError, dkim.ParameterError) as e:
+        return DKIMResult("neutral", reason=f"signature not usable: {e}", **_fields(verifier))
+    except dkim.DKIMException as e:  # the key record (too small, unknown type, ...)
+        return DKIMResult("permerror", reason=str(e), **_fields(verifier))
     except Exception as e:  # a dkimpy bug on odd input: a result, not a lost message
         return DKIMResult("neutral", reason=f"signature not verifiable: {type(e).__name__}")
-    fields = getattr(verifier, "signature_fields", {}) or {}
-    found = dict(
-        domain=_tag(fields, b"d").lower(), selector=_tag(fields, b"s"),
-        identity=_tag(fields, b"i"), b=re.sub(r"\s", "", _tag(fields, b"b"))[:8],
-    )
+    found = _fields(verifier)
     if passed:
         return DKIMResult("pass", **found)
     if "temperror" in seen:
@@ -91,7 +103,7 @@ def _verify_one(message: bytes, index: int, dns: ThreadDNS) -> DKIMResult:
         return DKIMResult("permerror", reason=seen["nokey"], **found)
     if "key" in seen and getattr(verifier, "pk", None) is None:
         return DKIMResult("permerror", reason="key record not usable", **found)
-    return DKIMResult("fail", reason="signature did not verify", **found)
+    return DKIMResult("fail", reason=failure or "signature did not verify", **found)
 
 
 def verify_all(message: bytes, head: bytes, dns: ThreadDNS) -> tuple[DKIMResult, ...]:
