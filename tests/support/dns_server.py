@@ -5,8 +5,9 @@ Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP,
 by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
 ``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
 ["PTR", "host.name"], ["TXT", "v=spf1 -all"]]}, "servfail": ["name"]}`` (a TXT value longer
-than 255 octets is sent as several strings of one record, as DKIM keys are). Names not listed are NXDOMAIN; listed names
-without records of the asked type answer NOERROR with no answer (NODATA).
+than 255 octets is sent as several strings of one record, as DKIM keys are). Names not
+listed are NXDOMAIN; listed names without records of the asked type answer NOERROR with no
+answer (NODATA).
 """
 
 import json
