@@ -63,6 +63,11 @@ def zone(public_key: str) -> dict:
         "softfail.example.com": [["TXT", "v=spf1 ~all"]],
         "neutral.example.com": [["TXT", "v=spf1 ?all"]],
         "none.example.com": [["A", "192.0.2.1"]],
+        "mxspf.example.com": [["TXT", "v=spf1 mx a:alias.example.com -all"],
+                              ["MX", 10, "mail.mxspf.example.com"]],
+        "mail.mxspf.example.com": [["A", "192.0.2.1"]],
+        "alias.example.com": [["CNAME", "host.example.com"]],
+        "host.example.com": [["A", OUTSIDE]],
         "twospf.example.com": [["TXT", "v=spf1 -all"], ["TXT", "v=spf1 +all"]],
         "manylookups.example.com": [
             ["TXT", "v=spf1 " + " ".join(f"include:l{i}.example.com" for i in range(11))
@@ -147,6 +152,7 @@ def sign(key_path: Path, data: bytes, domain: str = "signed.example.com",
 
 @pytest.mark.parametrize(("domain", "result"), [
     ("pass.example.com", "pass"),
+    ("mxspf.example.com", "pass"),  # through MX, A and CNAME answers
     ("fail.example.com", "fail"),
     ("softfail.example.com", "softfail"),
     ("neutral.example.com", "neutral"),

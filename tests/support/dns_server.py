@@ -7,7 +7,7 @@ by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. 
 ["PTR", "host.name"], ["TXT", "v=spf1 -all"]]}, "servfail": ["name"]}`` (a TXT value longer
 than 255 octets is sent as several strings of one record, as DKIM keys are). Names not
 listed are NXDOMAIN; listed names without records of the asked type answer NOERROR with no
-answer (NODATA).
+answer (NODATA), or their CNAME and its target's records.
 """
 
 import json
@@ -58,6 +58,17 @@ class ZoneResolver(common.ResolverBase):
             for rtype, payload in self.records[key]
             if rtype == qtype or qtype == dns.ALL_RECORDS
         ]
+        aliases = [p for t, p in self.records[key] if t == dns.CNAME]
+        if not answers and aliases:
+            # A name with a CNAME: the CNAME, then the target's records (as servers answer).
+            target = aliases[0].name.name
+            answers = [dns.RRHeader(name=name, type=dns.CNAME, payload=aliases[0], ttl=60,
+                                    auth=True)]
+            answers += [
+                dns.RRHeader(name=target, type=rtype, payload=payload, ttl=60, auth=True)
+                for rtype, payload in self.records.get(target.decode().lower().rstrip("."), [])
+                if rtype == qtype
+            ]
         return defer.succeed((answers, [], []))
 
 

@@ -52,8 +52,9 @@ class Record:
     value: Any
 
 
-def _name(value: Any) -> str:
-    return value.name.decode("ascii", "replace").rstrip(".").lower()
+def _name(payload: Any) -> str:
+    """The domain name a record points to (an MX's exchange, a PTR's or CNAME's target)."""
+    return payload.name.name.decode("ascii", "replace").rstrip(".").lower()
 
 
 def _records(answers: list[Any]) -> tuple[Record, ...]:
@@ -143,8 +144,12 @@ class ThreadDNS:
                 timer.cancel()
             if d.called:
                 return
-            answers, _authority, _additional = result
-            records = _records(answers)
+            try:
+                answers, _authority, _additional = result
+                records = _records(answers)
+            except Exception as e:  # an answer we cannot read: the waiting thread must wake
+                d.errback(DNSTempError(f"{what}: unreadable answer: {e!r}"))
+                return
             self._store(key, records, _ttl(answers))
             d.callback(records)
 
