@@ -18,7 +18,7 @@ import dkim
 
 from mailsrv.checks.auth.lookups import DNSTempError, ThreadDNS
 
-__all__ = ["DKIMResult", "MAX_SIGNATURES", "verify_all"]
+__all__ = ["DKIMResult", "MAX_SIGNATURES", "signature_count", "verify_all"]
 
 #: Signatures verified per message; later ones are reported as ``policy`` (not checked).
 MAX_SIGNATURES = 8
@@ -57,7 +57,8 @@ def _fields(verifier: dkim.DKIM | None) -> dict[str, str]:
     )
 
 
-def _signature_count(head: bytes) -> int:
+def signature_count(head: bytes) -> int:
+    """The DKIM-Signature: fields in a header section."""
     return sum(1 for line in head.split(b"\n") if _SIGNATURE.match(line))
 
 
@@ -109,7 +110,7 @@ def _verify_one(message: bytes, index: int, dns: ThreadDNS) -> DKIMResult:
 def verify_all(message: bytes, head: bytes, dns: ThreadDNS) -> tuple[DKIMResult, ...]:
     """Every DKIM-Signature of ``message`` (its header section is ``head``), in order.
     In a worker thread."""
-    count = _signature_count(head)
+    count = signature_count(head)
     results = [_verify_one(message, i, dns) for i in range(min(count, MAX_SIGNATURES))]
     results += [DKIMResult("policy", reason="too many signatures")] * max(0, count - MAX_SIGNATURES)
     return tuple(results)

@@ -14,7 +14,7 @@ from typing import Callable
 from mailsrv.checks.auth import dkimcheck, dmarc, spfcheck
 from mailsrv.checks.auth.lookups import ThreadDNS
 from mailsrv.checks.auth.results import AuthResults
-from mailsrv.message.headsection import HeaderFacts
+from mailsrv.message.headsection import HeaderFacts, read_head
 
 __all__ = ["Authenticator", "MAX_FROM_DOMAINS", "from_domains", "is_checked"]
 
@@ -62,10 +62,12 @@ class Authenticator:
         dkim: tuple[dkimcheck.DKIMResult, ...] = ()
         if self.dkim and head.has_header_section:
             with open(message_path, "rb") as spool:
-                message = spool.read()
-            end = message.find(b"\n\n")
-            header_section = message if end < 0 else message[: end + 1]
-            dkim = dkimcheck.verify_all(message, header_section, self.dns)
+                start = read_head(spool)
+                end = start.find(b"\n\n")
+                header_section = start if end < 0 else start[: end + 1]
+                if dkimcheck.signature_count(header_section):  # else the body is not read
+                    message = start + spool.read()
+                    dkim = dkimcheck.verify_all(message, header_section, self.dns)
         domains = from_domains(head)
         results: list[dmarc.DMARCResult] = []
         if self.dmarc:
