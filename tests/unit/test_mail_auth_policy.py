@@ -362,3 +362,30 @@ def test_the_field_is_added_with_our_hostname():
     verdict = AuthenticationResults("mx.example.org").check(message_facts(RESULTS))
     assert isinstance(verdict, AddHeaders) and len(verdict.fields) == 1
     assert verdict.fields[0].startswith(b"Authentication-Results: mx.example.org;")
+
+
+def test_which_clients_are_checked_and_the_demo_asks_no_dns(tmp_path):
+    from mailsrv.checks.auth.evaluate import is_checked
+    from mailsrv.config import demo_config
+
+    assert is_checked(trusted_network=False, authenticated_as=None)
+    assert not is_checked(trusted_network=True, authenticated_as=None)
+    assert not is_checked(trusted_network=False, authenticated_as="alice@example.org")
+    assert not demo_config(tmp_path).checks.enabled
+    assert auth_checks(demo_config(tmp_path)) == []
+
+
+def test_checks_keys_are_checked_at_start_up():
+    from mailsrv.config import ConfigError
+
+    base = {"domains": {"local": ["example.org"]}, "mailboxes": {"root": "/x"},
+            "queue": {"path": "/x"}}
+    with pytest.raises(ConfigError, match="checks.dmarc_reject: expected"):
+        parse_config({**base, "checks": {"dmarc_reject": "yes"}}, None)
+    with pytest.raises(ConfigError, match="checks.dns_timeout: expected"):
+        parse_config({**base, "checks": {"dns_timeout": 0}}, None)
+    with pytest.raises(ConfigError, match="checks.arc: unknown key"):
+        parse_config({**base, "checks": {"arc": True}}, None)
+    config = parse_config({**base, "checks": {"dmarc_reject": False, "dns_timeout": 1.5}}, None)
+    assert (config.checks.dmarc_reject, config.checks.dns_timeout, config.checks.spf) == (
+        False, 1.5, True)
