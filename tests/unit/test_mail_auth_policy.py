@@ -389,3 +389,18 @@ def test_checks_keys_are_checked_at_start_up():
     config = parse_config({**base, "checks": {"dmarc_reject": False, "dns_timeout": 1.5}}, None)
     assert (config.checks.dmarc_reject, config.checks.dns_timeout, config.checks.spf) == (
         False, 1.5, True)
+
+
+def test_odd_identities_never_break_the_field_syntax():
+    odd = AuthResults(
+        spf=SPFResult("none", "mailfrom", '"a b;c"@example.com', "example.com"),
+        dkim=(DKIMResult("neutral", "ex ample.com", "s;el", "@x (y)", "ab\"cd"),),
+        dmarc=(dmarc.DMARCResult("none", "exa mple.com;x"),),
+        dkim_checked=True, dmarc_checked=True)
+    field = header_field("mx.example.org", odd)
+    AddHeaders((field,))
+    unfolded = field.decode().replace("\n\t", " ").strip()
+    parsed = authres.AuthenticationResultsHeader.parse(unfolded)
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "none"), ("dkim", "neutral"), ("dmarc", "none")]
+    assert "smtp.mailfrom=example.com" in unfolded

@@ -67,6 +67,18 @@ def _clean(text: str) -> str:
     return re.sub(r"[^ -~]|[()\\]", "", text)[:120]
 
 
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+\Z")
+
+
+def _value(text: str) -> str | None:
+    """A property value as RFC 8601 takes it unquoted; an address that is not (a quoted
+    local part, odd characters) is given by its domain alone (§2.7.2 allows that)."""
+    if _SAFE_VALUE.match(text):
+        return text
+    domain = text.rpartition("@")[2]
+    return domain if _SAFE_VALUE.match(domain) else None
+
+
 def header_field(hostname: str, results: AuthResults) -> bytes:
     """The ``Authentication-Results:`` field for ``results``, folded, LF-terminated."""
     found: list = []
@@ -75,27 +87,27 @@ def header_field(hostname: str, results: AuthResults) -> bytes:
         if spf.scope == "mailfrom":
             found.append(SPFAuthenticationResult(
                 result=spf.result, result_comment=_clean(spf.reason) or None,
-                smtp_mailfrom=spf.identity))
+                smtp_mailfrom=_value(spf.identity)))
         else:
             found.append(SPFAuthenticationResult(
                 result=spf.result, result_comment=_clean(spf.reason) or None,
-                smtp_helo=spf.identity or None))
+                smtp_helo=_value(spf.identity)))
     if results.dkim_checked:
         if not results.dkim:
             found.append(DKIMAuthenticationResult(result="none"))
         for sig in results.dkim:
             found.append(DKIMAuthenticationResult(
                 result=sig.result, result_comment=_clean(sig.reason) or None,
-                header_d=sig.domain or None, header_i=sig.identity or None,
-                header_s=sig.selector or None))
-            if sig.b:
+                header_d=_value(sig.domain), header_i=_value(sig.identity),
+                header_s=_value(sig.selector)))
+            if _value(sig.b):
                 found[-1].properties.append(_property("header", "b", sig.b))
     for dmarc in results.dmarc:
         comment = (f"p={dmarc.policy} dis={dmarc.disposition}"
                    if dmarc.result in ("pass", "fail") else _clean(dmarc.reason))
         found.append(DMARCAuthenticationResult(
             result=dmarc.result, result_comment=comment or None,
-            header_from=dmarc.from_domain))
+            header_from=_value(dmarc.from_domain)))
     field = str(AuthenticationResultsHeader(authserv_id=hostname, results=found))
     return _fold(field).encode("ascii", "replace") + b"\n"
 
