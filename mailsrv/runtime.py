@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
 
 from mailsrv.accounts.auth import FailureTracker, PasswordChecker
+from mailsrv.checks.auth.dmarc import org_domain
 from mailsrv.checks.auth.evaluate import Authenticator
 from mailsrv.checks.auth.lookups import ThreadDNS
 from mailsrv.checks.builtin import builtin_pipeline
@@ -104,6 +105,10 @@ class Runtime:
                 spf=checks_config.spf, dkim=checks_config.dkim_verify,
                 dmarc=checks_config.dmarc,
             )
+            if checks_config.dmarc or checks_config.protect_local_domains:
+                # The Public Suffix List takes most of a second to read: in a delivery
+                # thread now, not in the first message's.
+                runtime.workers.run(org_domain, config.hostname)
         if config.auth_enabled:
             auth = config.auth
             runtime.auth_failures = FailureTracker(
