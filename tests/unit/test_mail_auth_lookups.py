@@ -300,3 +300,50 @@ def test_unsigned_and_too_many_signatures(keys):
         message = signed(keys, message=message).replace(b"\n", b"\r\n")
     results = verify(message.replace(b"\r\n", b"\n"), zone)
     assert [r.result for r in results] == ["pass"] * MAX_SIGNATURES + ["policy"]
+
+
+# -- the Authenticator: everything for one message ----------------------------------------
+
+
+def test_the_authenticator_checks_spf_dkim_and_dmarc_per_from_domain(tmp_path, keys):
+    from mailsrv.checks.auth.evaluate import MAX_FROM_DOMAINS, Authenticator
+    from mailsrv.message.headsection import inspect_head
+
+    domains = [f"d{i}.test" for i in range(MAX_FROM_DOMAINS + 1)]
+    zone = {"sel._domainkey.signer.test": [("TXT", (keys["rsa"][1],))],
+            "_dmarc.signer.test": [spf_txt("v=DMARC1; p=reject")],
+            "pass.test": [spf_txt("v=spf1 ip4:192.0.2.0/24 -all")],
+            **{f"_dmarc.{d}": [spf_txt("v=DMARC1; p=quarantine")] for d in domains}}
+    thread_dns = ZoneDNS(zone)
+    authenticator = Authenticator(thread_dns, sample=lambda: 0.0)
+    message = signed(keys)
+    path = tmp_path / "spool"
+    path.write_bytes(message)
+    auth = authenticator.evaluate("192.0.2.7", "client.test", "x@pass.test",
+                                  inspect_head(message), path)
+    assert auth.summary() == "spf=pass dkim=pass dmarc=pass"
+    assert auth.from_domains == ("signer.test",)
+
+    many = ("From: " + ", ".join(f"a@{d}" for d in domains) + "\nSubject: s\n\nbody\n").encode()
+    path.write_bytes(many)
+    thread_dns.asked.clear()
+    auth = authenticator.evaluate("192.0.2.7", "client.test", "x@pass.test",
+                                  inspect_head(many), path)
+    assert len(auth.from_domains) == MAX_FROM_DOMAINS + 1
+    assert [r.from_domain for r in auth.dmarc] == domains[:MAX_FROM_DOMAINS]  # one past: left
+    assert {r.disposition for r in auth.dmarc} == {"quarantine"}
+    assert auth.dkim == () and not any("_domainkey" in name for name, _ in thread_dns.asked)
+
+
+def test_the_authenticator_does_only_what_is_turned_on(tmp_path):
+    from mailsrv.checks.auth.evaluate import Authenticator
+    from mailsrv.message.headsection import inspect_head
+
+    message = b"From: a@signer.test\nSubject: s\n\nbody\n"
+    path = tmp_path / "spool"
+    path.write_bytes(message)
+    thread_dns = ZoneDNS({})
+    auth = Authenticator(thread_dns, spf=False, dkim=False, dmarc=False).evaluate(
+        "192.0.2.7", "client.test", "x@pass.test", inspect_head(message), path)
+    assert auth.summary() == "spf=skipped dkim=skipped dmarc=skipped"
+    assert thread_dns.asked == []
