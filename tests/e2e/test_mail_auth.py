@@ -12,15 +12,21 @@ import mailbox
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.harness import DNSServer, MailServer
-from tests.support.mail import CLIENT_NAME
+from support.certs import self_signed
+from support.harness import REPO, DNSServer, MailServer
+from support.mail import CLIENT_NAME
+
+sys.path.insert(0, str(REPO))
+from mailsrv.accounts.auth import hash_password  # noqa: E402  (the checkout's, like the server)
 
 SIGNER = Path(__file__).parent.parent / "support" / "dkim_sign.pl"
 #: The client's address: outside relay.trusted_networks (127.0.0.1 only, below).
@@ -330,3 +336,37 @@ def test_trusted_clients_are_not_checked(server):
 def test_junk_folder_is_a_maildir_plus_plus_folder(server):
     # Dovecot's layout: <mailbox>/.Junk with its own cur/new/tmp.
     assert isinstance(server.maildir(RCPT).get_folder("Junk"), mailbox.Maildir)
+
+
+def test_an_authenticated_user_is_not_checked(tmp_path):
+    # The same message that is refused from outside (our domain, no aligned identity) is
+    # taken from the logged-in user, and gets no Authentication-Results: field.
+    cert, key_file = self_signed(["mx.example.org"], tmp_path)
+    dns = DNSServer(tmp_path, {"records": {}})
+    mail = MailServer(tmp_path, dns.port, users=[
+        f"alice@example.org:{hash_password('secret pw')}", "bob@example.org"],
+        aliases=["postmaster: alice@example.org"], overrides={
+        "relay": {"trusted_networks": ["127.0.0.1/32"]},
+        "smtp": {"auth": True, "reverse_dns": False},
+        "tls": {"cert": str(cert), "key": str(key_file)},
+    }).start()
+    try:
+        data = message("Alice <alice@example.org>", "from alice").replace(
+            f"To: {RCPT}".encode(), b"To: bob@example.org")
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        with smtplib.SMTP("127.0.0.1", mail.port, local_hostname=CLIENT_NAME, timeout=30,
+                          source_address=(OUTSIDE, 0)) as client:
+            client.starttls(context=context)
+            client.login("alice@example.org", "secret pw")
+            client.sendmail("alice@example.org", ["bob@example.org"], data)
+        [msg] = list(mail.maildir("bob@example.org"))
+        assert msg["Subject"] == "from alice" and auth_results(msg) == []
+        with smtplib.SMTP("127.0.0.1", mail.port, local_hostname=CLIENT_NAME, timeout=30,
+                          source_address=(OUTSIDE, 0)) as client:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                client.sendmail("alice@example.org", ["bob@example.org"], data)
+        assert refused.value.smtp_code == 550
+    finally:
+        mail.stop()
+        dns.stop()
