@@ -173,6 +173,25 @@ HEADER_TOO_LONG = Reply(
     552, "5.3.4", "Error: header section longer than {limit} octets; message refused"
 )
 
+# Mail authentication of other servers' mail (mailsrv.checks.auth): answered after the final dot
+DMARC_REJECTED = Reply(
+    550, "5.7.1", "Error: refused by the DMARC policy of {domain} (p=reject): {reason}"
+)
+LOCAL_SENDER_FORGED = Reply(
+    550, "5.7.1",
+    "Error: sender address <{sender}> is in our domain {domain}, whose SPF record does not "
+    "authorize [{ip}] (spf={result})",
+)
+LOCAL_FROM_FORGED = Reply(
+    550, "5.7.1",
+    "Error: From: address in our domain {domain}, but the message is neither DKIM- nor "
+    "SPF-aligned with it",
+)
+AUTH_DNS_TEMPORARY = Reply(
+    451, "4.7.1",
+    "Error: cannot verify the sender of {domain} now (temporary DNS failure); try again later",
+)
+
 # Limits
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")

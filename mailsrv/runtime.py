@@ -19,6 +19,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
 
 from mailsrv.accounts.auth import FailureTracker, PasswordChecker
+from mailsrv.checks.auth.dmarc import org_domain
+from mailsrv.checks.auth.evaluate import Authenticator
+from mailsrv.checks.auth.lookups import ThreadDNS
 from mailsrv.checks.builtin import builtin_pipeline
 from mailsrv.checks.pipeline import Pipeline
 from mailsrv.config import Config
@@ -63,6 +66,8 @@ class Runtime:
     reverse_names: ReverseNames | None = None
     #: The checks and modifiers every session and message goes through.
     checks: IPipeline | None = None
+    #: SPF, DKIM and DMARC for mail from other servers (mailsrv.checks.auth), None: not done.
+    authenticator: Authenticator | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
@@ -93,6 +98,17 @@ class Runtime:
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
             checks=checks,
         )
+        checks_config = config.checks
+        if checks_config.enabled and runtime.resolver is not None:
+            runtime.authenticator = Authenticator(
+                ThreadDNS(runtime.resolver, reactor, timeout=checks_config.dns_timeout),
+                spf=checks_config.spf, dkim=checks_config.dkim_verify,
+                dmarc=checks_config.dmarc,
+            )
+            if checks_config.dmarc or checks_config.protect_local_domains:
+                # The Public Suffix List takes most of a second to read: in a delivery
+                # thread now, not in the first message's.
+                runtime.workers.run(org_domain, config.hostname)
         if config.auth_enabled:
             auth = config.auth
             runtime.auth_failures = FailureTracker(

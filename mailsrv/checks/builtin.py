@@ -30,6 +30,7 @@ from typing import Callable
 from zope.interface import implementer
 
 from mailsrv import replies
+from mailsrv.checks.auth.checks import auth_checks
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
 from mailsrv.config import Config
@@ -215,4 +216,5 @@ def builtin_pipeline(config: Config) -> Pipeline:
     ]
     if config.submission.check_from_header:
         checks.append(HeaderOwnership())
+    checks += auth_checks(config)
     return Pipeline(checks, [MissingFields(), SenderRewriting()])

@@ -51,6 +51,7 @@ from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import Target
 
 if TYPE_CHECKING:
+    from mailsrv.checks.auth.results import AuthResults
     from mailsrv.routing.router import Directory
 
 __all__ = [
@@ -200,6 +201,9 @@ class Facts:
     #: MESSAGE: the spool file (the body as received, LF line ends) and its size.
     body_path: Path | None = None
     size: int = 0
+    #: MESSAGE: SPF, DKIM and DMARC results for mail from another server (None: the client
+    #: is ours, authenticated or in relay.trusted_networks, or no check is on).
+    auth: "AuthResults | None" = None
 
     def at(self, stage: Stage, **changes: object) -> "Facts":
         """These facts at a later stage, with what that stage adds."""

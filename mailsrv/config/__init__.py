@@ -22,6 +22,7 @@ from mailsrv.config.load import (
 )
 from mailsrv.config.schema import (
     AuthConfig,
+    ChecksConfig,
     Config,
     ConfigError,
     DomainsConfig,
@@ -37,6 +38,7 @@ from mailsrv.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AuthConfig",
+    "ChecksConfig",
     "Config",
     "ConfigError",
     "DomainsConfig",

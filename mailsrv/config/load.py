@@ -29,6 +29,7 @@ from typing import Any
 from mailsrv.config import keys
 from mailsrv.config.schema import (
     AuthConfig,
+    ChecksConfig,
     Config,
     ConfigError,
     DomainsConfig,
@@ -86,6 +87,17 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "window": keys.seconds(),
             "lockout": keys.seconds(),
             "failure_delay": keys.seconds_or_zero(),
+        },
+    ),
+    "checks": (
+        ChecksConfig,
+        {
+            "spf": keys.boolean(),
+            "dkim_verify": keys.boolean(),
+            "dmarc": keys.boolean(),
+            "dmarc_reject": keys.boolean(),
+            "protect_local_domains": keys.boolean(),
+            "dns_timeout": keys.seconds(),
         },
     ),
     "domains": (DomainsConfig, {"local": keys.domain_list()}),
@@ -335,5 +347,9 @@ def demo_config(base: Path) -> Config:
         queue=QueueConfig(path=demo / "queue"),
         # The demo never sends mail out: nobody may relay through it.
         relay=RelayConfig(trusted_networks=()),
+        # ... and asks no DNS: its clients are this host, whose mail needs no SPF or DKIM.
+        checks=ChecksConfig(
+            spf=False, dkim_verify=False, dmarc=False, protect_local_domains=False
+        ),
         source=None,
     )

@@ -18,6 +18,7 @@ from mailsrv.outbound.retry import DEFAULT_RETRY_SCHEDULE
 __all__ = [
     "DEMO_SOURCE",
     "AuthConfig",
+    "ChecksConfig",
     "Config",
     "ConfigError",
     "DomainsConfig",
@@ -166,6 +167,25 @@ class SrsConfig:
 
 
 @dataclass(frozen=True)
+class ChecksConfig:
+    """The authentication of mail from other servers (not authenticated, not in
+    relay.trusted_networks): SPF, DKIM, DMARC, and our own domains kept from forgery."""
+
+    spf: bool = True  # SPF (RFC 7208) on the envelope sender, or HELO for <>
+    dkim_verify: bool = True  # every DKIM-Signature verified (RFC 6376)
+    dmarc: bool = True  # the From: domain's DMARC policy applied (RFC 7489)
+    dmarc_reject: bool = True  # p=reject refuses (550 5.7.1); false: into Junk instead
+    # MAIL FROM in our domains needs our SPF's pass, From: in our domains an aligned
+    # SPF or DKIM identity (550 5.7.1)
+    protect_local_domains: bool = True
+    dns_timeout: float = 5.0  # seconds per DNS lookup of these checks (then temperror)
+
+    @property
+    def enabled(self) -> bool:
+        return self.spf or self.dkim_verify or self.dmarc
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -179,6 +199,7 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     auth: AuthConfig = AuthConfig()
     srs: SrsConfig = SrsConfig()
+    checks: ChecksConfig = ChecksConfig()
     source: Path | None = None
 
     @property

@@ -22,6 +22,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv import replies
+from mailsrv.checks.auth.evaluate import is_checked
+from mailsrv.checks.auth.results import (
+    FIELD_NAME,
+    RENAMED_FIELD_NAME,
+    AuthResults,
+    authserv_id,
+    rename_fields,
+)
 from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
@@ -72,6 +80,8 @@ class Transaction:
         self._spool: Any = None
         self._write_error: OSError | None = None
         self.size = 0
+        #: "spf=... dkim=... dmarc=..." for the log lines, once the message was checked.
+        self.auth_summary = ""
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -176,8 +186,11 @@ class Transaction:
                 Stage.HEADER, client, self.runtime.directory, sender=self.sender,
                 recipients=tuple(self.recipients), head=headsection.inspect_head(head),
             )
-            outcome = self.outcome.then(checks.run_stages(
-                facts, facts.at(Stage.MESSAGE, body_path=self.spool_path, size=self.size)))
+            outcome = self.outcome.then(checks.run(facts))
+            if outcome.refusal is None:
+                auth = self._authenticate(client, facts)
+                outcome = outcome.then(checks.run(facts.at(
+                    Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth)))
             if outcome.refusal is not None:
                 raise Refusal(outcome.refusal.reply)
             if outcome.folder is not None:
@@ -214,6 +227,27 @@ class Transaction:
                     pass  # moved into the queue
             self.spool_path = None
 
+    def _authenticate(self, client: Client, facts: Facts) -> AuthResults | None:
+        """In the delivery thread: SPF, DKIM and DMARC for mail from another server, and
+        its Authentication-Results: fields that claim to be ours renamed in the spool
+        file (RFC 8601 §5)."""
+        authenticator = self.runtime.authenticator
+        if authenticator is None or not is_checked(client.trusted_network,
+                                                   client.authenticated_as):
+            return None
+        assert self.spool_path is not None and facts.head is not None
+        auth = authenticator.evaluate(
+            client.ip, client.helo, str(self.sender) if self.sender else None, facts.head,
+            self.spool_path)
+        self.auth_summary = auth.summary()
+        claimed = [offset for offset, value in facts.head.auth_results
+                   if authserv_id(value) == self.runtime.config.hostname.lower()]
+        if claimed:
+            rename_fields(self.spool_path, claimed, FIELD_NAME, RENAMED_FIELD_NAME)
+            log.info("renamed {n} Authentication-Results: claiming to be ours id={id}",
+                     n=len(claimed), id=self.queue_id)
+        return auth
+
     def _delivered(self, stored: Stored) -> str:
         session = self.session
         extra = ""
@@ -221,6 +255,8 @@ class Transaction:
             extra += f' tls="{session.tls}"'
         if session.authenticated_as:
             extra += f" user={session.authenticated_as}"
+        if self.auth_summary:
+            extra += f" {self.auth_summary}"
         log.info(
             "accepted id={id} client={client} helo={helo} from={sender} size={size} "
             "nrcpt={nrcpt}{extra}",
@@ -248,10 +284,10 @@ class Transaction:
             reply = failure.value.reply
             log.info(
                 "refused message id={id} client={client} from={sender} size={size} "
-                'nrcpt={nrcpt} reason="{code} {status} {text}"',
+                'nrcpt={nrcpt} reason="{code} {status} {text}"{auth}',
                 id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
                 size=self.size, nrcpt=len(self.targets), code=reply.code, status=reply.status,
-                text=reply.text,
+                text=reply.text, auth=f" {self.auth_summary}" if self.auth_summary else "",
             )
         return failure
 

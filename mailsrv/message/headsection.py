@@ -82,6 +82,10 @@ class HeaderFacts:
     ambiguity: str | None = None
     #: The section does not end within HEADER_SECTION_LIMIT octets.
     too_long: bool = False
+    #: (offset of the field's first octet in the message, its value unfolded) for every
+    #: Authentication-Results: field, in order: who may claim which authserv-id is decided
+    #: by mailsrv.checks.auth (RFC 8601 §5).
+    auth_results: tuple[tuple[int, bytes], ...] = ()
 
 
 def field_name(line: bytes, *, obsolete: bool = True) -> bytes | None:
@@ -153,13 +157,19 @@ def inspect_head(head: bytes, limit: int = HEADER_SECTION_LIMIT) -> HeaderFacts:
     ambiguity: str | None = None
     values: list[tuple[str, bytes]] = []
     current: str | None = None  # the originator field being read, if any
+    auth_results: list[tuple[int, bytes]] = []
+    in_auth_results = False
+    offset = 0
     for number, raw in enumerate(lines, 1):
+        start, offset = offset, offset + len(raw) + 1
         line = raw[:-1] if raw.endswith(b"\r") else raw
         if line[:1] in (b" ", b"\t"):
             if not has_section:
                 break  # a continuation with no field before it: no header section
             if current is not None:
                 values[-1] = (current, values[-1][1] + line)
+            elif in_auth_results:
+                auth_results[-1] = (auth_results[-1][0], auth_results[-1][1] + line)
             continue
         match = _FIELD_RE.match(line)
         if match is None:
@@ -169,6 +179,9 @@ def inspect_head(head: bytes, limit: int = HEADER_SECTION_LIMIT) -> HeaderFacts:
         has_section = True
         name = match.group(1).lower()
         current = _ORIGINATORS.get(name)
+        in_auth_results = name == b"authentication-results"
+        if in_auth_results:
+            auth_results.append((start, line[match.end():]))
         if current is not None:
             values.append((current, line[match.end():]))
         elif name == b"received":
@@ -193,6 +206,7 @@ def inspect_head(head: bytes, limit: int = HEADER_SECTION_LIMIT) -> HeaderFacts:
         originators=tuple(dict.fromkeys(originators)),
         ambiguity=ambiguity,
         too_long=too_long and has_section,
+        auth_results=tuple(auth_results),
     )
 
 

@@ -4,8 +4,10 @@ A small authoritative DNS server for the tests, built on twisted.names.
 Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP, same port, chosen
 by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
 ``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
-["PTR", "host.name"]]}, "servfail": ["name"]}``. Names not listed are NXDOMAIN; listed names
-without records of the asked type answer NOERROR with no answer (NODATA).
+["PTR", "host.name"], ["TXT", "v=spf1 -all"]]}, "servfail": ["name"]}`` (a TXT value longer
+than 255 octets is sent as several strings of one record, as DKIM keys are). Names not
+listed are NXDOMAIN; listed names without records of the asked type answer NOERROR with no
+answer (NODATA), or their CNAME and its target's records.
 """
 
 import json
@@ -28,6 +30,10 @@ def _payload(record):
         return dns.PTR, dns.Record_PTR(args[0].encode(), ttl=60)
     if kind == "CNAME":
         return dns.CNAME, dns.Record_CNAME(args[0].encode(), ttl=60)
+    if kind == "TXT":
+        text = args[0].encode()
+        return dns.TXT, dns.Record_TXT(*[text[i:i + 255] for i in range(0, len(text), 255)] or [b""],
+                                       ttl=60)
     raise ValueError(f"unsupported record type {kind}")
 
 
@@ -52,6 +58,17 @@ class ZoneResolver(common.ResolverBase):
             for rtype, payload in self.records[key]
             if rtype == qtype or qtype == dns.ALL_RECORDS
         ]
+        aliases = [p for t, p in self.records[key] if t == dns.CNAME]
+        if not answers and aliases:
+            # A name with a CNAME: the CNAME, then the target's records (as servers answer).
+            target = aliases[0].name.name
+            answers = [dns.RRHeader(name=name, type=dns.CNAME, payload=aliases[0], ttl=60,
+                                    auth=True)]
+            answers += [
+                dns.RRHeader(name=target, type=rtype, payload=payload, ttl=60, auth=True)
+                for rtype, payload in self.records.get(target.decode().lower().rstrip("."), [])
+                if rtype == qtype
+            ]
         return defer.succeed((answers, [], []))
 
 

@@ -294,7 +294,7 @@ def test_builtin_pipeline_order_and_configuration():
     pipeline = builtin_pipeline(config(True))
     assert [c.name for c in pipeline.checks] == [
         "sender_ownership", "relay_access", "srs_address", "local_recipient", "hop_limit",
-        "header_ownership"]
+        "header_ownership", "own_domains", "dmarc_policy", "authentication_results"]
     assert [m.name for m in pipeline.modifiers] == ["missing_fields", "sender_rewriting"]
     assert "header_ownership" not in [c.name for c in builtin_pipeline(config(False)).checks]
     verifyObject(IPipeline, pipeline)

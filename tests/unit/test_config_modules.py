@@ -15,6 +15,7 @@ from mailsrv.config import directories, endpoints, keys, load, schema
 PUBLIC = {
     "DEFAULT_CONFIG_PATH": load,
     "AuthConfig": schema,
+    "ChecksConfig": schema,
     "Config": schema,
     "ConfigError": schema,
     "DomainsConfig": schema,
