@@ -31,6 +31,7 @@ from mailsrv.config.schema import (
     AuthConfig,
     Config,
     ConfigError,
+    DkimConfig,
     DomainsConfig,
     MailboxesConfig,
     QueueConfig,
@@ -129,6 +130,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
         SrsConfig,
         {"secret_file": keys.path(), "domain": keys.hostname(), "max_age": keys.integer(1, 1000)},
     ),
+    "dkim": (DkimConfig, {"keys": keys.path()}),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()
@@ -335,5 +337,7 @@ def demo_config(base: Path) -> Config:
         queue=QueueConfig(path=demo / "queue"),
         # The demo never sends mail out: nobody may relay through it.
         relay=RelayConfig(trusted_networks=()),
+        # Nor does it sign with whatever keys an installed server keeps.
+        dkim=DkimConfig(enabled=False),
         source=None,
     )

@@ -72,6 +72,8 @@ class Transaction:
         self._spool: Any = None
         self._write_error: OSError | None = None
         self.size = 0
+        #: The DKIM signatures made (``domain/selector``), for the log line.
+        self.dkim: tuple[str, ...] = ()
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -190,7 +192,9 @@ class Transaction:
                 sender=str(self.sender) if self.sender else None,
                 prefix=received + b"".join(outcome.headers), head=facts.head,
                 authenticated_as=client.authenticated_as, directory=self.runtime.directory,
+                client=client, body_path=self.spool_path,
             ))
+            self.dkim = draft.dkim
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
@@ -221,6 +225,8 @@ class Transaction:
             extra += f' tls="{session.tls}"'
         if session.authenticated_as:
             extra += f" user={session.authenticated_as}"
+        if self.dkim:
+            extra += f" dkim={','.join(self.dkim)}"
         log.info(
             "accepted id={id} client={client} helo={helo} from={sender} size={size} "
             "nrcpt={nrcpt}{extra}",

@@ -17,6 +17,7 @@ PUBLIC = {
     "AuthConfig": schema,
     "Config": schema,
     "ConfigError": schema,
+    "DkimConfig": schema,
     "DomainsConfig": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,
