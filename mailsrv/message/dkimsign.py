@@ -7,9 +7,12 @@ present in the message, and ``From`` once more than present ("oversigned"), so t
 ``Return-Path:``, ``Delivered-To:``) are not signed: they change on the way.  Each key of the
 domain makes one ``DKIM-Signature:`` field over the same message (none covers another).
 
-Memory: dkimpy takes the message as one bytes object and makes canonical copies of the body,
-so signing holds a few times the message's size (measured: about 4x at 25 MiB, see
-tests/unit/test_dkimsign.py); the server's ``smtp.max_message_size`` bounds it.
+Cost: dkimpy takes the message as one bytes object and makes canonical copies of the body:
+signing peaks at about 6.6 times the message's size in memory (measured with tracemalloc at 1
+and 25 MiB: 166 MiB for a 25 MiB message), and takes about 50 ms per MiB of body per key, plus
+6 ms (RSA-2048, dkimpy's own RSA in Python) or 0.1 ms (Ed25519, libsodium) per signature.
+``smtp.max_message_size`` bounds the memory; so do the 8 delivery threads: at most 8
+messages are signed at once.
 
 Pure, apart from dkimpy's clock (the ``t=`` tag).
 """

@@ -7,7 +7,8 @@ mailsrv`` does).
 
 This module reads the command line and runs what it names: ``check-config`` and ``version``
 here, ``queue`` in ``mailsrv.tools.cli_queue`` (which the queue lock decides how to run), ``user`` in
-``mailsrv.tools.cli_user``, ``dkim`` in ``mailsrv.tools.cli_dkim``; ``mailsrv.tools.cli_exit`` has the exit statuses they share.
+``mailsrv.tools.cli_user``, ``dkim`` in ``mailsrv.tools.cli_dkim``; ``mailsrv.tools.cli_exit``
+has the exit statuses they share.
 """
 
 from __future__ import annotations
