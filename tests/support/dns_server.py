@@ -1,11 +1,12 @@
 """
 A small authoritative DNS server for the tests, built on twisted.names.
 
-Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP, same port, chosen
-by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
-``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
-["PTR", "host.name"]]}, "servfail": ["name"]}``. Names not listed are NXDOMAIN; listed names
-without records of the asked type answer NOERROR with no answer (NODATA).
+Run as ``python dns_server.py ZONE.json [PORT]``; it listens on 127.0.0.1 (UDP and TCP, same
+port, chosen by the kernel unless PORT is given), prints ``PORT <n>`` on stdout and serves the
+zone until killed. The zone file: ``{"records": {"name": [["MX", 10, "mx.name"],
+["A", "127.0.0.2"], ["AAAA", "::1"], ["PTR", "host.name"], ["TXT", "string", "string"]]},
+"servfail": ["name"]}``. Names not listed are NXDOMAIN; listed names without records of the
+asked type answer NOERROR with no answer (NODATA).
 """
 
 import json
@@ -28,6 +29,8 @@ def _payload(record):
         return dns.PTR, dns.Record_PTR(args[0].encode(), ttl=60)
     if kind == "CNAME":
         return dns.CNAME, dns.Record_CNAME(args[0].encode(), ttl=60)
+    if kind == "TXT":  # one or more character-strings, as a zone file's ( "..." "..." )
+        return dns.TXT, dns.Record_TXT(*(a.encode() for a in args), ttl=60)
     raise ValueError(f"unsupported record type {kind}")
 
 
@@ -61,8 +64,9 @@ def main():
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
     # The kernel picks a free UDP port; the same TCP port may be taken (by any client socket),
     # so try again with another pair, a bounded number of times.
+    wanted = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     for _attempt in range(50):
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        udp = reactor.listenUDP(wanted, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         port = udp.getHost().port
         try:
             reactor.listenTCP(port, factory, interface="127.0.0.1")
