@@ -25,6 +25,7 @@ from pathlib import Path
 import dkim
 
 from mailsrv.message.dkimkeys import SigningKey
+from mailsrv.routing.address import normalise_domain
 
 __all__ = ["SIGNED_FIELDS", "from_domain", "read_message", "sign", "signed_fields"]
 
@@ -48,13 +49,18 @@ def signed_fields(names: Sequence[bytes]) -> list[bytes]:
 
 
 def from_domain(originators: Sequence[tuple[str, str]]) -> str | None:
-    """The domain of the message's one ``From:`` address (lower case), None when there is
-    no From:, or more than one address (nothing to align a signature with)."""
+    """The domain of the message's one ``From:`` address (lower-case A-labels), None when
+    there is no From:, or more than one address (nothing to align a signature with)."""
     froms = [address for field, address in originators if field.lower() == "from"]
     if len(froms) != 1:
         return None
     local, at, domain = froms[0].rpartition("@")
-    return domain.lower() if local and at and domain else None
+    if not (local and at and domain):
+        return None
+    try:
+        return normalise_domain(domain)  # as the key directories are named: A-labels
+    except ValueError:
+        return None
 
 
 def read_message(prefix: bytes, separator: bytes, body_path: Path) -> bytes:

@@ -176,6 +176,8 @@ def test_from_domain_needs_exactly_one_from_address():
     assert dkimsign.from_domain([]) is None
     assert dkimsign.from_domain([("From", "a@b.org"), ("From", "c@b.org")]) is None
     assert dkimsign.from_domain([("Sender", "a@b.org")]) is None
+    assert dkimsign.from_domain([("From", "a@bücher.example")]) == "xn--bcher-kva.example"
+    assert dkimsign.from_domain([("From", "a@[192.0.2.1]")]) is None
 
 
 def test_every_key_signs_relaxed_relaxed_and_dkimpy_verifies(keydir):
