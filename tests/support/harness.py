@@ -141,7 +141,7 @@ class MailServer:
             # No DKIM keys: never those of a mailsrv installed on this machine.
             "dkim": {"keys": str(workdir / "dkim")},
         }
-        (workdir / "dkim").mkdir(mode=0o700, exist_ok=True)
+        (workdir / "dkim").mkdir(mode=0o755, exist_ok=True)  # empty: any user may read it
         for table, values in (overrides or {}).items():
             self.config.setdefault(table, {}).update(values)
         self.config_path = workdir / "mailsrv.toml"
