@@ -11,8 +11,8 @@ Cost: dkimpy takes the message as one bytes object and makes canonical copies of
 signing peaks at about 6.6 times the message's size in memory (measured with tracemalloc at 1
 and 25 MiB: 166 MiB for a 25 MiB message), and takes about 50 ms per MiB of body per key, plus
 6 ms (RSA-2048, dkimpy's own RSA in Python) or 0.1 ms (Ed25519, libsodium) per signature.
-``smtp.max_message_size`` bounds the memory; so do the 8 delivery threads: at most 8
-messages are signed at once.
+``smtp.max_message_size`` bounds the memory, and the modifier signs large messages one at
+a time (mailsrv.checks.signing).
 
 Pure, apart from dkimpy's clock (the ``t=`` tag).
 """

@@ -9,6 +9,7 @@ import datetime
 import os
 import re
 import stat
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def test_every_key_signs_relaxed_relaxed_and_dkimpy_verifies(keydir):
 
 
 def make_draft(tmp_path, body=MESSAGE, **changes) -> Draft:
+    tmp_path.mkdir(exist_ok=True)
     spool = tmp_path / "spool"
     spool.write_bytes(body)
     draft = Draft(
@@ -354,3 +356,34 @@ def test_keygen_prints_the_record_and_never_replaces_a_key(tmp_path, capsys):
     os.chmod(path, 0o644)
     assert cli.main(["check-config", "--config", str(config)]) == 2
     assert f"dkim.keys: {path}: expected a key file no other user" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("large, most", [(0, 1), (1 << 30, 4)])
+def test_large_messages_are_signed_one_at_a_time(keydir, tmp_path, monkeypatch, large, most):
+    directory, _ = keydir
+    keys = dkimkeys.load_keys(directory, None, True)
+    modifier = DkimSign(lambda: keys)
+    modifier.LARGE = large
+    running, peak, lock = [0], [0], threading.Lock()
+    barrier = threading.Barrier(4, timeout=0.5)
+
+    def slow_sign(message, signing_keys):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            barrier.wait()  # all four meet here unless serialised
+        except threading.BrokenBarrierError:
+            pass
+        with lock:
+            running[0] -= 1
+        return b"DKIM-Signature: x\n"
+
+    monkeypatch.setattr(dkimsign, "sign", slow_sign)
+    drafts = [make_draft(tmp_path / str(i)) for i in range(4)]
+    threads = [threading.Thread(target=modifier.modify, args=(d,)) for d in drafts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak[0] == most
