@@ -273,7 +273,7 @@ def test_the_builtin_pipeline_signs_last(keydir):
     config = parse_config({"domains": {"local": [DOMAIN]}, "mailboxes": {"root": "/x"},
                            "queue": {"path": "/x"}}, None)
     pipeline = builtin_pipeline(config, dkim=lambda: None)
-    assert [m.name for m in pipeline.modifiers] == ["missing_fields", "dkim_sign"]
+    assert [m.name for m in pipeline.modifiers] == ["missing_fields", "sender_rewriting", "dkim_sign"]
 
 
 def test_reports_are_signed_with_the_hosts_keys_or_its_parent_domains(keydir):
