@@ -1,6 +1,7 @@
 """
 What every session shares, built in one place: configuration, the mail directory, the reactor,
-DNS, TLS, the thread runners, the spare spool files, AUTH, the checks pipeline, the relayer.
+DNS, TLS, the thread runners, the spare spool files, AUTH, the checks pipeline, the DKIM keys,
+the relayer.
 
 ``Runtime.build`` makes the running server's; tests make one with only what they need (the
 others keep their defaults: no TLS, no AUTH, the built-in checks).
@@ -28,6 +29,7 @@ from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
+from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.routing.router import Directory
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
@@ -68,12 +70,14 @@ class Runtime:
     checks: IPipeline | None = None
     #: SPF, DKIM and DMARC for mail from other servers (mailsrv.checks.auth), None: not done.
     authenticator: Authenticator | None = None
+    #: The DKIM signing keys (mailsrv.message.dkimkeys), swapped on SIGHUP; None: no signing.
+    dkim: SigningKeys | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
             self.reverse_names = ReverseNames(self.resolver)
         if self.checks is None:
-            self.checks = builtin_pipeline(self.config)
+            self.checks = builtin_pipeline(self.config, dkim=lambda: self.dkim)
 
     @classmethod
     def build(
@@ -85,6 +89,7 @@ class Runtime:
         tls: ServerTLS | None,
         relayer: Callable[["Runtime"], IRelayer],
         checks: Pipeline | None = None,
+        dkim: SigningKeys | None = None,
     ) -> "Runtime":
         """The running server's runtime: every collaborator made here, from ``config``.
 
@@ -96,7 +101,7 @@ class Runtime:
             resolver=make_resolver(config.relay.dns_servers, reactor), tls=tls,
             spool_files=SpareSpoolFiles(Path(config.queue.path), reactor),
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
-            checks=checks,
+            checks=checks, dkim=dkim,
         )
         checks_config = config.checks
         if checks_config.enabled and runtime.resolver is not None:

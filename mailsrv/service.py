@@ -29,6 +29,7 @@ from mailsrv.config import (
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.inbound.tls import ServerTLS, TLSSetupError
 from mailsrv.interfaces import ISpareSpoolFiles
+from mailsrv.message.dkimkeys import SigningKeys, describe_keys, load_keys
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.routing.router import Directory
 from mailsrv.routing.srs import SRS
@@ -87,6 +88,14 @@ def load_tls(config: Config) -> ServerTLS | None:
         raise ConfigError(config.source, e.key, f"expected {e.reason}") from None
 
 
+def load_dkim(config: Config) -> SigningKeys | None:
+    """The DKIM signing keys, checked (ConfigError naming the file that is wrong); None for
+    a configuration that signs nothing (the demo)."""
+    if not config.dkim.enabled:
+        return None
+    return load_keys(config.dkim.directory, config.source, required=config.dkim.keys is not None)
+
+
 def prepare(config: Config) -> Directory:
     """All start-up checks; raises ConfigError naming the file, the key and the expectation."""
     prepare_directories(config)
@@ -95,6 +104,7 @@ def prepare(config: Config) -> Directory:
     except OSError as e:
         raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
     load_tls(config)
+    load_dkim(config)
     return load_directory(config)
 
 
@@ -243,7 +253,9 @@ def make_service(
     removed = clear_incoming(Path(config.queue.path))
     if removed:
         log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
-    runtime = Runtime.build(config, directory, reactor, tls=load_tls(config), relayer=Relayer)
+    dkim = load_dkim(config)
+    runtime = Runtime.build(
+        config, directory, reactor, tls=load_tls(config), relayer=Relayer, dkim=dkim)
     top = service.MultiService()
     assert runtime.spool_files is not None
     _SpareFilesService(runtime.spool_files).setServiceParent(top)
@@ -272,12 +284,14 @@ def make_service(
         hostname=config.hostname, domains=",".join(config.domains.local),
         source=config.source or "built-in demo",
     )
+    if dkim is not None:
+        log.info("dkim: {summary}", summary=describe_keys(dkim))
     return top
 
 
 class Reloader(internet.TimerService):
     """Picks up changed users and aliases files (a second after they change), and on SIGHUP
-    re-reads them and the TLS certificate.
+    re-reads them, the TLS certificate and the DKIM keys.
 
     ``mailsrv user`` replaces the users file atomically, so a new password works without a
     restart; a renewed certificate needs ``systemctl reload mailsrv`` (SIGHUP).  A file that
@@ -332,7 +346,7 @@ class Reloader(internet.TimerService):
         self.runtime.reactor.callFromThread(self.reload_all)
 
     def reload_all(self) -> None:
-        log.info("SIGHUP: reloading users, aliases and the TLS certificate")
+        log.info("SIGHUP: reloading users, aliases, the TLS certificate and the DKIM keys")
         self._stamps = self._file_stamps()
         tls = self.runtime.tls
         if tls is not None:
@@ -346,6 +360,24 @@ class Reloader(internet.TimerService):
             else:
                 log.info("reload: TLS certificate loaded from {cert}", cert=tls.cert)
         self.reload_directory("SIGHUP")
+        self.reload_dkim()
+
+    def reload_dkim(self) -> None:
+        """The DKIM keys read again in a thread; keys that fail the start-up checks are
+        refused with a log line, and the previous keys go on signing."""
+        d = self.runtime.in_thread(load_dkim, self.runtime.config)
+
+        def loaded(keys: SigningKeys | None) -> None:
+            self.runtime.dkim = keys
+            if keys is not None:
+                log.info("reload (SIGHUP): dkim: {summary}", summary=describe_keys(keys))
+
+        def refused(failure: Any) -> None:
+            failure.trap(ConfigError)
+            log.error("reload (SIGHUP) refused, keeping the previous DKIM keys: {error}",
+                      error=str(failure.value))
+
+        d.addCallbacks(loaded, refused)
 
     def reload_directory(self, why: str) -> None:
         if self._loading:

@@ -14,7 +14,8 @@ The first checks of the pipeline (mailsrv.checks.pipeline): the rules mailsrv al
   header section is one every reader reads alike (554 5.6.0, 552 5.3.4, 553 5.7.1);
 
 and the first modifier, ``missing_fields``: a ``Message-ID:`` for a message without one, and
-a ``Date:`` for a submitted message without one (RFC 6409 §8.2).
+a ``Date:`` for a submitted message without one (RFC 6409 §8.2); then ``dkim_sign``
+(mailsrv.checks.signing), which signs over the result.
 
 The rules themselves are in mailsrv.checks.policy (relay, recipients, ownership) and
 mailsrv.message.headsection (how the header section is read); these classes say when they apply and
@@ -33,9 +34,11 @@ from mailsrv import replies
 from mailsrv.checks.auth.checks import auth_checks
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
+from mailsrv.checks.signing import DkimSign
 from mailsrv.config import Config
 from mailsrv.interfaces import ICheck, IModifier
 from mailsrv.message import headers, headsection
+from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import parse_mail_from
 from mailsrv.routing.srs import SRSError
@@ -208,8 +211,11 @@ class SenderRewriting:
             return draft  # a quoted local part: sent as it is (SPF may fail at the receiver)
 
 
-def builtin_pipeline(config: Config) -> Pipeline:
-    """The checks and modifiers a server with ``config`` runs, in their order."""
+def builtin_pipeline(
+    config: Config, dkim: Callable[[], SigningKeys | None] | None = None
+) -> Pipeline:
+    """The checks and modifiers a server with ``config`` runs, in their order; with
+    ``dkim`` (the current signing keys), DKIM signing last, over the finished message."""
     checks: list[ICheck] = [
         SenderOwnership(), RelayAccess(), SrsAddress(), LocalRecipient(),
         HopLimit(config.smtp.max_received_headers),
@@ -217,4 +223,7 @@ def builtin_pipeline(config: Config) -> Pipeline:
     if config.submission.check_from_header:
         checks.append(HeaderOwnership())
     checks += auth_checks(config)
-    return Pipeline(checks, [MissingFields(), SenderRewriting()])
+    modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]
+    if dkim is not None:
+        modifiers.append(DkimSign(dkim))  # last: it signs the message as it will be stored
+    return Pipeline(checks, modifiers)

@@ -256,7 +256,8 @@ class Draft:
     envelope sender for the Return-Path: and the queue (None: ``<>``); ``queue_sender``, when
     set, the queued copy's instead (SRS: mail we forward off-site is sent from our domain,
     while local copies keep the original in Return-Path:).  ``directory`` is the one the
-    message was routed with (who is local, the SRS secrets).
+    message was routed with (who is local, the SRS secrets).  A modifier that adds
+    a field over the message (a DKIM signature) puts it first in ``prefix``.
     """
 
     queue_id: str
@@ -267,6 +268,12 @@ class Draft:
     authenticated_as: str | None = None
     directory: Directory | None = None
     queue_sender: str | None = None
+    #: The client as the checks saw it (None: not from a session, or a test that needs none).
+    client: Client | None = None
+    #: The spool body that follows ``prefix`` (read only: a signer reads it).
+    body_path: Path | None = None
+    #: The DKIM signatures a modifier added, as ``domain/selector`` (for the log line).
+    dkim: tuple[str, ...] = ()
 
 
 @implementer(IPipeline)

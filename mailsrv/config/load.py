@@ -32,6 +32,7 @@ from mailsrv.config.schema import (
     ChecksConfig,
     Config,
     ConfigError,
+    DkimConfig,
     DomainsConfig,
     MailboxesConfig,
     QueueConfig,
@@ -141,6 +142,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
         SrsConfig,
         {"secret_file": keys.path(), "domain": keys.hostname(), "max_age": keys.integer(1, 1000)},
     ),
+    "dkim": (DkimConfig, {"keys": keys.path()}),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()
@@ -351,5 +353,7 @@ def demo_config(base: Path) -> Config:
         checks=ChecksConfig(
             spf=False, dkim_verify=False, dmarc=False, protect_local_domains=False
         ),
+        # Nor does it sign with whatever keys an installed server keeps.
+        dkim=DkimConfig(enabled=False),
         source=None,
     )

@@ -17,10 +17,12 @@ from mailsrv.outbound.retry import DEFAULT_RETRY_SCHEDULE
 
 __all__ = [
     "DEMO_SOURCE",
+    "DEFAULT_DKIM_KEYS",
     "AuthConfig",
     "ChecksConfig",
     "Config",
     "ConfigError",
+    "DkimConfig",
     "DomainsConfig",
     "IPNetwork",
     "MailboxesConfig",
@@ -157,6 +159,26 @@ class RelayConfig:
         return dict(self.tls_policy).get(domain, self.tls)
 
 
+#: Where DKIM keys are looked for when the file names no ``[dkim] keys``.
+DEFAULT_DKIM_KEYS = Path("/etc/mailsrv/dkim")
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """The DKIM signing keys: ``<keys>/<domain>/<selector>.key`` (see mailsrv.message.dkimkeys).
+
+    ``keys`` None is the default directory, which may be missing (no signing); a directory
+    the file names must exist.  The demo signs nothing (``enabled`` False).
+    """
+
+    keys: Path | None = None
+    enabled: bool = True
+
+    @property
+    def directory(self) -> Path:
+        return DEFAULT_DKIM_KEYS if self.keys is None else Path(self.keys)
+
+
 @dataclass(frozen=True)
 class SrsConfig:
     """[srs]: the sender of mail we forward off-site rewritten (mailsrv.routing.srs)."""
@@ -200,6 +222,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     srs: SrsConfig = SrsConfig()
     checks: ChecksConfig = ChecksConfig()
+    dkim: DkimConfig = DkimConfig()
     source: Path | None = None
 
     @property

@@ -82,6 +82,8 @@ class Transaction:
         self.size = 0
         #: "spf=... dkim=... dmarc=..." for the log lines, once the message was checked.
         self.auth_summary = ""
+        #: The DKIM signatures made (``domain/selector``), for the log line.
+        self.dkim: tuple[str, ...] = ()
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -203,7 +205,9 @@ class Transaction:
                 sender=str(self.sender) if self.sender else None,
                 prefix=received + b"".join(outcome.headers), head=facts.head,
                 authenticated_as=client.authenticated_as, directory=self.runtime.directory,
+                client=client, body_path=self.spool_path,
             ))
+            self.dkim = draft.dkim
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
@@ -257,6 +261,8 @@ class Transaction:
             extra += f" user={session.authenticated_as}"
         if self.auth_summary:
             extra += f" {self.auth_summary}"
+        if self.dkim:
+            extra += f" dkim={','.join(self.dkim)}"
         log.info(
             "accepted id={id} client={client} helo={helo} from={sender} size={size} "
             "nrcpt={nrcpt}{extra}",

@@ -8,6 +8,7 @@ gets it in their Maildir, a remote one through the queue.  A message whose own s
 only logged, so bounces never loop.
 The DSN is stored *before* the failed recipients are marked bounced in the original's state,
 so a crash in between can at worst repeat a bounce, never lose one.
+A report whose From: domain (this host's) has DKIM keys is signed (:func:`sign_report`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from mailsrv.checks.policy import recipient_targets
 from mailsrv.config import Config
-from mailsrv.message import headers
+from mailsrv.message import dkimsign, headers
+from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.outbound import dsn, dsn_original
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import parse_rcpt_to
@@ -32,8 +36,10 @@ from mailsrv.storage.store import Stored, store
 
 __all__ = [
     "UnroutableBounce", "send_dsn", "send_double_bounce", "notify", "postmaster_address",
-    "given_up_reports", "bounce_pending",
+    "given_up_reports", "bounce_pending", "sign_report",
 ]
+
+log = Logger(namespace="mailsrv")
 
 
 class UnroutableBounce(Exception):
@@ -56,6 +62,7 @@ def send_dsn(
     message: QueuedMessage,
     reports: list[dsn.RecipientReport],
     now: float | None = None,
+    dkim: SigningKeys | None = None,
 ) -> Stored:
     """Build the DSN about ``reports`` and store it for the original sender; return where.
 
@@ -65,7 +72,7 @@ def send_dsn(
     """
     if not message.sender:
         raise ValueError(f"queue {message.id}: a message from <> is never bounced")
-    return _store_report(config, directory, message, reports, message.sender, now)
+    return _store_report(config, directory, message, reports, message.sender, now, dkim)
 
 
 def postmaster_address(config: Config, directory: Directory) -> str:
@@ -84,13 +91,14 @@ def send_double_bounce(
     message: QueuedMessage,
     reports: list[dsn.RecipientReport],
     now: float | None = None,
+    dkim: SigningKeys | None = None,
 ) -> Stored:
     """Tell the postmaster that a message from ``<>`` failed; the notice is marked so that
     its own failure is only logged (raises ValueError for a message that is not from
     ``<>`` or is itself such a notice; otherwise as :func:`send_dsn`)."""
     if message.sender or message.double_bounce:
         raise ValueError(f"queue {message.id}: not a bounce the postmaster is told of")
-    return _store_report(config, directory, message, reports, None, now)
+    return _store_report(config, directory, message, reports, None, now, dkim)
 
 
 def notify(
@@ -98,15 +106,17 @@ def notify(
     directory: Directory,
     message: QueuedMessage,
     reports: list[dsn.RecipientReport],
+    dkim: SigningKeys | None = None,
 ) -> tuple[str, Stored]:
     """Whoever must hear of ``reports`` told: (their address, where the report went).
 
     The sender gets the DSN; for a message from ``<>`` the postmaster gets a double bounce.
+    Either is DKIM-signed with ``dkim``'s keys for its From: (see :func:`sign_report`).
     """
     if message.sender:
-        return message.sender, send_dsn(config, directory, message, reports)
+        return message.sender, send_dsn(config, directory, message, reports, dkim=dkim)
     return postmaster_address(config, directory), send_double_bounce(
-        config, directory, message, reports)
+        config, directory, message, reports, dkim=dkim)
 
 
 def _store_report(
@@ -116,6 +126,7 @@ def _store_report(
     reports: list[dsn.RecipientReport],
     sender: str | None,
     now: float | None,
+    dkim: SigningKeys | None = None,
 ) -> Stored:
     """Build and store the report for ``sender``, or (None) the postmaster's double bounce."""
     now = time.time() if now is None else now
@@ -143,6 +154,8 @@ def _store_report(
         hostname=config.hostname, queue_id=dsn_id, recipient=to,
         when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc),
     )
+    if dkim is not None:
+        trace = sign_report(dkim, config.hostname, dsn_id, trace, data)
     body = Path(config.queue.path) / "incoming" / dsn_id
     with open(body, "xb") as handle:
         handle.write(data)
@@ -154,6 +167,28 @@ def _store_report(
     finally:
         with suppress(FileNotFoundError):
             os.unlink(body)
+
+
+def sign_report(keys: SigningKeys, hostname: str, dsn_id: str, trace: bytes, data: bytes) -> bytes:
+    """``trace`` with the DKIM signatures of a report we wrote put first.
+
+    Its From: is ``MAILER-DAEMON@<hostname>``: signed with the keys of ``hostname``, else
+    with those of its parent domain (``mx.example.org`` -> ``example.org``: a parent's
+    signature is aligned with the From: for DMARC's default relaxed alignment).  A signature
+    that cannot be made is logged and the report goes unsigned: a bounce is never lost.
+    """
+    for domain in (hostname, hostname.partition(".")[2]):
+        signing = keys.for_domain(domain) if domain else ()
+        if signing:
+            break
+    else:
+        return trace
+    try:
+        return dkimsign.sign(trace + data, signing) + trace
+    except Exception as e:  # dkimpy's errors; none is expected with keys checked at load
+        log.error("dkim id={id}: report not signed for {domain}: {error}", id=dsn_id,
+                  domain=domain, error=repr(e))
+        return trace
 
 
 def given_up_reports(message: QueuedMessage, reason: str) -> list[dsn.RecipientReport]:
@@ -174,6 +209,7 @@ def bounce_pending(
     message: QueuedMessage,
     reason: str,
     now: float | None = None,
+    dkim: SigningKeys | None = None,
 ) -> tuple[QueuedMessage, Stored | None]:
     """Give up on every recipient still queued (``mailsrv queue bounce``, or expiry).
 
@@ -184,7 +220,8 @@ def bounce_pending(
     pending = message.pending
     stored = None
     if message.sender and pending:
-        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now)
+        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now,
+                          dkim=dkim)
     changed: dict[str, QueuedRecipient] = {
         r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
     }

@@ -184,7 +184,8 @@ class Relayer(service.Service):
                 if group:
                     try:
                         stored.append(
-                            bounce.notify(self.config, self.runtime.directory, after, group))
+                            bounce.notify(self.config, self.runtime.directory, after, group,
+                                          dkim=self.runtime.dkim))
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:

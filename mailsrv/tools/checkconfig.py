@@ -7,7 +7,8 @@ edited file *while the server runs*, usually as root, so this module does neithe
 created here would belong to root (and the server, running as ``mailsrv``, could not write it),
 and holding the queue lock even for a moment could make a server starting meanwhile refuse to
 start.  Everything else is the server's code itself: ``load_config`` for the file,
-``service.load_tls`` for the certificate and key, and ``service.load_directory`` for the users
+``service.load_tls`` for the certificate and key, ``service.load_dkim`` for the DKIM signing
+keys, and ``service.load_directory`` for the users
 and aliases (every alias resolves, every local domain has a postmaster, and with AUTH on,
 every password is a hash mailsrv can verify).  It also warns of what is valid but probably
 not meant: a postmaster whose mail would be relayed off the machine.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsrv.config import Config, ConfigError, load_config, read_smarthost_password
+from mailsrv.message.dkimkeys import SigningKeys, describe_keys
 from mailsrv.routing.address import Mailbox
 from mailsrv.routing.router import Directory, RemoteTarget
 
@@ -33,6 +35,7 @@ class CheckResult:
     directory: Directory
     notes: tuple[str, ...]  # things that are valid but worth telling (a directory still missing)
     warnings: tuple[str, ...] = ()  # valid, but probably not what was meant
+    dkim: SigningKeys | None = None  # the signing keys, checked
 
     def summary(self) -> str:
         """A few lines an administrator can compare with what they meant to configure."""
@@ -53,6 +56,8 @@ class CheckResult:
             f"  relay: {relay}; trusted networks: "
             + (", ".join(str(n) for n in c.relay.trusted_networks) or "none"),
         ]
+        if self.dkim is not None:
+            lines.append(f"  dkim: {describe_keys(self.dkim)}")
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
@@ -109,7 +114,7 @@ def check_config(path: str | os.PathLike[str]) -> CheckResult:
 
     Creates nothing, locks nothing and writes nothing, so it is safe next to a running server.
     """
-    from mailsrv.service import load_directory, load_tls
+    from mailsrv.service import load_directory, load_dkim, load_tls
 
     config = load_config(path)
     notes = [
@@ -120,7 +125,8 @@ def check_config(path: str | os.PathLike[str]) -> CheckResult:
     ]
     load_tls(config)
     read_smarthost_password(config)
+    dkim = load_dkim(config)
     directory = load_directory(config)
     aliases = Path(config.mailboxes.aliases) if config.mailboxes.aliases is not None else None
     return CheckResult(config=config, directory=directory, notes=tuple(notes),
-                       warnings=tuple(postmaster_warnings(directory, aliases)))
+                       warnings=tuple(postmaster_warnings(directory, aliases)), dkim=dkim)

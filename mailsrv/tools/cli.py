@@ -1,12 +1,14 @@
 """
 The ``mailsrv`` admin command: ``mailsrv queue list|show|flush|delete|bounce``,
-``mailsrv user add|passwd|del|list``, ``mailsrv check-config`` and ``mailsrv version``;
+``mailsrv user add|passwd|del|list``, ``mailsrv dkim keygen|list``, ``mailsrv check-config``
+and ``mailsrv version``;
 ``--config PATH`` may come anywhere on the line.  It does not run the server (``twistd
 mailsrv`` does).
 
 This module reads the command line and runs what it names: ``check-config`` and ``version``
 here, ``queue`` in ``mailsrv.tools.cli_queue`` (which the queue lock decides how to run), ``user`` in
-``mailsrv.tools.cli_user``; ``mailsrv.tools.cli_exit`` has the exit statuses they share.
+``mailsrv.tools.cli_user``, ``dkim`` in ``mailsrv.tools.cli_dkim``; ``mailsrv.tools.cli_exit``
+has the exit statuses they share.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from mailsrv.storage import queue
+from mailsrv.tools.cli_dkim import add_parser as add_dkim_parser
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failed
 from mailsrv.tools.cli_queue import cmd_change, cmd_list, cmd_show
 from mailsrv.tools.cli_user import cmd_user
@@ -97,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     user_actions.add_parser(
         "list", help="every user, and whether it can log in", parents=[config]
     ).set_defaults(run=cmd_user)
+    add_dkim_parser(commands, config)
     _add_admin_commands(commands)
     return parser
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from mailsrv.config import Config
+from mailsrv.config import Config, ConfigError
 from mailsrv.storage import queue, queue_control
 from mailsrv.storage.envelope import QueuedMessage
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
@@ -135,10 +135,16 @@ def _offline(config: Config, action: str, queue_id: str | None) -> str:
         queue.remove(qdir, queue_id)
         return f"ok: deleted {queue_id}"
     from mailsrv.outbound.bounce import bounce_pending
-    from mailsrv.service import load_directory
+    from mailsrv.service import load_directory, load_dkim
 
+    try:
+        dkim = load_dkim(config)  # the DSN is signed as the server would sign it
+    except ConfigError as e:
+        print(f"mailsrv: warning: the DSN is not DKIM-signed: {e}", file=sys.stderr)
+        dkim = None
     after, _ = bounce_pending(
-        config, load_directory(config), message, "returned to the sender by the administrator"
+        config, load_directory(config), message, "returned to the sender by the administrator",
+        dkim=dkim,
     )
     if after.done:
         queue.remove(qdir, queue_id)

@@ -1,13 +1,14 @@
 """
 A small authoritative DNS server for the tests, built on twisted.names.
 
-Run as ``python dns_server.py ZONE.json``; it listens on 127.0.0.1 (UDP and TCP, same port, chosen
-by the kernel), prints ``PORT <n>`` on stdout and serves the zone until killed. The zone file:
-``{"records": {"name": [["MX", 10, "mx.name"], ["A", "127.0.0.2"], ["AAAA", "::1"],
-["PTR", "host.name"], ["TXT", "v=spf1 -all"]]}, "servfail": ["name"]}`` (a TXT value longer
-than 255 octets is sent as several strings of one record, as DKIM keys are). Names not
-listed are NXDOMAIN; listed names without records of the asked type answer NOERROR with no
-answer (NODATA), or their CNAME and its target's records.
+Run as ``python dns_server.py ZONE.json [PORT]``; it listens on 127.0.0.1 (UDP and TCP, same
+port, chosen by the kernel unless PORT is given), prints ``PORT <n>`` on stdout and serves the
+zone until killed. The zone file: ``{"records": {"name": [["MX", 10, "mx.name"],
+["A", "127.0.0.2"], ["AAAA", "::1"], ["PTR", "host.name"], ["TXT", "string", "string"]]},
+"servfail": ["name"]}`` (a TXT string longer than 255 octets is sent as several strings of
+one record, as DKIM keys are). Names not listed are NXDOMAIN; listed names without records
+of the asked type answer NOERROR with no answer (NODATA), or their CNAME and its target's
+records.
 """
 
 import json
@@ -30,10 +31,11 @@ def _payload(record):
         return dns.PTR, dns.Record_PTR(args[0].encode(), ttl=60)
     if kind == "CNAME":
         return dns.CNAME, dns.Record_CNAME(args[0].encode(), ttl=60)
-    if kind == "TXT":
-        text = args[0].encode()
-        return dns.TXT, dns.Record_TXT(*[text[i:i + 255] for i in range(0, len(text), 255)] or [b""],
-                                       ttl=60)
+    if kind == "TXT":  # one or more character-strings, as a zone file's ( "..." "..." )
+        strings = []
+        for text in (a.encode() for a in args):
+            strings += [text[i:i + 255] for i in range(0, len(text), 255)] or [b""]
+        return dns.TXT, dns.Record_TXT(*strings, ttl=60)
     raise ValueError(f"unsupported record type {kind}")
 
 
@@ -78,8 +80,9 @@ def main():
     factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
     # The kernel picks a free UDP port; the same TCP port may be taken (by any client socket),
     # so try again with another pair, a bounded number of times.
+    wanted = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     for _attempt in range(50):
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        udp = reactor.listenUDP(wanted, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         port = udp.getHost().port
         try:
             reactor.listenTCP(port, factory, interface="127.0.0.1")

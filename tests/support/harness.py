@@ -138,7 +138,10 @@ class MailServer:
             "queue": {"path": str(self.queue)},
             "relay": {"trusted_networks": ["127.0.0.0/8", "::1/128"],
                       "dns_servers": [f"127.0.0.1:{dns_port}"], "port": 2525},
+            # No DKIM keys: never those of a mailsrv installed on this machine.
+            "dkim": {"keys": str(workdir / "dkim")},
         }
+        (workdir / "dkim").mkdir(mode=0o755, exist_ok=True)  # empty: any user may read it
         for table, values in (overrides or {}).items():
             self.config.setdefault(table, {}).update(values)
         self.config_path = workdir / "mailsrv.toml"

@@ -18,6 +18,7 @@ PUBLIC = {
     "ChecksConfig": schema,
     "Config": schema,
     "ConfigError": schema,
+    "DkimConfig": schema,
     "DomainsConfig": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,
