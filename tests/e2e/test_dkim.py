@@ -34,7 +34,10 @@ SUPPORT = Path(__file__).parent.parent / "support"
 PASSWORD = "alice pw"
 UNTRUSTED = "127.0.0.9"
 ZONE = {"records": {"remote.test": [["MX", 10, "mx.remote.test"]],
-                    "mx.remote.test": [["A", "127.0.0.2"]]}}
+                    "mx.remote.test": [["A", "127.0.0.2"]],
+                    # The outside client may send as example.org (SPF pass, so aligned): its
+                    # mail is accepted, and must still not be signed by us.
+                    "example.org": [["TXT", "v=spf1 ip4:127.0.0.9 -all"]]}}
 
 
 def _perl_has(module: str) -> bool:
