@@ -39,6 +39,7 @@ def add_parser(commands: Any, config_option: argparse.ArgumentParser) -> None:
     sub.add_argument("domain", help="one of [domains] local")
     sub.add_argument("--check", action="store_true",
                      help="look the records up and say, per record, ok / missing / wrong")
+    sub.set_defaults(run=cmd_dns)
 
 
 def dkim_keys_of(config: Config, domain: str) -> list[tuple[str, str, str]]:

@@ -54,8 +54,7 @@ def needed_records(
         Record("MX", domain, "MX", f"10 {hostname}."),
         Record("A", hostname, "A", "<this server's public IPv4 address>", comment=True),
         Record("PTR", hostname, "PTR",
-               f"{hostname}.  (the reverse of that address, set by whoever owns it)",
-               comment=True),
+               f"{hostname}.  (set by whoever owns the address: your provider)", comment=True),
         Record("SPF", domain, "TXT", "v=spf1 mx -all"),
     ]
     for selector, algorithm, public in dkim:
@@ -79,7 +78,9 @@ def zone_text(records: Sequence[Record]) -> str:
     lines = []
     for record in records:
         value = _txt(record.value) if record.rtype == "TXT" else record.value
-        line = f"{record.name}. IN {record.rtype} {value}"
+        # A PTR record belongs to the address (looked up from the host name's A/AAAA).
+        owner = "<that address>.in-addr.arpa" if record.kind == "PTR" else f"{record.name}."
+        line = f"{owner} IN {record.rtype} {value}"
         lines.append(f"; {line}" if record.comment else line)
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,7 @@ def test_what_a_domain_needs_in_zone_file_form() -> None:
                                                           ("202612-ed25519", "ed25519", "x" * 44)]))
     assert "example.org. IN MX 10 mx.example.org.\n" in text
     assert '; mx.example.org. IN A <this server' in text  # an address we cannot know
-    assert "; mx.example.org. IN PTR mx.example.org." in text
+    assert "; <that address>.in-addr.arpa IN PTR mx.example.org." in text
     assert 'example.org. IN TXT "v=spf1 mx -all"\n' in text
     assert '_dmarc.example.org. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@example.org"' in text
     # A long key is cut into strings of at most 255 octets, which a verifier joins again.
