@@ -1,8 +1,9 @@
 """
-Builds the running server from a ``Config``: start-up checks, listeners, shared runtime.
+Builds the running server from a ``Config``: listeners, the shared runtime, the services
+(relayer, spare spool files, tmp/ cleaning), the queue lock and the reload on SIGHUP.
 
-Everything that can be wrong with a configuration is found by ``prepare`` before anything
-listens, so the server never starts half-configured.
+Everything that can be wrong with a configuration is found before anything listens
+(mailsrv.startup.prepare), so the server never starts half-configured.
 """
 
 from __future__ import annotations
@@ -18,94 +19,24 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailsrv.accounts.files import load_aliases, read_srs_secrets, read_users
 from mailsrv.config import (
     Config,
     ConfigError,
     endpoint_options,
-    prepare_directories,
     tcp_endpoint_for_ssl,
 )
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
-from mailsrv.inbound.tls import ServerTLS, TLSSetupError
+from mailsrv.inbound.tls import TLSSetupError
 from mailsrv.interfaces import ISpareSpoolFiles
-from mailsrv.message.dkimkeys import SigningKeys, describe_keys, load_keys
+from mailsrv.message.dkimkeys import SigningKeys, describe_keys
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.routing.router import Directory
-from mailsrv.routing.srs import SRS
 from mailsrv.runtime import Runtime
-from mailsrv.storage import queue, queue_control
+from mailsrv.startup import load_directory, load_dkim, load_tls, prepare
+from mailsrv.storage import queue_control
 from mailsrv.storage.tmpclean import TmpCleaner
 
 log = Logger(namespace="mailsrv")
-
-
-def load_directory(config: Config) -> Directory:
-    """The users and aliases, checked: every alias resolves, every domain has a postmaster."""
-    boxes = config.mailboxes
-    passwords = None
-    if boxes.users is not None:
-        passwords = read_users(
-            Path(boxes.users), passwords=config.auth_enabled, local_domains=config.domains.local
-        )
-    aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
-    srs = None
-    if config.srs.secret_file is not None:
-        srs = SRS(read_srs_secrets(Path(config.srs.secret_file)), srs_domain(config),
-                  max_age=config.srs.max_age)
-    directory = Directory(
-        config.domains.local,
-        None if passwords is None else frozenset(passwords),
-        aliases,
-        boxes.recipient_delimiter,
-        passwords if config.auth_enabled else None,
-        srs=srs,
-    )
-    directory.check(boxes.aliases or boxes.users or config.source)
-    return directory
-
-
-def srs_domain(config: Config) -> str:
-    """The domain SRS addresses are made in: srs.domain, else the host name's domain (or
-    the host name) when local, else the first local domain (bounces must come back here)."""
-    if config.srs.domain is not None:
-        return config.srs.domain
-    host = config.hostname
-    for domain in (host, host.partition(".")[2]):
-        if domain in config.domains.local:
-            return domain
-    return config.domains.local[0]
-
-
-def load_tls(config: Config) -> ServerTLS | None:
-    """The server's TLS context factory, or None without [tls]; ConfigError when unusable."""
-    tls = config.tls
-    if tls.cert is None or tls.key is None:
-        return None
-    try:
-        return ServerTLS(tls.cert, tls.key)
-    except TLSSetupError as e:
-        raise ConfigError(config.source, e.key, f"expected {e.reason}") from None
-
-
-def load_dkim(config: Config) -> SigningKeys | None:
-    """The DKIM signing keys, checked (ConfigError naming the file that is wrong); None for
-    a configuration that signs nothing (the demo)."""
-    if not config.dkim.enabled:
-        return None
-    return load_keys(config.dkim.directory, config.source, required=config.dkim.keys is not None)
-
-
-def prepare(config: Config) -> Directory:
-    """All start-up checks; raises ConfigError naming the file, the key and the expectation."""
-    prepare_directories(config)
-    try:
-        queue.queue_dirs(Path(config.queue.path))
-    except OSError as e:
-        raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
-    load_tls(config)
-    load_dkim(config)
-    return load_directory(config)
 
 
 def clear_incoming(queue_path: Path) -> int:

@@ -1,14 +1,14 @@
 """
 ``mailsrv check-config``: every start-up check of the server, without disturbing a running one.
 
-The server's own start-up (``service.prepare`` followed by ``service.lock_queue``) creates the
+The server's own start-up (``startup.prepare`` followed by ``service.lock_queue``) creates the
 mailbox root and the queue directories and takes the queue lock.  An administrator checks an
 edited file *while the server runs*, usually as root, so this module does neither: a directory
 created here would belong to root (and the server, running as ``mailsrv``, could not write it),
 and holding the queue lock even for a moment could make a server starting meanwhile refuse to
 start.  Everything else is the server's code itself: ``load_config`` for the file,
-``service.load_tls`` for the certificate and key, ``service.load_dkim`` for the DKIM signing
-keys, and ``service.load_directory`` for the users
+``startup.load_tls`` for the certificate and key, ``startup.load_dkim`` for the DKIM signing
+keys, and ``startup.load_directory`` for the users
 and aliases (every alias resolves, every local domain has a postmaster, and with AUTH on,
 every password is a hash mailsrv can verify).  It also warns of what is valid but probably
 not meant: a postmaster whose mail would be relayed off the machine.
@@ -114,7 +114,7 @@ def check_config(path: str | os.PathLike[str]) -> CheckResult:
 
     Creates nothing, locks nothing and writes nothing, so it is safe next to a running server.
     """
-    from mailsrv.service import load_directory, load_dkim, load_tls
+    from mailsrv.startup import load_directory, load_dkim, load_tls
 
     config = load_config(path)
     notes = [

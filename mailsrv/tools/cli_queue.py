@@ -135,7 +135,7 @@ def _offline(config: Config, action: str, queue_id: str | None) -> str:
         queue.remove(qdir, queue_id)
         return f"ok: deleted {queue_id}"
     from mailsrv.outbound.bounce import bounce_pending
-    from mailsrv.service import load_directory, load_dkim
+    from mailsrv.startup import load_directory, load_dkim
 
     try:
         dkim = load_dkim(config)  # the DSN is signed as the server would sign it

@@ -60,7 +60,7 @@ def _server_group(config: Config) -> int | None:
 
 def cmd_user(config: Config, args: argparse.Namespace) -> int:
     """Change the users file; the running server picks the new file up by itself."""
-    from mailsrv.service import load_directory
+    from mailsrv.startup import load_directory
 
     if config.mailboxes.users is None:
         raise ConfigError(config.source, "mailboxes.users", "a users file to manage users in")

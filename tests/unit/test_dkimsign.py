@@ -29,7 +29,7 @@ from mailsrv.message import dkimkeys, dkimsign
 from mailsrv.message.headsection import HeaderFacts
 from mailsrv.outbound.bounce import sign_report
 from mailsrv.replies import Refusal
-from mailsrv.service import load_dkim
+from mailsrv.startup import load_dkim
 from mailsrv.tools import cli
 from mailsrv.tools.cli_dkim import default_selector
 

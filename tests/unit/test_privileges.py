@@ -12,7 +12,7 @@ import pytest
 
 from mailsrv.config import Config, ConfigError, load_config
 from mailsrv.privileges import effective_user
-from mailsrv.service import prepare
+from mailsrv.startup import prepare
 from support.harness import MailServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="changing the effective uid needs root")

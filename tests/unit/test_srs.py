@@ -17,7 +17,7 @@ from mailsrv.message.headsection import inspect_head
 from mailsrv.routing.address import parse_rcpt_to
 from mailsrv.routing.router import Directory, RemoteTarget
 from mailsrv.routing.srs import SRS, SRSError, is_srs_local_part
-from mailsrv.service import srs_domain
+from mailsrv.startup import srs_domain
 
 DAY = 86400.0
 NOW = 1_800_000_000.0  # a fixed day: stamps are days modulo 1024

@@ -31,7 +31,8 @@ class Options(usage.Options):
         # start with the file, the key and the expectation, and exit status 2.
         from mailsrv.config import DEFAULT_CONFIG_PATH, ConfigError, demo_config, load_config
         from mailsrv.privileges import effective_user
-        from mailsrv.service import lock_queue, prepare
+        from mailsrv.service import lock_queue
+        from mailsrv.startup import prepare
 
         try:
             if self["config"] is not None:

@@ -1,0 +1,89 @@
+"""
+What the server reads and checks before it starts, and again on a reload: the data
+directories, the queue's directory, the TLS certificate, the DKIM keys, the users and aliases
+files (with the SRS secrets).  Each loader raises ConfigError naming the file, the key and
+the expectation, so that ``twistd mailsrv`` and ``mailsrv check-config`` stop on the same
+errors and the server never starts half-configured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mailsrv.accounts.files import load_aliases, read_srs_secrets, read_users
+from mailsrv.config import Config, ConfigError, prepare_directories
+from mailsrv.inbound.tls import ServerTLS, TLSSetupError
+from mailsrv.message.dkimkeys import SigningKeys, load_keys
+from mailsrv.routing.router import Directory
+from mailsrv.routing.srs import SRS
+from mailsrv.storage import queue
+
+__all__ = ["load_directory", "load_dkim", "load_tls", "prepare", "srs_domain"]
+
+
+def load_directory(config: Config) -> Directory:
+    """The users and aliases, checked: every alias resolves, every domain has a postmaster."""
+    boxes = config.mailboxes
+    passwords = None
+    if boxes.users is not None:
+        passwords = read_users(
+            Path(boxes.users), passwords=config.auth_enabled, local_domains=config.domains.local
+        )
+    aliases = load_aliases(Path(boxes.aliases)) if boxes.aliases is not None else {}
+    srs = None
+    if config.srs.secret_file is not None:
+        srs = SRS(read_srs_secrets(Path(config.srs.secret_file)), srs_domain(config),
+                  max_age=config.srs.max_age)
+    directory = Directory(
+        config.domains.local,
+        None if passwords is None else frozenset(passwords),
+        aliases,
+        boxes.recipient_delimiter,
+        passwords if config.auth_enabled else None,
+        srs=srs,
+    )
+    directory.check(boxes.aliases or boxes.users or config.source)
+    return directory
+
+
+def srs_domain(config: Config) -> str:
+    """The domain SRS addresses are made in: srs.domain, else the host name's domain (or
+    the host name) when local, else the first local domain (bounces must come back here)."""
+    if config.srs.domain is not None:
+        return config.srs.domain
+    host = config.hostname
+    for domain in (host, host.partition(".")[2]):
+        if domain in config.domains.local:
+            return domain
+    return config.domains.local[0]
+
+
+def load_tls(config: Config) -> ServerTLS | None:
+    """The server's TLS context factory, or None without [tls]; ConfigError when unusable."""
+    tls = config.tls
+    if tls.cert is None or tls.key is None:
+        return None
+    try:
+        return ServerTLS(tls.cert, tls.key)
+    except TLSSetupError as e:
+        raise ConfigError(config.source, e.key, f"expected {e.reason}") from None
+
+
+def load_dkim(config: Config) -> SigningKeys | None:
+    """The DKIM signing keys, checked (ConfigError naming the file that is wrong); None for
+    a configuration that signs nothing (the demo)."""
+    if not config.dkim.enabled:
+        return None
+    return load_keys(config.dkim.directory, config.source, required=config.dkim.keys is not None)
+
+
+def prepare(config: Config) -> Directory:
+    """All start-up checks; raises ConfigError naming the file, the key and the expectation."""
+    prepare_directories(config)
+    try:
+        queue.queue_dirs(Path(config.queue.path))
+    except OSError as e:
+        raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
+    load_tls(config)
+    load_dkim(config)
+    return load_directory(config)
