@@ -42,8 +42,9 @@ class ISessionIntake(Interface):
     may_relay = Attribute("A trusted network or an authenticated user: any domain may be sent to.")
     protocol = Attribute("The Received: 'with' keyword (RFC 3848).")
 
-    def reverse_name_known(timeout):
-        """A Deferred that fires once the reverse lookup ended, or after ``timeout`` seconds."""
+    def client_known(timeout):
+        """A Deferred that fires once the reverse and blocklist lookups ended, or after
+        ``timeout`` seconds."""
 
     def close():
         """The connection is gone."""

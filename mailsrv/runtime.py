@@ -27,6 +27,7 @@ from mailsrv.checks.builtin import builtin_pipeline
 from mailsrv.checks.pipeline import Pipeline
 from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
+from mailsrv.inbound.blocklists import Blocklists
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
@@ -72,6 +73,8 @@ class Runtime:
     authenticator: Authenticator | None = None
     #: The DKIM signing keys (mailsrv.message.dkimkeys), swapped on SIGHUP; None: no signing.
     dkim: SigningKeys | None = None
+    #: The DNS blocklist lookups of client addresses, None without [dnsbl] zones.
+    blocklists: Blocklists | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
@@ -103,6 +106,10 @@ class Runtime:
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
             checks=checks, dkim=dkim,
         )
+        dnsbl = config.dnsbl
+        if dnsbl.enabled and runtime.resolver is not None:
+            runtime.blocklists = Blocklists(
+                runtime.resolver, reactor, dict(dnsbl.zones), dnsbl.allow_zones, dnsbl.timeout)
         checks_config = config.checks
         if checks_config.enabled and runtime.resolver is not None:
             runtime.authenticator = Authenticator(

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from mailsrv import replies
 from mailsrv.checks.auth.checks import auth_checks
+from mailsrv.checks.dnsbl import Dnsbl
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
 from mailsrv.checks.signing import DkimSign
@@ -222,6 +223,8 @@ def builtin_pipeline(
     ]
     if config.submission.check_from_header:
         checks.append(HeaderOwnership())
+    if config.dnsbl.zones:
+        checks.append(Dnsbl(config.dnsbl.threshold))
     checks += auth_checks(config)
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]
     if dkim is not None:

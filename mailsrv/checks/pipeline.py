@@ -52,6 +52,7 @@ from mailsrv.routing.router import Target
 
 if TYPE_CHECKING:
     from mailsrv.checks.auth.results import AuthResults
+    from mailsrv.checks.dnsbl import Listing
     from mailsrv.routing.router import Directory
 
 __all__ = [
@@ -171,6 +172,9 @@ class Client:
     #: The HELO/EHLO argument, None before HELO.
     helo: str | None = None
     esmtp: bool = False
+    #: What the DNS blocklists said of the address (None: not looked up: no [dnsbl], a
+    #: trusted network, or no answer before MAIL).
+    blocklist: Listing | None = None
 
     @property
     def may_relay(self) -> bool:

@@ -357,6 +357,26 @@ def tls_policy() -> Key:
     return Key(wanted, convert)
 
 
+def zone_weights() -> Key:
+    wanted = "a table of DNS zone = weight (an integer >= 1)"
+
+    def convert(value: Any, base: Path) -> tuple[tuple[str, int], ...]:
+        if not isinstance(value, dict):
+            raise Invalid(wanted, value)
+        result = []
+        for zone, weight in value.items():
+            try:
+                name = normalise_domain(zone)
+            except ValueError as exc:
+                raise Invalid("a DNS zone", zone, where=f".{zone}", why=str(exc)) from None
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+                raise Invalid("an integer >= 1", weight, where=f".{zone}")
+            result.append((name, weight))
+        return tuple(result)
+
+    return Key(wanted, convert)
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         return ipaddress.ip_address(text)

@@ -23,6 +23,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DkimConfig",
+    "DnsblConfig",
     "DomainsConfig",
     "IPNetwork",
     "MailboxesConfig",
@@ -189,6 +190,20 @@ class SrsConfig:
 
 
 @dataclass(frozen=True)
+class DnsblConfig:
+    """[dnsbl]: DNS blocklists and allowlists of client addresses (mailsrv.checks.dnsbl)."""
+
+    zones: tuple[tuple[str, int], ...] = ()  # (zone, weight): none by default
+    threshold: int = 1  # a score this high is refused (554 5.7.1)
+    allow_zones: tuple[str, ...] = ()  # a client listed here is never refused by a blocklist
+    timeout: float = 5.0  # seconds for each zone's answer (then: not listed)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.zones or self.allow_zones)
+
+
+@dataclass(frozen=True)
 class ChecksConfig:
     """The authentication of mail from other servers (not authenticated, not in
     relay.trusted_networks): SPF, DKIM, DMARC, and our own domains kept from forgery."""
@@ -222,6 +237,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     srs: SrsConfig = SrsConfig()
     checks: ChecksConfig = ChecksConfig()
+    dnsbl: DnsblConfig = DnsblConfig()
     dkim: DkimConfig = DkimConfig()
     source: Path | None = None
 

@@ -116,7 +116,7 @@ class SMTPSession(TLSAndAuth):
         """The banner, once the client's reverse name is known (or after a short wait), so
         that every log line and the Received: field name the client alike."""
         banner = replies.BANNER.format(hostname=self.runtime.config.hostname)
-        d = self.delivery.reverse_name_known(GREETING_DNS_WAIT)
+        d = self.delivery.client_known(GREETING_DNS_WAIT)
         return d.addCallback(lambda _: banner)
 
     def receive(self, data: bytes) -> None:

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.checks import policy
+from mailsrv.checks.dnsbl import Listing
 from mailsrv.checks.pipeline import Client, Facts, Stage
 from mailsrv.checks.policy import owns_address
 from mailsrv.dnsutil import skips_reverse_lookup
@@ -66,21 +67,38 @@ class SessionDelivery:
         ):
             self._lookup = runtime.reverse_names.lookup(client_ip)
             self._lookup.addCallbacks(self._got_reverse_name, lambda failure: None)
+        #: What the DNS blocklists say of the address (mailsrv.checks.dnsbl), once known.
+        self.blocklist: Listing | None = None
+        self._dnsbl: defer.Deferred | None = None
+        if runtime.blocklists is not None and not self.trusted_network:
+            self._dnsbl = runtime.blocklists.lookup(client_ip)
+            self._dnsbl.addCallbacks(self._got_blocklist, lambda failure: None)
 
     def _got_reverse_name(self, name: str | None) -> None:
         self.reverse_name = name
         self._lookup = None
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            _fire(d)
+        self._wake()
 
-    def reverse_name_known(self, timeout: float) -> defer.Deferred:
-        """Fires once the reverse lookup has ended, or after ``timeout`` seconds at most.
+    def _got_blocklist(self, listing: Listing) -> None:
+        self.blocklist = listing
+        self._dnsbl = None
+        self._wake()
 
-        The greeting waits for it (as Postfix's does), so that every log line and the
-        Received: field name the client the same way; a slow DNS delays only the banner.
+    def _wake(self) -> None:
+        if self._lookup is None and self._dnsbl is None:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                _fire(d)
+
+    def client_known(self, timeout: float) -> defer.Deferred:
+        """Fires once the reverse and blocklist lookups have ended, or after ``timeout``
+        seconds at most.
+
+        The greeting waits for them (as Postfix's does for the reverse name), so that every
+        log line and the Received: field name the client the same way, and a blocklisted
+        client is known by MAIL; a slow DNS delays only the banner.
         """
-        if self._lookup is None:
+        if self._lookup is None and self._dnsbl is None:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
@@ -95,9 +113,10 @@ class SessionDelivery:
 
     def close(self) -> None:
         """The connection is gone: stop waiting (other connections may still wait)."""
-        if self._lookup is not None:
-            lookup, self._lookup = self._lookup, None
-            lookup.cancel()
+        for lookup in (self._lookup, self._dnsbl):
+            if lookup is not None:
+                lookup.cancel()
+        self._lookup = self._dnsbl = None
 
     @property
     def client(self) -> str:
@@ -129,7 +148,7 @@ class SessionDelivery:
             ip=self.client_ip, name=self.client, reverse_name=self.reverse_name,
             trusted_network=self.trusted_network, submission=self.submission,
             authenticated_as=self.authenticated_as, tls=self.tls,
-            helo=self.helo or None, esmtp=self.esmtp,
+            helo=self.helo or None, esmtp=self.esmtp, blocklist=self.blocklist,
         )
 
     @property

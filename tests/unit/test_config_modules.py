@@ -19,6 +19,7 @@ PUBLIC = {
     "Config": schema,
     "ConfigError": schema,
     "DkimConfig": schema,
+    "DnsblConfig": schema,
     "DomainsConfig": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,

@@ -147,7 +147,7 @@ def test_no_reverse_lookup_for_loopback_or_trusted_clients(tmp_path, clock):
     runtime = make_runtime(tmp_path, clock, resolver, trusted=["10.0.0.0/8"])
     for ip in ("127.0.0.1", "127.0.0.9", "::1", "10.1.2.3"):
         session = runtime.new_session(ip)
-        assert session.reverse_name_known(5.0).called
+        assert session.client_known(5.0).called
         assert session.client == f"unknown[{ip}]"
     assert resolver.queries == []
     runtime.new_session(CLIENT)
@@ -158,7 +158,7 @@ def test_reverse_lookup_survives_another_connection_from_the_address_closing(tmp
     resolver = ScriptedResolver(clock)
     runtime = make_runtime(tmp_path, clock, resolver)
     first, second = runtime.new_session(CLIENT), runtime.new_session(CLIENT)
-    waiting = second.reverse_name_known(5.0)
+    waiting = second.client_known(5.0)
     first.close()  # that connection went away at once
     assert resolver.asked() == ["PTR 7.2.0.192.in-addr.arpa"]  # one lookup, shared
     assert not resolver.queries[0][1].called  # not cancelled: the second one waits
