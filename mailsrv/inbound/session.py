@@ -27,6 +27,7 @@ from mailsrv import replies
 from mailsrv.inbound import sasl
 from mailsrv.inbound.datascan import DataError, DataScanner
 from mailsrv.inbound.framing import CommandFramer, Framing
+from mailsrv.inbound.parameters import check_mail_parameters
 from mailsrv.inbound.tlsauth import TLSAndAuth
 from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
@@ -114,10 +115,21 @@ class SMTPSession(TLSAndAuth):
 
     def greeting(self) -> "defer.Deferred[Reply]":
         """The banner, once the client's reverse name is known (or after a short wait), so
-        that every log line and the Received: field name the client alike."""
+        that every log line and the Received: field name the client alike.
+
+        A client that talked before it (an SMTP client must wait for it, RFC 5321 §3.1; spam
+        software often does not) is refused instead, as Postfix's postscreen pregreet test
+        does. (Trusted networks and loopback are not looked up: their banner comes at once.)"""
         banner = replies.BANNER.format(hostname=self.runtime.config.hostname)
-        d = self.delivery.client_known(GREETING_DNS_WAIT)
-        return d.addCallback(lambda _: banner)
+
+        def greet(_: object) -> Reply:
+            if not self.held:
+                return banner
+            log.info("refused client={client} reason=\"talked before the greeting: {n} octets\"",
+                     client=self.delivery.client, n=self.held)
+            return self._close_with(replies.EARLY_TALKER)
+
+        return self.delivery.client_known(GREETING_DNS_WAIT).addCallback(greet)
 
     def receive(self, data: bytes) -> None:
         """Bytes from the client, held until ``step`` takes them."""
@@ -258,27 +270,12 @@ class SMTPSession(TLSAndAuth):
         helo = (self._helo_name.encode("ascii"), self.client_ip.encode("ascii"))
         try:
             sender, params = parse_mail_from(rest)
-            self._check_mail_parameters(params)
+            check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
             self._transaction = self.delivery.validateFrom(helo, sender)
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
         return replies.SENDER_OK
-
-    def _check_mail_parameters(self, params: dict[str, str | None]) -> None:
-        for name, value in params.items():
-            if not self._esmtp:
-                raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
-            if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
-                if int(value) > self.runtime.config.smtp.max_message_size:
-                    raise Refusal(replies.SIZE_EXCEEDS_LIMIT)
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
-            else:
-                raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
 
     def do_RCPT(self, rest: bytes) -> Reply:
         transaction = self._transaction

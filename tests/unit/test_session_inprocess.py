@@ -183,17 +183,25 @@ def test_lookup_is_cancelled_once_no_connection_waits(tmp_path, clock):
 
 
 def test_banner_waits_for_reverse_dns_but_not_for_ever(tmp_path, clock):
-    """A DNS server that never answers: the banner comes after the bounded wait (5 s), the
-    client is 'unknown', and what it said before the banner is answered after it."""
+    """A DNS server that never answers: the banner comes after the bounded wait (5 s) and
+    the client is 'unknown'."""
     session = Connection.to(make_runtime(tmp_path, clock, ScriptedResolver(clock)))
-    assert session.send("EHLO early.test") == []  # an early talker: held
     clock.advance(4.9)
     assert session.output() == []
     clock.advance(0.2)
-    lines = session.output()
-    assert lines[0] == "220 mx.example.org ESMTP mailsrv"
-    assert lines[1].startswith(f"250-mx.example.org Hello early.test [{CLIENT}]")
+    assert session.output() == ["220 mx.example.org ESMTP mailsrv"]
     assert session.protocol.core.delivery.client == f"unknown[{CLIENT}]"
+    assert session.send("EHLO client.test")[0].startswith("250-mx.example.org Hello")
+
+
+def test_a_client_that_talks_before_the_banner_is_refused(tmp_path, clock):
+    """Postscreen's pregreet test: what a client sends before the banner (spam software that
+    does not wait for it) gets 554 5.5.1 instead of the banner, and the connection closes."""
+    session = Connection.to(make_runtime(tmp_path, clock, ScriptedResolver(clock)))
+    assert session.send_bytes(b"E") == []  # one octet is enough
+    clock.advance(5.1)
+    assert session.output() == ["554 5.5.1 Error: protocol error: talked before the greeting"]
+    assert session.closing
 
 
 def test_banner_comes_with_the_reverse_name_once_known(tmp_path, clock):
