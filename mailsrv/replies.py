@@ -143,6 +143,8 @@ MAILBOX_NOT_ALLOWED = Reply(553, "5.1.3", "Mailbox name not allowed")
 USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 #: A client that sent before the greeting (mailsrv.inbound.session, postscreen's pregreet).
 EARLY_TALKER = Reply(554, "5.5.1", "Error: protocol error: talked before the greeting")
+#: An unknown (client network, sender, recipient) triplet's first attempt (greylisting).
+GREYLISTED = Reply(451, "4.7.1", "Greylisted: please try again in {seconds} seconds")
 #: A client a DNS blocklist lists (mailsrv.checks.dnsbl), as Postfix words it.
 DNSBL_LISTED = Reply(554, "5.7.1", "Service unavailable; client [{ip}] blocked using {zones}")
 #: A bounce to an SRS address we did not make, or made more than srs.max_age days ago.

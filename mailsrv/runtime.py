@@ -32,6 +32,7 @@ from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.routing.router import Directory
+from mailsrv.storage.greylist import Greylist
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import DELIVERY_THREADS, PASSWORD_THREADS, ThreadRunner
 
@@ -75,12 +76,15 @@ class Runtime:
     dkim: SigningKeys | None = None
     #: The DNS blocklist lookups of client addresses, None without [dnsbl] zones.
     blocklists: Blocklists | None = None
+    #: The greylisting memory, None without [greylist] enabled.
+    greylist: Greylist | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
             self.reverse_names = ReverseNames(self.resolver)
         if self.checks is None:
-            self.checks = builtin_pipeline(self.config, dkim=lambda: self.dkim)
+            self.checks = builtin_pipeline(
+                self.config, dkim=lambda: self.dkim, greylist=lambda: self.greylist)
 
     @classmethod
     def build(
@@ -106,6 +110,13 @@ class Runtime:
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
             checks=checks, dkim=dkim,
         )
+        grey = config.greylist
+        if grey.enabled:
+            # Read at start-up (blocking, before anything listens); written behind, in order.
+            writer = ThreadRunner(reactor, 1, "greylist")
+            runtime.greylist = Greylist(
+                grey.path or Path(config.queue.path) / "greylist.sqlite3", grey.expire,
+                reactor.seconds, writer.run)
         dnsbl = config.dnsbl
         if dnsbl.enabled and runtime.resolver is not None:
             runtime.blocklists = Blocklists(

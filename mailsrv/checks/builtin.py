@@ -33,6 +33,7 @@ from zope.interface import implementer
 from mailsrv import replies
 from mailsrv.checks.auth.checks import auth_checks
 from mailsrv.checks.dnsbl import Dnsbl
+from mailsrv.checks.greylist import Greylisting
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
 from mailsrv.checks.signing import DkimSign
@@ -43,6 +44,7 @@ from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import parse_mail_from
 from mailsrv.routing.srs import SRSError
+from mailsrv.storage.greylist import Greylist
 
 __all__ = [
     "HeaderOwnership", "HopLimit", "LocalRecipient", "MissingFields", "RelayAccess",
@@ -213,7 +215,8 @@ class SenderRewriting:
 
 
 def builtin_pipeline(
-    config: Config, dkim: Callable[[], SigningKeys | None] | None = None
+    config: Config, dkim: Callable[[], SigningKeys | None] | None = None,
+    greylist: Callable[[], Greylist | None] | None = None,
 ) -> Pipeline:
     """The checks and modifiers a server with ``config`` runs, in their order; with
     ``dkim`` (the current signing keys), DKIM signing last, over the finished message."""
@@ -225,6 +228,9 @@ def builtin_pipeline(
         checks.append(HeaderOwnership())
     if config.dnsbl.zones:
         checks.append(Dnsbl(config.dnsbl.threshold))
+    if config.greylist.enabled and greylist is not None:
+        # After the recipient checks: an unknown recipient is refused, not greylisted.
+        checks.append(Greylisting(greylist, config.greylist.delay, config.greylist.auto_allow))
     checks += auth_checks(config)
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]
     if dkim is not None:

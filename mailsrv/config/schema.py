@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DkimConfig",
     "DnsblConfig",
+    "GreylistConfig",
     "DomainsConfig",
     "IPNetwork",
     "MailboxesConfig",
@@ -204,6 +205,18 @@ class DnsblConfig:
 
 
 @dataclass(frozen=True)
+class GreylistConfig:
+    """[greylist]: unknown (client network, sender, recipient) triplets deferred once
+    (mailsrv.checks.greylist); off by default."""
+
+    enabled: bool = False
+    delay: float = 300.0  # seconds before a retry passes
+    expire: float = 35 * 86400.0  # seconds a triplet or client is remembered unused
+    auto_allow: int = 5  # passes after which a client network skips greylisting; 0: never
+    path: Path | None = None  # the SQLite file; None: <queue.path>/greylist.sqlite3
+
+
+@dataclass(frozen=True)
 class ChecksConfig:
     """The authentication of mail from other servers (not authenticated, not in
     relay.trusted_networks): SPF, DKIM, DMARC, and our own domains kept from forgery."""
@@ -238,6 +251,7 @@ class Config:
     srs: SrsConfig = SrsConfig()
     checks: ChecksConfig = ChecksConfig()
     dnsbl: DnsblConfig = DnsblConfig()
+    greylist: GreylistConfig = GreylistConfig()
     dkim: DkimConfig = DkimConfig()
     source: Path | None = None
 

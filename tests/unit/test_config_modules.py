@@ -20,6 +20,7 @@ PUBLIC = {
     "ConfigError": schema,
     "DkimConfig": schema,
     "DnsblConfig": schema,
+    "GreylistConfig": schema,
     "DomainsConfig": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,

@@ -1,0 +1,130 @@
+"""
+The greylisting memory: triplets and client networks in memory, where the RCPT check reads
+and updates them on the reactor thread, and in an SQLite file (the standard library's) that
+survives restarts, written behind, in order, by a thread of its own, so that the reactor
+never waits on it.
+Read once at start-up; entries unused for ``expire`` seconds are dropped, and at most
+MAX_TRIPLETS are kept (the least recently used go first).  A crash loses at most the writes
+still in the thread's queue: those triplets are greylisted once more, nothing worse.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailsrv.checks.greylist import Triplet, Triplets
+
+__all__ = ["Greylist", "MAX_TRIPLETS"]
+
+log = Logger(namespace="mailsrv")
+
+#: Triplets remembered at most (a few MB of memory and disk).
+MAX_TRIPLETS = 200_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS triplets (
+    network TEXT NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
+    first_seen REAL NOT NULL, last_passed REAL NOT NULL, passes INTEGER NOT NULL,
+    PRIMARY KEY (network, sender, recipient));
+CREATE TABLE IF NOT EXISTS clients (
+    network TEXT PRIMARY KEY, passes INTEGER NOT NULL, last_passed REAL NOT NULL);
+"""
+
+
+class Greylist:
+    """Triplets and client networks, remembered."""
+
+    def __init__(
+        self, path: Path, expire: float, clock: Callable[[], float],
+        in_thread: Callable[..., Any],
+    ) -> None:
+        self.path = Path(path)
+        self.expire = expire
+        self.clock = clock
+        self._in_thread = in_thread
+        self._lock = threading.Lock()
+        self._triplets: OrderedDict[Triplet, Triplets] = OrderedDict()
+        self._clients: dict[str, tuple[int, float]] = {}
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # ours alone: who mails whom
+        os.close(fd)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        self._load()
+
+    def _load(self) -> None:
+        """Read what is still valid (blocking: at start-up, before anything listens)."""
+        oldest = self.clock() - self.expire
+        with self._lock:
+            self._db.execute("DELETE FROM triplets WHERE max(first_seen, last_passed) < ?",
+                             (oldest,))
+            self._db.execute("DELETE FROM clients WHERE last_passed < ?", (oldest,))
+            rows = self._db.execute(
+                "SELECT network, sender, recipient, first_seen, last_passed, passes "
+                "FROM triplets ORDER BY max(first_seen, last_passed) DESC LIMIT ?",
+                (MAX_TRIPLETS,)).fetchall()
+            clients = self._db.execute("SELECT network, passes, last_passed FROM clients")
+            self._clients = {n: (p, t) for n, p, t in clients.fetchall()}
+        for network, sender, recipient, first, passed, passes in reversed(rows):
+            self._triplets[(network, sender, recipient)] = Triplets(first, passed, passes)
+
+    def __len__(self) -> int:
+        return len(self._triplets)
+
+    def client_passes(self, network: str) -> int:
+        passes, last = self._clients.get(network, (0, 0.0))
+        return passes if self.clock() - last <= self.expire else 0
+
+    def attempt(self, key: Triplet, delay: float) -> float:
+        """Seconds the triplet must still wait (0: it passes now, and is remembered)."""
+        now = self.clock()
+        state = self._triplets.get(key)
+        if state is None or now - max(state.first_seen, state.last_passed) > self.expire:
+            state = self._triplets[key] = Triplets(now)
+            self._bound()
+            self._save(key, state)
+            return delay
+        waited = now - state.first_seen
+        if state.passes == 0 and waited < delay:
+            return delay - waited  # too soon: the first attempt's time stands
+        state.passes += 1
+        state.last_passed = now
+        self._triplets.move_to_end(key)
+        passes = self.client_passes(key[0]) + 1
+        self._clients[key[0]] = (passes, now)
+        self._save(key, state, (key[0], passes, now))
+        return 0.0
+
+    def _bound(self) -> None:
+        while len(self._triplets) > MAX_TRIPLETS:
+            key, _ = self._triplets.popitem(last=False)
+            self._queue("DELETE FROM triplets WHERE network = ? AND sender = ? "
+                        "AND recipient = ?", key)
+
+    def _save(self, key: Triplet, state: Triplets, client: tuple | None = None) -> None:
+        self._queue("INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?, ?, ?)",
+                    (*key, state.first_seen, state.last_passed, state.passes))
+        if client is not None:
+            self._queue("INSERT OR REPLACE INTO clients VALUES (?, ?, ?)", client)
+
+    def _queue(self, statement: str, values: tuple) -> None:
+        """The write, in order, in the greylist's own (one) thread; a failure is logged (the
+        memory stays right; the file misses one change until the triplet changes again)."""
+        d = self._in_thread(self._write, statement, values)
+        d.addErrback(lambda f: log.failure("greylist: writing {path} failed", f, path=self.path))
+
+    def _write(self, statement: str, values: tuple) -> None:
+        """In a worker thread: one statement, committed (SQLite's own journal and fsync)."""
+        with self._lock:
+            self._db.execute(statement, values)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,56 @@
+"""
+Greylisting end to end: a real server with [greylist] delay 2 s, a client outside the
+trusted networks (127.0.0.30): first attempt 451 4.7.1, a retry too soon 451, after the
+delay 250 and the message delivered; after a restart the triplet is still known.
+"""
+
+from __future__ import annotations
+
+import time
+
+from support.harness import DNSServer, MailServer, wait_for
+from support.mail import connect
+
+DELAY = 2
+
+
+def rcpt(server: MailServer, sender: str = "someone@sender.test") -> tuple[int, str]:
+    with connect(server.port, source="127.0.0.30") as client:
+        client.ehlo("client.test")
+        assert client.mail(sender)[0] == 250
+        code, text = client.rcpt("alice@example.org")
+        if code == 250:
+            assert client.data(b"Subject: greylisted once\r\n\r\nhello\r\n")[0] == 250
+        else:
+            client.rset()
+    return code, text.decode()
+
+
+def test_greylisting_across_a_restart(tmp_path) -> None:
+    dns = DNSServer(tmp_path, {"records": {}})
+    (tmp_path / "s").mkdir()
+    server = MailServer(tmp_path / "s", dns.port, overrides={
+        "relay": {"trusted_networks": ["10.0.0.0/8"]},
+        "checks": {"spf": False, "dkim_verify": False, "dmarc": False,
+                   "protect_local_domains": False},
+        "greylist": {"enabled": True, "delay": DELAY},
+    })
+    try:
+        server.start()
+        started = time.monotonic()
+        assert rcpt(server) == (451, f"4.7.1 Greylisted: please try again in {DELAY} seconds")
+        code, text = rcpt(server)
+        assert code == 451 and time.monotonic() - started < DELAY
+        time.sleep(max(0.0, DELAY - (time.monotonic() - started)) + 0.1)
+        assert rcpt(server)[0] == 250
+        wait_for(lambda: server.messages("alice@example.org"), 10, "the delivery")
+        assert "Greylisted" in server.log_text()
+        database = server.queue / "greylist.sqlite3"
+        assert database.stat().st_mode & 0o077 == 0
+        server.stop()
+        server.start()
+        assert rcpt(server)[0] == 250  # remembered across the restart
+        assert rcpt(server, "another@sender.test")[0] == 451  # a new triplet still waits
+    finally:
+        server.stop()
+        dns.stop()

@@ -1,0 +1,141 @@
+"""Greylisting: the triplet, the RCPT check's decisions on an injected clock (first 451, a
+retry too soon 451, after the delay 250, remembered, auto-allow after N passes and not one
+before, expiry), the SQLite memory surviving a restart, and who is never greylisted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+
+from mailsrv import replies
+from mailsrv.checks.dnsbl import Listing
+from mailsrv.checks.greylist import Greylisting, client_network, triplet
+from mailsrv.checks.pipeline import ACCEPT, Client, Facts, Stage, TempFail
+from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
+from mailsrv.routing.router import Directory
+from mailsrv.storage import greylist as store_module
+from mailsrv.storage.greylist import Greylist
+
+DELAY, EXPIRE = 300.0, 35 * 86400.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_now(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def greylist(tmp_path: Path, clock: Clock) -> Greylist:
+    return Greylist(tmp_path / "greylist.sqlite3", EXPIRE, clock, run_now)
+
+
+def facts(sender="someone@sender.test", rcpt="alice@example.org", ip="192.0.2.7", **client):
+    return Facts(Stage.RCPT, Client(ip=ip, name=f"unknown[{ip}]", **client),
+                 Directory(["example.org"], None, {}),
+                 sender=parse_mail_from(f"FROM:<{sender}>".encode())[0],
+                 recipient=parse_rcpt_to(f"TO:<{rcpt}>".encode())[0])
+
+
+def test_the_triplet() -> None:
+    assert client_network("192.0.2.77") == "192.0.2.0/24"
+    assert client_network("::ffff:192.0.2.77") == "192.0.2.0/24"
+    assert client_network("2001:db8:1:2:3::4") == "2001:db8:1:2::/64"
+    assert triplet("192.0.2.7", None, "Alice@Example.org") == (
+        "192.0.2.0/24", "", "alice@example.org")
+
+
+def test_first_too_soon_then_after_the_delay(tmp_path: Path) -> None:
+    clock = Clock()
+    store = greylist(tmp_path, clock)
+    check = Greylisting(lambda: store, DELAY, auto_allow=5)
+    first = check.check(facts())
+    assert first == TempFail(replies.GREYLISTED.format(seconds="300"), reason="greylisted for 300 s")
+    assert (first.reply.code, first.reply.status) == (451, "4.7.1")
+    clock.now += DELAY - 1  # one second too soon
+    assert check.check(facts()).reply.text.endswith("try again in 1 seconds")
+    clock.now += 1
+    assert check.check(facts()) is ACCEPT
+    clock.now += 3600
+    assert check.check(facts()) is ACCEPT  # remembered
+    # Another address of the same /24 is the same client; another sender is a new triplet.
+    assert check.check(facts(ip="192.0.2.200")) is ACCEPT
+    assert isinstance(check.check(facts(sender="other@sender.test")), TempFail)
+
+
+def test_a_client_that_passed_auto_allow_times_skips_greylisting(tmp_path: Path) -> None:
+    clock = Clock()
+    store = greylist(tmp_path, clock)
+    check = Greylisting(lambda: store, DELAY, auto_allow=3)
+    for n in range(3):
+        assert isinstance(check.check(facts(sender=f"s{n}@sender.test")), TempFail)
+    clock.now += DELAY
+    for n in range(2):
+        assert check.check(facts(sender=f"s{n}@sender.test")) is ACCEPT
+    # Two passes, one short of auto_allow: a new sender from that client is still greylisted.
+    assert isinstance(check.check(facts(sender="new@sender.test")), TempFail)
+    assert check.check(facts(sender="s2@sender.test")) is ACCEPT  # the third pass
+    assert check.check(facts(sender="never-seen@sender.test")) is ACCEPT  # allowed now
+    assert isinstance(check.check(facts(sender="x@sender.test", ip="198.51.100.1")), TempFail)
+
+
+def test_forgotten_after_expire(tmp_path: Path) -> None:
+    clock = Clock()
+    store = greylist(tmp_path, clock)
+    check = Greylisting(lambda: store, DELAY, auto_allow=0)
+    check.check(facts())
+    clock.now += DELAY
+    assert check.check(facts()) is ACCEPT
+    clock.now += EXPIRE  # exactly expire after its last pass: still known
+    assert check.check(facts()) is ACCEPT
+    clock.now += EXPIRE + 1
+    assert isinstance(check.check(facts()), TempFail)
+
+
+def test_the_memory_survives_a_restart_and_is_private(tmp_path: Path) -> None:
+    clock = Clock()
+    store = greylist(tmp_path, clock)
+    check = Greylisting(lambda: store, DELAY, auto_allow=5)
+    check.check(facts())
+    check.check(facts(sender="waiting@sender.test"))
+    clock.now += DELAY
+    assert check.check(facts()) is ACCEPT
+    store.close()
+    assert (tmp_path / "greylist.sqlite3").stat().st_mode & 0o077 == 0
+    again = greylist(tmp_path, clock)
+    check = Greylisting(lambda: again, DELAY, auto_allow=5)
+    assert len(again) == 2
+    assert check.check(facts()) is ACCEPT  # passed before the restart
+    assert check.check(facts(sender="waiting@sender.test")) is ACCEPT  # its delay ran meanwhile
+    assert again.client_passes("192.0.2.0/24") == 3  # one pass before, two after
+
+
+def test_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "MAX_TRIPLETS", 3)
+    clock = Clock()
+    store = greylist(tmp_path, clock)
+    check = Greylisting(lambda: store, DELAY, auto_allow=0)
+    for n in range(4):  # one past the bound: the oldest goes, in memory and on disk
+        check.check(facts(sender=f"s{n}@sender.test"))
+        clock.now += 1
+    assert len(store) == 3
+    store.close()
+    assert len(greylist(tmp_path, clock)) == 3
+
+
+@pytest.mark.parametrize("client", [
+    {"trusted_network": True},
+    {"authenticated_as": "alice@example.org"},
+    {"blocklist": Listing(allowed_by="list.dnswl.test")},
+])
+def test_who_is_never_greylisted(tmp_path: Path, client: dict) -> None:
+    store = greylist(tmp_path, Clock())
+    assert Greylisting(lambda: store, DELAY, 5).check(facts(**client)) is ACCEPT
+    assert len(store) == 0
