@@ -198,6 +198,13 @@ AUTH_DNS_TEMPORARY = Reply(
     "Error: cannot verify the sender of {domain} now (temporary DNS failure); try again later",
 )
 
+# The content filter (rspamd, mailsrv.checks.rspamd): answered after the final dot
+SPAM_REJECTED = Reply(550, "5.7.1", "Error: message refused as spam: {message}")
+SPAM_DEFERRED = Reply(451, "4.7.1", "Error: message deferred by the spam filter: {message}")
+SPAM_FILTER_UNAVAILABLE = Reply(
+    451, "4.7.1", "Error: the spam filter cannot check the message now; try again later"
+)
+
 # Limits
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")

@@ -25,6 +25,7 @@ from mailsrv.checks.auth.evaluate import Authenticator
 from mailsrv.checks.auth.lookups import ThreadDNS
 from mailsrv.checks.builtin import builtin_pipeline
 from mailsrv.checks.pipeline import Pipeline
+from mailsrv.checks.rspamd.client import RspamdClient
 from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
 from mailsrv.inbound.blocklists import Blocklists
@@ -78,6 +79,8 @@ class Runtime:
     blocklists: Blocklists | None = None
     #: The greylisting memory, None without [greylist] enabled.
     greylist: Greylist | None = None
+    #: The rspamd client (mailsrv.checks.rspamd), None without ``[rspamd] url``.
+    rspamd: RspamdClient | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
@@ -132,6 +135,9 @@ class Runtime:
                 # The Public Suffix List takes most of a second to read: in a delivery
                 # thread now, not in the first message's.
                 runtime.workers.run(org_domain, config.hostname)
+        if config.rspamd.enabled:
+            assert config.rspamd.url is not None
+            runtime.rspamd = RspamdClient(config.rspamd.url, reactor, config.rspamd.timeout)
         if config.auth_enabled:
             auth = config.auth
             runtime.auth_failures = FailureTracker(

@@ -36,6 +36,7 @@ from mailsrv.checks.dnsbl import Dnsbl
 from mailsrv.checks.greylist import Greylisting
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
+from mailsrv.checks.rspamd.checks import rspamd_checks
 from mailsrv.checks.signing import DkimSign
 from mailsrv.config import Config
 from mailsrv.interfaces import ICheck, IModifier
@@ -232,6 +233,7 @@ def builtin_pipeline(
         # After the recipient checks: an unknown recipient is refused, not greylisted.
         checks.append(Greylisting(greylist, config.greylist.delay, config.greylist.auto_allow))
     checks += auth_checks(config)
+    checks += rspamd_checks(config)  # last: its fields below Authentication-Results:
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]
     if dkim is not None:
         modifiers.append(DkimSign(dkim))  # last: it signs the message as it will be stored

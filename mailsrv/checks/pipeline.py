@@ -17,7 +17,8 @@ Stages, in the order a session reaches them (see docs/design.md for when each ru
 - ``MAIL``: the envelope sender;
 - ``RCPT``: one recipient, with where it routes to;
 - ``HEADER``: the message's header section, read as readers read it;
-- ``MESSAGE``: the whole message (its spool file and size).
+- ``MESSAGE``: the whole message (its spool file and size, the authentication results,
+  rspamd's verdict).
 
 Verdicts: :data:`ACCEPT` (no objection), :class:`Reject` (a 5xx reply), :class:`TempFail` (a
 4xx reply), :class:`AddHeaders` (accept, adding header fields to the stored message) and
@@ -53,6 +54,7 @@ from mailsrv.routing.router import Target
 if TYPE_CHECKING:
     from mailsrv.checks.auth.results import AuthResults
     from mailsrv.checks.dnsbl import Listing
+    from mailsrv.checks.rspamd.protocol import Scan, ScanFailure
     from mailsrv.routing.router import Directory
 
 __all__ = [
@@ -208,6 +210,9 @@ class Facts:
     #: MESSAGE: SPF, DKIM and DMARC results for mail from another server (None: the client
     #: is ours, authenticated or in relay.trusted_networks, or no check is on).
     auth: "AuthResults | None" = None
+    #: MESSAGE: rspamd's verdict (mailsrv.checks.rspamd), or why there is none; None: not
+    #: scanned ([rspamd] url unset).
+    spam: "Scan | ScanFailure | None" = None
 
     def at(self, stage: Stage, **changes: object) -> "Facts":
         """These facts at a later stage, with what that stage adds."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from mailsrv.config.schema import IPNetwork
 from mailsrv.routing.address import normalise_domain
 
 __all__ = [
+    "http_url",
     "TLS_MODES",
     "Converter",
     "Invalid",
@@ -330,6 +332,42 @@ def smarthost() -> Key:
         if not is_decimal(port, 1, 65535):
             raise Invalid(wanted, value, why="the port must be from 1 to 65535")
         return (host, int(port))
+
+    return Key(wanted, convert)
+
+
+def http_url() -> Key:
+    """An ``http://host[:port]`` URL (rspamd's): plain HTTP (rspamd speaks no TLS; its own
+    encryption, HTTPCrypt, is not supported), no path, query or credentials.  Normalised to
+    ``http://host:port``, IPv6 hosts in brackets."""
+    wanted = 'an http URL with a host and an optional port: "http://127.0.0.1:11333"'
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or not value.isprintable() or " " in value:
+            raise Invalid(wanted, value)
+        try:
+            parts = urllib.parse.urlsplit(value)
+            port = parts.port
+            host = parts.hostname
+        except ValueError as exc:
+            raise Invalid(wanted, value, why=str(exc)) from None
+        if parts.scheme.lower() != "http":
+            raise Invalid(wanted, value, why="only http:// is spoken")
+        if not host or parts.username is not None or parts.password is not None:
+            raise Invalid(wanted, value, why="a host and no user name")
+        if port == 0:
+            raise Invalid(wanted, value, why="the port must be from 1 to 65535")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise Invalid(wanted, value, why="no path: /checkv2 is added")
+        try:
+            if is_ip_address(host):
+                address = ipaddress.ip_address(host)
+                host = f"[{address}]" if address.version == 6 else str(address)
+            else:
+                host = normalise_domain(host)
+        except ValueError as exc:
+            raise Invalid(wanted, value, why=str(exc)) from None
+        return f"http://{host}:{80 if port is None else port}"
 
     return Key(wanted, convert)
 

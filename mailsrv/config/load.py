@@ -28,6 +28,7 @@ from typing import Any
 
 from mailsrv.config import keys
 from mailsrv.config.schema import (
+    RSPAMD_ON_FAILURE,
     AuthConfig,
     ChecksConfig,
     Config,
@@ -39,6 +40,7 @@ from mailsrv.config.schema import (
     MailboxesConfig,
     QueueConfig,
     RelayConfig,
+    RspamdConfig,
     SmtpConfig,
     SrsConfig,
     SubmissionConfig,
@@ -165,6 +167,15 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
         {"secret_file": keys.path(), "domain": keys.hostname(), "max_age": keys.integer(1, 1000)},
     ),
     "dkim": (DkimConfig, {"keys": keys.path()}),
+    "rspamd": (
+        RspamdConfig,
+        {
+            "url": keys.http_url(),
+            "password": keys.text(),
+            "timeout": keys.seconds(),
+            "on_failure": keys.choice(*RSPAMD_ON_FAILURE),
+        },
+    ),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()
@@ -254,6 +265,8 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
     config = Config(hostname=hostname, source=source, **tables)
     _check_tls(config)
     _check_srs(config)
+    if config.rspamd.password is not None and config.rspamd.url is None:
+        raise ConfigError(source, "rspamd.url", "expected a url when rspamd.password is set")
     return config
 
 

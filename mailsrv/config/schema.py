@@ -30,6 +30,7 @@ __all__ = [
     "MailboxesConfig",
     "QueueConfig",
     "RelayConfig",
+    "RspamdConfig",
     "SmtpConfig",
     "SrsConfig",
     "SubmissionConfig",
@@ -235,6 +236,24 @@ class ChecksConfig:
         return self.spf or self.dkim_verify or self.dmarc
 
 
+#: What ``[rspamd] on_failure`` takes: accept the message unscanned, or defer it (451).
+RSPAMD_ON_FAILURE = ("accept", "tempfail")
+
+
+@dataclass(frozen=True)
+class RspamdConfig:
+    """[rspamd]: every message scanned by rspamd (mailsrv.checks.rspamd) when ``url`` is set."""
+
+    url: str | None = None  # "http://127.0.0.1:11333": the normal worker (or the controller)
+    password: str | None = None  # sent as Password: (the controller's, if url names it)
+    timeout: float = 20.0  # seconds for the whole scan (connect, send, answer)
+    on_failure: str = "accept"  # no answer in time: "accept" (logged) or "tempfail" (451)
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
@@ -253,6 +272,7 @@ class Config:
     dnsbl: DnsblConfig = DnsblConfig()
     greylist: GreylistConfig = GreylistConfig()
     dkim: DkimConfig = DkimConfig()
+    rspamd: RspamdConfig = RspamdConfig()
     source: Path | None = None
 
     @property

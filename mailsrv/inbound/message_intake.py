@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,9 @@ from mailsrv.checks.auth.results import (
     rename_fields,
 )
 from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
+from mailsrv.checks.rspamd.checks import REFUSING_ACTIONS
+from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
+from mailsrv.checks.rspamd.removal import removals, rename_in_place
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
 from mailsrv.replies import Refusal
@@ -191,8 +195,10 @@ class Transaction:
             outcome = self.outcome.then(checks.run(facts))
             if outcome.refusal is None:
                 auth = self._authenticate(client, facts)
+                spam = self._scan(client, received, head)
                 outcome = outcome.then(checks.run(facts.at(
-                    Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth)))
+                    Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth,
+                    spam=spam)))
             if outcome.refusal is not None:
                 raise Refusal(outcome.refusal.reply)
             if outcome.folder is not None:
@@ -251,6 +257,41 @@ class Transaction:
             log.info("renamed {n} Authentication-Results: claiming to be ours id={id}",
                      n=len(claimed), id=self.queue_id)
         return auth
+
+    def _scan(self, client: Client, received: bytes, head: bytes) -> Scan | ScanFailure | None:
+        """In the delivery thread: rspamd's verdict on the message as it will be stored (our
+        Received: field, then the spool file), logged; for a message it does not refuse,
+        the fields it asks to remove, and any incoming X-Spam: (we write that one), renamed
+        in the spool file (mailsrv.checks.rspamd.removal).  None without [rspamd]."""
+        rspamd = self.runtime.rspamd
+        if rspamd is None:
+            return None
+        assert self.spool_path is not None
+        config = self.runtime.config
+        fields = request_headers(
+            sender=str(self.sender) if self.sender else None,
+            recipients=[str(r) for r in self.recipients], ip=client.ip, helo=client.helo,
+            reverse_name=client.reverse_name, user=client.authenticated_as,
+            queue_id=self.queue_id, hostname=config.hostname, password=config.rspamd.password,
+        )
+        prefix = received + (b"\n" if headers.needs_separator(head) else b"")
+        started = time.monotonic()
+        scan = rspamd.scan(fields, prefix, self.spool_path)
+        took = time.monotonic() - started
+        if isinstance(scan, ScanFailure):
+            log.warn("rspamd id={id} failed: {reason} time={time:.3f} on_failure={then}",
+                     id=self.queue_id, reason=scan.reason, time=took,
+                     then=config.rspamd.on_failure)
+            return scan
+        log.info("rspamd id={id} {summary} time={time:.3f}", id=self.queue_id,
+                 summary=scan.summary(), time=took)
+        if scan.action not in REFUSING_ACTIONS:
+            found = removals(head, (*scan.remove_headers, ("x-spam", 0)))
+            if found:
+                rename_in_place(self.spool_path, found)
+                log.info("rspamd id={id} renamed {n} header field(s) it asked to remove",
+                         id=self.queue_id, n=len(found))
+        return scan
 
     def _delivered(self, stored: Stored) -> str:
         session = self.session
