@@ -489,6 +489,8 @@ RATIOS = [
      "dkim relay unsigned msg/s", 0.8),
     ("receive with every check on >= 0.7x checks off", "auth receive checks on msg/s",
      "auth receive checks off msg/s", 0.7),
+    ("receive with every check on >= 0.7x durable c10 (smtp-source, trusted client)",
+     "auth receive checks on msg/s", "throughput c10", 0.7),
 ]
 LIMITS = [
     ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
