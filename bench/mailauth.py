@@ -56,6 +56,11 @@ def receive_measure(variant: str) -> str:
     return f"auth receive {variant} msg/s"
 
 
+def cpu_measure(rate_measure: str) -> str:
+    """The server's own CPU per message beside a rate: ``... msg/s`` -> ``... CPU ms/msg``."""
+    return rate_measure.replace(" msg/s", " CPU ms/msg")
+
+
 # ------------------------------------------------------------------------------ dkim relay
 
 
@@ -133,7 +138,9 @@ def measure_dkim_relay(plan: Plan, work: Path) -> None:
                                             "dkim": {"keys": str(wd / "dkim")}})
             record = keygen(server, variant) if variant != "unsigned" else None
             server.start()
+            pid = server.pids()[0]
             with cpuload.Interval() as load:
+                cpu = cpuload.process_seconds(pid)
                 start = time.monotonic()
                 done = run_smtp_source(server.port, 10, count, 1, 5120, 300, to="u@sink.test",
                                        sender=f"bench@{DOMAIN}")
@@ -143,6 +150,7 @@ def measure_dkim_relay(plan: Plan, work: Path) -> None:
                 except RuntimeError:
                     pass
                 elapsed = time.monotonic() - start
+                cpu = cpuload.process_seconds(pid) - cpu
             got, problems = check_signed(sink.dir, variant, record)
             ok = done.returncode == 0 and got == count and not problems
             what = "none signed" if variant == "unsigned" else f"all signed ({variant})"
@@ -155,6 +163,8 @@ def measure_dkim_relay(plan: Plan, work: Path) -> None:
                 check += ": " + "; ".join(problems[:2])
             RESULTS.add(relay_measure(variant), "mailsrv", count / elapsed, check, ok,
                         load.result)
+            RESULTS.add(cpu_measure(relay_measure(variant)), "mailsrv", 1000 * cpu / count,
+                        check, ok, load.result)
         finally:
             if server is not None:
                 server.stop()
@@ -258,7 +268,9 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
                 "checks": on if checks_on else off})
             server.start()
             before = server.delivered()
+            pid = server.pids()[0]
             with cpuload.Interval() as load:
+                cpu = cpuload.process_seconds(pid)
                 start = time.time()
                 accepted, errors = clients.send_prepared(
                     server.port, list(messages.values()), f"bench@{SENDER_DOMAIN}",
@@ -268,6 +280,7 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
                                f"{count} files in new/", 0.01)
                 except RuntimeError:
                     pass
+                cpu = cpuload.process_seconds(pid) - cpu
             elapsed = max(server.last_delivery() - start, 1e-6)
             new = server.delivered() - before
             files = list(content.read_files(server.maildir_root, new))
@@ -285,6 +298,8 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
                 check += ": " + "; ".join(problems[:2])
             RESULTS.add(receive_measure(variant), "mailsrv", count / elapsed, check, ok,
                         load.result)
+            RESULTS.add(cpu_measure(receive_measure(variant)), "mailsrv", 1000 * cpu / count,
+                        check, ok, load.result)
         finally:
             if server is not None:
                 server.stop()
