@@ -553,8 +553,8 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
         lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
                      f"{'yes' if ratio >= minimum else 'NO'} |")
         cpu = [RESULTS.median(m.replace(" msg/s", " CPU ms/msg"), "mailsrv")
-               for m in (measure, against)]
-        if all(cpu):  # the same ratio from the server's CPU per message (issue 13's measures)
+               for m in (measure, against) if m.endswith(" msg/s")]
+        if len(cpu) == 2 and all(cpu):
             lines.append(f"| ↳ the same from the server's CPU per message | "
                          f"{cpu[1] / cpu[0]:.2f}x ({cpu[1]:.2f} / {cpu[0]:.2f} ms) | "
                          f"{'yes' if cpu[1] / cpu[0] >= minimum else 'NO'} |")
