@@ -13,6 +13,7 @@ shows little idle by itself; steal, and idle measured while the bench was quiet 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -73,6 +74,15 @@ class Interval:
     def __exit__(self, *exc: object) -> None:
         assert self._start is not None
         self.result = between(self._start, snapshot())
+
+
+def process_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far, from
+    /proc/PID/stat: unlike a rate, the CPU a server spends per message does not change when
+    other work shares the machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(loads: Iterable[dict[str, float]]) -> str:

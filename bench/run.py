@@ -47,11 +47,13 @@ class Plan:
     big_message: int
     relay_messages: int
     queue_scale: int
+    dkim_messages: int = 2000  # dkim relay: messages per variant
+    auth_messages: int = 2000  # auth receive: messages per variant
 
 
 QUICK = Plan(repeats=1, messages={"c1": 100, "c10": 300, "c50": 300, "c10r10": 100},
              latency_seconds=1.5, idle_connections=1000, big_message=10 * 2**20,
-             relay_messages=200, queue_scale=2000)
+             relay_messages=200, queue_scale=2000, dkim_messages=300, auth_messages=300)
 FULL = Plan(repeats=3, messages={"c1": 300, "c10": 2000, "c50": 3000, "c10r10": 500},
             latency_seconds=5.0, idle_connections=10000, big_message=100 * 2**20,
             relay_messages=2000, queue_scale=100000)
@@ -92,12 +94,12 @@ MESSAGE_SIZE = 5120  # smtp-source -l: the body of every throughput message
 
 def run_smtp_source(port: int, sessions: int, messages: int, rcpts: int, size: int,
                     time_limit: float, to: str = f"alice@{DOMAIN}", subject: str = "",
-                    keep_open: bool = True) -> subprocess.CompletedProcess:
+                    keep_open: bool = True, sender: str = SENDER) -> subprocess.CompletedProcess:
     """Postfix's C load generator, one connection per session kept open (-d)."""
     return subprocess.run(
         [peers.postfix_tool("smtp-source"), *(["-d"] if keep_open else []),
          "-s", str(sessions), "-m", str(messages), "-l", str(size), "-r", str(rcpts),
-         "-f", SENDER, "-t", to, *(["-S", subject] if subject else []), f"127.0.0.1:{port}"],
+         "-f", sender, "-t", to, *(["-S", subject] if subject else []), f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=time_limit, env=peers.postfix_env(),
     )
 
@@ -174,15 +176,17 @@ def make_server(name: str, workdir: Path, **kwargs: Any) -> peers.Server:
 QUIET_SAMPLE = 0.5
 
 
-def alternate(names: list[str], repeats: int, body: Callable[[str, int], None]) -> None:
+def alternate(names: list[str], repeats: int, body: Callable[[str, int], None],
+              server: str | None = None) -> None:
     """Run ``body(server, repeat)`` for every server, the order rotating each repeat; before
-    each turn, how busy the machine is without the bench (``Results.background``)."""
+    each turn, how busy the machine is without the bench (``Results.background``, under
+    ``server`` when the names are variants of one server)."""
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             with cpuload.Interval() as quiet:
                 time.sleep(QUIET_SAMPLE)
-            RESULTS.background.setdefault(name, []).append(quiet.result)
+            RESULTS.background.setdefault(server or name, []).append(quiet.result)
             try:
                 body(name, r)
             except Exception as exc:  # one server's failure must not hide the others' figures
@@ -317,12 +321,14 @@ class Sink:
 
 
 class DNS:
-    """The tests' twisted.names server on 127.0.0.1: sink.test's MX is the sink's host."""
+    """The tests' twisted.names server on 127.0.0.1: sink.test's MX is the sink's host, and
+    ``records`` besides (``{name: [[type, value...], ...]}``, tests/support/dns_server.py)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, records: dict[str, list[list[Any]]] | None = None) -> None:
         zone = workdir / "zone.json"
         zone.write_text(json.dumps({"records": {"sink.test": [["MX", 10, "mx.sink.test"]],
-                                                "mx.sink.test": [["A", "127.0.0.1"]]}}))
+                                                "mx.sink.test": [["A", "127.0.0.1"]],
+                                                **(records or {})}}))
         self.process = subprocess.Popen(
             [sys.executable, str(BENCH.parent / "tests" / "support" / "dns_server.py"),
              str(zone)], stdout=subprocess.PIPE, stderr=open(workdir / "dns.log", "wb"))
@@ -475,6 +481,17 @@ TARGETS = [
     ("durable c50 >= 1.2x twisted.mail (non-durable)", "throughput c50", "twisted", 1.2),
     ("relay >= 1.0x Postfix", "relay msg/s", "postfix", 1.0),
 ]
+#: (label, measure, against which measure of the same server, minimum ratio): issue 13
+RATIOS = [
+    ("DKIM-signed relay (RSA-2048) >= 0.8x unsigned", "dkim relay rsa msg/s",
+     "dkim relay unsigned msg/s", 0.8),
+    ("DKIM-signed relay (Ed25519) >= 0.8x unsigned", "dkim relay ed25519 msg/s",
+     "dkim relay unsigned msg/s", 0.8),
+    ("receive with every check on >= 0.7x checks off", "auth receive checks on msg/s",
+     "auth receive checks off msg/s", 0.7),
+    ("receive with every check on >= 0.7x durable c10 (smtp-source, trusted client)",
+     "auth receive checks on msg/s", "throughput c10", 0.7),
+]
 LIMITS = [
     ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
     ("{big} MB message: RSS growth <= 5 MiB", "big msg RSS growth MiB", 5),
@@ -528,6 +545,19 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
         ratio = ours / theirs
         lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
                      f"{'yes' if ratio >= minimum else 'NO'} |")
+    for label, measure, against, minimum in RATIOS:
+        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(against, "mailsrv")
+        if ours is None or not theirs:
+            continue  # the measure was not run (--only)
+        ratio = ours / theirs
+        lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
+                     f"{'yes' if ratio >= minimum else 'NO'} |")
+        cpu = [RESULTS.median(m.replace(" msg/s", " CPU ms/msg"), "mailsrv")
+               for m in (measure, against) if m.endswith(" msg/s")]
+        if len(cpu) == 2 and all(cpu):
+            lines.append(f"| ↳ the same from the server's CPU per message | "
+                         f"{cpu[1] / cpu[0]:.2f}x ({cpu[1]:.2f} / {cpu[0]:.2f} ms) | "
+                         f"{'yes' if cpu[1] / cpu[0] >= minimum else 'NO'} |")
     for label, measure, limit in LIMITS:
         label = label.format(idle=f"{plan.idle_connections:,}", big=plan.big_message >> 20,
                              queue=f"{plan.queue_scale:,}")
@@ -580,7 +610,7 @@ def chart(names: list[str], out: Path) -> Path | None:
 
 
 RESULTS = Results()
-MEASURES = ["throughput", "latency", "memory", "relay", "queue"]
+MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,6 +669,13 @@ def main(argv: list[str] | None = None) -> int:
             measure_relay(plan, names, work)
         if "queue" in only and "mailsrv" in names:
             measure_queue_scale(plan, work)
+        if ("dkim" in only or "auth" in only) and "mailsrv" in names:
+            from bench import mailauth  # issue 13's measures; it imports this module
+
+            if "dkim" in only:
+                mailauth.measure_dkim_relay(plan, work)
+            if "auth" in only:
+                mailauth.measure_auth_receive(plan, work)
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")

@@ -221,3 +221,68 @@ def test_postfix_that_cannot_start_says_why(outside_var):
     assert "postfix did not start (postfix start: exit 1):\n  postfix: fatal: maillog_file " \
         "value" in str(failed.value)
     assert "does not match any prefix in maillog_file_prefixes" in str(failed.value)
+
+
+# ------------------------------------------------------------------------ issue 13 checks
+
+
+def sink_dump(message: bytes) -> bytes:
+    """A message as Postfix's smtp-sink -d dumps it: its X- lines on top, LF line ends."""
+    return (b"X-Client-Addr: 127.0.0.1\nX-Client-Proto: ESMTP\nX-Helo-Args: mailsrv.bench\n"
+            b"X-Mail-Args: <bench@example.org>\nX-Rcpt-Args: <u@sink.test>\n"
+            + message.replace(b"\r\n", b"\n"))
+
+
+def test_sink_message_is_the_message_as_relayed():
+    from bench import mailauth
+
+    assert mailauth.sink_message(sink_dump(sent())) == sent()
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_signature_check_at_the_sink(tmp_path, algorithm):
+    from bench import mailauth
+    from mailsrv.message import dkimkeys, dkimsign
+
+    pem = dkimkeys.generate(algorithm)
+    record = dkimkeys.txt_value(*dkimkeys.public_key(pem))
+    key_file = tmp_path / "bench.key"
+    key_file.write_bytes(pem)
+    key_file.chmod(0o600)
+    key = dkimkeys.read_key(key_file, "example.org", "bench")
+    message = sent().replace(b"client.test", b"example.org").replace(b"\r\n", b"\n")
+    signed = dkimsign.sign(message, [key]) + message  # as mailsrv signs, LF line ends
+    sink = tmp_path / "sink"
+    sink.mkdir()
+    (sink / "1").write_bytes(sink_dump(signed))
+    assert mailauth.check_signed(sink, algorithm, record) == (1, [])
+    _, problems = mailauth.check_signed(sink, "unsigned", None)
+    assert problems == ["1: signed, though no key was configured"]
+    (sink / "1").write_bytes(sink_dump(signed.replace(b"7XXXX", b"7XXXY")))
+    _, problems = mailauth.check_signed(sink, algorithm, record)
+    assert problems == ["1: the DKIM-Signature does not verify (dkimpy)"]
+    (sink / "1").write_bytes(sink_dump(message))
+    assert mailauth.check_signed(sink, "unsigned", None) == (1, [])
+    _, problems = mailauth.check_signed(sink, algorithm, record)
+    assert problems and "found 0" in problems[0]
+
+
+def test_authentication_results_check():
+    from bench import mailauth
+
+    passed = (b"Authentication-Results: mailsrv.bench;\n\tspf=pass smtp.mailfrom=sender.test;"
+              b"\n\tdkim=pass header.d=sender.test;\n\tdmarc=pass header.from=sender.test\n")
+    failed = passed.replace(b"dmarc=pass", b"dmarc=fail")
+    theirs = passed.replace(b"mailsrv.bench", b"mx.sender.test")
+    assert mailauth.check_results([("alice", "1", delivered(sent()).replace(
+        b"Received", passed + b"Received", 1))], checks_on=True) == []
+    assert mailauth.check_results([("alice", "1", delivered(sent()))], checks_on=False) == []
+    assert mailauth.check_results([("alice", "1", delivered(sent()).replace(
+        b"Received", theirs + b"Received", 1))], checks_on=False) == []
+    for head in (failed, theirs, b""):
+        problems = mailauth.check_results([("alice", "1", delivered(sent()).replace(
+            b"Received", head + b"Received", 1))], checks_on=True)
+        assert len(problems) == 1 and "expected one Authentication-Results" in problems[0]
+    problems = mailauth.check_results([("alice", "1", delivered(sent()).replace(
+        b"Received", passed + b"Received", 1))], checks_on=False)
+    assert problems and "checks off, yet" in problems[0]
