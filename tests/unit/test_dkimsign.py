@@ -404,3 +404,14 @@ def test_rsa_signatures_are_openssls_and_the_same_as_dkimpys(keydir):
         digest = hashlib.sha256(text)
         assert dkimsign.openssl_rsa_sign(digest, parsed) == bytes(
             RSASSA_PKCS1_v1_5_sign(digest, parsed))
+
+
+def test_the_private_key_is_parsed_once_for_many_messages(keydir):
+    # dkimpy parses the PEM key for every signature; mailsrv keeps the parsed key.
+    directory, _ = keydir
+    keys = [k for k in dkimkeys.load_keys(directory, None, True).all() if k.algorithm == "rsa"]
+    before = dkim.parse_pem_private_key.cache_info()
+    for n in range(3):
+        dkimsign.sign(f"From: a@example.org\nSubject: {n}\n\nbody\n".encode(), keys)
+    after = dkim.parse_pem_private_key.cache_info()
+    assert after.hits - before.hits >= 2 and after.misses - before.misses <= 1
