@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import smtplib
 import subprocess
 from pathlib import Path
 
@@ -184,3 +185,122 @@ def test_no_chain_is_arc_none(server):
     assert send(server, f"bounces@{LIST}", data)[0] == 250
     field = ours("no chain", server)
     assert field.endswith("arc=none")
+
+
+# -- our seals on forwarded mail, verified by Mail::DKIM::ARC::Verifier -------------------
+
+
+def _has_arc_verifier() -> bool:
+    return subprocess.run(["perl", "-MMail::DKIM::ARC::Verifier", "-MNet::DNS::Resolver",
+                           "-e", "1"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def forwarding(tmp_path_factory, key):
+    """A server whose alias fwd@example.org forwards to carol@remote.test (a sink on
+    127.0.0.2) and alice; example.org (the SRS domain) has an RSA and an Ed25519 key."""
+    import sys
+
+    from support.harness import REPO, SMTPSink, free_port
+
+    sys.path.insert(0, str(REPO))
+    from mailsrv.message import dkimkeys
+
+    work = tmp_path_factory.mktemp("arcfwd")
+    records = zone(key[1])["records"]
+    for selector, algorithm in (("r1", "rsa"), ("e1", "ed25519")):
+        pem = dkimkeys.generate(algorithm)
+        dkimkeys.write_key(work / "dkim", "example.org", selector, pem, None)
+        records[f"{selector}._domainkey.example.org"] = [
+            ["TXT", dkimkeys.txt_value(*dkimkeys.public_key(pem))]]
+    records.update({"sender.test": [["TXT", f"v=spf1 ip4:{OUTSIDE} -all"]],
+                    "remote.test": [["MX", 10, "mx.remote.test"]],
+                    "mx.remote.test": [["A", "127.0.0.2"]]})
+    dns = DNSServer(work, {"records": records})
+    port = free_port(["127.0.0.2"])
+    sink = SMTPSink(work / "sink", "127.0.0.2", hostname="mx.remote.test", port=port)
+    secret = work / "srs-secret"
+    secret.write_text("a-test-secret-for-srs-0123456789\n")
+    secret.chmod(0o600)
+    (work / "mailsrv").mkdir()
+    server = MailServer(
+        work / "mailsrv", dns.port,
+        aliases=["postmaster: alice@example.org",
+                 "fwd@example.org: alice@example.org, carol@remote.test"],
+        overrides={"relay": {"port": port, "trusted_networks": ["127.0.0.1/32"]},
+                   "srs": {"secret_file": str(secret)},
+                   "dkim": {"keys": str(work / "dkim")},
+                   "checks": {"dns_timeout": 2, "arc_trusted_sealers": [LIST]}},
+    ).start()
+    yield {"server": server, "sink": sink, "dns": dns, "work": work}
+    server.stop()
+    sink.stop()
+    dns.stop()
+
+
+def forward(env, sender: str, data: bytes, subject: str) -> tuple[dict, str]:
+    """Send ``data`` to fwd@example.org from outside; (the copy carol's server got, Perl's
+    ARC verdict on it: ``overall: result (detail)`` and one line per signature)."""
+    from support.harness import wait_for
+
+    server, sink = env["server"], env["sink"]
+    with smtplib.SMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=30,
+                      source_address=(OUTSIDE, 0)) as client:
+        client.sendmail(sender, ["fwd@example.org"], data)
+    [copy] = wait_for(lambda: [m for m in sink.messages() if f"Subject: {subject}\r\n"
+                               in m["data"]], 30, "the forwarded copy")
+    result = subprocess.run(["perl", str(SUPPORT / "arc_verify.pl"), str(env["dns"].port)],
+                            input=copy["data"].encode(), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return copy, result.stdout.decode()
+
+
+@pytest.mark.skipif(not _has_arc_verifier(), reason="Mail::DKIM::ARC::Verifier or Net::DNS "
+                    "is missing (libmail-dkim-perl, libnet-dns-perl)")
+def test_a_forwarded_message_is_sealed_and_perl_verifies_the_seal(forwarding):
+    data = (b"From: Dave <dave@sender.test>\r\nTo: fwd@example.org\r\nSubject: sealed fwd\r\n"
+            b"Message-ID: <sealed.fwd@sender.test>\r\n\r\nForward me.\r\n")
+    copy, verdict = forward(forwarding, "dave@sender.test", data, "sealed fwd")
+    assert copy["mail_from"].startswith("SRS0=") and copy["mail_from"].endswith("@example.org")
+    assert copy["data"].startswith("ARC-Seal: i=1; cv=none; a=rsa-sha256; d=example.org; s=r1;")
+    assert "ARC-Authentication-Results: i=1; mx.example.org;" in copy["data"]
+    assert verdict.splitlines()[-1].startswith("overall: pass"), verdict
+    assert "seal 1 example.org r1 pass" in verdict and "ams 1 example.org r1 pass" in verdict
+    # the local copy of the same message carries no ARC set
+    [local] = [m for m in forwarding["server"].messages("alice@example.org")
+               if m["Subject"] == "sealed fwd"]
+    assert local["ARC-Seal"] is None and local["Authentication-Results"] is not None
+    assert "arc id=" in forwarding["server"].log_text()
+
+
+@pytest.mark.skipif(not _has_arc_verifier(), reason="Mail::DKIM::ARC::Verifier or Net::DNS "
+                    "is missing (libmail-dkim-perl, libnet-dns-perl)")
+def test_a_list_message_forwarded_continues_the_lists_chain(forwarding):
+    data = list_message_to_fwd("news@preject.example.com", "list then fwd")
+    copy, verdict = forward(forwarding, f"bounces@{LIST}", data, "list then fwd")
+    assert copy["data"].startswith("ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=example.org;")
+    assert verdict.splitlines()[-1].startswith("overall: pass"), verdict
+    assert "seal 1 lists.example.net arc pass" in verdict
+
+
+@pytest.mark.skipif(not _has_arc_verifier(), reason="Mail::DKIM::ARC::Verifier or Net::DNS "
+                    "is missing (libmail-dkim-perl, libnet-dns-perl)")
+def test_perl_sees_our_seal_fail_when_the_forwarded_copy_is_changed(forwarding):
+    data = (b"From: Dave <dave@sender.test>\r\nTo: fwd@example.org\r\nSubject: changed fwd\r\n"
+            b"Message-ID: <changed.fwd@sender.test>\r\n\r\nForward me.\r\n")
+    copy, _ = forward(forwarding, "dave@sender.test", data, "changed fwd")
+    changed = copy["data"].replace("Forward me.", "Forward me, changed.").encode()
+    result = subprocess.run(["perl", str(SUPPORT / "arc_verify.pl"),
+                             str(forwarding["dns"].port)], input=changed, capture_output=True,
+                            timeout=60)
+    assert result.stdout.decode().splitlines()[-1].startswith("overall: fail")
+
+
+def list_message_to_fwd(author: str, subject: str) -> bytes:
+    """A list message addressed to our alias."""
+    domain = author.rpartition("@")[2]
+    data = (f"Authentication-Results: {LIST}; spf=pass smtp.mailfrom={author};\r\n"
+            f"\tdmarc=pass header.from={domain}\r\n"
+            f"From: {author}\r\nTo: fwd@example.org\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@{domain}>\r\n\r\nHello.\r\n")
+    return seal(data.encode(), LIST)
