@@ -129,7 +129,8 @@ class Runtime:
             runtime.authenticator = Authenticator(
                 ThreadDNS(runtime.resolver, reactor, timeout=checks_config.dns_timeout),
                 spf=checks_config.spf, dkim=checks_config.dkim_verify,
-                dmarc=checks_config.dmarc,
+                dmarc=checks_config.dmarc, arc=checks_config.arc,
+                trusted_sealers=checks_config.arc_trusted_sealers,
             )
             if checks_config.dmarc or checks_config.protect_local_domains:
                 # The Public Suffix List takes most of a second to read: in a delivery

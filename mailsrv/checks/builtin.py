@@ -37,7 +37,7 @@ from mailsrv.checks.greylist import Greylisting
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
 from mailsrv.checks.rspamd.checks import rspamd_checks
-from mailsrv.checks.signing import DkimSign
+from mailsrv.checks.signing import ArcSeal, DkimSign
 from mailsrv.config import Config
 from mailsrv.interfaces import ICheck, IModifier
 from mailsrv.message import headers, headsection
@@ -220,7 +220,8 @@ def builtin_pipeline(
     greylist: Callable[[], Greylist | None] | None = None,
 ) -> Pipeline:
     """The checks and modifiers a server with ``config`` runs, in their order; with
-    ``dkim`` (the current signing keys), DKIM signing last, over the finished message."""
+    ``dkim`` (the current signing keys), DKIM signing and ARC sealing last, over the
+    finished message."""
     checks: list[ICheck] = [
         SenderOwnership(), RelayAccess(), SrsAddress(), LocalRecipient(),
         HopLimit(config.smtp.max_received_headers),
@@ -236,5 +237,6 @@ def builtin_pipeline(
     checks += rspamd_checks(config)  # last: its fields below Authentication-Results:
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]
     if dkim is not None:
-        modifiers.append(DkimSign(dkim))  # last: it signs the message as it will be stored
+        modifiers.append(DkimSign(dkim))  # it signs the message as it will be stored
+        modifiers.append(ArcSeal(dkim))  # last: it seals the queued copy, signatures and all
     return Pipeline(checks, modifiers)

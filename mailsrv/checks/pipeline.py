@@ -283,6 +283,8 @@ class Draft:
     body_path: Path | None = None
     #: The DKIM signatures a modifier added, as ``domain/selector`` (for the log line).
     dkim: tuple[str, ...] = ()
+    queue_prefix: bytes = b""
+    queued: bool = False
 
 
 @implementer(IPipeline)

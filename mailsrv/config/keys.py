@@ -217,9 +217,10 @@ def list_of(
 # the domains of RCPT TO compare with ==)
 
 
-def domain_list() -> Key:
+def domain_list(non_empty: bool = True) -> Key:
     inner = list_of(
-        "a non-empty list of domain names", "a domain name", normalise_domain, non_empty=True
+        "a non-empty list of domain names" if non_empty else "a list of domain names",
+        "a domain name", normalise_domain, non_empty=non_empty,
     )
 
     def convert(value: Any, base: Path) -> tuple[str, ...]:

@@ -103,6 +103,8 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "dmarc_reject": keys.boolean(),
             "protect_local_domains": keys.boolean(),
             "dns_timeout": keys.seconds(),
+            "arc": keys.boolean(),
+            "arc_trusted_sealers": keys.domain_list(non_empty=False),
         },
     ),
     "dnsbl": (
@@ -386,7 +388,7 @@ def demo_config(base: Path) -> Config:
         relay=RelayConfig(trusted_networks=()),
         # ... and asks no DNS: its clients are this host, whose mail needs no SPF or DKIM.
         checks=ChecksConfig(
-            spf=False, dkim_verify=False, dmarc=False, protect_local_domains=False
+            spf=False, dkim_verify=False, dmarc=False, protect_local_domains=False, arc=False
         ),
         # Nor does it sign with whatever keys an installed server keeps.
         dkim=DkimConfig(enabled=False),

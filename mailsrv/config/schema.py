@@ -230,10 +230,14 @@ class ChecksConfig:
     # SPF or DKIM identity (550 5.7.1)
     protect_local_domains: bool = True
     dns_timeout: float = 5.0  # seconds per DNS lookup of these checks (then temperror)
+    arc: bool = True  # the ARC chain verified (RFC 8617)
+    # ARC sealers (d= of the most recent ARC-Seal) whose recorded DKIM/SPF/DMARC pass
+    # overrides a DMARC failure and the From: check of protect_local_domains
+    arc_trusted_sealers: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> bool:
-        return self.spf or self.dkim_verify or self.dmarc
+        return self.spf or self.dkim_verify or self.dmarc or self.arc
 
 
 #: What ``[rspamd] on_failure`` takes: accept the message unscanned, or defer it (451).

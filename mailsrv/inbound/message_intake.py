@@ -39,7 +39,7 @@ from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import Mailbox
-from mailsrv.routing.router import LocalTarget, Target
+from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
 from mailsrv.storage.store import Stored, store
 
@@ -212,6 +212,7 @@ class Transaction:
                 prefix=received + b"".join(outcome.headers), head=facts.head,
                 authenticated_as=client.authenticated_as, directory=self.runtime.directory,
                 client=client, body_path=self.spool_path,
+                queued=any(isinstance(t, RemoteTarget) for t in self.targets),
             ))
             self.dkim = draft.dkim
             trace = draft.prefix
@@ -220,6 +221,7 @@ class Transaction:
             try:
                 return store(
                     config, self.queue_id, sender=draft.sender, queue_sender=draft.queue_sender,
+                    queue_prefix=draft.queue_prefix,
                     targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
                     folders=self.folders,

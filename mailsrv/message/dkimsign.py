@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from mailsrv.message.dkimkeys import SigningKey
 from mailsrv.routing.address import normalise_domain
 
-__all__ = ["SIGNED_FIELDS", "from_domain", "openssl_rsa_sign", "read_message", "sign",
-           "signed_fields"]
+__all__ = ["SIGNED_FIELDS", "arc_seal", "from_domain", "openssl_rsa_sign", "read_message",
+           "sign", "signed_fields"]
 
 #: RFC 6376 §5.4.1's list, as dkimpy and OpenDKIM sign by default (lower-case).
 SIGNED_FIELDS = (
@@ -85,7 +85,8 @@ def read_message(prefix: bytes, separator: bytes, body_path: Path) -> bytes:
 # made by OpenSSL through the ``cryptography`` package in well under a millisecond.  dkimpy
 # offers no hook for it, so its module-level ``RSASSA_PKCS1_v1_5_sign``, which its signer calls
 # with the digest and the key it parsed, is replaced by :func:`openssl_rsa_sign` when this
-# module is imported (the verification functions are untouched).
+# module is imported (the verification functions are untouched).  dkimpy's ARC signer
+# (:func:`arc_seal`) calls the same function, so ARC seals are made by OpenSSL too.
 
 _OPENSSL_KEYS: dict[int, rsa.RSAPrivateKey] = {}
 _DIGESTS = {32: hashes.SHA256, 20: hashes.SHA1}
@@ -138,3 +139,19 @@ def sign(message: bytes, keys: Sequence[SigningKey]) -> bytes:
         )
         fields.append(field if field.endswith(b"\n") else field + b"\n")
     return b"".join(fields)
+
+
+def arc_seal(message: bytes, key: SigningKey, srv_id: str) -> bytes:
+    """The next ARC set (RFC 8617: ``ARC-Seal:``, ``ARC-Message-Signature:``,
+    ``ARC-Authentication-Results:``, LF line ends) over ``message`` (LF line ends), sealed
+    with ``key`` (RSA: RFC 8617 allows rsa-sha256 only).  The ``Authentication-Results:``
+    of authserv-id ``srv_id`` in ``message`` is copied into the ARC-Authentication-Results:
+    and its ``arc=`` result is the seal's ``cv=``.  The message signature covers the same
+    fields as a DKIM signature (relaxed/relaxed, From: oversigned).  Empty when dkimpy
+    finds nothing to seal (no such field, or a chain without an ``arc=`` result); raises
+    dkim.DKIMException for a message it cannot seal (a chain of 50 sets, ...)."""
+    sealer = dkim.ARC(message, linesep=b"\n")
+    include = signed_fields([name for name, _ in sealer.headers])
+    fields = sealer.sign(key.selector.encode("ascii"), key.domain.encode("ascii"),
+                         key.private, srv_id.encode("ascii"), include_headers=include)
+    return b"".join(f if f.endswith(b"\n") else f + b"\n" for f in fields)

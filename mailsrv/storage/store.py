@@ -38,6 +38,7 @@ def store(
     *,
     sender: str | None,
     queue_sender: str | None = None,
+    queue_prefix: bytes = b"",
     targets: list[Target],
     trace: bytes,
     body_path: Path,
@@ -50,7 +51,8 @@ def store(
     ``trace`` is the header lines to put before the body (``Received:``, maybe
     ``Message-ID:``, maybe the blank separator line).  Local copies also get
     ``Return-Path:`` (``sender``; the queued copy is sent from ``queue_sender`` when given,
-    the SRS address of a forwarded message) and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
+    the SRS address of a forwarded message; and ``queue_prefix`` before ``trace``, its ARC
+    set) and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
     local and virtual write it; what Sieve and loop detection read): they belong to the
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
     Each local copy is thus a file of its own, which also keeps one recipient's address out
@@ -79,7 +81,8 @@ def store(
             stored.queued = queue.enqueue(
                 Path(config.queue.path), queue_id,
                 sender=queue_sender if queue_sender is not None else sender,
-                recipients=[t.address for t in remote], prefix=trace, body_path=body_path,
+                recipients=[t.address for t in remote], prefix=queue_prefix + trace,
+                body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
             )
             stored.places += [(t, "queue") for t in remote]

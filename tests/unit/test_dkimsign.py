@@ -269,11 +269,12 @@ def test_a_signature_that_cannot_be_made_is_a_temporary_refusal(keydir, tmp_path
         DkimSign(lambda: keys).modify(draft)
 
 
-def test_the_builtin_pipeline_signs_last(keydir):
+def test_the_builtin_pipeline_signs_and_seals_last(keydir):
     config = parse_config({"domains": {"local": [DOMAIN]}, "mailboxes": {"root": "/x"},
                            "queue": {"path": "/x"}}, None)
     pipeline = builtin_pipeline(config, dkim=lambda: None)
-    assert [m.name for m in pipeline.modifiers] == ["missing_fields", "sender_rewriting", "dkim_sign"]
+    assert [m.name for m in pipeline.modifiers] == [
+        "missing_fields", "sender_rewriting", "dkim_sign", "arc_seal"]
 
 
 def test_reports_are_signed_with_the_hosts_keys_or_its_parent_domains(keydir):

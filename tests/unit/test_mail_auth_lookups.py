@@ -321,7 +321,7 @@ def test_the_authenticator_checks_spf_dkim_and_dmarc_per_from_domain(tmp_path, k
     path.write_bytes(message)
     auth = authenticator.evaluate("192.0.2.7", "client.test", "x@pass.test",
                                   inspect_head(message), path)
-    assert auth.summary() == "spf=pass dkim=pass dmarc=pass"
+    assert auth.summary() == "spf=pass dkim=pass dmarc=pass arc=none"
     assert auth.from_domains == ("signer.test",)
 
     many = ("From: " + ", ".join(f"a@{d}" for d in domains) + "\nSubject: s\n\nbody\n").encode()
@@ -343,7 +343,7 @@ def test_the_authenticator_does_only_what_is_turned_on(tmp_path):
     path = tmp_path / "spool"
     path.write_bytes(message)
     thread_dns = ZoneDNS({})
-    auth = Authenticator(thread_dns, spf=False, dkim=False, dmarc=False).evaluate(
+    auth = Authenticator(thread_dns, spf=False, dkim=False, dmarc=False, arc=False).evaluate(
         "192.0.2.7", "client.test", "x@pass.test", inspect_head(message), path)
     assert auth.summary() == "spf=skipped dkim=skipped dmarc=skipped"
     assert thread_dns.asked == []

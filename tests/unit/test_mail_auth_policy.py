@@ -301,7 +301,8 @@ def test_checks_verify_and_skip_unchecked_clients():
         assert check.check(message_facts(None)) is ACCEPT
     off = parse_config({"domains": {"local": ["example.org"]}, "mailboxes": {"root": "/x"},
                         "queue": {"path": "/x"},
-                        "checks": {"spf": False, "dkim_verify": False, "dmarc": False}}, None)
+                        "checks": {"spf": False, "dkim_verify": False, "dmarc": False,
+                                   "arc": False}}, None)
     assert auth_checks(off) == []
 
 
@@ -384,8 +385,16 @@ def test_checks_keys_are_checked_at_start_up():
         parse_config({**base, "checks": {"dmarc_reject": "yes"}}, None)
     with pytest.raises(ConfigError, match="checks.dns_timeout: expected"):
         parse_config({**base, "checks": {"dns_timeout": 0}}, None)
-    with pytest.raises(ConfigError, match="checks.arc: unknown key"):
-        parse_config({**base, "checks": {"arc": True}}, None)
+    with pytest.raises(ConfigError, match="checks.arc_seal: unknown key"):
+        parse_config({**base, "checks": {"arc_seal": True}}, None)
+    with pytest.raises(ConfigError, match="checks.arc_trusted_sealers"):
+        parse_config({**base, "checks": {"arc_trusted_sealers": "lists.example.net"}}, None)
+    with pytest.raises(ConfigError, match=r"checks.arc_trusted_sealers\[1\]"):
+        parse_config({**base, "checks": {"arc_trusted_sealers": ["a.example", "a b"]}}, None)
+    sealers = parse_config({**base, "checks": {"arc_trusted_sealers": ["Lists.Example.NET"]}},
+                           None).checks.arc_trusted_sealers
+    assert sealers == ("lists.example.net",)
+    assert parse_config(base, None).checks.arc_trusted_sealers == ()
     config = parse_config({**base, "checks": {"dmarc_reject": False, "dns_timeout": 1.5}}, None)
     assert (config.checks.dmarc_reject, config.checks.dns_timeout, config.checks.spf) == (
         False, 1.5, True)

@@ -12,6 +12,12 @@ checks accept it.
   ``pct=``) is refused (550 5.7.1, with ``[checks] dmarc_reject``; otherwise, and for
   ``quarantine``, the copies go to the Junk folder); 451 4.7.1 when a DNS failure left it open;
 - ``authentication_results``: the ``Authentication-Results:`` field (RFC 8601).
+
+A From: domain a trusted ARC sealer vouches for (``AuthResults.arc_vouched``, see
+mailsrv.checks.auth.arccheck) passes both From: checks: RFC 8617 §7.2's local policy
+override, as OpenDMARC and rspamd apply it for a mailing list that changed the message.  The
+envelope check is not overridden (a list sends from its own envelope domain).  When a DNS
+failure left a trusted sealer's chain open (``arc_unsure``), a refusal is 451 4.7.1 instead.
 """
 
 from __future__ import annotations
@@ -92,7 +98,9 @@ class OwnDomains:
                 continue
             if spf_aligned(auth.spf, domain, "r") or dkim_aligned(auth.dkim, domain, "r"):
                 continue
-            if _temporary(auth, domain):
+            if domain in auth.arc_vouched:
+                continue
+            if _temporary(auth, domain) or auth.arc_unsure:
                 return TempFail(replies.AUTH_DNS_TEMPORARY.format(domain=domain),
                                 reason=f"own domain {domain} in From: unverified (temperror)")
             return Reject(replies.LOCAL_FROM_FORGED.format(domain=domain),
@@ -119,8 +127,10 @@ class DmarcPolicy:
         for result in auth.dmarc:
             if result.result != "fail" or result.disposition == "none":
                 continue
+            if result.from_domain in auth.arc_vouched:
+                continue
             if result.disposition == "reject" and self.dmarc_reject:
-                if result.unsure:
+                if result.unsure or auth.arc_unsure:
                     return TempFail(
                         replies.AUTH_DNS_TEMPORARY.format(domain=result.from_domain),
                         reason=f"dmarc=fail p=reject for {result.from_domain} with a temperror")

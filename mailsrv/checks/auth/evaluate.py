@@ -1,6 +1,6 @@
 """
 All the authentication checks for one message from another server, in a delivery thread:
-SPF, DKIM on every signature, DMARC for each From: domain.  The result is a fact
+SPF, DKIM on every signature, DMARC for each From: domain, the ARC chain.  The result is a fact
 (:class:`~mailsrv.checks.auth.results.AuthResults`) that the pure checks of
 :mod:`mailsrv.checks.auth.checks` act on (the header field, DMARC's policy, our own domains).
 """
@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from mailsrv.checks.auth import dkimcheck, dmarc, spfcheck
+from mailsrv.checks.auth import arccheck, dkimcheck, dmarc, spfcheck
 from mailsrv.checks.auth.lookups import ThreadDNS
 from mailsrv.checks.auth.results import AuthResults
 from mailsrv.message.headsection import HeaderFacts, read_head
@@ -37,18 +37,21 @@ def is_checked(trusted_network: bool, authenticated_as: str | None) -> bool:
 
 
 class Authenticator:
-    """SPF, DKIM and DMARC through ``dns`` (lookups on the reactor, waited for here).
+    """SPF, DKIM, DMARC and ARC through ``dns`` (lookups on the reactor, waited for here).
 
-    ``spf``, ``dkim``, ``dmarc`` turn each check on or off; ``sample`` draws the number DMARC's
-    ``pct=`` is compared with (in [0, 100)).
+    ``spf``, ``dkim``, ``dmarc``, ``arc`` turn each check on or off; ``sample`` draws the
+    number DMARC's ``pct=`` is compared with (in [0, 100)); ``trusted_sealers`` are the ARC
+    sealers whose results vouch for a From: domain (mailsrv.checks.auth.arccheck).
     """
 
     def __init__(
         self, dns: ThreadDNS, *, spf: bool = True, dkim: bool = True, dmarc: bool = True,
+        arc: bool = True, trusted_sealers: tuple[str, ...] = (),
         sample: Callable[[], float] = lambda: random.uniform(0, 100),
     ) -> None:
         self.dns = dns
-        self.spf, self.dkim, self.dmarc = spf, dkim, dmarc
+        self.spf, self.dkim, self.dmarc, self.arc = spf, dkim, dmarc, arc
+        self.trusted_sealers = tuple(d.lower().rstrip(".") for d in trusted_sealers)
         self.sample = sample
 
     def evaluate(
@@ -60,14 +63,21 @@ class Authenticator:
         reads the file and waits for DNS answers; never raises for what it finds."""
         spf = spfcheck.check_spf(self.dns, ip, sender, helo) if self.spf else None
         dkim: tuple[dkimcheck.DKIMResult, ...] = ()
-        if self.dkim and head.has_header_section:
+        arc = arccheck.ARCResult("none") if self.arc else None
+        if (self.dkim or self.arc) and head.has_header_section:
             with open(message_path, "rb") as spool:
                 start = read_head(spool)
                 end = start.find(b"\n\n")
                 header_section = start if end < 0 else start[: end + 1]
-                if dkimcheck.signature_count(header_section):  # else the body is not read
+                signed = self.dkim and dkimcheck.signature_count(header_section) > 0
+                sealed = self.arc and arccheck.has_arc(header_section)
+                if signed or sealed:  # else the body is not read
                     message = start + spool.read()
-                    dkim = dkimcheck.verify_all(message, header_section, self.dns)
+                    if signed:
+                        dkim = dkimcheck.verify_all(message, header_section, self.dns)
+                    if sealed:
+                        arc = arccheck.verify(message, self.dns)
+                    del message
         domains = from_domains(head)
         results: list[dmarc.DMARCResult] = []
         if self.dmarc:
@@ -75,7 +85,10 @@ class Authenticator:
             for domain in domains[:MAX_FROM_DOMAINS]:
                 found = dmarc.find_policy(domain, self.dns.txt)
                 results.append(dmarc.evaluate(domain, found, spf, dkim, sample))
+        trusted = arc is not None and arc.sealer in self.trusted_sealers
         return AuthResults(
             spf=spf, dkim=dkim, dmarc=tuple(results), from_domains=domains,
-            dkim_checked=self.dkim, dmarc_checked=self.dmarc,
+            dkim_checked=self.dkim, dmarc_checked=self.dmarc, arc=arc,
+            arc_vouched=arccheck.vouched_domains(arc, domains, self.trusted_sealers),
+            arc_unsure=trusted and arc is not None and arc.temporary,
         )

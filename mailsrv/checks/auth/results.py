@@ -15,8 +15,10 @@ from authres import (
     DKIMAuthenticationResult,
     SPFAuthenticationResult,
 )
+from authres.arc import ARCAuthenticationResult
 from authres.dmarc import DMARCAuthenticationResult
 
+from mailsrv.checks.auth.arccheck import ARCResult
 from mailsrv.checks.auth.dkimcheck import DKIMResult
 from mailsrv.checks.auth.dmarc import DMARCResult
 from mailsrv.checks.auth.spfcheck import SPFResult
@@ -47,6 +49,13 @@ class AuthResults:
     from_domains: tuple[str, ...] = ()
     dkim_checked: bool = False
     dmarc_checked: bool = False
+    #: The ARC chain (None when not checked).
+    arc: ARCResult | None = None
+    #: The From: domains a trusted ARC sealer vouches for: their DMARC failure and the
+    #: own-domain From: check are overridden (mailsrv.checks.auth.arccheck).
+    arc_vouched: frozenset[str] = frozenset()
+    #: A trusted sealer's chain failed on a DNS failure: what it could vouch for is open.
+    arc_unsure: bool = False
 
     def summary(self) -> str:
         """For the log line: ``spf=pass dkim=pass,fail dmarc=pass``."""
@@ -59,7 +68,10 @@ class AuthResults:
             dmarc = "skipped"
         else:
             dmarc = ",".join(r.result for r in self.dmarc) or "none"
-        return f"spf={spf} dkim={dkim} dmarc={dmarc}"
+        arc = "" if self.arc is None else f" arc={self.arc.result}"
+        if self.arc_vouched:
+            arc += f" arc_override={','.join(sorted(self.arc_vouched))}"
+        return f"spf={spf} dkim={dkim} dmarc={dmarc}{arc}"
 
 
 def _clean(text: str) -> str:
@@ -105,11 +117,28 @@ def header_field(hostname: str, results: AuthResults) -> bytes:
     for dmarc in results.dmarc:
         comment = (f"p={dmarc.policy} dis={dmarc.disposition}"
                    if dmarc.result in ("pass", "fail") else _clean(dmarc.reason))
+        if dmarc.result == "fail" and dmarc.from_domain in results.arc_vouched:
+            # RFC 8617 §7.2.1, RFC 7489's PolicyOverrideType: the policy was not applied
+            comment = f"p={dmarc.policy} dis=none arc=pass override=local_policy"
         found.append(DMARCAuthenticationResult(
             result=dmarc.result, result_comment=comment or None,
             header_from=_value(dmarc.from_domain)))
+    arc = results.arc
+    if arc is not None:
+        found.append(ARCAuthenticationResult(
+            result=arc.result, result_comment=_arc_comment(arc) or None,
+            header_as_d=_value(arc.sealer) if arc.instance else None,
+            header_as_s=_value(arc.selector) if arc.instance else None))
     field = str(AuthenticationResultsHeader(authserv_id=hostname, results=found))
     return _fold(field).encode("ascii", "replace") + b"\n"
+
+
+def _arc_comment(arc: ARCResult) -> str:
+    """The most recent set's instance, and why a chain failed."""
+    text = f"i={arc.instance}" if arc.instance else ""
+    if arc.result == "fail" and arc.reason:
+        text = f"{text} {arc.reason}".strip()
+    return _clean(text)
 
 
 def _property(ptype: str, name: str, value: str):  # noqa: ANN202 - authres has no types
