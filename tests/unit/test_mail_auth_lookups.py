@@ -101,6 +101,19 @@ def test_answers_are_cached_for_their_ttl_at_most_an_hour(clock):
     assert len(resolver.asked) == 4
 
 
+def test_a_cached_answer_is_read_in_the_thread_without_the_reactor(clock):
+    """A worker thread's lookup of a fresh cached answer does not go through the reactor (the
+    task.Clock here runs nothing from threads: a round trip would never come back)."""
+    thread_dns, resolver = make({"cached.test": [rr("cached.test", dns.Record_A("192.0.2.1"),
+                                                    ttl=30)]}, clock)
+    result_of(thread_dns.query("cached.test", "A"))  # asked once, on "the reactor"
+    found = []
+    worker = threading.Thread(target=lambda: found.append(thread_dns.lookup("Cached.Test.", "A")))
+    worker.start()
+    worker.join(5)
+    assert found == [(Record("cached.test", "A", "192.0.2.1"),)]
+
+
 def test_nxdomain_is_empty_and_cached_a_minute(clock):
     thread_dns, resolver = make({}, clock)
     assert result_of(thread_dns.query("nowhere.test", "TXT")) == ()
