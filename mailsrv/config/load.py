@@ -26,7 +26,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from mailsrv.config import keys
+from mailsrv.config import keys, netkeys
 from mailsrv.config.schema import (
     RSPAMD_ON_FAILURE,
     AuthConfig,
@@ -110,7 +110,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
     "dnsbl": (
         DnsblConfig,
         {
-            "zones": keys.zone_weights(),
+            "zones": netkeys.zone_weights(),
             "threshold": keys.integer(1),
             "allow_zones": keys.list_of("a list of DNS zones", "a DNS zone", normalise_domain,
                                         non_empty=False),
@@ -149,14 +149,14 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
     "relay": (
         RelayConfig,
         {
-            "trusted_networks": keys.networks(),
-            "dns_servers": keys.dns_servers(),
+            "trusted_networks": netkeys.networks(),
+            "dns_servers": netkeys.dns_servers(),
             "port": keys.integer(1, 65535),
-            "smarthost": keys.smarthost(),
+            "smarthost": netkeys.smarthost(),
             "smarthost_user": keys.text(),
             "smarthost_password_file": keys.path(),
-            "tls": keys.choice(*keys.TLS_MODES),
-            "tls_policy": keys.tls_policy(),
+            "tls": keys.choice(*netkeys.TLS_MODES),
+            "tls_policy": netkeys.tls_policy(),
             "tls_ca_file": keys.path(),
             "max_connections": keys.integer(1),
             "max_connections_per_domain": keys.integer(1),
@@ -172,7 +172,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
     "rspamd": (
         RspamdConfig,
         {
-            "url": keys.http_url(),
+            "url": netkeys.http_url(),
             "password": keys.text(),
             "timeout": keys.seconds(),
             "on_failure": keys.choice(*RSPAMD_ON_FAILURE),

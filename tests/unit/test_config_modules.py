@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import mailsrv.config
-from mailsrv.config import directories, endpoints, keys, load, schema
+from mailsrv.config import directories, endpoints, keys, load, netkeys, schema
 
 # What mailsrv, its tools, the plugin and the tests import from mailsrv.config: the package
 # re-exports each from the module that defines it, so that no importer depends on the layout.
@@ -94,7 +94,7 @@ def test_a_converter_raises_invalid_with_the_value_and_where() -> None:
     assert info.value.where == "[1]"
     assert info.value.expected == "expected a number of seconds > 0, got 0"
     with pytest.raises(keys.Invalid) as info:
-        keys.dns_servers().convert(["192.0.2.53:0"], BASE)
+        netkeys.dns_servers().convert(["192.0.2.53:0"], BASE)
     assert info.value.where == "[0]"
     assert info.value.expected.endswith("(the port must be from 1 to 65535)")
 
@@ -111,8 +111,8 @@ def test_paths_are_relative_to_the_configuration_file() -> None:
 
 
 def test_smarthost_and_tls_policy_normalise_names() -> None:
-    assert keys.smarthost().convert("SMTP.Example.NET:587", BASE) == ("smtp.example.net", 587)
-    assert keys.smarthost().convert("[2001:DB8::25]", BASE) == ("2001:db8::25", 25)
-    assert keys.tls_policy().convert({"Example.COM": "verify"}, BASE) == (
+    assert netkeys.smarthost().convert("SMTP.Example.NET:587", BASE) == ("smtp.example.net", 587)
+    assert netkeys.smarthost().convert("[2001:DB8::25]", BASE) == ("2001:db8::25", 25)
+    assert netkeys.tls_policy().convert({"Example.COM": "verify"}, BASE) == (
         ("example.com", "verify"),
     )
