@@ -14,6 +14,7 @@ from mailsrv.accounts.files import load_aliases, read_srs_secrets, read_users
 from mailsrv.config import Config, ConfigError, prepare_directories
 from mailsrv.inbound.tls import ServerTLS, TLSSetupError
 from mailsrv.message.dkimkeys import SigningKeys, load_keys
+from mailsrv.routing.address import host_domains
 from mailsrv.routing.router import Directory
 from mailsrv.routing.srs import SRS
 from mailsrv.storage import queue
@@ -51,8 +52,7 @@ def srs_domain(config: Config) -> str:
     the host name) when local, else the first local domain (bounces must come back here)."""
     if config.srs.domain is not None:
         return config.srs.domain
-    host = config.hostname
-    for domain in (host, host.partition(".")[2]):
+    for domain in host_domains(config.hostname):
         if domain in config.domains.local:
             return domain
     return config.domains.local[0]

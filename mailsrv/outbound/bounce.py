@@ -28,7 +28,7 @@ from mailsrv.message import dkimsign, headers
 from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.outbound import dsn, dsn_original
 from mailsrv.replies import Refusal
-from mailsrv.routing.address import parse_rcpt_to
+from mailsrv.routing.address import host_domains, parse_rcpt_to
 from mailsrv.routing.router import Directory
 from mailsrv.storage import queue
 from mailsrv.storage.envelope import BOUNCED, QueuedMessage, QueuedRecipient
@@ -78,9 +78,8 @@ def send_dsn(
 def postmaster_address(config: Config, directory: Directory) -> str:
     """Our postmaster: at the host name's domain (or its parent) if local, else RFC 5321's
     bare ``postmaster``, which the router gives to the first local domain's postmaster."""
-    host = config.hostname
-    for domain in (host, host.partition(".")[2]):
-        if domain and directory.is_local_domain(domain):
+    for domain in host_domains(config.hostname):
+        if directory.is_local_domain(domain):
             return f"postmaster@{domain}"
     return "postmaster"
 
@@ -177,8 +176,8 @@ def sign_report(keys: SigningKeys, hostname: str, dsn_id: str, trace: bytes, dat
     signature is aligned with the From: for DMARC's default relaxed alignment).  A signature
     that cannot be made is logged and the report goes unsigned: a bounce is never lost.
     """
-    for domain in (hostname, hostname.partition(".")[2]):
-        signing = keys.for_domain(domain) if domain else ()
+    for domain in host_domains(hostname):
+        signing = keys.for_domain(domain)
         if signing:
             break
     else:

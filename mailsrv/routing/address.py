@@ -28,6 +28,7 @@ __all__ = [
     "parse_mail_from",
     "parse_rcpt_to",
     "normalise_domain",
+    "host_domains",
     "is_safe_local_part",
     "is_dot_atom",
     "MAX_LOCAL_PART",
@@ -365,3 +366,11 @@ def parse_rcpt_to(rest: bytes) -> tuple[Mailbox, dict[str, str | None]]:
     if mailbox is None:
         raise Refusal(replies.BAD_RECIPIENT)
     return mailbox, _split_params(after)
+
+
+def host_domains(hostname: str) -> tuple[str, ...]:
+    """The host name, then its parent domain (``mx.example.org``, ``example.org``): where mail
+    about the host itself belongs (its postmaster, the signatures of its bounces, its SRS
+    addresses), the first that is ours."""
+    parent = hostname.partition(".")[2]
+    return (hostname, parent) if parent else (hostname,)

@@ -621,3 +621,10 @@ def test_is_safe_local_part(local: str, safe: bool) -> None:
 )
 def test_is_dot_atom(text: str, ok: bool) -> None:
     assert is_dot_atom(text) is ok
+
+
+def test_host_domains_are_the_host_then_its_parent() -> None:
+    from mailsrv.routing.address import host_domains
+
+    assert host_domains("mx.example.org") == ("mx.example.org", "example.org")
+    assert host_domains("localhost") == ("localhost",)
