@@ -8,17 +8,15 @@ on arrival.
 
 from __future__ import annotations
 
-import base64
 import shutil
 import smtplib
 import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from test_mail_auth import OUTSIDE, auth_results, send, stored
 
+from support.dkimkey import rsa_key
 from support.harness import DNSServer, MailServer
 
 SUPPORT = Path(__file__).parent.parent / "support"
@@ -40,14 +38,10 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def key(tmp_path_factory):
     """An RSA key: (PEM file for the sealer, the key record)."""
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem, public = rsa_key()
     path = tmp_path_factory.mktemp("arc") / "key.pem"
-    path.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    public = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return path, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+    path.write_bytes(pem)
+    return path, "v=DKIM1; k=rsa; p=" + public
 
 
 def zone(record: str) -> dict:

@@ -6,7 +6,6 @@ signed by Perl's Mail::DKIM (tests/support/dkim_sign.pl), not by the dkimpy that
 
 from __future__ import annotations
 
-import base64
 import email
 import mailbox
 import shutil
@@ -18,8 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from support.certs import self_signed
 from support.harness import REPO, DNSServer, MailServer
@@ -27,6 +24,7 @@ from support.mail import CLIENT_NAME
 
 sys.path.insert(0, str(REPO))
 from mailsrv.accounts.auth import hash_password  # noqa: E402  (the checkout's, like the server)
+from support.dkimkey import rsa_key
 
 SIGNER = Path(__file__).parent.parent / "support" / "dkim_sign.pl"
 #: The client's address: outside relay.trusted_networks (127.0.0.1 only, below).
@@ -50,14 +48,10 @@ needs_mail_dkim = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def key(tmp_path_factory):
     """An RSA key: (PEM file for the signer, the p= value for the key record)."""
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem, public = rsa_key()
     path = tmp_path_factory.mktemp("dkim") / "key.pem"
-    path.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    public = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return path, base64.b64encode(public).decode()
+    path.write_bytes(pem)
+    return path, public
 
 
 def zone(public_key: str) -> dict:

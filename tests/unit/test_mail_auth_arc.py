@@ -5,13 +5,9 @@ end-to-end tests use Perl's Mail::ARC::Signer as well."""
 
 from __future__ import annotations
 
-import base64
-
 import authres
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from test_mail_auth_lookups import ZoneDNS  # sibling test modules (tests/unit)
 from test_mail_auth_policy import failure, message_facts, results
 
@@ -20,6 +16,7 @@ from mailsrv.checks.auth.checks import DmarcPolicy, OwnDomains
 from mailsrv.checks.auth.lookups import DNSTempError
 from mailsrv.checks.auth.results import AuthResults, header_field
 from mailsrv.checks.pipeline import ACCEPT, Reject, TempFail
+from support.dkimkey import rsa_key
 
 LIST = "lists.example.net"
 AR = (b"Authentication-Results: lists.example.net; spf=pass smtp.mailfrom=a@sender.example;\r\n"
@@ -30,13 +27,8 @@ MESSAGE = (b"From: A <a@sender.example>\r\nTo: list@lists.example.net\r\nSubject
 
 @pytest.fixture(scope="module")
 def key():
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = base64.b64encode(private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return pem, b"v=DKIM1; k=rsa; p=" + public
+    pem, public = rsa_key()
+    return pem, b"v=DKIM1; k=rsa; p=" + public.encode()
 
 
 def sealed(key, domain=LIST, message=MESSAGE, ar=AR):

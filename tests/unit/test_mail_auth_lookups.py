@@ -10,8 +10,6 @@ import dkim
 import nacl.signing
 import pytest
 import spf
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, task
 from twisted.names import dns, error
 
@@ -19,6 +17,7 @@ from mailsrv.checks.auth import spfcheck
 from mailsrv.checks.auth.dkimcheck import MAX_SIGNATURES, verify_all
 from mailsrv.checks.auth.lookups import MAX_TTL, NEGATIVE_TTL, DNSTempError, Record, ThreadDNS
 from mailsrv.checks.auth.spfcheck import check_spf
+from support.dkimkey import rsa_key
 
 # -- ThreadDNS on the reactor side ---------------------------------------------------------
 
@@ -240,15 +239,10 @@ MESSAGE = (b"From: a@signer.test\r\nTo: b@example.org\r\nSubject: s\r\n"
 
 @pytest.fixture(scope="module")
 def keys():
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    public = base64.b64encode(private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pem, public = rsa_key()
     ed = nacl.signing.SigningKey.generate()
     return {
-        "rsa": (pem, b"v=DKIM1; k=rsa; p=" + public),
+        "rsa": (pem, b"v=DKIM1; k=rsa; p=" + public.encode()),
         "ed": (base64.b64encode(bytes(ed)),
                b"v=DKIM1; k=ed25519; p=" + base64.b64encode(bytes(ed.verify_key))),
     }
