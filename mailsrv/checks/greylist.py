@@ -9,6 +9,7 @@ of triplets is mailsrv.storage.greylist).
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -71,12 +72,13 @@ class Greylisting:
         if client.blocklist is not None and client.blocklist.allowed_by is not None:
             return ACCEPT
         assert facts.recipient is not None
-        network = client_network(client.ip)
-        if self.auto_allow and store.client_passes(network) >= self.auto_allow:
+        key = triplet(client.ip, str(facts.sender) if facts.sender else None,
+                      str(facts.recipient))
+        if self.auto_allow and store.client_passes(key[0]) >= self.auto_allow:
             return ACCEPT
-        key = (network, str(facts.sender or "").lower(), str(facts.recipient).lower())
         wait = store.attempt(key, self.delay)
         if wait <= 0:
             return ACCEPT
-        return TempFail(replies.GREYLISTED.format(seconds=str(int(wait + 0.999))),
-                        reason=f"greylisted for {int(wait + 0.999)} s")
+        seconds = math.ceil(wait)
+        return TempFail(replies.GREYLISTED.format(seconds=str(seconds)),
+                        reason=f"greylisted for {seconds} s")
