@@ -60,9 +60,19 @@ class Refusal(Exception):
     and the delivery code alike, so that the protocol has one thing to catch.
     """
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, check: str | None = None, reason: str | None = None) -> None:
         super().__init__(f"{reply.code} {reply.status} {reply.text}")
         self.reply = reply
+        #: The check that refused (mailsrv.checks), None for a protocol or storage refusal.
+        self.check = check
+        #: What the log line says of why, when the reply alone does not tell an administrator.
+        self.reason = reason
+
+    def describe(self) -> str:
+        """``check=NAME reason="..."`` for a refusal's log line: the layer and why, in one grep."""
+        reason = self.reason or f"{self.reply.code} {self.reply.status} {self.reply.text}"
+        reason = reason.replace('"', "'")
+        return f'check={self.check or "smtp"} reason="{reason}"'
 
     @property
     def code(self) -> int:

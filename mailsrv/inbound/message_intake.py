@@ -157,7 +157,7 @@ class Transaction:
         """The protocol refused the message while receiving it: log it, keep nothing."""
         log.info(
             "refused message id={id} client={client} from={sender} size={size} "
-            "nrcpt={nrcpt} reason=\"{reason}\"",
+            "nrcpt={nrcpt} check=smtp reason=\"{reason}\"",
             id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
             size=size, nrcpt=len(self.recipients), reason=reason,
         )
@@ -200,7 +200,7 @@ class Transaction:
                     Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth,
                     spam=spam)))
             if outcome.refusal is not None:
-                raise Refusal(outcome.refusal.reply)
+                raise Refusal(outcome.refusal.reply, outcome.refused_by, outcome.refusal.reason)
             if outcome.folder is not None:
                 for target in self.targets:
                     if isinstance(target, LocalTarget):
@@ -330,13 +330,13 @@ class Transaction:
 
     def _failed(self, failure: Any) -> Any:
         if failure.check(Refusal):
-            reply = failure.value.reply
+            refusal = failure.value
             log.info(
                 "refused message id={id} client={client} from={sender} size={size} "
-                'nrcpt={nrcpt} reason="{code} {status} {text}"{auth}',
+                "nrcpt={nrcpt} {why}{auth}",
                 id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
-                size=self.size, nrcpt=len(self.targets), code=reply.code, status=reply.status,
-                text=reply.text, auth=f" {self.auth_summary}" if self.auth_summary else "",
+                size=self.size, nrcpt=len(self.targets), why=refusal.describe(),
+                check=refusal.check, auth=f" {self.auth_summary}" if self.auth_summary else "",
             )
         return failure
 

@@ -125,8 +125,8 @@ class SMTPSession(TLSAndAuth):
         def greet(_: object) -> Reply:
             if not self.held:
                 return banner
-            log.info("refused client={client} reason=\"talked before the greeting: {n} octets\"",
-                     client=self.delivery.client, n=self.held)
+            log.info('refused client={client} check={check} reason="talked before the greeting: '
+                     '{n} octets"', client=self.delivery.client, check="early_talker", n=self.held)
             return self._close_with(replies.EARLY_TALKER)
 
         return self.delivery.client_known(GREETING_DNS_WAIT).addCallback(greet)

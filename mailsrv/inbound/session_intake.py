@@ -183,14 +183,14 @@ class SessionDelivery:
         outcome = self.checks.run_stages(
             client, client.at(Stage.HELO), client.at(Stage.MAIL, sender=origin))
         if outcome.refusal is not None:
-            reply, reason = outcome.refusal.reply, outcome.refusal.reason
+            refusal = Refusal(outcome.refusal.reply, outcome.refused_by, outcome.refusal.reason)
             user = f" user={self.authenticated_as}" if self.authenticated_as else ""
             log.info(
-                'refused sender client={client}{user} from={sender} reason="{reason}"',
+                "refused sender client={client}{user} from={sender} {why}",
                 client=self.client, user=user, sender=bracketed(origin),
-                reason=reason or f"{reply.code} {reply.status} {reply.text}",
+                why=refusal.describe(), check=refusal.check,
             )
-            raise Refusal(reply)
+            raise refusal
         self.transaction = Transaction(self, origin, outcome)
         return self.transaction
 
@@ -208,14 +208,13 @@ class SessionDelivery:
         )
         outcome = self.checks.run(facts)
         if outcome.refusal is not None:
-            reply = outcome.refusal.reply
+            refusal = Refusal(outcome.refusal.reply, outcome.refused_by, outcome.refusal.reason)
             log.info(
-                "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
-                'reason="{code} {status} {text}"',
+                "refused recipient id={id} client={client} from={sender} to=<{rcpt}> {why}",
                 id=transaction.queue_id, client=self.client, sender=bracketed(transaction.sender),
-                rcpt=user, code=reply.code, status=reply.status, text=reply.text,
+                rcpt=user, why=refusal.describe(), check=refusal.check,
             )
-            raise Refusal(reply)
+            raise refusal
         assert facts.targets is not None, "a recipient without targets is refused by a check"
         transaction.add_recipient(user, facts.targets, outcome)
         return lambda: transaction

@@ -62,7 +62,8 @@ def test_a_listed_client_is_refused_at_mail_naming_the_zone(server) -> None:
     code, text = mail_from(server, "127.0.0.9")
     assert (code, text.decode()) == (
         554, "5.7.1 Service unavailable; client [127.0.0.9] blocked using bl.test")
-    wait_for(lambda: 'reason="dnsbl bl.test score 2"' in server.log_text(), 10, "the log line")
+    wait_for(lambda: 'check=dnsbl reason="dnsbl bl.test score 2"' in server.log_text(), 10,
+             "the log line naming the layer and why")
     assert "refused sender client=unknown[127.0.0.9]" in server.log_text()
 
 

@@ -45,7 +45,7 @@ def test_greylisting_across_a_restart(tmp_path) -> None:
         time.sleep(max(0.0, first_answered + DELAY - time.monotonic()) + 0.2)
         assert rcpt(server)[0] == 250
         wait_for(lambda: server.messages("alice@example.org"), 10, "the delivery")
-        assert "Greylisted" in server.log_text()
+        assert f'check=greylist reason="greylisted for {DELAY} s"' in server.log_text()
         database = server.queue / "greylist.sqlite3"
         assert database.stat().st_mode & 0o077 == 0
         server.stop()

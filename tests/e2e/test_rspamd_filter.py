@@ -90,6 +90,7 @@ def test_reject_and_soft_reject_refuse_with_rspamds_message(server, subject, bod
     assert server.messages("carol@example.net") == []
     log = server.log_text()
     assert re.search(r"rspamd id=\w+ action=\"(soft )?reject\" score=[\d.]+/[\d.]+", log)
+    assert re.search(r"refused message id=\w+ .* check=rspamd reason=\"rspamd", log)
 
 
 def test_a_clean_message_is_delivered_with_rspamds_fields(server, rspamd):

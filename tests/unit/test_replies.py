@@ -89,3 +89,16 @@ def test_no_reply_is_written_outside_replies_py() -> None:
                     and node.args and isinstance(node.args[0], ast.Constant)):
                 found.append(f"{source.name}:{node.lineno}")
     assert found == []
+
+
+def test_a_refusals_log_words_name_the_layer_and_why() -> None:
+    """Every refusal's log line says which check refused and why, so a false positive is
+    found with one grep; a refusal of the protocol itself is the "smtp" layer."""
+    listed = replies.Refusal(replies.RELAY_DENIED, "dnsbl", "dnsbl zen.example score 3")
+    assert listed.describe() == 'check=dnsbl reason="dnsbl zen.example score 3"'
+    plain = replies.Refusal(replies.RELAY_DENIED)
+    assert plain.describe() == (
+        f'check=smtp reason="{replies.RELAY_DENIED.code} {replies.RELAY_DENIED.status} '
+        f'{replies.RELAY_DENIED.text}"')
+    quoted = replies.Refusal(replies.RELAY_DENIED, "rspamd", 'rspamd action="reject"')
+    assert quoted.describe() == "check=rspamd reason=\"rspamd action='reject'\""
