@@ -31,6 +31,7 @@ from mailsrv.checks.auth.results import (
     authserv_id,
     rename_fields,
 )
+from mailsrv.checks.backscatter import forged_sender
 from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
 from mailsrv.checks.rspamd.checks import REFUSING_ACTIONS
 from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
@@ -193,6 +194,7 @@ class Transaction:
                 recipients=tuple(self.recipients), head=headsection.inspect_head(head),
             )
             outcome = self.outcome.then(checks.run(facts))
+            auth = spam = None
             if outcome.refusal is None:
                 auth = self._authenticate(client, facts)
                 spam = self._scan(client, received, head)
@@ -215,6 +217,9 @@ class Transaction:
                 queued=any(isinstance(t, RemoteTarget) for t in self.targets),
             ))
             self.dkim = draft.dkim
+            no_bounce = None
+            if draft.queued and not client.may_relay:  # an alias forwards mail from outside
+                no_bounce = forged_sender(auth, spam)
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
@@ -224,7 +229,7 @@ class Transaction:
                     queue_prefix=draft.queue_prefix,
                     targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
-                    folders=self.folders,
+                    folders=self.folders, no_bounce=no_bounce,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
@@ -320,9 +325,11 @@ class Transaction:
                     id=self.queue_id, rcpt=target.address, orig=self.targets[target], path=where,
                 )
             else:
+                queued = stored.queued
+                quiet = f' no_bounce="{queued.no_bounce}"' if queued and queued.no_bounce else ""
                 log.info(
-                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued",
-                    id=self.queue_id, rcpt=target.address, orig=self.targets[target],
+                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued{quiet}",
+                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], quiet=quiet,
                 )
         if stored.queued is not None and self.runtime.relayer is not None:
             self.runtime.relayer.add(stored.queued)

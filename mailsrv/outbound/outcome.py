@@ -145,8 +145,13 @@ def apply_results(
 
 
 def _told(outcome: Outcome) -> Outcome:
-    """A double bounce's failures go to nobody (they are only logged): bounces never loop."""
-    if outcome.message.double_bounce and outcome.reports:
+    """A double bounce's failures go to nobody (they are only logged): bounces never loop.
+    Nor do those of a message whose sender is likely forged (``no_bounce``), delays included:
+    a report to a forged sender is backscatter."""
+    message = outcome.message
+    if message.no_bounce and (outcome.reports or outcome.warnings):
+        return replace(outcome, reports=(), warnings=(), dropped=outcome.reports)
+    if message.double_bounce and outcome.reports:
         return replace(outcome, reports=(), dropped=outcome.reports)
     return outcome
 

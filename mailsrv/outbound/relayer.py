@@ -174,9 +174,10 @@ class Relayer(service.Service):
         else:
             self.messages[after.id] = after
         if outcome.dropped:
-            log.info("bounce id={id}: not sent, the message is the postmaster's notice of a "
-                     "failed bounce; dropped for {rcpts}", id=after.id,
-                     rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
+            why = (f"the sender is likely forged ({after.no_bounce})" if after.no_bounce
+                   else "the message is the postmaster's notice of a failed bounce")
+            log.info("bounce id={id}: not sent, {why}; dropped for {rcpts}", id=after.id,
+                     why=why, rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
 
         def blocking() -> list[Any]:
             stored = []

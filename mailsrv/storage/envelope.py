@@ -20,6 +20,9 @@ Envelope, version 1::
 warning went out, so that only one does.  ``double_bounce`` marks the notice the relayer
 sends the postmaster when a bounce (a message from ``<>``) cannot be delivered: if that notice
 fails too, it is only logged, so bounces never loop (written only when true).
+``no_bounce`` (written only when set) says why this message's failures are logged and never
+reported to its sender: mail we forward whose sender failed SPF and DMARC, or that rspamd
+judged spam, whose sender is most likely forged (a bounce would be backscatter).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class QueuedMessage:
     recipients: tuple[QueuedRecipient, ...]
     warned: bool = False
     double_bounce: bool = False  # a postmaster notice about a failed bounce: never notified on
+    no_bounce: str | None = None  # why a failure is only logged (a likely forged sender)
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:
@@ -102,6 +106,7 @@ def new_message(
     created: float,
     received_from: str,
     double_bounce: bool = False,
+    no_bounce: str | None = None,
 ) -> QueuedMessage:
     """A fresh envelope, every recipient due now; ValueError for anything unstorable."""
     try:
@@ -122,6 +127,7 @@ def new_message(
         prefix=prefix_text,
         recipients=tuple(QueuedRecipient(a, next_attempt=created) for a in recipients),
         double_bounce=double_bounce,
+        no_bounce=no_bounce or None,
     )
 
 
@@ -150,6 +156,8 @@ def encode(message: QueuedMessage) -> bytes:
     }
     if message.double_bounce:
         data["double_bounce"] = True  # only then: other envelopes are as they always were
+    if message.no_bounce:
+        data["no_bounce"] = message.no_bounce
     try:
         # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
         return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -177,6 +185,13 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 _NUMBER = (int, float)
 _OPTIONAL_TEXT = (str, type(None))
+
+
+def _optional_text(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if not isinstance(value, _OPTIONAL_TEXT):
+        raise _Corrupt(f"{key!r} is {value!r}")
+    return value or None
 
 
 def _recipient(data: Any, index: int) -> QueuedRecipient:
@@ -231,6 +246,7 @@ def decode(raw: bytes) -> QueuedMessage:
             prefix=_get(data, "prefix", str, ""),
             warned=bool(data.get("warned", False)),
             double_bounce=data.get("double_bounce", False) is True,
+            no_bounce=_optional_text(data, "no_bounce"),
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )
     except _Corrupt as exc:

@@ -108,6 +108,7 @@ def enqueue(
     created: float,
     received_from: str,
     double_bounce: bool = False,
+    no_bounce: str | None = None,
 ) -> QueuedMessage:
     """Put a message in the outbound queue, durably; return its envelope.
 
@@ -131,6 +132,7 @@ def enqueue(
         created=created,
         received_from=received_from,
         double_bounce=double_bounce,
+        no_bounce=no_bounce,
     )
     data = encode(message)
     qdir = Path(qdir)

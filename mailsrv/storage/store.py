@@ -45,6 +45,7 @@ def store(
     received_from: str,
     double_bounce: bool = False,
     folders: Mapping[Target, str] | None = None,
+    no_bounce: str | None = None,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -57,7 +58,8 @@ def store(
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
     Each local copy is thus a file of its own, which also keeps one recipient's address out
     of another's copy.  ``double_bounce`` marks a queued postmaster notice about a failed
-    bounce (see mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
+    bounce, ``no_bounce`` a queued copy whose failures are only logged (see
+    mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
     others go to the INBOX.  The body file is consumed: moved into the queue or left
     for the caller to remove.
@@ -84,6 +86,7 @@ def store(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
+                no_bounce=no_bounce,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:

@@ -426,3 +426,16 @@ def test_control_request_and_answer(qdir: Path) -> None:
         queue_control.control_request(qdir, "explode", None)
     with pytest.raises(ValueError):
         queue_control.control_request(qdir, "delete", "../x")
+
+
+def test_no_bounce_mark_round_trips_and_is_checked(qdir: Path, body: Path) -> None:
+    """Why a forwarded message's failures are only logged survives a restart; a mark that is
+    not text is a corrupt envelope."""
+    path = do_enqueue(qdir, body, no_bounce="spf=fail dmarc=fail for sender.test")
+    assert read_envelope(path)["no_bounce"] == "spf=fail dmarc=fail for sender.test"
+    assert read_message(path).no_bounce == "spf=fail dmarc=fail for sender.test"
+    plain = json.loads(encode(replace(read_message(path), no_bounce=None)))
+    assert "no_bounce" not in plain and decode(json.dumps(plain).encode()).no_bounce is None
+    plain["no_bounce"] = True
+    with pytest.raises(ValueError, match="no_bounce"):
+        decode(json.dumps(plain).encode())

@@ -219,3 +219,18 @@ def test_an_interrupted_transaction_defers_the_unanswered() -> None:
 ])
 def test_delay_status(error, status) -> None:
     assert delay_status(error) == status
+
+
+def test_a_likely_forged_senders_failures_and_delays_are_dropped_not_reported() -> None:
+    """A forwarded message whose sender failed SPF and DMARC (``no_bounce``) is never bounced
+    nor warned about: the report would go to an innocent third party (backscatter)."""
+    forwarded = message(A, sender="SRS0=x=yy=sender.test=dave@example.org",
+                        no_bounce="spf=fail dmarc=fail for sender.test")
+    out = apply_results(forwarded, {A: NO_USER}, where=WHERE, now=CREATED + 1, policy=POLICY)
+    assert out.reports == () and [r.address for r in out.dropped] == [A] and out.message.done
+    late = apply_results(forwarded, {A: LATER}, where=WHERE, now=CREATED + 3601, policy=POLICY)
+    assert late.warnings == () and late.message.warned and late.dropped == ()
+    assert bounced_by_administrator(forwarded).reports == ()
+    honest = replace(forwarded, no_bounce=None)
+    assert [r.status for r in apply_results(honest, {A: NO_USER}, where=WHERE, now=CREATED + 1,
+                                            policy=POLICY).reports] == ["5.1.1"]
