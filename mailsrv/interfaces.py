@@ -58,6 +58,10 @@ class ISessionIntake(Interface):
     def validateFrom(helo, origin):
         """MAIL: run the connection, HELO and MAIL checks; return the new IMessageIntake."""
 
+    def sender_checked():
+        """A Deferred that fires once what RCPT needs of the new transaction's sender beyond
+        the MAIL checks is known (SPF, for greylisting's skip), or None when nothing is."""
+
     def validateTo(user):
         """RCPT: run the recipient checks; add the recipient to the current transaction."""
 

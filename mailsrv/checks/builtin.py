@@ -232,7 +232,8 @@ def builtin_pipeline(
         checks.append(Dnsbl(config.dnsbl.threshold))
     if config.greylist.enabled and greylist is not None:
         # After the recipient checks: an unknown recipient is refused, not greylisted.
-        checks.append(Greylisting(greylist, config.greylist.delay, config.greylist.auto_allow))
+        checks.append(Greylisting(greylist, config.greylist.delay, config.greylist.auto_allow,
+                                  config.greylist.spf_pass_domains))
     checks += auth_checks(config)
     checks += rspamd_checks(config)  # last: its fields below Authentication-Results:
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]

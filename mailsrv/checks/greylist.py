@@ -2,7 +2,9 @@
 Greylisting (as postgrey does it): the first delivery attempt of an unknown (client network,
 sender, recipient) triplet is deferred with ``451 4.7.1``; a real mail server retries, and a
 retry after ``delay`` passes and is remembered; a client network that passed ``auto_allow``
-times is let through for every sender.  Much spam software never retries (pure; the memory
+times is let through for every sender, and so is a sender in one of the big providers'
+domains (``spf_pass_domains``) whose SPF passes: they retry late, from other addresses, and
+what they send is seldom spam software's.  Much spam software never retries (pure; the memory
 of triplets is mailsrv.storage.greylist).
 """
 
@@ -17,13 +19,16 @@ from typing import TYPE_CHECKING
 from zope.interface import implementer
 
 from mailsrv import replies
-from mailsrv.checks.pipeline import ACCEPT, Facts, Stage, TempFail, Verdict
+from mailsrv.checks.pipeline import ACCEPT, Client, Facts, Stage, TempFail, Verdict
 from mailsrv.interfaces import ICheck
 
 if TYPE_CHECKING:
     from mailsrv.storage.greylist import Greylist
 
-__all__ = ["Greylisting", "Triplet", "Triplets", "client_network", "triplet"]
+__all__ = [
+    "Greylisting", "Triplet", "Triplets", "client_network", "exempt", "in_domains", "triplet",
+    "wants_sender_spf",
+]
 
 Triplet = tuple[str, str, str]  # (client network, sender, recipient)
 
@@ -40,6 +45,25 @@ def client_network(ip: str) -> str:
 
 def triplet(ip: str, sender: str | None, recipient: str) -> Triplet:
     return (client_network(ip), (sender or "").lower(), recipient.lower())
+
+
+def in_domains(sender: str | None, domains: tuple[str, ...]) -> bool:
+    """The sender's domain is one of ``domains`` or below one (``mail.yahoo.com``)."""
+    if not sender or "@" not in sender:
+        return False
+    domain = sender.rpartition("@")[2].lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+def exempt(client: Client) -> bool:
+    """Never greylisted: authenticated users, trusted networks, allowlisted clients."""
+    return client.may_relay or (client.blocklist is not None
+                                and client.blocklist.allowed_by is not None)
+
+
+def wants_sender_spf(client: Client, sender: str | None, domains: tuple[str, ...]) -> bool:
+    """Whether SPF must be known at RCPT: only for a sender the SPF skip could let through."""
+    return not exempt(client) and in_domains(sender, domains)
 
 
 @dataclass
@@ -60,20 +84,24 @@ class Greylisting:
     name = "greylist"
     stage = Stage.RCPT
 
-    def __init__(self, store: Callable[[], Greylist | None], delay: float, auto_allow: int) -> None:
+    def __init__(
+        self, store: Callable[[], Greylist | None], delay: float, auto_allow: int,
+        spf_pass_domains: tuple[str, ...] = (),
+    ) -> None:
         self.store = store
         self.delay = delay
         self.auto_allow = auto_allow
+        self.spf_pass_domains = spf_pass_domains
 
     def check(self, facts: Facts) -> Verdict:
         client, store = facts.client, self.store()
-        if store is None or client.may_relay:
-            return ACCEPT
-        if client.blocklist is not None and client.blocklist.allowed_by is not None:
+        if store is None or exempt(client):
             return ACCEPT
         assert facts.recipient is not None
-        key = triplet(client.ip, str(facts.sender) if facts.sender else None,
-                      str(facts.recipient))
+        sender = str(facts.sender) if facts.sender else None
+        if facts.sender_spf == "pass" and in_domains(sender, self.spf_pass_domains):
+            return ACCEPT
+        key = triplet(client.ip, sender, str(facts.recipient))
         if self.auto_allow and store.client_passes(key[0]) >= self.auto_allow:
             return ACCEPT
         wait = store.attempt(key, self.delay)

@@ -202,6 +202,9 @@ class Facts:
     targets: tuple[Target, ...] | None = None
     #: RCPT and later: the recipients accepted so far, as the client named them.
     recipients: tuple[Mailbox, ...] = ()
+    #: RCPT: SPF's result for the sender when it was checked before MAIL's reply (a big
+    #: provider's sender, which greylisting skips when it passes), None otherwise.
+    sender_spf: str | None = None
     #: HEADER and MESSAGE: the header section as read.
     head: HeaderFacts | None = None
     #: MESSAGE: the spool file (the body as received, LF line ends) and its size.

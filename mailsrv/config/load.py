@@ -125,6 +125,8 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "expire": keys.seconds(),
             "auto_allow": keys.integer(0),
             "path": keys.path(),
+            "spf_pass_domains": keys.list_of("a list of domains", "a domain", normalise_domain,
+                                             non_empty=False),
         },
     ),
     "domains": (DomainsConfig, {"local": keys.domain_list()}),

@@ -215,6 +215,14 @@ class GreylistConfig:
     expire: float = 35 * 86400.0  # seconds a triplet or client is remembered unused
     auto_allow: int = 5  # passes after which a client network skips greylisting; 0: never
     path: Path | None = None  # the SQLite file; None: <queue.path>/greylist.sqlite3
+    #: Senders in these domains (or below) skip greylisting when their SPF passes: the big
+    #: providers retry late and from other addresses, and their mail is rarely spam-software.
+    spf_pass_domains: tuple[str, ...] = (
+        "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "msn.com",
+        "yahoo.com", "aol.com", "icloud.com", "me.com", "mac.com", "gmx.de", "gmx.net",
+        "web.de", "proton.me", "protonmail.com", "fastmail.com", "zoho.com", "yandex.ru",
+        "mail.ru",
+    )
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,8 @@ class Transaction:
         self.auth_summary = ""
         #: The DKIM signatures made (``domain/selector``), for the log line.
         self.dkim: tuple[str, ...] = ()
+        #: SPF's result for the sender when it was checked before MAIL's reply (greylisting).
+        self.sender_spf: str | None = None
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED

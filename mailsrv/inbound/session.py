@@ -275,7 +275,9 @@ class SMTPSession(TLSAndAuth):
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
-        return replies.SENDER_OK
+        checked = self.delivery.sender_checked()  # (RCPT, pipelined or not, waits for it)
+        return replies.SENDER_OK if checked is None else checked.addCallback(
+            lambda _: replies.SENDER_OK)
 
     def do_RCPT(self, rest: bytes) -> Reply:
         transaction = self._transaction

@@ -17,7 +17,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.checks import policy
+from mailsrv.checks.auth.spfcheck import SPFResult, check_spf
 from mailsrv.checks.dnsbl import Listing
+from mailsrv.checks.greylist import wants_sender_spf
 from mailsrv.checks.pipeline import Client, Facts, Stage
 from mailsrv.checks.policy import owns_address
 from mailsrv.dnsutil import skips_reverse_lookup
@@ -194,6 +196,32 @@ class SessionDelivery:
         self.transaction = Transaction(self, origin, outcome)
         return self.transaction
 
+    def sender_checked(self) -> defer.Deferred | None:
+        """SPF for a big provider's sender, before MAIL's reply, so that greylisting at RCPT
+        can let it through when it passes (mailsrv.checks.greylist): in a delivery thread,
+        within [checks] dns_timeout.  None for every other sender, or with no greylisting."""
+        runtime, transaction = self.runtime, self.transaction
+        authenticator = runtime.authenticator
+        if runtime.greylist is None or authenticator is None or transaction is None:
+            return None
+        sender = str(transaction.sender) if transaction.sender else None
+        if not wants_sender_spf(self.facts(), sender, runtime.config.greylist.spf_pass_domains):
+            return None
+
+        def found(result: SPFResult) -> None:
+            transaction.sender_spf = result.result
+            log.info("greylist spf id={id} client={client} from=<{sender}> spf={result}",
+                     id=transaction.queue_id, client=self.client, sender=sender,
+                     result=result.result)
+
+        def failed(failure: Any) -> None:
+            log.warn("greylist spf id={id} failed: {error}", id=transaction.queue_id,
+                     error=failure.getErrorMessage())
+
+        d = runtime.in_thread(check_spf, authenticator.dns, self.client_ip, sender,
+                              self.helo or None)
+        return d.addCallbacks(found, failed)
+
     def validateTo(self, user: Mailbox) -> Callable[[], "Transaction"]:
         """RCPT: add the recipient to the current transaction, or raise the reply of the check
         that refused (mailsrv.checks.builtin: relay access, unknown recipients)."""
@@ -204,7 +232,7 @@ class SessionDelivery:
             Stage.RCPT, self.facts(), directory, sender=transaction.sender, recipient=user,
             recipient_is_local=policy.is_local(user, directory),
             targets=policy.route(user, directory, self.may_relay),
-            recipients=tuple(transaction.recipients),
+            recipients=tuple(transaction.recipients), sender_spf=transaction.sender_spf,
         )
         outcome = self.checks.run(facts)
         if outcome.refusal is not None:

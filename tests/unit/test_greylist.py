@@ -4,6 +4,7 @@ before, expiry), the SQLite memory surviving a restart, and who is never greylis
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from twisted.internet import defer
 
 from mailsrv import replies
 from mailsrv.checks.dnsbl import Listing
-from mailsrv.checks.greylist import Greylisting, client_network, triplet
+from mailsrv.checks.greylist import Greylisting, client_network, triplet, wants_sender_spf
 from mailsrv.checks.pipeline import ACCEPT, Client, Facts, Stage, TempFail
 from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
 from mailsrv.routing.router import Directory
@@ -139,3 +140,35 @@ def test_who_is_never_greylisted(tmp_path: Path, client: dict) -> None:
     store = greylist(tmp_path, Clock())
     assert Greylisting(lambda: store, DELAY, 5).check(facts(**client)) is ACCEPT
     assert len(store) == 0
+
+
+PROVIDERS = ("bigmail.test", "other.test")
+
+
+@pytest.mark.parametrize("sender, spf, greylisted", [
+    ("someone@bigmail.test", "pass", False),
+    ("someone@eu.bigmail.test", "pass", False),  # below a listed domain
+    ("someone@bigmail.test", "fail", True), ("someone@bigmail.test", "softfail", True),
+    ("someone@bigmail.test", "neutral", True), ("someone@bigmail.test", "temperror", True),
+    ("someone@bigmail.test", None, True),  # not checked before RCPT
+    ("someone@notbigmail.test", "pass", True),  # a name that only ends like one
+    ("someone@sender.test", "pass", True),  # SPF passes, but not a listed provider
+])
+def test_a_big_providers_sender_skips_only_when_its_spf_passes(
+        tmp_path: Path, sender: str, spf: str | None, greylisted: bool) -> None:
+    store = greylist(tmp_path, Clock())
+    check = Greylisting(lambda: store, DELAY, 5, PROVIDERS)
+    verdict = check.check(replace(facts(sender=sender), sender_spf=spf))
+    assert isinstance(verdict, TempFail) is greylisted
+    assert len(store) == (1 if greylisted else 0)
+
+
+def test_spf_is_wanted_before_rcpt_only_where_it_could_let_a_sender_through() -> None:
+    stranger = Client(ip="192.0.2.7", name="unknown[192.0.2.7]")
+    assert wants_sender_spf(stranger, "a@bigmail.test", PROVIDERS)
+    assert not wants_sender_spf(stranger, "a@sender.test", PROVIDERS)
+    assert not wants_sender_spf(stranger, None, PROVIDERS)  # <>
+    assert not wants_sender_spf(stranger, "a@bigmail.test", ())
+    for exempt in ({"trusted_network": True}, {"authenticated_as": "alice@example.org"},
+                   {"blocklist": Listing(allowed_by="list.dnswl.test")}):
+        assert not wants_sender_spf(replace(stranger, **exempt), "a@bigmail.test", PROVIDERS)
