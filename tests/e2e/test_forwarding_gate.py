@@ -132,7 +132,8 @@ def test_a_forged_senders_refused_forward_is_not_bounced(env) -> None:
              in server.log_text(), 30, "the dropped bounce's log line")
     assert re.search(rf"relay id={queue_id} .*to=<carol@remote.test> .*status=bounced",
                      server.log_text())
-    assert not (server.queue / "messages" / f"{queue_id}.json").exists()
+    wait_for(lambda: not (server.queue / "messages" / f"{queue_id}.json").exists(), 10,
+             "the message to leave the queue")  # (removed after the log line, in a thread)
     time.sleep(1)
     assert [m for m in sink.messages() if m["rcpt_to"] == ["dave@sender.test"]
             and queue_id in m["data"]] == []
