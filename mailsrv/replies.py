@@ -155,6 +155,18 @@ USER_UNKNOWN = Reply(550, "5.1.1", "User unknown in local recipient table")
 EARLY_TALKER = Reply(554, "5.5.1", "Error: protocol error: talked before the greeting")
 #: An unknown (client network, sender, recipient) triplet's first attempt (greylisting).
 GREYLISTED = Reply(451, "4.7.1", "Greylisted: please try again in {seconds} seconds")
+#: An authenticated user past [limits] messages_per_day / recipients_per_hour (a stolen
+#: password?): deferred, so nothing is lost if it is a person (mailsrv.checks.ratelimits).
+SEND_LIMIT_MESSAGES = Reply(
+    451, "4.7.0", "Error: sending limit reached ({limit} messages in 24 hours); try again later"
+)
+SEND_LIMIT_RECIPIENTS = Reply(
+    451, "4.7.0", "Error: sending limit reached ({limit} recipients in an hour); try again later"
+)
+#: A client address past [limits] connections_per_minute.
+TOO_MANY_CONNECTIONS_RATE = Reply(
+    421, "4.7.0", "Error: too many connections from your address in a minute; try again later"
+)
 #: A client a DNS blocklist lists (mailsrv.checks.dnsbl), as Postfix words it.
 DNSBL_LISTED = Reply(554, "5.7.1", "Service unavailable; client [{ip}] blocked using {zones}")
 #: A bounce to an SRS address we did not make, or made more than srs.max_age days ago.

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime, IResolver
+from twisted.logger import Logger
 
 from mailsrv.accounts.auth import FailureTracker, PasswordChecker
 from mailsrv.checks.auth.dmarc import org_domain
@@ -29,6 +30,7 @@ from mailsrv.checks.rspamd.client import RspamdClient
 from mailsrv.config import Config
 from mailsrv.dnsutil import ReverseNames, make_resolver
 from mailsrv.inbound.blocklists import Blocklists
+from mailsrv.inbound.sendquota import SendQuota
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
     from mailsrv.inbound.session_intake import SessionDelivery
 
 __all__ = ["Runtime"]
+
+log = Logger(namespace="mailsrv")
 
 
 @dataclass
@@ -81,13 +85,21 @@ class Runtime:
     greylist: Greylist | None = None
     #: The rspamd client (mailsrv.checks.rspamd), None without ``[rspamd] url``.
     rspamd: RspamdClient | None = None
+    #: What each authenticated user sent, against [limits] (None: both limits 0); its clock
+    #: is the reactor's.
+    send_quota: SendQuota | None = None
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
             self.reverse_names = ReverseNames(self.resolver)
+        limits = self.config.limits
+        if self.send_quota is None and (limits.messages_per_day or limits.recipients_per_hour):
+            self.send_quota = SendQuota(limits.messages_per_day, limits.recipients_per_hour,
+                                        lambda: self.reactor.seconds(), self.notify_send_limit)
         if self.checks is None:
             self.checks = builtin_pipeline(
-                self.config, dkim=lambda: self.dkim, greylist=lambda: self.greylist)
+                self.config, dkim=lambda: self.dkim, greylist=lambda: self.greylist,
+                send_quota=lambda: self.send_quota)
 
     @classmethod
     def build(
@@ -171,6 +183,25 @@ class Runtime:
         except ValueError:
             return False
         return any(address in network for network in self.config.relay.trusted_networks)
+
+    def notify_send_limit(self, user: str, reason: str, client: str) -> defer.Deferred:
+        """Tell the postmaster that ``user`` reached a send limit (a notice stored in a
+        delivery thread, as bounces are; a failure is logged, the refusal stands anyway)."""
+        from mailsrv.outbound.notice import send_limit_notice  # it imports the relayer's code
+
+        def stored(result: Any) -> None:
+            to, where = result
+            log.info('send limit notice user={user} to=<{to}> reason="{reason}"',
+                     user=user, to=to, reason=reason)
+            if where.queued is not None and self.relayer is not None:
+                self.relayer.add(where.queued)
+
+        def failed(failure: Any) -> None:
+            log.failure("send limit notice user={user}: not stored", failure, user=user)
+
+        d = self.in_thread(send_limit_notice, self.config, self.directory, user, reason,
+                           client, None, self.dkim)
+        return d.addCallbacks(stored, failed)
 
     def in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run blocking disk work in a delivery thread, never on the reactor thread."""

@@ -19,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailsrv.checks.ratelimits import ConnectionRate
 from mailsrv.config import (
     Config,
     ConfigError,
@@ -194,7 +195,8 @@ def make_service(
     service.IService(runtime.relayer).setServiceParent(top)
     TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes
     counter = ConnectionCounter(
-        config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay
+        config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay,
+        ConnectionRate(config.limits.connections_per_minute, reactor.seconds),
     )
     for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
         for index, description in enumerate(listen):

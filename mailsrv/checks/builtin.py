@@ -36,9 +36,11 @@ from mailsrv.checks.dnsbl import Dnsbl
 from mailsrv.checks.greylist import Greylisting
 from mailsrv.checks.pipeline import ACCEPT, Draft, Facts, Pipeline, Reject, Stage, Verdict
 from mailsrv.checks.policy import local_refusal, owns_address, relay_refusal
+from mailsrv.checks.ratelimits import MessagesPerDay, RecipientsPerHour
 from mailsrv.checks.rspamd.checks import rspamd_checks
 from mailsrv.checks.signing import ArcSeal, DkimSign
 from mailsrv.config import Config
+from mailsrv.inbound.sendquota import SendQuota
 from mailsrv.interfaces import ICheck, IModifier
 from mailsrv.message import headers, headsection
 from mailsrv.message.dkimkeys import SigningKeys
@@ -218,6 +220,7 @@ class SenderRewriting:
 def builtin_pipeline(
     config: Config, dkim: Callable[[], SigningKeys | None] | None = None,
     greylist: Callable[[], Greylist | None] | None = None,
+    send_quota: Callable[[], SendQuota | None] | None = None,
 ) -> Pipeline:
     """The checks and modifiers a server with ``config`` runs, in their order; with
     ``dkim`` (the current signing keys), DKIM signing and ARC sealing last, over the
@@ -234,6 +237,9 @@ def builtin_pipeline(
         # After the recipient checks: an unknown recipient is refused, not greylisted.
         checks.append(Greylisting(greylist, config.greylist.delay, config.greylist.auto_allow,
                                   config.greylist.spf_pass_domains))
+    if send_quota is not None:
+        # After the other MAIL and RCPT checks: a recipient they refuse is no use of the quota.
+        checks += [MessagesPerDay(send_quota), RecipientsPerHour(send_quota)]
     checks += auth_checks(config)
     checks += rspamd_checks(config)  # last: its fields below Authentication-Results:
     modifiers: list[IModifier] = [MissingFields(), SenderRewriting()]

@@ -37,6 +37,7 @@ from mailsrv.config.schema import (
     DnsblConfig,
     DomainsConfig,
     GreylistConfig,
+    LimitsConfig,
     MailboxesConfig,
     QueueConfig,
     RelayConfig,
@@ -127,6 +128,14 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "path": keys.path(),
             "spf_pass_domains": keys.list_of("a list of domains", "a domain", normalise_domain,
                                              non_empty=False),
+        },
+    ),
+    "limits": (
+        LimitsConfig,
+        {
+            "messages_per_day": keys.integer(0),
+            "recipients_per_hour": keys.integer(0),
+            "connections_per_minute": keys.integer(0),
         },
     ),
     "domains": (DomainsConfig, {"local": keys.domain_list()}),

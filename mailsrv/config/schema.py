@@ -27,6 +27,7 @@ __all__ = [
     "GreylistConfig",
     "DomainsConfig",
     "IPNetwork",
+    "LimitsConfig",
     "MailboxesConfig",
     "QueueConfig",
     "RelayConfig",
@@ -226,6 +227,17 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: rates no person reaches, which a stolen password or a flooding client does
+    (mailsrv.checks.ratelimits); 0 turns a limit off."""
+
+    # messages an authenticated user may have accepted in any 24 hours (mox's default)
+    messages_per_day: int = 1000
+    recipients_per_hour: int = 500  # recipients of an authenticated user's accepted messages
+    connections_per_minute: int = 60  # per client address; relay.trusted_networks exempt
+
+
+@dataclass(frozen=True)
 class ChecksConfig:
     """The authentication of mail from other servers (not authenticated, not in
     relay.trusted_networks): SPF, DKIM, DMARC, and our own domains kept from forgery."""
@@ -283,6 +295,7 @@ class Config:
     checks: ChecksConfig = ChecksConfig()
     dnsbl: DnsblConfig = DnsblConfig()
     greylist: GreylistConfig = GreylistConfig()
+    limits: LimitsConfig = LimitsConfig()
     dkim: DkimConfig = DkimConfig()
     rspamd: RspamdConfig = RspamdConfig()
     source: Path | None = None

@@ -1,9 +1,9 @@
 """
-The SMTP listeners' factory and the connection limits (in total and per client address)
-that all listeners share.
+The SMTP listeners' factory and the connection limits (in total, per client address, and
+connections a minute per client address) that all listeners share.
 
 The factory asks ``ConnectionCounter.admit`` for every new connection; a refused one gets a
-protocol that answers the refusal (``421 4.7.0``) and closes.
+protocol that answers the refusal (``421 4.7.0``), logs why, and closes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet import protocol
 
 from mailsrv import replies
+from mailsrv.checks.ratelimits import ConnectionRate
 from mailsrv.inbound.session import log
 from mailsrv.inbound.smtp import CLOSE_GRACE, SMTPServerProtocol
 from mailsrv.replies import Reply, format_reply
@@ -37,25 +38,33 @@ class ConnectionCounter:
     """The connection limits (in total and per client address), shared by all listeners.
 
     Addresses for which ``exempt`` is true (our own networks: a burst of local ``sendmail``
-    runs) are held to the total only, as Postfix exempts $mynetworks from its per-client limit.
+    runs) are held to the total only, as Postfix exempts $mynetworks from its per-client
+    limits.  ``rate`` ([limits] connections_per_minute) counts only the connections admitted.
     """
 
     def __init__(
         self, max_connections: int, max_per_ip: int,
-        exempt: Callable[[str], bool] = lambda ip: False,
+        exempt: Callable[[str], bool] = lambda ip: False, rate: ConnectionRate | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.exempt = exempt
+        self.rate = rate
         self.connections = 0
         self.connections_by_ip: dict[str, int] = {}
 
-    def admit(self, ip: str) -> Reply | None:
-        """Count one more connection from ``ip``; the refusal to give instead, if over a limit."""
+    def admit(self, ip: str) -> tuple[Reply, str] | None:
+        """Count one more connection from ``ip``; if over a limit, the refusal to give
+        instead and the reason to log (the limit's key and value)."""
         if self.connections >= self.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
-        if self.connections_by_ip.get(ip, 0) >= self.max_per_ip and not self.exempt(ip):
-            return replies.TOO_MANY_CONNECTIONS_FROM_IP
+            return replies.TOO_MANY_CONNECTIONS, f"smtp.max_connections {self.max_connections}"
+        if not self.exempt(ip):
+            if self.connections_by_ip.get(ip, 0) >= self.max_per_ip:
+                return (replies.TOO_MANY_CONNECTIONS_FROM_IP,
+                        f"smtp.max_connections_per_ip {self.max_per_ip}")
+            if self.rate is not None and not self.rate.admit(ip):
+                return (replies.TOO_MANY_CONNECTIONS_RATE,
+                        f"connection rate connections_per_minute {self.rate.per_minute}")
         self.connections += 1
         self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1
         return None
@@ -86,7 +95,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         refusal = self.counter.admit(ip)
         p: protocol.Protocol
         if refusal is not None:
-            p = Refused(self.runtime.reactor, ip, refusal)
+            p = Refused(self.runtime.reactor, ip, *refusal)
         else:
             p = SMTPServerProtocol(self.runtime, ip, self.submission, self.implicit_tls)
         p.factory = self
@@ -100,17 +109,16 @@ class SMTPServerFactory(protocol.ServerFactory):
 class Refused(protocol.Protocol):
     """A connection over a limit: the refusal, then the close (nothing it says is read)."""
 
-    def __init__(self, reactor: Any, client_ip: str, refusal: Reply) -> None:
+    def __init__(self, reactor: Any, client_ip: str, refusal: Reply, reason: str = "") -> None:
         self.reactor = reactor
         self.client_ip = client_ip
         self.refusal = refusal
+        self.reason = reason or f"{refusal.code} {refusal.status}"
         self._force_close: Any = None
 
     def connectionMade(self) -> None:
-        log.info(
-            "refused connection client={client} reason={reason}", client=self.client_ip,
-            reason=f"{self.refusal.code} {self.refusal.status}",
-        )
+        log.info('refused connection client={client} reason="{reason}"', client=self.client_ip,
+                 reason=self.reason)
         self.transport.write(format_reply(self.refusal) + b"\r\n")
         self.transport.loseConnection()
         # As SMTPServerProtocol: a TLS client that never finishes its handshake would keep

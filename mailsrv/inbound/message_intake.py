@@ -91,6 +91,11 @@ class Transaction:
         self.dkim: tuple[str, ...] = ()
         #: SPF's result for the sender when it was checked before MAIL's reply (greylisting).
         self.sender_spf: str | None = None
+        #: The authenticated user's send quota this transaction is open against, until it ends.
+        self._user = session.authenticated_as
+        self._quota = self.runtime.send_quota if self._user is not None else None
+        if self._quota is not None:
+            self._quota.opened(self._user)
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -98,6 +103,8 @@ class Transaction:
         """An accepted recipient and what its RCPT checks decided: the fields they add go
         to the message, the folder to its local targets (the first folder filed into stands)."""
         self.recipients.append(recipient)
+        if self._quota is not None:
+            self._quota.recipient_added(self._user)
         self.outcome = self.outcome.then(replace(outcome, folder=None))
         folder = self.outcome.folder or outcome.folder
         for target in targets:
@@ -152,8 +159,17 @@ class Transaction:
                 pass
             self.spool_path = None
 
+    def _ended(self, accepted: bool) -> None:
+        """The transaction is over: its message counts against the send quota if it was
+        accepted (mailsrv.inbound.sendquota); only the first call counts."""
+        quota, self._quota = self._quota, None
+        if quota is not None:
+            assert self._user is not None
+            quota.closed(self._user, len(self.recipients), accepted)
+
     def connectionLost(self) -> None:
         """The client went away (or reset) before the end of the message."""
+        self._ended(accepted=False)
         self._remove_spool()
 
     def refuse(self, reason: str, size: int) -> None:
@@ -164,6 +180,7 @@ class Transaction:
             id=self.queue_id, client=self.session.client, sender=bracketed(self.sender),
             size=size, nrcpt=len(self.recipients), reason=reason,
         )
+        self._ended(accepted=False)
         self._remove_spool()
 
     # delivery
@@ -173,6 +190,7 @@ class Transaction:
         self._close_spool()
         if self._write_error is not None:
             reply = _storage_reply(self._write_error)
+            self._ended(accepted=False)
             self._remove_spool()
             return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
@@ -303,6 +321,7 @@ class Transaction:
         return scan
 
     def _delivered(self, stored: Stored) -> str:
+        self._ended(accepted=True)
         session = self.session
         extra = ""
         if session.tls:
@@ -338,6 +357,7 @@ class Transaction:
         return self.queue_id
 
     def _failed(self, failure: Any) -> Any:
+        self._ended(accepted=False)
         if failure.check(Refusal):
             refusal = failure.value
             log.info(

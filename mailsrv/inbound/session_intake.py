@@ -237,10 +237,12 @@ class SessionDelivery:
         outcome = self.checks.run(facts)
         if outcome.refusal is not None:
             refusal = Refusal(outcome.refusal.reply, outcome.refused_by, outcome.refusal.reason)
+            who = f" user={self.authenticated_as}" if self.authenticated_as else ""
             log.info(
-                "refused recipient id={id} client={client} from={sender} to=<{rcpt}> {why}",
-                id=transaction.queue_id, client=self.client, sender=bracketed(transaction.sender),
-                rcpt=user, why=refusal.describe(), check=refusal.check,
+                "refused recipient id={id} client={client}{user} from={sender} to=<{rcpt}> {why}",
+                id=transaction.queue_id, client=self.client, user=who,
+                sender=bracketed(transaction.sender), rcpt=user, why=refusal.describe(),
+                check=refusal.check,
             )
             raise refusal
         assert facts.targets is not None, "a recipient without targets is refused by a check"
