@@ -21,6 +21,7 @@ PUBLIC = {
     "DkimConfig": schema,
     "DnsblConfig": schema,
     "GreylistConfig": schema,
+    "LimitsConfig": schema,
     "DomainsConfig": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,
