@@ -34,6 +34,7 @@ from mailsrv.inbound.sendquota import SendQuota
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
+from mailsrv.outbound.notice import send_limit_notice
 from mailsrv.routing.router import Directory
 from mailsrv.storage.greylist import Greylist
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
@@ -187,8 +188,6 @@ class Runtime:
     def notify_send_limit(self, user: str, reason: str, client: str) -> defer.Deferred:
         """Tell the postmaster that ``user`` reached a send limit (a notice stored in a
         delivery thread, as bounces are; a failure is logged, the refusal stands anyway)."""
-        from mailsrv.outbound.notice import send_limit_notice  # it imports the relayer's code
-
         def stored(result: Any) -> None:
             to, where = result
             log.info('send limit notice user={user} to=<{to}> reason="{reason}"',
