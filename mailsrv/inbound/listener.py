@@ -53,17 +53,18 @@ class ConnectionCounter:
         self.connections = 0
         self.connections_by_ip: dict[str, int] = {}
 
-    def admit(self, ip: str) -> tuple[Reply, str] | None:
+    def admit(self, ip: str) -> tuple[Reply, str, str] | None:
         """Count one more connection from ``ip``; if over a limit, the refusal to give
-        instead and the reason to log (the limit's key and value)."""
+        instead, and the layer and reason to log (the limit's key and value)."""
         if self.connections >= self.max_connections:
-            return replies.TOO_MANY_CONNECTIONS, f"smtp.max_connections {self.max_connections}"
+            return (replies.TOO_MANY_CONNECTIONS, "connection_limit",
+                    f"smtp.max_connections {self.max_connections}")
         if not self.exempt(ip):
             if self.connections_by_ip.get(ip, 0) >= self.max_per_ip:
-                return (replies.TOO_MANY_CONNECTIONS_FROM_IP,
+                return (replies.TOO_MANY_CONNECTIONS_FROM_IP, "connection_limit",
                         f"smtp.max_connections_per_ip {self.max_per_ip}")
             if self.rate is not None and not self.rate.admit(ip):
-                return (replies.TOO_MANY_CONNECTIONS_RATE,
+                return (replies.TOO_MANY_CONNECTIONS_RATE, "connection_rate",
                         f"connection rate connections_per_minute {self.rate.per_minute}")
         self.connections += 1
         self.connections_by_ip[ip] = self.connections_by_ip.get(ip, 0) + 1
@@ -109,16 +110,20 @@ class SMTPServerFactory(protocol.ServerFactory):
 class Refused(protocol.Protocol):
     """A connection over a limit: the refusal, then the close (nothing it says is read)."""
 
-    def __init__(self, reactor: Any, client_ip: str, refusal: Reply, reason: str = "") -> None:
+    def __init__(
+        self, reactor: Any, client_ip: str, refusal: Reply, check: str = "connection_limit",
+        reason: str = "",
+    ) -> None:
         self.reactor = reactor
         self.client_ip = client_ip
         self.refusal = refusal
+        self.check = check
         self.reason = reason or f"{refusal.code} {refusal.status}"
         self._force_close: Any = None
 
     def connectionMade(self) -> None:
-        log.info('refused connection client={client} reason="{reason}"', client=self.client_ip,
-                 reason=self.reason)
+        log.info('refused connection client={client} check={check} reason="{reason}"',
+                 client=self.client_ip, check=self.check, reason=self.reason)
         self.transport.write(format_reply(self.refusal) + b"\r\n")
         self.transport.loseConnection()
         # As SMTPServerProtocol: a TLS client that never finishes its handshake would keep

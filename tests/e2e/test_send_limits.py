@@ -105,8 +105,8 @@ def test_messages_per_day_and_recipients_per_hour(env) -> None:
                    and n["Return-Path"] == "<>" for n in notices)
         log = server.log_text()
         assert log.count('user=alice@example.org from=<alice@example.org> '
-                         'reason="send limit messages_per_day 3"') == 2
-        assert 'to=<alice+6@example.org> reason="send limit recipients_per_hour 5"' in log
+                         'check=send_limit reason="send limit messages_per_day 3"') == 2
+        assert 'to=<alice+6@example.org> check=send_limit reason="send limit recipients_per_hour 5"' in log
         assert log.count("send limit notice user=alice@example.org to=<postmaster@example.org>") == 1
     finally:
         server.stop()
@@ -127,7 +127,7 @@ def test_connections_per_minute_untrusted_refused_trusted_exempt(env) -> None:
         for _ in range(5):
             with connect(server.port, source="127.0.0.3") as client:
                 assert client.noop()[0] == 250
-        assert ('refused connection client=127.0.0.1 '
+        assert ('refused connection client=127.0.0.1 check=connection_rate '
                 'reason="connection rate connections_per_minute 3"') in server.log_text()
     finally:
         server.stop()

@@ -107,7 +107,8 @@ def test_the_1001st_message_of_the_day_is_deferred_the_postmaster_notified_once(
     assert len(notices(tmp_path)) == 1
     refusals = [line for line in logged if line.startswith("refused sender")]
     assert len(refusals) == 3
-    assert all(f"user={USER}" in line and 'reason="send limit messages_per_day 1000"' in line
+    assert all(f"user={USER}" in line
+               and 'check=send_limit reason="send limit messages_per_day 1000"' in line
                for line in refusals)
     assert sum("send limit notice user=alice@example.org to=<postmaster@example.org>" in line
                for line in logged) == 1
@@ -169,7 +170,8 @@ def test_recipients_per_hour_one_past_the_limit(tmp_path, clock, logged):
     assert message(core, "e@remote.test") == ["250 2.1.0 Ok", DEFERRED_RECIPIENTS.format(3)]
     assert len(notices(tmp_path)) == 1
     assert sum(line.startswith("refused recipient") and
-               'reason="send limit recipients_per_hour 3"' in line for line in logged) == 2
+               'check=send_limit reason="send limit recipients_per_hour 3"' in line
+               for line in logged) == 2
     clock.advance(3600)
     assert message(core, "e@remote.test")[-1].startswith("250 ")
 
@@ -211,7 +213,7 @@ def test_connections_per_minute_one_past_the_limit_421_trusted_exempt(tmp_path, 
     assert third.closing
     third.lose()
     assert counter.connections == 0
-    assert any('refused connection client=192.0.2.7 reason="connection rate '
+    assert any('refused connection client=192.0.2.7 check=connection_rate reason="connection rate '
                'connections_per_minute 2"' in line for line in logged)
     for _ in range(5):  # relay.trusted_networks: exempt
         trusted = Connection(factory, ip="10.0.0.1")
