@@ -130,14 +130,8 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
                                              non_empty=False),
         },
     ),
-    "limits": (
-        LimitsConfig,
-        {
-            "messages_per_day": keys.integer(0),
-            "recipients_per_hour": keys.integer(0),
-            "connections_per_minute": keys.integer(0),
-        },
-    ),
+    "limits": (LimitsConfig, {name: keys.integer(0) for name in (
+        "messages_per_day", "recipients_per_hour", "connections_per_minute")}),
     "domains": (DomainsConfig, {"local": keys.domain_list()}),
     "mailboxes": (
         MailboxesConfig,
