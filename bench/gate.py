@@ -144,6 +144,15 @@ def process_tree_seconds(root: int) -> float:
     return total
 
 
+def whole_log(path: Path) -> str:
+    """The server's log with the files twistd rotated away (at 1 MB: ``mailsrv.log.1`` is
+    the one before ``mailsrv.log``, ``.2`` before it…), oldest first: a run's lines are those
+    past the length it had before."""
+    rotated = sorted(path.parent.glob(path.name + ".*"), reverse=True,
+                     key=lambda p: int(p.suffix[1:]) if p.suffix[1:].isdigit() else -1)
+    return "".join(p.read_text(errors="replace") for p in [*rotated, path] if p.exists())
+
+
 def scan_times(log: str) -> tuple[list[float], int]:
     """mailsrv's scan waits (s) in a piece of its log, and the failed scans."""
     waits = [float(t) for t in re.findall(r"rspamd id=\S+ action=.*? time=([\d.]+)", log)]
@@ -195,7 +204,7 @@ def measure_gate(plan: Plan, work: Path, variants: list[str]) -> None:
             problems = warm_up(server.port, variant)
             sent = messages(count, f"{r}{variant}")
             before = server.delivered()
-            log_offset = len(server.log_text())
+            log_offset = len(whole_log(server.log_path))
             rspamd_log_offset = len(rspamd.log_text()) if rspamd else 0
             pid = server.pids()[0]
             with cpuload.Interval() as load:
@@ -218,7 +227,7 @@ def measure_gate(plan: Plan, work: Path, variants: list[str]) -> None:
                 content.read_files(server.maildir_root, new), sent)
             problems += wrong
             if rspamd:
-                waits, failed = scan_times(server.log_text()[log_offset:])
+                waits, failed = scan_times(whole_log(server.log_path)[log_offset:])
                 tasks = rspamd_task_times(rspamd.log_text()[rspamd_log_offset:])
                 if len(waits) != count or failed:
                     problems.append(f"{len(waits)} scans logged for {count} messages, "
