@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Sequence
 
 HOST = "127.0.0.1"
 CLIENT_NAME = "client.test"  # the EHLO name of every client here
@@ -128,20 +129,22 @@ async def _sending_connection(port: int, queue: list[bytes], sender: str, rcpt: 
 
 
 def send_prepared(port: int, messages: list[bytes], sender: str, rcpt: str,
-                  connections: int = 10, source: str | None = None,
+                  connections: int = 10, source: str | Sequence[str] | None = None,
                   time_limit: float = 300.0) -> tuple[int, list[str]]:
     """Send the given messages (CRLF lines, ending with CRLF) as fast as the server takes them
-    over ``connections`` connections from address ``source``; (messages accepted, errors).
+    over ``connections`` connections from address ``source`` (a list: connection i from
+    ``source[i % len(source)]``); (messages accepted, errors).
 
     For loads smtp-source cannot make: messages prepared ahead (e.g. DKIM-signed), or a client
     address other than 127.0.0.1."""
     queue = list(reversed(messages))
     errors: list[str] = []
+    sources = [source] if source is None or isinstance(source, str) else list(source)
 
     async def run() -> int:
         counts = await asyncio.wait_for(asyncio.gather(*(
-            _sending_connection(port, queue, sender, rcpt, source, errors)
-            for _ in range(connections))), time_limit)
+            _sending_connection(port, queue, sender, rcpt, sources[i % len(sources)], errors)
+            for i in range(connections))), time_limit)
         return sum(counts)
 
     return asyncio.run(run()), errors

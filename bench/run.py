@@ -49,11 +49,13 @@ class Plan:
     queue_scale: int
     dkim_messages: int = 2000  # dkim relay: messages per variant
     auth_messages: int = 2000  # auth receive: messages per variant
+    gate_messages: int = 2000  # gate (issue 14): messages per variant
 
 
 QUICK = Plan(repeats=1, messages={"c1": 100, "c10": 300, "c50": 300, "c10r10": 100},
              latency_seconds=1.5, idle_connections=1000, big_message=10 * 2**20,
-             relay_messages=200, queue_scale=2000, dkim_messages=300, auth_messages=300)
+             relay_messages=200, queue_scale=2000, dkim_messages=300, auth_messages=300,
+             gate_messages=300)
 FULL = Plan(repeats=3, messages={"c1": 300, "c10": 2000, "c50": 3000, "c10r10": 500},
             latency_seconds=5.0, idle_connections=10000, big_message=100 * 2**20,
             relay_messages=2000, queue_scale=100000)
@@ -491,6 +493,14 @@ RATIOS = [
      "auth receive checks off msg/s", 0.7),
     ("receive with every check on >= 0.7x durable c10 (smtp-source, trusted client)",
      "auth receive checks on msg/s", "throughput c10", 0.7),
+    # issue 14: within 15 % of the rate without them
+    ("receive with DNSBL and greylisting on (triplet known) >= 0.85x without",
+     "gate dnsbl+greylist msg/s", "gate off msg/s", 0.85),
+]
+#: (label, measure, against which measure of the same server): ratios shown without a target
+INFO_RATIOS = [
+    ("receive with rspamd on / off (issue 14: no target; the rate and where the time goes)",
+     "gate rspamd msg/s", "gate off msg/s"),
 ]
 LIMITS = [
     ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
@@ -558,6 +568,10 @@ def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
             lines.append(f"| ↳ the same from the server's CPU per message | "
                          f"{cpu[1] / cpu[0]:.2f}x ({cpu[1]:.2f} / {cpu[0]:.2f} ms) | "
                          f"{'yes' if cpu[1] / cpu[0] >= minimum else 'NO'} |")
+    for label, measure, against in INFO_RATIOS:
+        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(against, "mailsrv")
+        if ours is not None and theirs:
+            lines.append(f"| {label} | {ours / theirs:.2f}x ({ours:,.0f} / {theirs:,.0f}) | — |")
     for label, measure, limit in LIMITS:
         label = label.format(idle=f"{plan.idle_connections:,}", big=plan.big_message >> 20,
                              queue=f"{plan.queue_scale:,}")
@@ -610,7 +624,8 @@ def chart(names: list[str], out: Path) -> Path | None:
 
 
 RESULTS = Results()
-MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth"]
+MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth", "gate",
+            "rspamd"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
                 mailauth.measure_dkim_relay(plan, work)
             if "auth" in only:
                 mailauth.measure_auth_receive(plan, work)
+        if ("gate" in only or "rspamd" in only) and "mailsrv" in names:
+            from bench import gate  # issue 14's measures; it imports this module
+
+            variants = ["off"] + [v for v in ("dnsbl+greylist", "rspamd")
+                                  if ("gate" if v != "rspamd" else "rspamd") in only]
+            gate.measure_gate(plan, work, variants)
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")

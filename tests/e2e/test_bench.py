@@ -6,6 +6,7 @@ Postfix's own words when it cannot start.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -286,3 +287,77 @@ def test_authentication_results_check():
     problems = mailauth.check_results([("alice", "1", delivered(sent()).replace(
         b"Received", passed + b"Received", 1))], checks_on=False)
     assert problems and "checks off, yet" in problems[0]
+
+
+# ------------------------------------------------------------------------ issue 14 checks
+
+
+@pytest.mark.parametrize("variant", ["off", "dnsbl+greylist", "rspamd"])
+def test_gate_variants_are_valid_configurations(tmp_path, variant):
+    from bench import gate, peers
+    from mailsrv.config.load import load_config
+
+    server = peers.Mailsrv(tmp_path, dns_port=53, overrides=gate.overrides(
+        variant, "http://127.0.0.1:11333" if variant == "rspamd" else None))
+    config = load_config(server.config_path)
+    assert not (config.checks.spf or config.checks.dkim_verify or config.checks.dmarc
+                or config.checks.arc or config.checks.protect_local_domains)
+    assert config.dnsbl.enabled == config.greylist.enabled == (variant == "dnsbl+greylist")
+    assert config.rspamd.enabled == (variant == "rspamd")
+    if variant == "dnsbl+greylist":
+        assert config.greylist.auto_allow == 0  # every RCPT through the triplet store
+    if variant == "rspamd":
+        assert config.rspamd.on_failure == "tempfail"  # an unscanned message is not delivered
+    trusted = [ipaddress.ip_network(str(n)) for n in config.relay.trusted_networks]
+    assert trusted and not any(ipaddress.ip_address(ip) in net for ip in gate.SOURCES
+                               for net in trusted)  # the clients are not trusted
+
+
+def test_gate_messages_each_their_own():
+    from bench import gate
+
+    made = gate.messages(3, "t")
+    assert len(made) == 3 and len({content.split(m)[1] for m in made.values()}) == 3
+    assert all(f"Message-ID: {msgid}\r\n".encode() in m for msgid, m in made.items())
+
+
+def test_scan_lines_over_rotated_logs(tmp_path):
+    from bench import gate
+
+    log = tmp_path / "mailsrv.log"
+    (tmp_path / "mailsrv.log.2").write_text("a rspamd id=A1 action=\"no action\" score=0.10/15.00 "
+                                            "time=0.010\n")
+    (tmp_path / "mailsrv.log.1").write_text("b rspamd id=A2 failed: HTTP 500 time=0.5 "
+                                            "on_failure=tempfail\n")
+    log.write_text("c rspamd id=A3 action=\"no action\" score=0.10/15.00 time=0.030\n"
+                   "c rspamd id=A3 renamed 1 header field(s) it asked to remove\n")
+    text = gate.whole_log(log)
+    assert [line[0] for line in text.splitlines()] == ["a", "b", "c", "c"]
+    assert gate.scan_times(text) == ([0.010, 0.030], 1)
+    assert gate.whole_log(tmp_path / "missing.log") == ""
+
+
+def test_rspamd_task_times():
+    from bench import gate
+
+    line = ("2026-12-03 09:25:01 #3(normal) <6f0e2a>; task; rspamd_task_write_log: id: "
+            "<gate1@sender.test>, qid: <A1>, ip: 127.0.0.10, from: <bench@sender.test>, "
+            "(default: F (no action): [0.40/100.00] [ARC_NA(0.00){}]), len: 5353, "
+            "time: 4.660ms, dns req: 2, digest: <abc>, rcpts: <alice@example.org>\n")
+    assert gate.rspamd_task_times(line * 2 + "other line time: 9ms\n") == [4.66, 4.66]
+
+
+def test_process_tree_seconds_counts_the_children():
+    import subprocess
+    import sys
+
+    from bench import gate
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = cpuload.process_seconds(os.getpid())
+        assert gate.process_tree_seconds(os.getpid()) >= mine
+        assert gate.process_tree_seconds(child.pid) == cpuload.process_seconds(child.pid)
+    finally:
+        child.kill()
+        child.wait()

@@ -28,7 +28,7 @@ CONFIG = """\
 .include "$CONFDIR/common.conf"
 options {{
     pidfile = "{dir}/rspamd.pid";
-    disable_hyperscan = true;
+    disable_hyperscan = {no_hyperscan};
     url_tld = "{dir}/tld.dat";
     dns {{ nameserver = ["127.0.0.1:{dns_port}"]; timeout = 1s; retransmits = 1; }}
     .include "$CONFDIR/options.inc"
@@ -41,7 +41,7 @@ logging {{
 worker "normal" {{
     bind_socket = "127.0.0.1:{port}";
     .include "$CONFDIR/worker-normal.inc"
-    count = 1;
+    count = {workers};
 }}
 """
 
@@ -80,7 +80,11 @@ def rspamd_missing() -> str | None:
 class RspamdServer:
     """``rspamd -f`` on 127.0.0.1:<port>, everything it writes under ``workdir``."""
 
-    def __init__(self, workdir: Path, dns_port: int) -> None:
+    def __init__(self, workdir: Path, dns_port: int, workers: int = 1,
+                 hyperscan: bool = False, timeout: float = 60.0) -> None:
+        """``workers`` normal workers; ``hyperscan``: Debian's default regular expression
+        engine (the tests turn it off: compiling its database takes rspamd tens of seconds;
+        the benchmark keeps it, as an installed rspamd runs)."""
         self.workdir = workdir
         self.port = free_port(["127.0.0.1"])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -92,7 +96,9 @@ class RspamdServer:
             (local / "local.d" / name).write_text(text)
         (workdir / "tld.dat").write_text("test\norg\nnet\ncom\n")
         self.config = workdir / "rspamd.conf"
-        self.config.write_text(CONFIG.format(dir=workdir, port=self.port, dns_port=dns_port))
+        self.config.write_text(CONFIG.format(
+            dir=workdir, port=self.port, dns_port=dns_port, workers=workers,
+            no_hyperscan="false" if hyperscan else "true"))
         command = ["rspamd", "-f", "-c", str(self.config),
                    "--var", f"LOCAL_CONFDIR={local}", "--var", f"DBDIR={workdir / 'db'}",
                    "--var", f"RUNDIR={workdir}", "--var", f"LOGDIR={workdir}"]
@@ -101,7 +107,7 @@ class RspamdServer:
         self.process = subprocess.Popen(
             command, stdout=open(workdir / "rspamd.out", "wb"), stderr=subprocess.STDOUT)
         try:
-            wait_for(self._pong, 60, "rspamd to answer /ping", interval=0.2)
+            wait_for(self._pong, timeout, "rspamd to answer /ping", interval=0.2)
         except AssertionError:
             self.stop()
             raise AssertionError("rspamd did not start:\n" + self.log_text()[-3000:]) from None

@@ -4,11 +4,14 @@ before, expiry), the SQLite memory surviving a restart, and who is never greylis
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import globalLogPublisher
 
 from mailsrv import replies
 from mailsrv.checks.dnsbl import Listing
@@ -32,6 +35,21 @@ class Clock:
 
 def run_now(f, *args):
     return defer.maybeDeferred(f, *args)
+
+
+@contextmanager
+def capture_failures(into: list):
+    """The text of every failure logged meanwhile."""
+
+    def observer(event: dict) -> None:
+        if "log_failure" in event:
+            into.append(event.get("log_format", "").format(**event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield
+    finally:
+        globalLogPublisher.removeObserver(observer)
 
 
 def greylist(tmp_path: Path, clock: Clock) -> Greylist:
@@ -129,6 +147,79 @@ def test_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(store) == 3
     store.close()
     assert len(greylist(tmp_path, clock)) == 3
+
+
+
+class LaterThread:
+    """A writer thread that runs its jobs only when told (``run``): writes queued meanwhile."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((d, f, args))
+        return d
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for d, f, args in jobs:
+            defer.maybeDeferred(f, *args).chainDeferred(d)
+
+
+def on_disk(path: Path) -> list[tuple]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT sender, passes FROM triplets ORDER BY sender").fetchall()
+    finally:
+        db.close()
+
+
+def test_writes_queued_while_the_writer_is_busy_are_one_commit(tmp_path: Path) -> None:
+    clock, writer = Clock(), LaterThread()
+    store = Greylist(tmp_path / "greylist.sqlite3", EXPIRE, clock, writer)
+    check = Greylisting(lambda: store, DELAY, auto_allow=0)
+    for n in range(3):
+        check.check(facts(sender=f"s{n}@sender.test"))
+    clock.now += DELAY
+    assert check.check(facts(sender="s0@sender.test")) is ACCEPT
+    assert len(writer.jobs) == 1  # four writes (three new triplets, one pass), one job
+    assert on_disk(tmp_path / "greylist.sqlite3") == []
+    writer.run()
+    assert on_disk(tmp_path / "greylist.sqlite3") == [
+        ("s0@sender.test", 1), ("s1@sender.test", 0), ("s2@sender.test", 0)]
+    check.check(facts(sender="s3@sender.test"))  # the writer is idle again: a job of its own
+    assert len(writer.jobs) == 1
+    writer.run()
+    assert len(on_disk(tmp_path / "greylist.sqlite3")) == 4
+
+
+def test_a_failed_batch_is_logged_and_rolled_back(tmp_path: Path) -> None:
+    clock, writer = Clock(), LaterThread()
+    store = Greylist(tmp_path / "greylist.sqlite3", EXPIRE, clock, writer)
+    check = Greylisting(lambda: store, DELAY, auto_allow=0)
+    check.check(facts(sender="kept@sender.test"))
+    writer.run()
+    check.check(facts(sender="lost@sender.test"))
+    store._batch.append(("INSERT INTO nowhere VALUES (?)", (1,)))  # a write that fails
+    logged: list = []
+    with capture_failures(logged):
+        writer.run()
+    assert len(logged) == 1 and "greylist: writing" in logged[0]
+    assert on_disk(tmp_path / "greylist.sqlite3") == [("kept@sender.test", 0)]
+    check.check(facts(sender="next@sender.test"))  # the store goes on
+    writer.run()
+    assert [s for s, _ in on_disk(tmp_path / "greylist.sqlite3")] == [
+        "kept@sender.test", "next@sender.test"]
+
+
+def test_the_write_ahead_log_is_private_too(tmp_path: Path) -> None:
+    store = greylist(tmp_path, Clock())
+    Greylisting(lambda: store, DELAY, auto_allow=0).check(facts())
+    assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    for name in ("greylist.sqlite3-wal", "greylist.sqlite3-shm"):
+        assert (tmp_path / name).stat().st_mode & 0o077 == 0, name
+    store.close()
 
 
 @pytest.mark.parametrize("client", [
