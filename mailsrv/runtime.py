@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -32,6 +32,7 @@ from mailsrv.inbound.blocklists import Blocklists
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
+from mailsrv.metrics import Metrics
 from mailsrv.routing.router import Directory
 from mailsrv.storage.greylist import Greylist
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
@@ -81,6 +82,8 @@ class Runtime:
     greylist: Greylist | None = None
     #: The rspamd client (mailsrv.checks.rspamd), None without ``[rspamd] url``.
     rspamd: RspamdClient | None = None
+    #: The server's counters (mailsrv.metrics), in a registry of this runtime's own.
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
@@ -88,6 +91,9 @@ class Runtime:
         if self.checks is None:
             self.checks = builtin_pipeline(
                 self.config, dkim=lambda: self.dkim, greylist=lambda: self.greylist)
+        if isinstance(self.checks, Pipeline) and self.checks.observe is None:
+            self.checks.observe = self.metrics.decision
+        self.metrics.add_state(self)
 
     @classmethod
     def build(

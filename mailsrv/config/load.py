@@ -38,6 +38,7 @@ from mailsrv.config.schema import (
     DomainsConfig,
     GreylistConfig,
     MailboxesConfig,
+    MetricsConfig,
     QueueConfig,
     RelayConfig,
     RspamdConfig,
@@ -180,6 +181,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "on_failure": keys.choice(*RSPAMD_ON_FAILURE),
         },
     ),
+    "metrics": (MetricsConfig, {"listen": keys.metrics_endpoint()}),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()

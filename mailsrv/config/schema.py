@@ -28,6 +28,7 @@ __all__ = [
     "DomainsConfig",
     "IPNetwork",
     "MailboxesConfig",
+    "MetricsConfig",
     "QueueConfig",
     "RelayConfig",
     "RspamdConfig",
@@ -267,6 +268,13 @@ class RspamdConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint (mailsrv.metrics), served at ``/metrics``."""
+
+    listen: str | None = None  # a Twisted endpoint, e.g. "tcp:9125:interface=127.0.0.1"; None: off
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -285,6 +293,7 @@ class Config:
     greylist: GreylistConfig = GreylistConfig()
     dkim: DkimConfig = DkimConfig()
     rspamd: RspamdConfig = RspamdConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None
 
     @property

@@ -85,9 +85,14 @@ class SMTPServerFactory(protocol.ServerFactory):
         ip = plain_ip(getattr(addr, "host", ""))
         refusal = self.counter.admit(ip)
         p: protocol.Protocol
+        metrics = self.runtime.metrics
         if refusal is not None:
+            metrics.connection_refused(
+                "max_connections" if refusal is replies.TOO_MANY_CONNECTIONS
+                else "max_connections_per_ip")
             p = Refused(self.runtime.reactor, ip, refusal)
         else:
+            metrics.connection_opened("submission" if self.submission else "smtp")
             p = SMTPServerProtocol(self.runtime, ip, self.submission, self.implicit_tls)
         p.factory = self
         return p
@@ -95,6 +100,7 @@ class SMTPServerFactory(protocol.ServerFactory):
     def connection_closed(self, ip: str) -> None:
         """An admitted connection (a SMTPServerProtocol) has closed."""
         self.counter.release(ip)
+        self.runtime.metrics.connection_closed()
 
 
 class Refused(protocol.Protocol):
