@@ -3,8 +3,11 @@ pipeline's observer, the connection limits' counts, and the ``[metrics]`` key.""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -284,3 +287,40 @@ def test_unknown_metrics_key():
     with pytest.raises(ConfigError) as caught:
         config_with({"port": 9125})
     assert caught.value.key == "metrics.port"
+
+
+# --------------------------------------------------------------------------- etc/prometheus
+
+ETC = Path(__file__).resolve().parents[2] / "etc" / "prometheus"
+
+
+def exported_names() -> set[str]:
+    """Every sample name the server can export (the runtime's families, with a relayer and a
+    certificate for the state ones)."""
+    m = Metrics()
+    m.registry.register(StateCollector(FakeRuntime(relayer=FakeRelayer(), tls=FakeTLS(1.0))))
+    names = set()
+    for family in text_string_to_metric_families(generate_latest(m.registry).decode()):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    # a labelled counter has no sample before its first event: its _total name by type
+    names.update(f"{n}_total" for n in list(names))
+    names.update(f"{n}_bucket" for n in list(names))
+    return names
+
+
+@pytest.mark.parametrize("name", ["grafana-dashboard.json", "mailsrv-alerts.yml"])
+def test_the_shipped_dashboard_and_alerts_name_only_metrics_that_exist(name):
+    text = (ETC / name).read_text()
+    if name.endswith(".json"):
+        json.loads(text)
+    used = set(re.findall(r"\bmailsrv_[a-z_]+", text))
+    assert used, name
+    assert used <= exported_names(), used - exported_names()
+
+
+def test_the_alerts_cover_the_issues_three():
+    text = (ETC / "mailsrv-alerts.yml").read_text()
+    assert "mailsrv_queue_messages" in text
+    assert "mailsrv_tls_certificate_expiry_timestamp_seconds - time() < 14 * 86400" in text
+    assert 'mailsrv_relay_attempts_total{result!="sent"}' in text
