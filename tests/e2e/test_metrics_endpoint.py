@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import signal
 import smtplib
+import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -23,7 +25,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.certs import make_ca
-from support.harness import REPO, DNSServer, MailServer, SMTPSink, free_port, wait_for
+from support.harness import REPO, DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
 from support.mail import connect, send_mail
 from support.sasl import plain
 
@@ -296,3 +298,17 @@ def test_sighup_reloads_are_counted(server):
     assert delta[key("mailsrv_reloads_total", what="dkim", result="ok")] == 1
     assert not any(k[0] == "mailsrv_reloads_total" and ("result", "failed") in k[1]
                    for k in delta)
+
+
+def test_metrics_port_in_use_is_named_at_start_up(env, tmp_path):
+    """Like a mail listener's: one line naming metrics.listen, exit status 2, no traceback."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        endpoint = f"tcp:{held.getsockname()[1]}:interface=127.0.0.1"
+        server = MailServer(tmp_path, 1, aliases=["postmaster: alice@example.org"],
+                            overrides={"metrics": {"listen": endpoint}})
+        result = subprocess.run(server.command(), cwd=tmp_path, env=_env(),
+                                stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.decode() == f"mailsrv: metrics.listen {endpoint}: address already in use\n"
