@@ -610,7 +610,7 @@ def chart(names: list[str], out: Path) -> Path | None:
 
 
 RESULTS = Results()
-MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth"]
+MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth", "metrics"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -676,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
                 mailauth.measure_dkim_relay(plan, work)
             if "auth" in only:
                 mailauth.measure_auth_receive(plan, work)
+        if "metrics" in only and "mailsrv" in names:
+            from bench import metrics  # issue 17's measure; it imports this module
+
+            metrics.measure_metrics(plan, work)
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")
