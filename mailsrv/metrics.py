@@ -22,6 +22,7 @@ microsecond), so that metrics stay far below 3 % of durable delivery's time per 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,7 +30,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["DESTINATION_CLASSES", "Metrics", "StateCollector", "destination_class"]
+__all__ = [
+    "DESTINATION_CLASSES", "Metrics", "StateCollector", "Volume", "destination_class", "snapshot",
+]
 
 #: Where a relayed recipient goes (``mailsrv_relay_attempts_total{destination}``).
 DESTINATION_CLASSES = ("mx", "smarthost", "literal")
@@ -70,12 +73,51 @@ class _Family:
         self.child(*labels).inc(amount)
 
 
+class Volume:
+    """Messages and bytes per address since the last daily report, for its top senders and
+    recipients.  Not Prometheus labels: a series per address would grow without end.  At
+    most ``limit`` addresses are kept; the rest are counted under ``OTHERS``."""
+
+    OTHERS = "(other addresses)"
+
+    def __init__(self, limit: int = 10000) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}
+
+    def add(self, address: str, size: int) -> None:
+        with self._lock:
+            entry = self._counts.get(address)
+            if entry is None:
+                if len(self._counts) >= self.limit:
+                    address = self.OTHERS
+                entry = self._counts.setdefault(address, [0, 0])
+            entry[0] += 1
+            entry[1] += size
+
+    def take(self) -> dict[str, tuple[int, int]]:
+        """address -> (messages, bytes) so far; counting starts again from nothing."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        return {address: (n, size) for address, (n, size) in counts.items()}
+
+
+def snapshot(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every counter's value now: (sample name, sorted labels) -> value (the daily report
+    subtracts the previous day's)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect() if family.type in ("counter", "histogram")
+            for s in family.samples if s.name.endswith(("_total", "_count", "_sum"))}
+
+
 class Metrics:
     """Every counter of the server, in ``self.registry``; one method per kind of event."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: Top senders and recipients for the daily report.
+        self.senders, self.recipients = Volume(), Volume()
 
         def counter(name: str, doc: str, *labels: str) -> _Family:
             return _Family(Counter(name, doc, labels, registry=r))
@@ -150,10 +192,14 @@ class Metrics:
         self._refused.inc(stage, reason or "unknown")
 
     def accepted(self, listener: str, size: int, local: int, queued: int,
-                 started: float | None = None) -> None:
+                 started: float | None = None, sender: str = "<>",
+                 recipients: Iterable[str] = ()) -> None:
         """A message stored: ``local`` mailbox copies delivered, ``queued`` recipients
         queued; ``started`` the ``time.monotonic()`` of its end of DATA."""
         self._accepted.inc(listener)
+        self.senders.add(sender, size)
+        for recipient in recipients:
+            self.recipients.add(recipient, size)
         self._bytes.inc(size)
         if local:
             self._deliveries.inc("delivered", amount=local)

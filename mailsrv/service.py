@@ -229,6 +229,10 @@ def make_service(
             ).setServiceParent(top)
     if config.metrics.listen is not None:
         metrics_listener(runtime, config.metrics.listen, reactor).setServiceParent(top)
+    if config.report.daily:
+        from mailsrv.outbound.daily import DailyReport
+
+        DailyReport(runtime).setServiceParent(top)
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",

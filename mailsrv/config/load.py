@@ -41,6 +41,7 @@ from mailsrv.config.schema import (
     MetricsConfig,
     QueueConfig,
     RelayConfig,
+    ReportConfig,
     RspamdConfig,
     SmtpConfig,
     SrsConfig,
@@ -182,6 +183,7 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
         },
     ),
     "metrics": (MetricsConfig, {"listen": keys.metrics_endpoint()}),
+    "report": (ReportConfig, {"daily": keys.boolean(), "hour": keys.integer(0, 23)}),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()

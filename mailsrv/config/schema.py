@@ -30,6 +30,7 @@ __all__ = [
     "MailboxesConfig",
     "MetricsConfig",
     "QueueConfig",
+    "ReportConfig",
     "RelayConfig",
     "RspamdConfig",
     "SmtpConfig",
@@ -275,6 +276,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """[report]: a plain-text report to the postmaster once a day (mailsrv.report)."""
+
+    daily: bool = False
+    hour: int = 6  # local time at which it is sent: 0-23
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -294,6 +303,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     rspamd: RspamdConfig = RspamdConfig()
     metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
     source: Path | None = None
 
     @property

@@ -344,7 +344,8 @@ class Transaction:
         local = sum(isinstance(target, LocalTarget) for target, _ in stored.places)
         self.runtime.metrics.accepted(
             "submission" if session.submission else "smtp", self.size, local,
-            len(stored.places) - local, self._ended)
+            len(stored.places) - local, self._ended, sender=bracketed(self.sender),
+            recipients=[f"<{r}>" for r in self.recipients])
         if stored.queued is not None and self.runtime.relayer is not None:
             self.runtime.relayer.add(stored.queued)
         return self.queue_id
