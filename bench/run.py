@@ -625,7 +625,7 @@ def chart(names: list[str], out: Path) -> Path | None:
 
 RESULTS = Results()
 MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth", "gate",
-            "rspamd"]
+            "rspamd", "metrics"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
             variants = ["off"] + [v for v in ("dnsbl+greylist", "rspamd")
                                   if ("gate" if v != "rspamd" else "rspamd") in only]
             gate.measure_gate(plan, work, variants)
+        if "metrics" in only and "mailsrv" in names:
+            from bench import metrics  # issue 17's measure; it imports this module
+
+            metrics.measure_metrics(plan, work)
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")

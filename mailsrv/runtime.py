@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,6 +34,7 @@ from mailsrv.inbound.sendquota import SendQuota
 from mailsrv.inbound.tls import ServerTLS
 from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRunner
 from mailsrv.message.dkimkeys import SigningKeys
+from mailsrv.metrics import Metrics
 from mailsrv.outbound.notice import send_limit_notice
 from mailsrv.routing.router import Directory
 from mailsrv.storage.greylist import Greylist
@@ -89,6 +90,8 @@ class Runtime:
     #: What each authenticated user sent, against [limits] (None: both limits 0); its clock
     #: is the reactor's.
     send_quota: SendQuota | None = None
+    #: The server's counters (mailsrv.metrics), in a registry of this runtime's own.
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         if self.reverse_names is None and self.resolver is not None:
@@ -101,6 +104,9 @@ class Runtime:
             self.checks = builtin_pipeline(
                 self.config, dkim=lambda: self.dkim, greylist=lambda: self.greylist,
                 send_quota=lambda: self.send_quota)
+        if isinstance(self.checks, Pipeline) and self.checks.observe is None:
+            self.checks.observe = self.metrics.decision
+        self.metrics.add_state(self)
 
     @classmethod
     def build(

@@ -139,6 +139,24 @@ def listen_all(top: service.MultiService) -> None:
             child.listen()
 
 
+def metrics_listener(runtime: Runtime, endpoint: str, reactor: Any) -> ListenerService:
+    """``[metrics] listen``: the runtime's registry at ``/metrics``, in Prometheus' text
+    format, by prometheus_client's Twisted resource (it renders in the reactor's thread
+    pool). Scrapes are not logged: one every 15 seconds would bury the mail."""
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(runtime.metrics.registry))
+    site = Site(root)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    site.noisy = False
+    listener = ListenerService(endpoint, site, reactor, kind="metrics")
+    listener.key = "metrics.listen"
+    return listener
+
+
 class _SpareFilesService(service.Service):
     """Removes the unused spare spool files when the server stops."""
 
@@ -211,6 +229,12 @@ def make_service(
                 description, factory, reactor, endpoint, "submission" if submission else "smtp",
                 index,
             ).setServiceParent(top)
+    if config.metrics.listen is not None:
+        metrics_listener(runtime, config.metrics.listen, reactor).setServiceParent(top)
+    if config.report.daily:
+        from mailsrv.outbound.daily import DailyReport
+
+        DailyReport(runtime).setServiceParent(top)
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",
@@ -290,8 +314,10 @@ class Reloader(internet.TimerService):
                     "reload: TLS certificate not changed: {source}: {key}: {reason}",
                     source=self.runtime.config.source, key=e.key, reason=e.reason,
                 )
+                self.runtime.metrics.reload("tls", False)
             else:
                 log.info("reload: TLS certificate loaded from {cert}", cert=tls.cert)
+                self.runtime.metrics.reload("tls", True)
         self.reload_directory("SIGHUP")
         self.reload_dkim()
 
@@ -302,6 +328,7 @@ class Reloader(internet.TimerService):
 
         def loaded(keys: SigningKeys | None) -> None:
             self.runtime.dkim = keys
+            self.runtime.metrics.reload("dkim", True)
             if keys is not None:
                 log.info("reload (SIGHUP): dkim: {summary}", summary=describe_keys(keys))
 
@@ -309,6 +336,7 @@ class Reloader(internet.TimerService):
             failure.trap(ConfigError)
             log.error("reload (SIGHUP) refused, keeping the previous DKIM keys: {error}",
                       error=str(failure.value))
+            self.runtime.metrics.reload("dkim", False)
 
         d.addCallbacks(loaded, refused)
 
@@ -324,6 +352,7 @@ class Reloader(internet.TimerService):
                 "reload ({why}): {users} mailboxes, {aliases} aliases",
                 why=why, users=len(directory.users or ()), aliases=len(directory.aliases),
             )
+            self.runtime.metrics.reload("users", True)
 
         def refused(failure: Any) -> None:
             failure.trap(ConfigError)
@@ -331,6 +360,7 @@ class Reloader(internet.TimerService):
                 "reload ({why}) refused, keeping the previous users and aliases: {error}",
                 why=why, error=str(failure.value),
             )
+            self.runtime.metrics.reload("users", False)
 
         def done(result: Any) -> Any:
             self._loading = False

@@ -40,7 +40,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -290,6 +290,13 @@ class Draft:
     queued: bool = False
 
 
+#: What each kind of verdict is called in ``Pipeline.observe`` (the metrics' ``decision``).
+DECISIONS: dict[type, str] = {
+    Accept: "accept", Reject: "reject", TempFail: "tempfail", AddHeaders: "add_headers",
+    FileInto: "file_into",
+}
+
+
 @implementer(IPipeline)
 class Pipeline:
     """The checks of every stage, in the order given, and the modifiers, in the order given."""
@@ -308,6 +315,9 @@ class Pipeline:
         self._by_stage = {
             stage: tuple(c for c in self.checks if c.stage is stage) for stage in Stage
         }
+        #: Told (check name, stage, decision) of every verdict, in the thread that ran it:
+        #: the runtime counts them (mailsrv.metrics). None: nobody listens.
+        self.observe: Callable[[str, str, str], None] | None = None
 
     def checks_at(self, stage: Stage) -> tuple[ICheck, ...]:
         return self._by_stage[stage]
@@ -316,8 +326,11 @@ class Pipeline:
         """Run the checks of ``facts.stage`` in order until one refuses."""
         headers: list[bytes] = []
         folder: str | None = None
+        observe = self.observe
         for check in self._by_stage[facts.stage]:
             verdict = check.check(facts)
+            if observe is not None:
+                observe(check.name, facts.stage.value, DECISIONS.get(type(verdict), "other"))
             if isinstance(verdict, (Reject, TempFail)):
                 return Outcome(verdict, check.name, tuple(headers), folder)
             if isinstance(verdict, AddHeaders):

@@ -31,6 +31,7 @@ __all__ = [
     "integer",
     "list_of",
     "listen",
+    "metrics_endpoint",
     "path",
     "seconds",
     "seconds_list",
@@ -244,6 +245,24 @@ def listen(non_empty: bool = True) -> Key:
         check_endpoint,
         non_empty=non_empty,
     )
+
+
+def metrics_endpoint() -> Key:
+    """One plain endpoint (no ``ssl:``: the metrics are served in clear, on loopback or a
+    private network)."""
+    wanted = "an endpoint such as 'tcp:9125:interface=127.0.0.1' or 'unix:/run/mailsrv/metrics'"
+
+    def convert(value: Any, base: Path) -> str:
+        if not isinstance(value, str):
+            raise Invalid(wanted, value)
+        if value.startswith("ssl:"):
+            raise Invalid(wanted, value, why="ssl: is for the mail listeners")
+        try:
+            return check_endpoint(value)
+        except ValueError as exc:
+            raise Invalid(wanted, value, why=str(exc)) from None
+
+    return Key(wanted, convert)
 
 
 # ----- relay

@@ -39,8 +39,10 @@ from mailsrv.config.schema import (
     GreylistConfig,
     LimitsConfig,
     MailboxesConfig,
+    MetricsConfig,
     QueueConfig,
     RelayConfig,
+    ReportConfig,
     RspamdConfig,
     SmtpConfig,
     SrsConfig,
@@ -183,6 +185,8 @@ _TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "on_failure": keys.choice(*RSPAMD_ON_FAILURE),
         },
     ),
+    "metrics": (MetricsConfig, {"listen": keys.metrics_endpoint()}),
+    "report": (ReportConfig, {"daily": keys.boolean(), "hour": keys.integer(0, 23)}),
 }
 _TOP_LEVEL_KEYS = ("hostname", *_TABLES)
 _HOSTNAME = keys.hostname()

@@ -29,7 +29,9 @@ __all__ = [
     "IPNetwork",
     "LimitsConfig",
     "MailboxesConfig",
+    "MetricsConfig",
     "QueueConfig",
+    "ReportConfig",
     "RelayConfig",
     "RspamdConfig",
     "SmtpConfig",
@@ -279,6 +281,21 @@ class RspamdConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint (mailsrv.metrics), served at ``/metrics``."""
+
+    listen: str | None = None  # a Twisted endpoint, e.g. "tcp:9125:interface=127.0.0.1"; None: off
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """[report]: a plain-text report to the postmaster once a day (mailsrv.report)."""
+
+    daily: bool = False
+    hour: int = 6  # local time at which it is sent: 0-23
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -298,6 +315,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     dkim: DkimConfig = DkimConfig()
     rspamd: RspamdConfig = RspamdConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
     source: Path | None = None
 
     @property

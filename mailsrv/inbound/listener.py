@@ -95,9 +95,16 @@ class SMTPServerFactory(protocol.ServerFactory):
         ip = plain_ip(getattr(addr, "host", ""))
         refusal = self.counter.admit(ip)
         p: protocol.Protocol
+        metrics = self.runtime.metrics
         if refusal is not None:
+            reply = refusal[0]
+            metrics.connection_refused(
+                "max_connections" if reply is replies.TOO_MANY_CONNECTIONS
+                else "max_connections_per_ip" if reply is replies.TOO_MANY_CONNECTIONS_FROM_IP
+                else "connections_per_minute")
             p = Refused(self.runtime.reactor, ip, *refusal)
         else:
+            metrics.connection_opened("submission" if self.submission else "smtp")
             p = SMTPServerProtocol(self.runtime, ip, self.submission, self.implicit_tls)
         p.factory = self
         return p
@@ -105,6 +112,7 @@ class SMTPServerFactory(protocol.ServerFactory):
     def connection_closed(self, ip: str) -> None:
         """An admitted connection (a SMTPServerProtocol) has closed."""
         self.counter.release(ip)
+        self.runtime.metrics.connection_closed()
 
 
 class Refused(protocol.Protocol):

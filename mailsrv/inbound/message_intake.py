@@ -96,6 +96,10 @@ class Transaction:
         self._quota = self.runtime.send_quota if self._user is not None else None
         if self._quota is not None:
             self._quota.opened(self._user)
+        #: "storage" when the store failed (for the metrics; a check's refusal names it).
+        self.refused_by: str | None = None
+        #: time.monotonic() at the end of DATA (the delivery latency's start).
+        self._data_ended = 0.0
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -181,17 +185,20 @@ class Transaction:
             size=size, nrcpt=len(self.recipients), reason=reason,
         )
         self._ended(accepted=False)
+        self.runtime.metrics.refused("data", reason.lower().replace(" ", "_"))
         self._remove_spool()
 
     # delivery
 
     def eomReceived(self) -> defer.Deferred:
         """The message is complete; deliver it, firing with the queue id."""
+        self._data_ended = time.monotonic()
         self._close_spool()
         if self._write_error is not None:
             reply = _storage_reply(self._write_error)
             self._ended(accepted=False)
             self._remove_spool()
+            self.runtime.metrics.refused("data", "storage")
             return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
             None, self.sender, self.recipients, queue_id=self.queue_id
@@ -253,6 +260,7 @@ class Transaction:
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
+                self.refused_by = "storage"
                 raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
         finally:
             if self.runtime.spool_files is not None:
@@ -352,6 +360,11 @@ class Transaction:
                     "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued{quiet}",
                     id=self.queue_id, rcpt=target.address, orig=self.targets[target], quiet=quiet,
                 )
+        local = sum(isinstance(target, LocalTarget) for target, _ in stored.places)
+        self.runtime.metrics.accepted(
+            "submission" if session.submission else "smtp", self.size, local,
+            len(stored.places) - local, self._data_ended, sender=bracketed(self.sender),
+            recipients=[f"<{r}>" for r in self.recipients])
         if stored.queued is not None and self.runtime.relayer is not None:
             self.runtime.relayer.add(stored.queued)
         return self.queue_id
@@ -367,6 +380,8 @@ class Transaction:
                 size=self.size, nrcpt=len(self.targets), why=refusal.describe(),
                 check=refusal.check, auth=f" {self.auth_summary}" if self.auth_summary else "",
             )
+            self.runtime.metrics.refused(
+                "data", refusal.check or self.refused_by or "local_error")
         return failure
 
 

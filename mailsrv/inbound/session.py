@@ -127,6 +127,7 @@ class SMTPSession(TLSAndAuth):
                 return banner
             log.info('refused client={client} check={check} reason="talked before the greeting: '
                      '{n} octets"', client=self.delivery.client, check="early_talker", n=self.held)
+            self.runtime.metrics.connection_refused("early_talker")
             return self._close_with(replies.EARLY_TALKER)
 
         return self.delivery.client_known(GREETING_DNS_WAIT).addCallback(greet)

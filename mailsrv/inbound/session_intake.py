@@ -192,6 +192,7 @@ class SessionDelivery:
                 client=self.client, user=user, sender=bracketed(origin),
                 why=refusal.describe(), check=refusal.check,
             )
+            self.runtime.metrics.refused("mail", outcome.refused_by)
             raise refusal
         self.transaction = Transaction(self, origin, outcome)
         return self.transaction
@@ -244,6 +245,7 @@ class SessionDelivery:
                 sender=bracketed(transaction.sender), rcpt=user, why=refusal.describe(),
                 check=refusal.check,
             )
+            self.runtime.metrics.refused("rcpt", outcome.refused_by)
             raise refusal
         assert facts.targets is not None, "a recipient without targets is refused by a check"
         transaction.add_recipient(user, facts.targets, outcome)

@@ -10,13 +10,17 @@ forward-secret AEAD ciphers only, no compression, no renegotiation.
 
 from __future__ import annotations
 
+import calendar
 from pathlib import Path
 
+from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-__all__ = ["ServerTLS", "TLSSetupError", "build_server_context", "describe_connection"]
+__all__ = [
+    "ServerTLS", "TLSSetupError", "build_server_context", "certificate_expiry", "describe_connection",
+]
 
 # TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are OpenSSL's (all strong).
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
@@ -82,6 +86,8 @@ class ServerTLS:
         self.cert = cert
         self.key = key
         self._context = build_server_context(cert, key)
+        #: When the certificate in use expires (Unix time), for the metrics.
+        self.expires = certificate_expiry(cert)
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -93,6 +99,19 @@ class ServerTLS:
     def reload(self) -> None:
         """Re-read the files; on failure keep serving the old certificate and raise."""
         self._context = build_server_context(self.cert, self.key)
+        self.expires = certificate_expiry(self.cert)
+
+
+def certificate_expiry(cert: Path) -> float | None:
+    """The notAfter of the first certificate in ``cert`` (the server's own), as Unix time;
+    None if it cannot be read (build_server_context has read it already)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    except (OSError, ValueError):
+        return None
+    # not_valid_after_utc from cryptography 42; bookworm's 38 has the naive UTC one only.
+    stamp = getattr(certificate, "not_valid_after_utc", None) or certificate.not_valid_after
+    return float(calendar.timegm(stamp.utctimetuple()))
 
 
 def describe_connection(connection: object) -> str | None:

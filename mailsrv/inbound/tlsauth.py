@@ -89,6 +89,7 @@ class TLSAndAuth:
                     "tls client={client} tls=\"{tls}\"", client=self.client_ip,
                     tls=self.delivery.tls,
                 )
+                self.runtime.metrics.tls("inbound", self.delivery.tls)
 
     # -- AUTH -----------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class TLSAndAuth:
                 "auth refused client={client}: locked out after too many failures",
                 client=self.delivery.client,
             )
+            self.runtime.metrics.auth("locked_out")
             return self._error(replies.AUTH_LOCKED_OUT)
         words = rest.split()
         if not words or len(words) > 2:
@@ -140,6 +142,7 @@ class TLSAndAuth:
                 "auth malformed client={client} mechanism={mechanism}: {why}",
                 client=self.delivery.client, mechanism=exchange.mechanism, why=str(e),
             )
+            self.runtime.metrics.auth("malformed")
             return self._error(replies.AUTH_BAD_RESPONSE)
         if challenge is not None:
             return replies.AUTH_CHALLENGE.format(challenge=challenge)
@@ -161,6 +164,7 @@ class TLSAndAuth:
                 "auth refused client={client}: too many failures (failed or being checked)",
                 client=session.client,
             )
+            runtime.metrics.auth("locked_out")
             return self._error(replies.AUTH_LOCKED_OUT)
         credentials = UsernamePassword(exchange.username.encode(), exchange.password.encode())
         # maybeDeferred: whatever happens, the reservation ends in one of the callbacks.
@@ -174,6 +178,7 @@ class TLSAndAuth:
                 "auth ok client={client} user={user} mechanism={mechanism}",
                 client=session.client, user=avatar, mechanism=exchange.mechanism,
             )
+            runtime.metrics.auth("success")
             return replies.AUTH_OK
 
         def failed(failure: Failure) -> AuthResult:
@@ -189,11 +194,13 @@ class TLSAndAuth:
                 "failures={count}",
                 client=session.client, user=shown, mechanism=exchange.mechanism, count=count,
             )
+            runtime.metrics.auth("failure")
             if tracker is not None and tracker.locked(client_ip):
                 log.info(
                     "auth lockout client={client} seconds={seconds:g}",
                     client=session.client, seconds=tracker.lockout,
                 )
+                runtime.metrics.auth("lockout")
             delay = tracker.delay(count) if tracker is not None else 0.0
             return task.deferLater(runtime.reactor, delay, self._error, replies.AUTH_FAILED)
 

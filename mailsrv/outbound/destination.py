@@ -152,6 +152,8 @@ class DestinationDelivery:
                 )
                 self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
                 outcome = yield factory.done
+                if outcome.tls:
+                    self.runtime.metrics.tls("outbound", outcome.tls)
                 where = f"{host.name}[{address}]:{port}"
                 if outcome.loop:
                     reply = outcome.error

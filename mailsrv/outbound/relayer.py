@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.interfaces import IRelayer
+from mailsrv.metrics import destination_class
 from mailsrv.outbound import bounce
 from mailsrv.outbound import outcome as relay_outcome
 from mailsrv.outbound.control import ControlChannel
@@ -153,6 +154,7 @@ class Relayer(service.Service):
         now = time.time()
         outcome = relay_outcome.apply_results(
             message, results, where=where, now=now, policy=self.policy, rng=self.rng)
+        metrics, smarthost = self.runtime.metrics, self.config.relay.smarthost is not None
         for line in outcome.results:
             log.info(
                 "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls} "
@@ -162,6 +164,7 @@ class Relayer(service.Service):
                 status="bounced" if line.status == relay_outcome.EXPIRED else line.status,
                 reply=str(line.reply),
             )
+            metrics.relay_result(line.status, destination_class(line.address, smarthost))
         if outcome.changed:
             self._commit(outcome)
 
@@ -187,6 +190,9 @@ class Relayer(service.Service):
                         stored.append(
                             bounce.notify(self.config, self.runtime.directory, after, group,
                                           dkim=self.runtime.dkim))
+                        self.runtime.metrics.dsn(
+                            "delay" if group is warn else
+                            "failure" if after.sender else "double_bounce")
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)
             if after.done:

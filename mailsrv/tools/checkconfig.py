@@ -48,7 +48,8 @@ class CheckResult:
             f"  hostname: {c.hostname}",
             f"  local domains: {', '.join(c.domains.local)}",
             f"  listen: {', '.join(c.smtp.listen)}"
-            + (f"; submission: {', '.join(c.submission.listen)}" if c.submission.listen else ""),
+            + (f"; submission: {', '.join(c.submission.listen)}" if c.submission.listen else "")
+            + (f"; metrics: {c.metrics.listen}" if c.metrics.listen else ""),
             f"  tls: {c.tls.cert if c.tls.enabled else 'none (no STARTTLS)'}"
             + ("; AUTH on port 25" if c.smtp.auth else ""),
             f"  mailboxes: {users} under {c.mailboxes.root}; aliases: {len(d.aliases)}",

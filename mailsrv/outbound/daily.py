@@ -1,0 +1,136 @@
+"""
+Sending the daily report (``[report] daily``): at ``[report] hour`` local time, the day's
+figures (mailsrv.report) go to the postmaster as a message stored like a bounce (a local
+postmaster's Maildir, or the queue), in a delivery thread.
+
+The counters at each report are kept in memory as the next day's starting point; a restart
+starts them again from nothing (the report then says so).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from mailsrv import report
+from mailsrv.checks.policy import recipient_targets
+from mailsrv.message import headers
+from mailsrv.metrics import snapshot
+from mailsrv.outbound.bounce import postmaster_address
+from mailsrv.routing.address import parse_rcpt_to
+from mailsrv.storage import queue
+from mailsrv.storage.store import Stored, store
+
+__all__ = ["DailyReport"]
+
+log = Logger(namespace="mailsrv")
+
+
+def local_now(seconds: float) -> datetime.datetime:
+    """``seconds`` (Unix time) as an aware datetime in the machine's time zone."""
+    return datetime.datetime.fromtimestamp(seconds).astimezone()
+
+
+class DailyReport(service.Service):
+    """Sends the report once a day; ``clock`` is the runtime's reactor (a task.Clock in tests)."""
+
+    def __init__(self, runtime: Any, now: Callable[[], float] | None = None) -> None:
+        self.runtime = runtime
+        self.clock = runtime.reactor
+        self.now = now or self.clock.seconds
+        self.hour = runtime.config.report.hour
+        self.since = local_now(self.now())
+        self.previous: dict = {}
+        self.restarted = True
+        self._call: Any = None
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._schedule()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return None
+
+    def _schedule(self) -> None:
+        now = local_now(self.now())
+        delay = (report.next_run(now, self.hour) - now).total_seconds()
+        self._call = self.clock.callLater(max(delay, 1.0), self.send)
+
+    def queue_state(self) -> report.QueueState | None:
+        relayer = self.runtime.relayer
+        messages = getattr(relayer, "messages", None)
+        if messages is None or not getattr(relayer, "loaded", True):
+            return None
+        snapshot_ = list(messages.values())
+        oldest = min((m.created for m in snapshot_), default=None)
+        return report.QueueState(
+            len(snapshot_), sum(len(m.pending) for m in snapshot_),
+            max(0.0, self.now() - oldest) if oldest is not None else 0.0)
+
+    def text(self) -> str:
+        """The report of the day so far; the next one counts from here."""
+        metrics = self.runtime.metrics
+        now_figures = snapshot(metrics.registry)
+        day = report.difference(now_figures, self.previous)
+        until = local_now(self.now())
+        text = report.compose(
+            self.runtime.config.hostname, self.since, until, self.restarted, day,
+            metrics.senders.take(), metrics.recipients.take(), self.queue_state(),
+            getattr(self.runtime.tls, "expires", None))
+        self.previous, self.since, self.restarted = now_figures, until, False
+        return text
+
+    def send(self) -> Any:
+        """Compose now, store in a thread; fires when stored (or the failure logged)."""
+        self._call = None
+        text = self.text()
+        config, directory = self.runtime.config, self.runtime.directory
+        d = self.runtime.in_thread(store_report, config, directory, text, self.now())
+
+        def stored(result: tuple[str, Stored]) -> None:
+            to, place = result
+            log.info("report: daily report {id} for <{to}> {went}", to=to,
+                     id=place.queued.id if place.queued else "-",
+                     went="queued" if place.queued else "delivered")
+            if place.queued is not None and self.runtime.relayer is not None:
+                self.runtime.relayer.add(place.queued)
+
+        def failed(failure: Any) -> None:
+            log.error("report: the daily report could not be stored: {error}",
+                      error=failure.getErrorMessage())
+
+        d.addCallbacks(stored, failed)
+        if self.running:
+            self._schedule()
+        return d
+
+
+def store_report(config: Any, directory: Any, text: str, now: float) -> tuple[str, Stored]:
+    """In a delivery thread: the report stored for the postmaster; (address, where)."""
+    to = postmaster_address(config, directory)
+    mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
+    targets = recipient_targets(mailbox, directory, may_relay=True)
+    report_id = queue.new_queue_id()
+    when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    data = report.message(config.hostname, to, report_id, text, when)
+    trace = headers.local_received_header(
+        hostname=config.hostname, queue_id=report_id, recipient=to, when=when)
+    body = Path(config.queue.path) / "incoming" / report_id
+    with open(body, "xb") as handle:
+        handle.write(data)
+    try:
+        return to, store(config, report_id, sender=None, targets=list(targets), trace=trace,
+                         body_path=body, received_from="local")
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(body)
