@@ -26,7 +26,7 @@ from mailsrv.tools import dnsrecords
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 from mailsrv.tools.dnsrecords import Record
 
-__all__ = ["add_parser", "cmd_dns", "dkim_keys_of"]
+__all__ = ["add_parser", "addresses", "check", "cmd_dns", "dkim_keys_of"]
 
 #: Seconds for each try of a lookup (twisted.names retries with the next server).
 TIMEOUT = (2, 4)
@@ -149,6 +149,12 @@ def _answers(lookup: Any, name: str, rtype: int, value: Any) -> Any:
             defer.TimeoutError):
         return None
     return [value(a.payload) for a in answers if a.type == rtype]
+
+
+def addresses(resolver: Any, hostname: str) -> Any:
+    """A Deferred: the IPv4 and IPv6 addresses of ``hostname`` ([] for none), None when a
+    lookup failed (``mailsrv doctor`` looks our own up in the blocklists)."""
+    return _addresses(resolver, hostname)
 
 
 @defer.inlineCallbacks
