@@ -128,7 +128,7 @@ def queue_findings(facts: QueueFacts, now: float, max_age: float) -> list[Findin
         detail = (f"{facts.messages} message(s), {facts.waiting} recipient(s) waiting, the "
                   f"oldest for {age(waited)}")
         if facts.reasons:
-            detail += "; deferred: " + "; ".join(f"{n}x {reason[:100]}"
+            detail += "; deferred: " + "; ".join(f"{n}x {reason[:160]}"
                                                  for reason, n in facts.reasons[:3])
         if waited > max_age + 3600:
             found.append(Finding("queue", subject, PROBLEM,
