@@ -14,6 +14,7 @@ import socket
 import ssl
 from collections import Counter
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from mailsrv.config import Config, ConfigError, endpoint_options, load_config
 from mailsrv.tools.cli_queue import queued_messages
@@ -46,7 +47,7 @@ def configuration(path: str) -> tuple[Config | None, str | None, str, tuple[str,
 # --------------------------------------------------------------------------- listeners
 
 
-def _reply(stream) -> str:
+def _reply(stream: BinaryIO) -> str:
     lines = []
     while True:
         line = stream.readline(4096)
@@ -108,7 +109,7 @@ def listener(endpoint: str, kind: str, tls: bool) -> tuple[ListenerFacts, str | 
 # --------------------------------------------------------------------------- certificate
 
 
-def _utc(cert, name: str) -> datetime.datetime:
+def _utc(cert: Any, name: str) -> datetime.datetime:
     value = getattr(cert, f"{name}_utc", None)  # cryptography >= 42; bookworm's 38 has not
     if value is None:
         value = getattr(cert, name).replace(tzinfo=datetime.timezone.utc)
