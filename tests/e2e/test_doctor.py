@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,35 @@ def test_each_fault_is_named_with_its_fix(faulty: MailServer, small_spool: Path)
     assert [lines[i].split()[0] for i in heads[:6]] == ["problem"] * 6
     assert all(lines[i + 1].lstrip().startswith("fix: ") for i in heads[:6])
     assert "problem  dns          PTR mx.example.org: 127.0.0.1=wrong.example.net" in text.stdout
+
+
+def test_a_renewed_certificate_not_yet_loaded(faulty: MailServer, tmp_path: Path) -> None:
+    """The file renewed, the server not reloaded: it still serves the old one (seen over
+    STARTTLS); after SIGHUP, the new one."""
+    (tmp_path / "renewed").mkdir()
+    ca = make_ca(tmp_path / "renewed")
+    cert, key = ca.issue(["mx.example.org"], tmp_path / "renewed", days=90)
+    key.chmod(0o640)
+    os.replace(cert, faulty.config["tls"]["cert"])
+    os.replace(key, faulty.config["tls"]["key"])
+
+    def certificate_findings() -> list[dict]:
+        result = mailsrv(faulty.config_path, "doctor", "--json")
+        return [f for f in json.loads(result.stdout)["findings"] if f["check"] == "certificate"]
+
+    found = certificate_findings()
+    assert [f["level"] for f in found] == ["ok", "ok", "warning"], found
+    assert found[0]["detail"].startswith("valid until ")
+    assert "still serves another certificate" in found[2]["detail"]
+    assert found[2]["fix"] == "`systemctl reload mailsrv` to load the new one"
+    os.kill(faulty.process.pid, signal.SIGHUP)
+    wait_for(lambda: len(certificate_findings()) == 2, 20, "the server to serve the new certificate")
+    assert permission_levels(faulty) == ["ok", "ok"]
+
+
+def permission_levels(server: MailServer) -> list[str]:
+    result = mailsrv(server.config_path, "doctor", "--json")
+    return [f["level"] for f in json.loads(result.stdout)["findings"] if f["check"] == "permissions"]
 
 
 def test_no_server_and_a_broken_configuration(tmp_path: Path) -> None:
