@@ -66,10 +66,10 @@ def run_checks(path: str) -> list[Finding]:
     if config is None:
         return found
     local, rest = _local_checks(config)
-    from mailsrv.tools.cli_dns import _run
+    from mailsrv.tools.cli_dns import run_on_reactor
     from mailsrv.tools.doctor.probe_dns import dns_findings
 
-    return found + local + _run(lambda reactor: dns_findings(config, reactor)) + rest
+    return found + local + run_on_reactor(lambda reactor: dns_findings(config, reactor)) + rest
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
