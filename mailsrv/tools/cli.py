@@ -1,14 +1,14 @@
 """
 The ``mailsrv`` admin command: ``mailsrv queue list|show|flush|delete|bounce``,
 ``mailsrv user add|passwd|del|list``, ``mailsrv dkim keygen|list``, ``mailsrv dns DOMAIN
-[--check]``, ``mailsrv check-config`` and ``mailsrv version``;
+[--check]``, ``mailsrv doctor [--json]``, ``mailsrv check-config`` and ``mailsrv version``;
 ``--config PATH`` may come anywhere on the line.  It does not run the server (``twistd
 mailsrv`` does).
 
 This module reads the command line and runs what it names: ``check-config`` and ``version``
 here, ``queue`` in ``mailsrv.tools.cli_queue`` (which the queue lock decides how to run), ``user`` in
 ``mailsrv.tools.cli_user``, ``dkim`` in ``mailsrv.tools.cli_dkim``, ``dns`` in
-``mailsrv.tools.cli_dns``; ``mailsrv.tools.cli_exit``
+``mailsrv.tools.cli_dns``, ``doctor`` in ``mailsrv.tools.doctor``; ``mailsrv.tools.cli_exit``
 has the exit statuses they share.
 """
 
@@ -25,6 +25,7 @@ from mailsrv.tools.cli_dns import add_parser as add_dns_parser
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failed
 from mailsrv.tools.cli_queue import cmd_change, cmd_list, cmd_show
 from mailsrv.tools.cli_user import cmd_user
+from mailsrv.tools.doctor.command import add_parser as add_doctor_parser
 
 __all__ = ["main"]
 
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     ).set_defaults(run=cmd_user)
     add_dkim_parser(commands, config)
     add_dns_parser(commands, config)
+    add_doctor_parser(commands, config)
     _add_admin_commands(commands)
     return parser
 

@@ -26,7 +26,7 @@ from mailsrv.tools import dnsrecords
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 from mailsrv.tools.dnsrecords import Record
 
-__all__ = ["add_parser", "cmd_dns", "dkim_keys_of"]
+__all__ = ["add_parser", "addresses", "check", "cmd_dns", "dkim_keys_of", "run_on_reactor"]
 
 #: Seconds for each try of a lookup (twisted.names retries with the next server).
 TIMEOUT = (2, 4)
@@ -68,7 +68,7 @@ def cmd_dns(config: Config, args: argparse.Namespace) -> int:
         sys.stdout.write(f"; the records {domain} needs, with {config.hostname} as its MX\n")
         sys.stdout.write(dnsrecords.zone_text(records))
         return EXIT_OK
-    verdicts = _run(lambda reactor: check(make_resolver(config.relay.dns_servers, reactor),
+    verdicts = run_on_reactor(lambda reactor: check(make_resolver(config.relay.dns_servers, reactor),
                                           records, config.hostname))
     bad = 0
     for record, verdict in verdicts:
@@ -81,8 +81,9 @@ def cmd_dns(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK if bad == 0 else EXIT_FAILED
 
 
-def _run(work: Any) -> Any:
-    """Run ``work(reactor)`` (a Deferred) on the reactor, for this one command."""
+def run_on_reactor(work: Any) -> Any:
+    """Run ``work(reactor)`` (a Deferred) on the reactor, for this one command (``dns``,
+    ``doctor``): its result, or its failure raised."""
     from twisted.internet import reactor
 
     outcome: list[Any] = []
@@ -149,6 +150,12 @@ def _answers(lookup: Any, name: str, rtype: int, value: Any) -> Any:
             defer.TimeoutError):
         return None
     return [value(a.payload) for a in answers if a.type == rtype]
+
+
+def addresses(resolver: Any, hostname: str) -> Any:
+    """A Deferred: the IPv4 and IPv6 addresses of ``hostname`` ([] for none), None when a
+    lookup failed (``mailsrv doctor`` looks our own up in the blocklists)."""
+    return _addresses(resolver, hostname)
 
 
 @defer.inlineCallbacks

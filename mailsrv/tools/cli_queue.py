@@ -21,7 +21,7 @@ from mailsrv.storage import queue, queue_control
 from mailsrv.storage.envelope import QueuedMessage
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 
-__all__ = ["cmd_change", "cmd_list", "cmd_show"]
+__all__ = ["cmd_change", "cmd_list", "cmd_show", "queued_messages"]
 
 
 def _age(seconds: float) -> str:
@@ -32,8 +32,9 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _messages(qdir: Path) -> list[QueuedMessage]:
-    """Every readable envelope, oldest first; unreadable ones are reported, not fatal."""
+def queued_messages(qdir: Path) -> list[QueuedMessage]:
+    """Every readable envelope, oldest first; unreadable ones are reported, not fatal (also
+    what ``mailsrv doctor`` reads)."""
     found = []
     for path in sorted((qdir / "messages").glob("*.json")):
         try:
@@ -68,7 +69,7 @@ def _next_try(recipient: Any, now: float) -> str:
 
 def cmd_list(config: Config, args: argparse.Namespace) -> int:
     qdir = Path(config.queue.path)
-    messages = _messages(qdir)
+    messages = queued_messages(qdir)
     now = time.time()
     if args.json:
         print(json.dumps([dict(asdict(m), size=_size(qdir, m)) for m in messages], indent=1))
@@ -124,7 +125,7 @@ def _offline(config: Config, action: str, queue_id: str | None) -> str:
     qdir = Path(config.queue.path)
     if action == "flush":
         now = time.time()
-        targets = [_find(qdir, queue_id)] if queue_id else _messages(qdir)
+        targets = [_find(qdir, queue_id)] if queue_id else queued_messages(qdir)
         for m in targets:
             queue.save(qdir, m.update({r.address: replace(r, next_attempt=now) for r in m.pending}))
         return (f"ok: {len(targets)} message(s) due now; no server is running, so they are "

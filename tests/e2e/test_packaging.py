@@ -74,6 +74,8 @@ def test_every_console_script_names_a_function() -> None:
     "mailsrv.storage.queue", "mailsrv.storage.queue_control",
     "mailsrv.tools.sendmail", "mailsrv.tools.sendmail_args", "mailsrv.tools.sendmail_message",
     "mailsrv.tools.sendmail_submit",
+    "mailsrv.tools.doctor.command", "mailsrv.tools.doctor.probe", "mailsrv.tools.doctor.probe_dns",
+    "mailsrv.tools.doctor.evaluate", "mailsrv.tools.doctor.evaluate_mail",
 ])
 def test_split_module_imports_first(module: str) -> None:
     """Each part of a split module imports on its own, in a fresh interpreter (no import

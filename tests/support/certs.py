@@ -27,7 +27,7 @@ def _write(workdir: Path, stem: str, cert, key) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _builder(subject: str, issuer: str, public_key):
+def _builder(subject: str, issuer: str, public_key, days: float = 30):
     now = datetime.datetime.now(datetime.timezone.utc)
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -35,7 +35,7 @@ def _builder(subject: str, issuer: str, public_key):
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30)))
+            .not_valid_after(now + datetime.timedelta(days=days)))
 
 
 @dataclass
@@ -45,11 +45,12 @@ class CA:
     cert_path: Path
 
     def issue(self, names: list[str], workdir: Path, ips: tuple[str, ...] = (),
-              stem: str | None = None) -> tuple[Path, Path]:
+              stem: str | None = None, days: float = 30) -> tuple[Path, Path]:
+        """A leaf for ``names`` (and ``ips``) valid from yesterday for ``days`` days."""
         key = _key()
         alt = [x509.DNSName(n) for n in names]
         alt += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-        cert = (_builder(names[0], "mailsrv test CA", key.public_key())
+        cert = (_builder(names[0], "mailsrv test CA", key.public_key(), days)
                 .add_extension(x509.SubjectAlternativeName(alt), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
