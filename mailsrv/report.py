@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -122,10 +122,11 @@ def compose(
     hostname: str, since: datetime.datetime, until: datetime.datetime, restarted: bool,
     day: Figures, senders: Mapping[str, tuple[int, int]],
     recipients: Mapping[str, tuple[int, int]], queue: QueueState | None,
-    cert_expires: float | None,
+    cert_expires: float | None, doctor: Sequence[str] | None = None,
 ) -> str:
     """The report's text: the day's figures, the top refusals, senders and recipients, AUTH,
-    the queue now, and the warnings."""
+    the queue now, and the warnings: the counters' and ``doctor``'s, what ``mailsrv doctor``
+    found wrong (None: it was not run)."""
     def n(name: str, **labels: str) -> str:
         return f"{int(total(day, name, **labels)):>8}"
 
@@ -135,6 +136,8 @@ def compose(
         lines.append("(mailsrv started within it: the figures cover the time since the start)")
     problems = warnings(day, queue, cert_expires, until.timestamp())
     lines += ["", "Warnings"] + ([f"  - {w}" for w in problems] or ["  none"])
+    lines += ["", "mailsrv doctor"] + (
+        ["  not run"] if doctor is None else [f"  - {w}" for w in doctor] or ["  all ok"])
     lines += ["", "Messages"] + _rows([
         ("received (accepted)", f"{n('mailsrv_messages_accepted_total')}   "
                                 f"{_size(total(day, 'mailsrv_received_bytes_total'))}"),

@@ -1,7 +1,9 @@
 """
 Sending the daily report (``[report] daily``): at ``[report] hour`` local time, the day's
 figures (mailsrv.report) go to the postmaster as a message stored like a bounce (a local
-postmaster's Maildir, or the queue), in a delivery thread.
+postmaster's Maildir, or the queue), in a delivery thread, with what ``mailsrv doctor`` finds
+wrong (run as a command of its own: it probes the listeners and the DNS on a reactor of its
+own, which the server's must not wait for).
 
 The counters at each report are kept in memory as the next day's starting point; a restart
 starts them again from nothing (the report then says so).
@@ -10,7 +12,10 @@ starts them again from nothing (the report then says so).
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import subprocess
+import sys
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +37,28 @@ __all__ = ["DailyReport"]
 log = Logger(namespace="mailsrv")
 
 
+#: How long the report waits for ``mailsrv doctor`` (its every probe has a time limit).
+DOCTOR_TIMEOUT = 180.0
+
+
+def doctor_findings(config: Any) -> list[str] | None:
+    """In a delivery thread: the warnings and problems ``mailsrv doctor --json`` finds, each
+    with its fix; None for the built-in configuration (no file for the doctor to read)."""
+    if config.source is None:
+        return None
+    command = [sys.executable, "-m", "mailsrv.tools.cli", "doctor", "--json",
+               "--config", str(config.source)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=DOCTOR_TIMEOUT)
+        findings = json.loads(done.stdout)["findings"]
+        return [f"{f['level']}: {f['check']} {f['subject']}: {f['detail']}"
+                + (f"; fix: {f['fix']}" if f["fix"] else "")
+                for f in findings if f["level"] != "ok"]
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as e:
+        log.warn("report: mailsrv doctor could not run: {error}", error=e)
+        return [f"problem: mailsrv doctor could not run ({e}); run it by hand"]
+
+
 def local_now(seconds: float) -> datetime.datetime:
     """``seconds`` (Unix time) as an aware datetime in the machine's time zone."""
     return datetime.datetime.fromtimestamp(seconds).astimezone()
@@ -40,8 +67,12 @@ def local_now(seconds: float) -> datetime.datetime:
 class DailyReport(service.Service):
     """Sends the report once a day; ``clock`` is the runtime's reactor (a task.Clock in tests)."""
 
-    def __init__(self, runtime: Any, now: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, runtime: Any, now: Callable[[], float] | None = None,
+        doctor: Callable[[Any], list[str] | None] = doctor_findings,
+    ) -> None:
         self.runtime = runtime
+        self.doctor = doctor
         self.clock = runtime.reactor
         self.now = now or self.clock.seconds
         self.hour = runtime.config.report.hour
@@ -77,8 +108,9 @@ class DailyReport(service.Service):
             len(snapshot_), sum(len(m.pending) for m in snapshot_),
             max(0.0, self.now() - oldest) if oldest is not None else 0.0)
 
-    def text(self) -> str:
-        """The report of the day so far; the next one counts from here."""
+    def text(self, doctor: list[str] | None = None) -> str:
+        """The report of the day so far, with ``doctor``'s findings (None: not run); the next
+        one counts from here."""
         metrics = self.runtime.metrics
         now_figures = snapshot(metrics.registry)
         day = report.difference(now_figures, self.previous)
@@ -86,16 +118,18 @@ class DailyReport(service.Service):
         text = report.compose(
             self.runtime.config.hostname, self.since, until, self.restarted, day,
             metrics.senders.take(), metrics.recipients.take(), self.queue_state(),
-            getattr(self.runtime.tls, "expires", None))
+            getattr(self.runtime.tls, "expires", None), doctor)
         self.previous, self.since, self.restarted = now_figures, until, False
         return text
 
     def send(self) -> Any:
-        """Compose now, store in a thread; fires when stored (or the failure logged)."""
+        """Run the doctor, compose, and store, in threads; fires when stored (or the failure
+        logged)."""
         self._call = None
-        text = self.text()
         config, directory = self.runtime.config, self.runtime.directory
-        d = self.runtime.in_thread(store_report, config, directory, text, self.now())
+        d = self.runtime.in_thread(self.doctor, config)
+        d.addCallback(lambda found: self.runtime.in_thread(
+            store_report, config, directory, self.text(found), self.now()))
 
         def stored(result: tuple[str, Stored]) -> None:
             to, place = result

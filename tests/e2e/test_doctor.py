@@ -282,3 +282,21 @@ def test_the_daily_report_mails_the_postmaster_on_a_problem(tmp_path: Path, dns_
     finally:
         server.stop()
     assert os.access(REPO / "debian" / "doctor-report", os.X_OK)
+
+
+def test_the_servers_daily_report_carries_the_doctors_findings(tmp_path: Path, dns_server) -> None:
+    """[report] daily runs the real ``mailsrv doctor`` (as a command of its own) and puts
+    what it finds wrong, with the fixes, in the report: here, the server is not running."""
+    sys.path.insert(0, str(REPO))
+    from mailsrv import config as config_module  # the checkout's, as the server's
+    from mailsrv.outbound.daily import doctor_findings
+
+    port = free_port(["127.0.0.1"])
+    server = MailServer(tmp_path, dns_server.port, overrides={
+        "smtp": {"listen": [f"tcp:{port}:interface=127.0.0.1"]}})
+    found = doctor_findings(config_module.load_config(server.config_path))
+    assert found is not None
+    [listener] = [line for line in found if line.startswith("problem: listener smtp")]
+    assert "nothing answers on [127.0.0.1]" in listener and "; fix: " in listener
+    assert "systemctl start mailsrv" in listener
+    assert all(not line.startswith("ok:") for line in found)

@@ -14,7 +14,7 @@ import pytest
 from mailsrv import report
 from mailsrv.config import parse_config
 from mailsrv.metrics import Metrics, Volume, snapshot
-from mailsrv.outbound.daily import DailyReport
+from mailsrv.outbound.daily import DailyReport, doctor_findings
 from mailsrv.routing.router import Directory
 from support.inprocess import CLIENT, Connection, factory_for, make_runtime
 
@@ -229,3 +229,24 @@ def test_report_keys():
             parse_config({**base, "report": bad}, None)
         assert caught.value.key.startswith("report.")
 
+
+
+def test_the_doctors_findings_are_in_the_report(runtime):
+    """What ``mailsrv doctor`` found wrong is a section of the report ("not run" for the
+    built-in configuration, which the doctor has no file of)."""
+    seen = []
+
+    def doctor(config):
+        seen.append(config)
+        return ["problem: dns DKIM example.org: no record; fix: publish it"]
+
+    daily = DailyReport(runtime, now=lambda: START, doctor=doctor)
+    daily.send()
+    assert seen == [runtime.config]
+    inbox = runtime.config.mailboxes.root / "example.org" / "alice" / "new"
+    [stored] = list(inbox.iterdir())
+    text = email.message_from_bytes(stored.read_bytes(), policy=email.policy.default).get_content()
+    assert "\nmailsrv doctor\n  - problem: dns DKIM example.org: no record; fix: publish it\n" in text
+    assert "\nmailsrv doctor\n  all ok\n" in DailyReport(runtime, doctor=lambda c: []).text([])
+    assert "\nmailsrv doctor\n  not run\n" in DailyReport(runtime).text(
+        doctor_findings(runtime.config))
