@@ -32,6 +32,7 @@ from mailsrv.config import (
 )
 from mailsrv.config import directories as directories_module
 from mailsrv.config import load as config_module
+from mailsrv.config.tables import TABLES
 
 SOURCE = Path("/etc/mailsrv/mailsrv.toml")
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "mailsrv.toml"
@@ -851,7 +852,7 @@ def test_tls_and_auth_keys_that_go_together() -> None:
 
 def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
-    for _cls, keys in config_module._TABLES.values():
+    for _cls, keys in TABLES.values():
         for key in keys:
             # Keys without a default value are shown commented out.
             assert f"\n{key} = " in text or f"\n# {key} = " in text, key
