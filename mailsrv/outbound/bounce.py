@@ -36,7 +36,7 @@ from mailsrv.storage.store import Stored, store
 
 __all__ = [
     "UnroutableBounce", "send_dsn", "send_double_bounce", "notify", "postmaster_address",
-    "given_up_reports", "bounce_pending", "sign_report",
+    "given_up_reports", "bounce_pending", "sign_report", "store_own",
 ]
 
 log = Logger(namespace="mailsrv")
@@ -130,9 +130,9 @@ def _store_report(
     """Build and store the report for ``sender``, or (None) the postmaster's double bounce."""
     now = time.time() if now is None else now
     to = sender or postmaster_address(config, directory)
-    try:
+    try:  # before the report is built: one that cannot be routed is not
         mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
-        targets = recipient_targets(mailbox, directory, may_relay=True)
+        recipient_targets(mailbox, directory, may_relay=True)
     except Refusal as exc:
         who = "sender" if sender else "postmaster"
         raise UnroutableBounce(f"the {who} <{to}> cannot receive mail: {exc}")
@@ -149,19 +149,33 @@ def _store_report(
         now=now,
         postmaster=None if sender else to,
     )
+    return store_own(config, directory, dsn_id, to, data, now, dkim, double_bounce=not sender)
+
+
+def store_own(
+    config: Config, directory: Directory, message_id: str, to: str, data: bytes, now: float,
+    dkim: SigningKeys | None = None, double_bounce: bool = False,
+) -> Stored:
+    """Store a message the server wrote itself (a DSN, a notice, a report) for ``to``: routed
+    as any recipient is, after our Received: field (DKIM-signed when ``dkim`` has keys for
+    the host), through the queue's incoming/ directory like a received message.  Blocking (a
+    worker thread).  Raises Refusal when ``to`` cannot receive mail, DeliveryError when the
+    disk refuses."""
+    mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
+    targets = recipient_targets(mailbox, directory, may_relay=True)
     trace = headers.local_received_header(
-        hostname=config.hostname, queue_id=dsn_id, recipient=to,
+        hostname=config.hostname, queue_id=message_id, recipient=to,
         when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc),
     )
     if dkim is not None:
-        trace = sign_report(dkim, config.hostname, dsn_id, trace, data)
-    body = Path(config.queue.path) / "incoming" / dsn_id
+        trace = sign_report(dkim, config.hostname, message_id, trace, data)
+    body = Path(config.queue.path) / "incoming" / message_id
     with open(body, "xb") as handle:
         handle.write(data)
     try:
         return store(
-            config, dsn_id, sender=None, targets=list(targets), trace=trace, body_path=body,
-            received_from="local", double_bounce=not sender,
+            config, message_id, sender=None, targets=list(targets), trace=trace, body_path=body,
+            received_from="local", double_bounce=double_bounce,
         )
     finally:
         with suppress(FileNotFoundError):

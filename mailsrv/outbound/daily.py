@@ -13,24 +13,18 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
-from contextlib import suppress
-from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application import service
 from twisted.logger import Logger
 
 from mailsrv import report
-from mailsrv.checks.policy import recipient_targets
-from mailsrv.message import headers
 from mailsrv.metrics import snapshot
-from mailsrv.outbound.bounce import postmaster_address
-from mailsrv.routing.address import parse_rcpt_to
+from mailsrv.outbound.bounce import postmaster_address, store_own
 from mailsrv.storage import queue
-from mailsrv.storage.store import Stored, store
+from mailsrv.storage.store import Stored
 
 __all__ = ["DailyReport"]
 
@@ -152,19 +146,7 @@ class DailyReport(service.Service):
 def store_report(config: Any, directory: Any, text: str, now: float) -> tuple[str, Stored]:
     """In a delivery thread: the report stored for the postmaster; (address, where)."""
     to = postmaster_address(config, directory)
-    mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
-    targets = recipient_targets(mailbox, directory, may_relay=True)
     report_id = queue.new_queue_id()
     when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     data = report.message(config.hostname, to, report_id, text, when)
-    trace = headers.local_received_header(
-        hostname=config.hostname, queue_id=report_id, recipient=to, when=when)
-    body = Path(config.queue.path) / "incoming" / report_id
-    with open(body, "xb") as handle:
-        handle.write(data)
-    try:
-        return to, store(config, report_id, sender=None, targets=list(targets), trace=trace,
-                         body_path=body, received_from="local")
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(body)
+    return to, store_own(config, directory, report_id, to, data, now)

@@ -11,23 +11,16 @@ router checks it at start-up), who is the person who can reset that password.
 
 from __future__ import annotations
 
-import datetime
-import os
 import re
 import time
-from contextlib import suppress
-from pathlib import Path
 
-from mailsrv.checks.policy import recipient_targets
 from mailsrv.config import Config
-from mailsrv.message import headers
 from mailsrv.message.dkimkeys import SigningKeys
-from mailsrv.outbound.bounce import postmaster_address, sign_report
+from mailsrv.outbound.bounce import postmaster_address, store_own
 from mailsrv.outbound.dsn_text import date, token
-from mailsrv.routing.address import parse_rcpt_to
 from mailsrv.routing.router import Directory
 from mailsrv.storage import queue
-from mailsrv.storage.store import Stored, store
+from mailsrv.storage.store import Stored
 
 __all__ = ["build_notice", "notice_recipient", "send_limit_notice"]
 
@@ -92,23 +85,8 @@ def send_limit_notice(
     refuses."""
     now = time.time() if now is None else now
     to = notice_recipient(config, directory, user)
-    mailbox, _ = parse_rcpt_to(f"TO:<{to}>".encode("utf-8"))
-    targets = recipient_targets(mailbox, directory, may_relay=True)
     notice_id = queue.new_queue_id()
     data = build_notice(hostname=config.hostname, notice_id=notice_id, to=to, user=user,
                         reason=reason, client=client, now=now)
-    trace = headers.local_received_header(
-        hostname=config.hostname, queue_id=notice_id, recipient=to,
-        when=datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
-    if dkim is not None:
-        trace = sign_report(dkim, config.hostname, notice_id, trace, data)
-    body = Path(config.queue.path) / "incoming" / notice_id
-    with open(body, "xb") as handle:
-        handle.write(data)
-    try:
-        return to, store(config, notice_id, sender=None, targets=list(targets), trace=trace,
-                         body_path=body, received_from="local")
-    finally:
-        with suppress(FileNotFoundError):
-            os.unlink(body)
+    return to, store_own(config, directory, notice_id, to, data, now, dkim)
 
