@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import secrets
 import socket
 from typing import Any, Sequence
 
@@ -39,6 +40,13 @@ def make_resolver(dns_servers: Sequence[tuple[str, int]], reactor: Any = None) -
     ])
 
 
+def source_port(below: Any = secrets.randbelow) -> int:
+    """A random unprivileged port for one query (RFC 5452 §9.2).  Not twisted.names'
+    ``randomSource``, which draws from 0-65535: a server that dropped root (and ``mailsrv
+    doctor`` run as the mailsrv user) is refused the ports below 1024, one query in 64."""
+    return 1024 + below(65536 - 1024)
+
+
 @implementer(IReadDescriptor)
 class _QuietDatagramPort:
     """The UDP socket of one query: what ``DNSDatagramProtocol`` needs of a transport, and
@@ -50,10 +58,10 @@ class _QuietDatagramPort:
         self.socket.setblocking(False)
         for attempt in range(100):
             try:
-                self.socket.bind((interface, dns.randomSource()))
+                self.socket.bind((interface, source_port()))
                 break
             except OSError as e:
-                if e.errno != errno.EADDRINUSE or attempt == 99:
+                if e.errno not in (errno.EADDRINUSE, errno.EACCES) or attempt == 99:
                     self.socket.close()
                     raise error.CannotListenError(interface, 0, e)
         self._reactor = reactor
