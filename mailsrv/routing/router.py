@@ -164,6 +164,10 @@ class Directory:
                 return LocalTarget(domain, name)
         return None
 
+    def has_postmaster(self, domain: str) -> bool:
+        """Whether ``postmaster@domain`` reaches someone (a mailbox, or an alias)."""
+        return self._lookup("postmaster", domain) is not None
+
     def _mailbox(self, local: str, domain: str) -> LocalTarget | None:
         """The real mailbox for an address, ignoring aliases (for an alias naming itself)."""
         for name in (local, self._base(local)):

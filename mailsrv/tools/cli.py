@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                              help="read the password from the first line of standard input")
         sub.set_defaults(run=cmd_user)
     user_actions.add_parser(
+        if name == "add":
+            sub.add_argument("--postmaster", action="store_true",
+                             help="also make it its domain's postmaster (an alias "
+                             "postmaster@DOMAIN in the aliases file); for a user already "
+                             "there, only that")
         "list", help="every user, and whether it can log in", parents=[config]
     ).set_defaults(run=cmd_user)
     add_dkim_parser(commands, config)
