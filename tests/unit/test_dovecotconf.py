@@ -94,4 +94,5 @@ def test_catch_all_mode_has_no_users_for_dovecot(tmp_path, capsys):
     server.config["mailboxes"].pop("users")
     server.write_config()
     assert cli.main(["dovecot-config", "--config", str(server.config_path)]) == 2
-    assert "mailboxes.users: expected a users file, which Dovecot reads as its passdb" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mailboxes.users: expected a users file, which Dovecot reads as its passdb" in err
