@@ -64,19 +64,19 @@ def setup():
         pytest.skip(reason)
     with reachable_dir() as work:
         dns = DNSServer(work, ZONE)
-        ca = make_ca(work)
-        cert, key = ca.issue(["mx.example.org", "localhost"], work, ips=("127.0.0.1",))
-        (work / "mailsrv").mkdir(mode=0o755)
-        server = MailServer(work / "mailsrv", dns.port, users=[],
-                            aliases=["postmaster: alice@example.org",
-                                     "sales@example.org: alice@example.org, bob@example.org"],
-                            overrides={"tls": {"cert": str(cert), "key": str(key)}})
-        (server.workdir / "users").unlink()  # a fresh install: `mailsrv user add` makes it
-        owned_dir(server.queue)  # as the server makes them at its first start, as its user
-        owned_dir(server.root)
-        server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
-        dovecot = None
+        server = dovecot = None
         try:
+            ca = make_ca(work)
+            cert, key = ca.issue(["mx.example.org", "localhost"], work, ips=("127.0.0.1",))
+            (work / "mailsrv").mkdir(mode=0o755)
+            server = MailServer(work / "mailsrv", dns.port, users=[],
+                                aliases=["postmaster: alice@example.org",
+                                         "sales@example.org: alice@example.org, bob@example.org"],
+                                overrides={"tls": {"cert": str(cert), "key": str(key)}})
+            (server.workdir / "users").unlink()  # a fresh install: `mailsrv user add` makes it
+            owned_dir(server.queue)  # as the server makes them at its first start, as its user
+            owned_dir(server.root)
+            server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
             for address, password in PASSWORDS.items():
                 result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
                                  stdin=password + "\n")
@@ -97,7 +97,8 @@ def setup():
         finally:
             if dovecot is not None:
                 dovecot.stop()
-            server.stop()
+            if server is not None:
+                server.stop()
             dns.stop()
 
 
