@@ -347,7 +347,13 @@ class Transaction:
             sender=bracketed(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
         )
         for target, where in stored.places:
-            if isinstance(target, LocalTarget):
+            if isinstance(target, LocalTarget) and where == "queue":
+                log.info(
+                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued (lmtp)",
+                    id=stored.for_lmtp.id if stored.for_lmtp else self.queue_id,
+                    rcpt=target.address, orig=self.targets[target],
+                )
+            elif isinstance(target, LocalTarget):
                 log.info(
                     "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
                     "status=sent",
@@ -365,8 +371,9 @@ class Transaction:
             "submission" if session.submission else "smtp", self.size, local,
             len(stored.places) - local, self._data_ended, sender=bracketed(self.sender),
             recipients=[f"<{r}>" for r in self.recipients])
-        if stored.queued is not None and self.runtime.relayer is not None:
-            self.runtime.relayer.add(stored.queued)
+        if self.runtime.relayer is not None:
+            for entry in stored.entries:
+                self.runtime.relayer.add(entry)
         return self.queue_id
 
     def _failed(self, failure: Any) -> Any:

@@ -9,6 +9,9 @@ retry) without leaving half a delivery behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +33,14 @@ class Stored:
 
     places: list[tuple[Target, str]] = field(default_factory=list)
     queued: QueuedMessage | None = None
+    #: With LMTP delivery, the local targets' entry in the queue (their own sender, without
+    #: SRS, and their own trace): the relayer hands it to Dovecot's LMTP and retries it.
+    for_lmtp: QueuedMessage | None = None
+
+    @property
+    def entries(self) -> list[QueuedMessage]:
+        """Every queue entry made, for the relayer."""
+        return [q for q in (self.queued, self.for_lmtp) if q is not None]
 
 
 def store(
@@ -68,6 +79,11 @@ def store(
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
     stored = Stored()
     delivered: list[Path] = []
+    if local and config.mailboxes.delivery is not None:
+        return _store_for_lmtp(config, queue_id, stored, local, remote, sender=sender,
+                               queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
+                               body_path=body_path, received_from=received_from,
+                               double_bounce=double_bounce)
     try:
         if local:
             root = Path(config.mailboxes.root)
@@ -92,6 +108,52 @@ def store(
     except DeliveryError:
         maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
+    return stored
+
+
+def _store_for_lmtp(
+    config: Config, queue_id: str, stored: Stored, local: list[LocalTarget],
+    remote: list[RemoteTarget], *, sender: str | None, queue_sender: str | None,
+    queue_prefix: bytes, trace: bytes, body_path: Path, received_from: str,
+    double_bounce: bool,
+) -> Stored:
+    """LMTP delivery: the local targets become a queue entry of their own (``<id>L`` when
+    remote targets take ``<id>``), which the relayer hands to Dovecot; Dovecot writes
+    Return-Path: and Delivered-To: itself.  Both entries or neither."""
+    qdir = Path(config.queue.path)
+    local_id = f"{queue_id}L" if remote else queue_id
+    local_body = body_path
+    if remote:
+        local_body = body_path.with_name(f"{body_path.name}.lmtp")
+        try:
+            os.link(body_path, local_body)
+        except OSError as e:
+            raise DeliveryError(f"cannot link {body_path}: {e.strerror}",
+                                disk_full=e.errno in (errno.ENOSPC, errno.EDQUOT)) from None
+    try:
+        stored.for_lmtp = queue.enqueue(
+            qdir, local_id, sender=sender, recipients=[t.address for t in local],
+            prefix=trace, body_path=local_body, created=time.time(),
+            received_from=received_from, double_bounce=double_bounce,
+        )
+    except DeliveryError:
+        if local_body != body_path:
+            with contextlib.suppress(OSError):
+                os.unlink(local_body)
+        raise
+    stored.places += [(t, "queue") for t in local]
+    if remote:
+        try:
+            stored.queued = queue.enqueue(
+                qdir, queue_id, sender=queue_sender if queue_sender is not None else sender,
+                recipients=[t.address for t in remote], prefix=queue_prefix + trace,
+                body_path=body_path, created=time.time(), received_from=received_from,
+                double_bounce=double_bounce,
+            )
+        except DeliveryError:
+            queue.remove(qdir, local_id)
+            raise
+        stored.places += [(t, "queue") for t in remote]
     return stored
 
 

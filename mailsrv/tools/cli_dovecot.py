@@ -19,6 +19,7 @@ from typing import Any
 from mailsrv.config import Config, ConfigError
 from mailsrv.tools import dovecotconf
 from mailsrv.tools.cli_exit import EXIT_OK, Failed
+from mailsrv.tools.sendmail_submit import SendError, choose_listener
 
 __all__ = ["add_parser", "cmd_dovecot_config", "settings_for"]
 
@@ -78,6 +79,14 @@ def settings_for(config: Config, user: str | None = None) -> dovecotconf.Dovecot
         users_gid = os.stat(boxes.users).st_gid
     except OSError:
         users_gid = gid  # mailsrv user add creates it with the server's group
+    lmtp = boxes.delivery
+    submission = ""
+    if lmtp is not None:
+        try:
+            host, port = choose_listener(config.smtp.listen)
+            submission = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        except SendError:
+            submission = ""  # Dovecot's default: /usr/sbin/sendmail, which is mailsrv's
     return dovecotconf.DovecotSettings(
         source=config.source,
         mail_root=Path(boxes.root).absolute(),
@@ -90,6 +99,11 @@ def settings_for(config: Config, user: str | None = None) -> dovecotconf.Dovecot
         tls_cert=None if config.tls.cert is None else Path(config.tls.cert).absolute(),
         tls_key=None if config.tls.key is None else Path(config.tls.key).absolute(),
         recipient_delimiter=boxes.recipient_delimiter,
+        lmtp_path=None if lmtp is None else lmtp.path,
+        lmtp_host="" if lmtp is None else lmtp.host,
+        lmtp_port=0 if lmtp is None else lmtp.port,
+        postmaster=f"postmaster@{config.domains.local[0]}",
+        submission_host=submission,
     )
 
 

@@ -47,6 +47,16 @@ class DovecotSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     recipient_delimiter: str = "+"
+    #: With ``[mailboxes] delivery = "lmtp:..."``: Dovecot's LMTP listener, Sieve and quotas.
+    lmtp_path: Path | None = None  # a Unix socket, or
+    lmtp_host: str = ""  # a TCP address and port
+    lmtp_port: int = 0
+    postmaster: str = ""  # postmaster_address, for Sieve's replies and refusals
+    submission_host: str = ""  # where Sieve's replies (vacation) are sent: mailsrv's SMTP
+
+    @property
+    def lmtp(self) -> bool:
+        return self.lmtp_path is not None or bool(self.lmtp_host)
 
 
 def _path(path: Path) -> str:
@@ -72,7 +82,7 @@ def _header(settings: DovecotSettings) -> list[str]:
 
 def _mail(settings: DovecotSettings, root: str) -> list[str]:
     lines = [
-        "protocols = imap",
+        "protocols = imap lmtp" if settings.lmtp else "protocols = imap",
         "",
         "# The Maildirs mailsrv writes: <root>/<domain>/<user>, owned by the server's user.",
         f"mail_location = maildir:{root}/%d/%n",
@@ -172,8 +182,61 @@ def _tls(settings: DovecotSettings) -> list[str]:
     ]
 
 
+def _lmtp(settings: DovecotSettings) -> list[str]:
+    """mailsrv hands local mail to Dovecot's LMTP: Sieve runs, quotas apply."""
+    if not settings.lmtp:
+        return []
+    if settings.lmtp_path is not None:
+        listener = [
+            f"  unix_listener {_path(settings.lmtp_path)} {{",
+            f"    user = {settings.mail_user}",
+            f"    group = {settings.mail_group}",
+            "    mode = 0600",
+            "  }",
+        ]
+    else:
+        listener = [
+            "  inet_listener lmtp {",
+            f"    address = {settings.lmtp_host}",
+            f"    port = {settings.lmtp_port}",
+            "  }",
+        ]
+    delimiter = settings.recipient_delimiter
+    return [
+        "# [mailboxes] delivery = \"lmtp:...\": mailsrv hands local mail to Dovecot's LMTP,",
+        "# which runs the users' Sieve scripts (~/sieve/, the active one linked as",
+        "# ~/active.sieve: home is the Maildir, where a name starting with a dot would be a",
+        "# folder) and enforces their quotas (userdb_quota_rule=*:storage=1G on a line",
+        "# of the users file; over quota, RCPT gets 552 5.2.2).",
+        "service lmtp {",
+        *listener,
+        "}",
+        f"postmaster_address = {settings.postmaster}",
+        *([f"submission_host = {settings.submission_host}"] if settings.submission_host else []),
+        *([f"recipient_delimiter = {delimiter}"] if delimiter else []),
+        "lmtp_save_to_detail_mailbox = no",
+        "lmtp_rcpt_check_quota = yes",
+        "lda_mailbox_autocreate = yes",
+        "lda_mailbox_autosubscribe = yes",
+        "mail_plugins = $mail_plugins quota",
+        "protocol lmtp {",
+        "  mail_plugins = $mail_plugins sieve",
+        "}",
+        "protocol imap {",
+        "  mail_plugins = $mail_plugins imap_quota",
+        "}",
+        "plugin {",
+        "  sieve = file:~/sieve;active=~/active.sieve",
+        "  quota = count:User quota",
+        "  quota_vsizes = yes",
+        "}",
+        "",
+    ]
+
+
 def render(settings: DovecotSettings) -> str:
     """The whole configuration (UnusablePath for a path it cannot hold)."""
     root = _path(settings.mail_root)
-    lines = _header(settings) + _mail(settings, root) + _auth(settings, root) + _tls(settings)
+    lines = (_header(settings) + _mail(settings, root) + _auth(settings, root) + _tls(settings)
+             + _lmtp(settings))
     return "\n".join(lines).rstrip("\n") + "\n"

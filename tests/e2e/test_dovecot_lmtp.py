@@ -1,0 +1,175 @@
+"""
+LMTP delivery (``[mailboxes] delivery = "lmtp:unix:PATH"``) to a private Dovecot run with the
+configuration ``mailsrv dovecot-config`` prints: local mail goes through mailsrv's queue to
+Dovecot's LMTP, so the users' Sieve scripts run (fileinto, vacation) and quotas apply (over
+quota: a bounce, never a loss); with Dovecot down the message waits in the queue and arrives
+when it is back.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import re
+import time
+
+import pytest
+from test_dovecot_imap import login, mailsrv
+
+from support.dovecot import MAIL_USER, Dovecot, dovecot_lacks, owned_dir, reachable_dir
+from support.harness import DNSServer, MailServer, wait_for
+from support.mail import send_mail
+
+LACKS = dovecot_lacks("lmtp")
+pytestmark = pytest.mark.skipif(LACKS is not None, reason=str(LACKS))
+
+PASSWORDS = {"alice@example.org": "alice pw", "bob@example.org": "bob pw",
+             "carol@example.net": "carol pw", "dave@example.org": "dave pw"}
+
+
+def sieve(server: MailServer, address: str, script: str) -> None:
+    """``script`` as the user's active Sieve script (~/sieve/main.sieve, ~/active.sieve)."""
+    home = server.mailbox_path(address)
+    uid, gid = os.stat(server.root).st_uid, os.stat(server.root).st_gid
+    for directory in (home.parent, home, home / "sieve"):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chown(directory, uid, gid)
+    (home / "sieve" / "main.sieve").write_text(script)
+    os.chown(home / "sieve" / "main.sieve", uid, gid)
+    os.symlink("sieve/main.sieve", home / "active.sieve")
+    os.lchown(home / "active.sieve", uid, gid)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    if LACKS is not None:
+        pytest.skip(LACKS)
+    with reachable_dir() as work:
+        dns = DNSServer(work, {"records": {}})
+        (work / "mailsrv").mkdir(mode=0o755)
+        (work / "dovecot").mkdir(mode=0o755)
+        socket_path = work / "dovecot" / "lmtp"
+        server = MailServer(work / "mailsrv", dns.port, users=[],
+                            aliases=["postmaster: alice@example.org"],
+                            overrides={"mailboxes": {"delivery": f"lmtp:unix:{socket_path}"},
+                                       "queue": {"retry_schedule": [1]}})
+        (server.workdir / "users").unlink()
+        owned_dir(server.queue)
+        owned_dir(server.root)
+        server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
+        dovecot = None
+        try:
+            for address, password in PASSWORDS.items():
+                result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
+                                 stdin=password + "\n")
+                assert result.returncode == 0, result.stderr
+            users = server.workdir / "users"
+            users.write_text(re.sub(r"(?m)^(dave@example\.org:[^:\n]*)$",
+                                    r"\1::::::userdb_quota_rule=*:storage=2K", users.read_text()))
+            sieve(server, "bob@example.org",
+                  'require "fileinto";\nif header :contains "subject" "[list]" '
+                  '{ fileinto "Lists"; stop; }\n')
+            sieve(server, "alice@example.org",
+                  'require "vacation";\nvacation :days 1 :subject "Away" "I am away.";\n')
+            server.start()
+            result = mailsrv(server.config_path, "dovecot-config")
+            assert result.returncode == 0, result.stderr
+            text = result.stdout.decode()
+            dovecot = Dovecot(work / "dovecot", text,
+                              extra=f"submission_host = 127.0.0.1:{server.port}\n").start()
+            yield {"server": server, "dovecot": dovecot, "config": text, "socket": socket_path}
+        finally:
+            if dovecot is not None:
+                dovecot.stop()
+            server.stop()
+            dns.stop()
+
+
+def inbox(dovecot: Dovecot, address: str, folder: str = "INBOX") -> list[bytes]:
+    client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
+    try:
+        assert login(client, address, PASSWORDS[address]) == "OK"
+        status, data = client.select(folder, readonly=True)
+        if status != "OK":
+            return []
+        count = int(data[0])
+        if not count:
+            return []
+        status, data = client.fetch(f"1:{count}", "(BODY.PEEK[])")
+        return [item[1] for item in data if isinstance(item, tuple)]
+    finally:
+        client.logout()
+
+
+def arrived(dovecot: Dovecot, address: str, marker: bytes, folder: str = "INBOX",
+            timeout: float = 20) -> bytes:
+    return wait_for(lambda: next((m for m in inbox(dovecot, address, folder) if marker in m),
+                                 None), timeout, f"{marker!r} in {address}'s {folder}", 0.2)
+
+
+def test_the_configuration_for_lmtp(setup):
+    text = setup["config"]
+    assert "\nprotocols = imap lmtp\n" in text
+    assert f"  unix_listener {setup['socket']} {{\n    user = {MAIL_USER}\n" in text
+    assert "  mail_plugins = $mail_plugins sieve\n" in text
+    assert "\npostmaster_address = postmaster@example.org\n" in text
+
+
+def test_delivered_through_lmtp_and_the_queue(setup):
+    server, dovecot = setup["server"], setup["dovecot"]
+    message = b"From: someone@client.test\r\nSubject: via lmtp\r\n\r\n.dot line\r\nbody\r\n"
+    assert send_mail(server.port, "someone@client.test", ["bob@example.org",
+                                                          "carol+tag@example.net"], message) == {}
+    for address in ("bob@example.org", "carol@example.net"):
+        got = arrived(dovecot, address, b"Subject: via lmtp")
+        assert got.endswith(b"\r\n\r\n.dot line\r\nbody\r\n")
+        assert got.startswith(b"Return-Path: <someone@client.test>\r\n")  # Dovecot's
+        assert b"by mx.example.org (mailsrv)" in got
+    log = server.log_text()
+    assert re.search(r"relay id=\S+ from=<someone@client\.test> to=<bob@example\.org> "
+                     r"relay=lmtp:unix:\S+ .*status=sent", log), log
+    assert dovecot.problems() == []
+
+
+def test_sieve_fileinto_and_vacation(setup):
+    server, dovecot = setup["server"], setup["dovecot"]
+    assert send_mail(server.port, "someone@client.test", ["bob@example.org"],
+                     b"Subject: [list] news\r\n\r\nfiled\r\n") == {}
+    arrived(dovecot, "bob@example.org", b"[list] news", folder="Lists")
+    assert not any(b"[list] news" in m for m in inbox(dovecot, "bob@example.org"))
+    assert send_mail(server.port, "carol@example.net", ["alice@example.org"],
+                     b"From: carol@example.net\r\nTo: alice@example.org\r\nSubject: hello\r\n"
+                     b"Message-ID: <vacation-test@example.net>\r\n\r\nare you there?\r\n") == {}
+    arrived(dovecot, "alice@example.org", b"are you there?")
+    reply = arrived(dovecot, "carol@example.net", b"I am away.")
+    assert b"Subject: Away" in reply and b"Auto-Submitted: auto-replied" in reply
+    assert dovecot.problems() == []
+
+
+def test_over_quota_is_bounced_never_lost(setup):
+    server, dovecot = setup["server"], setup["dovecot"]
+    big = b"Subject: too big\r\n\r\n" + b"x" * 70 + b"\r\n" * 0 + (b"y" * 70 + b"\r\n") * 60
+    assert send_mail(server.port, "carol@example.net", ["dave@example.org"], big) == {}
+    bounce = arrived(dovecot, "carol@example.net", b"Subject: Undelivered", timeout=30) \
+        if False else wait_for(
+            lambda: next((m for m in inbox(dovecot, "carol@example.net")
+                          if b"multipart/report" in m and b"dave@example.org" in m), None),
+            30, "the bounce to carol", 0.2)
+    assert b"5.2.2" in bounce
+    assert inbox(dovecot, "dave@example.org") == []
+    assert re.search(r"to=<dave@example\.org> relay=lmtp:\S+ .*status=bounced .*552",
+                     server.log_text()), server.log_text()
+
+
+def test_dovecot_away_the_message_waits_in_the_queue(setup):
+    server, dovecot = setup["server"], setup["dovecot"]
+    dovecot.stop()
+    try:
+        assert send_mail(server.port, "someone@client.test", ["bob@example.org"],
+                         b"Subject: while away\r\n\r\nkept\r\n") == {}
+        wait_for(lambda: re.search(r"to=<bob@example\.org> relay=none .*status=deferred",
+                                   server.log_text()), 20, "the deferral")
+        time.sleep(1.5)  # at least one retry more, still without Dovecot
+    finally:
+        dovecot.start()
+    arrived(dovecot, "bob@example.org", b"Subject: while away", timeout=30)
