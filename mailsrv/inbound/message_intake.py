@@ -106,6 +106,8 @@ class Transaction:
     ) -> None:
         """An accepted recipient and what its RCPT checks decided: the fields they add go
         to the message, the folder to its local targets (the first folder filed into stands)."""
+        self._before_last = (len(self.recipients), dict(self.targets), dict(self.folders),
+                             self.outcome)
         self.recipients.append(recipient)
         if self._quota is not None:
             self._quota.recipient_added(self._user)
@@ -115,6 +117,12 @@ class Transaction:
             self.targets.setdefault(target, recipient)
             if folder is not None and isinstance(target, LocalTarget):
                 self.folders.setdefault(target, folder)
+
+    def withdraw_last_recipient(self) -> None:
+        """Take back the recipient just added (refused after all: its mailbox is full)."""
+        count, targets, folders, outcome = self._before_last
+        del self.recipients[count:]
+        self.targets, self.folders, self.outcome = targets, folders, outcome
 
     # spooling
 

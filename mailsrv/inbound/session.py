@@ -298,7 +298,12 @@ class SMTPSession(TLSAndAuth):
             self.delivery.validateTo(recipient)
         except Refusal as e:
             return self._error(e.reply)
-        return replies.RECIPIENT_OK
+        probe = getattr(self.delivery, "probe_recipient", None)  # LMTP: a full mailbox?
+        asked = probe(recipient) if probe is not None else None
+        if asked is None:
+            return replies.RECIPIENT_OK
+        return asked.addCallback(
+            lambda refusal: replies.RECIPIENT_OK if refusal is None else self._error(refusal))
 
     def do_DATA(self, rest: bytes) -> Reply:
         if rest:

@@ -26,8 +26,10 @@ from mailsrv.dnsutil import skips_reverse_lookup
 from mailsrv.inbound.message_intake import Transaction, bracketed
 from mailsrv.interfaces import IPipeline, ISessionIntake
 from mailsrv.message import headers
-from mailsrv.replies import Refusal
+from mailsrv.outbound.lmtpprobe import full_mailbox
+from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import Mailbox
+from mailsrv.routing.router import LocalTarget
 from mailsrv.runtime import Runtime
 
 __all__ = ["SessionDelivery"]
@@ -62,6 +64,8 @@ class SessionDelivery:
         self._waiting: list[defer.Deferred] = []
         #: The transaction MAIL started, which RCPT adds to.
         self.transaction: Transaction | None = None
+        #: The targets of the recipient validateTo added last (for probe_recipient).
+        self._last_targets: tuple[Any, ...] = ()
         config = runtime.config
         if (
             config.smtp.reverse_dns and runtime.reverse_names is not None
@@ -249,4 +253,31 @@ class SessionDelivery:
             raise refusal
         assert facts.targets is not None, "a recipient without targets is refused by a check"
         transaction.add_recipient(user, facts.targets, outcome)
+        self._last_targets = facts.targets
         return lambda: transaction
+
+    def probe_recipient(self, user: Mailbox) -> defer.Deferred | None:
+        """With LMTP delivery, after validateTo: a Deferred firing with Dovecot's refusal of a
+        full mailbox among the recipient's (the recipient is then withdrawn), or None; None
+        at once when there is nothing to ask."""
+        target = self.runtime.config.mailboxes.delivery
+        transaction = self.transaction
+        if target is None or transaction is None:
+            return None
+        local = [t.address for t in self._last_targets if isinstance(t, LocalTarget)]
+        if not local:
+            return None
+        sender = str(transaction.sender) if transaction.sender else ""
+        d = full_mailbox(self.runtime.reactor, target, self.runtime.config.hostname, sender,
+                         local)
+
+        def decided(refusal: Reply | None) -> Reply | None:
+            if refusal is not None and self.transaction is transaction:
+                transaction.withdraw_last_recipient()
+                log.info(
+                    "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
+                    'reason="{reply}" (lmtp)', id=transaction.queue_id, client=self.client,
+                    sender=bracketed(transaction.sender), rcpt=user, reply=str(refusal))
+            return refusal
+
+        return d.addCallbacks(decided, lambda f: None)

@@ -54,7 +54,7 @@ class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
     MAX_LENGTH = 65536
 
     def __init__(self, transactions: list[OutboundTransaction], *, identity: str,
-                 outcome: SessionOutcome, timeout: float = 300.0) -> None:
+                 outcome: SessionOutcome, timeout: float = 300.0, probe: bool = False) -> None:
         self._transactions = iter(transactions)
         self.identity = identity.encode("ascii", "replace")
         self.outcome = outcome
@@ -66,6 +66,8 @@ class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
         self._accepted: list[str] = []
         self._waiting: list[str] = []  # accepted recipients whose reply to the data is due
         self._file: IO[bytes] | None = None
+        #: Ask RCPT only (what Dovecot would say now: a full mailbox), no data is sent.
+        self._probe = probe
 
     # --- replies ------------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
                 self._rcpt()
 
             self._send(b"RCPT TO:<" + address.encode("utf-8") + b">", answered)
-        elif self._accepted:
+        elif self._accepted and not self._probe:
             self._send(b"DATA", self._data)
         else:
             self._finish(None)

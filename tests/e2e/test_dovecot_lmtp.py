@@ -24,7 +24,8 @@ LACKS = dovecot_lacks("lmtp")
 pytestmark = pytest.mark.skipif(LACKS is not None, reason=str(LACKS))
 
 PASSWORDS = {"alice@example.org": "alice pw", "bob@example.org": "bob pw",
-             "carol@example.net": "carol pw", "dave@example.org": "dave pw"}
+             "carol@example.net": "carol pw", "dave@example.org": "dave pw",
+             "eve@example.org": "eve pw"}
 
 
 def sieve(server: MailServer, address: str, script: str) -> None:
@@ -64,8 +65,10 @@ def setup():
                                  stdin=password + "\n")
                 assert result.returncode == 0, result.stderr
             users = server.workdir / "users"
-            users.write_text(re.sub(r"(?m)^(dave@example\.org:[^:\n]*)$",
-                                    r"\1::::::userdb_quota_rule=*:storage=2K", users.read_text()))
+            text = re.sub(r"(?m)^(dave@example\.org:[^:\n]*)$",
+                          r"\1::::::userdb_quota_rule=*:storage=2K", users.read_text())
+            users.write_text(re.sub(r"(?m)^(eve@example\.org:[^:\n]*)$",
+                                    r"\1::::::userdb_quota_rule=*:messages=1", text))
             sieve(server, "bob@example.org",
                   'require "fileinto";\nif header :contains "subject" "[list]" '
                   '{ fileinto "Lists"; stop; }\n')
@@ -173,3 +176,22 @@ def test_dovecot_away_the_message_waits_in_the_queue(setup):
     finally:
         dovecot.start()
     arrived(dovecot, "bob@example.org", b"Subject: while away", timeout=30)
+
+
+def test_a_full_mailbox_is_refused_at_rcpt(setup):
+    """Dovecot's 552 5.2.2 to an LMTP RCPT, asked before our reply to RCPT: the sending
+    server is refused, no bounce; the other recipients of the message get it."""
+    server, dovecot = setup["server"], setup["dovecot"]
+    assert send_mail(server.port, "someone@client.test", ["eve@example.org"],
+                     b"Subject: the one message eve may have\r\n\r\nfits\r\n") == {}
+    arrived(dovecot, "eve@example.org", b"the one message eve may have")
+    refused = send_mail(server.port, "someone@client.test", ["eve@example.org",
+                                                             "bob@example.org"],
+                        b"Subject: one too many\r\n\r\nx\r\n")
+    assert list(refused) == ["eve@example.org"]
+    code, text = refused["eve@example.org"]
+    assert code == 552 and text.startswith(b"5.2.2"), text
+    arrived(dovecot, "bob@example.org", b"one too many")
+    assert len(inbox(dovecot, "eve@example.org")) == 1
+    assert re.search(r"refused recipient id=\S+ .*to=<eve@example\.org> reason=\"552 5\.2\.2",
+                     server.log_text())

@@ -135,3 +135,18 @@ def test_a_bad_reply_line_ends_the_session(tmp_path: Path) -> None:
 def test_dot_stuffing_across_chunks(chunks: list[bytes], wire: bytes) -> None:
     stuffer = _Stuffer()
     assert b"".join(stuffer(c) for c in chunks) == wire
+
+
+def test_probe_asks_rcpt_only(tmp_path: Path) -> None:
+    """The quota check at RCPT (mailsrv.outbound.lmtpprobe): no data is ever sent."""
+    t = transaction(tmp_path, "probe", ["a@x", "b@x"])
+    outcome = SessionOutcome()
+    client = LMTPClient([t], identity="mx", outcome=outcome, probe=True)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    for line in ("220 ready", "250 vm", "250 OK", "552 5.2.2 <a@x> Quota exceeded"):
+        client.dataReceived(line.encode() + b"\r\n")
+    transport.clear()
+    client.dataReceived(b"250 2.1.5 OK\r\n")
+    assert transport.value() == b"RSET\r\n"
+    assert list(t.results) == ["a@x"] and t.results["a@x"].status == "5.2.2"
