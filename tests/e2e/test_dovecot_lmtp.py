@@ -101,8 +101,11 @@ def inbox(dovecot: Dovecot, address: str, folder: str = "INBOX") -> list[bytes]:
         count = int(data[0])
         if not count:
             return []
-        status, data = client.fetch(f"1:{count}", "(BODY.PEEK[])")
-        return [item[1] for item in data if isinstance(item, tuple)]
+        status, data = client.fetch(f"1:{count}", "(RFC822.SIZE BODY.PEEK[])")
+        found = [item for item in data if isinstance(item, tuple)]
+        for head, body in found:  # the size Dovecot announces is that of what it sends
+            assert int(re.search(rb"RFC822\.SIZE (\d+)", head).group(1)) == len(body)
+        return [body for _, body in found]
     finally:
         client.logout()
 
