@@ -26,6 +26,8 @@ __all__ = ["DovecotSettings", "UnusablePath", "render", "FIRST_VALID_UID"]
 #: Debian's ``mailsrv``) is refused unless the configuration lowers it.
 FIRST_VALID_UID = 500
 FIRST_VALID_GID = 1
+#: Dovecot's LMTP socket with its default base_dir (Debian's /run/dovecot).
+DOVECOT_LMTP_SOCKET = Path("/run/dovecot/lmtp")
 
 
 class UnusablePath(ValueError):
@@ -187,8 +189,12 @@ def _lmtp(settings: DovecotSettings) -> list[str]:
     if not settings.lmtp:
         return []
     if settings.lmtp_path is not None:
+        # Dovecot's own LMTP socket (base_dir/lmtp, /run/dovecot/lmtp) by its own name, so
+        # that this changes Debian's 10-master.conf listener rather than adding a second one
+        # on the same path.
+        name = "lmtp" if settings.lmtp_path == DOVECOT_LMTP_SOCKET else _path(settings.lmtp_path)
         listener = [
-            f"  unix_listener {_path(settings.lmtp_path)} {{",
+            f"  unix_listener {name} {{",
             f"    user = {settings.mail_user}",
             f"    group = {settings.mail_group}",
             "    mode = 0600",

@@ -44,12 +44,14 @@ def test_delivery_refused(value):
 def test_dovecot_config_for_lmtp():
     text = render(replace(SETTINGS, lmtp_path=Path("/run/dovecot/lmtp"),
                           postmaster="postmaster@example.org", submission_host="127.0.0.1:25"))
-    for line in ("protocols = imap lmtp", "  unix_listener /run/dovecot/lmtp {",
+    for line in ("protocols = imap lmtp", "  unix_listener lmtp {",
                  "    user = mailsrv", "    mode = 0600", "postmaster_address = postmaster@example.org",
                  "submission_host = 127.0.0.1:25", "recipient_delimiter = +",
                  "lmtp_rcpt_check_quota = yes", "  mail_plugins = $mail_plugins sieve",
                  "  sieve = file:~/sieve;active=~/active.sieve", "  quota = count:User quota"):
         assert f"\n{line}\n" in text, line
+    elsewhere = render(replace(SETTINGS, lmtp_path=Path("/srv/lmtp.sock")))
+    assert "\n  unix_listener /srv/lmtp.sock {\n" in elsewhere
     tcp = render(replace(SETTINGS, lmtp_host="127.0.0.1", lmtp_port=24, recipient_delimiter=""))
     assert "  inet_listener lmtp {\n    address = 127.0.0.1\n    port = 24\n" in tcp
     assert "recipient_delimiter" not in tcp and "submission_host" not in tcp
