@@ -50,19 +50,19 @@ def setup():
         pytest.skip(LACKS)
     with reachable_dir() as work:
         dns = DNSServer(work, {"records": {}})
-        (work / "mailsrv").mkdir(mode=0o755)
-        (work / "dovecot").mkdir(mode=0o755)
-        socket_path = work / "dovecot" / "lmtp"
-        server = MailServer(work / "mailsrv", dns.port, users=[],
-                            aliases=["postmaster: alice@example.org"],
-                            overrides={"mailboxes": {"delivery": f"lmtp:unix:{socket_path}"},
-                                       "queue": {"retry_schedule": [1]}})
-        (server.workdir / "users").unlink()
-        owned_dir(server.queue)
-        owned_dir(server.root)
-        server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
-        dovecot = None
+        server = dovecot = None
         try:
+            (work / "mailsrv").mkdir(mode=0o755)
+            (work / "dovecot").mkdir(mode=0o755)
+            socket_path = work / "dovecot" / "lmtp"
+            server = MailServer(work / "mailsrv", dns.port, users=[],
+                                aliases=["postmaster: alice@example.org"],
+                                overrides={"mailboxes": {"delivery": f"lmtp:unix:{socket_path}"},
+                                           "queue": {"retry_schedule": [1]}})
+            (server.workdir / "users").unlink()
+            owned_dir(server.queue)
+            owned_dir(server.root)
+            server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
             for address, password in PASSWORDS.items():
                 result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
                                  stdin=password + "\n")
@@ -87,7 +87,8 @@ def setup():
         finally:
             if dovecot is not None:
                 dovecot.stop()
-            server.stop()
+            if server is not None:
+                server.stop()
             dns.stop()
 
 
