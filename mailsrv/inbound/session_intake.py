@@ -274,10 +274,11 @@ class SessionDelivery:
         def decided(refusal: Reply | None) -> Reply | None:
             if refusal is not None and self.transaction is transaction:
                 transaction.withdraw_last_recipient()
+                why = Refusal(refusal, check="lmtp_quota").describe()
                 log.info(
-                    "refused recipient id={id} client={client} from={sender} to=<{rcpt}> "
-                    'reason="{reply}" (lmtp)', id=transaction.queue_id, client=self.client,
-                    sender=bracketed(transaction.sender), rcpt=user, reply=str(refusal))
+                    "refused recipient id={id} client={client} from={sender} to=<{rcpt}> {why}",
+                    id=transaction.queue_id, client=self.client,
+                    sender=bracketed(transaction.sender), rcpt=user, why=why)
             return refusal
 
         return d.addCallbacks(decided, lambda f: None)

@@ -200,7 +200,8 @@ def test_a_full_mailbox_is_refused_at_rcpt(setup):
     assert code == 552 and text.startswith(b"5.2.2"), text
     arrived(dovecot, "bob@example.org", b"one too many")
     assert len(inbox(dovecot, "eve@example.org")) == 1
-    assert re.search(r"refused recipient id=\S+ .*to=<eve@example\.org> reason=\"552 5\.2\.2",
+    assert re.search(r"refused recipient id=\S+ .*to=<eve@example\.org> check=lmtp_quota "
+                     r"reason=\"552 5\.2\.2",
                      server.log_text())
 
 
