@@ -253,7 +253,8 @@ class Transaction:
             ))
             self.dkim = draft.dkim
             no_bounce = None
-            if draft.queued and not client.may_relay:  # an alias forwards mail from outside
+            lmtp = config.mailboxes.delivery is not None  # local copies queued for Dovecot
+            if (draft.queued or lmtp) and not client.may_relay:  # forwarded, or to Dovecot
                 no_bounce = forged_sender(auth, spam)
             trace = draft.prefix
             if headers.needs_separator(head):

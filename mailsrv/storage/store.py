@@ -83,7 +83,7 @@ def store(
         return _store_for_lmtp(config, queue_id, stored, local, remote, sender=sender,
                                queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
                                body_path=body_path, received_from=received_from,
-                               double_bounce=double_bounce)
+                               double_bounce=double_bounce, no_bounce=no_bounce)
     try:
         if local:
             root = Path(config.mailboxes.root)
@@ -115,11 +115,12 @@ def _store_for_lmtp(
     config: Config, queue_id: str, stored: Stored, local: list[LocalTarget],
     remote: list[RemoteTarget], *, sender: str | None, queue_sender: str | None,
     queue_prefix: bytes, trace: bytes, body_path: Path, received_from: str,
-    double_bounce: bool,
+    double_bounce: bool, no_bounce: str | None,
 ) -> Stored:
     """LMTP delivery: the local targets become a queue entry of their own (``<id>L`` when
     remote targets take ``<id>``), which the relayer hands to Dovecot; Dovecot writes
-    Return-Path: and Delivered-To: itself.  Both entries or neither."""
+    Return-Path: and Received: itself.  Both entries or neither; ``no_bounce`` (a forged
+    sender's mail) holds for both: Dovecot's refusal of it is only logged, no backscatter."""
     qdir = Path(config.queue.path)
     local_id = f"{queue_id}L" if remote else queue_id
     local_body = body_path
@@ -134,7 +135,7 @@ def _store_for_lmtp(
         stored.for_lmtp = queue.enqueue(
             qdir, local_id, sender=sender, recipients=[t.address for t in local],
             prefix=trace, body_path=local_body, created=time.time(),
-            received_from=received_from, double_bounce=double_bounce,
+            received_from=received_from, double_bounce=double_bounce, no_bounce=no_bounce,
         )
     except DeliveryError:
         if local_body != body_path:
@@ -148,7 +149,7 @@ def _store_for_lmtp(
                 qdir, queue_id, sender=queue_sender if queue_sender is not None else sender,
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path, created=time.time(), received_from=received_from,
-                double_bounce=double_bounce,
+                double_bounce=double_bounce, no_bounce=no_bounce,
             )
         except DeliveryError:
             queue.remove(qdir, local_id)
