@@ -261,3 +261,22 @@ def test_verdicts_at_a_server_with_and_without_smtputf8() -> None:
     assert decided["bob@d.example"][:2] == (554, "5.6.9")
     _, decided = utf8_verdicts(True, "jörg@b", ["c@d"], False, False, "peer")
     assert decided["c@d"][:2] == (553, "5.6.7") and "<jörg@b>" in decided["c@d"].text
+
+
+# --- bounces of UTF-8 addresses (RFC 6533) ----------------------------------------------------
+
+
+def test_bounce_of_a_utf8_recipient_to_a_utf8_sender() -> None:
+    from mailsrv.outbound.dsn import RecipientReport, build_dsn
+
+    data = build_dsn(
+        hostname="mx.example.org", dsn_id="DSN1", queue_id="Q1", original_sender="müller@b.example",
+        received_from="client.test[127.0.0.1]", arrival=1.0, now=2.0,
+        recipients=[RecipientReport("jörg+x@d.example", "failed", "5.6.7", "553 5.6.7 no", None)],
+        original_headers="Subject: Grüße\n".encode())
+    report = email.message_from_string(data.decode("utf-8"), policy=email.policy.default)
+    assert report["To"].addresses[0].username == "müller"
+    parts = list(report.iter_parts())
+    assert parts[0].get_content_charset() == "utf-8" and "<jörg+x@d.example>:".encode() in data
+    [_, recipient] = parts[1].get_payload()
+    assert recipient["Final-Recipient"] == "utf-8; j\\x{F6}rg\\x{2B}x@d.example"  # stays 7-bit
