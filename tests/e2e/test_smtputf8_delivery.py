@@ -10,8 +10,12 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +65,21 @@ def server(env, tmp_path):
     s.start()
     yield s
     s.stop()
+
+
+DOVEADM = shutil.which("doveadm")
+
+
+def doveadm_lacks() -> str | None:
+    if DOVEADM is None:
+        return "doveadm is not installed (apt install dovecot-core)"
+    if os.geteuid() != 0:
+        return "Dovecot reads mail as a user of its own: the copy is handed over as root"
+    try:
+        pwd.getpwnam("mail")
+    except KeyError:
+        return "no 'mail' user on this machine"
+    return None
 
 
 UTF8_MESSAGE = ("From: Anna Müller <müller@client.test>\r\nTo: Jörg <jörg@example.org>\r\n"
@@ -134,3 +153,42 @@ def test_relayed_with_smtputf8_when_offered_bounced_when_not(env, server):
                      b"Subject: plain\r\n\r\nplain\r\n", mail_options=["SMTPUTF8"]) == {}
     [got] = ascii_.wait_for_messages(before[1] + 1)[before[1]:]
     assert got["rcpt_to"] == ["carl@ascii.test"] and "SMTPUTF8" not in got["mail_params"]
+
+
+@pytest.mark.skipif(doveadm_lacks() is not None, reason=str(doveadm_lacks()))
+def test_dovecot_reads_joergs_maildir(server):
+    """Dovecot's own reader (doveadm fetch, no daemon: the mail location from the config,
+    the user from USER) on a copy of the Maildir tree, handed to Debian's ``mail`` user:
+    Dovecot never reads mail as root, and pytest's directories are root's alone."""
+    assert send_mail(server.port, "müller@client.test", ["jörg@example.org"], UTF8_MESSAGE,
+                     mail_options=["SMTPUTF8"]) == {}
+    wait_for(lambda: server.messages("jörg@example.org"), 10, "the message in jörg's Maildir")
+    mail = pwd.getpwnam("mail")
+    work = Path(tempfile.mkdtemp(prefix="mailsrv-utf8-dovecot-"))
+    try:
+        work.chmod(0o755)
+        shutil.copytree(server.root, work / "mailboxes")
+        for sub in ("run", "state"):
+            (work / sub).mkdir()
+        conf = work / "dovecot.conf"
+        conf.write_text(
+            f"mail_location = maildir:{work}/mailboxes/%d/%n\nbase_dir = {work}/run\n"
+            f"state_dir = {work}/state\nlog_path = /dev/stderr\nssl = no\n"
+            "mail_uid = mail\nmail_gid = mail\nfirst_valid_uid = 1\n"
+            "passdb {\n  driver = static\n}\nuserdb {\n  driver = static\n}\n")
+        for path in [work, *work.rglob("*")]:
+            os.chown(path, mail.pw_uid, mail.pw_gid)
+        home = work / "mailboxes" / "example.org" / "jörg"
+        result = subprocess.run(
+            ["setpriv", f"--reuid={mail.pw_uid}", f"--regid={mail.pw_gid}", "--clear-groups",
+             "env", "USER=jörg@example.org", f"HOME={home}", DOVEADM, "-c", str(conf),
+             "fetch", "hdr.subject hdr.from hdr.delivered-to body", "mailbox", "INBOX", "all"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        out = result.stdout.decode("utf-8", "replace")
+        assert result.returncode == 0, out
+        assert "hdr.subject: Grüße aus Köln" in out, out
+        assert "hdr.from: Anna Müller <müller@client.test>" in out
+        assert "hdr.delivered-to: jörg@example.org" in out
+        assert "Hallo Jörg," in out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
