@@ -280,3 +280,10 @@ def test_bounce_of_a_utf8_recipient_to_a_utf8_sender() -> None:
     assert parts[0].get_content_charset() == "utf-8" and "<jörg+x@d.example>:".encode() in data
     [_, recipient] = parts[1].get_payload()
     assert recipient["Final-Recipient"] == "utf-8; j\\x{F6}rg\\x{2B}x@d.example"  # stays 7-bit
+
+
+def test_a_utf8_login_name_is_the_users_file_address() -> None:
+    from mailsrv.accounts.auth import login_name
+
+    assert login_name(" Jo\u0308rg@Bücher.example ") == "jörg@xn--bcher-kva.example"
+    assert login_name("Alice@Example.org") == "alice@example.org"
