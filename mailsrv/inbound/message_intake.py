@@ -100,6 +100,8 @@ class Transaction:
         self.refused_by: str | None = None
         #: time.monotonic() at the end of DATA (the delivery latency's start).
         self._data_ended = 0.0
+        #: MAIL had SMTPUTF8 (RFC 6531): UTF-8 addresses and header fields; relayed with it.
+        self.smtputf8 = False
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -209,8 +211,7 @@ class Transaction:
             self.runtime.metrics.refused("data", "storage")
             return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
-            None, self.sender, self.recipients, queue_id=self.queue_id
-        )
+            None, self.sender, self.recipients, queue_id=self.queue_id, smtputf8=self.smtputf8)
         d = self.runtime.in_thread(self._deliver_blocking, trace, self.session.facts())
         d.addCallbacks(self._delivered, self._failed)
         return d
@@ -265,7 +266,7 @@ class Transaction:
                     queue_prefix=draft.queue_prefix,
                     targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
-                    folders=self.folders, no_bounce=no_bounce,
+                    folders=self.folders, no_bounce=no_bounce, smtputf8=self.smtputf8,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)

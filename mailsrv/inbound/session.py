@@ -54,7 +54,7 @@ COMMAND, DATA, CLOSING = "COMMAND", "DATA", "CLOSING"  # the session's modes
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
 _HELO_ARGUMENT = re.compile(rb"^(\[[A-Za-z0-9.:]+\]|[A-Za-z0-9._-]+)$")
-_PRINTABLE_COMMAND = re.compile(rb"^[\x20-\x7e\t]*$")
+_PRINTABLE_COMMAND = re.compile(rb"^[\x20-\x7e\t]*$|^(?i:MAIL|RCPT) [\x20-\x7e\x80-\xff]*$")
 
 _DATA_REPLIES = {
     DataError.BARE_LINE_END: replies.BARE_LINE_END,
@@ -251,6 +251,7 @@ class SMTPSession(TLSAndAuth):
             "PIPELINING",
             f"SIZE {self.runtime.config.smtp.max_message_size}",
             "8BITMIME",
+            "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
         ]
         if self.runtime.tls is not None and not self.tls_active:
@@ -273,6 +274,7 @@ class SMTPSession(TLSAndAuth):
             sender, params = parse_mail_from(rest)
             check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
             self._transaction = self.delivery.validateFrom(helo, sender)
+            self._transaction.smtputf8 = "SMTPUTF8" in params  # (RFC 6531: UTF-8 allowed)
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
@@ -291,7 +293,7 @@ class SMTPSession(TLSAndAuth):
                 return replies.TOO_MANY_RECIPIENTS
             return replies.TOO_MANY_ERRORS
         try:
-            recipient, params = parse_rcpt_to(rest)
+            recipient, params = parse_rcpt_to(rest, transaction.smtputf8)
             if params:
                 name = next(iter(params))
                 raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))

@@ -163,15 +163,18 @@ class SessionDelivery:
         return self.runtime.checks
 
     def receivedHeader(
-        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = ""
+        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = "",
+        smtputf8: bool = False,
     ) -> bytes:
-        """Our own Received: field (Twisted's default one is malformed and injectable)."""
+        """Our own Received: field (Twisted's default one is malformed and injectable);
+        ``with UTF8SMTP``... (RFC 6531 section 4.3) for a transaction with SMTPUTF8."""
+        protocol = self.protocol
         return headers.received_header(
             helo=self.helo,
             client_ip=self.client_ip,
             reverse_name=self.reverse_name,
             hostname=self.runtime.config.hostname,
-            protocol=self.protocol,
+            protocol=protocol.replace("ESMTP", "UTF8SMTP") if smtputf8 else protocol,
             queue_id=queue_id,
             recipient=str(recipients[0]) if len(recipients) == 1 else None,
             when=datetime.datetime.now(datetime.timezone.utc),

@@ -138,7 +138,7 @@ class Relayer(service.Service):
                 transactions.append(OutboundTransaction(
                     queue_id=queue_id, sender=message.sender, recipients=still,
                     prefix=message.prefix.encode("ascii"),
-                    body_path=queue.body_path(self.qdir, queue_id),
+                    body_path=queue.body_path(self.qdir, queue_id), smtputf8=message.smtputf8,
                 ))
         return transactions
 

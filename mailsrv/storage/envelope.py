@@ -23,6 +23,9 @@ fails too, it is only logged, so bounces never loop (written only when true).
 ``no_bounce`` (written only when set) says why this message's failures are logged and never
 reported to its sender: mail we forward whose sender failed SPF and DMARC, or that rspamd
 judged spam, whose sender is most likely forged (a bounce would be backscatter).
+``smtputf8`` (written only when true) says the message came with SMTPUTF8 (RFC 6531): it is
+relayed with that keyword, or, to a server without it, bounced when its addresses or header
+fields are UTF-8 (mailsrv.outbound.utf8).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class QueuedMessage:
     warned: bool = False
     double_bounce: bool = False  # a postmaster notice about a failed bounce: never notified on
     no_bounce: str | None = None  # why a failure is only logged (a likely forged sender)
+    smtputf8: bool = False  # came with SMTPUTF8: UTF-8 addresses or header fields (RFC 6531)
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:
@@ -107,6 +111,7 @@ def new_message(
     received_from: str,
     double_bounce: bool = False,
     no_bounce: str | None = None,
+    smtputf8: bool = False,
 ) -> QueuedMessage:
     """A fresh envelope, every recipient due now; ValueError for anything unstorable."""
     try:
@@ -128,6 +133,7 @@ def new_message(
         recipients=tuple(QueuedRecipient(a, next_attempt=created) for a in recipients),
         double_bounce=double_bounce,
         no_bounce=no_bounce or None,
+        smtputf8=smtputf8,
     )
 
 
@@ -158,6 +164,8 @@ def encode(message: QueuedMessage) -> bytes:
         data["double_bounce"] = True  # only then: other envelopes are as they always were
     if message.no_bounce:
         data["no_bounce"] = message.no_bounce
+    if message.smtputf8:
+        data["smtputf8"] = True
     try:
         # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
         return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -247,6 +255,7 @@ def decode(raw: bytes) -> QueuedMessage:
             warned=bool(data.get("warned", False)),
             double_bounce=data.get("double_bounce", False) is True,
             no_bounce=_optional_text(data, "no_bounce"),
+            smtputf8=data.get("smtputf8", False) is True,
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )
     except _Corrupt as exc:

@@ -109,6 +109,7 @@ def enqueue(
     received_from: str,
     double_bounce: bool = False,
     no_bounce: str | None = None,
+    smtputf8: bool = False,
 ) -> QueuedMessage:
     """Put a message in the outbound queue, durably; return its envelope.
 
@@ -133,6 +134,7 @@ def enqueue(
         received_from=received_from,
         double_bounce=double_bounce,
         no_bounce=no_bounce,
+        smtputf8=smtputf8,
     )
     data = encode(message)
     qdir = Path(qdir)

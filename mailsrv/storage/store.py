@@ -57,6 +57,7 @@ def store(
     double_bounce: bool = False,
     folders: Mapping[Target, str] | None = None,
     no_bounce: str | None = None,
+    smtputf8: bool = False,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -72,7 +73,9 @@ def store(
     bounce, ``no_bounce`` a queued copy whose failures are only logged (see
     mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
-    others go to the INBOX.  The body file is consumed: moved into the queue or left
+    others go to the INBOX.  ``smtputf8``: the message came with SMTPUTF8, so its queued
+    copy is marked so, and the local copies' Return-Path: and Delivered-To: may be UTF-8
+    (RFC 6532).  The body file is consumed: moved into the queue or left
     for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
@@ -87,11 +90,12 @@ def store(
     try:
         if local:
             root = Path(config.mailboxes.root)
-            return_path = headers.return_path(sender)
+            return_path = headers.return_path(sender, utf8=smtputf8)
             folders = folders or {}
             delivered = maildir.deliver(
                 root, [_maildir(root, t, folders.get(t)) for t in local],
-                [return_path + headers.delivered_to(t.address) + trace for t in local],
+                [return_path + headers.delivered_to(t.address, utf8=smtputf8) + trace
+                 for t in local],
                 body_path, hostname=config.hostname,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
@@ -102,7 +106,7 @@ def store(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
-                no_bounce=no_bounce,
+                no_bounce=no_bounce, smtputf8=smtputf8,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:

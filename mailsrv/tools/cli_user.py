@@ -20,7 +20,7 @@ from typing import Any
 from mailsrv.accounts import aliasfile, userfile
 from mailsrv.accounts.auth import PasswordError, hash_password
 from mailsrv.config import Config, ConfigError
-from mailsrv.routing.address import normalise_domain
+from mailsrv.routing.address import fold_local, normalise_domain
 from mailsrv.storage import durable
 from mailsrv.tools.cli_exit import EXIT_OK, Failed
 
@@ -37,7 +37,9 @@ def _user_address(config: Config, text: str) -> str:
         raise Failed(
             f"{text!r} is not an address in a local domain ({', '.join(config.domains.local)})"
         )
-    return f"{local.lower()}@{domain}"
+    # Lower case and NFC (jörg typed with a combining diaeresis is the same user), as the
+    # server compares local parts; UTF-8 names go into the file as UTF-8 (SMTPUTF8).
+    return f"{fold_local(local)}@{domain}"
 
 
 def _read_password(args: argparse.Namespace) -> str:
