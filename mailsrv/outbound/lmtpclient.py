@@ -16,15 +16,15 @@ large message).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
-from twisted.internet import defer, protocol
+from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
 from mailsrv import replies
-from mailsrv.outbound.smtpclient import OutboundTransaction, SessionOutcome
+from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory, SessionOutcome
 from mailsrv.replies import Reply
 
 __all__ = ["LMTPClient", "LMTPClientFactory"]
@@ -215,27 +215,7 @@ class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
                                   f"{reason.getErrorMessage()}"
 
 
-class LMTPClientFactory(protocol.ClientFactory):
-    """One connection attempt; ``done`` fires with the outcome when the connection ends."""
+class LMTPClientFactory(RelayClientFactory):
+    """One LMTP connection attempt, as the relay's (``done`` fires with the outcome)."""
 
-    def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
-        self.transactions = transactions
-        self.client_args = client_args
-        self.outcome = SessionOutcome()
-        self.done: defer.Deferred = defer.Deferred()
-
-    def buildProtocol(self, addr: Any) -> LMTPClient:
-        client = LMTPClient(self.transactions, outcome=self.outcome, **self.client_args)
-        client.factory = self
-        return client
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.outcome.reason = reason.getErrorMessage()
-        self._finish()
-
-    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.done.called:
-            self.done.callback(self.outcome)
+    client = LMTPClient

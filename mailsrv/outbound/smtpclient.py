@@ -365,7 +365,10 @@ def _text(value: Any) -> str:
 
 
 class RelayClientFactory(protocol.ClientFactory):
-    """One connection attempt; ``done`` fires with the outcome when the connection ends."""
+    """One connection attempt; ``done`` fires with the outcome when the connection ends.
+    ``client`` is the protocol spoken (SMTP here, LMTP in mailsrv.outbound.lmtpclient)."""
+
+    client: Any = RelayClient
 
     def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
         self.transactions = transactions
@@ -373,8 +376,8 @@ class RelayClientFactory(protocol.ClientFactory):
         self.outcome = SessionOutcome()
         self.done: defer.Deferred = defer.Deferred()
 
-    def buildProtocol(self, addr: Any) -> RelayClient:
-        client = RelayClient(self.transactions, outcome=self.outcome, **self.client_args)
+    def buildProtocol(self, addr: Any) -> Any:
+        client = self.client(self.transactions, outcome=self.outcome, **self.client_args)
         client.factory = self
         return client
 
