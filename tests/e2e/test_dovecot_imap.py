@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import collections
 import imaplib
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from support.certs import make_ca
-from support.dovecot import MAIL_USER, Dovecot, dovecot_lacks, owned_dir, reachable_dir
-from support.harness import REPO, DNSServer, MailServer
+from support.dovecot import (
+    MAIL_USER,
+    Dovecot,
+    dovecot_lacks,
+    fresh_install,
+    login,
+    mailsrv,
+    reachable_dir,
+)
+from support.harness import DNSServer, MailServer
 from support.mail import send_mail
 
 pytestmark = pytest.mark.skipif(dovecot_lacks() is not None, reason=str(dovecot_lacks()))
@@ -27,15 +32,6 @@ pytestmark = pytest.mark.skipif(dovecot_lacks() is not None, reason=str(dovecot_
 PASSWORDS = {"alice@example.org": "alice's pässword", "bob@example.org": "bob pw 2",
              "carol@example.net": "c" * 30}
 ZONE = {"records": {}}
-
-
-def mailsrv(config, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    """The admin command, as an administrator runs it (root)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mailsrv.tools.cli", *args, "--config", str(config)],
-        input=stdin.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
-    )
 
 
 def messages() -> list[tuple[str, list[str], bytes, list[str]]]:
@@ -73,14 +69,7 @@ def setup():
                                 aliases=["postmaster: alice@example.org",
                                          "sales@example.org: alice@example.org, bob@example.org"],
                                 overrides={"tls": {"cert": str(cert), "key": str(key)}})
-            (server.workdir / "users").unlink()  # a fresh install: `mailsrv user add` makes it
-            owned_dir(server.queue)  # as the server makes them at its first start, as its user
-            owned_dir(server.root)
-            server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
-            for address, password in PASSWORDS.items():
-                result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
-                                 stdin=password + "\n")
-                assert result.returncode == 0, result.stderr
+            fresh_install(server, PASSWORDS)
             # A line with Dovecot's extra fields: `mailsrv user passwd` leaves them as they are.
             users = server.workdir / "users"
             users.write_text(users.read_text() + "dave@example.org:{BLF-CRYPT}$2y$05$x::::::"
@@ -111,12 +100,6 @@ def test_the_configuration_names_the_servers_files_and_user(setup):
     users = server.workdir / "users"
     assert users.stat().st_mode & 0o777 == 0o640 and users.stat().st_gid == 8
     assert f"ssl_cert = <{setup['cert']}\nssl_key = <{setup['key']}\n" in text
-
-
-def login(client: imaplib.IMAP4, user: str, password: str) -> str:
-    """AUTHENTICATE PLAIN in UTF-8 (imaplib's LOGIN takes ASCII only), as mail clients do."""
-    response = f"\0{user}\0{password}".encode()
-    return client.authenticate("PLAIN", lambda challenge: response)[0]
 
 
 def maildir_files(server: MailServer, address: str) -> list[bytes]:

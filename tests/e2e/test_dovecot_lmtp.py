@@ -17,9 +17,16 @@ import threading
 import time
 
 import pytest
-from test_dovecot_imap import login, mailsrv
 
-from support.dovecot import MAIL_USER, Dovecot, dovecot_lacks, owned_dir, reachable_dir
+from support.dovecot import (
+    MAIL_USER,
+    Dovecot,
+    dovecot_lacks,
+    fresh_install,
+    login,
+    mailsrv,
+    reachable_dir,
+)
 from support.harness import DNSServer, MailServer, wait_for
 from support.mail import send_mail
 
@@ -59,14 +66,7 @@ def setup():
                                 aliases=["postmaster: alice@example.org"],
                                 overrides={"mailboxes": {"delivery": f"lmtp:unix:{socket_path}"},
                                            "queue": {"retry_schedule": [1]}})
-            (server.workdir / "users").unlink()
-            owned_dir(server.queue)
-            owned_dir(server.root)
-            server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
-            for address, password in PASSWORDS.items():
-                result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
-                                 stdin=password + "\n")
-                assert result.returncode == 0, result.stderr
+            fresh_install(server, PASSWORDS)
             users = server.workdir / "users"
             text = re.sub(r"(?m)^(dave@example\.org:[^:\n]*)$",
                           r"\1::::::userdb_quota_rule=*:storage=2K", users.read_text())

@@ -14,6 +14,7 @@ is ``0700`` root's.
 
 from __future__ import annotations
 
+import imaplib
 import os
 import pwd
 import re
@@ -21,13 +22,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from support.harness import free_port, wait_for
+from support.harness import REPO, MailServer, free_port, wait_for
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 LIBEXEC = Path("/usr/lib/dovecot")
@@ -72,6 +74,35 @@ def owned_dir(path: Path, user: str = MAIL_USER) -> Path:
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid, entry.pw_gid)
     return path
+
+
+def mailsrv(config: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """The admin command, as an administrator runs it (root)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailsrv.tools.cli", *args, "--config", str(config)],
+        input=stdin.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60,
+    )
+
+
+def fresh_install(server: MailServer, passwords: dict[str, str]) -> None:
+    """``server`` (not started) as a fresh install running as MAIL_USER: no users file until
+    ``mailsrv user add`` makes one for each of ``passwords``; the queue and the Maildirs the
+    server's user's, as the server makes them at its first start."""
+    (server.workdir / "users").unlink()
+    owned_dir(server.queue)
+    owned_dir(server.root)
+    server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
+    for address, password in passwords.items():
+        result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
+                         stdin=password + "\n")
+        assert result.returncode == 0, result.stderr
+
+
+def login(client: imaplib.IMAP4, user: str, password: str) -> str:
+    """AUTHENTICATE PLAIN in UTF-8 (imaplib's LOGIN takes ASCII only), as mail clients do."""
+    response = f"\0{user}\0{password}".encode()
+    return client.authenticate("PLAIN", lambda challenge: response)[0]
 
 
 class Dovecot:
