@@ -40,8 +40,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench import clients, content, cpuload
+from bench import clients, content
 from bench.peers import DOMAIN, wait_until
+from bench.receipt import timed_receipt
 from bench.run import DNS, RESULTS, Plan, alternate, cleanup, make_server
 
 VARIANTS = ["off", "dnsbl+greylist", "rspamd"]
@@ -203,26 +204,13 @@ def measure_gate(plan: Plan, work: Path, variants: list[str]) -> None:
             server.start()
             problems = warm_up(server.port, variant)
             sent = messages(count, f"{r}{variant}")
-            before = server.delivered()
             log_offset = len(whole_log(server.log_path))
             rspamd_log_offset = len(rspamd.log_text()) if rspamd else 0
-            pid = server.pids()[0]
-            with cpuload.Interval() as load:
-                cpu = cpuload.process_seconds(pid)
-                rspamd_cpu = process_tree_seconds(rspamd.process.pid) if rspamd else 0.0
-                start = time.time()
-                accepted, errors = clients.send_prepared(
-                    server.port, list(sent.values()), SENDER, RECIPIENT, source=SOURCES)
-                try:
-                    wait_until(lambda: server.count() - len(before) >= count, 120,
-                               f"{count} files in new/", 0.01)
-                except RuntimeError:
-                    pass
-                cpu = cpuload.process_seconds(pid) - cpu
-                if rspamd:
-                    rspamd_cpu = process_tree_seconds(rspamd.process.pid) - rspamd_cpu
-            elapsed = max(server.last_delivery() - start, 1e-6)
-            new = server.delivered() - before
+            got = timed_receipt(
+                server, list(sent.values()), SENDER, RECIPIENT, SOURCES,
+                beside=(lambda: process_tree_seconds(rspamd.process.pid)) if rspamd else None)
+            accepted, errors, new, load = got.accepted, got.errors, got.new, got.load
+            cpu, rspamd_cpu, elapsed = got.cpu, got.beside_cpu, got.elapsed
             checked, wrong = content.check_each(
                 content.read_files(server.maildir_root, new), sent)
             problems += wrong
@@ -244,20 +232,20 @@ def measure_gate(plan: Plan, work: Path, variants: list[str]) -> None:
                 print(f"  CHECK FAILED: gate {variant}:\n    " + "\n    ".join(problems),
                       flush=True)
                 check += ": " + "; ".join(problems[:2])
-            RESULTS.add(measure(variant), "mailsrv", count / elapsed, check, ok, load.result)
+            RESULTS.add(measure(variant), "mailsrv", count / elapsed, check, ok, load)
             RESULTS.add(measure(variant, "CPU ms/msg"), "mailsrv", 1000 * cpu / count, check,
-                        ok, load.result)
+                        ok, load)
             if rspamd:
                 RESULTS.add(measure(variant, "rspamd CPU ms/msg"), "mailsrv",
-                            1000 * rspamd_cpu / count, check, ok, load.result)
+                            1000 * rspamd_cpu / count, check, ok, load)
                 if waits:
                     RESULTS.add(measure(variant, "scan wait ms/msg"), "mailsrv",
-                                1000 * statistics.fmean(waits), check, ok, load.result)
+                                1000 * statistics.fmean(waits), check, ok, load)
                     RESULTS.add(measure(variant, "scan wait p50 ms"), "mailsrv",
-                                1000 * statistics.median(waits), check, ok, load.result)
+                                1000 * statistics.median(waits), check, ok, load)
                 if tasks:
                     RESULTS.add(measure(variant, "rspamd task ms"), "mailsrv",
-                                statistics.fmean(tasks), check, ok, load.result)
+                                statistics.fmean(tasks), check, ok, load)
         finally:
             if server is not None:
                 server.stop()

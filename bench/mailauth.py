@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench import clients, content, cpuload
 from bench.peers import DOMAIN, wait_until
+from bench.receipt import timed_receipt
 from bench.run import (
     DNS,
     RESULTS,
@@ -267,22 +268,10 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
                 "relay": {"trusted_networks": ["127.0.0.1/32"]},
                 "checks": on if checks_on else off})
             server.start()
-            before = server.delivered()
-            pid = server.pids()[0]
-            with cpuload.Interval() as load:
-                cpu = cpuload.process_seconds(pid)
-                start = time.time()
-                accepted, errors = clients.send_prepared(
-                    server.port, list(messages.values()), f"bench@{SENDER_DOMAIN}",
-                    f"alice@{DOMAIN}", source=OUTSIDE)
-                try:
-                    wait_until(lambda: server.count() - len(before) >= count, 120,
-                               f"{count} files in new/", 0.01)
-                except RuntimeError:
-                    pass
-                cpu = cpuload.process_seconds(pid) - cpu
-            elapsed = max(server.last_delivery() - start, 1e-6)
-            new = server.delivered() - before
+            got = timed_receipt(server, list(messages.values()), f"bench@{SENDER_DOMAIN}",
+                                f"alice@{DOMAIN}", OUTSIDE)
+            accepted, errors, new, load = got.accepted, got.errors, got.new, got.load
+            cpu, elapsed = got.cpu, got.elapsed
             files = list(content.read_files(server.maildir_root, new))
             checked, problems = content.check_each(files, messages)
             problems += check_results(files, checks_on)
@@ -297,9 +286,9 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
                       flush=True)
                 check += ": " + "; ".join(problems[:2])
             RESULTS.add(receive_measure(variant), "mailsrv", count / elapsed, check, ok,
-                        load.result)
+                        load)
             RESULTS.add(cpu_measure(receive_measure(variant)), "mailsrv", 1000 * cpu / count,
-                        check, ok, load.result)
+                        check, ok, load)
         finally:
             if server is not None:
                 server.stop()
