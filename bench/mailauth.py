@@ -253,9 +253,10 @@ def measure_auth_receive(plan: Plan, work: Path) -> None:
           flush=True)
     pem, public = sender_key()
     messages = signed_messages(count, pem)
-    off = {"spf": False, "dkim_verify": False, "dmarc": False, "protect_local_domains": False}
-    on = {"spf": True, "dkim_verify": True, "dmarc": True, "protect_local_domains": True,
-          "dmarc_reject": True}
+    off = {"spf": False, "dkim_verify": False, "dmarc": False, "arc": False,
+           "protect_local_domains": False}
+    on = {"spf": True, "dkim_verify": True, "dmarc": True, "arc": True,
+          "protect_local_domains": True, "dmarc_reject": True}
 
     def one(variant: str, r: int) -> None:
         wd = work / f"auth-{variant.replace(' ', '-')}-{r}"
