@@ -128,7 +128,7 @@ class Metrics:
         self._connections_refused = counter(
             "mailsrv_connections_refused",
             "SMTP connections refused before any command: max_connections, "
-            "max_connections_per_ip, early_talker", "reason")
+            "max_connections_per_ip, connections_per_minute, early_talker", "reason")
         self.connections_open = Gauge(
             "mailsrv_connections_open", "SMTP connections open now", registry=r)
         self._accepted = counter(
