@@ -45,6 +45,7 @@ from mailsrv.storage import maildir, queue
 from mailsrv.storage.store import Stored, store
 
 if TYPE_CHECKING:
+    from mailsrv.checks.auth.spfcheck import SPFResult
     from mailsrv.inbound.session_intake import SessionDelivery
 
 __all__ = ["Transaction", "bracketed"]
@@ -90,7 +91,7 @@ class Transaction:
         #: The DKIM signatures made (``domain/selector``), for the log line.
         self.dkim: tuple[str, ...] = ()
         #: SPF's result for the sender when it was checked before MAIL's reply (greylisting).
-        self.sender_spf: str | None = None
+        self.sender_spf: SPFResult | None = None
         #: The authenticated user's send quota this transaction is open against, until it ends.
         self._user = session.authenticated_as
         self._quota = self.runtime.send_quota if self._user is not None else None
@@ -293,7 +294,7 @@ class Transaction:
         assert self.spool_path is not None and facts.head is not None
         auth = authenticator.evaluate(
             client.ip, client.helo, str(self.sender) if self.sender else None, facts.head,
-            self.spool_path)
+            self.spool_path, spf_known=self.sender_spf)
         self.auth_summary = auth.summary()
         claimed = [offset for offset, value in facts.head.auth_results
                    if authserv_id(value) == self.runtime.config.hostname.lower()]

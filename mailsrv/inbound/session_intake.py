@@ -217,7 +217,7 @@ class SessionDelivery:
             return None
 
         def found(result: SPFResult) -> None:
-            transaction.sender_spf = result.result
+            transaction.sender_spf = result
             log.info("greylist spf id={id} client={client} from=<{sender}> spf={result}",
                      id=transaction.queue_id, client=self.client, sender=sender,
                      result=result.result)
@@ -240,7 +240,8 @@ class SessionDelivery:
             Stage.RCPT, self.facts(), directory, sender=transaction.sender, recipient=user,
             recipient_is_local=policy.is_local(user, directory),
             targets=policy.route(user, directory, self.may_relay),
-            recipients=tuple(transaction.recipients), sender_spf=transaction.sender_spf,
+            recipients=tuple(transaction.recipients),
+            sender_spf=transaction.sender_spf.result if transaction.sender_spf else None,
         )
         outcome = self.checks.run(facts)
         if outcome.refusal is not None:

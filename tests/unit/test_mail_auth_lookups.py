@@ -354,3 +354,24 @@ def test_the_authenticator_does_only_what_is_turned_on(tmp_path):
         "192.0.2.7", "client.test", "x@pass.test", inspect_head(message), path)
     assert auth.summary() == "spf=skipped dkim=skipped dmarc=skipped"
     assert thread_dns.asked == []
+
+
+def test_spf_already_checked_before_rcpt_is_not_checked_again(tmp_path):
+    """Greylisting checked SPF for a big provider's sender before RCPT: the end of DATA uses
+    that result for the same client, HELO and sender instead of asking DNS again; with
+    [checks] spf off it is not reported."""
+    from mailsrv.checks.auth.evaluate import Authenticator
+    from mailsrv.checks.auth.spfcheck import SPFResult
+    from mailsrv.message.headsection import inspect_head
+
+    message = b"From: x@pass.test\nSubject: s\n\nbody\n"
+    path = tmp_path / "spool"
+    path.write_bytes(message)
+    thread_dns = ZoneDNS({"pass.test": [spf_txt("v=spf1 ip4:192.0.2.0/24 -all")]})
+    known = SPFResult("pass", "mailfrom", "x@pass.test", "pass.test")
+    auth = Authenticator(thread_dns, dkim=False, dmarc=False, arc=False).evaluate(
+        "192.0.2.7", "client.test", "x@pass.test", inspect_head(message), path, spf_known=known)
+    assert auth.spf is known and thread_dns.asked == []
+    auth = Authenticator(thread_dns, spf=False, dkim=False, dmarc=False, arc=False).evaluate(
+        "192.0.2.7", "client.test", "x@pass.test", inspect_head(message), path, spf_known=known)
+    assert auth.spf is None

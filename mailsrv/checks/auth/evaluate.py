@@ -56,12 +56,15 @@ class Authenticator:
 
     def evaluate(
         self, ip: str, helo: str | None, sender: str | None, head: HeaderFacts,
-        message_path: Path,
+        message_path: Path, spf_known: spfcheck.SPFResult | None = None,
     ) -> AuthResults:
         """The results for the spooled message at ``message_path`` (LF line ends), sent by
-        ``ip`` after ``helo`` with envelope sender ``sender`` (None: ``<>``).  Blocking:
+        ``ip`` after ``helo`` with envelope sender ``sender`` (None: ``<>``); ``spf_known``:
+        SPF for these same three, already checked (before RCPT, for greylisting).  Blocking:
         reads the file and waits for DNS answers; never raises for what it finds."""
-        spf = spfcheck.check_spf(self.dns, ip, sender, helo) if self.spf else None
+        spf = None
+        if self.spf:
+            spf = spf_known or spfcheck.check_spf(self.dns, ip, sender, helo)
         dkim: tuple[dkimcheck.DKIMResult, ...] = ()
         arc = arccheck.ARCResult("none") if self.arc else None
         if (self.dkim or self.arc) and head.has_header_section:
