@@ -24,27 +24,17 @@ from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
 from mailsrv import replies
-from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory, SessionOutcome
+from mailsrv.outbound.smtpclient import (
+    DotStuffer,
+    OutboundTransaction,
+    RelayClientFactory,
+    SessionOutcome,
+)
 from mailsrv.replies import Reply
 
 __all__ = ["LMTPClient", "LMTPClientFactory"]
 
 log = Logger(namespace="mailsrv")
-
-
-class _Stuffer:
-    """LF to CRLF and dot-stuffing, correct across chunk boundaries."""
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        if self.at_line_start and chunk[:1] == b".":
-            chunk = b"." + chunk
-        self.at_line_start = chunk[-1:] == b"\n"
-        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
 
 
 class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
@@ -162,13 +152,13 @@ class LMTPClient(basic.LineReceiver, policies.TimeoutMixin):
                       path=current.body_path, error=e.strerror)
             self.transport.abortConnection()
             return
-        stuffer = _Stuffer()
+        stuffer = DotStuffer()
         self.transport.write(stuffer(current.prefix))
         d = basic.FileSender().beginFileTransfer(self._file, self.transport, stuffer)
         d.addCallback(lambda _: self._sent(stuffer))
         d.addErrback(lambda f: None)  # the connection went: connectionLost says so
 
-    def _sent(self, stuffer: _Stuffer) -> None:
+    def _sent(self, stuffer: DotStuffer) -> None:
         self._close_file()
         self.transport.write(b".\r\n" if stuffer.at_line_start else b"\r\n.\r\n")
         self._waiting = list(self._accepted)

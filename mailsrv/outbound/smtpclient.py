@@ -40,7 +40,9 @@ from mailsrv import replies
 from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
 
-__all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
+__all__ = [
+    "DotStuffer", "OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory",
+]
 
 log = Logger(namespace="mailsrv")
 
@@ -104,6 +106,23 @@ class _MessageData:
         self._body.close()
 
 
+class DotStuffer:
+    """LF to CRLF and dot-stuffing, correct across chunk boundaries and on the first line
+    (the spool keeps LF line ends; SMTP and LMTP send CRLF); ``at_line_start`` tells how the
+    data ended."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return chunk
+        if self.at_line_start and chunk[:1] == b".":
+            chunk = b"." + chunk
+        self.at_line_start = chunk[-1:] == b"\n"
+        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+
+
 class RelayClient(smtp.ESMTPClient):
     """Sends a list of transactions over one connection, one after the other."""
 
@@ -135,7 +154,7 @@ class RelayClient(smtp.ESMTPClient):
         self._remaining = len(transactions)
         self._current: OutboundTransaction | None = None
         self._data: _MessageData | None = None
-        self._at_line_start = True
+        self._stuffer = DotStuffer()
         self._extensions: dict[bytes, Any] = {}
         #: (transaction, 8BITMIME offered) -> Deferred firing with an ``Outgoing`` or a Reply
         self._prepare = prepare
@@ -282,7 +301,7 @@ class RelayClient(smtp.ESMTPClient):
 
     def getMailData(self) -> _MessageData:
         assert self._current is not None
-        self._at_line_start = True
+        self._stuffer = DotStuffer()
         self._data = _MessageData(self._outgoing.prefix, open(self._outgoing.path, "rb"))
         return self._data
 
@@ -298,12 +317,7 @@ class RelayClient(smtp.ESMTPClient):
     def transformChunk(self, chunk: bytes) -> bytes:
         """LF to CRLF and dot-stuffing, correct at chunk boundaries and on the first line."""
         self.resetTimeout()
-        if not chunk:
-            return chunk
-        if self._at_line_start and chunk[:1] == b".":
-            chunk = b"." + chunk
-        self._at_line_start = chunk[-1:] == b"\n"
-        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        return self._stuffer(chunk)
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
         current, self._current = self._current, None

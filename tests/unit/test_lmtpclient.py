@@ -11,8 +11,8 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from mailsrv.outbound.lmtpclient import LMTPClient, LMTPClientFactory, _Stuffer
-from mailsrv.outbound.smtpclient import OutboundTransaction, SessionOutcome
+from mailsrv.outbound.lmtpclient import LMTPClient, LMTPClientFactory
+from mailsrv.outbound.smtpclient import DotStuffer, OutboundTransaction, SessionOutcome
 
 
 def transaction(tmp_path: Path, queue_id: str, recipients: list[str],
@@ -133,7 +133,7 @@ def test_a_bad_reply_line_ends_the_session(tmp_path: Path) -> None:
     ([b"\n", b".\n"], b"\r\n..\r\n"),
 ])
 def test_dot_stuffing_across_chunks(chunks: list[bytes], wire: bytes) -> None:
-    stuffer = _Stuffer()
+    stuffer = DotStuffer()
     assert b"".join(stuffer(c) for c in chunks) == wire
 
 

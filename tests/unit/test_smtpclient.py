@@ -53,7 +53,6 @@ def client() -> RelayClient:
 
 def stuff(chunks: list[bytes]) -> bytes:
     c = client()
-    c._at_line_start = True
     return b"".join(c.transformChunk(chunk) for chunk in chunks)
 
 
