@@ -24,8 +24,8 @@ from twisted.protocols import basic, policies
 from twisted.python.failure import Failure
 
 from mailsrv import replies
+from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.smtpclient import (
-    DotStuffer,
     OutboundTransaction,
     RelayClientFactory,
     SessionOutcome,

@@ -37,12 +37,11 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
+from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
 
-__all__ = [
-    "DotStuffer", "OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory",
-]
+__all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
 
 log = Logger(namespace="mailsrv")
 
@@ -104,23 +103,6 @@ class _MessageData:
 
     def close(self) -> None:
         self._body.close()
-
-
-class DotStuffer:
-    """LF to CRLF and dot-stuffing, correct across chunk boundaries and on the first line
-    (the spool keeps LF line ends; SMTP and LMTP send CRLF); ``at_line_start`` tells how the
-    data ended."""
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return chunk
-        if self.at_line_start and chunk[:1] == b".":
-            chunk = b"." + chunk
-        self.at_line_start = chunk[-1:] == b"\n"
-        return chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
 
 
 class RelayClient(smtp.ESMTPClient):

@@ -11,8 +11,9 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.lmtpclient import LMTPClient, LMTPClientFactory
-from mailsrv.outbound.smtpclient import DotStuffer, OutboundTransaction, SessionOutcome
+from mailsrv.outbound.smtpclient import OutboundTransaction, SessionOutcome
 
 
 def transaction(tmp_path: Path, queue_id: str, recipients: list[str],
