@@ -38,8 +38,10 @@ from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
 from mailsrv.checks.rspamd.removal import removals, rename_in_place
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
+from mailsrv.outbound import delivered
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import Mailbox
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
 from mailsrv.storage.store import Stored, store
@@ -100,6 +102,8 @@ class Transaction:
         self.refused_by: str | None = None
         #: time.monotonic() at the end of DATA (the delivery latency's start).
         self._data_ended = 0.0
+        self.dsn = MailDSN()  #: MAIL's DSN parameters; RCPT's by recipient as named (RFC 3461)
+        self.recipient_dsn: dict[Mailbox, RecipientDSN] = {}
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -250,18 +254,21 @@ class Transaction:
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
+            by_address = delivered.by_address(self.targets, self.recipient_dsn)
             try:
-                return store(
+                stored = store(
                     config, self.queue_id, sender=draft.sender, queue_sender=draft.queue_sender,
-                    queue_prefix=draft.queue_prefix,
-                    targets=list(self.targets),
+                    queue_prefix=draft.queue_prefix, targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
-                    folders=self.folders, no_bounce=no_bounce,
+                    folders=self.folders, no_bounce=no_bounce, dsn=self.dsn,
+                    recipient_dsn=by_address,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 self.refused_by = "storage"
                 raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+            delivered.report(self.runtime, self, stored, by_address, client.name, trace + head)
+            return stored
         finally:
             if self.runtime.spool_files is not None:
                 self.runtime.spool_files.release(self.spool_path)  # reused, not removed

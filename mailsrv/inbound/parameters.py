@@ -1,18 +1,29 @@
 """
 The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870) and ``BODY=`` (RFC 6152),
-each only after EHLO; any other is refused (pure).
+each only after EHLO; any other is refused (pure).  The DSN parameters (RFC 3461) of MAIL and
+RCPT are parsed by mailsrv.routing.dsn_params; this checks they come after EHLO and where
+they belong.
 """
 
 from __future__ import annotations
 
 from mailsrv import replies
 from mailsrv.replies import Refusal
+from mailsrv.routing.dsn_params import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    MailDSN,
+    RecipientDSN,
+    parse_mail_dsn,
+    parse_rcpt_dsn,
+)
 
-__all__ = ["check_mail_parameters"]
+__all__ = ["check_mail_parameters", "check_rcpt_parameters"]
 
 
-def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> None:
-    """Raise Refusal with the reply for the first parameter that cannot be accepted."""
+def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> MailDSN:
+    """Raise Refusal with the reply for the first parameter that cannot be accepted; the
+    DSN parameters (RET, ENVID) of an accepted MAIL."""
     for name, value in params.items():
         if not esmtp:
             raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
@@ -24,5 +35,16 @@ def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: 
         elif name == "BODY":
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                 raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
-        else:
+        elif name not in MAIL_PARAMETERS:
             raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+    return parse_mail_dsn(params)
+
+
+def check_rcpt_parameters(params: dict[str, str | None], esmtp: bool) -> RecipientDSN:
+    """RCPT's DSN parameters (NOTIFY, ORCPT), or Refusal for the first one refused."""
+    for name in params:
+        if not esmtp:
+            raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
+        if name not in RCPT_PARAMETERS:
+            raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+    return parse_rcpt_dsn(params)

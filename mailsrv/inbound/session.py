@@ -27,7 +27,7 @@ from mailsrv import replies
 from mailsrv.inbound import sasl
 from mailsrv.inbound.datascan import DataError, DataScanner
 from mailsrv.inbound.framing import CommandFramer, Framing
-from mailsrv.inbound.parameters import check_mail_parameters
+from mailsrv.inbound.parameters import check_mail_parameters, check_rcpt_parameters
 from mailsrv.inbound.tlsauth import TLSAndAuth
 from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
@@ -251,7 +251,7 @@ class SMTPSession(TLSAndAuth):
             "PIPELINING",
             f"SIZE {self.runtime.config.smtp.max_message_size}",
             "8BITMIME",
-            "ENHANCEDSTATUSCODES",
+            "ENHANCEDSTATUSCODES", "DSN",
         ]
         if self.runtime.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -271,8 +271,9 @@ class SMTPSession(TLSAndAuth):
         helo = (self._helo_name.encode("ascii"), self.client_ip.encode("ascii"))
         try:
             sender, params = parse_mail_from(rest)
-            check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
+            dsn = check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
             self._transaction = self.delivery.validateFrom(helo, sender)
+            self._transaction.dsn = dsn
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
@@ -292,10 +293,9 @@ class SMTPSession(TLSAndAuth):
             return replies.TOO_MANY_ERRORS
         try:
             recipient, params = parse_rcpt_to(rest)
-            if params:
-                name = next(iter(params))
-                raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+            dsn = check_rcpt_parameters(params, self._esmtp)
             self.delivery.validateTo(recipient)
+            transaction.recipient_dsn.setdefault(recipient, dsn)  # (the first RCPT stands)
         except Refusal as e:
             return self._error(e.reply)
         return replies.RECIPIENT_OK

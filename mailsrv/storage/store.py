@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mailsrv.config import Config
 from mailsrv.message import headers
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
 from mailsrv.storage.durable import DeliveryError
@@ -46,6 +47,8 @@ def store(
     double_bounce: bool = False,
     folders: Mapping[Target, str] | None = None,
     no_bounce: str | None = None,
+    dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -61,7 +64,8 @@ def store(
     bounce, ``no_bounce`` a queued copy whose failures are only logged (see
     mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
-    others go to the INBOX.  The body file is consumed: moved into the queue or left
+    others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
+    client's DSN parameters, kept with the queued copy.  The body file is consumed: moved into the queue or left
     for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
@@ -86,7 +90,7 @@ def store(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
-                no_bounce=no_bounce,
+                no_bounce=no_bounce, dsn=dsn, recipient_dsn=recipient_dsn,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:
