@@ -32,9 +32,9 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.storage import durable
 from mailsrv.storage.dirfd import fsync_dir
-from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
 

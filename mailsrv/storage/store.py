@@ -65,8 +65,8 @@ def store(
     mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
     others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
-    client's DSN parameters, kept with the queued copy.  The body file is consumed: moved into the queue or left
-    for the caller to remove.
+    client's DSN parameters, kept with the queued copy.  The body file is consumed: moved
+    into the queue or left for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
