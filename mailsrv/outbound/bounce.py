@@ -230,14 +230,15 @@ def sign_report(keys: SigningKeys, hostname: str, dsn_id: str, trace: bytes, dat
 
 
 def given_up_reports(message: QueuedMessage, reason: str) -> list[dsn.RecipientReport]:
-    """DSN lines for every recipient still queued, when we give up on them for ``reason``."""
+    """DSN lines for every recipient still queued, when we give up on them for ``reason``
+    (but those whose NOTIFY leaves FAILURE out, RFC 3461)."""
     return [
         dsn.RecipientReport(
             address=r.address, action="failed", status="5.0.0",
             diagnostic=reason + (f"; last error: {r.last_error}" if r.last_error else ""),
-            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+            remote_mta=r.remote_mta, last_attempt=r.last_attempt, original_recipient=r.orcpt,
         )
-        for r in message.pending
+        for r in message.pending if r.wants("FAILURE")
     ]
 
 
@@ -257,9 +258,9 @@ def bounce_pending(
     now = time.time() if now is None else now
     pending = message.pending
     stored = None
-    if message.sender and pending:
-        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now,
-                          dkim=dkim)
+    reports = given_up_reports(message, reason) if message.sender else []
+    if reports:
+        stored = send_dsn(config, directory, message, reports, now, dkim=dkim)
     changed: dict[str, QueuedRecipient] = {
         r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
     }

@@ -17,7 +17,10 @@ relay that must never lose or duplicate a message:
   mailsrv.outbound.outgoing): ``SIZE=`` goes out when the server offers SIZE, and a message over the
   server's announced limit is not sent at all (``552 5.3.4`` for its recipients, as Postfix
   does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
-  offer 8BITMIME (``554 5.6.3`` when it cannot be converted).
+  offer 8BITMIME (``554 5.6.3`` when it cannot be converted);
+- the sender's DSN parameters (RFC 3461: ``RET``, ``ENVID`` on MAIL, ``NOTIFY``, ``ORCPT`` on
+  RCPT) go out when the server offers DSN; the outcome says whether it did (without it, we
+  owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``).
 
 One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
 session.
@@ -60,6 +63,10 @@ class OutboundTransaction:
     #: MAIL FROM was sent: from here on the remote side may have the message, so a broken
     #: session defers it rather than handing it straight to the next host.
     attempted: bool = False
+    #: The DSN parameters for a server that offers DSN: `` RET=... ENVID=...`` for MAIL,
+    #: and by address `` NOTIFY=... ORCPT=...`` for RCPT (mailsrv.routing.dsn_params).
+    dsn_mail: bytes = b""
+    dsn_rcpt: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -79,6 +86,7 @@ class SessionOutcome:
     loop: bool = False  # the server is ourselves
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     reason: str | None = None  # connection-level failure text (refused, reset, timeout)
+    dsn: bool = False  # the server offered DSN (RFC 3461)
 
 
 class _MessageData:
@@ -172,6 +180,7 @@ class RelayClient(smtp.ESMTPClient):
             words = line.split(None, 1)
             if words:
                 self._extensions[words[0].upper()] = words[1] if len(words) > 1 else None
+        self.outcome.dsn = b"DSN" in self._extensions
         smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
     def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
@@ -237,6 +246,8 @@ class RelayClient(smtp.ESMTPClient):
         params = b" SIZE=%d" % outgoing.size if b"SIZE" in self._extensions else b""
         if outgoing.eight_bit:
             params += b" BODY=8BITMIME"
+        if self.outcome.dsn:
+            params += current.dsn_mail
         self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
         self._expected = [250]
         self._okresponse = self.smtpState_to
@@ -263,7 +274,8 @@ class RelayClient(smtp.ESMTPClient):
             else:
                 self.smtpState_msgSent(code, resp)
         else:
-            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">")
+            dsn = self._current.dsn_rcpt.get(self.lastAddress, b"") if self.outcome.dsn else b""
+            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">" + dsn)
 
     def getMailData(self) -> _MessageData:
         assert self._current is not None
