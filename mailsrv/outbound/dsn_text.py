@@ -190,14 +190,15 @@ def human_part(
         mta = token(r.remote_mta, "") if r.remote_mta else ""
         said = text_lines(r.diagnostic)
         head = [f"<{r.address}>:"]
-        if said:
-            if mta:
+        if r.action == "relayed":
+            head += ["relayed to", mta or "a server", "that offers no delivery notifications"]
+            head += ["(DSN), which said:"] if said else []
+        if r.action == "delivered":
+            first, more = "delivered to mailbox", []
+        elif said:
+            if mta and r.action != "relayed":
                 head += ["host", mta, "said:"]
             first, more = said[0], said[1:]
-        elif r.action in ("delivered", "relayed"):
-            first = ("delivered to mailbox" if r.action == "delivered" else
-                     f"relayed to {mta or 'a server'}, which offers no delivery notifications")
-            more = []
         else:
             verb = "delayed" if delayed else "failed"
             where = f" at host {mta}" if mta else ""
