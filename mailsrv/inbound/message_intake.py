@@ -248,9 +248,8 @@ class Transaction:
                 queued=any(isinstance(t, RemoteTarget) for t in self.targets),
             ))
             self.dkim = draft.dkim
-            no_bounce = None
-            if draft.queued and not client.may_relay:  # an alias forwards mail from outside
-                no_bounce = forged_sender(auth, spam)
+            # Mail from outside an alias forwards, or a success report answers: not to a forgery.
+            no_bounce = forged_sender(auth, spam) if not client.may_relay else None
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
@@ -267,7 +266,8 @@ class Transaction:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 self.refused_by = "storage"
                 raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
-            delivered.report(self.runtime, self, stored, by_address, client.name, trace + head)
+            delivered.report(self.runtime, self, stored, by_address, client.name, trace + head,
+                             no_bounce)
             return stored
         finally:
             if self.runtime.spool_files is not None:

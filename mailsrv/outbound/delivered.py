@@ -6,7 +6,9 @@ intake (mailsrv.inbound.message_intake) calls :func:`report` in its delivery thr
 copy is stored, and the sender of a recipient that asked for ``NOTIFY=SUCCESS`` gets a
 ``delivered`` report (through mailsrv.outbound.bounce, like any report we write).  The
 message is already accepted by then: a report that cannot be stored is logged, never turns
-into a refusal.
+into a refusal.  Nor is a report sent to a sender that is likely forged (the intake's
+``no_bounce``, mailsrv.checks.backscatter): a "delivered" report to a forged sender is
+backscatter like any other.
 """
 
 from __future__ import annotations
@@ -43,13 +45,19 @@ def by_address(
 def report(
     runtime: Any, transaction: "Transaction", stored: Stored,
     recipient_dsn: Mapping[str, RecipientDSN], received_from: str, original: bytes,
+    no_bounce: str | None = None,
 ) -> None:
     """In the delivery thread: the ``delivered`` report owed for the local copies of
-    ``stored``, to the transaction's sender (none for ``<>``)."""
+    ``stored``, to the transaction's sender (none for ``<>``, nor with ``no_bounce``: why
+    the sender is likely forged)."""
     sender = transaction.sender
     wanted = [t for t, _ in stored.places if isinstance(t, LocalTarget)
               and "SUCCESS" in (recipient_dsn.get(t.address, RecipientDSN()).notify or ())]
-    if sender is None or not wanted or stored.queued is not None and stored.queued.no_bounce:
+    if sender is None or not wanted:
+        return
+    if no_bounce:
+        log.info("dsn id={id}: success report not sent, the sender is likely forged ({why})",
+                 id=transaction.queue_id, why=no_bounce)
         return
     now = time.time()
     reports = [dsn.RecipientReport(

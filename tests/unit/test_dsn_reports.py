@@ -181,10 +181,12 @@ def test_the_administrators_bounce_honours_never(tmp_path) -> None:
 # --- local delivery: the "delivered" report ------------------------------------------------
 
 
-def local_session(tmp_path, *rcpt_lines: str, sender: str = "alice@example.org"):
+def local_session(tmp_path, *rcpt_lines: str, sender: str = "alice@example.org",
+                  trusted: bool = True):
     runtime = queue_runtime(tmp_path, users=("alice@example.org", "bob@example.org"))
-    relay = replace(runtime.config.relay, trusted_networks=(ip_network(f"{CLIENT}/32"),))
-    runtime.config = replace(runtime.config, relay=relay)  # the client may relay
+    if trusted:
+        relay = replace(runtime.config.relay, trusted_networks=(ip_network(f"{CLIENT}/32"),))
+        runtime.config = replace(runtime.config, relay=relay)  # the client may relay
     runtime.workers = SyncWorkers()
     session = Connection.to(runtime)
     session.output()
@@ -245,3 +247,14 @@ def test_the_dsn_parameters_of_a_relayed_recipient_are_queued(tmp_path) -> None:
     carol, erin = queued["recipients"]
     assert (carol["notify"], carol["orcpt"]) == (["DELAY"], "rfc822;carol+x@remote.test")
     assert "notify" not in erin and "orcpt" not in erin
+
+
+@pytest.mark.parametrize("forged", [None, "rspamd add header"])
+def test_no_delivered_report_to_a_likely_forged_sender(tmp_path, monkeypatch, forged) -> None:
+    from mailsrv.inbound import message_intake
+    monkeypatch.setattr(message_intake, "forged_sender", lambda auth, spam: forged)
+    runtime, replies = local_session(tmp_path, "RCPT TO:<bob@example.org> NOTIFY=SUCCESS",
+                                     sender="dave@remote.test", trusted=False)
+    assert replies[-1].startswith("250 2.0.0 Ok: queued as ")
+    queued = list((runtime.config.queue.path / "messages").glob("*.json"))
+    assert len(queued) == (0 if forged else 1)  # the report to dave, unless he is forged
