@@ -179,7 +179,7 @@ def human_part(
     about += f" and had the queue id {queue_id} on this host."
     lines += [""]
     lines += _wrap(about.split(), width=_TEXT_WIDTH, rest="")
-    if not postmaster:
+    if not postmaster and not success:
         lines += [
             "",
             "For further assistance, please send mail to postmaster. If you do so,",
@@ -191,8 +191,9 @@ def human_part(
         said = text_lines(r.diagnostic)
         head = [f"<{r.address}>:"]
         if r.action == "relayed":
-            head += ["relayed to", mta or "a server", "that offers no delivery notifications"]
-            head += ["(DSN), which said:"] if said else []
+            head += ["relayed", "to", *(mta or "a server").split()]
+            head += "that offers no delivery notifications (DSN)".split()
+            head[-1] += ", which said:" if said else ""
         if r.action == "delivered":
             first, more = "delivered to mailbox", []
         elif said:
