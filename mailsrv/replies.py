@@ -138,7 +138,8 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
 BAD_PARAMETER_SYNTAX = Reply(501, "5.5.4", "Bad parameter syntax")
-NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII addresses are not supported")
+#: A non-ASCII path in a transaction whose MAIL had no SMTPUTF8 (RFC 6531 section 3.4).
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address without the SMTPUTF8 parameter")
 BAD_SENDER = Reply(553, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(553, "5.1.3", "Bad recipient address syntax")
 SENDER_TOO_LONG = Reply(
@@ -255,6 +256,15 @@ CANNOT_READ_QUEUED = Reply(451, "4.3.0", "cannot read the queued message: {error
 CANNOT_CONVERT_8BIT = Reply(
     554, "5.6.3", "the message has 8-bit content, the receiving server does not accept "
     "8BITMIME, and it cannot be converted to 7 bits: {error}"
+)
+#: SMTPUTF8 (RFC 6531) needed and the next hop does not offer it (mailsrv.outbound.utf8).
+UTF8_ADDRESS_NOT_OFFERED = Reply(
+    553, "5.6.7", "{peer} does not offer SMTPUTF8, needed for the non-ASCII address <{address}>: "
+    "not sent"
+)
+UTF8_HEADER_NOT_OFFERED = Reply(
+    554, "5.6.9", "the message has UTF-8 header fields (SMTPUTF8) and {peer} does not offer "
+    "SMTPUTF8; we do not downgrade it (RFC 6857): not sent"
 )
 TOO_BIG_FOR_PEER = Reply(
     552, "5.3.4", "message size {size} exceeds the size limit {limit} of {peer}: not sent"

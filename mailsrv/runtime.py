@@ -198,8 +198,8 @@ class Runtime:
             to, where = result
             log.info('send limit notice user={user} to=<{to}> reason="{reason}"',
                      user=user, to=to, reason=reason)
-            if where.queued is not None and self.relayer is not None:
-                self.relayer.add(where.queued)
+            for entry in where.entries if self.relayer is not None else ():
+                self.relayer.add(entry)
 
         def failed(failure: Any) -> None:
             log.failure("send limit notice user={user}: not stored", failure, user=user)

@@ -19,11 +19,20 @@ from mailsrv.routing.router import Directory
 from mailsrv.routing.srs import SRS
 from mailsrv.storage import queue
 
-__all__ = ["load_directory", "load_dkim", "load_tls", "prepare", "srs_domain"]
+__all__ = ["build_directory", "load_directory", "load_dkim", "load_tls", "prepare", "srs_domain"]
 
 
 def load_directory(config: Config) -> Directory:
     """The users and aliases, checked: every alias resolves, every domain has a postmaster."""
+    directory = build_directory(config)
+    boxes = config.mailboxes
+    directory.check(boxes.aliases or boxes.users or config.source)
+    return directory
+
+
+def build_directory(config: Config) -> Directory:
+    """The users and aliases as the files say, each file checked on its own but not the
+    whole (``mailsrv user`` asks it what a change leaves missing, such as a postmaster)."""
     boxes = config.mailboxes
     passwords = None
     if boxes.users is not None:
@@ -35,7 +44,7 @@ def load_directory(config: Config) -> Directory:
     if config.srs.secret_file is not None:
         srs = SRS(read_srs_secrets(Path(config.srs.secret_file)), srs_domain(config),
                   max_age=config.srs.max_age)
-    directory = Directory(
+    return Directory(
         config.domains.local,
         None if passwords is None else frozenset(passwords),
         aliases,
@@ -43,8 +52,6 @@ def load_directory(config: Config) -> Directory:
         passwords if config.auth_enabled else None,
         srs=srs,
     )
-    directory.check(boxes.aliases or boxes.users or config.source)
-    return directory
 
 
 def srs_domain(config: Config) -> str:

@@ -27,6 +27,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailsrv.routing.address import fold_local, normalise_domain
+
 __all__ = [
     "SCHEME",
     "DEFAULT_COST",
@@ -104,8 +106,16 @@ def verify_password(password: str, hashed: str | None) -> bool:
 
 
 def login_name(username: str) -> str:
-    """The users-file address a login name stands for (addresses compare case-insensitively)."""
-    return username.strip().lower()
+    """The users-file address a login name stands for: addresses compare case-insensitively,
+    a UTF-8 local part in NFC and the domain in A-labels (SMTPUTF8: ``Jörg@bücher.example``
+    logs in as ``jörg@xn--bcher-kva.example``), as the users file is read."""
+    local, at, domain = username.strip().rpartition("@")
+    if not at or username.isascii():
+        return username.strip().lower()
+    try:
+        return f"{fold_local(local)}@{normalise_domain(domain)}"
+    except ValueError:
+        return username.strip().lower()
 
 
 @implementer(ICredentialsChecker)

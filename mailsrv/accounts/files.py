@@ -32,7 +32,7 @@ from pathlib import Path
 from mailsrv.accounts import userfile
 from mailsrv.accounts.auth import PasswordError, check_password_field
 from mailsrv.config import ConfigError
-from mailsrv.routing.address import is_dot_atom, is_safe_local_part, normalise_domain
+from mailsrv.routing.address import fold_local, is_dot_atom, is_safe_local_part, normalise_domain
 
 __all__ = ["load_users", "read_users", "load_aliases"]
 
@@ -88,14 +88,15 @@ def read_users(
             raise ConfigError(
                 path,
                 key,
-                f"a local part of at most 64 letters, digits and ._-+ usable as a directory "
-                f"name (no '/', no leading dot, no '..'), got {local!r}",
+                f"a local part of at most 64 octets of letters, digits and ._-+ usable as a "
+                f"directory name (no '/', no leading dot, no '..'; UTF-8 in NFC, no invisible "
+                f"or slash-like characters), got {local!r}",
             )
         try:
             domain = normalise_domain(domain)
         except ValueError as exc:
             raise ConfigError(path, key, f"a valid domain after '@' ({exc})") from None
-        address = f"{local.lower()}@{domain}"
+        address = f"{fold_local(local)}@{domain}"
         if ours is not None and domain not in ours:
             raise ConfigError(
                 path, f"{key} ({address})",
@@ -140,7 +141,7 @@ def load_aliases(path: Path) -> dict[str, tuple[str, ...]]:
     for number, line in _read_lines(path):
         key = f"line {number}"
         name, colon, rest = line.partition(":")
-        name = name.strip().lower()
+        name = fold_local(name.strip())  # (lower case, NFC: as recipients are compared)
         if not colon:
             raise ConfigError(path, key, "name: target, target")
         n_local, at, n_domain = name.partition("@")

@@ -13,11 +13,11 @@ from typing import Any
 
 from mailsrv.config.endpoints import is_decimal, is_ip_address
 from mailsrv.config.keys import Invalid, Key, choice, list_of
-from mailsrv.config.schema import IPNetwork
+from mailsrv.config.schema import IPNetwork, LmtpDelivery
 from mailsrv.routing.address import normalise_domain
 
 __all__ = [
-    "TLS_MODES", "dns_servers", "http_url", "networks", "smarthost", "tls_policy", "zone_weights",
+    "TLS_MODES", "delivery", "dns_servers", "http_url", "networks", "smarthost", "tls_policy", "zone_weights",
 ]
 
 
@@ -183,3 +183,25 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def delivery() -> Key:
+    """``[mailboxes] delivery``: "maildir" (None), or Dovecot's LMTP on a Unix socket or TCP."""
+    wanted = '"maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT"'
+
+    def convert(value: Any, base: Path) -> LmtpDelivery | None:
+        if value == "maildir":
+            return None
+        if not isinstance(value, str) or not value.startswith("lmtp:"):
+            raise Invalid(wanted, value)
+        kind, _, rest = value[len("lmtp:"):].partition(":")
+        if kind == "unix" and rest:
+            return LmtpDelivery(path=base / rest)
+        if kind == "tcp":
+            host, _, port = rest.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if host and is_decimal(port, 1, 65535):
+                return LmtpDelivery(host=host, port=int(port))
+        raise Invalid(wanted, value)
+
+    return Key(wanted, convert)

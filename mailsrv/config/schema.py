@@ -28,6 +28,7 @@ __all__ = [
     "DomainsConfig",
     "IPNetwork",
     "LimitsConfig",
+    "LmtpDelivery",
     "MailboxesConfig",
     "MetricsConfig",
     "QueueConfig",
@@ -118,6 +119,20 @@ class DomainsConfig:
 
 
 @dataclass(frozen=True)
+class LmtpDelivery:
+    """``[mailboxes] delivery = "lmtp:unix:PATH"`` or ``"lmtp:tcp:HOST:PORT"``: local mail is
+    handed to Dovecot's LMTP (Sieve, quotas) through the queue, instead of written here."""
+
+    path: Path | None = None  # a Unix socket, or
+    host: str = ""  # a TCP host and port
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"lmtp:unix:{self.path}" if self.path is not None else \
+            f"lmtp:tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class MailboxesConfig:
     """Where local mail goes and who may receive it."""
 
@@ -125,6 +140,7 @@ class MailboxesConfig:
     users: Path | None = None  # None: every safe local part of a local domain is a mailbox
     aliases: Path | None = None
     recipient_delimiter: str = "+"  # "" disables plus-addressing
+    delivery: LmtpDelivery | None = None  # "lmtp:..." (None: "maildir", the default)
 
 
 @dataclass(frozen=True)

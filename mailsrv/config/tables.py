@@ -109,6 +109,7 @@ TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "users": keys.path(),
             "aliases": keys.path(),
             "recipient_delimiter": keys.delimiter(),
+            "delivery": netkeys.delivery(),
         },
     ),
     "queue": (

@@ -104,12 +104,16 @@ class Transaction:
         self._data_ended = 0.0
         self.dsn = MailDSN()  #: MAIL's DSN parameters; RCPT's by recipient as named (RFC 3461)
         self.recipient_dsn: dict[Mailbox, RecipientDSN] = {}
+        #: MAIL had SMTPUTF8 (RFC 6531): UTF-8 addresses and header fields; relayed with it.
+        self.smtputf8 = False
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
     ) -> None:
         """An accepted recipient and what its RCPT checks decided: the fields they add go
         to the message, the folder to its local targets (the first folder filed into stands)."""
+        self._before_last = (len(self.recipients), dict(self.targets), dict(self.folders),
+                             self.outcome)
         self.recipients.append(recipient)
         if self._quota is not None:
             self._quota.recipient_added(self._user)
@@ -119,6 +123,12 @@ class Transaction:
             self.targets.setdefault(target, recipient)
             if folder is not None and isinstance(target, LocalTarget):
                 self.folders.setdefault(target, folder)
+
+    def withdraw_last_recipient(self) -> None:
+        """Take back the recipient just added (refused after all: its mailbox is full)."""
+        count, targets, folders, outcome = self._before_last
+        del self.recipients[count:]
+        self.targets, self.folders, self.outcome = targets, folders, outcome
 
     # spooling
 
@@ -205,8 +215,7 @@ class Transaction:
             self.runtime.metrics.refused("data", "storage")
             return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
-            None, self.sender, self.recipients, queue_id=self.queue_id
-        )
+            None, self.sender, self.recipients, queue_id=self.queue_id, smtputf8=self.smtputf8)
         d = self.runtime.in_thread(self._deliver_blocking, trace, self.session.facts())
         d.addCallbacks(self._delivered, self._failed)
         return d
@@ -260,7 +269,7 @@ class Transaction:
                     queue_prefix=draft.queue_prefix, targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
                     folders=self.folders, no_bounce=no_bounce, dsn=self.dsn,
-                    recipient_dsn=by_address,
+                    recipient_dsn=by_address, smtputf8=self.smtputf8,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
@@ -354,7 +363,13 @@ class Transaction:
             sender=bracketed(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
         )
         for target, where in stored.places:
-            if isinstance(target, LocalTarget):
+            if isinstance(target, LocalTarget) and where == "queue":
+                log.info(
+                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued (lmtp)",
+                    id=stored.for_lmtp.id if stored.for_lmtp else self.queue_id,
+                    rcpt=target.address, orig=self.targets[target],
+                )
+            elif isinstance(target, LocalTarget):
                 log.info(
                     "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
                     "status=sent",
@@ -372,8 +387,9 @@ class Transaction:
             "submission" if session.submission else "smtp", self.size, local,
             len(stored.places) - local, self._data_ended, sender=bracketed(self.sender),
             recipients=[f"<{r}>" for r in self.recipients])
-        if stored.queued is not None and self.runtime.relayer is not None:
-            self.runtime.relayer.add(stored.queued)
+        if self.runtime.relayer is not None:
+            for entry in stored.entries:
+                self.runtime.relayer.add(entry)
         return self.queue_id
 
     def _failed(self, failure: Any) -> Any:

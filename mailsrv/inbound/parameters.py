@@ -1,8 +1,8 @@
 """
-The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870) and ``BODY=`` (RFC 6152),
-each only after EHLO; any other is refused (pure).  The DSN parameters (RFC 3461) of MAIL and
-RCPT are parsed by mailsrv.routing.dsn_params; this checks they come after EHLO and where
-they belong.
+The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870), ``BODY=`` (RFC 6152)
+and ``SMTPUTF8`` (RFC 6531, no value), each only after EHLO; any other is refused (pure).
+The DSN parameters (RFC 3461) of MAIL and RCPT are parsed by mailsrv.routing.dsn_params;
+this checks they come after EHLO and where they belong.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: 
                 raise Refusal(replies.SIZE_EXCEEDS_LIMIT)
         elif name == "BODY":
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
+        elif name == "SMTPUTF8":
+            if value is not None:
                 raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
         elif name not in MAIL_PARAMETERS:
             raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))

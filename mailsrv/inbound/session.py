@@ -54,7 +54,7 @@ COMMAND, DATA, CLOSING = "COMMAND", "DATA", "CLOSING"  # the session's modes
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
 _HELO_ARGUMENT = re.compile(rb"^(\[[A-Za-z0-9.:]+\]|[A-Za-z0-9._-]+)$")
-_PRINTABLE_COMMAND = re.compile(rb"^[\x20-\x7e\t]*$")
+_PRINTABLE_COMMAND = re.compile(rb"^[\x20-\x7e\t]*$|^(?i:MAIL|RCPT) [\x20-\x7e\x80-\xff]*$")
 
 _DATA_REPLIES = {
     DataError.BARE_LINE_END: replies.BARE_LINE_END,
@@ -251,6 +251,7 @@ class SMTPSession(TLSAndAuth):
             "PIPELINING",
             f"SIZE {self.runtime.config.smtp.max_message_size}",
             "8BITMIME",
+            "SMTPUTF8",
             "ENHANCEDSTATUSCODES", "DSN",
         ]
         if self.runtime.tls is not None and not self.tls_active:
@@ -274,6 +275,7 @@ class SMTPSession(TLSAndAuth):
             dsn = check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
             self._transaction = self.delivery.validateFrom(helo, sender)
             self._transaction.dsn = dsn
+            self._transaction.smtputf8 = "SMTPUTF8" in params  # (RFC 6531: UTF-8 allowed)
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
@@ -292,13 +294,18 @@ class SMTPSession(TLSAndAuth):
                 return replies.TOO_MANY_RECIPIENTS
             return replies.TOO_MANY_ERRORS
         try:
-            recipient, params = parse_rcpt_to(rest)
+            recipient, params = parse_rcpt_to(rest, transaction.smtputf8)
             dsn = check_rcpt_parameters(params, self._esmtp)
             self.delivery.validateTo(recipient)
             transaction.recipient_dsn.setdefault(recipient, dsn)  # (the first RCPT stands)
         except Refusal as e:
             return self._error(e.reply)
-        return replies.RECIPIENT_OK
+        probe = getattr(self.delivery, "probe_recipient", None)  # LMTP: a full mailbox?
+        asked = probe(recipient) if probe is not None else None
+        if asked is None:
+            return replies.RECIPIENT_OK
+        return asked.addCallback(
+            lambda refusal: replies.RECIPIENT_OK if refusal is None else self._error(refusal))
 
     def do_DATA(self, rest: bytes) -> Reply:
         if rest:

@@ -26,8 +26,10 @@ from mailsrv.dnsutil import skips_reverse_lookup
 from mailsrv.inbound.message_intake import Transaction, bracketed
 from mailsrv.interfaces import IPipeline, ISessionIntake
 from mailsrv.message import headers
-from mailsrv.replies import Refusal
+from mailsrv.outbound.lmtpprobe import full_mailbox
+from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import Mailbox
+from mailsrv.routing.router import LocalTarget
 from mailsrv.runtime import Runtime
 
 __all__ = ["SessionDelivery"]
@@ -62,6 +64,8 @@ class SessionDelivery:
         self._waiting: list[defer.Deferred] = []
         #: The transaction MAIL started, which RCPT adds to.
         self.transaction: Transaction | None = None
+        #: The targets of the recipient validateTo added last (for probe_recipient).
+        self._last_targets: tuple[Any, ...] = ()
         config = runtime.config
         if (
             config.smtp.reverse_dns and runtime.reverse_names is not None
@@ -159,15 +163,18 @@ class SessionDelivery:
         return self.runtime.checks
 
     def receivedHeader(
-        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = ""
+        self, helo: Any, origin: Mailbox | None, recipients: list[Mailbox], *, queue_id: str = "",
+        smtputf8: bool = False,
     ) -> bytes:
-        """Our own Received: field (Twisted's default one is malformed and injectable)."""
+        """Our own Received: field (Twisted's default one is malformed and injectable);
+        ``with UTF8SMTP``... (RFC 6531 section 4.3) for a transaction with SMTPUTF8."""
+        protocol = self.protocol
         return headers.received_header(
             helo=self.helo,
             client_ip=self.client_ip,
             reverse_name=self.reverse_name,
             hostname=self.runtime.config.hostname,
-            protocol=self.protocol,
+            protocol=protocol.replace("ESMTP", "UTF8SMTP") if smtputf8 else protocol,
             queue_id=queue_id,
             recipient=str(recipients[0]) if len(recipients) == 1 else None,
             when=datetime.datetime.now(datetime.timezone.utc),
@@ -249,4 +256,32 @@ class SessionDelivery:
             raise refusal
         assert facts.targets is not None, "a recipient without targets is refused by a check"
         transaction.add_recipient(user, facts.targets, outcome)
+        self._last_targets = facts.targets
         return lambda: transaction
+
+    def probe_recipient(self, user: Mailbox) -> defer.Deferred | None:
+        """With LMTP delivery, after validateTo: a Deferred firing with Dovecot's refusal of a
+        full mailbox among the recipient's (the recipient is then withdrawn), or None; None
+        at once when there is nothing to ask."""
+        target = self.runtime.config.mailboxes.delivery
+        transaction = self.transaction
+        if target is None or transaction is None:
+            return None
+        local = [t.address for t in self._last_targets if isinstance(t, LocalTarget)]
+        if not local:
+            return None
+        sender = str(transaction.sender) if transaction.sender else ""
+        d = full_mailbox(self.runtime.reactor, target, self.runtime.config.hostname, sender,
+                         local)
+
+        def decided(refusal: Reply | None) -> Reply | None:
+            if refusal is not None and self.transaction is transaction:
+                transaction.withdraw_last_recipient()
+                why = Refusal(refusal, check="lmtp_quota").describe()
+                log.info(
+                    "refused recipient id={id} client={client} from={sender} to=<{rcpt}> {why}",
+                    id=transaction.queue_id, client=self.client,
+                    sender=bracketed(transaction.sender), rcpt=user, why=why)
+            return refusal
+
+        return d.addCallbacks(decided, lambda f: None)

@@ -40,8 +40,9 @@ __all__ = [
 #: section (the submission and loop checks read the whole section: ``headsection``).
 HEAD_LIMIT = 65536
 
-#: The ``with`` keywords we may write (RFC 5321 §4.4, RFC 3848).
-PROTOCOLS = frozenset({"SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA"})
+#: The ``with`` keywords we may write (RFC 5321 §4.4, RFC 3848, RFC 6531 §4.3 for SMTPUTF8).
+PROTOCOLS = frozenset({"SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA",
+                       "UTF8SMTP", "UTF8SMTPS", "UTF8SMTPA", "UTF8SMTPSA"})
 
 # Longest client-supplied token (HELO argument, reverse DNS name, our own names)
 # we copy into a header: a domain is at most 255 octets, and the cap keeps
@@ -110,7 +111,7 @@ def _token(value: str | None, *, default: str) -> str:
     return cleaned or default
 
 
-def _address(value: str | None) -> str:
+def _address(value: str | None, utf8: bool = False) -> str:
     """An address made safe to write between ``<`` and ``>``.
 
     Angle brackets, CR, LF and other controls are dropped; non-ASCII
@@ -118,11 +119,17 @@ def _address(value: str | None) -> str:
     header parser would take as the start of a comment, quoted string or
     escape become ``?`` unless they sit in a well-formed quoted local part
     (``"john doe"@example.org`` is kept as it is).  Length is capped (an
-    over-long value loses its tail, and with it any quoting).
+    over-long value loses its tail, and with it any quoting).  ``utf8``: printable non-ASCII
+    characters are kept (a message with SMTPUTF8 may have UTF-8 header fields, RFC 6532);
+    the others still become ``?``.
     """
     if not value:
         return ""
-    cleaned = _NON_ASCII.sub("?", _ADDRESS_DROP.sub("", value[: _ADDRESS_CAP * 2]))
+    cleaned = _ADDRESS_DROP.sub("", value[: _ADDRESS_CAP * 2])
+    if utf8:
+        cleaned = "".join(c if c.isascii() or c.isprintable() else "?" for c in cleaned)
+    else:
+        cleaned = _NON_ASCII.sub("?", cleaned)
     if len(cleaned) <= _ADDRESS_CAP and _QUOTED_ADDRESS.fullmatch(cleaned):
         return cleaned
     return _ADDRESS_BAD.sub("?", cleaned[:_ADDRESS_CAP])
@@ -160,19 +167,20 @@ def _ip_literal(client_ip: str) -> str:
 # --- builders ------------------------------------------------------------------
 
 
-def return_path(sender: str | None) -> bytes:
-    """``Return-Path:`` for the envelope sender; the null sender gives ``<>``."""
-    return f"Return-Path: <{_address(sender)}>\n".encode("ascii")
+def return_path(sender: str | None, utf8: bool = False) -> bytes:
+    """``Return-Path:`` for the envelope sender; the null sender gives ``<>``.  ``utf8``:
+    the message came with SMTPUTF8, and a UTF-8 address is written as UTF-8 (RFC 6532)."""
+    return f"Return-Path: <{_address(sender, utf8)}>\n".encode("utf-8")
 
 
-def delivered_to(mailbox: str) -> bytes:
+def delivered_to(mailbox: str, utf8: bool = False) -> bytes:
     """``Delivered-To:`` naming the mailbox a local copy lands in (as Postfix's local does).
 
     What Sieve's ``envelope "to"`` fallbacks, loop detectors and mail readers use to tell
     which of a user's addresses a copy was delivered to: the final address, after aliases,
     written as a bare addr-spec (Postfix's form) made safe like ``Return-Path:``.
     """
-    return f"Delivered-To: {_address(mailbox)}\n".encode("ascii")
+    return f"Delivered-To: {_address(mailbox, utf8)}\n".encode("utf-8")
 
 
 def make_message_id(queue_id: str, hostname: str) -> str:

@@ -127,11 +127,12 @@ class DailyReport(service.Service):
 
         def stored(result: tuple[str, Stored]) -> None:
             to, place = result
+            queued = place.entries  # with LMTP delivery, a local postmaster's copy is queued
             log.info("report: daily report {id} for <{to}> {went}", to=to,
-                     id=place.queued.id if place.queued else "-",
-                     went="queued" if place.queued else "delivered")
-            if place.queued is not None and self.runtime.relayer is not None:
-                self.runtime.relayer.add(place.queued)
+                     id=",".join(q.id for q in queued) or "-",
+                     went="queued" if queued else "delivered")
+            for entry in queued if self.runtime.relayer is not None else ():
+                self.runtime.relayer.add(entry)
 
         def failed(failure: Any) -> None:
             log.error("report: the daily report could not be stored: {error}",

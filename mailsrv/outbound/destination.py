@@ -25,13 +25,14 @@ from twisted.logger import Logger
 from mailsrv.config import read_smarthost_password
 from mailsrv.outbound import outcome as relay_outcome
 from mailsrv.outbound import outgoing
+from mailsrv.outbound.lmtpclient import LMTPClientFactory
 from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.outbound.scheduler import Batch
 from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
 from mailsrv.replies import Reply
 from mailsrv.storage.envelope import QueuedRecipient
 
-__all__ = ["SMARTHOST", "DNS_TIMEOUT", "Record", "DestinationDelivery"]
+__all__ = ["LMTP", "SMARTHOST", "DNS_TIMEOUT", "Record", "DestinationDelivery"]
 
 log = Logger(namespace="mailsrv")
 
@@ -39,6 +40,8 @@ log = Logger(namespace="mailsrv")
 DNS_TIMEOUT = (2, 5)
 #: The destination key of every recipient when a smarthost is configured.
 SMARTHOST = "[smarthost]"
+#: The destination key of local recipients with ``[mailboxes] delivery = "lmtp:..."``.
+LMTP = "[lmtp]"
 
 class Record(Protocol):
     """Told one message's results, and where they came from (None: no server answered)."""
@@ -79,7 +82,12 @@ class DestinationDelivery:
         )
 
     def key(self, recipient: QueuedRecipient) -> str:
-        """The recipient's destination: its domain, or the smarthost for all."""
+        """The recipient's destination: Dovecot's LMTP for a local one (with LMTP delivery,
+        the only way local recipients enter the queue), else its domain, or the smarthost
+        for all."""
+        if self.config.mailboxes.delivery is not None and \
+                recipient.domain.lower() in self.config.domains.local:
+            return LMTP
         return SMARTHOST if self.config.relay.smarthost else recipient.domain
 
     def route(self, key: str) -> defer.Deferred:
@@ -125,6 +133,9 @@ class DestinationDelivery:
         as soon as a server (or the lack of one) has decided them.
         """
         relay = self.config.relay
+        if key == LMTP:
+            yield self._deliver_lmtp(batch, make_transactions, record)
+            return
         try:
             hosts = yield self.route(key)
         except DestinationError as e:
@@ -181,3 +192,37 @@ class DestinationDelivery:
         for queue_id, addresses in pending:
             record(queue_id, {a: reply for a in addresses}, None)
 
+
+    @defer.inlineCallbacks
+    def _deliver_lmtp(
+        self,
+        batch: Batch,
+        make_transactions: Callable[[Batch], list[OutboundTransaction]],
+        record: Record,
+    ) -> Any:
+        """One LMTP session with Dovecot for the batch: per-recipient replies recorded as a
+        relay's are (4xx and a Dovecot that cannot be reached: retried; 5xx: bounced)."""
+        target = self.config.mailboxes.delivery
+        assert target is not None
+        transactions = make_transactions(list(batch))
+        if not transactions:
+            return
+        factory = LMTPClientFactory(transactions, identity=self.config.hostname,
+                                    timeout=self.config.relay.timeout)
+        timeout = self.config.relay.connect_timeout
+        if target.path is not None:
+            self.reactor.connectUNIX(str(target.path), factory, timeout=timeout)
+        else:
+            self.reactor.connectTCP(target.host, target.port, factory, timeout=timeout)
+        outcome = yield factory.done
+        where = str(target)
+        problem = outcome.error and str(outcome.error) or outcome.reason or "session ended"
+        for t in transactions:
+            if t.complete:
+                record(t.queue_id, t.results, where)
+            elif t.attempted:
+                record(t.queue_id, relay_outcome.interrupted(t.recipients, t.results, where,
+                                                             problem), where)
+            else:
+                reply = relay_outcome.unreachable(f"{where}: {problem}")
+                record(t.queue_id, {a: reply for a in t.recipients}, None)

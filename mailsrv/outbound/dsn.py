@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from mailsrv.outbound.dsn_original import headers_part, whole_part
 from mailsrv.outbound.dsn_text import date, field, human_part, text_lines, token
+from mailsrv.routing.localpart import printable_utf8
 
 __all__ = ["RecipientReport", "build_dsn"]
 
@@ -60,7 +61,8 @@ _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?")
 # Spaces are allowed only inside the quotes, where they are literal; the characters that
 # would end an angle-addr or open a comment ('<', '>', '(', ',', ';', ...) only there too.
 _ADDRESS_RE = re.compile(
-    r"""(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")"""
+    r"""(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\u0080-\U0010ffff-]+"""  # (UTF-8: SMTPUTF8)
+    r"""|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*")"""
     r"""(?:@(?:[A-Za-z0-9.-]+|\[[A-Za-z0-9.:-]+\]))?"""
 )
 # What Original-Envelope-Id and Original-Recipient may hold: printable ASCII (decoded xtext).
@@ -96,9 +98,21 @@ def _check_address(value: object, what: str) -> str:
         not isinstance(value, str)
         or len(value) > _ADDRESS_MAX
         or not _ADDRESS_RE.fullmatch(value)
+        or not printable_utf8(value)
     ):
         raise ValueError(f"bad {what} address {value!r}")
     return value
+
+
+def _typed_address(address: str) -> str:
+    """``rfc822; address``, or for a UTF-8 address RFC 6533 section 3's ``utf-8; `` with
+    its utf-8-addr-xtext (``\\x{F6}`` for ``ö``, and for '\\', '+', '=' and controls), so
+    that the report stays 7-bit ``message/delivery-status`` for any reader."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    return "utf-8; " + "".join(
+        c if 0x21 <= ord(c) <= 0x7e and c not in "\\+=" else f"\\x{{{ord(c):X}}}"
+        for c in address)
 
 
 def _check(pattern: re.Pattern[str], value: object, what: str) -> str:
@@ -148,7 +162,7 @@ def _status_part(
         lines.append("")
         if r.original_recipient:
             lines += field("Original-Recipient", r.original_recipient)
-        lines += field("Final-Recipient", f"rfc822; {r.address}")
+        lines += field("Final-Recipient", _typed_address(r.address))
         lines += field("Action", r.action)
         lines += field("Status", r.status)
         if r.remote_mta:
@@ -232,9 +246,10 @@ def build_dsn(
                           recipients=recipients, delayed=delayed, envid=envid)
     original = (headers_part(original_headers) if original_message is None
                 else whole_part(original_message))
-    eight_bit = not original.isascii()
+    human_utf8 = not "".join(human).isascii()  # a UTF-8 address (SMTPUTF8)
+    eight_bit = not original.isascii() or human_utf8
     contents = [
-        ("\n".join(human) + "\n").encode("ascii"),
+        ("\n".join(human) + "\n").encode("utf-8"),
         ("\n".join(status) + "\n").encode("ascii"),
         original,
     ]
@@ -261,14 +276,15 @@ def build_dsn(
         "",
     ]
     parts = [
-        ("Notification", "text/plain; charset=us-ascii", "7bit"),
+        ("Notification", "text/plain; charset=utf-8" if human_utf8
+         else "text/plain; charset=us-ascii", "8bit" if human_utf8 else "7bit"),
         ("Delivery report", "message/delivery-status", "7bit"),
         ("Undelivered Message Headers", "text/rfc822-headers", cte)
         if original_message is None else ("Undelivered Message", "message/rfc822", cte),
     ]
     if success:
         parts[2] = ("Message Headers", "text/rfc822-headers", cte)
-    out = ["\n".join(head).encode("ascii") + b"\n"]
+    out = ["\n".join(head).encode("utf-8") + b"\n"]  # (To: may be UTF-8: SMTPUTF8)
     for (description, ctype, encoding), content in zip(parts, contents):
         out.append(
             f"--{boundary}\nContent-Description: {description}\nContent-Type: {ctype}\n"

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsrv import replies
+from mailsrv.message import headsection
 from mailsrv.outbound.mime7bit import ConversionError, to_7bit
 from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.utf8 import needs_smtputf8
 from mailsrv.replies import Reply
 
 __all__ = ["Outgoing", "measure", "prepare"]
@@ -39,6 +41,9 @@ class Outgoing:
     prefix: bytes
     path: Path
     temporary: bool = False  # ``path`` is a converted copy, ours to remove
+    #: The header section (our trace fields included) has non-ASCII octets; only looked at
+    #: for a message that needs SMTPUTF8 (mailsrv.outbound.utf8).
+    head_utf8: bool = False
 
     def discard(self) -> None:
         """Remove the converted copy, if this is one (the queued body is never touched)."""
@@ -70,12 +75,23 @@ def prepare(
     try:
         size, eight_bit = measure(transaction.prefix, transaction.body_path)
         if not eight_bit or eight_bit_ok:
-            return Outgoing(size, eight_bit, transaction.prefix, transaction.body_path)
+            return Outgoing(size, eight_bit, transaction.prefix, transaction.body_path,
+                            head_utf8=eight_bit and _head_utf8(transaction))
         return _downgrade(transaction, Path(workdir))
     except ConversionError as e:
         return replies.CANNOT_CONVERT_8BIT.format(error=str(e))
     except OSError as e:
         return replies.CANNOT_READ_QUEUED.format(error=str(e))
+
+
+def _head_utf8(transaction: OutboundTransaction) -> bool:
+    """Whether the header section has non-ASCII octets, for a message that needs SMTPUTF8."""
+    if not needs_smtputf8(transaction.smtputf8, transaction.sender, transaction.recipients):
+        return False
+    with open(transaction.body_path, "rb") as body:
+        head = headsection.read_head(body)
+    section = (transaction.prefix + head).split(b"\n\n", 1)[0]
+    return not section.isascii()
 
 
 def _downgrade(transaction: OutboundTransaction, workdir: Path) -> Outgoing:

@@ -142,6 +142,7 @@ class Relayer(service.Service):
                     body_path=queue.body_path(self.qdir, queue_id),
                     dsn_mail=mail_arguments(message.ret, message.envid),
                     dsn_rcpt={r.address: rcpt_arguments(r.notify, r.orcpt) for r in still},
+                    smtputf8=message.smtputf8,
                 ))
         return transactions
 
@@ -215,11 +216,11 @@ class Relayer(service.Service):
         def written(stored: list[Any]) -> None:
             kind = "DSN" if after.sender else "double bounce"
             for to, place in stored:
-                went = f"{place.queued.id} queued for" if place.queued else "delivered to"
+                went = " ".join(f"{q.id} queued for" for q in place.entries) or "delivered to"
                 log.info("bounce id={id}: {kind} {went} <{to}>", id=after.id, kind=kind,
                          went=went, to=to)
-                if place.queued is not None:
-                    self.add(place.queued)
+                for entry in place.entries:
+                    self.add(entry)
 
         def failed(failure: Any) -> None:
             # The bounce or the state could not be stored: keep the recipients queued, so

@@ -17,7 +17,8 @@ relay that must never lose or duplicate a message:
   mailsrv.outbound.outgoing): ``SIZE=`` goes out when the server offers SIZE, and a message over the
   server's announced limit is not sent at all (``552 5.3.4`` for its recipients, as Postfix
   does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
-  offer 8BITMIME (``554 5.6.3`` when it cannot be converted);
+  offer 8BITMIME (``554 5.6.3`` when it cannot be converted); a message that needs SMTPUTF8
+  gets it, or, at a server without it, its recipients are bounced (mailsrv.outbound.utf8);
 - the sender's DSN parameters (RFC 3461: ``RET``, ``ENVID`` on MAIL, ``NOTIFY``, ``ORCPT`` on
   RCPT) go out when the server offers DSN; the outcome says whether it did (without it, we
   owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``).
@@ -39,6 +40,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
+from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
 
 __all__ = ["OutboundTransaction", "SessionOutcome", "RelayClient", "RelayClientFactory"]
@@ -67,6 +69,8 @@ class OutboundTransaction:
     #: and by address `` NOTIFY=... ORCPT=...`` for RCPT (mailsrv.routing.dsn_params).
     dsn_mail: bytes = b""
     dsn_rcpt: dict[str, bytes] = field(default_factory=dict)
+    #: The message came with SMTPUTF8 (the queue's flag, RFC 6531).
+    smtputf8: bool = False
 
     @property
     def complete(self) -> bool:
@@ -234,6 +238,15 @@ class RelayClient(smtp.ESMTPClient):
             outgoing.discard()
             outgoing = replies.TOO_BIG_FOR_PEER.format(
                 size=str(outgoing.size), limit=str(limit), peer=self._peer)
+        utf8 = False
+        if not isinstance(outgoing, Reply):
+            utf8, decided = utf8_verdicts(
+                current.smtputf8, current.sender, current.recipients,
+                b"SMTPUTF8" in self._extensions, outgoing.head_utf8, self._peer)
+            current.results.update(decided)
+            if current.complete:
+                outgoing.discard()
+                outgoing = next(iter(decided.values()))
         if isinstance(outgoing, Reply):  # decided here: nothing is sent for this message
             for address in current.recipients:
                 current.results.setdefault(address, outgoing)
@@ -246,6 +259,8 @@ class RelayClient(smtp.ESMTPClient):
         params = b" SIZE=%d" % outgoing.size if b"SIZE" in self._extensions else b""
         if outgoing.eight_bit:
             params += b" BODY=8BITMIME"
+        if utf8:
+            params += b" SMTPUTF8"
         if self.outcome.dsn:
             params += current.dsn_mail
         self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
@@ -253,8 +268,8 @@ class RelayClient(smtp.ESMTPClient):
         self._okresponse = self.smtpState_to
 
     def getMailTo(self) -> list[str]:
-        assert self._current is not None
-        return list(self._current.recipients)
+        assert self._current is not None  # (not those decided before MAIL: SMTPUTF8)
+        return [a for a in self._current.recipients if a not in self._current.results]
 
     def smtpState_toOrData(self, code: int, resp: bytes) -> None:
         assert self._current is not None

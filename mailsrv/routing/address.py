@@ -10,18 +10,30 @@ wants one canonical form, so this module turns the raw bytes after ``MAIL``/``RC
 It is pure: no I/O, no reactor, so every corner of the grammar is tested directly.
 
 The grammar is RFC 5321 section 4.1.2 (``Path``, ``Mailbox``, ``Local-part``, address
-literals) with the section 4.5.3.1 size limits.  We do not offer SMTPUTF8, so any octet outside
-ASCII in a path is refused with ``553 5.6.7``.
+literals) with the section 4.5.3.1 size limits, and RFC 6531's extension of it: after
+``MAIL FROM:<...> SMTPUTF8`` a path may hold UTF-8 (atext and qtext gain every printable
+non-ASCII character; a domain may be written in U-labels, normalised here to A-labels, so that
+``jörg@bücher.example`` and ``jörg@xn--bcher-kva.example`` are one mailbox).  Without the
+keyword any octet outside ASCII in a path is refused with ``553 5.6.7``.  Local parts are kept
+in Unicode's NFC, so that the two spellings of ``ö`` (one code point, or ``o`` and a combining
+diaeresis) are one mailbox too.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from mailsrv import replies
 from mailsrv.replies import Refusal, Reply
+from mailsrv.routing.localpart import (
+    MAX_LOCAL_PART,
+    fold_local,
+    is_safe_local_part,
+    printable_utf8,
+)
 
 __all__ = [
     "Mailbox",
@@ -31,13 +43,13 @@ __all__ = [
     "host_domains",
     "is_safe_local_part",
     "is_dot_atom",
+    "fold_local",
     "MAX_LOCAL_PART",
     "MAX_DOMAIN",
     "MAX_PATH",
 ]
 
 # RFC 5321 section 4.5.3.1: sizes in octets.
-MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256  # including the angle brackets, the source route and its separators
 # DNS: 253 octets of presentation form without the final dot (RFC 1035 section 2.3.4).
@@ -47,19 +59,23 @@ _MAX_LABEL = 63
 
 # atext of RFC 5321/5322: letters, digits and these specials.
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
-_DOT_ATOM_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+# RFC 6531 section 3.3: atext =/ UTF8-non-ascii (which characters of it are refused is
+# printable_utf8's business).
+_UTEXT = _ATEXT + "\u0080-\U0010ffff"
+_DOT_ATOM_RE = re.compile(rf"[{_UTEXT}]+(?:\.[{_UTEXT}]+)*\Z")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")  # printable ASCII except '=' and space
 
 
 def is_dot_atom(text: str) -> bool:
-    """True when ``text`` is an RFC 5321 Dot-string (atoms of atext joined by single dots).
+    """True when ``text`` is an RFC 5321 Dot-string (atoms of atext joined by single dots),
+    with RFC 6531's UTF-8 atext (printable non-ASCII characters only).
 
     A local part that is a dot-atom needs no quoting; the loaders use this too, so that every
     name in the users and aliases files can actually be written in a ``RCPT TO``.
     """
-    return bool(_DOT_ATOM_RE.match(text))
+    return bool(_DOT_ATOM_RE.match(text)) and printable_utf8(text)
 
 
 @dataclass(frozen=True)
@@ -154,28 +170,6 @@ def normalise_domain(domain: str) -> str:
     return name
 
 
-def is_safe_local_part(local: str) -> bool:
-    """True when ``local`` can be used as one directory name under a Maildir root.
-
-    Mailboxes live at ``<root>/<domain>/<user>``: a local part with '/', '..' or a leading
-    dot could escape the root or hide as a dot-file, and control characters or NUL break
-    file-system calls and logs.  Length is limited to RFC 5321's 64 octets.
-    """
-    if not local:
-        return False
-    try:
-        if len(local.encode("utf-8")) > MAX_LOCAL_PART:
-            return False
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    if local.startswith(".") or ".." in local:
-        return False
-    for c in local:
-        if c in "/\\\0" or ord(c) < 0x20 or ord(c) == 0x7F:
-            return False
-    return True
-
-
 def _normalise_literal(literal: str) -> str:
     """Canonical form of an address literal ``[...]``, or ValueError.
 
@@ -254,14 +248,27 @@ def _split_path(rest: bytes, keyword: str, usage: Reply) -> tuple[str, str]:
     return path, after
 
 
-def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox | None:
+def _parse_mailbox(
+    path: str, bad: Reply, too_long: Reply, what: str, utf8: bool = False
+) -> Mailbox | None:
     """Parse the inside of ``<...>``; None for the null path ``<>``.
 
     ``bad``/``too_long`` are the replies (5.1.7 sender / 5.1.3 recipient); ``what`` is
-    "sender" or "recipient".
+    "sender" or "recipient"; ``utf8``: the transaction has SMTPUTF8 (``path`` is still the
+    latin-1 reading of the octets, decoded as UTF-8 here, after the sizes were measured).
     """
     if not path.isascii():
-        raise Refusal(replies.NON_ASCII_ADDRESS)
+        if not utf8:
+            raise Refusal(replies.NON_ASCII_ADDRESS)
+        octets = path.encode("latin-1")
+        if len(octets) + 2 > MAX_PATH:
+            raise Refusal(too_long.format(part="path", limit=str(MAX_PATH)))
+        try:
+            path = octets.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refusal(bad) from None
+        if not printable_utf8(path):
+            raise Refusal(bad)
     if path == "":
         return None
 
@@ -297,7 +304,7 @@ def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox
                 if i >= len(body) or not 32 <= ord(body[i]) <= 126:
                     raise Refusal(bad)
                 chars.append(body[i])
-            elif 32 <= ord(c) <= 126:
+            elif 32 <= ord(c) <= 126 or ord(c) > 127:  # (non-ASCII only got here with utf8)
                 chars.append(c)
             else:
                 raise Refusal(bad)
@@ -318,11 +325,11 @@ def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox
     # Size limits first, so that the client is told which one it broke.  The local part is
     # measured as written (a Quoted-string with its quotes, as RFC 5321 section 4.5.3.1.1
     # counts it); the path includes its angle brackets and any source route.
-    if len(raw_local) > MAX_LOCAL_PART:
+    if len(raw_local.encode("utf-8")) > MAX_LOCAL_PART:
         raise Refusal(too_long.format(part="local part", limit=str(MAX_LOCAL_PART)))
-    if len(domain) > MAX_DOMAIN:
+    if len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise Refusal(too_long.format(part="domain", limit=str(MAX_DOMAIN)))
-    if len(path) + 2 > MAX_PATH:
+    if len(path.encode("utf-8")) + 2 > MAX_PATH:
         raise Refusal(too_long.format(part="path", limit=str(MAX_PATH)))
 
     if not quoted and not is_dot_atom(local):
@@ -340,6 +347,8 @@ def _parse_mailbox(path: str, bad: Reply, too_long: Reply, what: str) -> Mailbox
             domain = normalise_domain(domain)
     except ValueError:
         raise Refusal(bad) from None
+    if not local.isascii():
+        local = unicodedata.normalize("NFC", local)
     return Mailbox(local, domain, quoted=quoted, source_route=source_route)
 
 
@@ -347,22 +356,25 @@ def parse_mail_from(rest: bytes) -> tuple[Mailbox | None, dict[str, str | None]]
     """Parse what follows ``MAIL``: the reverse-path (None for ``<>``) and its parameters.
 
     Raises :class:`~mailsrv.replies.Refusal` with the reply to send.  Which parameters are
-    *supported* is the protocol's business; this only checks their syntax.
+    *supported* is the protocol's business; this only checks their syntax, except that
+    ``SMTPUTF8`` among them lets the path hold UTF-8 (RFC 6531 section 3.4).
     """
     path, after = _split_path(rest, "FROM:", replies.MAIL_SYNTAX)
-    mailbox = _parse_mailbox(path, replies.BAD_SENDER, replies.SENDER_TOO_LONG, "sender")
+    utf8 = any(token.upper() == "SMTPUTF8" for token in after.split(" "))
+    mailbox = _parse_mailbox(path, replies.BAD_SENDER, replies.SENDER_TOO_LONG, "sender", utf8)
     return mailbox, _split_params(after)
 
 
-def parse_rcpt_to(rest: bytes) -> tuple[Mailbox, dict[str, str | None]]:
+def parse_rcpt_to(rest: bytes, utf8: bool = False) -> tuple[Mailbox, dict[str, str | None]]:
     """Parse what follows ``RCPT``: the forward-path and its parameters.
 
     ``<>`` is refused (a recipient must exist); ``<postmaster>`` without a domain is
     accepted as ``Mailbox("postmaster", "")``, which the router sends to the first local
-    domain's postmaster.
+    domain's postmaster.  ``utf8``: the transaction's MAIL had SMTPUTF8.
     """
     path, after = _split_path(rest, "TO:", replies.RCPT_SYNTAX)
-    mailbox = _parse_mailbox(path, replies.BAD_RECIPIENT, replies.RECIPIENT_TOO_LONG, "recipient")
+    mailbox = _parse_mailbox(
+        path, replies.BAD_RECIPIENT, replies.RECIPIENT_TOO_LONG, "recipient", utf8)
     if mailbox is None:
         raise Refusal(replies.BAD_RECIPIENT)
     return mailbox, _split_params(after)

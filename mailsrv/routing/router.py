@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from mailsrv.config import ConfigError
-from mailsrv.routing.address import Mailbox, is_safe_local_part, normalise_domain
+from mailsrv.routing.address import Mailbox, fold_local, is_safe_local_part, normalise_domain
 from mailsrv.routing.srs import SRS, is_srs_local_part
 
 __all__ = [
@@ -164,6 +164,10 @@ class Directory:
                 return LocalTarget(domain, name)
         return None
 
+    def has_postmaster(self, domain: str) -> bool:
+        """Whether ``postmaster@domain`` reaches someone (a mailbox, or an alias)."""
+        return self._lookup("postmaster", domain) is not None
+
     def _mailbox(self, local: str, domain: str) -> LocalTarget | None:
         """The real mailbox for an address, ignoring aliases (for an alias naming itself)."""
         for name in (local, self._base(local)):
@@ -204,7 +208,7 @@ class Directory:
             raise UnknownRecipient(str(mailbox))
         else:
             domain = domain.lower()
-        local = mailbox.local.lower()
+        local = fold_local(mailbox.local)  # (lower case, NFC: as the users file's names)
         if not is_safe_local_part(local):
             raise UnknownRecipient(str(mailbox))
         found: list[Target] = []
@@ -250,7 +254,7 @@ class Directory:
             t_local, t_domain = _split_address(target)
             t_domain = t_domain.lower()
             if self.is_local_domain(t_domain):
-                t_local = t_local.lower()
+                t_local = fold_local(t_local)
                 if is_safe_local_part(t_local):
                     self._expand(t_local, t_domain, path, expanded, found)
             else:

@@ -27,6 +27,9 @@ The DSN parameters the client gave (RFC 3461, mailsrv.routing.dsn_params), each 
 when given: ``"ret": "FULL"|"HDRS"`` and ``"envid": "..."`` (decoded) on the message,
 ``"notify": ["SUCCESS", "FAILURE", "DELAY"] or ["NEVER"]`` and ``"orcpt": "rfc822;..."``
 (decoded) on a recipient.
+``smtputf8`` (written only when true) says the message came with SMTPUTF8 (RFC 6531): it is
+relayed with that keyword, or, to a server without it, bounced when its addresses or header
+fields are UTF-8 (mailsrv.outbound.utf8).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class QueuedMessage:
     no_bounce: str | None = None  # why a failure is only logged (a likely forged sender)
     ret: str | None = None  # RET= (RFC 3461): "FULL" or "HDRS"; None: not given
     envid: str | None = None  # ENVID=, decoded
+    smtputf8: bool = False  # came with SMTPUTF8: UTF-8 addresses or header fields (RFC 6531)
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:
@@ -124,6 +128,7 @@ def new_message(
     no_bounce: str | None = None,
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
+    smtputf8: bool = False,
 ) -> QueuedMessage:
     """A fresh envelope, every recipient due now; ValueError for anything unstorable.
     ``dsn`` and ``recipient_dsn`` (by address) are the client's DSN parameters."""
@@ -148,6 +153,7 @@ def new_message(
         no_bounce=no_bounce or None,
         ret=dsn.ret if dsn else None,
         envid=dsn.envid if dsn else None,
+        smtputf8=smtputf8,
     )
 
 
@@ -193,6 +199,8 @@ def encode(message: QueuedMessage) -> bytes:
         data["ret"] = message.ret
     if message.envid:
         data["envid"] = message.envid
+    if message.smtputf8:
+        data["smtputf8"] = True
     try:
         # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
         return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -312,6 +320,7 @@ def decode(raw: bytes) -> QueuedMessage:
             no_bounce=_optional_text(data, "no_bounce"),
             ret=_ret(data),
             envid=_printable(data, "envid"),
+            smtputf8=data.get("smtputf8", False) is True,
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )
     except _Corrupt as exc:

@@ -112,6 +112,7 @@ def enqueue(
     no_bounce: str | None = None,
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
+    smtputf8: bool = False,
 ) -> QueuedMessage:
     """Put a message in the outbound queue, durably; return its envelope (with the DSN
     parameters ``dsn`` and, by address, ``recipient_dsn``).
@@ -139,6 +140,7 @@ def enqueue(
         no_bounce=no_bounce,
         dsn=dsn,
         recipient_dsn=recipient_dsn,
+        smtputf8=smtputf8,
     )
     data = encode(message)
     qdir = Path(qdir)

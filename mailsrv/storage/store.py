@@ -9,6 +9,9 @@ retry) without leaving half a delivery behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +34,14 @@ class Stored:
 
     places: list[tuple[Target, str]] = field(default_factory=list)
     queued: QueuedMessage | None = None
+    #: With LMTP delivery, the local targets' entry in the queue (their own sender, without
+    #: SRS, and their own trace): the relayer hands it to Dovecot's LMTP and retries it.
+    for_lmtp: QueuedMessage | None = None
+
+    @property
+    def entries(self) -> list[QueuedMessage]:
+        """Every queue entry made, for the relayer."""
+        return [q for q in (self.queued, self.for_lmtp) if q is not None]
 
 
 def store(
@@ -49,6 +60,7 @@ def store(
     no_bounce: str | None = None,
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
+    smtputf8: bool = False,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -65,21 +77,30 @@ def store(
     mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
     others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
-    client's DSN parameters, kept with the queued copy.  The body file is consumed: moved
-    into the queue or left for the caller to remove.
+    client's DSN parameters, kept with the queued copy.  ``smtputf8``: the message came
+    with SMTPUTF8, so its queued copy is marked so, and the local copies' Return-Path: and
+    Delivered-To: may be UTF-8 (RFC 6532).  The body file is consumed: moved into the queue
+    or left for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
     stored = Stored()
     delivered: list[Path] = []
+    if local and config.mailboxes.delivery is not None:
+        return _store_for_lmtp(config, queue_id, stored, local, remote, sender=sender,
+                               queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
+                               body_path=body_path, received_from=received_from,
+                               double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
+                               recipient_dsn=recipient_dsn, smtputf8=smtputf8)
     try:
         if local:
             root = Path(config.mailboxes.root)
-            return_path = headers.return_path(sender)
+            return_path = headers.return_path(sender, utf8=smtputf8)
             folders = folders or {}
             delivered = maildir.deliver(
                 root, [_maildir(root, t, folders.get(t)) for t in local],
-                [return_path + headers.delivered_to(t.address) + trace for t in local],
+                [return_path + headers.delivered_to(t.address, utf8=smtputf8) + trace
+                 for t in local],
                 body_path, hostname=config.hostname,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
@@ -90,12 +111,61 @@ def store(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
-                no_bounce=no_bounce, dsn=dsn, recipient_dsn=recipient_dsn,
+                no_bounce=no_bounce, dsn=dsn, recipient_dsn=recipient_dsn, smtputf8=smtputf8,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:
         maildir.remove_delivered(config.mailboxes.root, delivered)
         raise
+    return stored
+
+
+def _store_for_lmtp(
+    config: Config, queue_id: str, stored: Stored, local: list[LocalTarget],
+    remote: list[RemoteTarget], *, sender: str | None, queue_sender: str | None,
+    queue_prefix: bytes, trace: bytes, body_path: Path, received_from: str,
+    double_bounce: bool, no_bounce: str | None, dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None, smtputf8: bool = False,
+) -> Stored:
+    """LMTP delivery: the local targets become a queue entry of their own (``<id>L`` when
+    remote targets take ``<id>``), which the relayer hands to Dovecot; Dovecot writes
+    Return-Path: and Received: itself.  Both entries or neither; ``no_bounce`` (a forged
+    sender's mail) holds for both: Dovecot's refusal of it is only logged, no backscatter."""
+    qdir = Path(config.queue.path)
+    local_id = f"{queue_id}L" if remote else queue_id
+    local_body = body_path
+    if remote:
+        local_body = body_path.with_name(f"{body_path.name}.lmtp")
+        try:
+            os.link(body_path, local_body)
+        except OSError as e:
+            raise DeliveryError(f"cannot link {body_path}: {e.strerror}",
+                                disk_full=e.errno in (errno.ENOSPC, errno.EDQUOT)) from None
+    try:
+        stored.for_lmtp = queue.enqueue(
+            qdir, local_id, sender=sender, recipients=[t.address for t in local],
+            prefix=trace, body_path=local_body, created=time.time(),
+            received_from=received_from, double_bounce=double_bounce, no_bounce=no_bounce,
+        )
+    except DeliveryError:
+        if local_body != body_path:
+            with contextlib.suppress(OSError):
+                os.unlink(local_body)
+        raise
+    stored.places += [(t, "queue") for t in local]
+    if remote:
+        try:
+            stored.queued = queue.enqueue(
+                qdir, queue_id, sender=queue_sender if queue_sender is not None else sender,
+                recipients=[t.address for t in remote], prefix=queue_prefix + trace,
+                body_path=body_path, created=time.time(), received_from=received_from,
+                double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
+                recipient_dsn=recipient_dsn, smtputf8=smtputf8,
+            )
+        except DeliveryError:
+            queue.remove(qdir, local_id)
+            raise
+        stored.places += [(t, "queue") for t in remote]
     return stored
 
 

@@ -1,14 +1,16 @@
 """
 The ``mailsrv`` admin command: ``mailsrv queue list|show|flush|delete|bounce``,
 ``mailsrv user add|passwd|del|list``, ``mailsrv dkim keygen|list``, ``mailsrv dns DOMAIN
-[--check]``, ``mailsrv doctor [--json]``, ``mailsrv check-config`` and ``mailsrv version``;
+[--check]``, ``mailsrv doctor [--json]``, ``mailsrv dovecot-config``, ``mailsrv check-config``
+and ``mailsrv version``;
 ``--config PATH`` may come anywhere on the line.  It does not run the server (``twistd
 mailsrv`` does).
 
 This module reads the command line and runs what it names: ``check-config`` and ``version``
 here, ``queue`` in ``mailsrv.tools.cli_queue`` (which the queue lock decides how to run), ``user`` in
 ``mailsrv.tools.cli_user``, ``dkim`` in ``mailsrv.tools.cli_dkim``, ``dns`` in
-``mailsrv.tools.cli_dns``, ``doctor`` in ``mailsrv.tools.doctor``; ``mailsrv.tools.cli_exit``
+``mailsrv.tools.cli_dns``, ``doctor`` in ``mailsrv.tools.doctor``, ``dovecot-config`` in
+``mailsrv.tools.cli_dovecot``; ``mailsrv.tools.cli_exit``
 has the exit statuses they share.
 """
 
@@ -22,6 +24,7 @@ from mailsrv.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from mailsrv.storage import queue
 from mailsrv.tools.cli_dkim import add_parser as add_dkim_parser
 from mailsrv.tools.cli_dns import add_parser as add_dns_parser
+from mailsrv.tools.cli_dovecot import add_parser as add_dovecot_parser
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failed
 from mailsrv.tools.cli_queue import cmd_change, cmd_list, cmd_show
 from mailsrv.tools.cli_user import cmd_user
@@ -99,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         if name != "del":
             sub.add_argument("--password-stdin", action="store_true",
                              help="read the password from the first line of standard input")
+        if name == "add":
+            sub.add_argument("--postmaster", action="store_true",
+                             help="also make it its domain's postmaster (an alias "
+                             "postmaster@DOMAIN in the aliases file); for a user already "
+                             "there, only that")
         sub.set_defaults(run=cmd_user)
     user_actions.add_parser(
         "list", help="every user, and whether it can log in", parents=[config]
@@ -106,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     add_dkim_parser(commands, config)
     add_dns_parser(commands, config)
     add_doctor_parser(commands, config)
+    add_dovecot_parser(commands, config)
     _add_admin_commands(commands)
     return parser
 

@@ -51,8 +51,8 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
     assert code == 250
     lines = text.split("\n")
     assert lines[0].startswith("mx.example.org Hello client.test")
-    assert set(lines[1:]) == {"PIPELINING", "SIZE 26214400", "8BITMIME", "ENHANCEDSTATUSCODES",
-                              "DSN"}
+    assert set(lines[1:]) == {"PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8",
+                              "ENHANCEDSTATUSCODES", "DSN"}
     assert client.greeting[0] == 220 and "mx.example.org ESMTP" in client.greeting[1]
 
 
@@ -93,7 +93,8 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
         (["EHLO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<alice@example.org>"], (250, "2.1.5")),
         (["mail from:<a@c.test>"], (503, "5.5.1")),
         (["NOOP \x01"], (500, "5.5.2")),
-        ("EHLO c.test\nMAIL FROM:<\xe9@c.test>".split("\n"), (500, "5.5.2")),  # no SMTPUTF8
+        ("EHLO c.test\nMAIL FROM:<\xe9@c.test>".split("\n"), (553, "5.6.7")),  # no SMTPUTF8
+        ("EHLO c.test\nNOOP \xe9".split("\n"), (500, "5.5.2")),  # 8 bits outside MAIL/RCPT
     ],
 )
 def test_reply_codes(mail_server, commands, expected):

@@ -150,6 +150,8 @@ class MailServer:
         self.port = 0
         #: (configured endpoint, "smtp" or "submission", port) of every listener, in order.
         self.listeners: list[tuple[str, str, int]] = []
+        #: twistd's own options before "mailsrv", e.g. ["--uid", "mail", "--gid", "mail"].
+        self.twistd_options: list[str] = []
 
     def write_config(self) -> None:
         """Write ``self.config`` to the file again, after the test changed it."""
@@ -165,7 +167,7 @@ class MailServer:
 
     def command(self) -> list[str]:
         return [
-            *TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path),
+            *TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), *self.twistd_options,
             "mailsrv", "--config", str(self.config_path),
         ]
 

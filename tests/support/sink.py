@@ -7,9 +7,10 @@ runs), offers STARTTLS with a given certificate and AUTH PLAIN/LOGIN, and writes
 accepted message to ``outdir/<n>.json`` (atomically).  Prints ``PORT <n>`` once listening.
 The rules may make it announce ``SIZE <n>`` (``"size": n``, enforced at MAIL and after the
 data, as Postfix does) and not announce 8BITMIME (``"8bitmime": false``: ``BODY=8BITMIME``
-is then refused), and announce DSN (``"dsn": true``; RCPT's parameters are recorded as
-``rcpt_params``, one dict per accepted recipient); every MAIL command line is appended to
-``mail_log``.
+is then refused), announce SMTPUTF8 (``"smtputf8": true``; without it a ``SMTPUTF8``
+parameter or a non-ASCII path is refused with 553 5.6.7, as a pre-RFC 6531 server would),
+and announce DSN (``"dsn": true``; RCPT's parameters are recorded as ``rcpt_params``, one
+dict per accepted recipient); every MAIL command line is appended to ``mail_log``.
 Written with asyncio so that it shares no code with the client under test.
 """
 
@@ -70,6 +71,8 @@ class Session:
     def extensions(self) -> list[str]:
         r = rules()
         ext = ["PIPELINING"] + (["8BITMIME"] if r.get("8bitmime", True) else [])
+        if r.get("smtputf8"):
+            ext.append("SMTPUTF8")
         if r.get("size") is not None:
             ext.append(f"SIZE {r['size']}")
         if r.get("dsn"):
@@ -126,6 +129,9 @@ class Session:
                     await self.send(r["mail_from"])
                 elif "BODY" in params and "8BITMIME" not in self.extensions():
                     await self.send("555 5.5.4 Unsupported option: BODY")
+                elif "SMTPUTF8" not in self.extensions() and (
+                        "SMTPUTF8" in params or not line.isascii()):
+                    await self.send("553 5.6.7 SMTPUTF8 not supported")
                 elif r.get("size") and int(params.get("SIZE") or 0) > r["size"]:
                     await self.send("552 5.3.4 Message size exceeds fixed limit")
                 else:
@@ -138,6 +144,8 @@ class Session:
                 m = re.match(r"TO:<([^>]*)>", arg, re.I)
                 address = m.group(1) if m else arg
                 reply = "250 2.1.5 Ok"
+                if not address.isascii() and "SMTPUTF8" not in self.mail_params:
+                    reply = "553 5.6.7 non-ASCII address without SMTPUTF8"
                 for pattern, answer in r.get("rcpt", []):
                     if re.search(pattern, address):
                         reply = answer

@@ -19,7 +19,7 @@ MAIL_USAGE = (501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 RCPT_USAGE = (501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
 BAD_SENDER = (553, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = (553, "5.1.3", "Bad recipient address syntax")
-NON_ASCII = (553, "5.6.7", "Non-ASCII addresses are not supported")
+NON_ASCII = (553, "5.6.7", "Non-ASCII address without the SMTPUTF8 parameter")
 BAD_PARAM = (501, "5.5.4", "Bad parameter syntax")
 
 

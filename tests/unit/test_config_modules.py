@@ -23,6 +23,7 @@ PUBLIC = {
     "GreylistConfig": schema,
     "LimitsConfig": schema,
     "DomainsConfig": schema,
+    "LmtpDelivery": schema,
     "MailboxesConfig": schema,
     "QueueConfig": schema,
     "RelayConfig": schema,

@@ -245,3 +245,47 @@ def test_no_dsn_parameters_to_a_server_without_dsn(tmp_path: Path) -> None:
     s.server(b"250 2.1.0 Ok")
     assert s.sent() == b"RCPT TO:<r@dsn.test>\r\n"
     assert not s.outcome.dsn
+# --- SMTPUTF8 (RFC 6531): the keyword when offered, else a verdict per recipient ---------
+
+UTF8_BODY = "From: Jörg <jörg@x.test>\nSubject: Grüße\n\nHallo\n".encode()
+
+
+def utf8_transaction(tmp_path: Path, body: bytes = UTF8_BODY) -> OutboundTransaction:
+    path = tmp_path / "utf8.body"
+    path.write_bytes(body)
+    return OutboundTransaction(queue_id="utf8", sender="jörg@x.test" if body == UTF8_BODY
+                               else "a@x.test", recipients=["jörg@y.test", "bob@y.test"],
+                               prefix=PREFIX, body_path=path, smtputf8=True)
+
+
+def test_smtputf8_sent_when_offered(tmp_path: Path) -> None:
+    t = utf8_transaction(tmp_path)
+    s = Session([t], ["8BITMIME", "SMTPUTF8"], tmp_path)
+    assert s.sent().endswith("MAIL FROM:<jörg@x.test> BODY=8BITMIME SMTPUTF8\r\n".encode())
+    s.server(b"250 2.1.0 Ok")
+    assert s.sent() == "RCPT TO:<jörg@y.test>\r\n".encode()
+    s.server(b"250 2.1.5 Ok")
+    assert s.sent() == b"RCPT TO:<bob@y.test>\r\n"
+
+
+def test_without_smtputf8_utf8_addresses_bounce_5_6_7_and_utf8_headers_5_6_9(tmp_path: Path) -> None:
+    t = utf8_transaction(tmp_path)  # a UTF-8 sender: nothing can go
+    s = Session([t], ["8BITMIME"], tmp_path)
+    assert b"MAIL" not in s.sent() and not t.attempted
+    assert {a: r[:2] for a, r in t.results.items()} == {
+        "jörg@y.test": (553, "5.6.7"), "bob@y.test": (553, "5.6.7")}
+    # An ASCII sender, UTF-8 header fields: the UTF-8 recipient 5.6.7, the other 5.6.9.
+    t = utf8_transaction(tmp_path, "Subject: Grüße\n\nHallo\n".encode())
+    s = Session([t], ["8BITMIME"], tmp_path)
+    assert b"MAIL" not in s.sent()
+    assert {a: r[:2] for a, r in t.results.items()} == {
+        "jörg@y.test": (553, "5.6.7"), "bob@y.test": (554, "5.6.9")}
+    # ASCII header fields and an 8-bit body: the ASCII recipient goes, without the keyword.
+    t = utf8_transaction(tmp_path, "Subject: hi\n\nGrüße\n".encode())
+    s = Session([t], ["8BITMIME"], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<a@x.test> BODY=8BITMIME\r\n")
+    s.server(b"250 2.1.0 Ok")
+    assert s.sent() == b"RCPT TO:<bob@y.test>\r\n"
+    s.server(b"250 2.1.5 Ok")
+    s.server(b"354 go ahead")
+    assert t.results["jörg@y.test"][:2] == (553, "5.6.7")
