@@ -36,6 +36,7 @@ from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Sta
 from mailsrv.checks.rspamd.checks import REFUSING_ACTIONS
 from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
 from mailsrv.checks.rspamd.removal import removals, rename_in_place
+from mailsrv.inbound.placelog import log_places
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
 from mailsrv.outbound import delivered
@@ -362,26 +363,7 @@ class Transaction:
             id=self.queue_id, client=session.client, helo=session.helo,
             sender=bracketed(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
         )
-        for target, where in stored.places:
-            if isinstance(target, LocalTarget) and where == "queue":
-                log.info(
-                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued (lmtp)",
-                    id=stored.for_lmtp.id if stored.for_lmtp else self.queue_id,
-                    rcpt=target.address, orig=self.targets[target],
-                )
-            elif isinstance(target, LocalTarget):
-                log.info(
-                    "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
-                    "status=sent",
-                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], path=where,
-                )
-            else:
-                queued = stored.queued
-                quiet = f' no_bounce="{queued.no_bounce}"' if queued and queued.no_bounce else ""
-                log.info(
-                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued{quiet}",
-                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], quiet=quiet,
-                )
+        log_places(self.queue_id, stored, self.targets)
         local = sum(isinstance(target, LocalTarget) for target, _ in stored.places)
         self.runtime.metrics.accepted(
             "submission" if session.submission else "smtp", self.size, local,

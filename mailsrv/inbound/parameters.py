@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mailsrv import replies
 from mailsrv.replies import Refusal
+from mailsrv.routing.address import Mailbox, parse_mail_from, parse_rcpt_to
 from mailsrv.routing.dsn_params import (
     MAIL_PARAMETERS,
     RCPT_PARAMETERS,
@@ -18,7 +19,21 @@ from mailsrv.routing.dsn_params import (
     parse_rcpt_dsn,
 )
 
-__all__ = ["check_mail_parameters", "check_rcpt_parameters"]
+__all__ = ["check_mail_parameters", "check_rcpt_parameters", "parse_mail", "parse_rcpt"]
+
+
+def parse_mail(rest: bytes, esmtp: bool, max_size: int) -> tuple[Mailbox | None, MailDSN, bool]:
+    """MAIL FROM's argument: the sender (None for ``<>``), its DSN parameters and whether it
+    had SMTPUTF8 (RFC 6531: UTF-8 paths allowed in this transaction); Refusal otherwise."""
+    sender, params = parse_mail_from(rest)
+    dsn = check_mail_parameters(params, esmtp, max_size)
+    return sender, dsn, "SMTPUTF8" in params
+
+
+def parse_rcpt(rest: bytes, smtputf8: bool, esmtp: bool) -> tuple[Mailbox, RecipientDSN]:
+    """RCPT TO's argument: the recipient (UTF-8 only after SMTPUTF8) and its DSN parameters."""
+    recipient, params = parse_rcpt_to(rest, smtputf8)
+    return recipient, check_rcpt_parameters(params, esmtp)
 
 
 def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> MailDSN:
