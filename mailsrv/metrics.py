@@ -153,8 +153,8 @@ class Metrics:
             "destination class (mx, smarthost, literal)", "result", "destination")
         self._dsn = counter(
             "mailsrv_dsn_sent",
-            "Delivery status notifications made: failure, delay, double_bounce (to the "
-            "postmaster)", "kind")
+            "Delivery status notifications made: failure, delay, success (NOTIFY=SUCCESS), "
+            "double_bounce (to the postmaster)", "kind")
         self._auth = counter(
             "mailsrv_auth",
             "AUTH outcomes: success, failure, lockout (an address locked out), locked_out "

@@ -36,10 +36,13 @@ from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Sta
 from mailsrv.checks.rspamd.checks import REFUSING_ACTIONS
 from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
 from mailsrv.checks.rspamd.removal import removals, rename_in_place
+from mailsrv.inbound.placelog import log_places
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
+from mailsrv.outbound import delivered
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import Mailbox
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
 from mailsrv.storage.store import Stored, store
@@ -101,6 +104,8 @@ class Transaction:
         self.refused_by: str | None = None
         #: time.monotonic() at the end of DATA (the delivery latency's start).
         self._data_ended = 0.0
+        self.dsn = MailDSN()  #: MAIL's DSN parameters; RCPT's by recipient as named (RFC 3461)
+        self.recipient_dsn: dict[Mailbox, RecipientDSN] = {}
         #: MAIL had SMTPUTF8 (RFC 6531): UTF-8 addresses and header fields; relayed with it.
         self.smtputf8 = False
 
@@ -254,25 +259,27 @@ class Transaction:
                 queued=any(isinstance(t, RemoteTarget) for t in self.targets),
             ))
             self.dkim = draft.dkim
-            no_bounce = None
-            lmtp = config.mailboxes.delivery is not None  # local copies queued for Dovecot
-            if (draft.queued or lmtp) and not client.may_relay:  # forwarded, or to Dovecot
-                no_bounce = forged_sender(auth, spam)
+            # Mail from outside an alias forwards, or a success report answers: not to a forgery.
+            no_bounce = forged_sender(auth, spam) if not client.may_relay else None
             trace = draft.prefix
             if headers.needs_separator(head):
                 trace += b"\n"
+            by_address = delivered.by_address(self.targets, self.recipient_dsn)
             try:
-                return store(
+                stored = store(
                     config, self.queue_id, sender=draft.sender, queue_sender=draft.queue_sender,
-                    queue_prefix=draft.queue_prefix,
-                    targets=list(self.targets),
+                    queue_prefix=draft.queue_prefix, targets=list(self.targets),
                     trace=trace, body_path=self.spool_path, received_from=client.name,
-                    folders=self.folders, no_bounce=no_bounce, smtputf8=self.smtputf8,
+                    folders=self.folders, no_bounce=no_bounce, dsn=self.dsn,
+                    recipient_dsn=by_address, smtputf8=self.smtputf8,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 self.refused_by = "storage"
                 raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+            delivered.report(self.runtime, self, stored, by_address, client.name, trace + head,
+                             no_bounce)
+            return stored
         finally:
             if self.runtime.spool_files is not None:
                 self.runtime.spool_files.release(self.spool_path)  # reused, not removed
@@ -357,26 +364,7 @@ class Transaction:
             id=self.queue_id, client=session.client, helo=session.helo,
             sender=bracketed(self.sender), size=self.size, nrcpt=len(self.targets), extra=extra,
         )
-        for target, where in stored.places:
-            if isinstance(target, LocalTarget) and where == "queue":
-                log.info(
-                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued (lmtp)",
-                    id=stored.for_lmtp.id if stored.for_lmtp else self.queue_id,
-                    rcpt=target.address, orig=self.targets[target],
-                )
-            elif isinstance(target, LocalTarget):
-                log.info(
-                    "delivered id={id} to=<{rcpt}> orig_to=<{orig}> mailbox={path} "
-                    "status=sent",
-                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], path=where,
-                )
-            else:
-                queued = stored.queued
-                quiet = f' no_bounce="{queued.no_bounce}"' if queued and queued.no_bounce else ""
-                log.info(
-                    "queued id={id} to=<{rcpt}> orig_to=<{orig}> status=queued{quiet}",
-                    id=self.queue_id, rcpt=target.address, orig=self.targets[target], quiet=quiet,
-                )
+        log_places(self.queue_id, stored, self.targets)
         local = sum(isinstance(target, LocalTarget) for target, _ in stored.places)
         self.runtime.metrics.accepted(
             "submission" if session.submission else "smtp", self.size, local,

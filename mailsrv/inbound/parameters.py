@@ -1,18 +1,44 @@
 """
 The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870), ``BODY=`` (RFC 6152)
 and ``SMTPUTF8`` (RFC 6531, no value), each only after EHLO; any other is refused (pure).
+The DSN parameters (RFC 3461) of MAIL and RCPT are parsed by mailsrv.routing.dsn_params;
+this checks they come after EHLO and where they belong.
 """
 
 from __future__ import annotations
 
 from mailsrv import replies
 from mailsrv.replies import Refusal
+from mailsrv.routing.address import Mailbox, parse_mail_from, parse_rcpt_to
+from mailsrv.routing.dsn_params import (
+    MAIL_PARAMETERS,
+    RCPT_PARAMETERS,
+    MailDSN,
+    RecipientDSN,
+    parse_mail_dsn,
+    parse_rcpt_dsn,
+)
 
-__all__ = ["check_mail_parameters"]
+__all__ = ["check_mail_parameters", "check_rcpt_parameters", "parse_mail", "parse_rcpt"]
 
 
-def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> None:
-    """Raise Refusal with the reply for the first parameter that cannot be accepted."""
+def parse_mail(rest: bytes, esmtp: bool, max_size: int) -> tuple[Mailbox | None, MailDSN, bool]:
+    """MAIL FROM's argument: the sender (None for ``<>``), its DSN parameters and whether it
+    had SMTPUTF8 (RFC 6531: UTF-8 paths allowed in this transaction); Refusal otherwise."""
+    sender, params = parse_mail_from(rest)
+    dsn = check_mail_parameters(params, esmtp, max_size)
+    return sender, dsn, "SMTPUTF8" in params
+
+
+def parse_rcpt(rest: bytes, smtputf8: bool, esmtp: bool) -> tuple[Mailbox, RecipientDSN]:
+    """RCPT TO's argument: the recipient (UTF-8 only after SMTPUTF8) and its DSN parameters."""
+    recipient, params = parse_rcpt_to(rest, smtputf8)
+    return recipient, check_rcpt_parameters(params, esmtp)
+
+
+def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> MailDSN:
+    """Raise Refusal with the reply for the first parameter that cannot be accepted; the
+    DSN parameters (RET, ENVID) of an accepted MAIL."""
     for name, value in params.items():
         if not esmtp:
             raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
@@ -27,5 +53,16 @@ def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: 
         elif name == "SMTPUTF8":
             if value is not None:
                 raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
-        else:
+        elif name not in MAIL_PARAMETERS:
             raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+    return parse_mail_dsn(params)
+
+
+def check_rcpt_parameters(params: dict[str, str | None], esmtp: bool) -> RecipientDSN:
+    """RCPT's DSN parameters (NOTIFY, ORCPT), or Refusal for the first one refused."""
+    for name in params:
+        if not esmtp:
+            raise Refusal(replies.PARAMETER_NEEDS_EHLO.format(name=name))
+        if name not in RCPT_PARAMETERS:
+            raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+    return parse_rcpt_dsn(params)

@@ -27,10 +27,9 @@ from mailsrv import replies
 from mailsrv.inbound import sasl
 from mailsrv.inbound.datascan import DataError, DataScanner
 from mailsrv.inbound.framing import CommandFramer, Framing
-from mailsrv.inbound.parameters import check_mail_parameters
+from mailsrv.inbound.parameters import parse_mail, parse_rcpt
 from mailsrv.inbound.tlsauth import TLSAndAuth
 from mailsrv.replies import Refusal, Reply
-from mailsrv.routing.address import parse_mail_from, parse_rcpt_to
 
 if TYPE_CHECKING:
     from mailsrv.inbound.message_intake import Transaction
@@ -247,13 +246,8 @@ class SMTPSession(TLSAndAuth):
 
     def _extension_lines(self) -> list[str]:
         """The extensions we implement, and only those (STARTTLS and AUTH where they apply)."""
-        lines = [
-            "PIPELINING",
-            f"SIZE {self.runtime.config.smtp.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-        ]
+        lines = ["PIPELINING", f"SIZE {self.runtime.config.smtp.max_message_size}", "8BITMIME",
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
         if self.runtime.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered and self.tls_active:
@@ -271,10 +265,9 @@ class SMTPSession(TLSAndAuth):
             return self._error(replies.NESTED_MAIL)
         helo = (self._helo_name.encode("ascii"), self.client_ip.encode("ascii"))
         try:
-            sender, params = parse_mail_from(rest)
-            check_mail_parameters(params, self._esmtp, self.runtime.config.smtp.max_message_size)
+            sender, dsn, utf8 = parse_mail(rest, self._esmtp, self.runtime.config.smtp.max_message_size)
             self._transaction = self.delivery.validateFrom(helo, sender)
-            self._transaction.smtputf8 = "SMTPUTF8" in params  # (RFC 6531: UTF-8 allowed)
+            self._transaction.dsn, self._transaction.smtputf8 = dsn, utf8  # RFC 3461, RFC 6531
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
@@ -293,11 +286,9 @@ class SMTPSession(TLSAndAuth):
                 return replies.TOO_MANY_RECIPIENTS
             return replies.TOO_MANY_ERRORS
         try:
-            recipient, params = parse_rcpt_to(rest, transaction.smtputf8)
-            if params:
-                name = next(iter(params))
-                raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
+            recipient, dsn = parse_rcpt(rest, transaction.smtputf8, self._esmtp)
             self.delivery.validateTo(recipient)
+            transaction.recipient_dsn.setdefault(recipient, dsn)  # (the first RCPT stands)
         except Refusal as e:
             return self._error(e.reply)
         probe = getattr(self.delivery, "probe_recipient", None)  # LMTP: a full mailbox?

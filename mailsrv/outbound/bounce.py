@@ -9,6 +9,9 @@ only logged, so bounces never loop.
 The DSN is stored *before* the failed recipients are marked bounced in the original's state,
 so a crash in between can at worst repeat a bounce, never lose one.
 A report whose From: domain (this host's) has DKIM keys is signed (:func:`sign_report`).
+The sender's DSN parameters (RFC 3461) are honoured: its ENVID quoted, and with ``RET=FULL``
+a failure report returns the whole message when it is at most ``FULL_RETURN_LIMIT`` octets
+(Postfix's ``bounce_size_limit``), else its headers, as without it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ __all__ = [
 
 log = Logger(namespace="mailsrv")
 
+#: The largest original (trace and body) a RET=FULL failure report returns whole.
+FULL_RETURN_LIMIT = 50_000
+
 
 class UnroutableBounce(Exception):
     """The original sender cannot receive a bounce (unknown local user, bad address)."""
@@ -56,6 +62,17 @@ def _original_head(config: Config, message: QueuedMessage) -> bytes:
     return dsn_original.original_headers(message.prefix.encode("ascii") + head)
 
 
+def _original_whole(config: Config, message: QueuedMessage) -> bytes | None:
+    """The whole original for RET=FULL, None when it is over FULL_RETURN_LIMIT or gone."""
+    prefix = message.prefix.encode("ascii")
+    try:
+        with open(queue.body_path(Path(config.queue.path), message.id), "rb") as body:
+            data = body.read(FULL_RETURN_LIMIT + 1 - len(prefix))
+    except OSError:
+        return None
+    return prefix + data if len(prefix) + len(data) <= FULL_RETURN_LIMIT else None
+
+
 def send_dsn(
     config: Config,
     directory: Directory,
@@ -63,8 +80,11 @@ def send_dsn(
     reports: list[dsn.RecipientReport],
     now: float | None = None,
     dkim: SigningKeys | None = None,
+    original: bytes | None = None,
 ) -> Stored:
     """Build the DSN about ``reports`` and store it for the original sender; return where.
+    ``original`` is the original's header section when it is not in the queue (a message
+    delivered here at once, its success report).
 
     Raises ValueError for a message with the null sender (never bounce a bounce),
     UnroutableBounce when the sender cannot be delivered to, and durable.DeliveryError when
@@ -72,7 +92,8 @@ def send_dsn(
     """
     if not message.sender:
         raise ValueError(f"queue {message.id}: a message from <> is never bounced")
-    return _store_report(config, directory, message, reports, message.sender, now, dkim)
+    return _store_report(config, directory, message, reports, message.sender, now, dkim,
+                         original)
 
 
 def postmaster_address(config: Config, directory: Directory) -> str:
@@ -126,6 +147,7 @@ def _store_report(
     sender: str | None,
     now: float | None,
     dkim: SigningKeys | None = None,
+    original: bytes | None = None,
 ) -> Stored:
     """Build and store the report for ``sender``, or (None) the postmaster's double bounce."""
     now = time.time() if now is None else now
@@ -145,9 +167,12 @@ def _store_report(
         received_from=message.received_from,
         arrival=message.created,
         recipients=reports,
-        original_headers=_original_head(config, message),
+        original_headers=original if original is not None else _original_head(config, message),
         now=now,
         postmaster=None if sender else to,
+        envid=message.envid,
+        original_message=_original_whole(config, message) if (
+            sender and message.ret == "FULL" and reports[0].action == "failed") else None,
     )
     return store_own(config, directory, dsn_id, to, data, now, dkim, double_bounce=not sender)
 
@@ -205,14 +230,15 @@ def sign_report(keys: SigningKeys, hostname: str, dsn_id: str, trace: bytes, dat
 
 
 def given_up_reports(message: QueuedMessage, reason: str) -> list[dsn.RecipientReport]:
-    """DSN lines for every recipient still queued, when we give up on them for ``reason``."""
+    """DSN lines for every recipient still queued, when we give up on them for ``reason``
+    (but those whose NOTIFY leaves FAILURE out, RFC 3461)."""
     return [
         dsn.RecipientReport(
             address=r.address, action="failed", status="5.0.0",
             diagnostic=reason + (f"; last error: {r.last_error}" if r.last_error else ""),
-            remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+            remote_mta=r.remote_mta, last_attempt=r.last_attempt, original_recipient=r.orcpt,
         )
-        for r in message.pending
+        for r in message.pending if r.wants("FAILURE")
     ]
 
 
@@ -232,9 +258,9 @@ def bounce_pending(
     now = time.time() if now is None else now
     pending = message.pending
     stored = None
-    if message.sender and pending:
-        stored = send_dsn(config, directory, message, given_up_reports(message, reason), now,
-                          dkim=dkim)
+    reports = given_up_reports(message, reason) if message.sender else []
+    if reports:
+        stored = send_dsn(config, directory, message, reports, now, dkim=dkim)
     changed: dict[str, QueuedRecipient] = {
         r.address: replace(r, status=BOUNCED, last_error=reason) for r in pending
     }

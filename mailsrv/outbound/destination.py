@@ -47,7 +47,8 @@ class Record(Protocol):
     """Told one message's results, and where they came from (None: no server answered)."""
 
     def __call__(
-        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None
+        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None,
+        dsn: bool = False,
     ) -> None: ...
 
 
@@ -175,7 +176,7 @@ class DestinationDelivery:
                 retry_elsewhere = []
                 for t in transactions:
                     if t.complete:
-                        record(t.queue_id, t.results, where, tls=outcome.tls)
+                        record(t.queue_id, t.results, where, tls=outcome.tls, dsn=outcome.dsn)
                     elif t.attempted:
                         results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
                         record(t.queue_id, results, where, tls=outcome.tls)

@@ -12,8 +12,14 @@ be told, in a form both a person and a program can read.  The report is a
 2. ``message/delivery-status`` (RFC 3464): the same facts as fields that mail clients, list
    managers and bulk senders parse to unsubscribe or retry;
 3. ``text/rfc822-headers``: the original header section, so the sender can tell which of
-   their messages this is.  Never the body: it may be large, and returning it copies
-   possibly private text into yet another mailbox.
+   their messages this is.  Not the body, unless the sender asked for it with ``RET=FULL``
+   (RFC 3461) and the report is a failure: it may be large, and returning it copies
+   possibly private text into yet another mailbox.  Then the part is ``message/rfc822``.
+
+Besides failures and delays, a report may tell of success (RFC 3461 ``NOTIFY=SUCCESS``):
+``delivered`` into a mailbox here, or ``relayed`` to a server that offers no DSN.  The
+sender's ``ENVID`` is quoted as ``Original-Envelope-Id``, a recipient's ``ORCPT`` as
+``Original-Recipient``.
 
 This module checks our own data and assembles the report and its ``message/delivery-status``
 part; the human-readable part and the making safe of everything a remote server said are
@@ -29,7 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailsrv.outbound.dsn_original import headers_part
+from mailsrv.outbound.dsn_original import headers_part, whole_part
 from mailsrv.outbound.dsn_text import date, field, human_part, text_lines, token
 from mailsrv.routing.localpart import printable_utf8
 
@@ -41,7 +47,8 @@ _ADDRESS_MAX = 512
 #: RFC 2046 section 5.1.1: a boundary has 1 to 70 characters.
 _BOUNDARY_MAX = 70
 
-_ACTIONS = ("failed", "delayed")
+_ACTIONS = ("failed", "delayed", "delivered", "relayed")
+_SUCCESS = ("delivered", "relayed")
 
 # RFC 3463 enhanced status code.  [0-9], not \d: \d also matches non-ASCII digits.
 _STATUS_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
@@ -58,6 +65,8 @@ _ADDRESS_RE = re.compile(
     r"""|"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*")"""
     r"""(?:@(?:[A-Za-z0-9.-]+|\[[A-Za-z0-9.:-]+\]))?"""
 )
+# What Original-Envelope-Id and Original-Recipient may hold: printable ASCII (decoded xtext).
+_TEXT_RE = re.compile(r"[\x20-\x7e]{1,1000}")
 # An SMTP reply starts with its three-digit code (RFC 5321 section 4.2).
 _SMTP_REPLY_RE = re.compile(r"[2-5][0-9][0-9](?:[ -]|\Z)")
 
@@ -73,6 +82,7 @@ class RecipientReport:
     remote_mta: str | None  # the host that answered, if one did
     last_attempt: float | None = None  # epoch seconds
     will_retry_until: float | None = None  # epoch seconds; only used for "delayed"
+    original_recipient: str | None = None  # ORCPT, "rfc822;address" (decoded, printable)
 
 
 # --- validation -----------------------------------------------------------------------
@@ -141,14 +151,17 @@ def _boundary(base: str, contents: Sequence[bytes]) -> str:
 
 def _status_part(
     *, hostname: str, queue_id: str, arrival: float, recipients: Sequence[RecipientReport],
-    delayed: bool,
+    delayed: bool, envid: str | None = None,
 ) -> list[str]:
     """The ``message/delivery-status`` part (RFC 3464 section 2): field blocks."""
-    lines = field("Reporting-MTA", f"dns; {hostname}")
+    lines = field("Original-Envelope-Id", envid) if envid else []
+    lines += field("Reporting-MTA", f"dns; {hostname}")
     lines += field("X-Mailsrv-Queue-ID", queue_id)
     lines += field("Arrival-Date", date(arrival))
     for r in recipients:
         lines.append("")
+        if r.original_recipient:
+            lines += field("Original-Recipient", r.original_recipient)
         lines += field("Final-Recipient", _typed_address(r.address))
         lines += field("Action", r.action)
         lines += field("Status", r.status)
@@ -176,11 +189,16 @@ def build_dsn(
     original_headers: bytes,
     now: float,
     postmaster: str | None = None,
+    envid: str | None = None,
+    original_message: bytes | None = None,
 ) -> bytes:
     """The complete DSN message (header section, empty line, MIME body) with LF line ends.
 
-    One report covers recipients that all ``failed`` (a bounce) or all ``delayed`` (a
-    warning): the subject and the wording depend on it, so a mix is a caller bug.  With
+    One report covers recipients that all ``failed`` (a bounce), all ``delayed`` (a
+    warning) or all succeeded (``delivered`` or ``relayed``): the subject and the wording
+    depend on it, so a mix is a caller bug.  ``envid`` is the sender's ENVID (decoded);
+    ``original_message`` the whole original (``RET=FULL``, failures only), returned as
+    ``message/rfc822`` instead of its headers.  With
     ``postmaster`` (an address), it is instead the postmaster's notice that a message from
     ``<>`` failed (a double bounce, as Postfix sends): addressed to the postmaster, and the
     original sender may be empty.  Raises ValueError for an empty sender (a bounce is never
@@ -203,21 +221,31 @@ def build_dsn(
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
     actions = {r.action for r in recipients}
-    if len(actions) != 1 or not actions <= set(_ACTIONS):
-        raise ValueError(f"recipients must be all 'failed' or all 'delayed', got {sorted(actions)}")
+    success = actions <= set(_SUCCESS)
+    if not actions <= set(_ACTIONS) or (len(actions) != 1 and not success):
+        raise ValueError(f"recipients must be all 'failed' or all 'delayed' (or all delivered "
+                         f"or relayed), got {sorted(actions)}")
     for r in recipients:
         _check(_STATUS_RE, r.status, "enhanced status code")
         _check_address(r.address, "recipient")
+        if r.original_recipient is not None:
+            _check(_TEXT_RE, r.original_recipient, "original recipient")
+    if envid is not None:
+        _check(_TEXT_RE, envid, "envelope id")
     delayed = actions == {"delayed"}
-    if delayed and postmaster is not None:
+    if (delayed or success) and postmaster is not None:
         raise ValueError("the postmaster is told of failures only")
+    if original_message is not None and actions != {"failed"}:
+        raise ValueError("only a failure report returns the whole message")
 
     human = human_part(hostname=hostname, queue_id=queue_id, received_from=received_from,
                        arrival=arrival, recipients=recipients, delayed=delayed,
-                       postmaster=postmaster is not None)
+                       postmaster=postmaster is not None, success=success,
+                       whole=original_message is not None)
     status = _status_part(hostname=hostname, queue_id=queue_id, arrival=arrival,
-                          recipients=recipients, delayed=delayed)
-    original = headers_part(original_headers)
+                          recipients=recipients, delayed=delayed, envid=envid)
+    original = (headers_part(original_headers) if original_message is None
+                else whole_part(original_message))
     human_utf8 = not "".join(human).isascii()  # a UTF-8 address (SMTPUTF8)
     eight_bit = not original.isascii() or human_utf8
     contents = [
@@ -228,6 +256,7 @@ def build_dsn(
     boundary = _boundary(f"{dsn_id}.{int(now)}/{hostname}", contents)
 
     subject = ("Delayed Mail (still being retried)" if delayed
+               else "Successful Mail Delivery Report" if success
                else "Postmaster Copy: Undelivered Mail" if postmaster is not None
                else "Undelivered Mail Returned to Sender")
     cte = "8bit" if eight_bit else "7bit"
@@ -250,8 +279,11 @@ def build_dsn(
         ("Notification", "text/plain; charset=utf-8" if human_utf8
          else "text/plain; charset=us-ascii", "8bit" if human_utf8 else "7bit"),
         ("Delivery report", "message/delivery-status", "7bit"),
-        ("Undelivered Message Headers", "text/rfc822-headers", cte),
+        ("Undelivered Message Headers", "text/rfc822-headers", cte)
+        if original_message is None else ("Undelivered Message", "message/rfc822", cte),
     ]
+    if success:
+        parts[2] = ("Message Headers", "text/rfc822-headers", cte)
     out = ["\n".join(head).encode("utf-8") + b"\n"]  # (To: may be UTF-8: SMTPUTF8)
     for (description, ctype, encoding), content in zip(parts, contents):
         out.append(

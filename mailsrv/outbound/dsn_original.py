@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mailsrv.message.headsection import is_field
 
-__all__ = ["headers_part", "original_headers"]
+__all__ = ["headers_part", "original_headers", "whole_part"]
 
 #: Longest line we write (RFC 5322 section 2.1.1 hard limit, without CRLF).
 _LINE_MAX = 998
@@ -72,3 +72,19 @@ def headers_part(raw: bytes) -> bytes:
             line = b" " + line[_LINE_MAX:]
         out.append(line)
     return b"\n".join(out) + b"\n"
+
+
+def whole_part(raw: bytes) -> bytes:
+    """The whole original as the content of a ``message/rfc822`` part (``RET=FULL``): as
+    :func:`headers_part` makes its lines safe (LF ends, no stray CR or NUL, no line over the
+    limit), and ending with a newline."""
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"?").replace(b"\x00", b"?")
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    out = []
+    for line in text[:-1].split(b"\n") if text else []:
+        while len(line) > _LINE_MAX:
+            out.append(line[:_LINE_MAX])
+            line = line[_LINE_MAX:]
+        out.append(line)
+    return b"\n".join(out) + b"\n" if out else b""

@@ -130,10 +130,21 @@ def human_part(
     recipients: Sequence[RecipientReport],
     delayed: bool,
     postmaster: bool = False,
+    success: bool = False,
+    whole: bool = False,
 ) -> list[str]:
-    """The ``text/plain`` part: for a person who usually did nothing wrong."""
+    """The ``text/plain`` part: for a person who usually did nothing wrong.  ``success``:
+    the report asked for with NOTIFY=SUCCESS; ``whole``: the message is attached (RET=FULL)."""
     lines = [f"This is the mail system at host {hostname}.", ""]
-    if postmaster:
+    if success:
+        lines += _wrap(
+            ("Your message was successfully delivered to the destination(s) listed below. "
+             "If the message was delivered to a mailbox you will receive no further "
+             "notifications. Otherwise (relayed to a server that offers no delivery "
+             "notifications) you may still receive notifications of mail delivery errors "
+             "from other systems. The headers of your message are attached below.").split(),
+            width=_TEXT_WIDTH, rest="")
+    elif postmaster:
         lines += _wrap(
             ("A message from the null sender <> (a bounce or another delivery notice) could "
              "not be delivered to one or more recipients. Such a message is never returned "
@@ -157,8 +168,9 @@ def human_part(
     else:
         lines += _wrap(
             ("I'm sorry to have to inform you that your message could not be delivered "
-             "to one or more recipients. The headers of your message are attached "
-             "below.").split(),
+             "to one or more recipients. " + ("Your message is attached below." if whole
+                                               else "The headers of your message are attached "
+                                               "below.")).split(),
             width=_TEXT_WIDTH, rest="")
     origin = token(received_from, "") if received_from else ""
     about = f"It arrived on {date(arrival)}"
@@ -167,7 +179,7 @@ def human_part(
     about += f" and had the queue id {queue_id} on this host."
     lines += [""]
     lines += _wrap(about.split(), width=_TEXT_WIDTH, rest="")
-    if not postmaster:
+    if not postmaster and not success:
         lines += [
             "",
             "For further assistance, please send mail to postmaster. If you do so,",
@@ -178,8 +190,14 @@ def human_part(
         mta = token(r.remote_mta, "") if r.remote_mta else ""
         said = text_lines(r.diagnostic)
         head = [f"<{r.address}>:"]
-        if said:
-            if mta:
+        if r.action == "relayed":
+            head += ["relayed", "to", *(mta or "a server").split()]
+            head += "that offers no delivery notifications (DSN)".split()
+            head[-1] += ", which said:" if said else ""
+        if r.action == "delivered":
+            first, more = "delivered to mailbox", []
+        elif said:
+            if mta and r.action != "relayed":
                 head += ["host", mta, "said:"]
             first, more = said[0], said[1:]
         else:

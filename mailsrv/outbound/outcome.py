@@ -12,7 +12,11 @@ rules here, away from the sessions and the disk, is what lets them be tested as 
 - a delay warning goes out once (``warned``), when ``queue.delay_warning`` has passed and
   recipients still wait, and only to a real sender: a message from ``<>`` gets none;
 - the failures of a double bounce (the postmaster's notice of a failed bounce) are dropped,
-  only logged, so that bounces never loop.
+  only logged, so that bounces never loop;
+- the sender's ``NOTIFY`` (RFC 3461) decides per recipient: no failure report without
+  ``FAILURE`` (``NEVER``), no delay warning without ``DELAY``, and with ``SUCCESS`` a
+  ``relayed`` report when the server that took it offers no DSN (one that does reports
+  further on itself, RFC 3461 §5.2.2); without ``NOTIFY``, failures and delays as always.
 
 Who hears of the reports (the sender, or for a message from ``<>`` the postmaster) is
 mailsrv.outbound.bounce's decision when the relayer stores them.
@@ -66,6 +70,10 @@ class Outcome:
     warnings: tuple[RecipientReport, ...] = ()
     #: failures of a double bounce: told to nobody, only logged
     dropped: tuple[RecipientReport, ...] = ()
+    #: the success report (NOTIFY=SUCCESS, relayed to a server without DSN)
+    successes: tuple[RecipientReport, ...] = ()
+    #: failures the sender asked not to hear of (NOTIFY without FAILURE): only logged
+    unwanted: tuple[RecipientReport, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -76,7 +84,7 @@ class Outcome:
 def _failed(r: QueuedRecipient, status: str, text: str) -> RecipientReport:
     return RecipientReport(
         address=r.address, action="failed", status=status, diagnostic=text,
-        remote_mta=r.remote_mta, last_attempt=r.last_attempt,
+        remote_mta=r.remote_mta, last_attempt=r.last_attempt, original_recipient=r.orcpt,
     )
 
 
@@ -88,9 +96,10 @@ def apply_results(
     now: float,
     policy: RetryPolicy,
     rng: random.Random | None = None,
+    peer_dsn: bool = False,
 ) -> Outcome:
     """The message after its recipients got ``results`` from ``where`` ("host[addr]:port",
-    None when no server answered) at ``now``.
+    None when no server answered) at ``now``; ``peer_dsn``: that server offered DSN.
 
     Replies for addresses that are not (or no longer) queued are ignored: an administrator
     may have bounced the message meanwhile, and a result counts once.
@@ -98,6 +107,7 @@ def apply_results(
     current = {r.address: r for r in message.recipients}
     changed: dict[str, QueuedRecipient] = {}
     reports: list[RecipientReport] = []
+    successes: list[RecipientReport] = []
     lines: list[RecipientResult] = []
     remote_host = where.split("[", 1)[0] if where else None
     for address, reply in results.items():
@@ -110,6 +120,11 @@ def apply_results(
         if reply.success:
             changed[address] = replace(base, status=SENT)
             status = SENT_NOW
+            if message.sender and not peer_dsn and r.wants("SUCCESS"):
+                successes.append(RecipientReport(
+                    address=address, action="relayed", status=reply.status,
+                    diagnostic=str(reply), remote_mta=remote_host, last_attempt=now,
+                    original_recipient=r.orcpt))
         elif reply.permanent:
             changed[address] = replace(base, status=BOUNCED)
             reports.append(_failed(base, reply.status, str(reply)))
@@ -138,19 +153,27 @@ def apply_results(
             warnings = [RecipientReport(
                 address=r.address, action="delayed", status=delay_status(r.last_error),
                 diagnostic=r.last_error, remote_mta=r.remote_mta, last_attempt=r.last_attempt,
-                will_retry_until=until,
-            ) for r in updated.pending]
+                will_retry_until=until, original_recipient=r.orcpt,
+            ) for r in updated.pending if r.wants("DELAY")]
         updated = replace(updated, warned=True)
-    return _told(Outcome(message, updated, tuple(lines), tuple(reports), tuple(warnings)))
+    return _told(Outcome(message, updated, tuple(lines), tuple(reports), tuple(warnings),
+                         successes=tuple(successes)))
 
 
 def _told(outcome: Outcome) -> Outcome:
     """A double bounce's failures go to nobody (they are only logged): bounces never loop.
-    Nor do those of a message whose sender is likely forged (``no_bounce``), delays included:
-    a report to a forged sender is backscatter."""
+    Nor do those of a message whose sender is likely forged (``no_bounce``), delays and
+    successes included: a report to a forged sender is backscatter.  Nor do the failures
+    of recipients whose NOTIFY leaves FAILURE out."""
     message = outcome.message
-    if message.no_bounce and (outcome.reports or outcome.warnings):
-        return replace(outcome, reports=(), warnings=(), dropped=outcome.reports)
+    if message.no_bounce and (outcome.reports or outcome.warnings or outcome.successes):
+        return replace(outcome, reports=(), warnings=(), successes=(), dropped=outcome.reports)
+    if message.sender and outcome.reports:
+        notify = {r.address: r for r in message.recipients}
+        wanted = tuple(r for r in outcome.reports if notify[r.address].wants("FAILURE"))
+        if len(wanted) != len(outcome.reports):
+            unwanted = tuple(r for r in outcome.reports if r not in wanted)
+            outcome = replace(outcome, reports=wanted, unwanted=unwanted)
     if message.double_bounce and outcome.reports:
         return replace(outcome, reports=(), dropped=outcome.reports)
     return outcome

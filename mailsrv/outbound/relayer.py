@@ -46,6 +46,7 @@ from mailsrv.outbound.retry import RetryPolicy
 from mailsrv.outbound.scheduler import Batch, Scheduler
 from mailsrv.outbound.smtpclient import OutboundTransaction
 from mailsrv.replies import Reply
+from mailsrv.routing.dsn_params import mail_arguments, rcpt_arguments
 from mailsrv.storage import queue
 from mailsrv.storage.durable import DeliveryError
 from mailsrv.storage.envelope import QueuedMessage
@@ -133,27 +134,33 @@ class Relayer(service.Service):
             message = self.messages.get(queue_id)
             if message is None:
                 continue  # deleted meanwhile
-            still = [r.address for r in message.pending if r.address in addresses]
+            still = [r for r in message.pending if r.address in addresses]
             if still:
                 transactions.append(OutboundTransaction(
-                    queue_id=queue_id, sender=message.sender, recipients=still,
-                    prefix=message.prefix.encode("ascii"),
-                    body_path=queue.body_path(self.qdir, queue_id), smtputf8=message.smtputf8,
+                    queue_id=queue_id, sender=message.sender,
+                    recipients=[r.address for r in still], prefix=message.prefix.encode("ascii"),
+                    body_path=queue.body_path(self.qdir, queue_id),
+                    dsn_mail=mail_arguments(message.ret, message.envid),
+                    dsn_rcpt={r.address: rcpt_arguments(r.notify, r.orcpt) for r in still},
+                    smtputf8=message.smtputf8,
                 ))
         return transactions
 
     # --- results ---------------------------------------------------------------------
 
     def _record(
-        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None
+        self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None,
+        dsn: bool = False,
     ) -> None:
-        """Apply one attempt's results to a message, log them, and write the new state."""
+        """Apply one attempt's results to a message, log them, and write the new state
+        (``dsn``: the server that answered offered DSN)."""
         message = self.messages.get(queue_id)
         if message is None:
             return  # deleted or bounced by the administrator meanwhile
         now = time.time()
         outcome = relay_outcome.apply_results(
-            message, results, where=where, now=now, policy=self.policy, rng=self.rng)
+            message, results, where=where, now=now, policy=self.policy, rng=self.rng,
+            peer_dsn=dsn)
         metrics, smarthost = self.runtime.metrics, self.config.relay.smarthost is not None
         for line in outcome.results:
             log.info(
@@ -171,7 +178,8 @@ class Relayer(service.Service):
     def _commit(self, outcome: relay_outcome.Outcome) -> None:
         """Make a state change durable (bounce first, then state), in order per message."""
         before, after = outcome.before, outcome.message
-        reports, warn = list(outcome.reports), list(outcome.warnings)
+        reports, warn, success = (list(outcome.reports), list(outcome.warnings),
+                                  list(outcome.successes))
         if after.done:
             del self.messages[after.id]
         else:
@@ -181,17 +189,21 @@ class Relayer(service.Service):
                    else "the message is the postmaster's notice of a failed bounce")
             log.info("bounce id={id}: not sent, {why}; dropped for {rcpts}", id=after.id,
                      why=why, rcpts=",".join(f"<{r.address}>" for r in outcome.dropped))
+        if outcome.unwanted:
+            log.info("bounce id={id}: not sent, the sender's NOTIFY leaves FAILURE out; "
+                     "dropped for {rcpts}", id=after.id,
+                     rcpts=",".join(f"<{r.address}>" for r in outcome.unwanted))
 
         def blocking() -> list[Any]:
             stored = []
-            for group in (reports, warn):
+            for group in (reports, warn, success):
                 if group:
                     try:
                         stored.append(
                             bounce.notify(self.config, self.runtime.directory, after, group,
                                           dkim=self.runtime.dkim))
                         self.runtime.metrics.dsn(
-                            "delay" if group is warn else
+                            "delay" if group is warn else "success" if group is success else
                             "failure" if after.sender else "double_bounce")
                     except bounce.UnroutableBounce as e:
                         log.info("bounce id={id}: not sent: {why}", id=after.id, why=e)

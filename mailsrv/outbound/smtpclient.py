@@ -18,7 +18,10 @@ relay that must never lose or duplicate a message:
   server's announced limit is not sent at all (``552 5.3.4`` for its recipients, as Postfix
   does); an 8-bit message gets ``BODY=8BITMIME``, or a 7-bit copy when the server does not
   offer 8BITMIME (``554 5.6.3`` when it cannot be converted); a message that needs SMTPUTF8
-  gets it, or, at a server without it, its recipients are bounced (mailsrv.outbound.utf8).
+  gets it, or, at a server without it, its recipients are bounced (mailsrv.outbound.utf8);
+- the sender's DSN parameters (RFC 3461: ``RET``, ``ENVID`` on MAIL, ``NOTIFY``, ``ORCPT`` on
+  RCPT) go out when the server offers DSN; the outcome says whether it did (without it, we
+  owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``).
 
 One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
 session.
@@ -63,6 +66,10 @@ class OutboundTransaction:
     #: MAIL FROM was sent: from here on the remote side may have the message, so a broken
     #: session defers it rather than handing it straight to the next host.
     attempted: bool = False
+    #: The DSN parameters for a server that offers DSN: `` RET=... ENVID=...`` for MAIL,
+    #: and by address `` NOTIFY=... ORCPT=...`` for RCPT (mailsrv.routing.dsn_params).
+    dsn_mail: bytes = b""
+    dsn_rcpt: dict[str, bytes] = field(default_factory=dict)
     #: The message came with SMTPUTF8 (the queue's flag, RFC 6531).
     smtputf8: bool = False
 
@@ -84,6 +91,7 @@ class SessionOutcome:
     loop: bool = False  # the server is ourselves
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     reason: str | None = None  # connection-level failure text (refused, reset, timeout)
+    dsn: bool = False  # the server offered DSN (RFC 3461)
 
 
 class _MessageData:
@@ -177,6 +185,7 @@ class RelayClient(smtp.ESMTPClient):
             words = line.split(None, 1)
             if words:
                 self._extensions[words[0].upper()] = words[1] if len(words) > 1 else None
+        self.outcome.dsn = b"DSN" in self._extensions
         smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
     def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
@@ -253,6 +262,8 @@ class RelayClient(smtp.ESMTPClient):
             params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
+        if self.outcome.dsn:
+            params += current.dsn_mail
         self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
         self._expected = [250]
         self._okresponse = self.smtpState_to
@@ -279,7 +290,8 @@ class RelayClient(smtp.ESMTPClient):
             else:
                 self.smtpState_msgSent(code, resp)
         else:
-            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">")
+            dsn = self._current.dsn_rcpt.get(self.lastAddress, b"") if self.outcome.dsn else b""
+            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">" + dsn)
 
     def getMailData(self) -> _MessageData:
         assert self._current is not None

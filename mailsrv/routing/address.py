@@ -201,7 +201,7 @@ def _split_params(text: str) -> dict[str, str | None]:
             raise Refusal(replies.BAD_PARAMETER_SYNTAX)
         key = key.upper()
         if key in params:
-            raise Refusal(replies.BAD_PARAMETER_SYNTAX)
+            raise Refusal(replies.DUPLICATE_PARAMETER.format(name=key))
         params[key] = value if eq else None
     return params
 

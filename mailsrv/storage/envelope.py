@@ -23,6 +23,10 @@ fails too, it is only logged, so bounces never loop (written only when true).
 ``no_bounce`` (written only when set) says why this message's failures are logged and never
 reported to its sender: mail we forward whose sender failed SPF and DMARC, or that rspamd
 judged spam, whose sender is most likely forged (a bounce would be backscatter).
+The DSN parameters the client gave (RFC 3461, mailsrv.routing.dsn_params), each written only
+when given: ``"ret": "FULL"|"HDRS"`` and ``"envid": "..."`` (decoded) on the message,
+``"notify": ["SUCCESS", "FAILURE", "DELAY"] or ["NEVER"]`` and ``"orcpt": "rfc822;..."``
+(decoded) on a recipient.
 ``smtputf8`` (written only when true) says the message came with SMTPUTF8 (RFC 6531): it is
 relayed with that keyword, or, to a server without it, bounced when its addresses or header
 fields are UTF-8 (mailsrv.outbound.utf8).
@@ -31,9 +35,11 @@ fields are UTF-8 (mailsrv.outbound.utf8).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+
+from mailsrv.routing.dsn_params import NOTIFY_KEYWORDS, MailDSN, RecipientDSN
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -63,11 +69,18 @@ class QueuedRecipient:
     next_attempt: float = 0.0
     last_attempt: float | None = None
     remote_mta: str | None = None
+    notify: tuple[str, ...] | None = None  # NOTIFY= (RFC 3461); None: not given
+    orcpt: str | None = None  # ORCPT= as "type;address", decoded
 
     @property
     def domain(self) -> str:
         """The destination domain (the part after the last '@'), lower-case."""
         return self.address.rpartition("@")[2].lower()
+
+    def wants(self, kind: str) -> bool:
+        """Whether a report of ``kind`` (SUCCESS, FAILURE, DELAY) is owed for this recipient:
+        as NOTIFY says, or without NOTIFY our default, failures and delays (RFC 3461 §4.1)."""
+        return kind in (self.notify if self.notify is not None else ("FAILURE", "DELAY"))
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,8 @@ class QueuedMessage:
     warned: bool = False
     double_bounce: bool = False  # a postmaster notice about a failed bounce: never notified on
     no_bounce: str | None = None  # why a failure is only logged (a likely forged sender)
+    ret: str | None = None  # RET= (RFC 3461): "FULL" or "HDRS"; None: not given
+    envid: str | None = None  # ENVID=, decoded
     smtputf8: bool = False  # came with SMTPUTF8: UTF-8 addresses or header fields (RFC 6531)
 
     @property
@@ -111,9 +126,12 @@ def new_message(
     received_from: str,
     double_bounce: bool = False,
     no_bounce: str | None = None,
+    dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
 ) -> QueuedMessage:
-    """A fresh envelope, every recipient due now; ValueError for anything unstorable."""
+    """A fresh envelope, every recipient due now; ValueError for anything unstorable.
+    ``dsn`` and ``recipient_dsn`` (by address) are the client's DSN parameters."""
     try:
         prefix_text = prefix.decode("ascii")
     except UnicodeDecodeError as exc:
@@ -130,16 +148,40 @@ def new_message(
         sender=sender or "",
         received_from=received_from,
         prefix=prefix_text,
-        recipients=tuple(QueuedRecipient(a, next_attempt=created) for a in recipients),
+        recipients=tuple(_queued(a, created, (recipient_dsn or {}).get(a)) for a in recipients),
         double_bounce=double_bounce,
         no_bounce=no_bounce or None,
+        ret=dsn.ret if dsn else None,
+        envid=dsn.envid if dsn else None,
         smtputf8=smtputf8,
     )
 
 
+def _queued(address: str, created: float, dsn: RecipientDSN | None) -> QueuedRecipient:
+    if dsn is None:
+        return QueuedRecipient(address, next_attempt=created)
+    return QueuedRecipient(address, next_attempt=created, notify=dsn.notify, orcpt=dsn.orcpt)
+
+
 def encode(message: QueuedMessage) -> bytes:
     """The envelope file's content; ValueError when it cannot be stored as text."""
-    data = {
+    recipients = []
+    for r in message.recipients:
+        entry: dict[str, Any] = {
+            "address": r.address,
+            "status": r.status,
+            "attempts": r.attempts,
+            "last_error": r.last_error,
+            "next_attempt": r.next_attempt,
+            "last_attempt": r.last_attempt,
+            "remote_mta": r.remote_mta,
+        }
+        if r.notify is not None:  # the DSN fields only when given
+            entry["notify"] = list(r.notify)
+        if r.orcpt:
+            entry["orcpt"] = r.orcpt
+        recipients.append(entry)
+    data: dict[str, Any] = {
         "version": ENVELOPE_VERSION,
         "id": message.id,
         "created": message.created,
@@ -147,23 +189,16 @@ def encode(message: QueuedMessage) -> bytes:
         "received_from": message.received_from,
         "prefix": message.prefix,
         "warned": message.warned,
-        "recipients": [
-            {
-                "address": r.address,
-                "status": r.status,
-                "attempts": r.attempts,
-                "last_error": r.last_error,
-                "next_attempt": r.next_attempt,
-                "last_attempt": r.last_attempt,
-                "remote_mta": r.remote_mta,
-            }
-            for r in message.recipients
-        ],
+        "recipients": recipients,
     }
     if message.double_bounce:
         data["double_bounce"] = True  # only then: other envelopes are as they always were
     if message.no_bounce:
         data["no_bounce"] = message.no_bounce
+    if message.ret:
+        data["ret"] = message.ret
+    if message.envid:
+        data["envid"] = message.envid
     if message.smtputf8:
         data["smtputf8"] = True
     try:
@@ -202,6 +237,25 @@ def _optional_text(data: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
+def _printable(data: dict[str, Any], key: str, where: str = "") -> str | None:
+    """An optional DSN text (ENVID, ORCPT): printable ASCII, as the parser admitted it."""
+    value = data.get(key)
+    if value is not None and (not isinstance(value, str) or not value or not value.isascii()
+                              or not value.isprintable()):
+        raise _Corrupt(f"{where}{key!r} is {value!r}")
+    return value
+
+
+def _notify(data: dict[str, Any], where: str) -> tuple[str, ...] | None:
+    value = data.get("notify")
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or (value != ["NEVER"] and value != [k for k in NOTIFY_KEYWORDS if k in value])):
+        raise _Corrupt(f"{where}'notify' is {value!r}")
+    return tuple(value)
+
+
 def _recipient(data: Any, index: int) -> QueuedRecipient:
     where = f"recipients[{index}]: "
     if not isinstance(data, dict):
@@ -226,7 +280,16 @@ def _recipient(data: Any, index: int) -> QueuedRecipient:
         next_attempt=float(_get(data, "next_attempt", _NUMBER, where)),
         last_attempt=None if last_attempt is None else float(last_attempt),
         remote_mta=remote_mta,
+        notify=_notify(data, where),
+        orcpt=_printable(data, "orcpt", where),
     )
+
+
+def _ret(data: dict[str, Any]) -> str | None:
+    value = data.get("ret")
+    if value not in (None, "FULL", "HDRS"):
+        raise _Corrupt(f"'ret' is {value!r}")
+    return value
 
 
 def decode(raw: bytes) -> QueuedMessage:
@@ -255,6 +318,8 @@ def decode(raw: bytes) -> QueuedMessage:
             warned=bool(data.get("warned", False)),
             double_bounce=data.get("double_bounce", False) is True,
             no_bounce=_optional_text(data, "no_bounce"),
+            ret=_ret(data),
+            envid=_printable(data, "envid"),
             smtputf8=data.get("smtputf8", False) is True,
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )

@@ -27,11 +27,12 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.storage import durable
 from mailsrv.storage.dirfd import fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
@@ -109,9 +110,12 @@ def enqueue(
     received_from: str,
     double_bounce: bool = False,
     no_bounce: str | None = None,
+    dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
 ) -> QueuedMessage:
-    """Put a message in the outbound queue, durably; return its envelope.
+    """Put a message in the outbound queue, durably; return its envelope (with the DSN
+    parameters ``dsn`` and, by address, ``recipient_dsn``).
 
     *body_path* (normally ``qdir/incoming/<id>``, same file system) is fsync'd
     and renamed to ``messages/<id>.body``; the envelope is written to
@@ -134,6 +138,8 @@ def enqueue(
         received_from=received_from,
         double_bounce=double_bounce,
         no_bounce=no_bounce,
+        dsn=dsn,
+        recipient_dsn=recipient_dsn,
         smtputf8=smtputf8,
     )
     data = encode(message)

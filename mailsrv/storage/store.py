@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mailsrv.config import Config
 from mailsrv.message import headers
+from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
 from mailsrv.storage.durable import DeliveryError
@@ -57,6 +58,8 @@ def store(
     double_bounce: bool = False,
     folders: Mapping[Target, str] | None = None,
     no_bounce: str | None = None,
+    dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
@@ -73,10 +76,11 @@ def store(
     bounce, ``no_bounce`` a queued copy whose failures are only logged (see
     mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
-    others go to the INBOX.  ``smtputf8``: the message came with SMTPUTF8, so its queued
-    copy is marked so, and the local copies' Return-Path: and Delivered-To: may be UTF-8
-    (RFC 6532).  The body file is consumed: moved into the queue or left
-    for the caller to remove.
+    others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
+    client's DSN parameters, kept with the queued copy.  ``smtputf8``: the message came
+    with SMTPUTF8, so its queued copy is marked so, and the local copies' Return-Path: and
+    Delivered-To: may be UTF-8 (RFC 6532).  The body file is consumed: moved into the queue
+    or left for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
@@ -86,7 +90,8 @@ def store(
         return _store_for_lmtp(config, queue_id, stored, local, remote, sender=sender,
                                queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
                                body_path=body_path, received_from=received_from,
-                               double_bounce=double_bounce, no_bounce=no_bounce)
+                               double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
+                               recipient_dsn=recipient_dsn, smtputf8=smtputf8)
     try:
         if local:
             root = Path(config.mailboxes.root)
@@ -106,7 +111,7 @@ def store(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
-                no_bounce=no_bounce, smtputf8=smtputf8,
+                no_bounce=no_bounce, dsn=dsn, recipient_dsn=recipient_dsn, smtputf8=smtputf8,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:
@@ -119,7 +124,8 @@ def _store_for_lmtp(
     config: Config, queue_id: str, stored: Stored, local: list[LocalTarget],
     remote: list[RemoteTarget], *, sender: str | None, queue_sender: str | None,
     queue_prefix: bytes, trace: bytes, body_path: Path, received_from: str,
-    double_bounce: bool, no_bounce: str | None,
+    double_bounce: bool, no_bounce: str | None, dsn: MailDSN | None = None,
+    recipient_dsn: Mapping[str, RecipientDSN] | None = None, smtputf8: bool = False,
 ) -> Stored:
     """LMTP delivery: the local targets become a queue entry of their own (``<id>L`` when
     remote targets take ``<id>``), which the relayer hands to Dovecot; Dovecot writes
@@ -153,7 +159,8 @@ def _store_for_lmtp(
                 qdir, queue_id, sender=queue_sender if queue_sender is not None else sender,
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path, created=time.time(), received_from=received_from,
-                double_bounce=double_bounce, no_bounce=no_bounce,
+                double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
+                recipient_dsn=recipient_dsn, smtputf8=smtputf8,
             )
         except DeliveryError:
             queue.remove(qdir, local_id)

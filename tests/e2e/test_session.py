@@ -52,7 +52,7 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
     lines = text.split("\n")
     assert lines[0].startswith("mx.example.org Hello client.test")
     assert set(lines[1:]) == {"PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8",
-                              "ENHANCEDSTATUSCODES"}
+                              "ENHANCEDSTATUSCODES", "DSN"}
     assert client.greeting[0] == 220 and "mx.example.org ESMTP" in client.greeting[1]
 
 
@@ -71,7 +71,7 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
         (["EHLO c.test", "MAIL FROM:<a@c.test> BODY=9BIT"], (501, "5.5.4")),
         (["EHLO c.test", "MAIL FROM:<a@c.test> SIZE=abc"], (501, "5.5.4")),
         (["HELO c.test", "MAIL FROM:<a@c.test> SIZE=10"], (501, "5.5.4")),  # no EHLO, no params
-        (["EHLO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<alice@example.org> NOTIFY=NEVER"],
+        (["EHLO c.test", "MAIL FROM:<a@c.test>", "RCPT TO:<alice@example.org> NOTIFY=NEVER,DELAY"],
          (501, "5.5.4")),
         (["EHLO c.test", "MAIL FROM:a@c.test b"], (501, "5.5.4")),
         (["EHLO c.test", "MAIL FROM:<a@@c.test>"], (553, "5.1.7")),

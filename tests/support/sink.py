@@ -7,9 +7,10 @@ runs), offers STARTTLS with a given certificate and AUTH PLAIN/LOGIN, and writes
 accepted message to ``outdir/<n>.json`` (atomically).  Prints ``PORT <n>`` once listening.
 The rules may make it announce ``SIZE <n>`` (``"size": n``, enforced at MAIL and after the
 data, as Postfix does) and not announce 8BITMIME (``"8bitmime": false``: ``BODY=8BITMIME``
-is then refused), and announce SMTPUTF8 (``"smtputf8": true``; without it a ``SMTPUTF8``
-parameter or a non-ASCII path is refused with 553 5.6.7, as a pre-RFC 6531 server would);
-every MAIL command line is appended to ``mail_log``.
+is then refused), announce SMTPUTF8 (``"smtputf8": true``; without it a ``SMTPUTF8``
+parameter or a non-ASCII path is refused with 553 5.6.7, as a pre-RFC 6531 server would),
+and announce DSN (``"dsn": true``; RCPT's parameters are recorded as ``rcpt_params``, one
+dict per accepted recipient); every MAIL command line is appended to ``mail_log``.
 Written with asyncio so that it shares no code with the client under test.
 """
 
@@ -57,6 +58,7 @@ class Session:
         self.mail_from = None
         self.mail_params = {}
         self.rcpts = []
+        self.rcpt_params = []
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
@@ -73,6 +75,8 @@ class Session:
             ext.append("SMTPUTF8")
         if r.get("size") is not None:
             ext.append(f"SIZE {r['size']}")
+        if r.get("dsn"):
+            ext.append("DSN")
         if CONFIG.get("tls") and not self.tls:
             ext.append("STARTTLS")
         if CONFIG.get("auth") and (self.tls or not CONFIG.get("tls")):
@@ -148,6 +152,8 @@ class Session:
                         break
                 if reply.startswith("2"):
                     self.rcpts.append(address)
+                    self.rcpt_params.append(
+                        dict(p.partition("=")[::2] for p in arg.split(">", 1)[-1].split()))
                 await self.send(reply)
             elif verb == "DATA":
                 if r.get("data"):
@@ -179,7 +185,7 @@ class Session:
                         "data": b"".join(lines).decode("utf-8", "surrogateescape")
                         .encode("utf-8", "surrogateescape").decode("latin-1"),
                         "tls": self.tls, "auth": self.auth_user, "helo": self.helo,
-                        "mail_params": self.mail_params,
+                        "mail_params": self.mail_params, "rcpt_params": self.rcpt_params,
                     })
                     await self.send("250 2.0.0 Ok: queued")
                 self.reset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailsrv import replies
 from mailsrv.replies import Refusal, Reply
 from mailsrv.routing.address import (
     Mailbox,
@@ -466,9 +467,6 @@ def test_parameters(params: bytes, expected: dict[str, str | None]) -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        b" SIZE=1 SIZE=2",  # duplicate
-        b" size=1 SIZE=2",  # duplicate, case-insensitive
-        b" BODY BODY",
         b" =1",
         b" -SIZE=1",
         b" SI_ZE=1",
@@ -484,6 +482,18 @@ def test_parameters(params: bytes, expected: dict[str, str | None]) -> None:
 def test_bad_parameters(params: bytes) -> None:
     assert mail_error(b"FROM:<a@example.org>" + params) == BAD_PARAM
     assert rcpt_error(b"TO:<a@example.org>" + params) == BAD_PARAM
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [(b" SIZE=1 SIZE=2", "SIZE"), (b" size=1 SIZE=2", "SIZE"), (b" BODY BODY", "BODY"),
+     (b" NOTIFY=NEVER notify=SUCCESS", "NOTIFY")],
+)
+def test_a_parameter_given_twice_is_named(params: bytes, name: str) -> None:
+    with pytest.raises(Refusal) as exc:
+        parse_rcpt_to(b"TO:<a@example.org>" + params)
+    assert exc.value.reply == replies.DUPLICATE_PARAMETER.format(name=name)
+    assert str(exc.value) == f"501 5.5.4 Error: parameter {name} given twice"
 
 
 def test_bad_address_reported_before_bad_parameter() -> None:

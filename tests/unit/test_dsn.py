@@ -425,9 +425,17 @@ def test_postmaster_notice_refused_arguments(overrides: dict[str, object], why: 
         ({}, [failed(action="expanded")], "all 'failed' or all 'delayed'"),
         ({"dsn_id": "../etc"}, [failed()], "DSN queue id"),
         ({"hostname": "mx.example.org>\nBcc: x"}, [failed()], "host name"),
+        ({}, [failed(), failed("c@remote.test", action="relayed")], "all 'failed' or all"),
+        ({"envid": "a\nBcc: x@y"}, [failed()], "envelope id"),
+        ({}, [failed(original_recipient="rfc822;a\rb")], "original recipient"),
+        ({"original_message": b"Subject: x\n\nbody\n"}, [failed(action="relayed", status="2.0.0")],
+         "only a failure report"),
+        ({"postmaster": "postmaster@example.org", "original_sender": ""},
+         [failed(action="delivered", status="2.0.0")], "failures only"),
     ],
     ids=["empty-sender", "bad-sender", "no-recipients", "mixed-actions", "unknown-action",
-         "bad-dsn-id", "bad-hostname"],
+         "bad-dsn-id", "bad-hostname", "failed-and-relayed", "bad-envid", "bad-orcpt",
+         "whole-message-on-success", "postmaster-success"],
 )
 def test_refused_arguments(
     overrides: dict[str, object], reports: list[RecipientReport], why: str

@@ -115,7 +115,7 @@ class Session:
             for q, addresses in items if self.still.get(q)
         ]
 
-    def record(self, queue_id, results, where, tls=None):
+    def record(self, queue_id, results, where, tls=None, dsn=False):
         self.recorded.append((queue_id, {a: str(r) for a, r in results.items()}, where, tls))
 
     def connected(self) -> list[tuple[str, int]]:

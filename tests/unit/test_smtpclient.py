@@ -216,6 +216,34 @@ def test_connection_lost_while_preparing_drops_the_copy(tmp_path: Path) -> None:
     assert not t.attempted and "connection lost" in (s.outcome.reason or "")
 
 
+# --- DSN (RFC 3461): the parameters go out only to a server that offers DSN -----------------
+
+
+def dsn_transaction(tmp_path: Path) -> OutboundTransaction:
+    t = transaction(tmp_path, "dsn", SEVEN_BIT)
+    t.recipients = ["r@dsn.test", "s@dsn.test"]
+    t.dsn_mail = b" RET=HDRS ENVID=e+2B1"
+    t.dsn_rcpt = {"r@dsn.test": b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;R+40x", "s@dsn.test": b""}
+    return t
+
+
+def test_dsn_parameters_go_to_a_server_that_offers_dsn(tmp_path: Path) -> None:
+    t = dsn_transaction(tmp_path)
+    s = Session([t], ["DSN", "8BITMIME"], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<a@x.test> RET=HDRS ENVID=e+2B1\r\n")
+    s.server(b"250 2.1.0 Ok")
+    assert s.sent() == b"RCPT TO:<r@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;R+40x\r\n"
+    s.server(b"250 2.1.5 Ok")
+    assert s.sent() == b"RCPT TO:<s@dsn.test>\r\n"
+    assert s.outcome.dsn
+
+
+def test_no_dsn_parameters_to_a_server_without_dsn(tmp_path: Path) -> None:
+    s = Session([dsn_transaction(tmp_path)], ["8BITMIME"], tmp_path)
+    assert s.sent().endswith(b"MAIL FROM:<a@x.test>\r\n")
+    s.server(b"250 2.1.0 Ok")
+    assert s.sent() == b"RCPT TO:<r@dsn.test>\r\n"
+    assert not s.outcome.dsn
 # --- SMTPUTF8 (RFC 6531): the keyword when offered, else a verdict per recipient ---------
 
 UTF8_BODY = "From: Jörg <jörg@x.test>\nSubject: Grüße\n\nHallo\n".encode()
