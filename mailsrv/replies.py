@@ -273,6 +273,8 @@ SESSION_FAILED = Reply(451, "4.4.2", "{reason}")  # before the greeting, or no r
 SESSION_REFUSED = Reply(451, "4.0.0", "{reason}")  # a permanent refusal after the greeting
 RELAY_INTERRUPTED = Reply(451, "4.4.2", "{where}: {problem}")  # broken off after MAIL FROM
 RELAY_UNREACHABLE = Reply(451, "4.4.1", "{problem}")  # no host of the destination answered
+# DANE (RFC 7672): the last host tried failed its TLSA records (lookup, STARTTLS, certificate)
+DANE_FAILED = Reply(451, "4.7.5", "{problem}")
 
 # No host to deliver to (mailsrv.outbound.mx): 5xx bounces the recipients, 4xx keeps them queued.
 BAD_ADDRESS_LITERAL = Reply(550, "5.1.2", "bad address literal {domain}")

@@ -137,6 +137,7 @@ def parse_config(data: dict[str, Any], source: Path | None) -> Config:
 
     tables = {name: _build_table(name, data.get(name), base, source) for name in TABLES}
     _check_smarthost(tables["relay"], source)
+    _check_dane(tables["relay"], source)
     config = Config(hostname=hostname, source=source, **tables)
     _check_tls(config)
     _check_srs(config)
@@ -201,6 +202,16 @@ def _check_smarthost(relay: RelayConfig, source: Path | None) -> None:
     if relay.smarthost_user is not None and relay.smarthost is None:
         raise ConfigError(
             source, "relay.smarthost", "expected a smarthost when relay.smarthost_user is set"
+        )
+
+
+def _check_dane(relay: RelayConfig, source: Path | None) -> None:
+    """DANE trusts the AD bit of the resolvers it asks: they must be named, not guessed."""
+    if relay.dane and not relay.dns_servers:
+        raise ConfigError(
+            source, "relay.dns_servers",
+            "expected the DNSSEC-validating resolvers whose AD bit relay.dane trusts "
+            "(e.g. [\"127.0.0.1\"] for a local unbound)",
         )
 
 

@@ -171,6 +171,9 @@ class RelayConfig:
     tls: str = "opportunistic"  # "opportunistic", "verify" or "none"
     tls_policy: tuple[tuple[str, str], ...] = ()  # (domain, mode) exceptions to ``tls``
     tls_ca_file: Path | None = None  # CA bundle for "verify"; None: the system's
+    # DANE (RFC 7672) for MX hosts with DNSSEC-secure TLSA records; needs dns_servers to be
+    # DNSSEC-validating resolvers (their AD bit is trusted)
+    dane: bool = False
     max_connections: int = 20  # outgoing connections in total
     max_connections_per_domain: int = 5
     connect_timeout: float = 30.0

@@ -133,6 +133,7 @@ TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "tls": keys.choice(*netkeys.TLS_MODES),
             "tls_policy": netkeys.tls_policy(),
             "tls_ca_file": keys.path(),
+            "dane": keys.boolean(),
             "max_connections": keys.integer(1),
             "max_connections_per_domain": keys.integer(1),
             "connect_timeout": keys.seconds(),

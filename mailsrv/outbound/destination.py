@@ -10,7 +10,10 @@ remote side may have it), and a greeting that names ourselves is a mail loop.
 TLS follows ``relay.tls`` / ``relay.tls_policy`` per destination: ``none``, opportunistic
 (any certificate, plain text if STARTTLS is not offered), or ``verify`` (the host's name
 checked against the trusted CAs, TLS required); a smarthost with a login is always
-``verify``, so the password never goes out in the clear or to an impostor.
+``verify``, so the password never goes out in the clear or to an impostor.  With
+``relay.dane``, an MX host with DNSSEC-secure TLSA records gets DANE instead (RFC 7672:
+mailsrv.outbound.danelookup decides, mailsrv.outbound.danetls checks the handshake), unless
+the domain's policy is ``none``; a DANE failure defers (4.7.5), never sends in clear.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from typing import Any, Protocol
 from twisted.internet import defer, ssl
 from twisted.logger import Logger
 
+from mailsrv import replies
 from mailsrv.config import read_smarthost_password
 from mailsrv.outbound import outcome as relay_outcome
 from mailsrv.outbound import outgoing
+from mailsrv.outbound.danelookup import DaneLookup, DaneLookupFailed, make_secure_resolver
+from mailsrv.outbound.danetls import DaneTLS, TLSAttempt
 from mailsrv.outbound.lmtpclient import LMTPClientFactory
 from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.outbound.scheduler import Batch
@@ -48,7 +54,7 @@ class Record(Protocol):
 
     def __call__(
         self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None,
-        dsn: bool = False,
+        dsn: bool = False, tls_policy: str | None = None,
     ) -> None: ...
 
 
@@ -80,6 +86,13 @@ class DestinationDelivery:
             if relay.tls != "none" or relay.tls_policy or relay.smarthost_user
             else None
         )
+        self._dane = (
+            DaneLookup(make_secure_resolver(relay.dns_servers, self.reactor), relay.port,
+                       DNS_TIMEOUT)
+            if relay.dane else None
+        )
+        #: Told each TLSAttempt under a DANE policy (TLS-RPT's source), after it is logged.
+        self.tls_attempts: list[Callable[[TLSAttempt], None]] = []
 
     def key(self, recipient: QueuedRecipient) -> str:
         """The recipient's destination: Dovecot's LMTP for a local one (with LMTP delivery,
@@ -117,6 +130,22 @@ class DestinationDelivery:
             return self._opportunistic, True
         return self._opportunistic, False
 
+    def _dane_plan(self, key: str, hosts: list[MXHost]) -> defer.Deferred:
+        """{host name: DanePolicy | DaneLookupFailed | None} (mailsrv.outbound.danelookup)."""
+        if self._dane is None or key in (SMARTHOST, LMTP) or self.config.relay.tls_mode(key) == "none":
+            return defer.succeed({})
+        return self._dane.plan(key, hosts)
+
+    def _tls_attempt(self, attempt: TLSAttempt | None) -> None:
+        if attempt is None:
+            return
+        log.info("dane: {domain} {host}[{ip}] tlsa=\"{tlsa}\" result={result} ({detail})",
+                 domain=attempt.policy_domain, host=attempt.mx_host, ip=attempt.ip or "-",
+                 tlsa="; ".join(attempt.policy_strings), result=attempt.result_type or "success",
+                 detail=attempt.detail)
+        for listener in self.tls_attempts:
+            listener(attempt)
+
     @defer.inlineCallbacks
     def deliver(
         self,
@@ -145,17 +174,29 @@ class DestinationDelivery:
             return
         pending = [(queue_id, addresses) for queue_id, addresses in batch]
         last_problem = "no MX host could be reached"
+        dane_plan = yield self._dane_plan(key, hosts)
+        dane_failed = False  # the last problem was DANE's: 4.7.5
         port = relay.smarthost[1] if key == SMARTHOST else relay.port
         auth = None
         if key == SMARTHOST and relay.smarthost_user:
             auth = (relay.smarthost_user, self._password)
         incoming = self.qdir / "incoming"  # where 7-bit copies are made (emptied at start-up)
         for host in hosts:
+            dane = dane_plan.get(host.name)
+            if isinstance(dane, DaneLookupFailed):
+                self._tls_attempt(TLSAttempt("tlsa", key, (), host.name, None, dane.result_type,
+                                             dane.detail))
+                last_problem, dane_failed = f"DANE: {dane.detail}", True
+                continue
             for address in host.addresses:
                 transactions = make_transactions(pending)
                 if not transactions:
                     return
-                tls_context, require_tls = self.tls_for(key, host)
+                dane_tls = DaneTLS(dane, key, address) if dane is not None else None
+                if dane_tls is not None:
+                    tls_context, require_tls = dane_tls, True
+                else:
+                    tls_context, require_tls = self.tls_for(key, host)
                 factory = RelayClientFactory(
                     transactions, identity=self.config.hostname,
                     own_names=(self.config.hostname,), tls_context=tls_context,
@@ -167,6 +208,9 @@ class DestinationDelivery:
                 if outcome.tls:
                     self.runtime.metrics.tls("outbound", outcome.tls)
                 where = f"{host.name}[{address}]:{port}"
+                attempt = dane_tls.result(outcome.greeted) if dane_tls is not None else None
+                self._tls_attempt(attempt)
+                policy = {"tls_policy": "dane"} if dane_tls is not None else {}
                 if outcome.loop:
                     reply = outcome.error
                     for t in transactions:
@@ -176,19 +220,26 @@ class DestinationDelivery:
                 retry_elsewhere = []
                 for t in transactions:
                     if t.complete:
-                        record(t.queue_id, t.results, where, tls=outcome.tls, dsn=outcome.dsn)
+                        record(t.queue_id, t.results, where, tls=outcome.tls, dsn=outcome.dsn,
+                               **policy)
                     elif t.attempted:
                         results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
-                        record(t.queue_id, results, where, tls=outcome.tls)
+                        record(t.queue_id, results, where, tls=outcome.tls, **policy)
                     else:
                         retry_elsewhere.append((t.queue_id, t.recipients))
                 pending = retry_elsewhere
                 if not pending:
                     return
+                dane_failed = attempt is not None and attempt.result_type is not None
+                if dane_failed:
+                    problem = f"DANE: {attempt.result_type}: {attempt.detail}"
                 last_problem = f"{where}: {problem}"
                 log.info("relay: {where} failed: {problem}; trying the next address",
                          where=where, problem=problem)
-        reply = relay_outcome.unreachable(last_problem)
+        if dane_failed:
+            reply = replies.DANE_FAILED.format(problem=last_problem)
+        else:
+            reply = relay_outcome.unreachable(last_problem)
         for queue_id, addresses in pending:
             record(queue_id, {a: reply for a in addresses}, None)
 

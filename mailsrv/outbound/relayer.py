@@ -150,10 +150,11 @@ class Relayer(service.Service):
 
     def _record(
         self, queue_id: str, results: dict[str, Reply], where: str | None, tls: str | None = None,
-        dsn: bool = False,
+        dsn: bool = False, tls_policy: str | None = None,
     ) -> None:
         """Apply one attempt's results to a message, log them, and write the new state
-        (``dsn``: the server that answered offered DSN)."""
+        (``dsn``: the server that answered offered DSN; ``tls_policy``: "dane" when the
+        session's TLS was DANE's)."""
         message = self.messages.get(queue_id)
         if message is None:
             return  # deleted or bounced by the administrator meanwhile
@@ -164,10 +165,11 @@ class Relayer(service.Service):
         metrics, smarthost = self.runtime.metrics, self.config.relay.smarthost is not None
         for line in outcome.results:
             log.info(
-                "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls} "
+                "relay id={id} from=<{sender}> to=<{rcpt}> relay={relay} tls={tls}{policy} "
                 "delay={delay:.1f} tries={tries} status={status} reply=\"{reply}\"",
                 id=queue_id, sender=message.sender, rcpt=line.address, relay=where or "none",
-                tls=tls or "none", delay=now - message.created, tries=line.attempts,
+                tls=tls or "none", policy=f" tls_policy={tls_policy}" if tls_policy else "",
+                delay=now - message.created, tries=line.attempts,
                 status="bounced" if line.status == relay_outcome.EXPIRED else line.status,
                 reply=str(line.reply),
             )

@@ -5,10 +5,12 @@ Run as ``python dns_server.py ZONE.json [PORT]``; it listens on 127.0.0.1 (UDP a
 port, chosen by the kernel unless PORT is given), prints ``PORT <n>`` on stdout and serves the
 zone until killed. The zone file: ``{"records": {"name": [["MX", 10, "mx.name"],
 ["A", "127.0.0.2"], ["AAAA", "::1"], ["PTR", "host.name"], ["TXT", "string", "string"]]},
-"servfail": ["name"]}`` (a TXT string longer than 255 octets is sent as several strings of
+"servfail": ["name"], "secure": ["name"]}`` (a TXT string longer than 255 octets is sent as several strings of
 one record, as DKIM keys are). Names not listed are NXDOMAIN; listed names without records
 of the asked type answer NOERROR with no answer (NODATA), or their CNAME and its target's
-records.
+records.  ``["TLSA", usage, selector, mtype, "hex"]`` is a TLSA record (RFC 6698).  Answers
+about a name in "secure" (records, NODATA or NXDOMAIN alike) have the AD bit set, as a
+DNSSEC-validating resolver's would for a signed zone; all others have it clear.
 """
 
 import json
@@ -36,7 +38,28 @@ def _payload(record):
         for text in (a.encode() for a in args):
             strings += [text[i:i + 255] for i in range(0, len(text), 255)] or [b""]
         return dns.TXT, dns.Record_TXT(*strings, ttl=60)
+    if kind == "TLSA":  # twisted.names has no TLSA class: its RDATA as an unknown record
+        usage, selector, mtype, data = args
+        return TLSA, dns.UnknownRecord(bytes([usage, selector, mtype]) + bytes.fromhex(data),
+                                       ttl=60)
     raise ValueError(f"unsupported record type {kind}")
+
+
+TLSA = 52
+
+
+class ZoneServerFactory(server.DNSServerFactory):
+    """Sets the AD bit of the answers about the zone's "secure" names."""
+
+    def __init__(self, zone):
+        server.DNSServerFactory.__init__(self, authorities=[ZoneResolver(zone)])
+        self.secure = {name.lower().rstrip(".") for name in zone.get("secure", [])}
+
+    def sendReply(self, protocol, message, address):
+        if message.queries:
+            name = message.queries[0].name.name.decode("ascii").lower().rstrip(".")
+            message.authenticData = name in self.secure
+        server.DNSServerFactory.sendReply(self, protocol, message, address)
 
 
 class ZoneResolver(common.ResolverBase):
@@ -77,7 +100,7 @@ class ZoneResolver(common.ResolverBase):
 def main():
     with open(sys.argv[1]) as f:
         zone = json.load(f)
-    factory = server.DNSServerFactory(authorities=[ZoneResolver(zone)])
+    factory = ZoneServerFactory(zone)
     # The kernel picks a free UDP port; the same TCP port may be taken (by any client socket),
     # so try again with another pair, a bounded number of times.
     wanted = int(sys.argv[2]) if len(sys.argv) > 2 else 0
