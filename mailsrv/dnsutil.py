@@ -103,8 +103,11 @@ class _QuietDatagramPort:
 class QuietResolver(client.Resolver):
     """``twisted.names``' resolver, each query from a quiet socket on a random port."""
 
+    #: The protocol of each UDP query (mailsrv.outbound.danelookup's asks for DNSSEC).
+    datagram_protocol: type[dns.DNSDatagramProtocol] = dns.DNSDatagramProtocol
+
     def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
-        protocol = dns.DNSDatagramProtocol(self, reactor=self._reactor)
+        protocol = self.datagram_protocol(self, reactor=self._reactor)
         protocol.noisy = False  # no "Starting protocol" / "Stopping protocol" lines
         _QuietDatagramPort(self._reactor, protocol, interface)
         return protocol

@@ -27,7 +27,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import client, dns
 
-from mailsrv.dnsutil import QuietResolver, _QuietDatagramPort
+from mailsrv.dnsutil import QuietResolver
 from mailsrv.outbound.dane import TLSA, parse_tlsa, usable
 from mailsrv.outbound.mx import MXHost
 
@@ -75,20 +75,16 @@ class _StreamFactory(client.DNSClientFactory):
 class SecureResolver(QuietResolver):
     """A resolver whose queries ask for DNSSEC, and whose ``answer`` keeps the header."""
 
+    datagram_protocol = _DatagramProtocol
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         QuietResolver.__init__(self, *args, **kwargs)
         self.factory = _StreamFactory(self, self.timeout[-1] if self.timeout else 10)
 
-    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
-        protocol = _DatagramProtocol(self, reactor=self._reactor)
-        protocol.noisy = False
-        _QuietDatagramPort(self._reactor, protocol, interface)
-        return protocol
-
     @defer.inlineCallbacks
     def answer(self, name: str, qtype: int, timeout: Sequence[int]) -> Any:
         """The :class:`Answer` for one question (UDP, then TCP if truncated)."""
-        query = dns.Query(name.encode("idna"), qtype, dns.IN)
+        query = dns.Query(name.rstrip(".").encode("idna"), qtype, dns.IN)
         message = yield self.queryUDP([query], timeout)
         if message.trunc:
             message = yield self.queryTCP([query], timeout[-1])

@@ -11,14 +11,17 @@ mx.ta.test and the CA, sent as a chain) and 127.0.0.4 (no STARTTLS).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from support.certs import make_ca, self_signed
-from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for
+from support.harness import DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
 from support.mail import send_mail
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -214,3 +217,28 @@ def test_tlsa_lookup_failure_defers(env, server):
     assert "status=deferred" in line and "4.7.5" in line
     assert "result=dnssec-invalid" in dane_line(server, "servfail.test")
     never_received(env, "u@servfail.test")
+
+
+def doctor_dane_finding(config_path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "mailsrv.tools.cli", "doctor", "--json",
+                           "--config", str(config_path)], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    report = json.loads(done.stdout)
+    [found] = [f for f in report["findings"] if f["check"] == "dane"]
+    return found
+
+
+def test_doctor_tells_whether_the_resolver_validates(env, server, tmp_path):
+    # the test zone has no root: no AD bit for it, as from a resolver that does not validate
+    found = doctor_dane_finding(server.config_path)
+    assert found["level"] == "warning" and "not validating" in found["detail"]
+    assert "relay.dane = false" in found["fix"]
+    validating = DNSServer(tmp_path, {"records": {".": [["A", "127.0.0.9"]]}, "secure": ["."]})
+    try:
+        config = tmp_path / "mailsrv.toml"
+        config.write_text(server.config_path.read_text().replace(
+            f"127.0.0.1:{env['dns'].port}", f"127.0.0.1:{validating.port}"))
+        found = doctor_dane_finding(config)
+        assert found["level"] == "ok" and "AD bit is set" in found["detail"], found
+    finally:
+        validating.stop()

@@ -18,8 +18,8 @@ from mailsrv.tools import dnsrecords
 from mailsrv.tools.dnsrecords import Record, Verdict
 from mailsrv.tools.doctor.findings import OK, PROBLEM, WARNING, Finding
 
-__all__ = ["DiskFacts", "QueueFacts", "blocklist_findings", "disk_finding", "dns_finding",
-           "queue_findings", "age"]
+__all__ = ["DiskFacts", "QueueFacts", "blocklist_findings", "dane_resolver_finding", "disk_finding",
+           "dns_finding", "queue_findings", "age"]
 
 #: Free space (of the size, blocks and inodes alike) under which the disk is a warning, a problem.
 DISK_WARNING, DISK_PROBLEM = 0.10, 0.05
@@ -75,6 +75,22 @@ def dns_finding(record: Record, verdict: Verdict, hostname: str) -> Finding:
     else:
         fix = "publish: " + dnsrecords.zone_text([record]).rstrip("\n")
     return Finding("dns", subject, level, verdict.detail, fix)
+
+
+def dane_resolver_finding(servers: str, secure: bool | None) -> Finding:
+    """With relay.dane: whether the resolvers it trusts validate DNSSEC, told by the AD bit
+    of their answer about the root zone (signed since 2010).  Without it DANE never applies:
+    mail still goes, unprotected, hence a warning."""
+    subject = f"relay.dns_servers {servers}"
+    if secure:
+        return Finding("dane", subject, OK, "validating: the AD bit is set for the root zone")
+    if secure is None:
+        return Finding("dane", subject, WARNING, "no answer about the root zone",
+                       "check that the servers in relay.dns_servers answer: dig . NS +dnssec")
+    return Finding("dane", subject, WARNING,
+                   "not validating: no AD bit for the root zone, so relay.dane never applies",
+                   "point relay.dns_servers at a DNSSEC-validating resolver (e.g. unbound on "
+                   "127.0.0.1), or set relay.dane = false")
 
 
 # --------------------------------------------------------------------------- blocklists

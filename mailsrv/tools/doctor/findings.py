@@ -20,7 +20,7 @@ _ORDER = {PROBLEM: 0, WARNING: 1, OK: 2}
 
 @dataclass(frozen=True)
 class Finding:
-    """One check's result: ``check`` is its area (config, listener, certificate, dns, dnsbl,
+    """One check's result: ``check`` is its area (config, listener, certificate, dns, dnsbl, dane,
     queue, disk, permissions), ``subject`` what was looked at, ``fix`` what to do (empty when
     ok)."""
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.names import dns
 
 from mailsrv.config import Config, ConfigError
 from mailsrv.dnsutil import make_resolver
 from mailsrv.inbound.blocklists import Blocklists
 from mailsrv.tools import cli_dns, dnsrecords
-from mailsrv.tools.doctor.evaluate_mail import blocklist_findings, dns_finding
+from mailsrv.tools.doctor.evaluate_mail import (
+    blocklist_findings,
+    dane_resolver_finding,
+    dns_finding,
+)
 from mailsrv.tools.doctor.findings import Finding
 
 __all__ = ["dns_findings"]
@@ -51,4 +56,20 @@ def dns_findings(config: Config, reactor: Any) -> Any:
         lists = Blocklists(resolver, reactor, zones, (), config.dnsbl.timeout)
         listings = yield defer.gatherResults([lists.lookup(ip) for ip in ours])
         found += blocklist_findings(dict(zip(ours, listings)), zones, config.dnsbl.threshold)
+    if config.relay.dane:
+        found.append((yield _dane_resolver(config, reactor)))
     return found
+
+
+@defer.inlineCallbacks
+def _dane_resolver(config: Config, reactor: Any) -> Any:
+    """relay.dane's resolvers asked about the root zone as DANE asks (AD and DO set)."""
+    from mailsrv.outbound.danelookup import make_secure_resolver
+
+    servers = ", ".join(f"{host}:{port}" for host, port in config.relay.dns_servers)
+    try:
+        answer = yield make_secure_resolver(config.relay.dns_servers, reactor).answer(
+            ".", dns.NS, (2, 5))
+    except Exception:
+        return dane_resolver_finding(servers, None)
+    return dane_resolver_finding(servers, answer.secure and answer.rcode == dns.OK)
