@@ -71,6 +71,13 @@ def zone_for(port: int, ee_hash: str, ca_hash: str) -> dict:
         "unusable-plain.test": [["MX", 10, "unusable.plain.test"]],
         "unusable.plain.test": [["A", "127.0.0.4"]],
         tlsa("unusable.plain.test"): [["TLSA", 1, 1, 1, wrong]],
+        # the first MX fails DANE, the second passes: delivered there
+        "two-mx.test": [["MX", 10, "bad.ee.test"], ["MX", 20, "mx.ta.test"]],
+        # an RRset too large for UDP (TC): asked again over TCP
+        "big.test": [["MX", 10, "big.ee.test"]],
+        "big.ee.test": [["A", "127.0.0.2"]],
+        tlsa("big.ee.test"): [["TLSA", 3, 1, 2, f"{n:02x}" * 64] for n in range(30)]
+        + [["TLSA", 3, 1, 1, ee_hash]],
         # the TLSA lookup fails (SERVFAIL, as for bogus data)
         "servfail.test": [["MX", 10, "servfail.ee.test"]],
         "servfail.ee.test": [["A", "127.0.0.2"]],
@@ -242,3 +249,21 @@ def test_doctor_tells_whether_the_resolver_validates(env, server, tmp_path):
         assert found["level"] == "ok" and "AD bit is set" in found["detail"], found
     finally:
         validating.stop()
+
+
+def test_the_next_mx_after_one_that_fails_dane(env, server):
+    send(server, "u@two-mx.test")
+    assert received_by(env, "ta", "u@two-mx.test")["tls"] is True
+    line = relay_line(server, "u@two-mx.test")
+    assert "status=sent" in line and "relay=mx.ta.test" in line and "tls_policy=dane" in line
+    log = server.log_text()
+    assert re.search(r"dane: two-mx.test bad.ee.test\[127.0.0.2\] .* result=certificate-not-trusted",
+                     log)
+    assert re.search(r"dane: two-mx.test mx.ta.test\[127.0.0.3\] .* result=success", log)
+
+
+def test_a_tlsa_rrset_too_large_for_udp_comes_over_tcp(env, server):
+    send(server, "u@big.test")
+    assert received_by(env, "ee", "u@big.test")["tls"] is True
+    assert "tls_policy=dane" in relay_line(server, "u@big.test")
+    assert "result=success (DANE-EE 3 1 1)" in dane_line(server, "big.test")

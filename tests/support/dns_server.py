@@ -10,7 +10,9 @@ one record, as DKIM keys are). Names not listed are NXDOMAIN; listed names witho
 of the asked type answer NOERROR with no answer (NODATA), or their CNAME and its target's
 records.  ``["TLSA", usage, selector, mtype, "hex"]`` is a TLSA record (RFC 6698).  Answers
 about a name in "secure" (records, NODATA or NXDOMAIN alike) have the AD bit set, as a
-DNSSEC-validating resolver's would for a signed zone; all others have it clear.
+DNSSEC-validating resolver's would for a signed zone; all others have it clear.  A UDP
+answer larger than the query's EDNS0 payload size (512 without EDNS0) comes with the TC bit
+and no records, as from a real server; the same question over TCP gets the whole answer.
 """
 
 import json
@@ -59,7 +61,21 @@ class ZoneServerFactory(server.DNSServerFactory):
         if message.queries:
             name = message.queries[0].name.name.decode("ascii").lower().rstrip(".")
             message.authenticData = name in self.secure
+        if address is None:
+            message.maxSize = 0  # TCP: never truncated
+        elif len(_untruncated(message)) > (message.maxSize or 512):
+            # As a real server: the TC bit and no records, not Twisted's cut-off message.
+            message.answers, message.authority, message.additional = [], [], []
+            message.trunc = True
         server.DNSServerFactory.sendReply(self, protocol, message, address)
+
+
+def _untruncated(message):
+    whole = dns.Message(maxSize=0)
+    whole.queries = message.queries
+    whole.answers, whole.authority, whole.additional = (
+        message.answers, message.authority, message.additional)
+    return whole.toStr()
 
 
 class ZoneResolver(common.ResolverBase):
