@@ -117,7 +117,7 @@ class DanePolicy:
         return bool(self.usable)
 
     @property
-    def policy_strings(self) -> tuple[str, ...]:
+    def policy_string(self) -> tuple[str, ...]:
         return tuple(str(r) for r in self.records)
 
 

@@ -38,12 +38,12 @@ log = Logger(namespace="mailsrv")
 class TLSAttempt:
     """One session (or lookup) under a DANE policy, as TLS-RPT counts them (RFC 8460 §4.4)."""
 
-    policy_type: str  # "tlsa"
-    policy_domain: str  # the destination domain
-    policy_strings: tuple[str, ...]  # the TLSA records, presentation format
-    mx_host: str
-    ip: str | None  # None: no connection was made (the lookups failed)
-    result_type: str | None  # None: success; else RFC 8460 §4.3's name
+    policy_type: str  # "tlsa" (the report's "policy-type")
+    policy_domain: str  # the destination domain ("policy-domain")
+    policy_string: tuple[str, ...]  # the TLSA records, presentation format ("policy-string")
+    mx_host: str  # "receiving-mx-hostname"
+    ip: str | None  # "receiving-ip"; None: no connection was made (the lookups failed)
+    result_type: str | None  # None: success; else RFC 8460 §4.3's "result-type"
     detail: str = ""
 
 
@@ -103,5 +103,5 @@ class DaneTLS:
             kind, detail = "starttls-not-supported", "STARTTLS not offered or refused"
         else:
             kind, detail = "validation-failure", "the TLS handshake failed"
-        return TLSAttempt("tlsa", self.domain, self.policy.policy_strings, self.policy.host,
+        return TLSAttempt("tlsa", self.domain, self.policy.policy_string, self.policy.host,
                           self.address, kind, detail)

@@ -141,7 +141,7 @@ class DestinationDelivery:
             return
         log.info("dane: {domain} {host}[{ip}] tlsa=\"{tlsa}\" result={result} ({detail})",
                  domain=attempt.policy_domain, host=attempt.mx_host, ip=attempt.ip or "-",
-                 tlsa="; ".join(attempt.policy_strings), result=attempt.result_type or "success",
+                 tlsa="; ".join(attempt.policy_string), result=attempt.result_type or "success",
                  detail=attempt.detail)
         for listener in self.tls_attempts:
             listener(attempt)
@@ -237,11 +237,11 @@ class DestinationDelivery:
                 log.info("relay: {where} failed: {problem}; trying the next address",
                          where=where, problem=problem)
         if dane_failed:
-            reply = replies.DANE_FAILED.format(problem=last_problem)
+            reply, policy = replies.DANE_FAILED.format(problem=last_problem), {"tls_policy": "dane"}
         else:
-            reply = relay_outcome.unreachable(last_problem)
+            reply, policy = relay_outcome.unreachable(last_problem), {}
         for queue_id, addresses in pending:
-            record(queue_id, {a: reply for a in addresses}, None)
+            record(queue_id, {a: reply for a in addresses}, None, **policy)
 
 
     @defer.inlineCallbacks

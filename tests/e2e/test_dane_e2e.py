@@ -164,6 +164,7 @@ def test_dane_ee_not_matching_defers(env, server):
     send(server, "u@ee-bad.test")
     line = relay_line(server, "u@ee-bad.test")
     assert "status=deferred" in line and "4.7.5" in line and "certificate-not-trusted" in line
+    assert "tls_policy=dane" in line
     assert "result=certificate-not-trusted" in dane_line(server, "ee-bad.test")
     never_received(env, "u@ee-bad.test")
 

@@ -164,7 +164,7 @@ def test_secure_tlsa_records_make_a_policy():
                                                     bytes([0, 0, 1]) + b"\2" * 32))
     assert isinstance(policy, DanePolicy)
     assert policy.authenticated and len(policy.usable) == 1
-    assert policy.policy_strings == ("3 1 1 " + "01" * 32, "0 0 1 " + "02" * 32)
+    assert policy.policy_string == ("3 1 1 " + "01" * 32, "0 0 1 " + "02" * 32)
     unusable = decide_host(HOST, SECURE, tlsa_answer(bytes([1, 1, 1]) + b"\1" * 32))
     assert isinstance(unusable, DanePolicy) and not unusable.authenticated
 
@@ -222,7 +222,7 @@ def test_attempt_results_without_a_handshake():
     assert attempt.result_type == "starttls-not-supported"
     assert (attempt.policy_type, attempt.policy_domain, attempt.mx_host, attempt.ip) == (
         "tlsa", "example.net", "mx.example.net", "192.0.2.25")
-    assert attempt.policy_strings == ("3 1 1 " + "01" * 32,)
+    assert attempt.policy_string == ("3 1 1 " + "01" * 32,)
     tls.started = True
     assert tls.result(greeted=True).result_type == "validation-failure"
 

@@ -98,14 +98,14 @@ def test_a_failed_lookup_skips_the_host_and_a_policy_requires_dane_tls(tmp_path)
     assert [(a.mx_host, a.ip, a.result_type) for a in s.attempts] == [
         ("mx1.remote.test", None, "dnssec-invalid"),
         ("mx2.remote.test", "192.0.2.2", "starttls-not-supported")]
-    assert s.attempts[1].policy_strings == ("3 1 1 " + "01" * 32,)
+    assert s.attempts[1].policy_string == ("3 1 1 " + "01" * 32,)
 
 
 def test_dane_failing_last_defers_with_4_7_5(tmp_path):
     s = Session(tmp_path, {"mx1.remote.test": FAILED, "mx2.remote.test": POLICY})
     s.end(0)  # greeted, but no TLS: DANE's failure
-    [(_, results, where, _)] = s.recorded
-    assert where is None
+    [(_, results, where, extra)] = s.recorded
+    assert where is None and extra == {"tls_policy": "dane"}
     assert results["a@remote.test"].startswith(
         "451 4.7.5 mx2.remote.test[192.0.2.2]:25: DANE: starttls-not-supported")
 
@@ -115,8 +115,9 @@ def test_a_host_without_dane_after_one_that_failed_it(tmp_path):
     args = s.factory(0).client_args
     assert args["tls_context"] is s.destinations._opportunistic and args["require_tls"] is False
     s.factory(0).clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
-    [(_, results, _, _)] = s.recorded
+    [(_, results, _, extra)] = s.recorded
     assert results["a@remote.test"].startswith("451 4.4.1 mx2.remote.test")  # the last problem
+    assert extra == {}
     assert [a.result_type for a in s.attempts] == ["dnssec-invalid"]  # none for no connection
 
 
