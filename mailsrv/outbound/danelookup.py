@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
 
 from twisted.internet import defer
@@ -130,6 +131,14 @@ class DaneLookupFailed:
     detail: str
 
 
+def _rdata(header: dns.RRHeader) -> bytes:
+    """A record's RDATA: twisted.names reads TLSA as an UnknownRecord, but a later version's
+    own TLSA class encodes to the same bytes."""
+    out = BytesIO()
+    header.payload.encode(out)
+    return out.getvalue()
+
+
 def decide_host(host: MXHost, addresses: Sequence[Answer], tlsa: Answer | None) -> Any:
     """Pure: the decision for a host of a secure MX RRset from its answers.
 
@@ -146,9 +155,7 @@ def decide_host(host: MXHost, addresses: Sequence[Answer], tlsa: Answer | None) 
                                 f"the TLSA lookup for {host.name} failed")
     if not tlsa.records or not tlsa.secure:
         return None  # no TLSA records, or insecure ones
-    records = [parse_tlsa(r.payload.data) for r in tlsa.records
-               if isinstance(r.payload, dns.UnknownRecord)]
-    parsed = tuple(r for r in records if r is not None)
+    parsed = tuple(r for r in (parse_tlsa(_rdata(h)) for h in tlsa.records) if r is not None)
     if not parsed:
         return DaneLookupFailed(host.name, "tlsa-invalid", f"malformed TLSA records for {host.name}")
     return DanePolicy(host.name, host.name, parsed)
