@@ -18,6 +18,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.inbound.chunking import CHUNK
 from mailsrv.inbound.framing import Framing
 from mailsrv.inbound.session import CLOSING, COMMAND, DATA, SMTPSession, log
 from mailsrv.inbound.tls import describe_connection
@@ -102,6 +103,10 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
                 break  # an unfinished line: wait for more bytes
             if result is not None:  # None: DATA goes on
                 self._answer(result)
+            elif core.mode == CHUNK and self._data_deadline is None:
+                # Each BDAT chunk has smtp.data_timeout to arrive, as DATA has.
+                self._data_deadline = self.callLater(
+                    self.runtime.config.smtp.data_timeout, self.timeoutConnection)
         self._update_reading()
 
     def _hold_until(self, d: "defer.Deferred[Reply]") -> None:
