@@ -39,11 +39,23 @@ class MessageData:
         self._body.close()
 
 
+def _read(data: MessageData, size: int) -> bytes:
+    """``size`` octets, fewer only at the end (the trace fields and the body in one chunk)."""
+    parts, left = [], size
+    while left > 0:
+        part = data.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts).replace(b"\n", b"\r\n")
+
+
 def bdat_chunks(data: MessageData, size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """Each chunk as written: ``BDAT <n>[ LAST]`` CRLF and its n octets (LF as CRLF)."""
-    current = data.read(size).replace(b"\n", b"\r\n")
+    current = _read(data, size)
     while True:
-        following = data.read(size).replace(b"\n", b"\r\n") if current else b""
+        following = _read(data, size) if current else b""
         last = b" LAST" if not following else b""
         yield b"BDAT %d%s\r\n" % (len(current), last) + current
         if last:

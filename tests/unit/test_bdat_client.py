@@ -24,10 +24,9 @@ def chunks_of(prefix: bytes, body: bytes, size: int) -> list[bytes]:
     return list(bdat_chunks(MessageData(prefix, io.BytesIO(body)), size))
 
 
-def test_the_trace_fields_then_the_body_without_dot_stuffing() -> None:
-    head, body = (data.replace(b"\n", b"\r\n") for data in (PREFIX, BODY))
-    assert chunks_of(PREFIX, BODY, 10**6) == [
-        b"BDAT %d\r\n" % len(head) + head, b"BDAT %d LAST\r\n" % len(body) + body]
+def test_one_chunk_when_the_message_fits_no_dot_stuffing() -> None:
+    wire = (PREFIX + BODY).replace(b"\n", b"\r\n")
+    assert chunks_of(PREFIX, BODY, 10**6) == [b"BDAT %d LAST\r\n" % len(wire) + wire]
 
 
 def test_chunks_of_the_read_size_the_last_marked_and_an_empty_message() -> None:
