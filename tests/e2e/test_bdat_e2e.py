@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import time
 
 import pytest
@@ -62,6 +63,20 @@ def test_pipelined_chunks_replies_in_order_and_the_message_stored(mail_server):
     assert stored.endswith(b"\n\n.first line\n.\nlast\n")  # no dot-unstuffing under BDAT
     assert len(mail_server.messages("alice@example.org")) == before + 1
     assert client.command("QUIT")[0] == 221
+
+
+def test_quit_pipelined_after_the_last_chunk_and_a_half_close_still_delivers(mail_server):
+    """As Exim does: ``BDAT <n> LAST``, QUIT, then shutdown(SHUT_WR) before any reply."""
+    before = len(mail_server.messages("alice@example.org"))
+    client = mail_server.connect()
+    client.command("EHLO client.test")
+    client.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                + bdat(MESSAGE, last=True) + b"QUIT\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    got = replies(client, 4)
+    assert [code for code, _ in got] == [250, 250, 250, 221] and "queued as" in got[2][1]
+    assert client.closed()
+    assert len(mail_server.messages("alice@example.org")) == before + 1
 
 
 def test_refusals_keep_the_session_in_step(mail_server):

@@ -350,3 +350,27 @@ def test_scanner_keeps_nothing_after_an_error_and_counts_every_octet():
     scanner.feed(b"c\r\n" * 100)
     scanner.finish()
     assert out == [] and scanner.size == 305 and scanner.error is DataError.BARE_LINE_END
+
+
+def test_half_close_after_a_pipelined_quit_answers_everything_then_closes(tmp_path, runtime):
+    """Exim sends ``BDAT <n> LAST`` and QUIT together and closes its sending side."""
+    connection = Connection.to(runtime)
+    connection.output()
+    connection.send("EHLO client.test")
+    connection.protocol.dataReceived(ENVELOPE + bdat(MESSAGE, last=True) + b"QUIT\r\n")
+    connection.protocol.readConnectionLost()
+    out = connection.output()
+    assert out[:2] == ["250 2.1.0 Ok", "250 2.1.5 Ok"] and QUEUED.match(out[2])
+    assert out[3:] == ["221 2.0.0 Bye"] and connection.closing
+    assert len(stored(tmp_path)) == 1
+
+
+def test_half_close_mid_chunk_closes_and_keeps_nothing(tmp_path, runtime):
+    connection = Connection.to(runtime)
+    connection.output()
+    connection.send("EHLO client.test")
+    connection.protocol.dataReceived(ENVELOPE + b"BDAT 1000 LAST\r\n" + MESSAGE)
+    connection.protocol.readConnectionLost()
+    assert connection.output() == ["250 2.1.0 Ok", "250 2.1.5 Ok"] and connection.closing
+    connection.lose()
+    assert incoming(tmp_path) == [] and stored(tmp_path) == []
