@@ -138,7 +138,6 @@ CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok: {size} octets received")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction; send RSET")
 BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "Error: an earlier chunk failed; send RSET")
-BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
 
 # Addresses and their parameters (mailsrv.routing.address: the parser knows why a path is wrong)
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")

@@ -164,13 +164,11 @@ class Chunking:
         self._bdat_failed = True
 
     def data_refusal(self) -> Reply | None:
-        """DATA's reply when BDAT rules it out (RFC 3030 §2 and §3), else None."""
+        """DATA's reply when the transaction's chunks rule it out (RFC 3030 §2), else None.
+        (BINARYMIME, whose DATA RFC 3030 §3 refuses too, is not offered: see the README.)"""
         if self._chunks is not None:
             self._fail_chunks()
             return replies.DATA_AFTER_BDAT
-        transaction = self._transaction
-        if transaction is not None and getattr(transaction, "body", None) == "BINARYMIME":
-            return replies.BINARYMIME_NEEDS_BDAT
         return None
 
     def reset_chunks(self) -> None:
