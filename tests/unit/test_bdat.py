@@ -374,3 +374,11 @@ def test_half_close_mid_chunk_closes_and_keeps_nothing(tmp_path, runtime):
     assert connection.output() == ["250 2.1.0 Ok", "250 2.1.5 Ok"] and connection.closing
     connection.lose()
     assert incoming(tmp_path) == [] and stored(tmp_path) == []
+
+
+def test_binarymime_is_not_offered_and_refused_as_a_body_value(runtime):
+    core = Core(runtime)
+    [ehlo] = core.send("EHLO client.test")
+    assert "BINARYMIME" not in ehlo
+    assert core.send("MAIL FROM:<a@client.test> BODY=BINARYMIME") == [
+        "501 5.5.4 Error: bad value for parameter BODY"]
