@@ -145,6 +145,10 @@ class Chunking:
         if scanner is None:  # read only to be discarded
             self._chunks = None
             assert chunks.refusal is not None
+            if chunks.refusal is replies.BDAT_AFTER_FAILURE:
+                # No client error: RFC 3030 §2 has the server take the chunks a pipelining
+                # client sent before it saw the failure (the failure itself was counted).
+                return chunks.refusal
             return self._error(chunks.refusal)
         if chunks.last:
             scanner.finish()
