@@ -249,3 +249,15 @@ def test_relay_sends_bdat_to_a_peer_offering_chunking_and_data_otherwise(relay_e
         data = got["data"].encode("latin-1")
         assert data.endswith(b"\r\n\r\n.dot line\r\n" + b"x" * 900 + b"\r\n")
         assert data.startswith(b"Received: ")
+
+
+def test_relay_sends_a_3_mb_message_in_several_chunks_intact(relay_env):
+    server, sinks = relay_env
+    before = len(sinks["chunking"].messages())
+    lines = b"".join(b"%07d " % n + b"abcdefghij" * 7 + b"\r\n" for n in range(40000))
+    body = b"Subject: big relayed\r\n\r\n" + lines  # 3.2 MB: four chunks of 1 MiB of spool
+    assert send_mail(server.port, "alice@example.org", ["big@chunking.test"], body,
+                     timeout=60) == {}
+    got = sinks["chunking"].wait_for_messages(before + 1, timeout=60)[before]
+    assert got["via"] == "BDAT" and got["chunks"] == 4
+    assert got["data"].encode("latin-1").endswith(b"\r\n\r\n" + lines)
