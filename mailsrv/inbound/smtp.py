@@ -86,8 +86,9 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
     def readConnectionLost(self) -> None:
         """The client closed its sending side: Exim does so right after a QUIT it pipelined
         behind ``BDAT <n> LAST``. What it sent is still answered, in order (the end of the
-        message once it is stored), then the connection closes; reported as lost at once, the
-        message would have been thrown away while its sender still waited for the reply."""
+        message once it is stored), then the connection closes. Reported as lost at the FIN,
+        the connection closed with no reply written: the message was stored all the same, but
+        Exim, without its 250, deferred it and would have sent it again (a duplicate)."""
         self._input_closed = True
         self._process_input()
 

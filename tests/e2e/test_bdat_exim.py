@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from support.certs import self_signed
 from support.harness import wait_for
 
 EXIM = shutil.which("exim4")
@@ -112,3 +113,15 @@ def test_exim_sees_the_size_refusal_of_a_chunk(make_server, exim_dir):
     # chunks and gets 552 after them: either way it bounces, and nothing is delivered.
     assert re.search(r"552[ -]5\.3\.4", output), output
     assert server.messages("bob@example.org") == []
+
+
+def test_exim_over_starttls_gets_its_replies_and_delivers_once(make_server, exim_dir, tmp_path):
+    cert, key = self_signed(["mx.example.org"], tmp_path)
+    server = make_server(overrides={"tls": {"cert": str(cert), "key": str(key)}}).start()
+    output = exim_send(exim_dir, server.port, "bob@example.org",
+                       b"Subject: via exim over tls\n\nhello\n")
+    assert "SMTP>> STARTTLS" in output and re.search(r"SMTP[>|+]> BDAT \d+ LAST", output), output
+    assert "queued as" in output and " defer " not in output, output
+    wait_for(lambda: server.messages("bob@example.org"), 10, "the message in bob's Maildir")
+    assert len(server.messages("bob@example.org")) == 1
+    print("\n" + "\n".join(line for line in output.splitlines() if "SMTP" in line))
