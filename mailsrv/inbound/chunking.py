@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from mailsrv import replies
 from mailsrv.inbound.chunkscan import ChunkScanner, parse_bdat
+from mailsrv.inbound.dataphase import COMMAND
 from mailsrv.inbound.datascan import DataError
 from mailsrv.inbound.framing import CommandFramer
 from mailsrv.replies import Refusal, Reply
@@ -134,7 +135,7 @@ class Chunking:
             chunks.scanner.feed(data)
         if chunks.remaining:
             return None
-        self.mode = "COMMAND"
+        self.mode = COMMAND
         return self._chunk_done()
 
     def _chunk_done(self) -> ChunkResult:

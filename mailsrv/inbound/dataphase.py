@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 Result = Union[Reply, "defer.Deferred[Reply]", None]
 
-#: The session's mode from ``354`` to the final dot.
-DATA = "DATA"
+#: The session's modes: reading commands; from ``354`` to the final dot (a BDAT chunk's is
+#: chunking.CHUNK, the end of the session session.CLOSING).
+COMMAND, DATA = "COMMAND", "DATA"
 
 _DATA_REPLIES = {
     DataError.BARE_LINE_END: replies.BARE_LINE_END,
@@ -86,7 +87,7 @@ class MessageData:
         if after is None:
             return None
         framer.buffer = after
-        self.mode = "COMMAND"
+        self.mode = COMMAND
         return self._end_of_data()
 
     def _end_of_data(self) -> Result:

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from mailsrv import replies
 from mailsrv.inbound import sasl
 from mailsrv.inbound.chunking import CHUNK, Chunking, ChunkState
-from mailsrv.inbound.dataphase import DATA, MessageData
+from mailsrv.inbound.dataphase import COMMAND, DATA, MessageData
 from mailsrv.inbound.datascan import DataScanner
 from mailsrv.inbound.framing import CommandFramer, Framing
 from mailsrv.inbound.parameters import parse_mail, parse_rcpt
@@ -51,7 +51,7 @@ RECIPIENT_OVERSHOOT_LIMIT = 1000
 #: Seconds the banner may wait for the client's forward-confirmed reverse DNS name.
 GREETING_DNS_WAIT = 5.0
 
-COMMAND, CLOSING = "COMMAND", "CLOSING"  # the session's modes (and DATA, CHUNK)
+CLOSING = "CLOSING"  # the session's last mode (COMMAND, DATA: dataphase.py; CHUNK: chunking.py)
 
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
