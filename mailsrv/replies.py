@@ -107,7 +107,7 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 CANNOT_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = Reply(
     214, "2.0.0",
-    "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT. See RFC 5321",
+    "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT. See RFC 5321",
 )
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -133,6 +133,11 @@ NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+# CHUNKING (RFC 3030): the replies to BDAT, and to DATA where BDAT rules it out
+CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok: {size} octets received")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction; send RSET")
+BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "Error: an earlier chunk failed; send RSET")
 
 # Addresses and their parameters (mailsrv.routing.address: the parser knows why a path is wrong)
 MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")

@@ -3,8 +3,10 @@ The SMTP session core: the state machine of one server session, without I/O.
 
 Bytes go in (``receive``); ``step`` takes one command line (or all DATA held) and returns
 its reply: a ``Reply``, a Deferred of one (the end of DATA waits for fsync, AUTH for bcrypt,
-the banner for the reverse name), ``None`` while DATA goes on, or ``Framing.NEED_MORE``. Each
-handler (``do_MAIL`` ...) takes the command's argument and returns its reply the same way.
+the banner for the reverse name), ``None`` while DATA or a BDAT chunk goes on, or
+``Framing.NEED_MORE``. Each handler (``do_MAIL`` ...) takes the command's argument and returns
+its reply the same way. STARTTLS and AUTH (tlsauth.py), DATA (dataphase.py) and BDAT
+(chunking.py) are parts of this class kept in modules of their own.
 Besides the reply, ``mode`` is ``CLOSING`` once the session is over (the reply is the last)
 and ``starting_tls`` says STARTTLS was accepted. The Twisted protocol in ``smtp.py`` does the
 rest (writing, timers, flow control, TLS): every rule here is tested with no socket.
@@ -21,11 +23,12 @@ from typing import TYPE_CHECKING, Callable, Union
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.inbound import sasl
-from mailsrv.inbound.datascan import DataError, DataScanner
+from mailsrv.inbound.chunking import CHUNK, Chunking, ChunkState
+from mailsrv.inbound.dataphase import COMMAND, DATA, MessageData
+from mailsrv.inbound.datascan import DataScanner
 from mailsrv.inbound.framing import CommandFramer, Framing
 from mailsrv.inbound.parameters import parse_mail, parse_rcpt
 from mailsrv.inbound.tlsauth import TLSAndAuth
@@ -48,24 +51,19 @@ RECIPIENT_OVERSHOOT_LIMIT = 1000
 #: Seconds the banner may wait for the client's forward-confirmed reverse DNS name.
 GREETING_DNS_WAIT = 5.0
 
-COMMAND, DATA, CLOSING = "COMMAND", "DATA", "CLOSING"  # the session's modes
+CLOSING = "CLOSING"  # the session's last mode (COMMAND, DATA: dataphase.py; CHUNK: chunking.py)
 
 # A HELO/EHLO argument: a domain name or an address literal; anything else cannot be a host name
 # and might smuggle text into our Received: header.
 _HELO_ARGUMENT = re.compile(rb"^(\[[A-Za-z0-9.:]+\]|[A-Za-z0-9._-]+)$")
 _PRINTABLE_COMMAND = re.compile(rb"^[\x20-\x7e\t]*$|^(?i:MAIL|RCPT) [\x20-\x7e\x80-\xff]*$")
 
-_DATA_REPLIES = {
-    DataError.BARE_LINE_END: replies.BARE_LINE_END,
-    DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
-    DataError.TOO_BIG: replies.SIZE_EXCEEDS_LIMIT,
-}
 
 # The namespace these log lines have always had (the protocol was smtp.MailsrvESMTP).
 log = Logger(namespace="mailsrv.smtp.MailsrvESMTP")
 
 
-class SMTPSession(TLSAndAuth):
+class SMTPSession(TLSAndAuth, MessageData, Chunking):
     """The state machine of one SMTP session (see the module's docstring)."""
 
     # Thousands of idle sessions must stay cheap (issue 6): slots, no instance dict.
@@ -73,7 +71,7 @@ class SMTPSession(TLSAndAuth):
         "runtime", "delivery", "client_ip", "submission", "tls_active", "mode",
         "starting_tls", "client_quit", "errors", "junk_commands", "_framer", "_describe_tls",
         "_on_activity", "_helo_name", "_esmtp", "_transaction", "_overshoot", "_scanner",
-        "_sasl",
+        "_sasl", "_chunks", "_bdat_failed",
     )
 
     def __init__(
@@ -109,6 +107,9 @@ class SMTPSession(TLSAndAuth):
         self._scanner: DataScanner | None = None
         #: An AUTH exchange waiting for the client's next response line.
         self._sasl: sasl.Exchange | None = None
+        #: BDAT (mailsrv.inbound.chunking): the transaction's chunks; an earlier one failed.
+        self._chunks: ChunkState | None = None
+        self._bdat_failed = False
 
     # -- what the connection calls --------------------------------------------------------
 
@@ -145,6 +146,8 @@ class SMTPSession(TLSAndAuth):
         """Take one command (or all DATA held) and answer it; NEED_MORE: no whole line."""
         if self.mode == DATA:
             return self._feed_data()
+        if self.mode == CHUNK:
+            return self.feed_chunk()
         if self.mode == CLOSING:
             return Framing.NEED_MORE
         line = self._framer.next_line(self._sasl is not None)
@@ -214,6 +217,7 @@ class SMTPSession(TLSAndAuth):
         return None
 
     def _abort_transaction(self) -> None:
+        self._chunks = None
         if self._transaction is not None:
             self._transaction.connectionLost()
             self._transaction = None
@@ -230,6 +234,7 @@ class SMTPSession(TLSAndAuth):
         if len(argument) > 255 or not _HELO_ARGUMENT.match(argument):
             return self._error(replies.HELO_BAD_DOMAIN.format(verb=verb))
         self._abort_transaction()
+        self.reset_chunks()
         self._note_tls()
         self._helo_name = argument.decode("ascii")
         self._esmtp = verb == "EHLO"
@@ -247,7 +252,7 @@ class SMTPSession(TLSAndAuth):
     def _extension_lines(self) -> list[str]:
         """The extensions we implement, and only those (STARTTLS and AUTH where they apply)."""
         lines = ["PIPELINING", f"SIZE {self.runtime.config.smtp.max_message_size}", "8BITMIME",
-                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"]
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
         if self.runtime.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered and self.tls_active:
@@ -271,6 +276,7 @@ class SMTPSession(TLSAndAuth):
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0
+        self.reset_chunks()
         checked = self.delivery.sender_checked()  # (RCPT, pipelined or not, waits for it)
         return replies.SENDER_OK if checked is None else checked.addCallback(
             lambda _: replies.SENDER_OK)
@@ -298,56 +304,6 @@ class SMTPSession(TLSAndAuth):
         return asked.addCallback(
             lambda refusal: replies.RECIPIENT_OK if refusal is None else self._error(refusal))
 
-    def do_DATA(self, rest: bytes) -> Reply:
-        if rest:
-            return self._error(replies.NO_ARGUMENTS_ALLOWED.format(verb="DATA"))
-        transaction = self._transaction
-        if transaction is None:
-            return self._error(replies.NEED_MAIL)
-        if not transaction.recipients:
-            return self._error(replies.NEED_RCPT)
-        try:
-            transaction.open_spool()
-        except Refusal as e:
-            self._abort_transaction()
-            return e.reply
-        self._scanner = DataScanner(transaction.write, self.runtime.config.smtp.max_message_size)
-        self.mode = DATA
-        return replies.START_DATA
-
-    def _feed_data(self) -> Result:
-        """All DATA held, to the scanner: None while the message goes on."""
-        assert self._scanner is not None
-        self._on_activity()
-        framer = self._framer
-        data, framer.buffer = framer.buffer, b""  # (no copy: the chunk itself, usually)
-        after = self._scanner.feed(data)
-        if after is None:
-            return None
-        framer.buffer = after
-        self.mode = COMMAND
-        return self._end_of_data()
-
-    def _end_of_data(self) -> Result:
-        assert self._scanner is not None and self._transaction is not None
-        scanner, transaction = self._scanner, self._transaction
-        self._scanner = self._transaction = None
-        if scanner.error is not None:
-            transaction.refuse(scanner.error.value, scanner.size)
-            return self._error(_DATA_REPLIES[scanner.error])
-
-        def accepted(queue_id: str) -> Reply:
-            self.junk_commands = 0  # as Postfix: mail delivered, the client is no junk talker
-            return replies.QUEUED.format(queue_id=queue_id)
-
-        def failed(failure: Failure) -> Reply:
-            if failure.check(Refusal):
-                return failure.value.reply
-            log.failure("delivery failed", failure)
-            return replies.LOCAL_ERROR
-
-        return transaction.eomReceived().addCallbacks(accepted, failed)
-
     # -- the rest -------------------------------------------------------------------------
 
     def do_RSET(self, rest: bytes) -> Reply:
@@ -355,6 +311,7 @@ class SMTPSession(TLSAndAuth):
         if refused is not None:
             return refused
         self._abort_transaction()
+        self.reset_chunks()
         return replies.OK
 
     def do_NOOP(self, rest: bytes) -> Reply:
@@ -386,7 +343,8 @@ class SMTPSession(TLSAndAuth):
         b"AUTH": TLSAndAuth.do_AUTH,
         b"MAIL": do_MAIL,
         b"RCPT": do_RCPT,
-        b"DATA": do_DATA,
+        b"DATA": MessageData.do_DATA,
+        b"BDAT": Chunking.do_BDAT,
         b"RSET": do_RSET,
         b"NOOP": do_NOOP,
         b"VRFY": do_VRFY,

@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.inbound.chunking import CHUNK
 from mailsrv.inbound.framing import Framing
 from mailsrv.inbound.session import CLOSING, COMMAND, DATA, SMTPSession, log
 from mailsrv.inbound.tls import describe_connection
@@ -33,7 +34,7 @@ MAX_HELD_INPUT = 64 * 1024
 CLOSE_GRACE = 5.0
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
     """One SMTP connection: the session core's replies written, its input read."""
 
@@ -53,6 +54,7 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         self._closing = False
         self._busy = False
         self._reading_paused = False
+        self._input_closed = False  # the client closed its side (readConnectionLost)
         self._replies_blocked = False  # the transport's write buffer is full
         self._data_deadline: Any = None
         self._force_close: Any = None
@@ -81,6 +83,18 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         log.info("disconnect client={client}", client=self._client_ip)
         self.factory.connection_closed(self._client_ip)
 
+    def readConnectionLost(self) -> None:
+        """The client closed its sending side: Exim does so right after a QUIT it pipelined
+        behind ``BDAT <n> LAST``. What it sent is still answered, in order (the end of the
+        message once it is stored), then the connection closes. Reported as lost at the FIN,
+        the connection closed with no reply written: the message was stored all the same, but
+        Exim, without its 250, deferred it and would have sent it again (a duplicate)."""
+        self._input_closed = True
+        self._process_input()
+
+    def writeConnectionLost(self) -> None:
+        """We never close only our side (IHalfCloseableProtocol asks for it)."""
+
     def timeoutConnection(self) -> None:
         if not self._closing:
             self._answer(self.core.timed_out())
@@ -102,6 +116,15 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
                 break  # an unfinished line: wait for more bytes
             if result is not None:  # None: DATA goes on
                 self._answer(result)
+            elif core.mode == CHUNK and self._data_deadline is None:
+                # Each BDAT chunk has smtp.data_timeout to arrive, as DATA has.
+                self._data_deadline = self.callLater(
+                    self.runtime.config.smtp.data_timeout, self.timeoutConnection)
+        if self._input_closed and not self._busy and not self._closing and not (
+                self._replies_blocked and core.held):
+            # Nothing more will come: what is held is an unfinished line, DATA or chunk.
+            self._close(grace=False)
+            return
         self._update_reading()
 
     def _hold_until(self, d: "defer.Deferred[Reply]") -> None:

@@ -21,7 +21,9 @@ relay that must never lose or duplicate a message:
   gets it, or, at a server without it, its recipients are bounced (mailsrv.outbound.utf8);
 - the sender's DSN parameters (RFC 3461: ``RET``, ``ENVID`` on MAIL, ``NOTIFY``, ``ORCPT`` on
   RCPT) go out when the server offers DSN; the outcome says whether it did (without it, we
-  owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``).
+  owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``);
+- a server that offers CHUNKING gets the message as BDAT chunks (RFC 3030; mailsrv.outbound.chunks),
+  each sent once the one before was accepted, without dot-stuffing.
 
 One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
 session.
@@ -32,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -40,6 +42,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
+from mailsrv.outbound.chunks import CHUNK_SIZE, MessageData, bdat_chunks
 from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
@@ -78,10 +81,6 @@ class OutboundTransaction:
         return all(address in self.results for address in self.recipients)
 
 
-#: The former name, still used by mailsrv.outbound.relayer (being split); remove once nothing uses it.
-Transaction = OutboundTransaction
-
-
 @dataclass
 class SessionOutcome:
     """How a session went, beyond the per-message results."""
@@ -92,25 +91,6 @@ class SessionOutcome:
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     reason: str | None = None  # connection-level failure text (refused, reset, timeout)
     dsn: bool = False  # the server offered DSN (RFC 3461)
-
-
-class _MessageData:
-    """The message as sent: the trace headers, then the body file, read in chunks."""
-
-    def __init__(self, prefix: bytes, body: IO[bytes]) -> None:
-        self._prefix = prefix
-        self._body = body
-
-    def read(self, size: int = -1) -> bytes:
-        if self._prefix:
-            chunk, self._prefix = self._prefix[:size], self._prefix[size:]
-            if size < 0:
-                chunk, self._prefix = chunk + self._body.read(), b""
-            return chunk
-        return self._body.read(size)
-
-    def close(self) -> None:
-        self._body.close()
 
 
 class RelayClient(smtp.ESMTPClient):
@@ -143,7 +123,8 @@ class RelayClient(smtp.ESMTPClient):
         self._queue: Iterator[OutboundTransaction] = iter(transactions)
         self._remaining = len(transactions)
         self._current: OutboundTransaction | None = None
-        self._data: _MessageData | None = None
+        self._data: MessageData | None = None
+        self._chunks: Iterator[bytes] | None = None  # the BDAT chunks still to send
         self._stuffer = DotStuffer()
         self._extensions: dict[bytes, Any] = {}
         #: (transaction, 8BITMIME offered) -> Deferred firing with an ``Outgoing`` or a Reply
@@ -283,7 +264,10 @@ class RelayClient(smtp.ESMTPClient):
         try:
             self.lastAddress = next(self.toAddresses)
         except StopIteration:
-            if self.successAddresses:
+            if self.successAddresses and b"CHUNKING" in self._extensions:
+                self._chunks = bdat_chunks(self.getMailData(), CHUNK_SIZE)
+                self._send_chunk(code, resp)
+            elif self.successAddresses:
                 self.sendLine(b"DATA")
                 self._expected = [354]
                 self._okresponse = self.smtpState_data
@@ -293,14 +277,30 @@ class RelayClient(smtp.ESMTPClient):
             dsn = self._current.dsn_rcpt.get(self.lastAddress, b"") if self.outcome.dsn else b""
             self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">" + dsn)
 
-    def getMailData(self) -> _MessageData:
+    def getMailData(self) -> MessageData:
         assert self._current is not None
         self._stuffer = DotStuffer()
-        self._data = _MessageData(self._outgoing.prefix, open(self._outgoing.path, "rb"))
+        self._data = MessageData(self._outgoing.prefix, open(self._outgoing.path, "rb"))
         return self._data
+
+    def _send_chunk(self, code: int, resp: bytes) -> None:
+        """CHUNKING (RFC 3030): the next BDAT chunk once the last was accepted; after the
+        LAST one's reply, the message's verdict. A refused chunk ends the message there
+        (``smtpTransferFailed``: no further chunk is sent)."""
+        self.resetTimeout()
+        assert self._chunks is not None
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            self._chunks = None
+            self.smtpState_msgSent(code, resp)
+            return
+        self.transport.write(chunk)
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._send_chunk
 
     def _release(self) -> None:
         """Close the data being sent and drop its converted copy, if any."""
+        self._chunks = None
         if self._data is not None:
             self._data.close()
             self._data = None
@@ -347,7 +347,8 @@ class RelayClient(smtp.ESMTPClient):
             if isinstance(code, int) and 400 <= code <= 599:
                 reply = Reply.from_wire(code, resp)
             else:
-                reply = replies.SESSION_FAILED.format(reason=_text(resp) or type(exc).__name__)
+                text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+                reply = replies.SESSION_FAILED.format(reason=text or type(exc).__name__)
             # Session-level trouble (TLS, AUTH, a refusing greeting) is never final: the
             # message waits and is retried, possibly at another host.
             if reply.permanent:
@@ -364,12 +365,6 @@ class RelayClient(smtp.ESMTPClient):
         elif self.outcome.error is None and self._remaining > 0 and self.outcome.reason is None:
             self.outcome.reason = f"connection lost: {reason.getErrorMessage()}"
         smtp.ESMTPClient.connectionLost(self, reason)
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
 
 
 class RelayClientFactory(protocol.ClientFactory):

@@ -52,7 +52,7 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
     lines = text.split("\n")
     assert lines[0].startswith("mx.example.org Hello client.test")
     assert set(lines[1:]) == {"PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8",
-                              "ENHANCEDSTATUSCODES", "DSN"}
+                              "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"}
     assert client.greeting[0] == 220 and "mx.example.org ESMTP" in client.greeting[1]
 
 
@@ -80,7 +80,8 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
         (["EHLO c.test", "MAIL FROM:<a@c.test> SIZE=26214401"], (552, "5.3.4")),
         (["EHLO c.test", "DATA extra"], (501, "5.5.4")),
         (["FOO"], (500, "5.5.2")),
-        (["BDAT 10 LAST"], (500, "5.5.2")),
+        (["BDAT 0 LAST"], (503, "5.5.1")),                              # CHUNKING: no MAIL
+        (["EHLO c.test", "BDAT 1x"], (501, "5.5.4")),
         (["STARTTLS"], (502, "5.5.1")),                                 # no certificate: not offered
         (["AUTH PLAIN AGFAYg=="], (503, "5.5.1")),                      # no AUTH on this listener
         (["EXPN sales"], (502, "5.5.1")),

@@ -10,7 +10,9 @@ data, as Postfix does) and not announce 8BITMIME (``"8bitmime": false``: ``BODY=
 is then refused), announce SMTPUTF8 (``"smtputf8": true``; without it a ``SMTPUTF8``
 parameter or a non-ASCII path is refused with 553 5.6.7, as a pre-RFC 6531 server would),
 and announce DSN (``"dsn": true``; RCPT's parameters are recorded as ``rcpt_params``, one
-dict per accepted recipient); every MAIL command line is appended to ``mail_log``.
+dict per accepted recipient), and announce CHUNKING (``"chunking": true``: BDAT is taken, each
+chunk answered 250 or ``"bdat"``'s reply; the message records ``"via": "BDAT"`` and its
+``chunks``); every MAIL command line is appended to ``mail_log``.
 Written with asyncio so that it shares no code with the client under test.
 """
 
@@ -59,6 +61,7 @@ class Session:
         self.mail_params = {}
         self.rcpts = []
         self.rcpt_params = []
+        self.chunks = []
 
     async def send(self, line: str) -> None:
         self.writer.write(line.encode() + b"\r\n")
@@ -77,6 +80,8 @@ class Session:
             ext.append(f"SIZE {r['size']}")
         if r.get("dsn"):
             ext.append("DSN")
+        if r.get("chunking"):
+            ext.append("CHUNKING")
         if CONFIG.get("tls") and not self.tls:
             ext.append("STARTTLS")
         if CONFIG.get("auth") and (self.tls or not CONFIG.get("tls")):
@@ -173,22 +178,18 @@ class Session:
                     if raw.startswith(b"."):
                         raw = raw[1:]
                     lines.append(raw)
-                eom = rules().get("eom")
-                limit = rules().get("size")
-                if eom:
-                    await self.send(eom)
-                elif limit and sum(len(line) for line in lines) > limit:
-                    await self.send("552 5.3.4 Message size exceeds fixed limit")
+                await self.end_of_message(b"".join(lines), "DATA")
+            elif verb == "BDAT" and "CHUNKING" in self.extensions():
+                words = arg.split()
+                data = await self.reader.readexactly(int(words[0]))
+                if not self.rcpts or r.get("bdat"):
+                    await self.send(r.get("bdat") or "503 5.5.1 no recipients")
+                    continue
+                self.chunks.append(data)
+                if words[1:] == ["LAST"]:
+                    await self.end_of_message(b"".join(self.chunks), "BDAT")
                 else:
-                    record({
-                        "mail_from": self.mail_from, "rcpt_to": self.rcpts,
-                        "data": b"".join(lines).decode("utf-8", "surrogateescape")
-                        .encode("utf-8", "surrogateescape").decode("latin-1"),
-                        "tls": self.tls, "auth": self.auth_user, "helo": self.helo,
-                        "mail_params": self.mail_params, "rcpt_params": self.rcpt_params,
-                    })
-                    await self.send("250 2.0.0 Ok: queued")
-                self.reset()
+                    await self.send(f"250 2.0.0 Ok: {len(data)} octets")
             elif verb == "RSET":
                 self.reset()
                 await self.send("250 2.0.0 Ok")
@@ -200,6 +201,25 @@ class Session:
                 return
             else:
                 await self.send("502 5.5.2 not implemented")
+
+    async def end_of_message(self, data: bytes, via: str) -> None:
+        eom = rules().get("eom")
+        limit = rules().get("size")
+        if eom:
+            await self.send(eom)
+        elif limit and len(data) > limit:
+            await self.send("552 5.3.4 Message size exceeds fixed limit")
+        else:
+            record({
+                "mail_from": self.mail_from, "rcpt_to": self.rcpts,
+                "data": data.decode("utf-8", "surrogateescape")
+                .encode("utf-8", "surrogateescape").decode("latin-1"),
+                "tls": self.tls, "auth": self.auth_user, "helo": self.helo,
+                "mail_params": self.mail_params, "rcpt_params": self.rcpt_params,
+                "via": via, "chunks": len(self.chunks),
+            })
+            await self.send("250 2.0.0 Ok: queued")
+        self.reset()
 
     async def auth(self, arg: str) -> None:
         auth = CONFIG["auth"]

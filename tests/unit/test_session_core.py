@@ -434,7 +434,7 @@ def test_disk_error_451_4_3_0_disk_full_452_4_3_1(tmp_path, runtime, monkeypatch
 def test_too_many_errors_421_4_7_0_junk_commands_past_the_limit_count(tmp_path, clock):
     core = Core(make_runtime(tmp_path, clock, junk_command_limit=2))
     assert core.send("NOOP", "HELP") == ["250 2.0.0 Ok", (
-        "214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET NOOP VRFY HELP QUIT. "
+        "214 2.0.0 Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT. "
         "See RFC 5321")]
     assert core.core.errors == 0
     # Past the junk limit every junk command is answered, and counted as an error too.
@@ -453,4 +453,4 @@ def test_ehlo_names_the_client_and_offers_only_what_applies(runtime):
     assert ehlo.split("\r\n")[0] == f"250-mx.example.org Hello client.test [{CLIENT}]"
     assert ehlo.split("\r\n")[1:] == [
         "250-PIPELINING", f"250-SIZE {runtime.config.smtp.max_message_size}", "250-8BITMIME",
-        "250-SMTPUTF8", "250-ENHANCEDSTATUSCODES", "250 DSN"]
+        "250-SMTPUTF8", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 CHUNKING"]

@@ -15,11 +15,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mailsrv.outbound import outgoing
+from mailsrv.outbound.chunks import MessageData
 from mailsrv.outbound.smtpclient import (
     OutboundTransaction,
     RelayClient,
     SessionOutcome,
-    _MessageData,
 )
 from mailsrv.replies import Reply
 
@@ -75,7 +75,7 @@ def test_lone_dot_line_cannot_end_the_message_early() -> None:
 
 
 def test_message_data_reads_prefix_then_body() -> None:
-    data = _MessageData(b"Received: x\n", io.BytesIO(b"Subject: y\n\nbody\n"))
+    data = MessageData(b"Received: x\n", io.BytesIO(b"Subject: y\n\nbody\n"))
     chunks = []
     while True:
         chunk = data.read(5)
