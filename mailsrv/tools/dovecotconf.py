@@ -1,13 +1,17 @@
 """The text of the Dovecot configuration ``mailsrv dovecot-config`` prints (pure: no I/O).
 
 Dovecot serves IMAP from the Maildirs mailsrv writes, with the users file as its passdb.
-The userdb is ``static`` (the server's uid and gid, home ``<root>/<domain>/<user>``) and
+The userdb is ``static`` (the server's uid and gid, home ``<root>/<domain>/<user>/home``) and
 checks through the passdb that the user exists: Dovecot's ``userdb passwd-file`` refuses the
 lines ``mailsrv user`` writes (``address:hash``, or a bare address for a mailbox without
 login) with "missing userdb info" even with ``default_fields``, since it wants at least the
 uid field.  Dovecot's extra fields on a line (``userdb_quota_rule=*:storage=1G``) still
 reach the userdb through the passdb; a line's own uid, gid and home do not, since the mail
 must be read as the server's user, who owns the Maildirs (mailsrv creates them ``0700``).
+Home is a directory inside the Maildir, not the Maildir itself: Dovecot keeps dot-files in
+home (``.dovecot.lda-dupes``, Sieve's binaries) that in a Maildir++ root read as folders, and an
+IMAP listing racing LMTP's write of one logged "stat(.dovecot.lda-dupes/tmp) failed: Not a
+directory"; a name without a dot is never a Maildir++ folder.
 Dovecot's auth process reads the users file through the file's group (``service auth {
 extra_groups }``), the file staying ``0640``.
 
@@ -135,7 +139,7 @@ def _auth(settings: DovecotSettings, root: str) -> list[str]:
         "}",
         "userdb {",
         "  driver = static",
-        f"  args = uid={settings.mail_user} gid={settings.mail_group} home={root}/%d/%n",
+        f"  args = uid={settings.mail_user} gid={settings.mail_group} home={root}/%d/%n/home",
         "}",
         "",
         f"# The users file is 0640, group {settings.users_group}: the auth process joins that group.",
@@ -211,8 +215,8 @@ def _lmtp(settings: DovecotSettings) -> list[str]:
     return [
         "# [mailboxes] delivery = \"lmtp:...\": mailsrv hands local mail to Dovecot's LMTP,",
         "# which runs the users' Sieve scripts (~/sieve/, the active one linked as",
-        "# ~/active.sieve: home is the Maildir, where a name starting with a dot would be a",
-        "# folder) and enforces their quotas (userdb_quota_rule=*:storage=1G on a line",
+        "# ~/active.sieve; home is <Maildir>/home, Dovecot's own files kept out of the",
+        "# Maildir++ root) and enforces their quotas (userdb_quota_rule=*:storage=1G on a line",
         "# of the users file; over quota, RCPT gets 552 5.2.2).",
         "service lmtp {",
         *listener,

@@ -39,10 +39,11 @@ PASSWORDS = {"alice@example.org": "alice pw", "bob@example.org": "bob pw",
 
 
 def sieve(server: MailServer, address: str, script: str) -> None:
-    """``script`` as the user's active Sieve script (~/sieve/main.sieve, ~/active.sieve)."""
-    home = server.mailbox_path(address)
+    """``script`` as the user's active Sieve script (~/sieve/main.sieve, ~/active.sieve; home
+    is ``home`` in the Maildir)."""
+    home = server.mailbox_path(address) / "home"
     uid, gid = os.stat(server.root).st_uid, os.stat(server.root).st_gid
-    for directory in (home.parent, home, home / "sieve"):
+    for directory in (home.parent.parent, home.parent, home, home / "sieve"):
         directory.mkdir(mode=0o700, exist_ok=True)
         os.chown(directory, uid, gid)
     (home / "sieve" / "main.sieve").write_text(script)
@@ -153,6 +154,11 @@ def test_sieve_fileinto_and_vacation(setup):
     arrived(dovecot, "alice@example.org", b"are you there?")
     reply = arrived(dovecot, "carol@example.net", b"I am away.")
     assert b"Subject: Away" in reply and b"Auto-Submitted: auto-replied" in reply
+    # Vacation's duplicate database lives in home, out of the Maildir++ root, where a dot-file
+    # read as a folder (an IMAP listing racing its write logged "Not a directory").
+    maildir = server.mailbox_path("alice@example.org")
+    assert (maildir / "home" / ".dovecot.lda-dupes").exists()
+    assert not any(p.name.startswith(".dovecot") for p in maildir.iterdir())
     assert dovecot.problems() == []
 
 

@@ -34,7 +34,7 @@ def test_the_debian_package_configuration():
         "auth_username_format = %Lu",
         "  driver = passwd-file", "  args = /etc/mailsrv/users",
         "  driver = static",
-        "  args = uid=mailsrv gid=mailsrv home=/var/mail/mailsrv/%d/%n",
+        "  args = uid=mailsrv gid=mailsrv home=/var/mail/mailsrv/%d/%n/home",
         "  extra_groups = mailsrv",
         "ssl = yes",
         "ssl_cert = </etc/letsencrypt/live/mx/fullchain.pem",
