@@ -180,6 +180,7 @@ DNSBL_LISTED = Reply(554, "5.7.1", "Service unavailable; client [{ip}] blocked u
 SRS_INVALID = Reply(550, "5.7.1", "Error: {reason}: not a sender address this server forwarded for")
 
 # TLS and AUTH (RFC 3207, RFC 4954)
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "Error: REQUIRETLS needs a TLS session")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "Error: TLS not available")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
@@ -280,6 +281,34 @@ RELAY_INTERRUPTED = Reply(451, "4.4.2", "{where}: {problem}")  # broken off afte
 RELAY_UNREACHABLE = Reply(451, "4.4.1", "{problem}")  # no host of the destination answered
 # DANE (RFC 7672): the last host tried failed its TLSA records (lookup, STARTTLS, certificate)
 DANE_FAILED = Reply(451, "4.7.5", "{problem}")
+
+# MTA-STS (RFC 8461, mailsrv.outbound.mtasts): a domain's "enforce" policy not met defers the
+# message (4.7.x: never sent in clear nor to an impostor); the RFC names no codes: 4.7.0 for an
+# MX the policy does not list, 4.7.4 for STARTTLS missing (RFC 3463 "security features not
+# supported"), 4.7.5 for a certificate that fails (as Postfix).
+STS_NO_MATCHING_MX = Reply(
+    451, "4.7.0", "the MTA-STS policy of {domain} (enforce) allows none of its MX hosts "
+    "({hosts}): not sent"
+)
+STS_NO_STARTTLS = Reply(
+    451, "4.7.4", "{host} does not offer STARTTLS, required by the MTA-STS policy of {domain} "
+    "(enforce): not sent"
+)
+STS_CERTIFICATE = Reply(
+    451, "4.7.5", "the certificate of {host} fails the MTA-STS policy of {domain} (enforce): "
+    "{result}: not sent"
+)
+# REQUIRETLS (RFC 8689): a message that must go over verified TLS to a server that offers
+# REQUIRETLS too; bounced when no host of its destination does (5.7.30 is the RFC's code
+# for the missing extension, 5.7.10 "encryption needed" for missing or unverified TLS).
+REQUIRETLS_NOT_OFFERED = Reply(
+    550, "5.7.30", "REQUIRETLS support required: {peer} does not offer REQUIRETLS, which the "
+    "sender required: not sent"
+)
+REQUIRETLS_UNVERIFIED = Reply(
+    550, "5.7.10", "the sender required verified TLS (REQUIRETLS) and {peer} has none "
+    "({reason}): not sent"
+)
 
 # No host to deliver to (mailsrv.outbound.mx): 5xx bounces the recipients, 4xx keeps them queued.
 BAD_ADDRESS_LITERAL = Reply(550, "5.1.2", "bad address literal {domain}")

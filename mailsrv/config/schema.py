@@ -178,6 +178,9 @@ class RelayConfig:
     max_connections_per_domain: int = 5
     connect_timeout: float = 30.0
     timeout: float = 300.0  # seconds to wait for each reply of a remote server
+    # MTA-STS (RFC 8461): honour the policies destination domains publish.
+    mta_sts: bool = True
+    mta_sts_port: int = 443  # the policy servers' HTTPS port (another one only for tests)
 
     def tls_mode(self, domain: str) -> str:
         """The TLS mode for one destination domain: its policy entry, or the default."""

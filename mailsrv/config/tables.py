@@ -138,6 +138,8 @@ TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
             "max_connections_per_domain": keys.integer(1),
             "connect_timeout": keys.seconds(),
             "timeout": keys.seconds(),
+            "mta_sts": keys.boolean(),
+            "mta_sts_port": keys.integer(1, 65535),
         },
     ),
     "srs": (

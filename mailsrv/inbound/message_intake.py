@@ -40,6 +40,7 @@ from mailsrv.inbound.placelog import log_places
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
 from mailsrv.outbound import delivered
+from mailsrv.outbound.requiretls import tls_required
 from mailsrv.replies import Refusal
 from mailsrv.routing.address import Mailbox
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
@@ -108,6 +109,7 @@ class Transaction:
         self.recipient_dsn: dict[Mailbox, RecipientDSN] = {}
         #: MAIL had SMTPUTF8 (RFC 6531): UTF-8 addresses and header fields; relayed with it.
         self.smtputf8 = False
+        self.requiretls = False  #: MAIL had REQUIRETLS (RFC 8689): relayed over verified TLS
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -272,6 +274,7 @@ class Transaction:
                     trace=trace, body_path=self.spool_path, received_from=client.name,
                     folders=self.folders, no_bounce=no_bounce, dsn=self.dsn,
                     recipient_dsn=by_address, smtputf8=self.smtputf8,
+                    tls_required=tls_required(self.requiretls, head),
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)

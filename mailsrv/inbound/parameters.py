@@ -1,6 +1,7 @@
 """
-The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870), ``BODY=`` (RFC 6152)
-and ``SMTPUTF8`` (RFC 6531, no value), each only after EHLO; any other is refused (pure).
+The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870), ``BODY=`` (RFC 6152),
+``SMTPUTF8`` (RFC 6531, no value) and ``REQUIRETLS`` (RFC 8689, no value, only over TLS:
+``530 5.7.10`` otherwise), each only after EHLO; any other is refused (pure).
 The DSN parameters (RFC 3461) of MAIL and RCPT are parsed by mailsrv.routing.dsn_params;
 this checks they come after EHLO and where they belong.
 """
@@ -22,12 +23,15 @@ from mailsrv.routing.dsn_params import (
 __all__ = ["check_mail_parameters", "check_rcpt_parameters", "parse_mail", "parse_rcpt"]
 
 
-def parse_mail(rest: bytes, esmtp: bool, max_size: int) -> tuple[Mailbox | None, MailDSN, bool]:
-    """MAIL FROM's argument: the sender (None for ``<>``), its DSN parameters and whether it
-    had SMTPUTF8 (RFC 6531: UTF-8 paths allowed in this transaction); Refusal otherwise."""
+def parse_mail(
+    rest: bytes, esmtp: bool, max_size: int, tls: bool = False,
+) -> tuple[Mailbox | None, MailDSN, bool, bool]:
+    """MAIL FROM's argument: the sender (None for ``<>``), its DSN parameters, whether it
+    had SMTPUTF8 (RFC 6531: UTF-8 paths allowed in this transaction) and REQUIRETLS (RFC
+    8689; ``tls``: the session is over TLS); Refusal otherwise."""
     sender, params = parse_mail_from(rest)
-    dsn = check_mail_parameters(params, esmtp, max_size)
-    return sender, dsn, "SMTPUTF8" in params
+    dsn = check_mail_parameters(params, esmtp, max_size, tls=tls)
+    return sender, dsn, "SMTPUTF8" in params, "REQUIRETLS" in params
 
 
 def parse_rcpt(rest: bytes, smtputf8: bool, esmtp: bool) -> tuple[Mailbox, RecipientDSN]:
@@ -36,7 +40,9 @@ def parse_rcpt(rest: bytes, smtputf8: bool, esmtp: bool) -> tuple[Mailbox, Recip
     return recipient, check_rcpt_parameters(params, esmtp)
 
 
-def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: int) -> MailDSN:
+def check_mail_parameters(
+    params: dict[str, str | None], esmtp: bool, max_size: int, *, tls: bool = False,
+) -> MailDSN:
     """Raise Refusal with the reply for the first parameter that cannot be accepted; the
     DSN parameters (RET, ENVID) of an accepted MAIL."""
     for name, value in params.items():
@@ -53,6 +59,11 @@ def check_mail_parameters(params: dict[str, str | None], esmtp: bool, max_size: 
         elif name == "SMTPUTF8":
             if value is not None:
                 raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
+        elif name == "REQUIRETLS":
+            if value is not None:
+                raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
+            if not tls:
+                raise Refusal(replies.REQUIRETLS_NEEDS_TLS)
         elif name not in MAIL_PARAMETERS:
             raise Refusal(replies.UNSUPPORTED_PARAMETER.format(name=name))
     return parse_mail_dsn(params)

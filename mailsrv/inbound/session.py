@@ -257,6 +257,8 @@ class SMTPSession(TLSAndAuth, MessageData, Chunking):
             lines.append("STARTTLS")
         if self._auth_offered and self.tls_active:
             lines.append("AUTH " + " ".join(sasl.MECHANISMS))
+        if self.tls_active:
+            lines.append("REQUIRETLS")  # RFC 8689: over TLS only
         return lines
 
     # -- the mail transaction -------------------------------------------------------------
@@ -270,9 +272,11 @@ class SMTPSession(TLSAndAuth, MessageData, Chunking):
             return self._error(replies.NESTED_MAIL)
         helo = (self._helo_name.encode("ascii"), self.client_ip.encode("ascii"))
         try:
-            sender, dsn, utf8 = parse_mail(rest, self._esmtp, self.runtime.config.smtp.max_message_size)
+            sender, dsn, utf8, requiretls = parse_mail(
+                rest, self._esmtp, self.runtime.config.smtp.max_message_size, self.tls_active)
             self._transaction = self.delivery.validateFrom(helo, sender)
             self._transaction.dsn, self._transaction.smtputf8 = dsn, utf8  # RFC 3461, RFC 6531
+            self._transaction.requiretls = requiretls  # RFC 8689
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0

@@ -12,6 +12,8 @@ A report whose From: domain (this host's) has DKIM keys is signed (:func:`sign_r
 The sender's DSN parameters (RFC 3461) are honoured: its ENVID quoted, and with ``RET=FULL``
 a failure report returns the whole message when it is at most ``FULL_RETURN_LIMIT`` octets
 (Postfix's ``bounce_size_limit``), else its headers, as without it.
+A report about a message that came with REQUIRETLS is itself sent with REQUIRETLS (RFC 8689
+§5: it holds the original's header), so it too goes only over verified TLS.
 """
 
 from __future__ import annotations
@@ -174,12 +176,13 @@ def _store_report(
         original_message=_original_whole(config, message) if (
             sender and message.ret == "FULL" and reports[0].action == "failed") else None,
     )
-    return store_own(config, directory, dsn_id, to, data, now, dkim, double_bounce=not sender)
+    return store_own(config, directory, dsn_id, to, data, now, dkim, double_bounce=not sender,
+                     tls_required="yes" if message.tls_required == "yes" else None)
 
 
 def store_own(
     config: Config, directory: Directory, message_id: str, to: str, data: bytes, now: float,
-    dkim: SigningKeys | None = None, double_bounce: bool = False,
+    dkim: SigningKeys | None = None, double_bounce: bool = False, tls_required: str | None = None,
 ) -> Stored:
     """Store a message the server wrote itself (a DSN, a notice, a report) for ``to``: routed
     as any recipient is, after our Received: field (DKIM-signed when ``dkim`` has keys for
@@ -200,7 +203,7 @@ def store_own(
     try:
         return store(
             config, message_id, sender=None, targets=list(targets), trace=trace, body_path=body,
-            received_from="local", double_bounce=double_bounce,
+            received_from="local", double_bounce=double_bounce, tls_required=tls_required,
         )
     finally:
         with suppress(FileNotFoundError):

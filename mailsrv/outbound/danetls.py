@@ -45,6 +45,7 @@ class TLSAttempt:
     ip: str | None  # "receiving-ip"; None: no connection was made (the lookups failed)
     result_type: str | None  # None: success; else RFC 8460 §4.3's "result-type"
     detail: str = ""
+    mx_patterns: tuple[str, ...] = ()  # an "sts" policy's mx patterns ("mx-host")
 
 
 class DaneVerificationError(Exception):

@@ -14,6 +14,10 @@ checked against the trusted CAs, TLS required); a smarthost with a login is alwa
 ``relay.dane``, an MX host with DNSSEC-secure TLSA records gets DANE instead (RFC 7672:
 mailsrv.outbound.danelookup decides, mailsrv.outbound.danetls checks the handshake), unless
 the domain's policy is ``none``; a DANE failure defers (4.7.5), never sends in clear.
+Without DANE for a host, mailsrv.outbound.tlsplan adds a domain's MTA-STS policy
+(``enforce``: only the MX hosts it names, only with a valid certificate, else deferred);
+REQUIRETLS messages go only over verified TLS (else bounced when no host will do), and
+``TLS-Required: No`` ones in a session of their own, opportunistic whatever the policy.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from mailsrv.outbound import outgoing
 from mailsrv.outbound.danelookup import DaneLookup, DaneLookupFailed, make_secure_resolver
 from mailsrv.outbound.danetls import DaneTLS, TLSAttempt
 from mailsrv.outbound.lmtpclient import LMTPClientFactory
+from mailsrv.outbound.mtasts.tlscheck import handshake_options
 from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.outbound.scheduler import Batch
 from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
+from mailsrv.outbound.tlsplan import NO_POLICY, TLSPlan
 from mailsrv.replies import Reply
 from mailsrv.storage.envelope import QueuedRecipient
 
@@ -83,15 +89,17 @@ class DestinationDelivery:
         self._opportunistic = ssl.CertificateOptions(verify=False)
         self._trust_root = (
             _load_trust_root(relay.tls_ca_file)
-            if relay.tls != "none" or relay.tls_policy or relay.smarthost_user
+            if relay.tls != "none" or relay.tls_policy or relay.smarthost_user or relay.mta_sts
             else None
         )
+        self.tls_plan = TLSPlan(runtime, self._trust_root,  # MTA-STS, REQUIRETLS
+                                on_attempt=lambda a: [f(a) for f in self.tls_attempts])
         self._dane = (
             DaneLookup(make_secure_resolver(relay.dns_servers, self.reactor), relay.port,
                        DNS_TIMEOUT)
             if relay.dane else None
         )
-        #: Told each TLSAttempt under a DANE policy (TLS-RPT's source), after it is logged.
+        #: Told each TLSAttempt under a DANE or MTA-STS policy (TLS-RPT's source), once logged.
         self.tls_attempts: list[Callable[[TLSAttempt], None]] = []
 
     def key(self, recipient: QueuedRecipient) -> str:
@@ -114,15 +122,22 @@ class DestinationDelivery:
             resolver, key, own_names=(self.config.hostname,), timeout=DNS_TIMEOUT, rng=self.rng
         )
 
-    def tls_for(self, key: str, host: MXHost) -> tuple[Any, bool]:
-        """(context, required) for one host of a destination."""
+    def tls_for(self, key: str, host: MXHost, *, enforce: bool = False, requiretls: bool = False,
+                opt_out: bool = False) -> tuple[Any, bool]:
+        """(context, required) for one host of a destination; ``enforce``: an MTA-STS policy
+        (the certificate is checked after the handshake), ``requiretls``: STARTTLS even with
+        ``none``, ``opt_out``: TLS-Required: No (opportunistic, but never for a login)."""
         relay = self.config.relay
         if key == SMARTHOST:
             mode = "verify" if relay.smarthost_user else relay.tls_mode(relay.smarthost[0])
         else:
             mode = relay.tls_mode(key)
+        if opt_out and not (key == SMARTHOST and relay.smarthost_user):
+            mode = "opportunistic"
+        if enforce and mode != "verify":
+            return handshake_options(), True
         if mode == "none":
-            return None, False
+            return (self._opportunistic, False) if requiretls else (None, False)
         if mode == "verify" and not host.name.startswith("["):
             return ssl.optionsForClientTLS(host.name, trustRoot=self._trust_root), True
         if mode == "verify":
@@ -161,7 +176,6 @@ class DestinationDelivery:
         deleted or bounced meanwhile drops out); ``record`` is told each message's results
         as soon as a server (or the lack of one) has decided them.
         """
-        relay = self.config.relay
         if key == LMTP:
             yield self._deliver_lmtp(batch, make_transactions, record)
             return
@@ -172,10 +186,45 @@ class DestinationDelivery:
             for queue_id, addresses in batch:
                 record(queue_id, {a: reply for a in addresses}, None)
             return
+        lookup = NO_POLICY if key == SMARTHOST else (yield self.tls_plan.policy(key))
+        relaxed_ids = {t.queue_id for t in make_transactions(list(batch))
+                       if t.tls_optional and not t.requiretls}
+        if relaxed_ids:  # TLS-Required: No (RFC 8689 §5): neither DANE nor MTA-STS applies
+            yield self._deliver_hosts(key, hosts, [b for b in batch if b[0] in relaxed_ids],
+                                      NO_POLICY, {}, make_transactions, record, opt_out=True)
+        strict = [b for b in batch if b[0] not in relaxed_ids]
+        if not strict:
+            return
+        dane_plan = yield self._dane_plan(key, hosts)
+        # RFC 8461 §2: a host with TLSA records gets DANE, not MTA-STS.
+        hosts, refusal = self.tls_plan.allowed(
+            key, lookup, hosts, exempt={n for n, p in dane_plan.items() if p is not None})
+        if refusal is not None:
+            for queue_id, addresses in strict:
+                record(queue_id, {a: refusal for a in addresses}, None, tls_policy="sts")
+            return
+        yield self._deliver_hosts(key, hosts, strict, lookup, dane_plan, make_transactions, record)
+
+    @defer.inlineCallbacks
+    def _deliver_hosts(
+        self,
+        key: str,
+        hosts: list[MXHost],
+        batch: Batch,
+        lookup: Any,
+        dane_plan: dict[str, Any],
+        make_transactions: Callable[[Batch], list[OutboundTransaction]],
+        record: Record,
+        opt_out: bool = False,
+    ) -> Any:
+        """The destination's hosts in order, address by address, until a server answered."""
+        relay = self.config.relay
         pending = [(queue_id, addresses) for queue_id, addresses in batch]
         last_problem = "no MX host could be reached"
-        dane_plan = yield self._dane_plan(key, hosts)
         dane_failed = False  # the last problem was DANE's: 4.7.5
+        skipped: dict[str, Reply] = {}  # REQUIRETLS messages no host took so far, and why
+        all_greeted = True  # else a host not reached might yet take them: not a bounce
+        refusal: Reply | None = None  # the last MTA-STS verdict that ended a session
         port = relay.smarthost[1] if key == SMARTHOST else relay.port
         auth = None
         if key == SMARTHOST and relay.smarthost_user:
@@ -193,24 +242,33 @@ class DestinationDelivery:
                 if not transactions:
                     return
                 dane_tls = DaneTLS(dane, key, address) if dane is not None else None
+                check = self.tls_plan.check(key, NO_POLICY if dane_tls else lookup, host, address,
+                                            dane=dane_tls is not None)
                 if dane_tls is not None:
                     tls_context, require_tls = dane_tls, True
                 else:
-                    tls_context, require_tls = self.tls_for(key, host)
+                    tls_context, require_tls = self.tls_for(
+                        key, host, enforce=check.enforce, opt_out=opt_out,
+                        requiretls=any(t.requiretls for t in transactions))
                 factory = RelayClientFactory(
                     transactions, identity=self.config.hostname,
                     own_names=(self.config.hostname,), tls_context=tls_context,
                     require_tls=require_tls, auth=auth, timeout=relay.timeout,
                     prepare=lambda t, ok: self.runtime.in_thread(outgoing.prepare, t, ok, incoming),
+                    tls_check=check,
                 )
                 self.reactor.connectTCP(address, port, factory, timeout=relay.connect_timeout)
                 outcome = yield factory.done
+                self.tls_plan.connected(check, outcome)
+                refusal = check.refusal or refusal
+                all_greeted = all_greeted and outcome.greeted
                 if outcome.tls:
                     self.runtime.metrics.tls("outbound", outcome.tls)
                 where = f"{host.name}[{address}]:{port}"
                 attempt = dane_tls.result(outcome.greeted) if dane_tls is not None else None
                 self._tls_attempt(attempt)
-                policy = {"tls_policy": "dane"} if dane_tls is not None else {}
+                policy = ({"tls_policy": "dane"} if dane_tls is not None
+                          else {"tls_policy": "sts"} if check.policy is not None else {})
                 if outcome.loop:
                     reply = outcome.error
                     for t in transactions:
@@ -226,6 +284,8 @@ class DestinationDelivery:
                         results = relay_outcome.interrupted(t.recipients, t.results, where, problem)
                         record(t.queue_id, results, where, tls=outcome.tls, **policy)
                     else:
+                        if t.refused is not None:
+                            skipped[t.queue_id] = t.refused
                         retry_elsewhere.append((t.queue_id, t.recipients))
                 pending = retry_elsewhere
                 if not pending:
@@ -238,10 +298,13 @@ class DestinationDelivery:
                          where=where, problem=problem)
         if dane_failed:
             reply, policy = replies.DANE_FAILED.format(problem=last_problem), {"tls_policy": "dane"}
+        elif refusal is not None:
+            reply, policy = refusal, {"tls_policy": "sts"}
         else:
             reply, policy = relay_outcome.unreachable(last_problem), {}
         for queue_id, addresses in pending:
-            record(queue_id, {a: reply for a in addresses}, None, **policy)
+            final = skipped.get(queue_id, reply) if all_greeted else reply
+            record(queue_id, {a: final for a in addresses}, None, **policy)
 
 
     @defer.inlineCallbacks

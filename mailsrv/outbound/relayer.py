@@ -143,6 +143,8 @@ class Relayer(service.Service):
                     dsn_mail=mail_arguments(message.ret, message.envid),
                     dsn_rcpt={r.address: rcpt_arguments(r.notify, r.orcpt) for r in still},
                     smtputf8=message.smtputf8,
+                    requiretls=message.tls_required == "yes",
+                    tls_optional=message.tls_required == "no",
                 ))
         return transactions
 
@@ -154,7 +156,7 @@ class Relayer(service.Service):
     ) -> None:
         """Apply one attempt's results to a message, log them, and write the new state
         (``dsn``: the server that answered offered DSN; ``tls_policy``: "dane" when the
-        session's TLS was DANE's)."""
+        session's TLS was DANE's, "sts" when under an MTA-STS policy)."""
         message = self.messages.get(queue_id)
         if message is None:
             return  # deleted or bounced by the administrator meanwhile

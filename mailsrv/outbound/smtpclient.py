@@ -23,7 +23,9 @@ relay that must never lose or duplicate a message:
   RCPT) go out when the server offers DSN; the outcome says whether it did (without it, we
   owe the sender a ``relayed`` report for ``NOTIFY=SUCCESS``);
 - a server that offers CHUNKING gets the message as BDAT chunks (RFC 3030; mailsrv.outbound.chunks),
-  each sent once the one before was accepted, without dot-stuffing.
+  each sent once the one before was accepted, without dot-stuffing;
+- TLS is judged before the first MAIL, and a REQUIRETLS message goes (with ``REQUIRETLS``)
+  only over verified TLS to a server offering it, else to the next host (sessiontls).
 
 One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
 session.
@@ -44,6 +46,7 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.outbound.chunks import CHUNK_SIZE, MessageData, bdat_chunks
 from mailsrv.outbound.dotstuff import DotStuffer
+from mailsrv.outbound.sessiontls import SessionTLS
 from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
 
@@ -75,6 +78,10 @@ class OutboundTransaction:
     dsn_rcpt: dict[str, bytes] = field(default_factory=dict)
     #: The message came with SMTPUTF8 (the queue's flag, RFC 6531).
     smtputf8: bool = False
+    #: REQUIRETLS (RFC 8689); ``refused``: why this host did not get it (outbound.requiretls)
+    requiretls: bool = False
+    refused: Reply | None = None
+    tls_optional: bool = False  # TLS-Required: No (RFC 8689 §5): no TLS policy applies
 
     @property
     def complete(self) -> bool:
@@ -93,7 +100,7 @@ class SessionOutcome:
     dsn: bool = False  # the server offered DSN (RFC 3461)
 
 
-class RelayClient(smtp.ESMTPClient):
+class RelayClient(SessionTLS, smtp.ESMTPClient):
     """Sends a list of transactions over one connection, one after the other."""
 
     def __init__(
@@ -108,6 +115,7 @@ class RelayClient(smtp.ESMTPClient):
         require_tls: bool = False,
         auth: tuple[str, str] | None = None,
         timeout: float = 300.0,
+        tls_check: Any = None,
     ) -> None:
         secret = auth[1].encode("utf-8") if auth else None
         smtp.ESMTPClient.__init__(self, secret, tls_context, identity)
@@ -132,6 +140,7 @@ class RelayClient(smtp.ESMTPClient):
         self._outgoing: Any = None  # the mailsrv.outbound.outgoing.Outgoing being sent
         self._peer = "the server"
         self._lost = False
+        self._tls_check, self._tls_judged = tls_check, tls_check is None  # a HostCheck
 
     # --- greeting, loop check, TLS ------------------------------------------------------
 
@@ -169,25 +178,12 @@ class RelayClient(smtp.ESMTPClient):
         self.outcome.dsn = b"DSN" in self._extensions
         smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
-    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
-        if 400 <= code <= 499 and not self.requireTransportSecurity and not self._tlsMode:
-            # Opportunistic: the server refused STARTTLS; the session is still usable in clear.
-            self.authenticate(code, resp, self._extensions)
-            return
-        smtp.ESMTPClient.esmtpTLSFailed(self, code, resp)
-
-    def _note_tls(self) -> None:
-        if self._tlsMode and self.outcome.tls is None:
-            try:
-                handle = self.transport.getHandle()
-                self.outcome.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-            except Exception:
-                self.outcome.tls = "TLS"
-
     # --- transactions ------------------------------------------------------------------
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
         self._note_tls()
+        if not self._judge_tls():
+            return
         self._failresponse = self.smtpTransferFailed
         self._next_transaction()
 
@@ -229,6 +225,11 @@ class RelayClient(smtp.ESMTPClient):
             if current.complete:
                 outgoing.discard()
                 outgoing = next(iter(decided.values()))
+        if not isinstance(outgoing, Reply) and self._requiretls_refused(current):
+            outgoing.discard()  # not for this host: perhaps the next one
+            self._remaining -= 1
+            self._next_transaction()
+            return
         if isinstance(outgoing, Reply):  # decided here: nothing is sent for this message
             for address in current.recipients:
                 current.results.setdefault(address, outgoing)
@@ -245,6 +246,8 @@ class RelayClient(smtp.ESMTPClient):
             params += b" SMTPUTF8"
         if self.outcome.dsn:
             params += current.dsn_mail
+        if current.requiretls:
+            params += b" REQUIRETLS"
         self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
         self._expected = [250]
         self._okresponse = self.smtpState_to

@@ -30,6 +30,9 @@ when given: ``"ret": "FULL"|"HDRS"`` and ``"envid": "..."`` (decoded) on the mes
 ``smtputf8`` (written only when true) says the message came with SMTPUTF8 (RFC 6531): it is
 relayed with that keyword, or, to a server without it, bounced when its addresses or header
 fields are UTF-8 (mailsrv.outbound.utf8).
+``tls_required`` (written only when set, RFC 8689): ``"yes"`` for a message that came with
+``MAIL FROM:<...> REQUIRETLS`` (relayed only over verified TLS, with REQUIRETLS), ``"no"``
+for one with the header ``TLS-Required: No`` (no TLS policy of ours applies to it).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class QueuedMessage:
     ret: str | None = None  # RET= (RFC 3461): "FULL" or "HDRS"; None: not given
     envid: str | None = None  # ENVID=, decoded
     smtputf8: bool = False  # came with SMTPUTF8: UTF-8 addresses or header fields (RFC 6531)
+    tls_required: str | None = None  # RFC 8689: "yes" (REQUIRETLS), "no" (TLS-Required: No)
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:
@@ -129,6 +133,7 @@ def new_message(
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
+    tls_required: str | None = None,
 ) -> QueuedMessage:
     """A fresh envelope, every recipient due now; ValueError for anything unstorable.
     ``dsn`` and ``recipient_dsn`` (by address) are the client's DSN parameters."""
@@ -154,7 +159,14 @@ def new_message(
         ret=dsn.ret if dsn else None,
         envid=dsn.envid if dsn else None,
         smtputf8=smtputf8,
+        tls_required=_tls_required(tls_required),
     )
+
+
+def _tls_required(value: object) -> str | None:
+    if value not in (None, "yes", "no"):
+        raise ValueError(f"bad tls_required {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def _queued(address: str, created: float, dsn: RecipientDSN | None) -> QueuedRecipient:
@@ -201,6 +213,8 @@ def encode(message: QueuedMessage) -> bytes:
         data["envid"] = message.envid
     if message.smtputf8:
         data["smtputf8"] = True
+    if message.tls_required:
+        data["tls_required"] = message.tls_required
     try:
         # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
         return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
@@ -321,6 +335,7 @@ def decode(raw: bytes) -> QueuedMessage:
             ret=_ret(data),
             envid=_printable(data, "envid"),
             smtputf8=data.get("smtputf8", False) is True,
+            tls_required=_decoded_tls_required(data),
             recipients=tuple(_recipient(r, i) for i, r in enumerate(recipients)),
         )
     except _Corrupt as exc:
@@ -328,3 +343,10 @@ def decode(raw: bytes) -> QueuedMessage:
     if not message.prefix.isascii():
         raise ValueError("corrupt queue envelope: the prefix is not ASCII")
     return message
+
+
+def _decoded_tls_required(data: dict) -> str | None:
+    value = data.get("tls_required")
+    if value not in (None, "yes", "no"):
+        raise _Corrupt(f"bad tls_required {value!r}")
+    return value

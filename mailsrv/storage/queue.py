@@ -113,6 +113,7 @@ def enqueue(
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
+    tls_required: str | None = None,
 ) -> QueuedMessage:
     """Put a message in the outbound queue, durably; return its envelope (with the DSN
     parameters ``dsn`` and, by address, ``recipient_dsn``).
@@ -141,6 +142,7 @@ def enqueue(
         dsn=dsn,
         recipient_dsn=recipient_dsn,
         smtputf8=smtputf8,
+        tls_required=tls_required,
     )
     data = encode(message)
     qdir = Path(qdir)

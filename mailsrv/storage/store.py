@@ -61,6 +61,7 @@ def store(
     dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
+    tls_required: str | None = None,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -79,7 +80,8 @@ def store(
     others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
     client's DSN parameters, kept with the queued copy.  ``smtputf8``: the message came
     with SMTPUTF8, so its queued copy is marked so, and the local copies' Return-Path: and
-    Delivered-To: may be UTF-8 (RFC 6532).  The body file is consumed: moved into the queue
+    Delivered-To: may be UTF-8 (RFC 6532).  ``tls_required`` (RFC 8689, mailsrv.storage.envelope)
+    goes with the queued copy.  The body file is consumed: moved into the queue
     or left for the caller to remove.
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
@@ -91,7 +93,8 @@ def store(
                                queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
                                body_path=body_path, received_from=received_from,
                                double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
-                               recipient_dsn=recipient_dsn, smtputf8=smtputf8)
+                               recipient_dsn=recipient_dsn, smtputf8=smtputf8,
+                               tls_required=tls_required)
     try:
         if local:
             root = Path(config.mailboxes.root)
@@ -112,6 +115,7 @@ def store(
                 body_path=body_path,
                 created=time.time(), received_from=received_from, double_bounce=double_bounce,
                 no_bounce=no_bounce, dsn=dsn, recipient_dsn=recipient_dsn, smtputf8=smtputf8,
+                tls_required=tls_required,
             )
             stored.places += [(t, "queue") for t in remote]
     except DeliveryError:
@@ -126,6 +130,7 @@ def _store_for_lmtp(
     queue_prefix: bytes, trace: bytes, body_path: Path, received_from: str,
     double_bounce: bool, no_bounce: str | None, dsn: MailDSN | None = None,
     recipient_dsn: Mapping[str, RecipientDSN] | None = None, smtputf8: bool = False,
+    tls_required: str | None = None,
 ) -> Stored:
     """LMTP delivery: the local targets become a queue entry of their own (``<id>L`` when
     remote targets take ``<id>``), which the relayer hands to Dovecot; Dovecot writes
@@ -160,7 +165,7 @@ def _store_for_lmtp(
                 recipients=[t.address for t in remote], prefix=queue_prefix + trace,
                 body_path=body_path, created=time.time(), received_from=received_from,
                 double_bounce=double_bounce, no_bounce=no_bounce, dsn=dsn,
-                recipient_dsn=recipient_dsn, smtputf8=smtputf8,
+                recipient_dsn=recipient_dsn, smtputf8=smtputf8, tls_required=tls_required,
             )
         except DeliveryError:
             queue.remove(qdir, local_id)

@@ -64,12 +64,14 @@ def stop_process(process: subprocess.Popen) -> None:
 class DNSServer:
     """tests/support/dns_server.py on 127.0.0.1, serving ``zone``."""
 
-    def __init__(self, workdir: Path, zone: dict) -> None:
+    def __init__(self, workdir: Path, zone: dict, port: int | None = None) -> None:
+        """``port``: a given one (a test that restarts the server with another zone)."""
         self.workdir = workdir
         self.zone_file = workdir / "zone.json"
         self.zone_file.write_text(json.dumps(zone))
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("dns_server.py")), str(self.zone_file)],
+            [sys.executable, str(Path(__file__).with_name("dns_server.py")), str(self.zone_file)]
+            + ([str(port)] if port else []),
             stdout=subprocess.PIPE, stderr=open(workdir / "dns.log", "wb"), env=_env(),
         )
         line = self.process.stdout.readline().decode()

@@ -10,9 +10,10 @@ data, as Postfix does) and not announce 8BITMIME (``"8bitmime": false``: ``BODY=
 is then refused), announce SMTPUTF8 (``"smtputf8": true``; without it a ``SMTPUTF8``
 parameter or a non-ASCII path is refused with 553 5.6.7, as a pre-RFC 6531 server would),
 and announce DSN (``"dsn": true``; RCPT's parameters are recorded as ``rcpt_params``, one
-dict per accepted recipient), and announce CHUNKING (``"chunking": true``: BDAT is taken, each
+dict per accepted recipient), announce CHUNKING (``"chunking": true``: BDAT is taken, each
 chunk answered 250 or ``"bdat"``'s reply; the message records ``"via": "BDAT"`` and its
-``chunks``); every MAIL command line is appended to ``mail_log``.
+``chunks``), and, over TLS, REQUIRETLS (``"requiretls": true``; without it the parameter is
+refused with 555); every MAIL command line is appended to ``mail_log``.
 Written with asyncio so that it shares no code with the client under test.
 """
 
@@ -82,6 +83,8 @@ class Session:
             ext.append("DSN")
         if r.get("chunking"):
             ext.append("CHUNKING")
+        if r.get("requiretls") and self.tls:
+            ext.append("REQUIRETLS")
         if CONFIG.get("tls") and not self.tls:
             ext.append("STARTTLS")
         if CONFIG.get("auth") and (self.tls or not CONFIG.get("tls")):
@@ -132,6 +135,8 @@ class Session:
                     await self.send("530 5.7.0 Authentication required")
                 elif r.get("mail_from"):
                     await self.send(r["mail_from"])
+                elif "REQUIRETLS" in params and "REQUIRETLS" not in self.extensions():
+                    await self.send("555 5.5.4 Unsupported option: REQUIRETLS")
                 elif "BODY" in params and "8BITMIME" not in self.extensions():
                     await self.send("555 5.5.4 Unsupported option: BODY")
                 elif "SMTPUTF8" not in self.extensions() and (
