@@ -155,3 +155,27 @@ def test_requiretls_waits_while_a_host_was_not_reached(tmp_path) -> None:
     s.refuse(1)
     [(queue_id, results)] = s.recorded
     assert results["a@remote.test"].startswith("451 4.4.1")  # retried, not bounced
+
+
+def test_a_host_with_dane_is_exempt_from_the_mx_patterns(tmp_path) -> None:
+    """RFC 8461 §2: DANE, not MTA-STS, for a host with TLSA records."""
+    plan = make(tmp_path).tls_plan
+    hosts = [host("mx.a.test"), host("other.b.test")]
+    allowed, refusal = plan.allowed("a.test", lookup("enforce", "mx.a.test"), hosts,
+                                    exempt={"other.b.test"})
+    assert allowed == hosts and refusal is None
+
+
+def test_the_host_check_under_dane_and_its_attempt_record(tmp_path) -> None:
+    plan = make(tmp_path).tls_plan
+    enforce = lookup("enforce", "mx.a.test")
+    dane = plan.check("a.test", Lookup(None), host("mx.a.test"), "192.0.2.25", dane=True)
+    assert dane.after_handshake(object()) is None and dane.verified  # DANE checked it
+    assert dane.attempt(greeted=True, tls=True) is None  # not an MTA-STS attempt
+    check = plan.check("a.test", enforce, host("mx.a.test"), "192.0.2.25")
+    assert check.enforce and check.attempt(greeted=False, tls=False) is None  # unreachable
+    broken = check.attempt(greeted=True, tls=False)  # a handshake that broke
+    assert broken.result_type == "validation-failure" and broken.policy_type == "sts"
+    assert str(check.without_tls()).startswith("451 4.7.4")
+    assert check.attempt(greeted=True, tls=False).result_type == "starttls-not-supported"
+    assert check.refusal is not None and not check.verified
