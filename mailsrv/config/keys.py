@@ -12,6 +12,7 @@ configuration file's directory, never opened).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -232,6 +233,20 @@ def hostname() -> Key:
             raise Invalid(wanted, value, why=str(exc)) from None
 
     return Key(wanted, convert)
+
+
+def report_uris() -> Key:
+    """TLS-RPT rua URIs (RFC 8460 §3): ``mailto:`` an address, or ``https:`` a URL."""
+    def check(uri: str) -> str:
+        scheme, _, rest = uri.partition(":")
+        if scheme.lower() == "mailto" and re.fullmatch(r"[^@\s,;!]+@[A-Za-z0-9.-]+", rest):
+            return uri
+        if scheme.lower() == "https" and re.fullmatch(r"//[A-Za-z0-9.-]+(:[0-9]+)?(/[^\s,;!]*)?", rest):
+            return uri
+        raise ValueError("not mailto:address or https://host/path (no commas, semicolons, !)")
+
+    return list_of("a list of mailto: or https: URIs", "a mailto: or https: URI", check,
+                   non_empty=False)
 
 
 # ----- listen endpoints (checked by mailsrv.config.endpoints)

@@ -318,6 +318,32 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class TlsReportsConfig:
+    """[tls_reports]: TLS-RPT (RFC 8460).  ``enabled``: a daily report of our outbound TLS
+    sessions to each domain's ``_smtp._tls`` rua (mailsrv.outbound.tlsrpt); ``rua``: where
+    others should send theirs about us (printed by ``mailsrv dns``)."""
+
+    enabled: bool = False
+    hour: int = 1  # UTC hour at which the day (UTC midnight to midnight) is reported: 0-23
+    organization: str | None = None  # organization-name; None: the hostname
+    contact: str | None = None  # contact-info; None: postmaster@<hostname>
+    rua: tuple[str, ...] = ()  # mailto:/https: URIs for our own _smtp._tls record
+
+
+#: What [mta_sts] mode may be (RFC 8461 §3.2); "none" publishes nothing.
+MTA_STS_MODES = ("none", "testing", "enforce")
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    """[mta_sts]: the MTA-STS policy we publish for our domains (``mailsrv dns`` prints the
+    ``_mta-sts`` record and the policy file; serving the file over HTTPS is the web server's)."""
+
+    mode: str = "none"
+    max_age: int = 604800  # seconds (RFC 8461: at most 31557600)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -339,6 +365,8 @@ class Config:
     rspamd: RspamdConfig = RspamdConfig()
     metrics: MetricsConfig = MetricsConfig()
     report: ReportConfig = ReportConfig()
+    tls_reports: TlsReportsConfig = TlsReportsConfig()
+    mta_sts: MtaStsConfig = MtaStsConfig()
     source: Path | None = None
 
     @property

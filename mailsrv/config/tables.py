@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mailsrv.config import keys, netkeys
 from mailsrv.config.schema import (
+    MTA_STS_MODES,
     RSPAMD_ON_FAILURE,
     AuthConfig,
     ChecksConfig,
@@ -17,6 +18,7 @@ from mailsrv.config.schema import (
     LimitsConfig,
     MailboxesConfig,
     MetricsConfig,
+    MtaStsConfig,
     QueueConfig,
     RelayConfig,
     ReportConfig,
@@ -25,6 +27,7 @@ from mailsrv.config.schema import (
     SrsConfig,
     SubmissionConfig,
     TlsConfig,
+    TlsReportsConfig,
 )
 from mailsrv.routing.address import normalise_domain
 
@@ -158,4 +161,9 @@ TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
     ),
     "metrics": (MetricsConfig, {"listen": keys.metrics_endpoint()}),
     "report": (ReportConfig, {"daily": keys.boolean(), "hour": keys.integer(0, 23)}),
+    "tls_reports": (TlsReportsConfig, {
+        "enabled": keys.boolean(), "hour": keys.integer(0, 23), "organization": keys.text(),
+        "contact": keys.text(), "rua": keys.report_uris()}),
+    "mta_sts": (MtaStsConfig, {"mode": keys.choice(*MTA_STS_MODES),
+                               "max_age": keys.integer(86400, 31557600)}),
 }

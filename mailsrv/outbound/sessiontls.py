@@ -42,6 +42,8 @@ class SessionTLS:
         self._disconnectFromServer()
 
     def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        if not self._tlsMode:  # for TLS-RPT (mailsrv.outbound.tlsrpt.results)
+            self.outcome.tls_failure = ("starttls-not-supported", f"STARTTLS refused: {code}")
         if 400 <= code <= 499 and not self.requireTransportSecurity and not self._tlsMode:
             # Opportunistic: the server refused STARTTLS; the session is still usable in clear.
             self.authenticate(code, resp, self._extensions)

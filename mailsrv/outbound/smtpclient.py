@@ -46,7 +46,9 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.outbound.chunks import CHUNK_SIZE, MessageData, bdat_chunks
 from mailsrv.outbound.dotstuff import DotStuffer
+from mailsrv.outbound.session_outcome import SessionOutcome
 from mailsrv.outbound.sessiontls import SessionTLS
+from mailsrv.outbound.tlsrpt.results import handshake_failure
 from mailsrv.outbound.utf8 import utf8_verdicts
 from mailsrv.replies import Reply
 
@@ -86,18 +88,6 @@ class OutboundTransaction:
     @property
     def complete(self) -> bool:
         return all(address in self.results for address in self.recipients)
-
-
-@dataclass
-class SessionOutcome:
-    """How a session went, beyond the per-message results."""
-
-    greeted: bool = False  # the server said 220
-    error: Reply | None = None  # why the session ended early, if it did
-    loop: bool = False  # the server is ourselves
-    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
-    reason: str | None = None  # connection-level failure text (refused, reset, timeout)
-    dsn: bool = False  # the server offered DSN (RFC 3461)
 
 
 class RelayClient(SessionTLS, smtp.ESMTPClient):
@@ -176,6 +166,8 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
             if words:
                 self._extensions[words[0].upper()] = words[1] if len(words) > 1 else None
         self.outcome.dsn = b"DSN" in self._extensions
+        if not self._tlsMode:
+            self.outcome.starttls_offered = b"STARTTLS" in self._extensions
         smtp.ESMTPClient.esmtpState_serverConfig(self, code, resp)
 
     # --- transactions ------------------------------------------------------------------
@@ -363,6 +355,8 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         self._release()
+        if self._tlsMode and self.outcome.tls is None and self.outcome.tls_failure is None:
+            self.outcome.tls_failure = handshake_failure(self.transport, reason)
         if self._current is not None and self.outcome.reason is None:
             self.outcome.reason = f"connection lost during the transaction: {reason.getErrorMessage()}"
         elif self.outcome.error is None and self._remaining > 0 and self.outcome.reason is None:
