@@ -36,6 +36,7 @@ from mailsrv.interfaces import IPipeline, IRelayer, ISpareSpoolFiles, IThreadRun
 from mailsrv.message.dkimkeys import SigningKeys
 from mailsrv.metrics import Metrics
 from mailsrv.outbound.notice import send_limit_notice
+from mailsrv.outbound.tlsrpt.counts import TLSCounts
 from mailsrv.routing.router import Directory
 from mailsrv.storage.greylist import Greylist
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
@@ -90,6 +91,9 @@ class Runtime:
     #: What each authenticated user sent, against [limits] (None: both limits 0); its clock
     #: is the reactor's.
     send_quota: SendQuota | None = None
+    #: The TLS-RPT counts of outbound sessions (mailsrv.outbound.tlsrpt.counts), None without
+    #: ``[tls_reports] enabled``.
+    tls_counts: TLSCounts | None = None
     #: The server's counters (mailsrv.metrics), in a registry of this runtime's own.
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -167,6 +171,11 @@ class Runtime:
             runtime.checker = PasswordChecker(
                 lambda: runtime.passwords, runtime.password_threads.run
             )
+        if config.tls_reports.enabled:
+            # Read at start-up (blocking, before anything listens); written behind, in order.
+            runtime.tls_counts = TLSCounts(
+                reactor, Path(config.queue.path) / "tlsrpt.json",
+                ThreadRunner(reactor, 1, "tlsrpt").run)
         runtime.relayer = relayer(runtime)
         return runtime
 

@@ -235,6 +235,14 @@ def make_service(
         from mailsrv.outbound.daily import DailyReport
 
         DailyReport(runtime).setServiceParent(top)
+    if runtime.tls_counts is not None:
+        from mailsrv.outbound.tlsrpt.reporter import TLSReporter
+
+        reporter = TLSReporter(runtime, runtime.tls_counts)
+        reporter.setServiceParent(top)
+        control = getattr(runtime.relayer, "control", None)
+        if control is not None:  # mailsrv tls-report --send-now
+            control.extra["tlsreport"] = reporter.send_now
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",

@@ -324,7 +324,7 @@ class TlsReportsConfig:
     others should send theirs about us (printed by ``mailsrv dns``)."""
 
     enabled: bool = False
-    hour: int = 1  # UTC hour at which the day (UTC midnight to midnight) is reported: 0-23
+    hour: int = 0  # UTC hour at which the last 24 hours are reported (0: the UTC day)
     organization: str | None = None  # organization-name; None: the hostname
     contact: str | None = None  # contact-info; None: postmaster@<hostname>
     rua: tuple[str, ...] = ()  # mailto:/https: URIs for our own _smtp._tls record

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from mailsrv.storage import queue_control
 from mailsrv.storage.envelope import QueuedMessage
+from mailsrv.storage.queue_control import EXTRA_ACTIONS
 
 __all__ = ["CONTROL_POLL", "QueueActions", "ControlChannel"]
 
@@ -63,6 +64,9 @@ class ControlChannel:
         self.ready = ready
         self.interval = interval
         self._loop: task.LoopingCall | None = None
+        #: Requests beyond the queue's: action -> what answers it (``tlsreport``: the
+        #: TLS-RPT reporter's send_now, mailsrv.outbound.tlsrpt.reporter).
+        self.extra: dict[str, Callable[[], str | defer.Deferred]] = {}
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self.poll)
@@ -91,6 +95,10 @@ class ControlChannel:
 
     def handle(self, request: queue_control.ControlRequest) -> str | defer.Deferred:
         """The answer to one request, or a Deferred of it (once the change is on disk)."""
+        if request.action in self.extra:
+            return self.extra[request.action]()
+        if request.action in EXTRA_ACTIONS:
+            return f"error: the server does not do {request.action} (see its configuration)"
         messages = self.actions.messages
         if request.action == "flush":
             ids = [request.queue_id] if request.queue_id else list(messages)

@@ -41,6 +41,7 @@ from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, r
 from mailsrv.outbound.scheduler import Batch
 from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
 from mailsrv.outbound.tlsplan import NO_POLICY, TLSPlan
+from mailsrv.outbound.tlsrpt.results import record_session as record_tls_session
 from mailsrv.replies import Reply
 from mailsrv.storage.envelope import QueuedRecipient
 
@@ -264,6 +265,10 @@ class DestinationDelivery:
                 all_greeted = all_greeted and outcome.greeted
                 if outcome.tls:
                     self.runtime.metrics.tls("outbound", outcome.tls)
+                if (dane_tls is None and check.policy is None and tls_context is not None
+                        and key != SMARTHOST):  # TLS-RPT; DANE's and MTA-STS's: on_attempt
+                    record_tls_session(getattr(self.runtime, "tls_counts", None), key,
+                                       host.name, address, outcome)
                 where = f"{host.name}[{address}]:{port}"
                 attempt = dane_tls.result(outcome.greeted) if dane_tls is not None else None
                 self._tls_attempt(attempt)

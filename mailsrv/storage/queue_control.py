@@ -67,7 +67,9 @@ def lock_queue(qdir: Path) -> IO[bytes]:
 
 #: What ``mailsrv queue`` may ask a running server to do to one message, or to all ("*").
 CONTROL_ACTIONS = ("flush", "delete", "bounce")
-_REQUEST_RE = re.compile(r"(flush|delete|bounce)\.([A-Za-z0-9]{1,64}|ALL)\.([0-9a-f]{16})\.req")
+#: What other commands may ask of it (``tlsreport``: mailsrv tls-report --send-now).
+EXTRA_ACTIONS = ("tlsreport",)
+_REQUEST_RE = re.compile(r"(flush|delete|bounce|tlsreport)\.([A-Za-z0-9]{1,64}|ALL)\.([0-9a-f]{16})\.req")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def control_request(qdir: Path, action: str, queue_id: str | None) -> Path:
     never reads half of one.  The server answers by writing ``<name>.ans`` and removing
     the request.
     """
-    if action not in CONTROL_ACTIONS:
+    if action not in CONTROL_ACTIONS + EXTRA_ACTIONS:
         raise ValueError(f"unknown queue action {action!r}")
     if queue_id is not None:
         check_queue_id(queue_id)

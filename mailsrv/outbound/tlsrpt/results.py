@@ -108,3 +108,14 @@ def classify(outcome: Any) -> tuple[str | None, str] | None:
     if getattr(outcome, "starttls_offered", None) is False:
         return STARTTLS_NOT_SUPPORTED, "STARTTLS not offered"
     return None
+
+
+def record_session(counts: Any, domain: str, host: str, address: str, outcome: Any) -> None:
+    """Count one host attempt under relay.tls (policy ``no-policy-found``) in ``counts``
+    (mailsrv.outbound.tlsrpt.counts.TLSCounts; None: TLS-RPT is off)."""
+    if counts is None:
+        return
+    verdict = classify(outcome)
+    if verdict is not None:
+        result_type, reason = verdict
+        counts.record(domain, NO_POLICY, (), (), host, address, result_type, reason)
