@@ -1,7 +1,8 @@
 """
 The ``mailsrv`` admin command: ``mailsrv queue list|show|flush|delete|bounce``,
 ``mailsrv user add|passwd|del|list``, ``mailsrv dkim keygen|list``, ``mailsrv dns DOMAIN
-[--check]``, ``mailsrv doctor [--json]``, ``mailsrv dovecot-config``, ``mailsrv check-config``
+[--check]``, ``mailsrv doctor [--json]``, ``mailsrv dovecot-config``, ``mailsrv tls-report
+[--send-now]``, ``mailsrv check-config``
 and ``mailsrv version``;
 ``--config PATH`` may come anywhere on the line.  It does not run the server (``twistd
 mailsrv`` does).
@@ -27,6 +28,7 @@ from mailsrv.tools.cli_dns import add_parser as add_dns_parser
 from mailsrv.tools.cli_dovecot import add_parser as add_dovecot_parser
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Failed
 from mailsrv.tools.cli_queue import cmd_change, cmd_list, cmd_show
+from mailsrv.tools.cli_tlsrpt import add_parser as add_tls_report_parser
 from mailsrv.tools.cli_user import cmd_user
 from mailsrv.tools.doctor.command import add_parser as add_doctor_parser
 
@@ -115,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     add_dns_parser(commands, config)
     add_doctor_parser(commands, config)
     add_dovecot_parser(commands, config)
+    add_tls_report_parser(commands, config)
     _add_admin_commands(commands)
     return parser
 

@@ -1,0 +1,157 @@
+"""
+TLS-RPT end to end: a real server relays to sinks (one with STARTTLS and a certificate from
+the test CA, one without, one whose certificate names another host under relay.tls_policy
+"verify"), the loopback DNS publishes ``_smtp._tls`` records pointing at a third domain whose
+MX is another sink; ``mailsrv tls-report --send-now`` makes the server send its reports, and
+the reports arrive at that sink as mail, DKIM-signed, gunzipped and checked there.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import gzip
+import json
+import re
+import subprocess
+import sys
+
+import dkim
+import pytest
+
+from support.certs import make_ca
+from support.harness import REPO, DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
+from support.mail import send_mail
+
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.6"]
+RUA = "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"
+
+
+def zone(records: dict) -> dict:
+    return {"records": records}
+
+
+RECORDS = {
+    "1.0.0.127.in-addr.arpa": [["PTR", "client.test"]],
+    "client.test": [["A", "127.0.0.1"]],
+    "tls.test": [["MX", 10, "mx.tls.test"]],
+    "mx.tls.test": [["A", "127.0.0.6"]],
+    "_smtp._tls.tls.test": [["TXT", RUA]],
+    "plain.test": [["MX", 10, "mx.plain.test"]],
+    "mx.plain.test": [["A", "127.0.0.2"]],
+    "_smtp._tls.plain.test": [["TXT", RUA]],
+    "wrongname.test": [["MX", 10, "mx.wrongname.test"]],
+    "mx.wrongname.test": [["A", "127.0.0.6"]],  # its certificate names mx.tls.test
+    "_smtp._tls.wrongname.test": [["TXT", RUA]],
+    "quiet.test": [["MX", 10, "mx.tls.test"]],  # no _smtp._tls record: no report
+    "reports.test": [["MX", 10, "mx.reports.test"]],
+    "mx.reports.test": [["A", "127.0.0.3"]],
+}
+
+
+def mailsrv_command(server: MailServer, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailsrv.tools.cli", *args, "--config", str(server.config_path)],
+        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=90)
+
+
+@pytest.fixture
+def env(tmp_path):
+    port = free_port(HOSTS)
+    ca = make_ca(tmp_path)
+    sinks = {
+        "plain": SMTPSink(tmp_path / "plain", "127.0.0.2", hostname="mx.plain.test", port=port),
+        "reports": SMTPSink(tmp_path / "reports", "127.0.0.3", hostname="mx.reports.test",
+                            port=port),
+        "tls": SMTPSink(tmp_path / "tls", "127.0.0.6", hostname="mx.tls.test", port=port,
+                        tls=ca.issue(["mx.tls.test"], tmp_path)),
+    }
+    (tmp_path / "server").mkdir()
+    dns = DNSServer(tmp_path, zone(RECORDS))
+    server = MailServer(tmp_path / "server", dns.port, overrides={
+        "queue": {"retry_schedule": [3600], "max_age": 7200},
+        "relay": {"port": port, "tls_policy": {"wrongname.test": "verify"},
+                  "tls_ca_file": str(ca.cert_path)},
+        "tls_reports": {"enabled": True, "organization": "Example Org",
+                        "contact": "tls-admin@example.org"},
+    })
+    keygen = mailsrv_command(server, "dkim", "keygen", "example.org", "--selector", "t1",
+                             "--algorithm", "ed25519")
+    assert keygen.returncode == 0, keygen.stderr
+    text = keygen.stdout[keygen.stdout.index("t1._domainkey."):]
+    dkim_record = "".join(re.findall(r'"([^"]*)"', text))
+    server.start()
+    yield {"server": server, "sinks": sinks, "dkim": dkim_record}
+    server.stop()
+    for sink in sinks.values():
+        sink.stop()
+    dns.stop()
+
+
+def send(server: MailServer, *to: str) -> None:
+    message = f"From: <alice@example.org>\r\nTo: <{to[0]}>\r\nSubject: hi\r\n\r\nhello\r\n"
+    send_mail(server.port, "alice@example.org", list(to), message.encode(), timeout=20)
+
+
+def test_reports_of_a_relay_day_reach_the_rua(env):
+    server, sinks = env["server"], env["sinks"]
+    send(server, "t0@tls.test", "t1@tls.test")  # one session
+    send(server, "q@quiet.test")
+    send(server, "p@plain.test")
+    send(server, "w@wrongname.test")
+    sinks["tls"].wait_for_messages(2)
+    sinks["plain"].wait_for_messages(1)
+    wait_for(lambda: "to=<w@wrongname.test>" in server.log_text()
+             and "status=deferred" in server.log_text(), 20, "the verify failure")
+
+    done = mailsrv_command(server, "tls-report", "--send-now")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "ok: 3 report(s): plain.test -> mailto:tlsrpt@reports.test; tls.test -> "
+        "mailto:tlsrpt@reports.test; wrongname.test -> mailto:tlsrpt@reports.test")
+
+    got = sinks["reports"].wait_for_messages(3)
+    assert all(m["rcpt_to"] == ["tlsrpt@reports.test"] for m in got)
+    reports = {}
+    for received in got:
+        raw = received["data"].encode("latin-1")
+        assert received["mail_from"] == ""
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        domain = message["TLS-Report-Domain"]
+        assert message["TLS-Report-Submitter"] == "mx.example.org"
+        assert message.get_content_type() == "multipart/report"
+        assert message.get_param("report-type") == "tlsrpt"
+        assert str(message["Subject"]).startswith(
+            f"Report Domain: {domain} Submitter: mx.example.org Report-ID: <")
+        assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: env["dkim"].encode()), \
+            "the report is DKIM-signed for example.org"
+        [part] = [p for p in message.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+        assert part.get_filename().startswith(f"mx.example.org!{domain}!")
+        reports[domain] = json.loads(gzip.decompress(part.get_payload(decode=True)))
+
+    assert sorted(reports) == ["plain.test", "tls.test", "wrongname.test"]
+    for domain, report in reports.items():
+        assert report["organization-name"] == "Example Org"
+        assert report["contact-info"] == "tls-admin@example.org"
+        [policy] = report["policies"]
+        assert policy["policy"] == {"policy-type": "no-policy-found", "policy-domain": domain}
+    ok = reports["tls.test"]["policies"][0]
+    assert ok["summary"] == {"total-successful-session-count": 1,
+                             "total-failure-session-count": 0}
+    plain = reports["plain.test"]["policies"][0]
+    assert plain["summary"] == {"total-successful-session-count": 0,
+                                "total-failure-session-count": 1}
+    assert plain["failure-details"] == [{
+        "result-type": "starttls-not-supported", "receiving-mx-hostname": "mx.plain.test",
+        "receiving-ip": "127.0.0.2", "failed-session-count": 1,
+        "failure-reason-code": "STARTTLS not offered"}]
+    wrong = reports["wrongname.test"]["policies"][0]
+    assert wrong["summary"]["total-failure-session-count"] == 1
+    [detail] = wrong["failure-details"]
+    assert detail["result-type"] == "certificate-host-mismatch"
+    assert detail["receiving-mx-hostname"] == "mx.wrongname.test"
+
+    # The period restarted: nothing more to say until new sessions.
+    again = mailsrv_command(server, "tls-report", "--send-now")
+    # (the report mails themselves went to reports.test, which publishes no record)
+    assert again.stdout.strip() == "ok: no policy domain with a _smtp._tls record", again
