@@ -11,15 +11,18 @@ from __future__ import annotations
 import email
 import email.policy
 import gzip
+import http.server
 import json
 import re
+import ssl
 import subprocess
 import sys
+import threading
 
 import dkim
 import pytest
 
-from support.certs import make_ca
+from support.certs import make_ca, self_signed
 from support.harness import REPO, DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
 from support.mail import send_mail
 
@@ -39,7 +42,7 @@ RECORDS = {
     "_smtp._tls.tls.test": [["TXT", RUA]],
     "plain.test": [["MX", 10, "mx.plain.test"]],
     "mx.plain.test": [["A", "127.0.0.2"]],
-    "_smtp._tls.plain.test": [["TXT", RUA]],
+    "reports.https.test": [["A", "127.0.0.1"]],
     "wrongname.test": [["MX", 10, "mx.wrongname.test"]],
     "mx.wrongname.test": [["A", "127.0.0.6"]],  # its certificate names mx.tls.test
     "_smtp._tls.wrongname.test": [["TXT", RUA]],
@@ -47,6 +50,31 @@ RECORDS = {
     "reports.test": [["MX", 10, "mx.reports.test"]],
     "mx.reports.test": [["A", "127.0.0.3"]],
 }
+
+
+class ReportReceiver(http.server.BaseHTTPRequestHandler):
+    """An https: rua: keeps each POST (path, Content-Type, body), answers 201."""
+
+    posted: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.posted.append((self.path, self.headers["Content-Type"], body))
+        self.send_response(201)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def https_server(ca, workdir, cert=None) -> http.server.HTTPServer:
+    cert, key = cert or ca.issue(["reports.https.test"], workdir)
+    server = http.server.HTTPServer(("127.0.0.1", 0), ReportReceiver)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def mailsrv_command(server: MailServer, *args: str) -> subprocess.CompletedProcess:
@@ -67,7 +95,16 @@ def env(tmp_path):
                         tls=ca.issue(["mx.tls.test"], tmp_path)),
     }
     (tmp_path / "server").mkdir()
-    dns = DNSServer(tmp_path, zone(RECORDS))
+    ReportReceiver.posted = []
+    web = https_server(ca, tmp_path)
+    https_rua = f"https://reports.https.test:{web.server_address[1]}/v1/tlsrpt"
+    (tmp_path / "untrusted").mkdir()
+    impostor = https_server(ca, tmp_path, self_signed(["reports.https.test"],
+                                                      tmp_path / "untrusted"))
+    bad_rua = f"https://reports.https.test:{impostor.server_address[1]}/v1/tlsrpt"
+    dns = DNSServer(tmp_path, zone(dict(RECORDS, **{
+        "_smtp._tls.plain.test": [["TXT", f"{RUA},{https_rua}"]],
+        "_smtp._tls.tls.test": [["TXT", f"{RUA},{bad_rua}"]]})))
     server = MailServer(tmp_path / "server", dns.port, overrides={
         "queue": {"retry_schedule": [3600], "max_age": 7200},
         "relay": {"port": port, "tls_policy": {"wrongname.test": "verify"},
@@ -81,8 +118,11 @@ def env(tmp_path):
     text = keygen.stdout[keygen.stdout.index("t1._domainkey."):]
     dkim_record = "".join(re.findall(r'"([^"]*)"', text))
     server.start()
-    yield {"server": server, "sinks": sinks, "dkim": dkim_record}
+    yield {"server": server, "sinks": sinks, "dkim": dkim_record, "https": https_rua,
+           "bad_https": bad_rua}
     server.stop()
+    web.shutdown()
+    impostor.shutdown()
     for sink in sinks.values():
         sink.stop()
     dns.stop()
@@ -107,8 +147,15 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
     done = mailsrv_command(server, "tls-report", "--send-now")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        "ok: 3 report(s): plain.test -> mailto:tlsrpt@reports.test; tls.test -> "
-        "mailto:tlsrpt@reports.test; wrongname.test -> mailto:tlsrpt@reports.test")
+        f"ok: 4 report(s): plain.test -> mailto:tlsrpt@reports.test; plain.test -> "
+        f"{env['https']}; tls.test -> mailto:tlsrpt@reports.test; wrongname.test -> "
+        "mailto:tlsrpt@reports.test")
+    # tls.test's https: rua has a certificate nobody vouches for: nothing is posted there.
+    assert re.search(rf"tlsrpt: report \S+ for tls.test to {re.escape(env['bad_https'])} "
+                     r"failed: .*certificate verify failed", server.log_text())
+    [(path, content_type, body)] = ReportReceiver.posted
+    assert (path, content_type) == ("/v1/tlsrpt", "application/tlsrpt+gzip")
+    posted = json.loads(gzip.decompress(body))
 
     got = sinks["reports"].wait_for_messages(3)
     assert all(m["rcpt_to"] == ["tlsrpt@reports.test"] for m in got)
@@ -145,6 +192,7 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
         "result-type": "starttls-not-supported", "receiving-mx-hostname": "mx.plain.test",
         "receiving-ip": "127.0.0.2", "failed-session-count": 1,
         "failure-reason-code": "STARTTLS not offered"}]
+    assert posted == reports["plain.test"]  # the same report, by mail and by POST
     wrong = reports["wrongname.test"]["policies"][0]
     assert wrong["summary"]["total-failure-session-count"] == 1
     [detail] = wrong["failure-details"]

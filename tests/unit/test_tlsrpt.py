@@ -404,7 +404,7 @@ def reporting(tmp_path):
     runtime.relayer = type("Relayer", (), {"add": lambda self, entry: added.append(entry)})()
     posted = []
 
-    def post(clock, url, data, trust_root):
+    def post(clock, resolver, url, data, trust_root):
         posted.append((url, data))
         return defer.succeed(200)
 

@@ -1,7 +1,9 @@
 """
 Posting a gzipped TLS-RPT report to an ``https:`` rua (RFC 8460 §5.4): one POST with
-``Content-Type: application/tlsrpt+gzip``, the server's certificate verified (against
-``relay.tls_ca_file``, else the system's CAs), a time limit, no redirects followed; a 2xx
+``Content-Type: application/tlsrpt+gzip``, the host looked up through the server's resolver
+(``relay.dns_servers``, as every other lookup), its certificate verified for its name
+(against ``relay.tls_ca_file``, else the system's CAs), a time limit, no redirects followed;
+a 2xx
 answer is success, anything else a failure (the report is not retried: §5.4 leaves that to
 the sender, and tomorrow brings the next one).
 """
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 import io
 from typing import Any
+from urllib.parse import urlsplit
 
-from twisted.internet import defer, protocol
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer
+from twisted.internet import defer, endpoints, protocol, ssl
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
+from mailsrv.outbound.mx import resolve_host
 from mailsrv.outbound.tlsrpt.document import MEDIA_TYPE
 
 __all__ = ["PostFailed", "post_report"]
@@ -41,12 +47,36 @@ class _Discard(protocol.Protocol):
             self.done.callback(None)
 
 
+@implementer(IAgentEndpointFactory)
+class _Resolved:
+    """The Agent's endpoint: TLS (verified for ``name``) to an address looked up already."""
+
+    def __init__(self, reactor: Any, name: str, address: str, port: int, trust_root: Any,
+                 timeout: float) -> None:
+        options = ssl.optionsForClientTLS(name, trustRoot=trust_root)
+        tcp = (endpoints.TCP6ClientEndpoint if ":" in address else endpoints.TCP4ClientEndpoint)(
+            reactor, address, port, timeout=timeout)
+        self.endpoint = endpoints.wrapClientTLS(options, tcp)
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self.endpoint
+
+
 @defer.inlineCallbacks
-def post_report(reactor: Any, url: str, data: bytes, trust_root: Any,
+def post_report(reactor: Any, resolver: Any, url: str, data: bytes, trust_root: Any,
                 timeout: float = TIMEOUT) -> Any:
-    """POST ``data`` to ``url``; fires with the HTTP status, or fails with PostFailed."""
-    agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
-                  connectTimeout=timeout)
+    """POST ``data`` to ``url`` (``https:``); fires with the HTTP status, or fails with
+    PostFailed."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https" or not parts.hostname:
+        raise PostFailed(f"{url}: not an https: URL")
+    try:
+        host = yield resolve_host(resolver, parts.hostname, timeout=(2, 5))
+        port = parts.port or 443
+    except Exception as e:
+        raise PostFailed(f"{url}: {e}") from None
+    agent = Agent.usingEndpointFactory(reactor, _Resolved(
+        reactor, parts.hostname, host.addresses[0], port, trust_root, timeout))
     headers = Headers({b"Content-Type": [MEDIA_TYPE.encode("ascii")],
                        b"User-Agent": [b"mailsrv TLS-RPT"]})
     d = agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(data)))
@@ -54,7 +84,9 @@ def post_report(reactor: Any, url: str, data: bytes, trust_root: Any,
     try:
         response = yield d
     except Exception as e:
-        raise PostFailed(f"{url}: {type(e).__name__}: {e}") from None
+        # ResponseNeverReceived and the like carry their causes as Failures.
+        causes = [r.getErrorMessage() for r in getattr(e, "reasons", ())] or [str(e)]
+        raise PostFailed(f"{url}: {type(e).__name__}: {'; '.join(causes)}") from None
     body: defer.Deferred = defer.Deferred()
     response.deliverBody(_Discard(body))
     body.addTimeout(timeout, reactor)

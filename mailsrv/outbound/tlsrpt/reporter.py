@@ -112,7 +112,7 @@ class TLSReporter(service.Service):
                 if uri.lower().startswith("mailto:"):
                     yield self._mail(uri[7:].split("?")[0], domain, report_id, data, period)
                 else:
-                    yield self._post(self.clock, uri, data, self._trust())
+                    yield self._post(self.clock, self.runtime.resolver, uri, data, self._trust())
                 log.info("tlsrpt: report {id} for {domain} sent to {uri}", id=report_id,
                          domain=domain, uri=uri)
                 sent.append(f"{domain} -> {uri}")
