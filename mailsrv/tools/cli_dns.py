@@ -22,7 +22,7 @@ from mailsrv.config import Config
 from mailsrv.dnsutil import make_resolver
 from mailsrv.message import dkimkeys
 from mailsrv.routing.address import normalise_domain
-from mailsrv.tools import dnsrecords
+from mailsrv.tools import dnsrecords, tlsrecords
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 from mailsrv.tools.dnsrecords import Record
 
@@ -39,6 +39,8 @@ def add_parser(commands: Any, config_option: argparse.ArgumentParser) -> None:
     sub.add_argument("domain", help="one of [domains] local")
     sub.add_argument("--check", action="store_true",
                      help="look the records up and say, per record, ok / missing / wrong")
+    sub.add_argument("--mta-sts-policy", action="store_true",
+                     help="print only the MTA-STS policy file to serve (with [mta_sts] mode)")
     sub.set_defaults(run=cmd_dns)
 
 
@@ -64,9 +66,24 @@ def cmd_dns(config: Config, args: argparse.Namespace) -> int:
     if domain not in config.domains.local:
         raise Failed(f"{domain} is not one of [domains] local ({', '.join(config.domains.local)})")
     records = dnsrecords.needed_records(domain, config.hostname, dkim_keys_of(config, domain))
+    sts = config.mta_sts
+    records += tlsrecords.tls_records(domain, config.hostname, sts.mode, sts.max_age,
+                                      config.tls_reports.rua)
+    policy = tlsrecords.policy_text(sts.mode, config.hostname, sts.max_age)
+    if getattr(args, "mta_sts_policy", False):
+        if sts.mode == "none":
+            raise Failed("[mta_sts] mode is \"none\": there is no policy to serve")
+        sys.stdout.write(policy)
+        return EXIT_OK
     if not args.check:
         sys.stdout.write(f"; the records {domain} needs, with {config.hostname} as its MX\n")
         sys.stdout.write(dnsrecords.zone_text(records))
+        if sts.mode != "none":
+            sys.stdout.write(
+                f"; the MTA-STS policy, to serve as text/plain at {tlsrecords.policy_url(domain)}\n"
+                f"; (a certificate valid for mta-sts.{domain}; mailsrv dns {domain} "
+                "--mta-sts-policy prints it alone):\n"
+                + "".join(f";   {line}\n" for line in policy.splitlines()))
         return EXIT_OK
     verdicts = run_on_reactor(lambda reactor: check(make_resolver(config.relay.dns_servers, reactor),
                                           records, config.hostname))
@@ -113,7 +130,7 @@ def _published(resolver: Any, record: Record) -> Any:
     """What the DNS has for ``record`` (see dnsrecords.judge)."""
     if record.kind == "MX":
         return _answers(resolver.lookupMailExchange, record.name, dns.MX, lambda p: str(p.name))
-    if record.kind == "A":
+    if record.kind in ("A", "STS-WEB"):
         return _addresses(resolver, record.name)
     if record.kind == "PTR":
         return _reverse(resolver, record.name)

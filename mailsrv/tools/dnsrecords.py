@@ -30,7 +30,7 @@ class Record:
     data (a TXT record's text unquoted); a record we cannot know (this server's public
     address, its PTR, which the address's owner publishes) is printed as a comment."""
 
-    kind: str  # "MX", "A", "PTR", "SPF", "DKIM", "DMARC"
+    kind: str  # "MX", "A", "PTR", "SPF", "DKIM", "DMARC"; mailsrv.tools.tlsrecords' kinds
     name: str  # owner name, without the final dot
     rtype: str
     value: str
@@ -101,7 +101,10 @@ def judge(record: Record, found: Sequence[str] | None, hostname: str) -> Verdict
     the names each address points back to), None when the lookup itself failed."""
     if found is None:
         return Verdict(UNKNOWN, "the DNS did not answer (timeout or SERVFAIL)")
-    return _JUDGES[record.kind](record, list(found), hostname.lower())
+    from mailsrv.tools.tlsrecords import JUDGES  # MTA-STS, TLS-RPT (it imports this module)
+
+    judges = {**_JUDGES, **JUDGES}
+    return judges[record.kind](record, list(found), hostname.lower())
 
 
 def _mx(record: Record, found: list[str], hostname: str) -> Verdict:
