@@ -232,6 +232,13 @@ BAD_VALUES = [
     ("auth", "window", 0, "a number of seconds > 0"),
     ("auth", "lockout", -1, "a number of seconds > 0"),
     ("auth", "failure_delay", -0.5, "a number of seconds >= 0"),
+    ("tls_reports", "enabled", "yes", "true or false"),
+    ("tls_reports", "hour", 24, "an integer from 0 to 23"),
+    ("tls_reports", "organization", "", "a non-empty string"),
+    ("tls_reports", "rua", "mailto:tlsrpt@example.org", "a list of mailto: or https: URIs"),
+    ("mta_sts", "mode", "strict", 'one of "none", "testing", "enforce"'),
+    ("mta_sts", "max_age", 86399, "an integer from 86400 to 31557600"),
+    ("mta_sts", "max_age", 31557601, "an integer from 86400 to 31557600"),
 ]
 
 
@@ -266,6 +273,24 @@ def test_bool_is_not_a_number(table: str, key: str, value: bool) -> None:
     err = error_for(make(**{table: {key: value}}))
     assert err.key == f"{table}.{key}"
     assert err.expected.endswith(f"got {value!r}")
+
+
+def test_tls_reports_and_mta_sts() -> None:
+    config = parse_config(make(), SOURCE)
+    assert (config.tls_reports.enabled, config.tls_reports.hour, config.tls_reports.rua) == \
+        (False, 0, ())
+    assert (config.mta_sts.mode, config.mta_sts.max_age) == ("none", 604800)
+    rua = ["mailto:tlsrpt@example.org", "https://reports.example.org:8443/tlsrpt"]
+    config = parse_config(make(
+        tls_reports={"enabled": True, "hour": 23, "organization": "Example", "contact":
+                     "tls@example.org", "rua": rua},
+        mta_sts={"mode": "enforce", "max_age": 86400}), SOURCE)
+    assert config.tls_reports.rua == tuple(rua) and config.tls_reports.hour == 23
+    assert config.mta_sts.mode == "enforce"
+    for bad in ("http://reports.example.org/", "mailto:a@b.test,mailto:c@d.test",
+                "https://x.test/a;b", "mailto:nobody"):
+        err = error_for(make(tls_reports={"rua": ["mailto:ok@example.org", bad]}))
+        assert err.key == "tls_reports.rua[1]" and "a mailto: or https: URI" in err.expected
 
 
 def test_wrong_element_type_names_the_index() -> None:
