@@ -3,7 +3,8 @@ TLS-RPT end to end: a real server relays to sinks (one with STARTTLS and a certi
 the test CA, one without, one whose certificate names another host under relay.tls_policy
 "verify"), the loopback DNS publishes ``_smtp._tls`` records pointing at a third domain whose
 MX is another sink; ``mailsrv tls-report --send-now`` makes the server send its reports, and
-the reports arrive at that sink as mail, DKIM-signed, gunzipped and checked there.
+the reports arrive at that sink as mail, DKIM-signed, gunzipped and checked there (after a
+restart in between: the counts survive it), and at a loopback HTTPS server by POST.
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
     sinks["plain"].wait_for_messages(1)
     wait_for(lambda: "to=<w@wrongname.test>" in server.log_text()
              and "status=deferred" in server.log_text(), 20, "the verify failure")
+
+    server.stop()  # a clean stop writes the counts; the restart reads them back
+    state = json.loads((server.queue / "tlsrpt.json").read_text())
+    assert sorted(p["domain"] for p in state["policies"]) == [
+        "plain.test", "quiet.test", "tls.test", "wrongname.test"]
+    server.start()
 
     done = mailsrv_command(server, "tls-report", "--send-now")
     assert done.returncode == 0, done.stderr

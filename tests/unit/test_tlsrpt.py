@@ -447,3 +447,71 @@ def test_send_now_answers_what_went(reporting):
                              "mailto:postmaster@example.org")
     again = reporter.send_now()
     assert again.result == "ok: no policy domain with a _smtp._tls record"
+
+
+# --- mailsrv tls-report, and its request to the running server ------------------------------
+
+
+def test_send_now_request_answered_by_the_reporter(tmp_path):
+    from mailsrv.outbound.control import CONTROL_POLL, ControlChannel
+    from mailsrv.storage import queue, queue_control
+
+    qdir = tmp_path / "q"
+    queue.queue_dirs(qdir)
+    clock = task.Clock()
+    actions = type("Actions", (), {"messages": {}})()
+    control = ControlChannel(qdir, clock, actions, in_thread=lambda f, *a: defer.maybeDeferred(
+        f, *a), ready=lambda: True)
+    control.start()
+    unconfigured = queue_control.control_request(qdir, "tlsreport", None)
+    clock.advance(CONTROL_POLL)
+    assert unconfigured.read_text().startswith("error: the server does not do tlsreport")
+    waiting: defer.Deferred = defer.Deferred()
+    control.extra["tlsreport"] = lambda: waiting
+    answer = queue_control.control_request(qdir, "tlsreport", None)
+    clock.advance(CONTROL_POLL)
+    assert not answer.exists()  # answered once the reports went
+    waiting.callback("ok: 1 report(s): x.test -> mailto:a@x.test")
+    assert answer.read_text() == "ok: 1 report(s): x.test -> mailto:a@x.test\n"
+    control.stop()
+
+
+@pytest.fixture
+def configured(tmp_path):
+    from support.harness import MailServer
+
+    server = MailServer(tmp_path, dns_port=53, overrides={
+        "tls_reports": {"enabled": True, "organization": "Example Org"}})
+    (tmp_path / "queue").mkdir()
+    return server
+
+
+def run_cli(server, *args):
+    from mailsrv.tools import cli
+
+    return cli.main(["tls-report", "--config", str(server.config_path), *args])
+
+
+def test_tls_report_prints_the_counts_so_far(configured, capsys):
+    assert run_cli(configured) == 0
+    assert "no counts yet" in capsys.readouterr().out
+    clock = task.Clock()
+    clock.advance(DAY)
+    counts = TLSCounts(clock, configured.queue / "tlsrpt.json")
+    a_day(counts)
+    counts.stop()
+    assert run_cli(configured) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert sorted(reports) == ["example.net", "other.test", "sts.test"]
+    for report in reports.values():
+        validate(report, SCHEMA)
+    assert reports["example.net"]["organization-name"] == "Example Org"
+    assert reports["example.net"]["date-range"]["start-datetime"] == "2026-12-02T00:00:00Z"
+
+
+def test_send_now_needs_a_running_server_and_the_switch(configured, capsys, tmp_path):
+    assert run_cli(configured, "--send-now") == 1
+    assert "no server is running" in capsys.readouterr().err
+    configured.set_config("tls_reports", "enabled", False)
+    assert run_cli(configured) == 1
+    assert "[tls_reports] enabled is false" in capsys.readouterr().err

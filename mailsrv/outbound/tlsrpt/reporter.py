@@ -46,10 +46,14 @@ class TLSReporter(service.Service):
         self.runtime = runtime
         self.counts = counts
         self.clock = runtime.reactor
-        self.settings = runtime.config.tls_reports
         self._post = post or post_report
         self._call: Any = None
         self._trust_root: Any = None
+
+    @property
+    def settings(self) -> Any:
+        """``[tls_reports]`` as the server has it now (a reload may change it)."""
+        return self.runtime.config.tls_reports
 
     def startService(self) -> None:
         service.Service.startService(self)
