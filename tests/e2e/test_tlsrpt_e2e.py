@@ -27,7 +27,7 @@ from support.certs import make_ca, self_signed
 from support.harness import REPO, DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
 from support.mail import send_mail
 
-HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.6"]
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.6", "127.0.0.7"]
 RUA = "v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"
 
 
@@ -47,6 +47,12 @@ RECORDS = {
     "wrongname.test": [["MX", 10, "mx.wrongname.test"]],
     "mx.wrongname.test": [["A", "127.0.0.6"]],  # its certificate names mx.tls.test
     "_smtp._tls.wrongname.test": [["TXT", RUA]],
+    "expired.test": [["MX", 10, "mx.expired.test"]],
+    "mx.expired.test": [["A", "127.0.0.4"]],  # a certificate of the test CA, expired
+    "_smtp._tls.expired.test": [["TXT", RUA]],
+    "untrusted.test": [["MX", 10, "mx.untrusted.test"]],
+    "mx.untrusted.test": [["A", "127.0.0.7"]],  # a self-signed certificate
+    "_smtp._tls.untrusted.test": [["TXT", RUA]],
     "quiet.test": [["MX", 10, "mx.tls.test"]],  # no _smtp._tls record: no report
     "reports.test": [["MX", 10, "mx.reports.test"]],
     "mx.reports.test": [["A", "127.0.0.3"]],
@@ -94,6 +100,11 @@ def env(tmp_path):
                             port=port),
         "tls": SMTPSink(tmp_path / "tls", "127.0.0.6", hostname="mx.tls.test", port=port,
                         tls=ca.issue(["mx.tls.test"], tmp_path)),
+        "expired": SMTPSink(tmp_path / "expired", "127.0.0.4", hostname="mx.expired.test",
+                            port=port, tls=ca.issue(["mx.expired.test"], tmp_path, days=-0.5)),
+        "untrusted": SMTPSink(tmp_path / "untrusted-mx", "127.0.0.7",
+                              hostname="mx.untrusted.test", port=port,
+                              tls=self_signed(["mx.untrusted.test"], tmp_path)),
     }
     (tmp_path / "server").mkdir()
     ReportReceiver.posted = []
@@ -108,7 +119,8 @@ def env(tmp_path):
         "_smtp._tls.tls.test": [["TXT", f"{RUA},{bad_rua}"]]})))
     server = MailServer(tmp_path / "server", dns.port, overrides={
         "queue": {"retry_schedule": [3600], "max_age": 7200},
-        "relay": {"port": port, "tls_policy": {"wrongname.test": "verify"},
+        "relay": {"port": port, "tls_policy": {"wrongname.test": "verify", "expired.test": "verify",
+                                             "untrusted.test": "verify"},
                   "tls_ca_file": str(ca.cert_path)},
         "tls_reports": {"enabled": True, "organization": "Example Org",
                         "contact": "tls-admin@example.org"},
@@ -140,23 +152,27 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
     send(server, "q@quiet.test")
     send(server, "p@plain.test")
     send(server, "w@wrongname.test")
+    send(server, "e@expired.test")
+    send(server, "u@untrusted.test")
     sinks["tls"].wait_for_messages(2)
     sinks["plain"].wait_for_messages(1)
-    wait_for(lambda: "to=<w@wrongname.test>" in server.log_text()
-             and "status=deferred" in server.log_text(), 20, "the verify failure")
+    wait_for(lambda: all(f"to=<{a}> relay=none" in server.log_text() for a in (
+        "w@wrongname.test", "e@expired.test", "u@untrusted.test")), 20, "the verify failures")
 
     server.stop()  # a clean stop writes the counts; the restart reads them back
     state = json.loads((server.queue / "tlsrpt.json").read_text())
     assert sorted(p["domain"] for p in state["policies"]) == [
-        "plain.test", "quiet.test", "tls.test", "wrongname.test"]
+        "expired.test", "plain.test", "quiet.test", "tls.test", "untrusted.test",
+        "wrongname.test"]
     server.start()
 
     done = mailsrv_command(server, "tls-report", "--send-now")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        f"ok: 4 report(s): plain.test -> mailto:tlsrpt@reports.test; plain.test -> "
-        f"{env['https']}; tls.test -> mailto:tlsrpt@reports.test; wrongname.test -> "
-        "mailto:tlsrpt@reports.test")
+        f"ok: 6 report(s): expired.test -> mailto:tlsrpt@reports.test; plain.test -> "
+        f"mailto:tlsrpt@reports.test; plain.test -> {env['https']}; tls.test -> "
+        "mailto:tlsrpt@reports.test; untrusted.test -> mailto:tlsrpt@reports.test; "
+        "wrongname.test -> mailto:tlsrpt@reports.test")
     # tls.test's https: rua has a certificate nobody vouches for: nothing is posted there.
     assert re.search(rf"tlsrpt: report \S+ for tls.test to {re.escape(env['bad_https'])} "
                      r"failed: .*certificate verify failed", server.log_text())
@@ -164,7 +180,7 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
     assert (path, content_type) == ("/v1/tlsrpt", "application/tlsrpt+gzip")
     posted = json.loads(gzip.decompress(body))
 
-    got = sinks["reports"].wait_for_messages(3)
+    got = sinks["reports"].wait_for_messages(5)
     assert all(m["rcpt_to"] == ["tlsrpt@reports.test"] for m in got)
     reports = {}
     for received in got:
@@ -183,7 +199,8 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
         assert part.get_filename().startswith(f"mx.example.org!{domain}!")
         reports[domain] = json.loads(gzip.decompress(part.get_payload(decode=True)))
 
-    assert sorted(reports) == ["plain.test", "tls.test", "wrongname.test"]
+    assert sorted(reports) == ["expired.test", "plain.test", "tls.test", "untrusted.test",
+                               "wrongname.test"]
     for domain, report in reports.items():
         assert report["organization-name"] == "Example Org"
         assert report["contact-info"] == "tls-admin@example.org"
@@ -205,6 +222,10 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
     [detail] = wrong["failure-details"]
     assert detail["result-type"] == "certificate-host-mismatch"
     assert detail["receiving-mx-hostname"] == "mx.wrongname.test"
+    for domain, result_type in (("expired.test", "certificate-expired"),
+                                ("untrusted.test", "certificate-not-trusted")):
+        [detail] = reports[domain]["policies"][0]["failure-details"]
+        assert (detail["result-type"], detail["failed-session-count"]) == (result_type, 1)
 
     # The period restarted: nothing more to say until new sessions.
     again = mailsrv_command(server, "tls-report", "--send-now")
