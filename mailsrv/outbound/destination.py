@@ -65,7 +65,7 @@ class Record(Protocol):
     ) -> None: ...
 
 
-def _load_trust_root(path: Path | None) -> Any:
+def load_trust_root(path: Path | None) -> Any:
     """The CA certificates "verify" trusts: the configured bundle, or the platform's."""
     if path is None:
         return ssl.platformTrust()
@@ -89,7 +89,7 @@ class DestinationDelivery:
         self._password = read_smarthost_password(self.config)
         self._opportunistic = ssl.CertificateOptions(verify=False)
         self._trust_root = (
-            _load_trust_root(relay.tls_ca_file)
+            load_trust_root(relay.tls_ca_file)
             if relay.tls != "none" or relay.tls_policy or relay.smarthost_user or relay.mta_sts
             else None
         )

@@ -154,7 +154,7 @@ def _offline(config: Config, action: str, queue_id: str | None) -> str:
     return f"ok: bounced {queue_id}" + ("" if message.sender else " (from <>: no DSN sent)")
 
 
-def _ask_server(qdir: Path, action: str, queue_id: str | None, wait: float) -> str:
+def ask_server(qdir: Path, action: str, queue_id: str | None, wait: float) -> str:
     answer = queue_control.control_request(qdir, action, queue_id)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -177,7 +177,7 @@ def cmd_change(config: Config, args: argparse.Namespace) -> int:
     try:
         lock = queue_control.lock_queue(qdir)
     except queue_control.QueueLocked:
-        text = _ask_server(qdir, args.action, queue_id, args.wait)
+        text = ask_server(qdir, args.action, queue_id, args.wait)
     else:
         try:
             text = _offline(config, args.action, queue_id)

@@ -61,9 +61,9 @@ def _send_now(qdir: Path, wait: float) -> int:
     try:
         lock = queue_control.lock_queue(qdir)
     except queue_control.QueueLocked:
-        from mailsrv.tools.cli_queue import _ask_server
+        from mailsrv.tools.cli_queue import ask_server
 
-        text = _ask_server(qdir, "tlsreport", None, wait)
+        text = ask_server(qdir, "tlsreport", None, wait)
         print(text)
         return EXIT_OK if text.startswith("ok") else EXIT_FAILED
     lock.close()

@@ -24,6 +24,7 @@ from twisted.names import dns, error
 
 from mailsrv import report
 from mailsrv.outbound.bounce import postmaster_address, store_own
+from mailsrv.outbound.destination import load_trust_root
 from mailsrv.outbound.tlsrpt import document
 from mailsrv.outbound.tlsrpt.counts import Period, PolicyTally, TLSCounts
 from mailsrv.outbound.tlsrpt.https import PostFailed, post_report
@@ -151,9 +152,7 @@ class TLSReporter(service.Service):
 
     def _trust(self) -> Any:
         if self._trust_root is None:
-            from mailsrv.outbound.destination import _load_trust_root
-
-            self._trust_root = _load_trust_root(self.runtime.config.relay.tls_ca_file)
+            self._trust_root = load_trust_root(self.runtime.config.relay.tls_ca_file)
         return self._trust_root
 
 
