@@ -342,6 +342,8 @@ def test_reasons_are_cut_and_made_printable():
     (["v=spf1 -all", "v=TLSRPTv1; rua=mailto:a@x.test"], ["mailto:a@x.test"]),
     (["v=TLSRPTv1; rua=mailto:a@x.test", "v=TLSRPTv1; rua=mailto:b@x.test"], None),  # two
     (["v=TLSRPTv1;"], None),
+    (["v=TLSRPTv1; rua=" + ",".join(f"mailto:r{i}@x.test" for i in range(6))],
+     [f"mailto:r{i}@x.test" for i in range(5)]),  # MAX_RUA, one past
     (["v=TLSRPTv1; rua=ftp://x.test/"], None),
     (["v=TLSRPTv2; rua=mailto:a@x.test"], None),
     ([], None),

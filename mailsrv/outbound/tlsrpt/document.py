@@ -20,6 +20,9 @@ from mailsrv.outbound.tlsrpt.counts import PolicyTally
 
 __all__ = ["build_report", "file_name", "gzipped", "parse_record", "report_message"]
 
+#: At most this many rua URIs of a record are used (a record listing hundreds must not make
+#: us send hundreds of reports).
+MAX_RUA = 5
 #: The media type of a gzipped report (§6.4); also the POST's Content-Type (§5.4).
 MEDIA_TYPE = "application/tlsrpt+gzip"
 
@@ -28,7 +31,7 @@ def parse_record(texts: Sequence[str]) -> list[str] | None:
     """The rua URIs of a domain's ``_smtp._tls`` TXT records (each record's strings joined),
     or None when there is no valid record: none starts with ``v=TLSRPTv1``, or more than one
     does (§3: then none is used), or it has no ``rua``.  Only ``mailto:`` and ``https:``
-    URIs are kept (the others are unknown schemes, §3)."""
+    URIs are kept (the others are unknown schemes, §3), the first :data:`MAX_RUA` of them."""
     records = [t for t in texts if t.replace(" ", "").startswith("v=TLSRPTv1;")
                or t.strip() == "v=TLSRPTv1"]
     if len(records) != 1:
@@ -39,7 +42,7 @@ def parse_record(texts: Sequence[str]) -> list[str] | None:
         return None
     uris = [u.strip() for u in rua[0].split(",") if u.strip()]
     kept = [u for u in uris if u.lower().startswith(("mailto:", "https:"))]
-    return kept or None
+    return kept[:MAX_RUA] or None
 
 
 def _datetime(seconds: float) -> str:

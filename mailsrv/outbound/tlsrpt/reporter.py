@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import urllib.parse
 from typing import Any, Callable
 
 from twisted.application import service
@@ -115,7 +116,8 @@ class TLSReporter(service.Service):
         for uri in rua:
             try:
                 if uri.lower().startswith("mailto:"):
-                    yield self._mail(uri[7:].split("?")[0], domain, report_id, data, period)
+                    to = urllib.parse.unquote(uri[7:].split("?")[0])
+                    yield self._mail(to, domain, report_id, data, period)
                 else:
                     yield self._post(self.clock, self.runtime.resolver, uri, data, self._trust())
                 log.info("tlsrpt: report {id} for {domain} sent to {uri}", id=report_id,
