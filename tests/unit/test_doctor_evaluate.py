@@ -219,6 +219,19 @@ def test_dns_verdicts_get_a_level_and_a_fix() -> None:
     assert a.fix.startswith(f"publish an A record (and an AAAA record for IPv6) for {MX}")
 
 
+def test_our_tls_records_are_warnings_with_their_fix() -> None:
+    from mailsrv.tools.tlsrecords import tls_records
+
+    sts, web, rpt = tls_records("example.org", MX, "enforce", 86400, ["mailto:t@example.org"])
+    missing = dns_finding(sts, Verdict(dnsrecords.MISSING, "no MTA-STS record"), MX)
+    assert missing.level == WARNING and missing.fix.startswith(
+        "publish: _mta-sts.example.org. IN TXT \"v=STSv1; id=")
+    assert dns_finding(rpt, Verdict(dnsrecords.WRONG, ""), MX).level == WARNING
+    host = dns_finding(web, Verdict(dnsrecords.MISSING, ""), MX)
+    assert host.level == WARNING
+    assert "https://mta-sts.example.org/.well-known/mta-sts.txt" in host.fix
+
+
 def test_ptr_fix_names_each_address() -> None:
     ptr = Record("PTR", MX, "PTR", "", comment=True)
     wrong = dns_finding(ptr, Verdict(dnsrecords.WRONG, "192.0.2.1=a.test, 2001:db8::1=b.test: "

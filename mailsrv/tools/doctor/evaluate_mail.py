@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mailsrv.checks.dnsbl import Listing
-from mailsrv.tools import dnsrecords
+from mailsrv.tools import dnsrecords, tlsrecords
 from mailsrv.tools.dnsrecords import Record, Verdict
 from mailsrv.tools.doctor.findings import OK, PROBLEM, WARNING, Finding
 
@@ -61,6 +61,8 @@ def dns_finding(record: Record, verdict: Verdict, hostname: str) -> Finding:
                        "check that the servers in relay.dns_servers (else /etc/resolv.conf) "
                        f"answer: dig {record.name} {record.rtype}")
     level = WARNING if (record.kind, verdict.status) == ("DMARC", dnsrecords.MISSING) else PROBLEM
+    if record.kind in tlsrecords.JUDGES:
+        level = WARNING  # MTA-STS, TLS-RPT: the mail flows; the policy is not in effect
     if record.kind == "PTR":
         which = ", ".join(_addresses_in(verdict.detail))
         if not which:
@@ -69,6 +71,10 @@ def dns_finding(record: Record, verdict: Verdict, hostname: str) -> Finding:
             fix = (f"ask whoever owns {which} (your hosting provider: \"reverse DNS\" in its "
                    f"control panel) to set its PTR record to {hostname}, which must keep "
                    "resolving to that address (forward-confirmed)")
+    elif record.kind == "STS-WEB":
+        fix = (f"publish an A (and AAAA) record for {record.name}: the web server serving "
+               f"{tlsrecords.policy_url(record.name[len('mta-sts.'):])} "
+               "(mailsrv dns DOMAIN --mta-sts-policy prints the file)")
     elif record.kind == "A":
         fix = (f"publish an A record (and an AAAA record for IPv6) for {hostname} with this "
                "server's public address")

@@ -15,7 +15,7 @@ from twisted.names import dns
 from mailsrv.config import Config, ConfigError
 from mailsrv.dnsutil import make_resolver
 from mailsrv.inbound.blocklists import Blocklists
-from mailsrv.tools import cli_dns, dnsrecords
+from mailsrv.tools import cli_dns, dnsrecords, tlsrecords
 from mailsrv.tools.doctor.evaluate_mail import (
     blocklist_findings,
     dane_resolver_finding,
@@ -38,6 +38,8 @@ def _records(config: Config) -> list[dnsrecords.Record]:
             if record.kind in ("A", "PTR") and any(r.kind == record.kind for r in records):
                 continue
             records.append(record)
+        records += tlsrecords.tls_records(domain, config.hostname, config.mta_sts.mode,
+                                          config.mta_sts.max_age, config.tls_reports.rua)
     return records
 
 
