@@ -19,6 +19,8 @@ from typing import Any
 from mailsrv.config import Config
 from mailsrv.outbound.tlsrpt import document
 from mailsrv.outbound.tlsrpt.counts import Period, read_state
+from mailsrv.outbound.tlsrpt.reporter import contact_info
+from mailsrv.routing.router import Directory
 from mailsrv.storage import queue_control
 from mailsrv.tools.cli_exit import EXIT_FAILED, EXIT_OK, Failed
 
@@ -50,7 +52,7 @@ def cmd_tls_report(config: Config, args: argparse.Namespace) -> int:
     period = Period(since, time.time(), list(tallies.values()))
     reports = {domain: document.build_report(
         organization=config.tls_reports.organization or config.hostname,
-        contact=config.tls_reports.contact or f"postmaster@{config.hostname}",
+        contact=contact_info(config, Directory(config.domains.local, frozenset(), {})),
         report_id="(not sent yet)", since=period.since, until=period.until, tallies=found)
         for domain, found in sorted(period.by_domain().items())}
     print(json.dumps(reports, indent=2))

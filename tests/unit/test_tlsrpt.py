@@ -428,6 +428,7 @@ def test_reports_sent_at_the_hour_to_each_rua(reporting, tmp_path):
     assert [url for url, _ in posted] == ["https://r.test/x"]
     report = json.loads(gzip.decompress(posted[0][1]))
     validate(report, SCHEMA)
+    assert report["contact-info"] == "postmaster@example.org"  # mx.example.org's parent
     assert report["date-range"]["start-datetime"] == "2026-12-02T01:00:00Z"
     assert report["date-range"]["end-datetime"] == "2026-12-03T00:00:00Z"
     [entry] = added
@@ -508,6 +509,7 @@ def test_tls_report_prints_the_counts_so_far(configured, capsys):
     for report in reports.values():
         validate(report, SCHEMA)
     assert reports["example.net"]["organization-name"] == "Example Org"
+    assert reports["example.net"]["contact-info"] == "postmaster@example.org"
     assert reports["example.net"]["date-range"]["start-datetime"] == "2026-12-02T00:00:00Z"
 
 
@@ -517,3 +519,16 @@ def test_send_now_needs_a_running_server_and_the_switch(configured, capsys, tmp_
     configured.set_config("tls_reports", "enabled", False)
     assert run_cli(configured) == 1
     assert "[tls_reports] enabled is false" in capsys.readouterr().err
+
+
+def test_contact_info_always_has_a_domain(tmp_path):
+    from mailsrv.outbound.tlsrpt.reporter import contact_info
+    from mailsrv.routing.router import Directory
+
+    runtime = queue_runtime(tmp_path)
+    config = runtime.config
+    assert contact_info(config, runtime.directory) == "postmaster@example.org"
+    elsewhere = Directory(["other.test"], frozenset(), {})
+    assert contact_info(config, elsewhere) == "postmaster@mx.example.org"
+    chosen = dataclasses.replace(config, tls_reports=TlsReportsConfig(contact="tls@x.test"))
+    assert contact_info(chosen, runtime.directory) == "tls@x.test"

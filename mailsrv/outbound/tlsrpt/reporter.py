@@ -32,7 +32,7 @@ from mailsrv.outbound.tlsrpt.https import PostFailed, post_report
 from mailsrv.storage import queue
 from mailsrv.storage.store import Stored
 
-__all__ = ["TLSReporter", "store_tls_report"]
+__all__ = ["TLSReporter", "contact_info", "store_tls_report"]
 
 log = Logger(namespace="mailsrv")
 
@@ -109,7 +109,7 @@ class TLSReporter(service.Service):
         report_id = f"{queue.new_queue_id()}.{int(period.until)}@{config.hostname}"
         body = document.build_report(
             organization=self.settings.organization or config.hostname,
-            contact=self.settings.contact or postmaster_address(config, self.runtime.directory),
+            contact=contact_info(config, self.runtime.directory),
             report_id=report_id, since=period.since, until=period.until, tallies=tallies)
         data = yield self.runtime.in_thread(document.gzipped, body)
         sent = []
@@ -156,6 +156,15 @@ class TLSReporter(service.Service):
         if self._trust_root is None:
             self._trust_root = load_trust_root(self.runtime.config.relay.tls_ca_file)
         return self._trust_root
+
+
+def contact_info(config: Any, directory: Any) -> str:
+    """The report's contact-info: ``[tls_reports] contact``, else our postmaster, with a
+    domain (a bare ``postmaster`` says nothing to another organization)."""
+    if config.tls_reports.contact:
+        return config.tls_reports.contact
+    address = postmaster_address(config, directory)
+    return address if "@" in address else f"postmaster@{config.hostname}"
 
 
 def store_tls_report(config: Any, directory: Any, to: str, domain: str, report_id: str,
