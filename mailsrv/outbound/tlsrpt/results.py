@@ -13,15 +13,14 @@ verification result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
 
 __all__ = [
     "NO_POLICY", "STARTTLS_NOT_SUPPORTED", "CERTIFICATE_HOST_MISMATCH", "CERTIFICATE_EXPIRED",
-    "CERTIFICATE_NOT_TRUSTED", "VALIDATION_FAILURE", "RESULT_TYPES", "Attempt",
-    "classify", "handshake_failure",
+    "CERTIFICATE_NOT_TRUSTED", "VALIDATION_FAILURE", "RESULT_TYPES", "classify",
+    "classify_handshake", "handshake_failure", "record_session",
 ]
 
 #: policy-type of a session under relay.tls alone (no MTA-STS, no DANE).
@@ -43,19 +42,6 @@ _EXPIRED = {10, 12}  # CERT_HAS_EXPIRED, CRL_HAS_EXPIRED
 _NOT_YET_VALID = {9}
 _HOST_MISMATCH = {62}  # HOSTNAME_MISMATCH (when OpenSSL itself checks the name)
 _UNTRUSTED = {2, 18, 19, 20, 21, 24, 27, 28}  # unknown issuer, self-signed, untrusted, ...
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One host attempt: what the recorder counts (mailsrv.outbound.tlsrpt.counts)."""
-
-    policy_type: str
-    receiving_mx_hostname: str
-    receiving_ip: str
-    result_type: str | None  # None: success
-    reason: str = ""
-    policy_string: tuple[str, ...] = ()
-    mx_host_patterns: tuple[str, ...] = ()
 
 
 def handshake_failure(transport: Any, reason: Any) -> tuple[str, str] | None:
