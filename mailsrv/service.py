@@ -243,6 +243,11 @@ def make_service(
         control = getattr(runtime.relayer, "control", None)
         if control is not None:  # mailsrv tls-report --send-now
             control.extra["tlsreport"] = reporter.send_now
+        destinations = getattr(runtime.relayer, "destinations", None)
+        if destinations is not None:  # DANE's attempts (relay.tls's are recorded in place)
+            from mailsrv.outbound.tlsrpt.results import listen_to_dane
+
+            listen_to_dane(destinations, runtime.tls_counts)
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",

@@ -266,7 +266,7 @@ class DestinationDelivery:
                 if outcome.tls:
                     self.runtime.metrics.tls("outbound", outcome.tls)
                 if (dane_tls is None and check.policy is None and tls_context is not None
-                        and key != SMARTHOST):  # TLS-RPT; DANE's and MTA-STS's: on_attempt
+                        and key != SMARTHOST):  # TLS-RPT; DANE's and MTA-STS's: tls_attempts
                     record_tls_session(getattr(self.runtime, "tls_counts", None), key,
                                        host.name, address, outcome)
                 where = f"{host.name}[{address}]:{port}"

@@ -532,3 +532,68 @@ def test_contact_info_always_has_a_domain(tmp_path):
     assert contact_info(config, elsewhere) == "postmaster@mx.example.org"
     chosen = dataclasses.replace(config, tls_reports=TlsReportsConfig(contact="tls@x.test"))
     assert contact_info(chosen, runtime.directory) == "tls@x.test"
+
+
+# --- DANE's attempts (mailsrv.outbound.danetls.TLSAttempt) and relay.tls's, side by side -----
+
+
+def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
+    try:
+        from twisted.internet.testing import MemoryReactor
+    except ImportError:  # Twisted 22.4
+        from twisted.test.proto_helpers import MemoryReactor
+    from twisted.internet import error as net_error
+    from twisted.python.failure import Failure
+
+    from mailsrv.config import parse_config
+    from mailsrv.outbound.dane import TLSA
+    from mailsrv.outbound.danelookup import DaneLookupFailed, DanePolicy
+    from mailsrv.outbound.destination import DestinationDelivery
+    from mailsrv.outbound.mx import MXHost
+    from mailsrv.outbound.smtpclient import OutboundTransaction
+    from mailsrv.routing.router import Directory
+    from mailsrv.runtime import Runtime
+
+    hosts = [MXHost("mx1.remote.test", 10, ("192.0.2.1",)),
+             MXHost("mx2.remote.test", 20, ("192.0.2.2",)),
+             MXHost("mx3.remote.test", 30, ("192.0.2.3",))]
+    policy = DanePolicy("mx2.remote.test", "mx2.remote.test", (TLSA(3, 1, 1, b"\1" * 32),))
+    plan = {"mx1.remote.test": DaneLookupFailed("mx1.remote.test", "dnssec-invalid", "bogus"),
+            "mx2.remote.test": policy}  # mx3: no TLSA records, relay.tls as before
+    config = parse_config({
+        "hostname": "mx.example.org", "smtp": {"listen": ["tcp:2525"]},
+        "domains": {"local": ["example.org"]}, "mailboxes": {"root": str(tmp_path / "m")},
+        "queue": {"path": str(tmp_path / "q")},
+        "relay": {"dane": True, "dns_servers": ["127.0.0.1"]}}, None)
+    counts = TLSCounts(task.Clock())
+    runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
+                      reactor=MemoryReactor(), tls_counts=counts)
+    destinations = DestinationDelivery(runtime, rng=None)
+    destinations._dane = type("Plan", (), {"plan": lambda self, d, h: defer.succeed(plan)})()
+    destinations.route = lambda key: defer.succeed(hosts)
+    results.listen_to_dane(destinations, counts)
+    destinations.deliver("remote.test", [("Q1", ["a@remote.test"])], lambda items: [
+        OutboundTransaction(queue_id=q, sender="s@example.org", recipients=list(a), prefix=b"",
+                            body_path=None) for q, a in items], lambda *a, **k: None)
+    for index in (0, 1):  # mx2 (DANE) then mx3 (opportunistic): greeted, no STARTTLS
+        factory = runtime.reactor.tcpClients[index][2]
+        factory.outcome.greeted, factory.outcome.starttls_offered = True, False
+        factory.clientConnectionLost(None, Failure(net_error.ConnectionDone()))
+    # mx1's failed lookup has no records to show: a policy of its own (an empty string)
+    tallies = {(t.key.policy_type, t.key.policy_string): t for t in counts.tallies.values()}
+    records = ("3 1 1 " + "01" * 32,)
+    assert sorted(tallies) == [("no-policy-found", ()), ("tlsa", ()), ("tlsa", records)]
+    assert [d[:3] for d in tallies["tlsa", ()].details] == [
+        ("dnssec-invalid", "mx1.remote.test", "")]
+    assert [d[:3] for d in tallies["tlsa", records].details] == [
+        ("starttls-not-supported", "mx2.remote.test", "192.0.2.2")]
+    plain = tallies["no-policy-found", ()]  # the DANE session was not counted here too
+    assert (plain.failures, list(plain.details)[0][:3]) == (
+        1, ("starttls-not-supported", "mx3.remote.test", "192.0.2.3"))
+    tlsa = tallies["tlsa", ()]
+    body = document.build_report(organization="o", contact="c@x.test", report_id="r",
+                                 since=0, until=86400, tallies=[tlsa])
+    validate(body, SCHEMA)
+    lookup = [d for d in body["policies"][0]["failure-details"]
+              if d["result-type"] == "dnssec-invalid"][0]
+    assert "receiving-ip" not in lookup  # no connection was made

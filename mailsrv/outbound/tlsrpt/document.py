@@ -68,8 +68,11 @@ def build_report(
             "total-failure-session-count": tally.failures}}
         details = []
         for (result_type, mx, ip, reason), count in sorted(tally.details.items()):
-            detail: dict = {"result-type": result_type, "receiving-mx-hostname": mx,
-                            "receiving-ip": ip, "failed-session-count": count}
+            detail: dict = {"result-type": result_type, "failed-session-count": count}
+            if mx:
+                detail["receiving-mx-hostname"] = mx
+            if ip:  # none when no connection was made (DANE: the TLSA lookups failed)
+                detail["receiving-ip"] = ip
             if reason:
                 detail["failure-reason-code"] = reason
             details.append(detail)
