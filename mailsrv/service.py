@@ -244,10 +244,10 @@ def make_service(
         if control is not None:  # mailsrv tls-report --send-now
             control.extra["tlsreport"] = reporter.send_now
         destinations = getattr(runtime.relayer, "destinations", None)
-        if destinations is not None:  # DANE's attempts (relay.tls's are recorded in place)
-            from mailsrv.outbound.tlsrpt.results import listen_to_dane
+        if destinations is not None:  # DANE's, MTA-STS's (relay.tls's: in place)
+            from mailsrv.outbound.tlsrpt.results import listen_to_attempts
 
-            listen_to_dane(destinations, runtime.tls_counts)
+            listen_to_attempts(destinations, runtime.tls_counts)
     Reloader(runtime).setServiceParent(top)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",

@@ -571,7 +571,7 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     destinations = DestinationDelivery(runtime, rng=None)
     destinations._dane = type("Plan", (), {"plan": lambda self, d, h: defer.succeed(plan)})()
     destinations.route = lambda key: defer.succeed(hosts)
-    results.listen_to_dane(destinations, counts)
+    results.listen_to_attempts(destinations, counts)
     destinations.deliver("remote.test", [("Q1", ["a@remote.test"])], lambda items: [
         OutboundTransaction(queue_id=q, sender="s@example.org", recipients=list(a), prefix=b"",
                             body_path=None) for q, a in items], lambda *a, **k: None)

@@ -20,7 +20,7 @@ from OpenSSL import SSL
 __all__ = [
     "NO_POLICY", "STARTTLS_NOT_SUPPORTED", "CERTIFICATE_HOST_MISMATCH", "CERTIFICATE_EXPIRED",
     "CERTIFICATE_NOT_TRUSTED", "VALIDATION_FAILURE", "RESULT_TYPES", "classify",
-    "classify_handshake", "handshake_failure", "listen_to_dane", "record_attempt",
+    "classify_handshake", "handshake_failure", "listen_to_attempts", "record_attempt",
     "record_session",
 ]
 
@@ -108,14 +108,15 @@ def record_session(counts: Any, domain: str, host: str, address: str, outcome: A
         counts.record(domain, NO_POLICY, (), (), host, address, result_type, reason)
 
 
-def listen_to_dane(destinations: Any, counts: Any) -> None:
-    """Count the attempts under DANE policies that ``destinations``
+def listen_to_attempts(destinations: Any, counts: Any) -> None:
+    """Count the attempts under a DANE or MTA-STS policy that ``destinations``
     (mailsrv.outbound.destination.DestinationDelivery) tells its listeners of."""
     destinations.tls_attempts.append(lambda attempt: record_attempt(counts, attempt))
 
 
 def record_attempt(counts: Any, attempt: Any) -> None:
-    """Count one attempt under a DANE policy (mailsrv.outbound.danetls.TLSAttempt: the
-    policy ``tlsa``, its records, the MX host, the address, None when its lookups failed)."""
+    """Count one attempt under a policy (mailsrv.outbound.danetls.TLSAttempt: ``tlsa`` or
+    ``sts``, its records or lines, the MX host, the address, None when no connection was
+    made)."""
     counts.record(attempt.policy_domain, attempt.policy_type, attempt.policy_string, (),
                   attempt.mx_host, attempt.ip or "", attempt.result_type, attempt.detail)
