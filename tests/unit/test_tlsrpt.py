@@ -597,3 +597,26 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     lookup = [d for d in body["policies"][0]["failure-details"]
               if d["result-type"] == "dnssec-invalid"][0]
     assert "receiving-ip" not in lookup  # no connection was made
+
+
+def test_mta_sts_attempts_reported_with_the_policys_mx_patterns():
+    """An attempt under an MTA-STS policy (as mailsrv.outbound.tlsplan makes them) is counted
+    under policy-type sts, and the report names the policy's mx patterns as mx-host."""
+    from mailsrv.outbound.danetls import TLSAttempt
+
+    counts = TLSCounts(task.Clock())
+    lines = ("version: STSv1", "mode: enforce", "mx: *.remote.test", "max_age: 86400")
+    for ip, result in (("192.0.2.1", None), ("192.0.2.2", "certificate-host-mismatch")):
+        results.record_attempt(counts, TLSAttempt(
+            "sts", "remote.test", lines, "mx1.remote.test", ip, result, detail="",
+            mx_patterns=("*.remote.test",)))
+    [tally] = counts.tallies.values()
+    body = document.build_report(organization="o", contact="c@x.test", report_id="r",
+                                 since=0, until=86400, tallies=[tally])
+    validate(body, SCHEMA)
+    [policy] = body["policies"]
+    assert policy["policy"] == {"policy-type": "sts", "policy-string": list(lines),
+                                "policy-domain": "remote.test", "mx-host": ["*.remote.test"]}
+    assert policy["summary"] == {"total-successful-session-count": 1,
+                                 "total-failure-session-count": 1}
+    assert [d["result-type"] for d in policy["failure-details"]] == ["certificate-host-mismatch"]

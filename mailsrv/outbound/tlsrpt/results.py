@@ -116,7 +116,8 @@ def listen_to_attempts(destinations: Any, counts: Any) -> None:
 
 def record_attempt(counts: Any, attempt: Any) -> None:
     """Count one attempt under a policy (mailsrv.outbound.danetls.TLSAttempt: ``tlsa`` or
-    ``sts``, its records or lines, the MX host, the address, None when no connection was
-    made)."""
-    counts.record(attempt.policy_domain, attempt.policy_type, attempt.policy_string, (),
-                  attempt.mx_host, attempt.ip or "", attempt.result_type, attempt.detail)
+    ``sts``, its records or lines, an ``sts`` policy's mx patterns, the MX host, the address,
+    None when no connection was made)."""
+    counts.record(attempt.policy_domain, attempt.policy_type, attempt.policy_string,
+                  attempt.mx_patterns, attempt.mx_host, attempt.ip or "", attempt.result_type,
+                  attempt.detail)
