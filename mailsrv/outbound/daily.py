@@ -17,12 +17,12 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-from twisted.application import service
 from twisted.logger import Logger
 
 from mailsrv import report
 from mailsrv.metrics import snapshot
 from mailsrv.outbound.bounce import postmaster_address, store_own
+from mailsrv.outbound.dailyjob import DailyJob
 from mailsrv.storage import queue
 from mailsrv.storage.store import Stored
 
@@ -58,8 +58,8 @@ def local_now(seconds: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(seconds).astimezone()
 
 
-class DailyReport(service.Service):
-    """Sends the report once a day; ``clock`` is the runtime's reactor (a task.Clock in tests)."""
+class DailyReport(DailyJob):
+    """Sends the report once a day at ``[report] hour``, local time."""
 
     def __init__(
         self, runtime: Any, now: Callable[[], float] | None = None,
@@ -75,21 +75,14 @@ class DailyReport(service.Service):
         self.restarted = True
         self._call: Any = None
 
-    def startService(self) -> None:
-        service.Service.startService(self)
-        self._schedule()
+    def current_time(self) -> datetime.datetime:
+        return local_now(self.now())
 
-    def stopService(self) -> Any:
-        service.Service.stopService(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        return None
+    def daily_hour(self) -> int:
+        return self.hour
 
-    def _schedule(self) -> None:
-        now = local_now(self.now())
-        delay = (report.next_run(now, self.hour) - now).total_seconds()
-        self._call = self.clock.callLater(max(delay, 1.0), self.send)
+    def run_daily(self) -> Any:
+        return self.send()
 
     def queue_state(self) -> report.QueueState | None:
         relayer = self.runtime.relayer
@@ -119,7 +112,6 @@ class DailyReport(service.Service):
     def send(self) -> Any:
         """Run the doctor, compose, and store, in threads; fires when stored (or the failure
         logged)."""
-        self._call = None
         config, directory = self.runtime.config, self.runtime.directory
         d = self.runtime.in_thread(self.doctor, config)
         d.addCallback(lambda found: self.runtime.in_thread(
@@ -139,8 +131,6 @@ class DailyReport(service.Service):
                       error=failure.getErrorMessage())
 
         d.addCallbacks(stored, failed)
-        if self.running:
-            self._schedule()
         return d
 
 

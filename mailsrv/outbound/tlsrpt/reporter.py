@@ -18,13 +18,12 @@ import time
 import urllib.parse
 from typing import Any, Callable
 
-from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns, error
 
-from mailsrv import report
 from mailsrv.outbound.bounce import postmaster_address, store_own
+from mailsrv.outbound.dailyjob import DailyJob
 from mailsrv.outbound.destination import load_trust_root
 from mailsrv.outbound.tlsrpt import document
 from mailsrv.outbound.tlsrpt.counts import Period, PolicyTally, TLSCounts
@@ -40,7 +39,7 @@ log = Logger(namespace="mailsrv")
 DNS_TIMEOUT = (2, 5)
 
 
-class TLSReporter(service.Service):
+class TLSReporter(DailyJob):
     """Counts (``counts``) and reports once a day; ``runtime.reactor`` is its clock."""
 
     def __init__(self, runtime: Any, counts: TLSCounts,
@@ -58,27 +57,21 @@ class TLSReporter(service.Service):
         return self.runtime.config.tls_reports
 
     def startService(self) -> None:
-        service.Service.startService(self)
         self.counts.start()
-        self._schedule()
+        DailyJob.startService(self)
 
     def stopService(self) -> Any:
-        service.Service.stopService(self)
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        DailyJob.stopService(self)
         return self.counts.stop()
 
-    def _schedule(self) -> None:
-        now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-        delay = (report.next_run(now, self.settings.hour) - now).total_seconds()
-        self._call = self.clock.callLater(max(delay, 1.0), self._daily)
+    def current_time(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
 
-    def _daily(self) -> None:
-        self._call = None
-        self.send()
-        if self.running:
-            self._schedule()
+    def daily_hour(self) -> int:
+        return self.settings.hour
+
+    def run_daily(self) -> Any:
+        return self.send()
 
     def send_now(self) -> defer.Deferred:
         """For ``mailsrv tls-report --send-now``: the answer text once every report went."""
