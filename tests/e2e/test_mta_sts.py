@@ -290,3 +290,34 @@ def test_mta_sts_off_ignores_policies(env, tmp_path):
         assert not os.path.exists(s.queue / "mta-sts")
     finally:
         s.stop()
+
+
+def test_sessions_under_a_policy_are_counted_for_tls_rpt(env, tmp_path):
+    """With [tls_reports] on, a session under an MTA-STS policy is counted under policy-type
+    sts with the policy's lines and mx patterns (RFC 8460 §4.4), as `mailsrv tls-report`
+    shows them: a success for enforce.test, a certificate-host-mismatch for wrongcert.test."""
+    s = MailServer(tmp_path, env["dns"].port, overrides={
+        "queue": {"retry_schedule": [3600], "max_age": 7200}, "relay": relay_config(env),
+        "tls_reports": {"enabled": True}})
+    try:
+        s.start()
+        send(s, "rpt@enforce.test")
+        send(s, "rpt@wrongcert.test")
+        wait_for(lambda: received_by(env["sinks"]["good"], "rpt@enforce.test"), 20, "delivery")
+        wait_deferred(s, "rpt@wrongcert.test")
+    finally:
+        s.stop()  # a clean stop writes the counts
+    shown = s.cli("tls-report")
+    assert shown.returncode == 0, shown.stderr
+    reports = json.loads(shown.stdout)
+    for domain, mx, successes, failures in (("enforce.test", "mx.good.test", 1, 0),
+                                            ("wrongcert.test", "mx.wrong.test", 0, 1)):
+        [entry] = reports[domain]["policies"]
+        assert entry["policy"] == {
+            "policy-type": "sts", "policy-domain": domain, "mx-host": [mx],
+            "policy-string": POLICIES[domain][1].rstrip("\r\n").split("\r\n")}
+        assert entry["summary"] == {"total-successful-session-count": successes,
+                                    "total-failure-session-count": failures}
+    [detail] = reports["wrongcert.test"]["policies"][0]["failure-details"]
+    assert (detail["result-type"], detail["receiving-mx-hostname"], detail["receiving-ip"]) == (
+        "certificate-host-mismatch", "mx.wrong.test", "127.0.0.7")

@@ -16,15 +16,13 @@ import http.server
 import json
 import re
 import ssl
-import subprocess
-import sys
 import threading
 
 import dkim
 import pytest
 
 from support.certs import make_ca, self_signed
-from support.harness import REPO, DNSServer, MailServer, SMTPSink, _env, free_port, wait_for
+from support.harness import DNSServer, MailServer, SMTPSink, free_port, wait_for
 from support.mail import send_mail
 
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.6", "127.0.0.7"]
@@ -84,12 +82,6 @@ def https_server(ca, workdir, cert=None) -> http.server.HTTPServer:
     return server
 
 
-def mailsrv_command(server: MailServer, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsrv.tools.cli", *args, "--config", str(server.config_path)],
-        capture_output=True, text=True, env=_env(), cwd=REPO, timeout=90)
-
-
 @pytest.fixture
 def env(tmp_path):
     port = free_port(HOSTS)
@@ -125,7 +117,7 @@ def env(tmp_path):
         "tls_reports": {"enabled": True, "organization": "Example Org",
                         "contact": "tls-admin@example.org"},
     })
-    keygen = mailsrv_command(server, "dkim", "keygen", "example.org", "--selector", "t1",
+    keygen = server.cli("dkim", "keygen", "example.org", "--selector", "t1",
                              "--algorithm", "ed25519")
     assert keygen.returncode == 0, keygen.stderr
     text = keygen.stdout[keygen.stdout.index("t1._domainkey."):]
@@ -166,7 +158,7 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
         "wrongname.test"]
     server.start()
 
-    done = mailsrv_command(server, "tls-report", "--send-now")
+    done = server.cli("tls-report", "--send-now")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
         f"ok: 6 report(s): expired.test -> mailto:tlsrpt@reports.test; plain.test -> "
@@ -228,6 +220,6 @@ def test_reports_of_a_relay_day_reach_the_rua(env):
         assert (detail["result-type"], detail["failed-session-count"]) == (result_type, 1)
 
     # The period restarted: nothing more to say until new sessions.
-    again = mailsrv_command(server, "tls-report", "--send-now")
+    again = server.cli("tls-report", "--send-now")
     # (the report mails themselves went to reports.test, which publishes no record)
     assert again.stdout.strip() == "ok: no policy domain with a _smtp._tls record", again

@@ -210,6 +210,12 @@ class MailServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        """``mailsrv ARGS --config <this server's file>`` from the checkout, its output as text."""
+        return subprocess.run(
+            [sys.executable, "-m", "mailsrv.tools.cli", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=timeout)
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
