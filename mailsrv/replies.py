@@ -249,6 +249,8 @@ TOO_MANY_CONNECTIONS_FROM_IP = Reply(
 )
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors; closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Error: server shutting down; try again later")
+#: [server] processes > 1: the receiving process this connection goes to is being restarted.
+PROCESS_UNAVAILABLE = Reply(421, "4.3.2", "Error: service temporarily unavailable; try again later")
 
 # Delivery
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing; try again later")

@@ -123,16 +123,18 @@ class Runtime:
         relayer: Callable[["Runtime"], IRelayer],
         checks: Pipeline | None = None,
         dkim: SigningKeys | None = None,
+        spare: str | None = None,
     ) -> "Runtime":
         """The running server's runtime: every collaborator made here, from ``config``.
 
         ``reactor`` is the real one (time, threads, shutdown triggers). ``relayer`` makes the
         relayer from the runtime (it sends through the runtime's threads and resolver).
+        ``spare``: the spare spool files' own subdirectory (a receiving process's).
         """
         runtime = cls(
             config=config, directory=directory, reactor=reactor,
             resolver=make_resolver(config.relay.dns_servers, reactor), tls=tls,
-            spool_files=SpareSpoolFiles(Path(config.queue.path), reactor),
+            spool_files=SpareSpoolFiles(Path(config.queue.path), reactor, subdir=spare),
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
             checks=checks, dkim=dkim,
         )

@@ -169,6 +169,26 @@ class _SpareFilesService(service.Service):
         return None
 
 
+def listener_factories(runtime: Runtime, counter: ConnectionCounter) -> list[tuple[Any, ...]]:
+    """(description, kind, index, factory, endpoint) of every listener, in the configuration's
+    order: the single process's and each receiving process's (mailsrv.procs), which get the
+    parent's connections by this order's position."""
+    config = runtime.config
+    made: list[tuple[Any, ...]] = []
+    for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
+        for index, description in enumerate(listen):
+            implicit_tls = description.startswith("ssl:")
+            factory: Any = SMTPServerFactory(runtime, counter, submission, implicit_tls)
+            endpoint = description
+            if implicit_tls:
+                factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
+                endpoint = tcp_endpoint_for_ssl(description)
+            endpoint = with_backlog(endpoint, listen_backlog(config.smtp.max_connections))
+            made.append((description, "submission" if submission else "smtp", index, factory,
+                         endpoint))
+    return made
+
+
 def lock_queue(config: Config) -> Any:
     """Take the queue lock for this process's lifetime; ConfigError when a server holds it."""
     try:
@@ -216,19 +236,18 @@ def make_service(
         config.smtp.max_connections, config.smtp.max_connections_per_ip, runtime.may_relay,
         ConnectionRate(config.limits.connections_per_minute, reactor.seconds),
     )
-    for listen, submission in ((config.smtp.listen, False), (config.submission.listen, True)):
-        for index, description in enumerate(listen):
-            implicit_tls = description.startswith("ssl:")
-            factory: Any = SMTPServerFactory(runtime, counter, submission, implicit_tls)
-            endpoint = description
-            if implicit_tls:
-                factory = TLSMemoryBIOFactory(runtime.tls, False, factory)
-                endpoint = tcp_endpoint_for_ssl(description)
-            endpoint = with_backlog(endpoint, listen_backlog(config.smtp.max_connections))
-            ListenerService(
-                description, factory, reactor, endpoint, "submission" if submission else "smtp",
-                index,
-            ).setServiceParent(top)
+    processes = config.server.process_count
+    listeners = []
+    for description, kind, index, factory, endpoint in listener_factories(runtime, counter):
+        listener = ListenerService(description, factory, reactor, endpoint, kind, index)
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    pool = None
+    if processes > 1:
+        from mailsrv.procs.pool import ReceiverPool
+
+        pool = ReceiverPool(runtime, counter, listeners, processes)
+        pool.setServiceParent(top)
     if config.metrics.listen is not None:
         metrics_listener(runtime, config.metrics.listen, reactor).setServiceParent(top)
     if config.report.daily:
@@ -248,7 +267,10 @@ def make_service(
             from mailsrv.outbound.tlsrpt.results import listen_to_attempts
 
             listen_to_attempts(destinations, runtime.tls_counts)
-    Reloader(runtime).setServiceParent(top)
+    reloader = Reloader(runtime)
+    reloader.setServiceParent(top)
+    if pool is not None:
+        reloader.on_sighup.append(pool.sighup)
     log.info(
         "mailsrv starting hostname={hostname} domains={domains} config={source}",
         hostname=config.hostname, domains=",".join(config.domains.local),
@@ -278,6 +300,8 @@ class Reloader(internet.TimerService):
         self._stamps = self._file_stamps()
         self._loading = False
         self._previous_handler: Any = None
+        #: Called (in the reactor) on each SIGHUP too.
+        self.on_sighup: list[Any] = []
 
     def startService(self) -> None:
         internet.TimerService.startService(self)
@@ -314,6 +338,8 @@ class Reloader(internet.TimerService):
     def _sighup(self, signum: int, frame: Any) -> None:
         # In the signal handler only schedule: the reactor runs the reload in its own turn.
         self.runtime.reactor.callFromThread(self.reload_all)
+        for also in self.on_sighup:  # the receiving processes (mailsrv.procs) reload too
+            self.runtime.reactor.callFromThread(also)
 
     def reload_all(self) -> None:
         log.info("SIGHUP: reloading users, aliases, the TLS certificate and the DKIM keys")

@@ -344,6 +344,22 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """[server]: how the server runs (mailsrv.procs)."""
+
+    # receiving processes; 0: one per core the server may run on (os.sched_getaffinity);
+    # 1: a single process that receives and relays, as before [server] existed
+    processes: int = 0
+
+    @property
+    def process_count(self) -> int:
+        """``processes`` resolved: 0 becomes the number of cores this process may use."""
+        import os
+
+        return self.processes or max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration.  ``source`` is the file it came from, None for the demo."""
 
@@ -367,6 +383,7 @@ class Config:
     report: ReportConfig = ReportConfig()
     tls_reports: TlsReportsConfig = TlsReportsConfig()
     mta_sts: MtaStsConfig = MtaStsConfig()
+    server: ServerConfig = ServerConfig()
     source: Path | None = None
 
     @property

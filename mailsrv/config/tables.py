@@ -23,6 +23,7 @@ from mailsrv.config.schema import (
     RelayConfig,
     ReportConfig,
     RspamdConfig,
+    ServerConfig,
     SmtpConfig,
     SrsConfig,
     SubmissionConfig,
@@ -166,4 +167,5 @@ TABLES: dict[str, tuple[type, dict[str, keys.Key]]] = {
         "contact": keys.text(), "rua": keys.report_uris()}),
     "mta_sts": (MtaStsConfig, {"mode": keys.choice(*MTA_STS_MODES),
                                "max_age": keys.integer(86400, 31557600)}),
+    "server": (ServerConfig, {"processes": keys.integer(0, 256)}),
 }

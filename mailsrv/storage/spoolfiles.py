@@ -40,8 +40,14 @@ SPARE_DIR = "spare"
 class SpareSpoolFiles:
     """A small stock of open, empty spool files (0600), refilled in the thread pool."""
 
-    def __init__(self, queue_path: Path, reactor: Any, stock: int = 32) -> None:
+    def __init__(
+        self, queue_path: Path, reactor: Any, stock: int = 32, subdir: str | None = None,
+    ) -> None:
+        # ``subdir``: a receiving process's own (mailsrv.procs), which it empties at its start
+        # without touching the files of the others.
         self.directory = Path(queue_path) / SPARE_DIR
+        if subdir is not None:
+            self.directory = self.directory / subdir
         self.reactor = reactor
         self.stock = stock
         self._ready: collections.deque[tuple[Path, int]] = collections.deque()

@@ -1,0 +1,180 @@
+"""
+A receiving process: ``python -m mailsrv.procs.child <n> <parent pid>``, started by the parent
+(mailsrv.procs.pool) with the configuration on its standard input (pickled: exactly the
+parent's, never a file edited since) and its channel on file descriptor 3.
+
+It runs the SMTP sessions of the connections the parent hands over, delivers into the
+Maildirs and writes queue files itself, and tells the parent of every message it queued.
+Its log events go to standard output, one line each (``<level>\\t<text>``), which the parent
+writes into its own log with ``proc=<n> pid=<pid>``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.logger import Logger, eventAsText, globalLogBeginner
+from zope.interface import implementer
+
+from mailsrv.interfaces import IRelayer
+
+__all__ = ["ParentRelayer", "main"]
+
+log = Logger(namespace="mailsrv")
+
+#: The channel's descriptor, as the parent's childFDs place it.
+CHANNEL_FD = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL when the parent dies (Linux prctl); exit now if it is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the channel's end stops this process instead
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _log_line(event: dict) -> None:
+    """One event, one line on standard output (continuation lines indented)."""
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    level = event.get("log_level")
+    name = level.name if level is not None else "info"
+    data = f"{name}\t" + text.rstrip("\n").replace("\n", "\n" + name + "\t  ") + "\n"
+    try:
+        os.write(1, data.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+@implementer(IRelayer)
+class ParentRelayer:
+    """The relayer as a receiving process sees it: the parent's, told over the channel."""
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+
+    def add(self, message: Any) -> None:
+        from mailsrv.procs.channel import encode
+
+        self.send(encode("queued", message.id))
+
+
+class _OneConnection(protocol.Factory):
+    """Builds one handed-over connection's protocol with its listener's factory, and tells
+    the parent when it ends (the parent counts it against the limits until then)."""
+
+    def __init__(self, factory: Any, conn_id: str, send: Any) -> None:
+        self.factory = factory
+        self.conn_id = conn_id
+        self.send = send
+
+    def buildProtocol(self, addr: Any) -> Any:
+        from mailsrv.procs.channel import encode
+
+        p = self.factory.buildProtocol(addr)
+        lost, conn_id, send = p.connectionLost, self.conn_id, self.send
+
+        def connection_lost(reason: Any = protocol.connectionDone) -> None:
+            try:
+                lost(reason)
+            finally:
+                send(encode("closed", conn_id))
+
+        p.connectionLost = connection_lost
+        return p
+
+
+class Receiver:
+    """Starts the runtime and the listeners' factories, and takes the parent's connections."""
+
+    def __init__(self, index: int, config: Any, reactor: Any) -> None:
+        self.index = index
+        self.config = config
+        self.reactor = reactor
+        self.factories: list[Any] = []
+        self.channel: Any = None
+
+    def start(self) -> None:
+        from mailsrv.inbound.listener import ConnectionCounter
+        from mailsrv.procs.channel import Channel, encode
+        from mailsrv.runtime import Runtime
+        from mailsrv.service import Reloader, _SpareFilesService, listener_factories
+        from mailsrv.startup import load_directory, load_dkim, load_tls
+
+        config, reactor = self.config, self.reactor
+        sock = socket.socket(fileno=CHANNEL_FD)
+        self.channel = Channel(sock, reactor, self.message, self.lost)
+        runtime = Runtime.build(
+            config, load_directory(config), reactor, tls=load_tls(config),
+            relayer=lambda runtime: ParentRelayer(self.channel.send), dkim=load_dkim(config),
+            spare=f"proc{self.index}")
+        # The parent applies the limits to every connection; this count is a part of its.
+        counter = ConnectionCounter(config.smtp.max_connections,
+                                    config.smtp.max_connections_per_ip, runtime.may_relay)
+        self.factories = [made[3] for made in listener_factories(runtime, counter)]
+        top = service.MultiService()
+        assert runtime.spool_files is not None
+        _SpareFilesService(runtime.spool_files).setServiceParent(top)
+        Reloader(runtime).setServiceParent(top)
+        top.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+        self.channel.send(encode("ready"))
+
+    def message(self, kind: str, fields: list[str], fd: int | None) -> None:
+        if kind != "conn" or fd is None:
+            if fd is not None:
+                os.close(fd)
+            return
+        try:
+            conn_id, listener = fields[0], int(fields[1])
+            family = socket.socket(fileno=os.dup(fd))
+            try:
+                kind_of = family.family
+            finally:
+                family.close()
+            self.reactor.adoptStreamConnection(
+                fd, kind_of, _OneConnection(self.factories[listener], conn_id, self.channel.send))
+        finally:
+            os.close(fd)
+
+    def lost(self) -> None:
+        """The parent is gone (or closed the channel): stop."""
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def main(argv: list[str]) -> None:
+    index, parent = int(argv[1]), int(argv[2])
+    die_with_parent(parent)
+    config = pickle.loads(sys.stdin.buffer.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    globalLogBeginner.beginLoggingTo([_log_line], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    receiver = Receiver(index, config, reactor)
+
+    def start() -> None:
+        try:
+            receiver.start()
+        except Exception:
+            log.failure("receiving process {n}: start failed", n=index)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,242 @@
+"""
+``[server] processes`` > 1: the parent (the ``twistd`` process systemd supervises) keeps the
+listening sockets it opened before dropping privileges, the relayer, the queue, the control
+channel of ``mailsrv queue``, the daily report and ``/metrics``; N receiving processes
+(mailsrv.procs.child) run the SMTP sessions, deliver into the Maildirs and write queue files
+themselves.
+
+- Connections: the parent accepts and hands each over (mailsrv.procs.dispatch), so the
+  connection limits stay exact.
+- New queue entries: a receiving process says ``queued <id>`` on its channel the moment the
+  message is durable; the parent reads the envelope and the relayer sends it at once.
+- Lifetimes: a receiving process dies with the parent (PR_SET_PDEATHSIG, and the channel's
+  end); one that dies is logged and started again, after 0.5 s doubling to 30 s while it
+  keeps dying young.  What it had answered ``250`` was on disk before the ``250``.
+- SIGHUP to the parent reloads the parent and is passed on to every receiving process.
+- Logs: every line of a receiving process comes out of the parent's log prefixed
+  ``proc=<n> pid=<pid>``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailsrv.inbound.listener import ConnectionCounter
+from mailsrv.procs.channel import Channel, pair
+from mailsrv.procs.dispatch import Acceptor, Child, Dispatcher, RefusedFactory, Route
+from mailsrv.storage import queue
+
+__all__ = ["ReceiverPool", "restart_delay"]
+
+log = Logger(namespace="mailsrv")
+
+#: A process that ran this long before dying is restarted after the first delay again.
+HEALTHY_AFTER = 30.0
+FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+#: Seconds the receiving processes get to finish at shutdown before SIGKILL.
+STOP_GRACE = 10.0
+
+
+def restart_delay(previous: float | None, lived: float) -> float:
+    """The wait before restarting a process that lived ``lived`` seconds (``previous``: the
+    wait before its last start, None for the first)."""
+    if previous is None or lived >= HEALTHY_AFTER:
+        return FIRST_DELAY
+    return min(MAX_DELAY, previous * 2)
+
+
+def routes_for(config: Any, listeners: list[Any], trusted: Any) -> list[Route]:
+    """One Route per listener (see mailsrv.procs.dispatch)."""
+    routes = []
+    for listener in listeners:
+        auth = listener.kind == "submission" or config.smtp.auth
+        routes.append(Route(Route.AUTH if auth else Route.FEWEST, config.greylist.enabled,
+                            trusted))
+    return routes
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    """One receiving process: its log lines relayed with ``proc=<n> pid=<pid>``."""
+
+    def __init__(self, pool: "ReceiverPool", child: Child) -> None:
+        self.pool = pool
+        self.child = child
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            self._relay(fd, line.decode("utf-8", "replace"))
+
+    def _relay(self, fd: int, line: str) -> None:
+        level = LogLevel.error
+        if fd == 1:
+            name, _, line = line.partition("\t")
+            try:
+                level = LogLevel.levelWithName(name)
+            except Exception:
+                level = LogLevel.info
+        log.emit(level, "proc={proc} pid={pid} {line}", proc=self.child.index + 1,
+                 pid=self.transport.pid if self.transport else "-", line=line)
+
+    def processEnded(self, reason: Any) -> None:
+        self.pool.ended(self.child, reason)
+
+
+class ReceiverPool(service.Service):
+    """Starts, watches and restarts the receiving processes; reads their channels."""
+
+    def __init__(
+        self, runtime: Any, counter: ConnectionCounter, listeners: list[Any], processes: int,
+    ) -> None:
+        self.runtime = runtime
+        self.reactor = runtime.reactor
+        self.listeners = listeners
+        self.children = [Child(i) for i in range(processes)]
+        refused = []
+        for listener in listeners:
+            inner = RefusedFactory(self.reactor)
+            outer = (TLSMemoryBIOFactory(runtime.tls, False, inner)
+                     if listener.description.startswith("ssl:") else inner)
+            refused.append((inner, outer))
+        self.dispatcher = Dispatcher(
+            counter, self.children, self.reactor, runtime.metrics, refused,
+            routes_for(runtime.config, listeners, runtime.may_relay))
+        self._acceptors: list[Acceptor] = []
+        self._processes: dict[int, Any] = {}  # index -> IProcessTransport
+        self._started: dict[int, float] = {}
+        self._delays: dict[int, float] = {}
+        self._stopped: dict[int, defer.Deferred] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for index, listener in enumerate(self.listeners):
+            port = listener.port
+            port.stopReading()  # the parent's Acceptor reads it instead
+            acceptor = Acceptor(port.socket, index, self.dispatcher)
+            self._acceptors.append(acceptor)
+            self.reactor.addReader(acceptor)
+        log.info("{n} receiving processes", n=len(self.children))
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        if self._stopping:
+            return
+        mine, theirs = pair()
+        args = [sys.executable, "-m", "mailsrv.procs.child", str(child.index + 1),
+                str(os.getpid())]
+        proto = _ChildProtocol(self, child)
+        try:
+            process = self.reactor.spawnProcess(
+                proto, sys.executable, args, env=dict(os.environ), path=os.getcwd(),
+                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
+        finally:
+            theirs.close()
+        process.write(pickle.dumps(self.runtime.config))
+        process.closeStdin()
+        self._processes[child.index] = process
+        self._started[child.index] = self.reactor.seconds()
+        child.channel = Channel(
+            mine, self.reactor,
+            lambda kind, fields, fd, child=child: self._message(child, kind, fields, fd),
+            lambda child=child: self.dispatcher.lost(child))
+        log.info("receiving process proc={proc} pid={pid} started", proc=child.index + 1,
+                 pid=process.pid)
+
+    def _message(self, child: Child, kind: str, fields: list[str], fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)  # a receiving process never sends one
+        if kind == "closed":
+            self.dispatcher.closed(child, int(fields[0]))
+        elif kind == "queued":
+            self.queued(fields[0])
+        elif kind == "ready":
+            child.ready = True
+            log.info("receiving process proc={proc} ready", proc=child.index + 1)
+
+    def queued(self, queue_id: str) -> None:
+        """A receiving process queued a message: the relayer takes it now (unless its
+        start-up scan of the queue found it already)."""
+        relayer = self.runtime.relayer
+        queue.check_queue_id(queue_id)
+        if queue_id in relayer.messages:
+            return
+        path = Path(self.runtime.config.queue.path) / "messages" / f"{queue_id}.json"
+        d = self.runtime.in_thread(queue.read_message, path)
+
+        def read(message: Any) -> None:
+            if message.id not in relayer.messages:
+                relayer.add(message)
+
+        def failed(failure: Any) -> None:
+            if failure.check(FileNotFoundError):
+                return  # sent and removed by the relayer since (its scan found it)
+            log.failure("queue id={id}: not handed to the relayer", failure, id=queue_id)
+
+        d.addCallbacks(read, failed)
+
+    def ended(self, child: Child, reason: Any) -> None:
+        process = self._processes.pop(child.index, None)
+        pid = getattr(process, "pid", None) or "-"
+        if child.channel is not None:
+            child.channel.close()
+        self.dispatcher.lost(child)
+        waiting = self._stopped.pop(child.index, None)
+        if waiting is not None:
+            waiting.callback(None)
+        if self._stopping:
+            log.info("receiving process proc={proc} stopped", proc=child.index + 1)
+            return
+        lived = self.reactor.seconds() - self._started.get(child.index, 0.0)
+        delay = restart_delay(self._delays.get(child.index), lived)
+        self._delays[child.index] = delay
+        log.error("receiving process proc={proc} pid={pid} ended after {lived:.1f}s "
+                  "({why}); starting it again in {delay:g}s", proc=child.index + 1, pid=pid,
+                  lived=lived, why=reason.getErrorMessage(), delay=delay)
+        self.reactor.callLater(delay, self._spawn, child)
+
+    def sighup(self) -> None:
+        """Pass SIGHUP on: every receiving process reloads as the parent does."""
+        for process in list(self._processes.values()):
+            try:
+                process.signalProcess(signal.SIGHUP)
+            except Exception:
+                pass  # it is ending; its successor reads the files anew
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self._stopping = True
+        for acceptor in self._acceptors:
+            self.reactor.removeReader(acceptor)
+        self._acceptors = []
+        waits = []
+        for index, process in list(self._processes.items()):
+            d = self._stopped[index] = defer.Deferred()
+            waits.append(d)
+            try:
+                process.signalProcess("TERM")
+            except Exception:
+                continue
+            self.reactor.callLater(STOP_GRACE, self._kill, index)
+        return defer.DeferredList(waits) if waits else None
+
+    def _kill(self, index: int) -> None:
+        process = self._processes.get(index)
+        if process is not None:
+            try:
+                process.signalProcess("KILL")
+            except Exception:
+                pass
