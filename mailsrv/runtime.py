@@ -124,19 +124,24 @@ class Runtime:
         checks: Pipeline | None = None,
         dkim: SigningKeys | None = None,
         spare: str | None = None,
+        greylist_owns: Callable[[str], bool] | None = None,
+        metrics: Any = None,
     ) -> "Runtime":
         """The running server's runtime: every collaborator made here, from ``config``.
 
         ``reactor`` is the real one (time, threads, shutdown triggers). ``relayer`` makes the
         relayer from the runtime (it sends through the runtime's threads and resolver).
-        ``spare``: the spare spool files' own subdirectory (a receiving process's).
+        ``spare``: the spare spool files' own subdirectory (a receiving process's);
+        ``greylist_owns``: the client networks whose greylisting rows it reads (a receiving
+        process's); ``metrics``: where the counters go (a receiving process's go to the
+        parent: mailsrv.procs.metricsrelay).
         """
         runtime = cls(
             config=config, directory=directory, reactor=reactor,
             resolver=make_resolver(config.relay.dns_servers, reactor), tls=tls,
             spool_files=SpareSpoolFiles(Path(config.queue.path), reactor, subdir=spare),
             workers=ThreadRunner(reactor, DELIVERY_THREADS, "delivery"),
-            checks=checks, dkim=dkim,
+            checks=checks, dkim=dkim, **({} if metrics is None else {"metrics": metrics}),
         )
         grey = config.greylist
         if grey.enabled:
@@ -144,7 +149,7 @@ class Runtime:
             writer = ThreadRunner(reactor, 1, "greylist")
             runtime.greylist = Greylist(
                 grey.path or Path(config.queue.path) / "greylist.sqlite3", grey.expire,
-                reactor.seconds, writer.run)
+                reactor.seconds, writer.run, owns=greylist_owns)
         dnsbl = config.dnsbl
         if dnsbl.enabled and runtime.resolver is not None:
             runtime.blocklists = Blocklists(

@@ -157,7 +157,7 @@ def metrics_listener(runtime: Runtime, endpoint: str, reactor: Any) -> ListenerS
     return listener
 
 
-class _SpareFilesService(service.Service):
+class SpareFilesService(service.Service):
     """Removes the unused spare spool files when the server stops."""
 
     def __init__(self, spare: ISpareSpoolFiles) -> None:
@@ -228,7 +228,7 @@ def make_service(
         config, directory, reactor, tls=load_tls(config), relayer=Relayer, dkim=dkim)
     top = service.MultiService()
     assert runtime.spool_files is not None
-    _SpareFilesService(runtime.spool_files).setServiceParent(top)
+    SpareFilesService(runtime.spool_files).setServiceParent(top)
     top.queue_lock = queue_lock  # held while the service lives
     service.IService(runtime.relayer).setServiceParent(top)
     TmpCleaner(config.mailboxes.root, reactor).setServiceParent(top)  # tmp/ files left by crashes

@@ -9,7 +9,8 @@ message that says which listener it came from.  Messages are short ASCII words:
 - parent to child: ``conn <id> <listener>`` with the connection's descriptor;
 - child to parent: ``closed <id>`` (the connection ended), ``queued <queue id>`` (a message
   entered the queue: the relayer, in the parent, sends it at once), ``ready`` (it takes
-  connections from now on).
+  connections from now on), ``metrics <json>`` (its counters' events:
+  mailsrv.procs.metricsrelay), whose field may hold spaces.
 
 ``encode``/``decode`` are the pure part; ``Channel`` the I/O.
 """
@@ -30,22 +31,26 @@ __all__ = ["Channel", "encode", "decode", "KINDS", "pair"]
 log = Logger(namespace="mailsrv")
 
 #: The messages' first words, and how many words follow each.
-KINDS = {b"conn": 2, b"closed": 1, b"queued": 1, b"ready": 0}
+KINDS = {b"conn": 2, b"closed": 1, b"queued": 1, b"ready": 0, b"metrics": 1}
+#: The kinds whose last field may hold spaces.
+SPACED = frozenset((b"metrics",))
 
+#: The longest message read (a batch of counters' events is the longest sent).
+_MAX_MESSAGE = 1 << 17
 #: Messages read in one turn of the reactor before the others get theirs.
 _READS_PER_TURN = 64
 
 
 def encode(kind: str, *fields: str | int) -> bytes:
-    """One message; ValueError for an unknown kind, a wrong number of fields or a field with
-    a space (a queue id or a number never has one)."""
+    """One message; ValueError for an unknown kind, a wrong number of fields, an empty field
+    or a space in a field (but the last of a SPACED kind)."""
     word = kind.encode("ascii")
     if KINDS.get(word) != len(fields):
         raise ValueError(f"bad channel message {kind} {fields!r}")
     parts = [word]
-    for value in fields:
+    for n, value in enumerate(fields, 1):
         text = str(value).encode("ascii")
-        if not text or b" " in text:
+        if not text or (b" " in text and (n < len(fields) or word not in SPACED)):
             raise ValueError(f"bad channel field {value!r}")
         parts.append(text)
     return b" ".join(parts)
@@ -53,8 +58,10 @@ def encode(kind: str, *fields: str | int) -> bytes:
 
 def decode(data: bytes) -> tuple[str, list[str]]:
     """(kind, fields) of one message; ValueError when it is not one of KINDS."""
-    words = data.split(b" ")
-    if KINDS.get(words[0]) != len(words) - 1:
+    kind = data.split(b" ", 1)[0]
+    count = KINDS.get(kind)
+    words = data.split(b" ", count if kind in SPACED else -1)
+    if count is None or len(words) - 1 != count or not all(words[1:]):
         raise ValueError(f"bad channel message {data[:80]!r}")
     return words[0].decode("ascii"), [w.decode("ascii") for w in words[1:]]
 
@@ -96,7 +103,7 @@ class Channel:
     def doRead(self) -> None:
         for _ in range(_READS_PER_TURN):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 1)
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, _MAX_MESSAGE, 1)
             except BlockingIOError:
                 return
             except OSError:

@@ -109,27 +109,34 @@ class Receiver:
     def start(self) -> None:
         from mailsrv.inbound.listener import ConnectionCounter
         from mailsrv.procs.channel import Channel, encode
+        from mailsrv.procs.dispatch import owns_network
+        from mailsrv.procs.metricsrelay import MetricsRelay
         from mailsrv.runtime import Runtime
-        from mailsrv.service import Reloader, _SpareFilesService, listener_factories
+        from mailsrv.service import Reloader, SpareFilesService, listener_factories
         from mailsrv.startup import load_directory, load_dkim, load_tls
 
         config, reactor = self.config, self.reactor
         sock = socket.socket(fileno=CHANNEL_FD)
         self.channel = Channel(sock, reactor, self.message, self.lost)
+        processes = config.server.process_count
+        metrics = MetricsRelay(lambda payload: self.channel.send(encode("metrics", payload)),
+                               reactor)
         runtime = Runtime.build(
             config, load_directory(config), reactor, tls=load_tls(config),
             relayer=lambda runtime: ParentRelayer(self.channel.send), dkim=load_dkim(config),
-            spare=f"proc{self.index}")
+            spare=f"proc{self.index}", metrics=metrics,
+            greylist_owns=lambda network: owns_network(network, self.index - 1, processes))
         # The parent applies the limits to every connection; this count is a part of its.
         counter = ConnectionCounter(config.smtp.max_connections,
                                     config.smtp.max_connections_per_ip, runtime.may_relay)
         self.factories = [made[3] for made in listener_factories(runtime, counter)]
         top = service.MultiService()
         assert runtime.spool_files is not None
-        _SpareFilesService(runtime.spool_files).setServiceParent(top)
+        SpareFilesService(runtime.spool_files).setServiceParent(top)
         Reloader(runtime).setServiceParent(top)
         top.startService()
         reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+        reactor.addSystemEventTrigger("before", "shutdown", metrics.stop)
         self.channel.send(encode("ready"))
 
     def message(self, kind: str, fields: list[str], fd: int | None) -> None:

@@ -54,13 +54,27 @@ class Route:
         self.trusted = trusted
 
 
+def network_owner(ip: str, processes: int) -> int:
+    """The process (index) that greylists ``ip``'s network: the same in the parent's routing
+    and in each process's greylisting memory (mailsrv.storage.greylist ``owns``)."""
+    return zlib.crc32(client_network(ip).encode()) % processes
+
+
+def owns_network(network: str, index: int, processes: int) -> bool:
+    """Whether process ``index`` greylists ``network`` (a client_network string)."""
+    return zlib.crc32(network.encode()) % processes == index
+
+
 def choose(route: Route, ip: str, open_counts: Sequence[int | None]) -> int | None:
     """The index of the process for a connection from ``ip``; ``open_counts`` has one entry
     per process, None for one not running.  None: no process can take it now."""
     if route.kind == Route.AUTH:
         index = 0
     elif route.greylist and not route.trusted(ip):
-        index = zlib.crc32(client_network(ip).encode()) % len(open_counts)
+        try:
+            index = network_owner(ip, len(open_counts))
+        except ValueError:  # not an IP address: not greylisted either
+            index = 0
     else:
         running = [(n, i) for i, n in enumerate(open_counts) if n is not None]
         return min(running)[1] if running else None
@@ -75,6 +89,8 @@ class Child:
         self.channel: Channel | None = None
         self.ready = False  # it said so: connections go to it
         self.open: dict[int, str] = {}  # connection id -> client address
+        #: Its connections the parent's connections_open gauge counts (mailsrv.procs.pool).
+        self.gauge = 0
 
     @property
     def taking(self) -> bool:

@@ -34,6 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailsrv.inbound.listener import ConnectionCounter
 from mailsrv.procs.channel import Channel, pair
 from mailsrv.procs.dispatch import Acceptor, Child, Dispatcher, RefusedFactory, Route
+from mailsrv.procs.metricsrelay import replay
 from mailsrv.storage import queue
 
 __all__ = ["ReceiverPool", "restart_delay"]
@@ -163,6 +164,9 @@ class ReceiverPool(service.Service):
             self.dispatcher.closed(child, int(fields[0]))
         elif kind == "queued":
             self.queued(fields[0])
+        elif kind == "metrics":
+            counts = replay(self.runtime.metrics, fields[0])
+            child.gauge += counts["connection_opened"] - counts["connection_closed"]
         elif kind == "ready":
             child.ready = True
             log.info("receiving process proc={proc} ready", proc=child.index + 1)
@@ -194,6 +198,9 @@ class ReceiverPool(service.Service):
         if child.channel is not None:
             child.channel.close()
         self.dispatcher.lost(child)
+        # Its connections went with it: the parent's gauge of open ones forgets them.
+        self.runtime.metrics.connections_open.dec(child.gauge)
+        child.gauge = 0
         waiting = self._stopped.pop(child.index, None)
         if waiting is not None:
             waiting.callback(None)

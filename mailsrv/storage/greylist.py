@@ -47,8 +47,12 @@ class Greylist:
 
     def __init__(
         self, path: Path, expire: float, clock: Callable[[], float],
-        in_thread: Callable[..., Any],
+        in_thread: Callable[..., Any], owns: Callable[[str], bool] | None = None,
     ) -> None:
+        # ``owns``: the client networks this process greylists ([server] processes > 1: the
+        # parent sends each network's connections to one process, mailsrv.procs.dispatch);
+        # only their rows are read, so that another's rows are never evicted from here.
+        self.owns = owns
         self.path = Path(path)
         self.expire = expire
         self.clock = clock
@@ -83,8 +87,11 @@ class Greylist:
                 "FROM triplets ORDER BY max(first_seen, last_passed) DESC LIMIT ?",
                 (MAX_TRIPLETS,)).fetchall()
             clients = self._db.execute("SELECT network, passes, last_passed FROM clients")
-            self._clients = {n: (p, t) for n, p, t in clients.fetchall()}
+            self._clients = {n: (p, t) for n, p, t in clients.fetchall()
+                             if self.owns is None or self.owns(n)}
         for network, sender, recipient, first, passed, passes in reversed(rows):
+            if self.owns is not None and not self.owns(network):
+                continue
             self._triplets[(network, sender, recipient)] = Triplets(first, passed, passes)
 
     def __len__(self) -> int:
