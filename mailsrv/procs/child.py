@@ -1,7 +1,8 @@
 """
 A receiving process: ``python -m mailsrv.procs.child <n> <parent pid>``, started by the parent
-(mailsrv.procs.pool) with the configuration on its standard input (pickled: exactly the
-parent's, never a file edited since) and its channel on file descriptor 3.
+(mailsrv.procs.pool) with the configuration and the users and aliases on its standard input
+(pickled: exactly the parent's, never a file edited or broken since) and its channel on file
+descriptor 3.
 
 It runs the SMTP sessions of the connections the parent hands over, delivers into the
 Maildirs and writes queue files itself, and tells the parent of every message it queued.
@@ -99,9 +100,10 @@ class _OneConnection(protocol.Factory):
 class Receiver:
     """Starts the runtime and the listeners' factories, and takes the parent's connections."""
 
-    def __init__(self, index: int, config: Any, reactor: Any) -> None:
+    def __init__(self, index: int, config: Any, directory: Any, reactor: Any) -> None:
         self.index = index
         self.config = config
+        self.directory = directory
         self.reactor = reactor
         self.factories: list[Any] = []
         self.channel: Any = None
@@ -113,7 +115,7 @@ class Receiver:
         from mailsrv.procs.metricsrelay import MetricsRelay
         from mailsrv.runtime import Runtime
         from mailsrv.service import Reloader, SpareFilesService, listener_factories
-        from mailsrv.startup import load_directory, load_dkim, load_tls
+        from mailsrv.startup import load_dkim, load_tls
 
         config, reactor = self.config, self.reactor
         sock = socket.socket(fileno=CHANNEL_FD)
@@ -122,7 +124,7 @@ class Receiver:
         metrics = MetricsRelay(lambda payload: self.channel.send(encode("metrics", payload)),
                                reactor)
         runtime = Runtime.build(
-            config, load_directory(config), reactor, tls=load_tls(config),
+            config, self.directory, reactor, tls=load_tls(config),
             relayer=lambda runtime: ParentRelayer(self.channel.send), dkim=load_dkim(config),
             spare=f"proc{self.index}", metrics=metrics,
             greylist_owns=lambda network: owns_network(network, self.index - 1, processes))
@@ -133,7 +135,11 @@ class Receiver:
         top = service.MultiService()
         assert runtime.spool_files is not None
         SpareFilesService(runtime.spool_files).setServiceParent(top)
-        Reloader(runtime).setServiceParent(top)
+        reloader = Reloader(runtime)
+        # The users and aliases came from the parent: the files are read at the first tick,
+        # in case they changed since (a broken file is refused, the parent's kept).
+        reloader._stamps = []
+        reloader.setServiceParent(top)
         top.startService()
         reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
         reactor.addSystemEventTrigger("before", "shutdown", metrics.stop)
@@ -165,12 +171,12 @@ class Receiver:
 def main(argv: list[str]) -> None:
     index, parent = int(argv[1]), int(argv[2])
     die_with_parent(parent)
-    config = pickle.loads(sys.stdin.buffer.read())
+    config, directory = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     globalLogBeginner.beginLoggingTo([_log_line], redirectStandardIO=False)
     from twisted.internet import reactor
 
-    receiver = Receiver(index, config, reactor)
+    receiver = Receiver(index, config, directory, reactor)
 
     def start() -> None:
         try:
@@ -181,6 +187,9 @@ def main(argv: list[str]) -> None:
 
     reactor.callWhenRunning(start)
     reactor.run()
+    # Stopped: what was answered 250 is on disk; threads still busy (a transaction that got
+    # no 250) are not waited for.
+    os._exit(0)
 
 
 if __name__ == "__main__":

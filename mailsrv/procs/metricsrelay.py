@@ -3,15 +3,16 @@ The counters of a receiving process, counted in the parent's ``Metrics``: one re
 ``/metrics`` and the daily report (both the parent's) count every process's mail.
 
 A receiving process's runtime gets a ``MetricsRelay`` instead of a ``Metrics``: each event
-call (``accepted``, ``refused``, ``auth``…) is recorded, and every ``INTERVAL`` seconds the
+call (``accepted``, ``refused``, ``auth``…) is recorded, and in the reactor's next turn the
 calls recorded are sent to the parent in one ``metrics`` message, which ``replay`` applies
-to the parent's ``Metrics`` by the same method names.  Events are recorded from any thread
+to the parent's ``Metrics`` by the same method names: a scrape after the ``250`` counts
+the message.  Events are recorded from any thread
 (the checks pipeline reports from worker threads): a deque takes them without a lock.
 
-What this costs: a list append per event, one message per process per interval.  What it
-loses: the events of the last interval of a process killed by SIGKILL (the mail is safe;
-only those counts are missing).  The delivery latency is sent as the time it took, not as
-the monotonic start, so the interval's wait is not added to it.
+What this costs: a list append per event, one message (and one wake-up of the reactor) per
+turn that had events.  What it loses: the events of the turn in which a process is killed
+by SIGKILL (the mail is safe; only those counts are missing).  The delivery latency is sent
+as the time it took, not as the monotonic start.
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import task
-
-__all__ = ["EVENTS", "MetricsRelay", "replay", "INTERVAL"]
+__all__ = ["EVENTS", "MetricsRelay", "replay"]
 
 #: Metrics' event methods (mailsrv.metrics.Metrics); anything else is not relayed.
 EVENTS = frozenset((
     "connection_opened", "connection_closed", "connection_refused", "refused", "accepted",
-    "decision", "auth", "tls", "relay_result", "dsn", "reload",
+    "decision", "auth", "tls", "relay_result", "dsn",
 ))
+#: Events of a receiving process the parent does not count: every process reloads on SIGHUP,
+#: and ``mailsrv_reloads_total`` counts the server's reloads (the parent's), not N + 1 of
+#: them; a process's refusal is in the log with its ``proc=``.
+NOT_RELAYED = frozenset(("reload",))
 
-#: Seconds between two messages of counts to the parent.
-INTERVAL = 0.2
 #: Bytes of events per message at most (a message must fit the channel's socket buffer and
 #: its reader's buffer, mailsrv.procs.channel); one longer event goes alone.
 BATCH_BYTES = 60000
@@ -42,17 +43,15 @@ BATCH_BYTES = 60000
 class MetricsRelay:
     """Records Metrics event calls; ``flush`` sends them (``send(payload)``)."""
 
-    def __init__(self, send: Callable[[str], Any], reactor: Any = None,
-                 interval: float = INTERVAL) -> None:
+    def __init__(self, send: Callable[[str], Any], reactor: Any = None) -> None:
         self.send = send
+        self.reactor = reactor
         self._events: collections.deque[list[Any]] = collections.deque()
-        self._loop: task.LoopingCall | None = None
-        if reactor is not None:
-            self._loop = task.LoopingCall(self.flush)
-            self._loop.clock = reactor
-            self._loop.start(interval, now=False)
+        self._flushing = False
 
     def __getattr__(self, name: str) -> Any:
+        if name in NOT_RELAYED:
+            return lambda *args, **kwargs: None
         if name not in EVENTS:
             raise AttributeError(name)
 
@@ -60,6 +59,10 @@ class MetricsRelay:
             if name == "accepted":
                 args, kwargs = _elapsed(args, kwargs)
             self._events.append([name, list(args), kwargs])
+            if not self._flushing and self.reactor is not None:
+                # One flush for the events of this turn of the reactor (or of any thread).
+                self._flushing = True
+                self.reactor.callFromThread(self.flush)
 
         return record
 
@@ -68,6 +71,7 @@ class MetricsRelay:
 
     def flush(self) -> None:
         """Send what was recorded (on the reactor thread)."""
+        self._flushing = False
         batch: list[str] = []
         size = 0
         while self._events:
@@ -81,8 +85,6 @@ class MetricsRelay:
             self.send("[" + ",".join(batch) + "]")
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
         self.flush()
 
 

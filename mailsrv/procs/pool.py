@@ -44,6 +44,9 @@ log = Logger(namespace="mailsrv")
 #: A process that ran this long before dying is restarted after the first delay again.
 HEALTHY_AFTER = 30.0
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+#: Seconds the parent waits at start-up for every receiving process to be ready before it
+#: accepts connections anyway (the ones ready take them).
+START_WAIT = 15.0
 #: Seconds the receiving processes get to finish at shutdown before SIGKILL.
 STOP_GRACE = 10.0
 
@@ -89,7 +92,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
             except Exception:
                 level = LogLevel.info
         log.emit(level, "proc={proc} pid={pid} {line}", proc=self.child.index + 1,
-                 pid=self.transport.pid if self.transport else "-", line=line)
+                 pid=self.pool._pids.get(self.child.index, "-"), line=line)
 
     def processEnded(self, reason: Any) -> None:
         self.pool.ended(self.child, reason)
@@ -117,21 +120,34 @@ class ReceiverPool(service.Service):
         self._acceptors: list[Acceptor] = []
         self._processes: dict[int, Any] = {}  # index -> IProcessTransport
         self._started: dict[int, float] = {}
+        self._pids: dict[int, int] = {}
         self._delays: dict[int, float] = {}
         self._stopped: dict[int, defer.Deferred] = {}
         self._stopping = False
+        self._accepting = False
+        self._accept_later: Any = None
 
     def startService(self) -> None:
         service.Service.startService(self)
         for index, listener in enumerate(self.listeners):
             port = listener.port
             port.stopReading()  # the parent's Acceptor reads it instead
-            acceptor = Acceptor(port.socket, index, self.dispatcher)
-            self._acceptors.append(acceptor)
-            self.reactor.addReader(acceptor)
+            self._acceptors.append(Acceptor(port.socket, index, self.dispatcher))
         log.info("{n} receiving processes", n=len(self.children))
         for child in self.children:
             self._spawn(child)
+        # Connections wait in the listen queue until every process is ready (or this long).
+        self._accept_later = self.reactor.callLater(START_WAIT, self._accept)
+
+    def _accept(self) -> None:
+        """Start accepting (once)."""
+        if self._accepting or self._stopping:
+            return
+        self._accepting = True
+        if self._accept_later is not None and self._accept_later.active():
+            self._accept_later.cancel()
+        for acceptor in self._acceptors:
+            self.reactor.addReader(acceptor)
 
     def _spawn(self, child: Child) -> None:
         if self._stopping:
@@ -146,9 +162,12 @@ class ReceiverPool(service.Service):
                 childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
         finally:
             theirs.close()
-        process.write(pickle.dumps(self.runtime.config))
+        # The configuration the parent runs with, and the users and aliases it has now: a
+        # file broken since is not what a restarted process starts with.
+        process.write(pickle.dumps((self.runtime.config, self.runtime.directory)))
         process.closeStdin()
         self._processes[child.index] = process
+        self._pids[child.index] = process.pid
         self._started[child.index] = self.reactor.seconds()
         child.channel = Channel(
             mine, self.reactor,
@@ -170,6 +189,8 @@ class ReceiverPool(service.Service):
         elif kind == "ready":
             child.ready = True
             log.info("receiving process proc={proc} ready", proc=child.index + 1)
+            if all(c.ready for c in self.children):
+                self._accept()
 
     def queued(self, queue_id: str) -> None:
         """A receiving process queued a message: the relayer takes it now (unless its
@@ -193,8 +214,8 @@ class ReceiverPool(service.Service):
         d.addCallbacks(read, failed)
 
     def ended(self, child: Child, reason: Any) -> None:
-        process = self._processes.pop(child.index, None)
-        pid = getattr(process, "pid", None) or "-"
+        self._processes.pop(child.index, None)
+        pid = self._pids.pop(child.index, "-")
         if child.channel is not None:
             child.channel.close()
         self.dispatcher.lost(child)
@@ -226,6 +247,8 @@ class ReceiverPool(service.Service):
     def stopService(self) -> Any:
         service.Service.stopService(self)
         self._stopping = True
+        if self._accept_later is not None and self._accept_later.active():
+            self._accept_later.cancel()
         for acceptor in self._acceptors:
             self.reactor.removeReader(acceptor)
         self._acceptors = []
