@@ -180,3 +180,191 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- what stays true across processes: AUTH failures, send limits, greylisting, the queue
+# command, the counters ------------------------------------------------------------------
+
+PASSWORDS = {"alice@example.org": "alice pw"}
+
+
+def _submission_server(tmp_path, **tables):
+    import sys
+
+    from support.certs import make_ca
+    from support.harness import REPO
+
+    sys.path.insert(0, str(REPO))
+    from mailsrv.accounts.auth import hash_password
+
+    dns = DNSServer(tmp_path, {"records": {}})
+    ca = make_ca(tmp_path)
+    cert, key = ca.issue(["mx.example.org", "localhost"], tmp_path, ips=("127.0.0.1",))
+    overrides = {**PROCS, "tls": {"cert": str(cert), "key": str(key)},
+                 "submission": {"listen": ["tcp:0:interface=127.0.0.1"]},
+                 "checks": {"spf": False, "dkim_verify": False, "dmarc": False,
+                            "protect_local_domains": False}}
+    for table, values in tables.items():
+        overrides.setdefault(table, {}).update(values)
+    (tmp_path / "s").mkdir()
+    users = [f"{a}:{hash_password(p, cost=4)}" for a, p in PASSWORDS.items()] + ["pm@example.org"]
+    server = MailServer(tmp_path / "s", dns.port, users=users,
+                        aliases=["postmaster: pm@example.org"], overrides=overrides)
+    return server, dns, ca
+
+
+def _submit(server, ca):
+    client = connect(server.port_of("submission"))
+    client.starttls(context=ca.client_context())
+    client.ehlo()
+    return client
+
+
+def test_auth_lockout_is_shared_by_parallel_connections(tmp_path):
+    server, dns, ca = _submission_server(tmp_path, auth={"max_failures": 3, "failure_delay": 0})
+    try:
+        server.start()
+        ready(server)
+        clients = [_submit(server, ca) for _ in range(4)]  # open together
+        def plain(client, password):
+            client.user, client.password = "alice@example.org", password
+            return client.auth("PLAIN", client.auth_plain)  # one try (login() tries more)
+
+        for client in clients[:3]:
+            with __import__("pytest").raises(smtplib.SMTPAuthenticationError) as failed:
+                plain(client, "wrong")
+            assert failed.value.smtp_code == 535
+        # The fourth connection, one past max_failures: locked out, the right password too.
+        with __import__("pytest").raises(smtplib.SMTPAuthenticationError) as locked:
+            plain(clients[3], "alice pw")
+        assert locked.value.smtp_code == 454
+        for client in clients:
+            client.close()
+    finally:
+        server.stop()
+        dns.stop()
+
+
+def test_send_limit_is_one_ledger_for_parallel_connections(tmp_path):
+    server, dns, ca = _submission_server(tmp_path, limits={"messages_per_day": 3})
+    try:
+        server.start()
+        ready(server)
+        clients = [_submit(server, ca) for _ in range(4)]
+        for client in clients:
+            client.login("alice@example.org", "alice pw")
+        for client in clients[:3]:
+            client.sendmail("alice@example.org", ["pm@example.org"], b"Subject: n\r\n\r\nx\r\n")
+        # One past messages_per_day, on the fourth connection.
+        code, text = clients[3].mail("alice@example.org")
+        assert (code, text.decode()) == (
+            451, "4.7.0 Error: sending limit reached (3 messages in 24 hours); try again later")
+        assert set(re.findall(r"proc=(\d) pid=\d+ auth ok", server.log_text())) == {"1"}
+        for client in clients:
+            client.close()
+    finally:
+        server.stop()
+        dns.stop()
+
+
+def test_greylisting_retry_from_the_network_passes_whatever_else_is_open(tmp_path):
+    delay = 3
+    dns = DNSServer(tmp_path, {"records": {}})
+    (tmp_path / "s").mkdir()
+    server = MailServer(tmp_path / "s", dns.port, overrides={
+        **PROCS, "relay": {"trusted_networks": ["10.0.0.0/8"]},
+        "checks": {"spf": False, "dkim_verify": False, "dmarc": False,
+                   "protect_local_domains": False},
+        "greylist": {"enabled": True, "delay": delay}})
+
+    def rcpt(source):
+        with connect(server.port, source=source) as client:
+            client.ehlo("client.test")
+            client.mail("someone@sender.test")
+            code = client.rcpt("alice@example.org")[0]
+            if code == 250:
+                client.data(b"Subject: g\r\n\r\nhello\r\n")
+            return code
+
+    try:
+        server.start()
+        ready(server)
+        first = time.monotonic()
+        assert rcpt("127.0.0.30") == 451
+        # Connections held open from elsewhere: "the fewest" would now pick the other
+        # process; the network's connections still go to the one that knows its triplets.
+        held = [connect(server.port, source="127.0.1.1") for _ in range(3)]
+        time.sleep(max(0.0, first + delay - time.monotonic()) + 0.3)
+        assert rcpt("127.0.0.31") == 250  # same /24, another address, as a farm retries
+        for client in held:
+            client.close()
+        procs = set(re.findall(r"proc=(\d) pid=\d+ connect client=127\.0\.0\.3", server.log_text()))
+        assert len(procs) == 1
+    finally:
+        server.stop()
+        dns.stop()
+
+
+def test_counters_of_both_processes_are_in_the_parents_metrics(tmp_path):
+    import urllib.request
+
+    from support.harness import free_port
+
+    port = free_port(["127.0.0.1"])
+    dns = DNSServer(tmp_path, {"records": {}})
+    (tmp_path / "s").mkdir()
+    server = MailServer(tmp_path / "s", dns.port, overrides={
+        **PROCS, "metrics": {"listen": f"tcp:{port}:interface=127.0.0.1"}})
+
+    def accepted():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        found = re.search(rb'mailsrv_messages_accepted_total\{listener="smtp"\} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    try:
+        server.start()
+        ready(server)
+        clients = [connect(server.port) for _ in range(2)]  # one in each process
+        for _ in range(3):
+            for client in clients:
+                client.sendmail("a@c.test", ["alice@example.org"], b"Subject: m\r\n\r\nm\r\n")
+        for client in clients:
+            client.quit()
+        assert set(re.findall(r"proc=(\d) pid=\d+ accepted", server.log_text())) == {"1", "2"}
+        wait_for(lambda: accepted() == 6, 10, "6 messages counted")
+    finally:
+        server.stop()
+        dns.stop()
+
+
+def test_queue_command_reaches_the_relayer_in_the_parent(tmp_path):
+    import subprocess
+    import sys
+
+    from support.harness import REPO, _env, free_port
+
+    # Nothing listens at remote.test's MX: the message is deferred and stays queued.
+    dns = DNSServer(tmp_path, {"records": {"remote.test": [["MX", 10, "mx.remote.test"]],
+                                           "mx.remote.test": [["A", "127.0.0.9"]]}})
+    (tmp_path / "s").mkdir()
+    server = MailServer(tmp_path / "s", dns.port, overrides={
+        **PROCS, "relay": {"port": free_port(["127.0.0.9"])},
+        "queue": {"retry_schedule": [3600]}})
+    try:
+        server.start()
+        ready(server)
+        send_mail(server.port, "a@example.org", ["someone@remote.test"],
+                  b"Subject: q\r\n\r\nqueued\r\n")
+        queue_id = wait_for(lambda: re.search(r"proc=\d pid=\d+ queued id=(\w+)",
+                                              server.log_text()), 10, "queued").group(1)
+        wait_for(lambda: "status=deferred" in server.log_text(), 30, "the deferral")
+        done = subprocess.run(
+            [sys.executable, "-m", "mailsrv.tools.cli", "queue", "--config",
+             str(server.config_path), "delete", queue_id],
+            capture_output=True, text=True, env=_env(), cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"deleted {queue_id}" in done.stdout + done.stderr
+        assert not list((server.queue / "messages").iterdir())
+    finally:
+        server.stop()
+        dns.stop()
