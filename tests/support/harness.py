@@ -142,6 +142,10 @@ class MailServer:
                       "dns_servers": [f"127.0.0.1:{dns_port}"], "port": 2525},
             # No DKIM keys: never those of a mailsrv installed on this machine.
             "dkim": {"keys": str(workdir / "dkim")},
+            # One process unless a test asks for more (tests/e2e/test_processes.py): the tests
+            # read the log right after a reply, and a receiving process's lines reach the
+            # parent's log just after it ([server] processes, README "Several processes").
+            "server": {"processes": 1},
         }
         (workdir / "dkim").mkdir(mode=0o755, exist_ok=True)  # empty: any user may read it
         for table, values in (overrides or {}).items():
