@@ -136,11 +136,11 @@ class Receiver:
         assert runtime.spool_files is not None
         SpareFilesService(runtime.spool_files).setServiceParent(top)
         reloader = Reloader(runtime)
-        # The users and aliases came from the parent: the files are read at the first tick,
-        # in case they changed since (a broken file is refused, the parent's kept).
-        reloader._stamps = []
         reloader.setServiceParent(top)
         top.startService()
+        # The users and aliases came from the parent: read again in case the files changed
+        # since (a broken file is refused, and the parent's kept).
+        reloader.reload_directory("receiving process start")
         reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
         reactor.addSystemEventTrigger("before", "shutdown", metrics.stop)
         self.channel.send(encode("ready"))

@@ -385,3 +385,21 @@ def test_queue_command_reaches_the_relayer_in_the_parent(tmp_path):
     finally:
         server.stop()
         dns.stop()
+
+
+def test_a_restarted_process_keeps_the_parents_users_when_the_file_broke(make_server):
+    server = make_server(overrides=PROCS).start()
+    ready(server)
+    users = server.workdir / "users"
+    users.write_text(users.read_text() + "not an address\n")
+    wait_for(lambda: "reload (changed on disk) refused" in server.log_text(), 10, "the refusal")
+    for pid in child_pids(server):
+        os.kill(pid, signal.SIGKILL)
+    ready(server, 4)
+    # Both restarted with the users the parent kept: mail for alice is still delivered.
+    clients = [connect(server.port), connect(server.port)]
+    for client in clients:
+        assert client.sendmail("a@c.test", ["alice@example.org"], b"Subject: k\r\n\r\nk\r\n") == {}
+        client.quit()
+    wait_for(lambda: len(re.findall(r"proc=\d pid=\d+ reload \(receiving process start\) refused",
+                                    server.log_text())) == 2, 10, "each process refused the file")
