@@ -93,4 +93,8 @@ def prepare(config: Config) -> Directory:
         raise ConfigError(config.source, "queue.path", f"a directory mailsrv can write: {e}")
     load_tls(config)
     load_dkim(config)
+    if config.server.process_count > 1:
+        from mailsrv.procs.pool import check_interpreter
+
+        check_interpreter(config)
     return load_directory(config)

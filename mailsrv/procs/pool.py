@@ -59,6 +59,23 @@ def restart_delay(previous: float | None, lived: float) -> float:
     return min(MAX_DELAY, previous * 2)
 
 
+def check_interpreter(config: Any, executable: str = sys.executable) -> None:
+    """ConfigError (``server.processes``) when the user the server runs as (the effective
+    one: called under mailsrv.privileges.effective_user) cannot run ``executable``, which
+    every receiving process is: found at start-up, not as a parent that listens and then
+    dies spawning them."""
+    from mailsrv.config import ConfigError
+
+    if config.server.process_count <= 1:
+        return
+    if not os.access(executable, os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise ConfigError(
+            config.source, "server.processes",
+            f"{config.server.process_count} receiving processes, each run as "
+            f"{executable}, which the server's user (uid {os.geteuid()}) cannot execute "
+            "(a directory on its path not searchable?): make it runnable, or set processes = 1")
+
+
 def routes_for(config: Any, listeners: list[Any], trusted: Any) -> list[Route]:
     """One Route per listener (see mailsrv.procs.dispatch)."""
     routes = []
@@ -160,6 +177,17 @@ class ReceiverPool(service.Service):
             process = self.reactor.spawnProcess(
                 proto, sys.executable, args, env=dict(os.environ), path=os.getcwd(),
                 childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
+        except OSError as e:
+            # Twisted's posix_spawn fails here, in the parent (its fork fails in the child):
+            # the same backoff as a process that died at once, never the parent's end.
+            mine.close()
+            delay = restart_delay(self._delays.get(child.index), 0.0)
+            self._delays[child.index] = delay
+            log.error("receiving process proc={proc} not started: {executable}: {error}; "
+                      "trying again in {delay:g}s", proc=child.index + 1,
+                      executable=sys.executable, error=e.strerror or e, delay=delay)
+            self.reactor.callLater(delay, self._spawn, child)
+            return
         finally:
             theirs.close()
         # The configuration the parent runs with, and the users and aliases it has now: a

@@ -85,6 +85,14 @@ def mailsrv(config: Path, *args: str, stdin: str = "") -> subprocess.CompletedPr
     )
 
 
+def _runnable_by(user: str, path: str) -> bool:
+    from mailsrv.privileges import effective_user
+
+    entry = pwd.getpwnam(user)
+    with effective_user(entry.pw_uid, entry.pw_gid):
+        return os.access(path, os.X_OK, effective_ids=True)
+
+
 def fresh_install(server: MailServer, passwords: dict[str, str]) -> None:
     """``server`` (not started) as a fresh install running as MAIL_USER: no users file until
     ``mailsrv user add`` makes one for each of ``passwords``; the queue and the Maildirs the
@@ -93,6 +101,10 @@ def fresh_install(server: MailServer, passwords: dict[str, str]) -> None:
     owned_dir(server.queue)
     owned_dir(server.root)
     server.twistd_options = ["--uid", MAIL_USER, "--gid", MAIL_USER]
+    if not _runnable_by(MAIL_USER, sys.executable):
+        # Receiving processes run this interpreter as MAIL_USER; one under root's home (a
+        # pyenv build) cannot be, and the server would refuse to start (server.processes).
+        server.set_config("server", "processes", 1)
     for address, password in passwords.items():
         result = mailsrv(server.config_path, "user", "add", address, "--password-stdin",
                          stdin=password + "\n")

@@ -145,7 +145,8 @@ class MailServer:
             # One process unless a test asks for more (tests/e2e/test_processes.py): the tests
             # read the log right after a reply, and a receiving process's lines reach the
             # parent's log just after it ([server] processes, README "Several processes").
-            "server": {"processes": 1},
+            # MAILSRV_TEST_PROCESSES=2 runs every e2e test with that many.
+            "server": {"processes": int(os.environ.get("MAILSRV_TEST_PROCESSES", "1"))},
         }
         (workdir / "dkim").mkdir(mode=0o755, exist_ok=True)  # empty: any user may read it
         for table, values in (overrides or {}).items():

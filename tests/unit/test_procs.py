@@ -259,3 +259,68 @@ def test_the_real_reactor_is_a_channel_reactor():
     for name in ("addReader", "removeReader", "addWriter", "removeWriter",
                  "adoptStreamConnection"):
         assert hasattr(real_reactor, name)
+
+
+def _config(processes, source="/etc/mailsrv/mailsrv.toml"):
+    from types import SimpleNamespace
+
+    server = SimpleNamespace(process_count=processes)
+    return SimpleNamespace(server=server, source=source)
+
+
+def test_an_interpreter_the_servers_user_cannot_run_is_a_configuration_error(tmp_path):
+    from mailsrv.config import ConfigError
+    from mailsrv.procs.pool import check_interpreter
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    check_interpreter(_config(2), str(python))
+    python.chmod(0o644)  # no x bit at all: not even root may run it
+    with pytest.raises(ConfigError, match=r"server\.processes: 2 receiving processes"):
+        check_interpreter(_config(2), str(python))
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o000)
+    try:
+        with pytest.raises(ConfigError, match=str(hidden / "python")):
+            check_interpreter(_config(2), str(hidden / "python"))
+        check_interpreter(_config(1), str(hidden / "python"))  # one process: none spawned
+    finally:
+        hidden.chmod(0o700)
+
+
+def test_a_process_that_cannot_be_spawned_is_retried_with_backoff_not_fatal():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from mailsrv.procs.pool import ReceiverPool
+
+    class SpawnFails(Clock):
+        spawned = 0
+
+        def spawnProcess(self, *args, **kwargs):
+            self.spawned += 1
+            raise PermissionError(13, "Permission denied")
+
+        def addReader(self, r):
+            pass
+
+        def removeReader(self, r):
+            pass
+
+    clock = SpawnFails()
+    config = SimpleNamespace(smtp=SimpleNamespace(auth=False),
+                             greylist=SimpleNamespace(enabled=False))
+    runtime = SimpleNamespace(reactor=clock, tls=None, config=config, metrics=Metrics(),
+                              may_relay=lambda ip: False)
+    pool = ReceiverPool(runtime, ConnectionCounter(10, 10), [], 2)
+    pool.startService()
+    assert clock.spawned == 2
+    clock.advance(FIRST_DELAY)
+    assert clock.spawned == 4
+    clock.advance(FIRST_DELAY)
+    assert clock.spawned == 4  # the delay doubled
+    clock.advance(FIRST_DELAY)
+    assert clock.spawned == 6
+    pool.stopService()
