@@ -163,6 +163,10 @@ class ReceiverPool(service.Service):
         self._accepting = True
         if self._accept_later is not None and self._accept_later.active():
             self._accept_later.cancel()
+        # "listening on" came before the processes started: this line says connections are
+        # answered from now on (and by how many of them, when some were too slow).
+        log.info("accepting connections: {ready} of {n} receiving processes ready",
+                 ready=sum(c.ready for c in self.children), n=len(self.children))
         for acceptor in self._acceptors:
             self.reactor.addReader(acceptor)
 

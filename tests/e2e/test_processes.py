@@ -48,6 +48,11 @@ def ready(server, count=2):
 def test_mail_is_delivered_through_both_processes(make_server):
     server = make_server(overrides=PROCS).start()
     ready(server)
+    # The parent answers connections once every process said ready, and says so.
+    log = server.log_text()
+    assert "accepting connections: 2 of 2 receiving processes ready" in log
+    assert log.index("accepting connections") > max(
+        m.start() for m in re.finditer(r"receiving process proc=\d+ ready", log))
     # Held open together: the parent gives the second to the process with fewer.
     first, second = connect(server.port), connect(server.port)
     for n, client in enumerate((first, second)):

@@ -198,7 +198,15 @@ class MailServer:
             wanted = len(self.config["smtp"]["listen"]) + len(
                 self.config.get("submission", {}).get("listen", [])
             )
-            return found if len(found) >= wanted else None
+            if len(found) < wanted:
+                return None
+            # With several processes the parent listens at once but answers connections
+            # only once its receiving processes are ready ([server] processes).
+            processes = self.config["server"].get("processes", 1) or len(
+                os.sched_getaffinity(0))
+            if processes > 1 and "accepting connections: " not in text:
+                return None
+            return found
 
         found = wait_for(listening, START_TIMEOUT, "mailsrv to listen")
         self.listeners = [(endpoint, kind, int(port)) for endpoint, port, kind in found]
