@@ -221,7 +221,21 @@ class MailServer:
         raise AssertionError(f"no {kind} listener (tls={tls}) in {self.listeners}")
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        processes = self.config["server"].get("processes", 1) or len(os.sched_getaffinity(0))
+        if processes > 1 and self.process is not None:
+            # A receiving process's lines pass through the parent and reach the log a moment
+            # after the reply they describe (README "Several processes"): read once the log
+            # has stopped growing for a moment, as an administrator reading it would.
+            deadline, size = time.monotonic() + 2.0, -1
+            while time.monotonic() < deadline:
+                now = self.log_path.stat().st_size
+                if now == size:
+                    break
+                size = now
+                time.sleep(0.05)
+        return self.log_path.read_text(errors="replace")
 
     def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
         """``mailsrv ARGS --config <this server's file>`` from the checkout, its output as text."""
