@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from mailsrv.outbound.mtasts.policy import PolicyError, parse_txt
+from mailsrv.outbound.tlsrpt.document import parse_record
 from mailsrv.tools.dnsrecords import MISSING, OK, WRONG, Record, Verdict
 
 __all__ = ["JUDGES", "policy_id", "policy_text", "policy_url", "tls_records"]
@@ -55,19 +57,17 @@ def tls_records(
     return records
 
 
-def _tags(text: str) -> dict[str, str]:
-    pairs = (part.strip().partition("=") for part in text.split(";") if part.strip())
-    return {key.strip().lower(): value.strip() for key, _, value in pairs}
-
-
 def _mta_sts(record: Record, found: list[str], hostname: str) -> Verdict:
     sts = [t for t in found if t.replace(" ", "").startswith("v=STSv1")]
     if not sts:
         return Verdict(MISSING, "no MTA-STS record: senders do not look for the policy")
     if len(sts) > 1:
         return Verdict(WRONG, f"{len(sts)} MTA-STS records (senders then use none)")
-    want = _tags(record.value)["id"]
-    have = _tags(sts[0]).get("id", "")
+    want = parse_txt([record.value])
+    try:
+        have = parse_txt([sts[0]])  # as a sender reads it
+    except PolicyError as e:
+        return Verdict(WRONG, f'"{sts[0]}": {e} (senders then use no policy)')
     if have != want:
         return Verdict(WRONG, f"id={have}, but the policy now has id={want}: serve the new "
                               "policy file first, then publish the new id")
@@ -80,8 +80,8 @@ def _tlsrpt(record: Record, found: list[str], hostname: str) -> Verdict:
         return Verdict(MISSING, "no TLS-RPT record: senders do not report their TLS failures")
     if len(rpt) > 1:
         return Verdict(WRONG, f"{len(rpt)} TLS-RPT records (senders then use none)")
-    want = {u.strip() for u in _tags(record.value)["rua"].split(",")}
-    have = {u.strip() for u in _tags(rpt[0]).get("rua", "").split(",") if u.strip()}
+    want = set(parse_record([record.value]) or ())
+    have = set(parse_record([rpt[0]]) or ())  # the rua a sender would use
     if have != want:
         return Verdict(WRONG, f'"{rpt[0]}": rua is not {",".join(sorted(want))}')
     return Verdict(OK, rpt[0])

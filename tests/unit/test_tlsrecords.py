@@ -49,6 +49,7 @@ def test_nothing_without_configuration():
     ([], MISSING),
     (["v=STSv1; id=20260101"], WRONG),  # the policy changed, the id did not
     (["v=STSv1; id={id}", "v=STSv1; id=x"], WRONG),
+    (["v=STSv1; id={id}; stray"], WRONG),  # the right id, but senders refuse the record
 ])
 def test_mta_sts_record_judged(found, status):
     record = kinds()["MTA-STS"]
