@@ -19,7 +19,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from support.harness import REPO, MailServer, free_port, wait_for
+from support.harness import REPO, MailServer, free_port, stop_process, wait_for
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 LIBEXEC = Path("/usr/lib/dovecot")
@@ -166,13 +165,8 @@ class Dovecot:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
         time.sleep(0)  # its children end with the master
 
