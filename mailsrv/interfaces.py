@@ -78,6 +78,7 @@ class IMessageIntake(Interface):
     targets = Attribute("Where copies go (Target -> the recipient that named it), first first.")
     folders = Attribute("Local Target -> the Maildir++ folder a check filed its copy into.")
     size = Attribute("Octets spooled so far.")
+    binary = Attribute("MAIL had BODY=BINARYMIME: spooled as received, made text at the end.")
 
     def add_recipient(recipient, targets, folder=None):
         """An accepted recipient and its targets (filed into ``folder`` when not None)."""

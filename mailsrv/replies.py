@@ -137,6 +137,8 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 CHUNK_RECEIVED = Reply(250, "2.0.0", "Ok: {size} octets received")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction; send RSET")
+# RFC 3030 §3: a BODY=BINARYMIME message comes with BDAT only; the transaction is over.
+DATA_AFTER_BINARYMIME = Reply(503, "5.5.1", "Error: DATA after BODY=BINARYMIME; send RSET")
 BDAT_AFTER_FAILURE = Reply(503, "5.5.1", "Error: an earlier chunk failed; send RSET")
 
 # Addresses and their parameters (mailsrv.routing.address: the parser knows why a path is wrong)
@@ -240,6 +242,8 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 SIZE_EXCEEDS_LIMIT = Reply(552, "5.3.4", "Error: message size exceeds fixed limit")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message line longer than 1000 octets")
 BARE_LINE_END = Reply(554, "5.6.0", "Error: bare CR or LF in message; message refused")
+BINARYMIME_NOT_CONVERTED = Reply(
+    554, "5.6.0", "Error: binary MIME message cannot be made into text ({reason}); message refused")
 BARE_LINE_END_COMMAND = Reply(421, "4.5.2", "Error: bare CR or LF in command; closing connection")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Error: too many Received: headers (mail loop?)")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded; closing connection")

@@ -97,7 +97,8 @@ class Chunking:
                     refusal = e.reply
                 else:
                     chunks = ChunkState(ChunkScanner(
-                        self._transaction.write, self.runtime.config.smtp.max_message_size))
+                        self._transaction.write, self.runtime.config.smtp.max_message_size,
+                        binary=self._transaction.binary))
             if refusal is not None:
                 chunks = ChunkState(None)
                 chunks.refusal = refusal
@@ -169,11 +170,15 @@ class Chunking:
         self._bdat_failed = True
 
     def data_refusal(self) -> Reply | None:
-        """DATA's reply when the transaction's chunks rule it out (RFC 3030 §2), else None.
-        (BINARYMIME, whose DATA RFC 3030 §3 refuses too, is not offered: see the README.)"""
+        """DATA's reply when the transaction's chunks (RFC 3030 §2) or its BODY=BINARYMIME
+        (§3: BDAT only; the transaction's state is then undefined, so it ends) rule it out,
+        else None."""
         if self._chunks is not None:
             self._fail_chunks()
             return replies.DATA_AFTER_BDAT
+        if self._transaction is not None and self._transaction.binary:
+            self._abort_transaction()
+            return replies.DATA_AFTER_BINARYMIME
         return None
 
     def reset_chunks(self) -> None:

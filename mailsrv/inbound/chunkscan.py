@@ -7,7 +7,9 @@ held to the same rules as one sent with DATA (mailsrv.inbound.datascan): a bare 
 longer than 1000 octets with its CRLF, or a message over the size limit marks the message as
 refused, and from then on its octets are only counted, never kept; accepted data goes to the
 spool with LF line ends. The chunks are one stream: a CRLF split between two chunks is one
-line end. Pure, without I/O.
+line end. A binary body (``BODY=BINARYMIME``) has no lines: only its size is held to the limit,
+and its octets go to the spool as they came (mailsrv.message.binarymime makes it text at the
+end). Pure, without I/O.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ class ChunkScanner:
     ``finish`` after the last chunk. ``error`` says why the message is refused, if it is."""
 
     def __init__(
-        self, sink: Callable[[bytes], None], max_size: int, max_line: int = MAX_TEXT_LINE
+        self, sink: Callable[[bytes], None], max_size: int, max_line: int = MAX_TEXT_LINE,
+        binary: bool = False,
     ) -> None:
         self._sink = sink
+        self._binary = binary
         self._max_size = max_size
         self._max_content = max_line - 2  # a line's octets without its CRLF
         # Linear: run only on data starting at a line start without bare CR or LF (datascan).
@@ -65,6 +69,8 @@ class ChunkScanner:
             return
         if self.size > self._max_size:
             return self._fail(DataError.TOO_BIG)
+        if self._binary:
+            return self._sink(data)
         buf = self._pending + data if self._pending else data
         last = buf.rfind(b"\r\n")
         if last >= 0:

@@ -1,12 +1,12 @@
 """
 The intake of one message: its envelope, its spool file, and its storage.
 
-A ``Transaction`` (``IMessageIntake``) is started by the connection's
-:class:`~mailsrv.inbound.session_intake.SessionDelivery` at MAIL and given each accepted recipient.  It
-spools the body while it arrives and, at the end of DATA, in a delivery thread, runs the
-header and message checks (mailsrv.checks.pipeline) and the modifiers, then stores it: local copies
-into Maildirs (or the folder a check filed them into), remote recipients into the queue, all
-or nothing, before the protocol may answer ``250``.
+A ``Transaction`` (``IMessageIntake``) is started by the connection's SessionDelivery at MAIL
+and given each accepted recipient. It spools the body while it arrives and, at its end, in a
+delivery thread (a binary MIME body made text first), runs the header and message checks
+(mailsrv.checks.pipeline) and the modifiers, then stores it: local copies into Maildirs (or the
+folder a check filed them into), remote recipients into the queue, all or nothing, before the
+protocol may answer ``250``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from mailsrv.checks.auth.results import (
 )
 from mailsrv.checks.backscatter import forged_sender
 from mailsrv.checks.pipeline import ACCEPTED, Client, Draft, Facts, Outcome, Stage
-from mailsrv.checks.rspamd.checks import REFUSING_ACTIONS
-from mailsrv.checks.rspamd.protocol import Scan, ScanFailure, request_headers
-from mailsrv.checks.rspamd.removal import removals, rename_in_place
+from mailsrv.checks.rspamd.intake import scan_message
+from mailsrv.inbound.binarybody import make_text
 from mailsrv.inbound.placelog import log_places
 from mailsrv.interfaces import IMessageIntake
 from mailsrv.message import headers, headsection
@@ -110,6 +109,7 @@ class Transaction:
         #: MAIL had SMTPUTF8 (RFC 6531): UTF-8 addresses and header fields; relayed with it.
         self.smtputf8 = False
         self.requiretls = False  #: MAIL had REQUIRETLS (RFC 8689): relayed over verified TLS
+        self.binary = False  #: MAIL had BODY=BINARYMIME (RFC 3030): made text before the checks
 
     def add_recipient(
         self, recipient: Mailbox, targets: tuple[Target, ...], outcome: Outcome = ACCEPTED
@@ -231,6 +231,8 @@ class Transaction:
         config = self.runtime.config
         checks = self.session.checks
         try:
+            if self.binary:
+                self.size = make_text(self.spool_path)
             with open(self.spool_path, "rb") as spool:
                 head = headsection.read_head(spool)
             facts = Facts(
@@ -241,7 +243,7 @@ class Transaction:
             auth = spam = None
             if outcome.refusal is None:
                 auth = self._authenticate(client, facts)
-                spam = self._scan(client, received, head)
+                spam = scan_message(self, client, received, head)
                 outcome = outcome.then(checks.run(facts.at(
                     Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth,
                     spam=spam)))
@@ -313,41 +315,6 @@ class Transaction:
             log.info("renamed {n} Authentication-Results: claiming to be ours id={id}",
                      n=len(claimed), id=self.queue_id)
         return auth
-
-    def _scan(self, client: Client, received: bytes, head: bytes) -> Scan | ScanFailure | None:
-        """In the delivery thread: rspamd's verdict on the message as it will be stored (our
-        Received: field, then the spool file), logged; for a message it does not refuse,
-        the fields it asks to remove, and any incoming X-Spam: (we write that one), renamed
-        in the spool file (mailsrv.checks.rspamd.removal).  None without [rspamd]."""
-        rspamd = self.runtime.rspamd
-        if rspamd is None:
-            return None
-        assert self.spool_path is not None
-        config = self.runtime.config
-        fields = request_headers(
-            sender=str(self.sender) if self.sender else None,
-            recipients=[str(r) for r in self.recipients], ip=client.ip, helo=client.helo,
-            reverse_name=client.reverse_name, user=client.authenticated_as,
-            queue_id=self.queue_id, hostname=config.hostname, password=config.rspamd.password,
-        )
-        prefix = received + (b"\n" if headers.needs_separator(head) else b"")
-        started = time.monotonic()
-        scan = rspamd.scan(fields, prefix, self.spool_path)
-        took = time.monotonic() - started
-        if isinstance(scan, ScanFailure):
-            log.warn("rspamd id={id} failed: {reason} time={time:.3f} on_failure={then}",
-                     id=self.queue_id, reason=scan.reason, time=took,
-                     then=config.rspamd.on_failure)
-            return scan
-        log.info("rspamd id={id} {summary} time={time:.3f}", id=self.queue_id,
-                 summary=scan.summary(), time=took)
-        if scan.action not in REFUSING_ACTIONS:
-            found = removals(head, (*scan.remove_headers, ("x-spam", 0)))
-            if found:
-                rename_in_place(self.spool_path, found)
-                log.info("rspamd id={id} renamed {n} header field(s) it asked to remove",
-                         id=self.queue_id, n=len(found))
-        return scan
 
     def _delivered(self, stored: Stored) -> str:
         self._ended(accepted=True)

@@ -1,12 +1,15 @@
 """
 The MAIL FROM parameters this server implements: ``SIZE=`` (RFC 1870), ``BODY=`` (RFC 6152),
-``SMTPUTF8`` (RFC 6531, no value) and ``REQUIRETLS`` (RFC 8689, no value, only over TLS:
-``530 5.7.10`` otherwise), each only after EHLO; any other is refused (pure).
+``BINARYMIME`` among them (RFC 3030), ``SMTPUTF8`` (RFC 6531, no value) and ``REQUIRETLS`` (RFC
+8689, no value, only over TLS: ``530 5.7.10`` otherwise), each only after EHLO; any other is
+refused (pure).
 The DSN parameters (RFC 3461) of MAIL and RCPT are parsed by mailsrv.routing.dsn_params;
 this checks they come after EHLO and where they belong.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from mailsrv import replies
 from mailsrv.replies import Refusal
@@ -20,18 +23,31 @@ from mailsrv.routing.dsn_params import (
     parse_rcpt_dsn,
 )
 
-__all__ = ["check_mail_parameters", "check_rcpt_parameters", "parse_mail", "parse_rcpt"]
+__all__ = [
+    "MailCommand", "check_mail_parameters", "check_rcpt_parameters", "parse_mail", "parse_rcpt",
+]
+
+#: The values BODY= takes (RFC 6152, RFC 3030).
+BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
 
 
-def parse_mail(
-    rest: bytes, esmtp: bool, max_size: int, tls: bool = False,
-) -> tuple[Mailbox | None, MailDSN, bool, bool]:
-    """MAIL FROM's argument: the sender (None for ``<>``), its DSN parameters, whether it
-    had SMTPUTF8 (RFC 6531: UTF-8 paths allowed in this transaction) and REQUIRETLS (RFC
-    8689; ``tls``: the session is over TLS); Refusal otherwise."""
+class MailCommand(NamedTuple):
+    """An accepted MAIL FROM: what its transaction keeps."""
+
+    sender: Mailbox | None  #: None for ``<>``
+    dsn: MailDSN  #: RET and ENVID (RFC 3461)
+    smtputf8: bool  #: UTF-8 paths allowed in this transaction (RFC 6531)
+    requiretls: bool  #: relayed over verified TLS only (RFC 8689)
+    binary: bool  #: BODY=BINARYMIME: the message comes with BDAT, any octets (RFC 3030)
+
+
+def parse_mail(rest: bytes, esmtp: bool, max_size: int, tls: bool = False) -> MailCommand:
+    """MAIL FROM's argument (``tls``: the session is over TLS); Refusal when refused."""
     sender, params = parse_mail_from(rest)
     dsn = check_mail_parameters(params, esmtp, max_size, tls=tls)
-    return sender, dsn, "SMTPUTF8" in params, "REQUIRETLS" in params
+    body = (params.get("BODY") or "").upper()
+    return MailCommand(sender, dsn, "SMTPUTF8" in params, "REQUIRETLS" in params,
+                       body == "BINARYMIME")
 
 
 def parse_rcpt(rest: bytes, smtputf8: bool, esmtp: bool) -> tuple[Mailbox, RecipientDSN]:
@@ -54,7 +70,7 @@ def check_mail_parameters(
             if int(value) > max_size:
                 raise Refusal(replies.SIZE_EXCEEDS_LIMIT)
         elif name == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if value is None or value.upper() not in BODY_TYPES:
                 raise Refusal(replies.BAD_PARAMETER_VALUE.format(name=name))
         elif name == "SMTPUTF8":
             if value is not None:

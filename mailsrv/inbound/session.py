@@ -252,7 +252,7 @@ class SMTPSession(TLSAndAuth, MessageData, Chunking):
     def _extension_lines(self) -> list[str]:
         """The extensions we implement, and only those (STARTTLS and AUTH where they apply)."""
         lines = ["PIPELINING", f"SIZE {self.runtime.config.smtp.max_message_size}", "8BITMIME",
-                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN", "CHUNKING", "BINARYMIME"]
         if self.runtime.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self._auth_offered and self.tls_active:
@@ -272,11 +272,11 @@ class SMTPSession(TLSAndAuth, MessageData, Chunking):
             return self._error(replies.NESTED_MAIL)
         helo = (self._helo_name.encode("ascii"), self.client_ip.encode("ascii"))
         try:
-            sender, dsn, utf8, requiretls = parse_mail(
+            mail = parse_mail(
                 rest, self._esmtp, self.runtime.config.smtp.max_message_size, self.tls_active)
-            self._transaction = self.delivery.validateFrom(helo, sender)
-            self._transaction.dsn, self._transaction.smtputf8 = dsn, utf8  # RFC 3461, RFC 6531
-            self._transaction.requiretls = requiretls  # RFC 8689
+            self._transaction = transaction = self.delivery.validateFrom(helo, mail.sender)
+            transaction.dsn, transaction.smtputf8 = mail.dsn, mail.smtputf8  # RFC 3461, 6531
+            transaction.requiretls, transaction.binary = mail.requiretls, mail.binary  # 8689, 3030
         except Refusal as e:
             return self._error(e.reply)
         self._overshoot = 0

@@ -34,6 +34,7 @@ __all__ = [
     "inspect_head",
     "is_field",
     "read_head",
+    "without_field",
 ]
 
 #: Longest header section (octets, the empty line after it not counted) that is read.  A
@@ -102,6 +103,21 @@ def field_name(line: bytes, *, obsolete: bool = True) -> bytes | None:
 def is_field(line: bytes, *, obsolete: bool = True) -> bool:
     """Whether *line* starts a header field (see :func:`field_name`)."""
     return (_FIELD_RE if obsolete else _STRICT_FIELD_RE).match(line) is not None
+
+
+def without_field(lines: list[bytes], name: bytes) -> list[bytes]:
+    """The header lines without every field named ``name`` (lower case) and its continuation
+    lines: for a converter that replaces a field (Content-Transfer-Encoding) and adds its own."""
+    out, skipping = [], False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == name
+        if not skipping:
+            out.append(line)
+    return out
 
 
 def _section_ended(head: bytes) -> bool:

@@ -41,7 +41,7 @@ import email.policy
 import re
 from collections.abc import Callable, Iterable, Iterator
 
-from mailsrv.message.headsection import is_field
+from mailsrv.message.headsection import is_field, without_field
 
 __all__ = ["ConversionError", "quoted_printable_line", "to_7bit"]
 
@@ -120,19 +120,6 @@ def _delimiter(line: bytes, boundaries: list[bytes]) -> tuple[int, bool] | None:
             return depth, True
     return None
 
-
-def _without_field(lines: list[bytes], name: bytes) -> list[bytes]:
-    """The header lines without every ``name`` field (and its continuation lines)."""
-    out, skipping = [], False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        skipping = line.split(b":", 1)[0].strip().lower() == name
-        if not skipping:
-            out.append(line)
-    return out
 
 
 class _Converter:
@@ -229,7 +216,7 @@ class _Converter:
             self.write(b"".join(header) + (b"\n" if blank else b""))
             return
         if cte is not None:
-            header = _without_field(header, b"content-transfer-encoding")
+            header = without_field(header, b"content-transfer-encoding")
             added = added + [b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\n"]
         if header and not header[-1].endswith(b"\n"):
             header[-1] += b"\n"

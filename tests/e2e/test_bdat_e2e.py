@@ -1,13 +1,15 @@
 """
-CHUNKING (RFC 3030) end to end against a running mailsrv: a raw-socket BDAT client (pipelined
-chunks, the refusals, a wrong length, a connection closed mid-chunk, the size limit one past
-it, a 100 MB message in chunks with the memory bound of test_large_message), and the relay
-sending BDAT to a loopback sink that offers CHUNKING and DATA to one that does not.
-(Exim as a BDAT client is in test_bdat_exim.py.)
+CHUNKING and BINARYMIME (RFC 3030) end to end against a running mailsrv: a raw-socket BDAT
+client (pipelined chunks, the refusals, a wrong length, a connection closed mid-chunk, the size
+limit one past it, a 100 MB message in chunks with the memory bound of test_large_message, a
+binary MIME message stored and relayed as text), and the relay sending BDAT to a loopback sink
+that offers CHUNKING and DATA to one that does not. (Exim as a BDAT client is in
+test_bdat_exim.py.)
 """
 
 from __future__ import annotations
 
+import email
 import hashlib
 import os
 import re
@@ -261,3 +263,39 @@ def test_relay_sends_a_3_mb_message_in_several_chunks_intact(relay_env):
     got = sinks["chunking"].wait_for_messages(before + 1, timeout=60)[before]
     assert got["via"] == "BDAT" and got["chunks"] == 4
     assert got["data"].encode("latin-1").endswith(b"\r\n\r\n" + lines)
+
+
+def test_binarymime_stored_and_relayed_as_text_the_binary_part_intact(relay_env):
+    """BODY=BINARYMIME from a raw-socket client: a part of every octet value (bare CR and LF,
+    NUL, a 3000-octet "line") in two chunks cut inside it; the Maildir copy and the copy the
+    relay sends with DATA to a server without CHUNKING both decode to exactly those octets."""
+    server, sinks = relay_env
+    binary = bytes(range(256)) * 64 + b"\r\n\n\r\x00" + b"z" * 3000
+    message = (b"From: a@client.test\r\nSubject: binary\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+               b"Content-Type: text/plain\r\n\r\nsee attached\r\n--XX\r\n"
+               b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n"
+               b"\r\n" + binary + b"\r\n--XX--\r\n")
+    before = len(sinks["plain"].messages())
+    client = server.connect()
+    code, text = client.command("EHLO client.test")
+    assert code == 250 and "\nBINARYMIME" in "\n" + text.replace("\r\n", "\n")
+    client.send(b"MAIL FROM:<a@client.test> BODY=BINARYMIME\r\nRCPT TO:<alice@example.org>\r\n"
+                b"RCPT TO:<bin@plain.test>\r\n")
+    assert [code for code, _ in replies(client, 3)] == [250, 250, 250]
+    cut = len(message) // 2
+    client.send(bdat(message[:cut]) + bdat(message[cut:], last=True))
+    assert client.reply() == (250, f"2.0.0 Ok: {cut} octets received")
+    code, text = client.reply()
+    assert code == 250 and "queued as" in text
+    queue_id = text.rsplit(" ", 1)[1]
+    assert client.command("QUIT")[0] == 221
+    box = server.maildir("alice@example.org")
+    [key] = [k for k in box.keys() if queue_id.encode() in box.get_bytes(k)]
+    relayed = sinks["plain"].wait_for_messages(before + 1)[before]
+    for copy in (box.get(key), email.message_from_bytes(relayed["data"].encode("latin-1"))):
+        text_part, data_part = copy.get_payload()
+        assert text_part.get_payload() == "see attached"
+        assert data_part["Content-Transfer-Encoding"] == "base64"
+        assert data_part.get_payload(decode=True) == binary
+    assert relayed["via"] == "DATA"

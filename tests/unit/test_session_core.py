@@ -453,4 +453,4 @@ def test_ehlo_names_the_client_and_offers_only_what_applies(runtime):
     assert ehlo.split("\r\n")[0] == f"250-mx.example.org Hello client.test [{CLIENT}]"
     assert ehlo.split("\r\n")[1:] == [
         "250-PIPELINING", f"250-SIZE {runtime.config.smtp.max_message_size}", "250-8BITMIME",
-        "250-SMTPUTF8", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 CHUNKING"]
+        "250-SMTPUTF8", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-CHUNKING", "250 BINARYMIME"]
