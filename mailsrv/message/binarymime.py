@@ -39,7 +39,7 @@ import email.policy
 import re
 from typing import Callable, Iterator, Protocol
 
-from mailsrv.message.headsection import is_field, without_field
+from mailsrv.message.headsection import is_field, recoded_section
 
 __all__ = ["BinaryMimeError", "MAX_DEPTH", "to_text"]
 
@@ -146,15 +146,7 @@ class _Converter:
         """The header section with LF line ends, its transfer encoding replaced, ``added``
         fields at its end."""
         lines = [line.replace(b"\r\n", b"\n") for line in header]
-        if cte is None and not added:
-            self.write(b"".join(lines) + (b"\n" if blank else b""))
-            return
-        if cte is not None:
-            lines = without_field(lines, b"content-transfer-encoding")
-            added = added + [b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\n"]
-        if lines and not lines[-1].endswith(b"\n"):
-            lines[-1] += b"\n"
-        self.write(b"".join(lines + added) + b"\n")
+        self.write(recoded_section(lines, blank, cte, added))
 
     def _multipart(self, start: int, end: int, boundary: bytes, default: str, depth: int) -> None:
         """The parts between the delimiters of ``boundary`` in [start, end) (RFC 2046 §5.1.1)."""

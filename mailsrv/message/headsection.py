@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -34,7 +35,7 @@ __all__ = [
     "inspect_head",
     "is_field",
     "read_head",
-    "without_field",
+    "recoded_section",
 ]
 
 #: Longest header section (octets, the empty line after it not counted) that is read.  A
@@ -105,9 +106,27 @@ def is_field(line: bytes, *, obsolete: bool = True) -> bool:
     return (_FIELD_RE if obsolete else _STRICT_FIELD_RE).match(line) is not None
 
 
-def without_field(lines: list[bytes], name: bytes) -> list[bytes]:
-    """The header lines without every field named ``name`` (lower case) and its continuation
-    lines: for a converter that replaces a field (Content-Transfer-Encoding) and adds its own."""
+def recoded_section(
+    lines: list[bytes], blank: bool, cte: str | None, added: Sequence[bytes] = ()
+) -> bytes:
+    """A part's header section (LF-terminated ``lines``, then the empty line if ``blank``)
+    with its Content-Transfer-Encoding replaced by ``cte`` when given and ``added`` fields at
+    its end: what a converter of the body writes (mime7bit, binarymime). The other fields are
+    kept byte for byte, never re-folded."""
+    if cte is None and not added:
+        return b"".join(lines) + (b"\n" if blank else b"")
+    added = list(added)
+    if cte is not None:
+        lines = _without_field(lines, b"content-transfer-encoding")
+        added.append(b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\n")
+    if lines and not lines[-1].endswith(b"\n"):
+        lines = [*lines[:-1], lines[-1] + b"\n"]
+    return b"".join(lines + added) + b"\n"
+
+
+def _without_field(lines: list[bytes], name: bytes) -> list[bytes]:
+    """The header lines without every field named ``name`` (lower case) and its
+    continuation lines."""
     out, skipping = [], False
     for line in lines:
         if line[:1] in (b" ", b"\t"):

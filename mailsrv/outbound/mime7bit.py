@@ -41,7 +41,7 @@ import email.policy
 import re
 from collections.abc import Callable, Iterable, Iterator
 
-from mailsrv.message.headsection import is_field, without_field
+from mailsrv.message.headsection import is_field, recoded_section
 
 __all__ = ["ConversionError", "quoted_printable_line", "to_7bit"]
 
@@ -212,15 +212,7 @@ class _Converter:
 
     def _header(self, header: list[bytes], blank: bool, cte: str | None, added: list[bytes]) -> None:
         """The header section, with its transfer encoding replaced and ``added`` fields."""
-        if cte is None and not added:
-            self.write(b"".join(header) + (b"\n" if blank else b""))
-            return
-        if cte is not None:
-            header = without_field(header, b"content-transfer-encoding")
-            added = added + [b"Content-Transfer-Encoding: " + cte.encode("ascii") + b"\n"]
-        if header and not header[-1].endswith(b"\n"):
-            header[-1] += b"\n"
-        self.write(b"".join(header + added) + b"\n")
+        self.write(recoded_section(header, blank, cte, added))
 
     def _multipart(self, lines: _Lines, boundaries: list[bytes], boundary: bytes, default: str) -> None:
         inner = boundaries + [boundary]
