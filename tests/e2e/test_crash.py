@@ -1,7 +1,8 @@
 """Crash safety: SIGKILL under load loses no accepted message and leaves no partial one.
 
 Six client threads send messages (each body carries a unique token; half the clients send with
-DATA, half with BDAT in two chunks, RFC 3030) while the server is killed
+DATA, half with BDAT in two chunks, RFC 3030, one of those with BODY=BINARYMIME, which goes
+through the conversion to text before its 250) while the server is killed
 with SIGKILL mid-load; the server is restarted on the same configuration and the Maildirs are
 checked: every message answered ``250`` is in ``new/`` of every mailbox it was addressed to
 (aliases expanded), complete and once; nothing in any ``new/`` is partial or unknown; the
@@ -78,11 +79,13 @@ def make_message(token, rng):
     return wire, wire.replace(b"\r\n", b"\n"), body.replace("\r\n", "\n")
 
 
-def send_bdat(client, sender, recipients, wire):
+def send_bdat(client, sender, recipients, wire, binary=False):
     """One message over smtplib's connection with CHUNKING: two BDAT chunks, the message as
-    it is (no dot-stuffing), each chunk's reply awaited; SMTPException unless all are 250."""
+    it is (no dot-stuffing), each chunk's reply awaited; SMTPException unless all are 250.
+    ``binary``: sent with BODY=BINARYMIME (a text message: its stored form is the same)."""
     client.ehlo_or_helo_if_needed()
-    replies = [client.mail(sender)] + [client.rcpt(r) for r in recipients]
+    options = ["BODY=BINARYMIME"] if binary else []
+    replies = [client.mail(sender, options)] + [client.rcpt(r) for r in recipients]
     half = len(wire) // 2
     for chunk in (b"BDAT %d\r\n" % half + wire[:half],
                   b"BDAT %d LAST\r\n" % (len(wire) - half) + wire[half:]):
@@ -137,7 +140,7 @@ class Load:
                 if client is None:
                     client = connect(self.port, timeout=10)
                 if n % 2:
-                    send_bdat(client, "load@client.test", recipients, wire)
+                    send_bdat(client, "load@client.test", recipients, wire, binary=n == 3)
                 else:
                     refused = client.sendmail("load@client.test", recipients, wire)
                     assert refused == {}, refused
@@ -254,8 +257,10 @@ def test_sigkill_under_load_loses_nothing_accepted(make_server):
             f"unfinished bodies at kill {len(incoming_at_kill)}, tmp/ files {len(litter) - 1}; "
             f"{files} files in new/ in all"
         )
-    # Both kinds of client had messages accepted (odd-numbered ones send with BDAT).
-    assert {int(re.match(r"r\d+c(\d+)m", t).group(1)) % 2 for t in accepted} == {0, 1}
+    # Every kind of client had messages accepted (odd-numbered ones send with BDAT, the 4th
+    # with BODY=BINARYMIME).
+    clients = {int(re.match(r"r\d+c(\d+)m", t).group(1)) for t in accepted}
+    assert {n % 2 for n in clients} == {0, 1} and 3 in clients
     # The server still works after the crashes.
     assert send_mail(server.port, "load@client.test", ["carol@example.net"],
                      b"Subject: after\r\n\r\nok\r\n", timeout=10) == {}
