@@ -52,7 +52,7 @@ def test_ehlo_advertises_what_is_implemented(mail_server):
     lines = text.split("\n")
     assert lines[0].startswith("mx.example.org Hello client.test")
     assert set(lines[1:]) == {"PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8",
-                              "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"}
+                              "ENHANCEDSTATUSCODES", "DSN", "CHUNKING", "BINARYMIME"}
     assert client.greeting[0] == 220 and "mx.example.org ESMTP" in client.greeting[1]
 
 
