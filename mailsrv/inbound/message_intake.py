@@ -45,13 +45,17 @@ from mailsrv.routing.address import Mailbox
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.routing.router import LocalTarget, RemoteTarget, Target
 from mailsrv.storage import maildir, queue
+from mailsrv.storage.fdio import write_all
 from mailsrv.storage.store import Stored, store
 
 if TYPE_CHECKING:
     from mailsrv.checks.auth.spfcheck import SPFResult
     from mailsrv.inbound.session_intake import SessionDelivery
 
-__all__ = ["Transaction", "bracketed"]
+__all__ = ["Transaction", "bracketed", "SPOOL_HELD"]
+
+#: Octets of a message kept in memory before they are written to its spool file.
+SPOOL_HELD = 256 * 1024
 
 log = Logger(namespace="mailsrv")
 
@@ -86,7 +90,11 @@ class Transaction:
         #: Local targets a check filed into a Maildir++ folder.
         self.folders: dict[Target, str] = {}
         self.spool_path: Path | None = None
-        self._spool: Any = None
+        self._spool_fd: int | None = None
+        #: Data not written yet: up to SPOOL_HELD octets stay in memory, so that a small
+        #: message costs the reactor thread no write; the delivery thread writes them.
+        self._held: list[bytes] = []
+        self._held_size = 0
         self._write_error: OSError | None = None
         self.size = 0
         #: "spf=... dkim=... dmarc=..." for the log lines, once the message was checked.
@@ -149,26 +157,37 @@ class Transaction:
             except OSError as e:
                 log.error("cannot create spool file {path}: {error}", path=path, error=e)
                 raise Refusal(_storage_reply(e))
-        self.spool_path = path
-        self._spool = os.fdopen(fd, "wb", buffering=256 * 1024)
+        self.spool_path, self._spool_fd = path, fd
 
     def write(self, data: bytes) -> None:
         """Append received, unstuffed, LF-terminated data to the spool."""
-        if self._write_error is not None or self._spool is None:
+        if self._write_error is not None or self._spool_fd is None:
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        self.size += len(data)
+        if self._held_size >= SPOOL_HELD:
+            self._write_held()  # a big message: written as it comes, memory stays bounded
+
+    def _write_held(self) -> None:
+        """Write the data held (on the reactor thread while the message is big and arriving,
+        else in the delivery thread). A failure is kept for the reply at the end."""
+        held, self._held, self._held_size = self._held, [], 0
+        if self._write_error is not None or self._spool_fd is None or not held:
             return
         try:
-            self._spool.write(data)
-            self.size += len(data)
+            write_all(self._spool_fd, b"".join(held))
         except OSError as e:
-            # Keep reading the DATA to its end; the reply comes after the final dot.
+            # Keep reading the message to its end; the reply comes after it.
             self._write_error = e
             log.error("cannot write spool file {path}: {error}", path=self.spool_path, error=e)
 
     def _close_spool(self) -> None:
-        if self._spool is not None:
-            spool, self._spool = self._spool, None
+        self._held, self._held_size = [], 0
+        if self._spool_fd is not None:
+            fd, self._spool_fd = self._spool_fd, None
             try:
-                spool.close()
+                os.close(fd)
             except OSError as e:
                 self._write_error = self._write_error or e
 
@@ -211,13 +230,6 @@ class Transaction:
     def eomReceived(self) -> defer.Deferred:
         """The message is complete; deliver it, firing with the queue id."""
         self._data_ended = time.monotonic()
-        self._close_spool()
-        if self._write_error is not None:
-            reply = _storage_reply(self._write_error)
-            self._ended(accepted=False)
-            self._remove_spool()
-            self.runtime.metrics.refused("data", "storage")
-            return defer.fail(Refusal(reply))
         trace = self.session.receivedHeader(
             None, self.sender, self.recipients, queue_id=self.queue_id, smtputf8=self.smtputf8)
         d = self.runtime.in_thread(self._deliver_blocking, trace, self.session.facts())
@@ -231,6 +243,11 @@ class Transaction:
         config = self.runtime.config
         checks = self.session.checks
         try:
+            self._write_held()  # the end of the spool file, written here, not on the reactor
+            self._close_spool()
+            if self._write_error is not None:
+                self.refused_by = "storage"
+                raise Refusal(_storage_reply(self._write_error))
             if self.binary:
                 self.size = make_text(self.spool_path)
             with open(self.spool_path, "rb") as spool:

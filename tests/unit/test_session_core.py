@@ -431,6 +431,27 @@ def test_disk_error_451_4_3_0_disk_full_452_4_3_1(tmp_path, runtime, monkeypatch
         "451 4.3.0 Error: local error in processing; try again later")
 
 
+@pytest.mark.parametrize("lines", [1, 2 * message_intake.SPOOL_HELD // 100])
+def test_spool_write_failing_452_after_the_dot_nothing_kept(tmp_path, runtime, monkeypatch, lines):
+    """A small message is written in the delivery thread, a big one (past SPOOL_HELD) while it
+    arrives: either way the disk's refusal is the reply after the final dot."""
+    core = Core(runtime)
+    core.greet()
+    written = []
+
+    def full_disk(fd, data):
+        written.append(len(data))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(message_intake, "write_all", full_disk)
+    replies = transaction(core, "Subject: full", "", *["x" * 98] * lines)
+    assert replies[-1] == "452 4.3.1 Error: insufficient system storage; try again later"
+    assert len(written) == 1 and delivered(tmp_path) == 0
+    assert list((tmp_path / "queue" / "incoming").iterdir()) == []
+    monkeypatch.undo()
+    assert QUEUED.match(transaction(core, "Subject: room again", "", "x")[-1])
+
+
 def test_too_many_errors_421_4_7_0_junk_commands_past_the_limit_count(tmp_path, clock):
     core = Core(make_runtime(tmp_path, clock, junk_command_limit=2))
     assert core.send("NOOP", "HELP") == ["250 2.0.0 Ok", (
