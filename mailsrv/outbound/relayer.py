@@ -109,6 +109,8 @@ class Relayer(service.Service):
         for name in report.unfinished:
             log.info("queue: removed {name}, left unfinished by a crash (never sent)", name=name)
         for message in report.messages:
+            if message.id in self.messages:
+                continue  # accepted while the queue loaded: add() has it already
             self.messages[message.id] = message
             self.scheduler.push(message)
         self.loaded = True

@@ -11,18 +11,30 @@ Layout under the queue directory ``qdir``::
 
 The lock and the control requests are ``mailsrv.storage.queue_control``'s.
 
-The ``.json`` file is the commit point.  The body is moved in first (a rename on
-the same file system: no copy, and atomic), then the envelope is written to a
-dot-file, fsync'd and renamed into place, then ``messages/`` is fsync'd.  A
-``.body`` without its ``.json`` is an unfinished enqueue and is never sent; a
-``.json`` always has its ``.body``.  The server answers ``250`` only after
-``enqueue`` returns, so the message cannot be lost after that.  State changes
-replace the ``.json`` the same way (write, fsync, rename, fsync the directory);
-a finished message loses its ``.json`` first, then its ``.body``.
+An enqueue fsyncs the body where it was
+received, writes the envelope to a dot-file and fsyncs it, renames the body to
+``<id>.body`` (same file system: no copy, atomic), renames the envelope to ``<id>.json``,
+then fsyncs ``messages/`` once: that fsync is the commit point, and the server answers
+``250`` only after it.  Cost: two
+file fsyncs and one directory fsync, and the directory's is a group commit
+(``DirectorySync``, as a Maildir's ``new/``): concurrent enqueues share one.  There is no
+fsync between the two renames, so a crash may leave either name without the other, or a
+dot-file; none of them ever got a ``250``, and the start-up scan removes them (never
+sends them).  Both contents are fsync'd before either rename, so a ``.json`` and a
+``.body`` found together are whole.  A message that got ``250`` has both names durable.
+
+Enqueues hold ``messages/`` locked shared (``flock``) and the start-up scan exclusively
+while it lists and removes leftovers, so the scan never takes an enqueue in progress for
+a leftover (the server accepts mail while its queue loads).
+
+State changes replace the ``.json`` the same way (write, fsync, rename, fsync the
+directory); a finished message loses its ``.json`` first, then its ``.body``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
 import re
 import secrets
@@ -34,7 +46,7 @@ from pathlib import Path
 
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.storage import durable
-from mailsrv.storage.dirfd import fsync_dir
+from mailsrv.storage.dirfd import DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
 
@@ -55,6 +67,10 @@ __all__ = [
 # digits only, and never starting with '.' (dot-files are our temporaries).
 _QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}")
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: Group commit of the fsyncs of messages/ that make new entries durable, shared by the
+#: enqueues of this process (as Maildir deliveries share one fsync of a new/).
+_messages_sync = DirectorySync()
 
 
 def _base62(number: int, width: int) -> str:
@@ -118,10 +134,12 @@ def enqueue(
     """Put a message in the outbound queue, durably; return its envelope (with the DSN
     parameters ``dsn`` and, by address, ``recipient_dsn``).
 
-    *body_path* (normally ``qdir/incoming/<id>``, same file system) is fsync'd
-    and renamed to ``messages/<id>.body``; the envelope is written to
-    ``messages/.<id>.json.tmp``, fsync'd and renamed to ``messages/<id>.json``;
-    ``messages/`` is fsync'd.
+    *body_path* (normally a spool file under ``qdir``, same file system) is fsync'd; the
+    envelope is written to ``messages/.<id>.json.tmp`` and fsync'd; the body is renamed to
+    ``messages/<id>.body``, the envelope to ``messages/<id>.json`` (the commit point), and
+    ``messages/`` is fsync'd once, that fsync shared with the enqueues running at the same
+    time (group commit, ``DirectorySync``). All of it under a shared lock of ``messages/``,
+    which the start-up scan takes exclusively: the scan never sees an enqueue half done.
 
     On failure nothing is committed: the temporary envelope is removed, the
     body is moved back to *body_path* (so the caller can still clean it up),
@@ -146,17 +164,33 @@ def enqueue(
     )
     data = encode(message)
     qdir = Path(qdir)
-    source = Path(body_path)
     messages = qdir / "messages"
+    dir_fd = _open_messages(qdir)
+    try:
+        with doing("lock", messages):
+            fcntl.flock(dir_fd, fcntl.LOCK_SH)  # released by the close
+        _commit(messages, dir_fd, queue_id, data, Path(body_path))
+    finally:
+        os.close(dir_fd)
+    return message
+
+
+def _open_messages(qdir: Path) -> int:
+    """A descriptor of ``qdir/messages`` (made, with the other queue directories, if missing)."""
+    try:
+        return os.open(qdir / "messages", _DIR_FLAGS)
+    except FileNotFoundError:
+        queue_dirs(qdir)
+    with doing("open directory", qdir / "messages"):
+        return os.open(qdir / "messages", _DIR_FLAGS)
+
+
+def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Path) -> None:
+    """enqueue's writes, in the order the crash guarantee needs (module docstring)."""
     body_dest = messages / f"{queue_id}.body"
     json_dest = messages / f"{queue_id}.json"
     json_tmp = messages / f".{queue_id}.json.tmp"
-
-    queue_dirs(qdir)
-
-    body_moved = False
-    tmp_created = False
-    committed = False
+    body_moved = tmp_created = committed = False
     try:
         # An id already in use (committed, or being enqueued) is never overwritten.
         for existing in (json_dest, body_dest):
@@ -164,7 +198,6 @@ def enqueue(
                 raise DeliveryError(
                     f"cannot enqueue {existing}: queue id {queue_id} already in use"
                 )
-
         with doing("open", source):
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -173,21 +206,18 @@ def enqueue(
                 os.fsync(fd)
         finally:
             os.close(fd)
+        tmp_created = True
+        durable.write_new(json_tmp, data, named=doing)
+        # Both contents are durable before either name is: a name that survives a crash
+        # never points at a half-written file.
         with doing("move into the queue", source):
             os.rename(source, body_dest)
         body_moved = True
-        # The body's new name must be durable before the envelope that points at it.
-        with doing("fsync directory", messages):
-            fsync_dir(messages)
-
-        tmp_created = True
-        durable.write_new(json_tmp, data, named=doing)
         with doing("commit", json_dest):
             os.rename(json_tmp, json_dest)
-        tmp_created = False
-        committed = True
+        tmp_created, committed = False, True
         with doing("fsync directory", messages):
-            fsync_dir(messages)
+            _sync_messages(dir_fd)
     except BaseException:
         _undo(
             source=source,
@@ -197,7 +227,6 @@ def enqueue(
             messages=messages,
         )
         raise
-    return message
 
 
 def _undo(
@@ -240,8 +269,10 @@ def save(qdir: Path, message: QueuedMessage) -> None:
 def remove(qdir: Path, queue_id: str) -> bool:
     """Take a finished (or deleted) message out of the queue; False when it was not there.
 
-    The envelope goes first: a crash in between leaves a bare body, which the loader
-    recognises as unfinished and removes, never a envelope without its body.
+    The envelope goes first: a crash in between leaves a bare body (or, where the
+    file system wrote the second removal first, a bare envelope), which the loader
+    recognises as unfinished and removes.  The fsync of ``messages/`` that makes the
+    removal durable is shared with the enqueues and removals running meanwhile.
     """
     check_queue_id(queue_id)
     messages = Path(qdir) / "messages"
@@ -253,8 +284,19 @@ def remove(qdir: Path, queue_id: str) -> bool:
         except FileNotFoundError:
             pass
     with doing("fsync directory", messages):
-        fsync_dir(messages)
+        dir_fd = os.open(messages, _DIR_FLAGS)
+        try:
+            _sync_messages(dir_fd)
+        finally:
+            os.close(dir_fd)
     return found
+
+
+def _sync_messages(dir_fd: int) -> None:
+    """fsync ``messages/`` (*dir_fd*) for the entries changed so far, sharing the fsync with
+    other threads (``DirectorySync``: one started after our change covers it)."""
+    st = os.fstat(dir_fd)
+    _messages_sync.sync((st.st_dev, st.st_ino), functools.partial(os.fsync, dir_fd))
 
 
 def read_message(path: Path) -> QueuedMessage:
@@ -293,40 +335,43 @@ def load(qdir: Path) -> LoadReport:
 
     - ``.<id>.json…tmp`` dot-files are envelope writes that never reached their
       rename: removed (the previous state, if any, is still in ``<id>.json``).
-    - ``<id>.body`` without ``<id>.json`` is an enqueue that never committed (no
-      ``250`` was given for it) or a removal that was cut short: removed.
-    - an envelope that does not decode, or whose body is missing, is moved with
-      its body to ``corrupt/`` for the administrator, and reported.
+    - ``<id>.body`` without ``<id>.json``, or ``<id>.json`` without ``<id>.body``, is an
+      enqueue that never committed (no ``250`` was given for it: that waits for the fsync
+      of ``messages/`` after both renames) or a removal that was cut short: removed.
+    - an envelope that does not decode is moved with its body to ``corrupt/`` for the
+      administrator, and reported.
+    The listing and the removals hold ``messages/`` locked exclusively: enqueues running
+    meanwhile (the server accepts mail while it loads) wait, or have finished, so what
+    looks unfinished is a crash's leftover, never an enqueue in progress.
     Only a server holding the queue lock may call this.
     """
     qdir = Path(qdir)
     messages_dir = qdir / "messages"
     corrupt_dir = qdir / "corrupt"
     report = LoadReport()
-    names = set(os.listdir(messages_dir))
+    dir_fd = os.open(messages_dir, _DIR_FLAGS)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        names = set(os.listdir(messages_dir))
+        for name in sorted(names):
+            if _unfinished(name, names):
+                with suppress(FileNotFoundError):
+                    os.unlink(messages_dir / name)
+                report.unfinished.append(name)
+    finally:
+        os.close(dir_fd)
+    names.difference_update(report.unfinished)
     for name in sorted(names):
         path = messages_dir / name
-        if name.startswith("."):
-            with suppress(FileNotFoundError):
-                os.unlink(path)
-            report.unfinished.append(name)
-        elif name.endswith(".body") and f"{name[:-5]}.json" not in names:
-            with suppress(FileNotFoundError):
-                os.unlink(path)
-            report.unfinished.append(name)
-        elif name.endswith(".json"):
+        if name.endswith(".json"):
             try:
-                message = read_message(path)
-                if f"{message.id}.body" not in names:
-                    raise ValueError(f"{path}: its body {message.id}.body is missing")
+                report.messages.append(read_message(path))
             except ValueError as exc:
                 stem = name[:-5]
                 for moved in (name, f"{stem}.body"):
                     if moved in names:
                         os.replace(messages_dir / moved, corrupt_dir / moved)
                 report.corrupt.append((name, str(exc)))
-            else:
-                report.messages.append(message)
         elif not name.endswith(".body"):
             os.replace(path, corrupt_dir / name)
             report.corrupt.append((name, "not a queue file"))
@@ -334,3 +379,15 @@ def load(qdir: Path) -> LoadReport:
         fsync_dir(messages_dir)
         fsync_dir(corrupt_dir)
     return report
+
+
+def _unfinished(name: str, names: set[str]) -> bool:
+    """Whether *name* in ``messages/`` is the leftover of a write a crash cut short."""
+    if name.startswith("."):
+        return True
+    stem, dot, suffix = name.rpartition(".")
+    if dot and suffix == "body":
+        return f"{stem}.json" not in names
+    if dot and suffix == "json":
+        return f"{stem}.body" not in names
+    return False

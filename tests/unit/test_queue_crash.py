@@ -1,0 +1,190 @@
+"""The enqueue's crash guarantee, step by step: every state a crash can leave in the queue is
+one the start-up scan handles (never sends half a message, never loses one that got 250).
+
+The enqueue is traced (its fsyncs and renames, real files under tmp_path); from the trace every
+crash state is rebuilt in a fresh queue — at each step, with any of the renames not yet covered
+by a fsync of ``messages/`` lost (a file system may write them in either order) — and loaded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from mailsrv.storage import queue
+from mailsrv.storage.queue import enqueue, queue_dirs
+from support.procfs import fd_path
+
+BODY = b"Subject: hello\n\nHello Bob.\n" * 50
+PREFIX = b"Received: from x (unknown [192.0.2.7])\n"
+
+
+def _enqueue(qdir: Path, body: Path, queue_id: str = "ID1"):
+    return enqueue(qdir, queue_id, sender="a@example.org", recipients=["bob@other.example"],
+                   prefix=PREFIX, body_path=body, created=1795381621.25,
+                   received_from="client.example[192.0.2.7]")
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    queue_dirs(path)
+    (path / "spare" / "s1").write_bytes(BODY)
+    return path
+
+
+def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], object]:
+    """Run one enqueue; its fsyncs and renames in order, then ("returned",)."""
+    ops: list[tuple] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        ops.append(("fsync", fd_path(fd)))
+        real_fsync(fd)
+
+    def rename(src: object, dst: object, **kwargs: object) -> None:
+        real_rename(src, dst, **kwargs)  # type: ignore[arg-type]
+        ops.append(("rename", str(src), str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    message = _enqueue(qdir, qdir / "spare" / "s1")
+    monkeypatch.undo()
+    ops.append(("returned",))
+    return ops, message
+
+
+def check_order(ops: list[tuple], messages: str) -> None:
+    """Each file's content is fsync'd before it gets its name in messages/, and messages/ is
+    fsync'd after the last such rename and before enqueue returns (the 250)."""
+    renames = [i for i, op in enumerate(ops) if op[0] == "rename"]
+    assert renames, ops
+    for i in renames:
+        source = ops[i][1]
+        assert ("fsync", source) in ops[:i], f"{source} renamed before its content was fsync'd"
+    assert ("fsync", messages) in ops[renames[-1]:], "messages/ not fsync'd before the 250"
+
+
+def crash_states(ops: list[tuple], messages: str):
+    """(step, the renames durable at a crash there, whether 250 was given)."""
+    for step in range(len(ops) + 1):
+        done = ops[:step]
+        synced = max((i for i, op in enumerate(done) if op == ("fsync", messages)), default=-1)
+        sure = [op for op in done[: synced + 1] if op[0] == "rename"]
+        maybe = [op for op in done[synced + 1:] if op[0] == "rename"]
+        for n in range(len(maybe) + 1):
+            for kept in itertools.combinations(maybe, n):
+                yield step, sure + list(kept), ("returned",) in done
+
+
+def rebuild(tmp: Path, qdir: Path, renames: list[tuple], files: dict[str, bytes]) -> Path:
+    """A fresh queue holding *files* (path under the traced queue: content) after *renames*."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    queue_dirs(tmp)
+    state = dict(files)
+    for _, src, dst in renames:
+        state[dst] = state.pop(src)
+    for path, content in state.items():
+        (tmp / Path(path).relative_to(qdir)).write_bytes(content)
+    return tmp
+
+
+def test_every_crash_state_loads_whole_or_not_at_all(
+    qdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops, message = traced_enqueue(qdir, monkeypatch)
+    messages = str(qdir / "messages")
+    check_order(ops, messages)
+    envelope = (qdir / "messages" / "ID1.json").read_bytes()
+    tmp_json = str(qdir / "messages" / ".ID1.json.tmp")
+    # Before the first rename the body is in spare/ and the envelope (fsync'd: check_order)
+    # in its dot-file; the dot-file may also be there half written (a crash in its write).
+    start = {str(qdir / "spare" / "s1"): BODY, tmp_json: envelope}
+    seen = set()
+    for step, renames, answered in crash_states(ops, messages):
+        for files in (start, {**start, tmp_json: envelope[:20]}):
+            if files[tmp_json] != envelope and renames:
+                continue  # renamed only once whole
+            crashed = rebuild(tmp_path / "crashed", qdir, renames, files)
+            report = queue.load(crashed)
+            loaded = [m.id for m in report.messages]
+            seen.add((len(renames), tuple(loaded)))
+            if answered:
+                assert loaded == ["ID1"], (step, renames)
+            assert loaded in ([], ["ID1"]), (step, renames)
+            if loaded:
+                assert report.messages == [message]
+                assert (crashed / "messages" / "ID1.body").read_bytes() == BODY
+            # What was not loaded is gone from messages/ (never sent later either).
+            assert sorted(p.name for p in (crashed / "messages").iterdir()) == (
+                ["ID1.body", "ID1.json"] if loaded else [])
+    # The states that matter were reached: nothing, the body or the envelope alone, both.
+    assert {(0, ()), (1, ()), (2, ("ID1",))} <= seen
+
+
+def test_body_without_envelope_is_removed(qdir: Path) -> None:
+    """A crash between the body's rename and the envelope's (or with the envelope's lost)."""
+    os.rename(qdir / "spare" / "s1", qdir / "messages" / "ID1.body")
+    (qdir / "messages" / ".ID1.json.tmp").write_bytes(b"{}")
+    report = queue.load(qdir)
+    assert report.messages == [] and sorted(report.unfinished) == [".ID1.json.tmp", "ID1.body"]
+    assert list((qdir / "messages").iterdir()) == [] and list((qdir / "corrupt").iterdir()) == []
+
+
+def test_envelope_without_body_is_removed(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The envelope's rename reached the disk and the body's did not: no 250 was given."""
+    _enqueue(qdir, qdir / "spare" / "s1")
+    os.unlink(qdir / "messages" / "ID1.body")
+    report = queue.load(qdir)
+    assert report.messages == [] and report.unfinished == ["ID1.json"]
+    assert list((qdir / "messages").iterdir()) == [] and list((qdir / "corrupt").iterdir()) == []
+
+
+def test_one_file_fsync_per_file_and_one_of_the_directory(
+    qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops, _ = traced_enqueue(qdir, monkeypatch)
+    fsyncs = [op[1] for op in ops if op[0] == "fsync"]
+    assert fsyncs == [str(qdir / "spare" / "s1"), str(qdir / "messages" / ".ID1.json.tmp"),
+                      str(qdir / "messages")]
+
+
+def test_the_scan_waits_for_an_enqueue_in_progress(
+    qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server accepts mail while its queue loads: an enqueue half done when the scan
+    starts must not be taken for a crash's leftover."""
+    _enqueue(qdir, qdir / "spare" / "s1", "OLD")
+    # An enqueue in progress: messages/ locked shared, its body renamed, its envelope not yet.
+    held = os.open(qdir / "messages", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_SH)
+    (qdir / "messages" / "NEW.body").write_bytes(BODY)
+    envelope = (qdir / "messages" / "OLD.json").read_bytes()
+    asking = threading.Event()
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            asking.set()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    result: list[queue.LoadReport] = []
+    scan = threading.Thread(target=lambda: result.append(queue.load(qdir)))
+    scan.start()
+    try:
+        assert asking.wait(30), "the scan did not lock messages/"
+        (qdir / "messages" / "NEW.json").write_bytes(envelope.replace(b'"OLD"', b'"NEW"'))
+    finally:
+        os.close(held)  # the enqueue is done: the scan goes on
+        scan.join(30)
+    assert not scan.is_alive()
+    assert sorted(m.id for m in result[0].messages) == ["NEW", "OLD"]
+    assert result[0].unfinished == []
