@@ -33,6 +33,7 @@ directory); a finished message loses its ``.json`` first, then its ``.body``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import os
@@ -207,7 +208,11 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
         finally:
             os.close(fd)
         tmp_created = True
-        durable.write_new(json_tmp, data, named=doing)
+        try:
+            durable.write_new(json_tmp, data, named=doing)
+        except DeliveryError as exc:
+            tmp_created = exc.errno != errno.EEXIST  # another enqueue's dot-file: not ours
+            raise
         # Both contents are durable before either name is: a name that survives a crash
         # never points at a half-written file.
         with doing("move into the queue", source):

@@ -16,10 +16,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
 
+from mailsrv.outbound.relayer import Relayer
 from mailsrv.storage import queue
 from mailsrv.storage.queue import enqueue, queue_dirs
 from support.procfs import fd_path
+from support.queue_runtime import enqueue as queued
+from support.queue_runtime import queue_runtime
 
 BODY = b"Subject: hello\n\nHello Bob.\n" * 50
 PREFIX = b"Received: from x (unknown [192.0.2.7])\n"
@@ -188,3 +192,34 @@ def test_the_scan_waits_for_an_enqueue_in_progress(
     assert not scan.is_alive()
     assert sorted(m.id for m in result[0].messages) == ["NEW", "OLD"]
     assert result[0].unfinished == []
+
+
+def test_a_message_accepted_while_the_queue_loads_goes_out_once(tmp_path: Path) -> None:
+    """The intake hands a new message to the relayer (add) without waiting for a scan; when
+    the start-up scan, still running, finds it too, it is not scheduled a second time."""
+    runtime = queue_runtime(tmp_path)
+    relayer = Relayer(runtime)
+    sessions: list = []
+    relayer.scheduler.deliver = lambda key, batch: sessions.append(batch) or defer.Deferred()
+    runtime.workers.hold()
+    relayer.startService()  # the scan waits in the (held) thread
+    try:
+        message = queued(runtime, "NEW", "a@example.org", ["bob@remote.test"], 0.0)
+        relayer.add(message)
+        runtime.workers.release()  # the scan runs now, and finds NEW on disk
+        assert relayer.loaded and relayer.messages["NEW"] is message
+        relayer.reactor.advance(0)
+        relayer.reactor.advance(1)
+        assert sessions == [[("NEW", ["bob@remote.test"])]]
+    finally:
+        relayer.stopService()
+
+
+def test_an_id_being_enqueued_elsewhere_is_refused_and_left_alone(qdir: Path) -> None:
+    """The same id's envelope dot-file exists (another enqueue under way): refused, and its
+    dot-file is not ours to remove."""
+    (qdir / "messages" / ".ID1.json.tmp").write_bytes(b"theirs")
+    with pytest.raises(queue.DeliveryError, match="File exists"):
+        _enqueue(qdir, qdir / "spare" / "s1")
+    assert (qdir / "messages" / ".ID1.json.tmp").read_bytes() == b"theirs"
+    assert (qdir / "spare" / "s1").read_bytes() == BODY
