@@ -12,6 +12,7 @@ protocol may answer ``250``.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import time
 from dataclasses import replace
@@ -95,6 +96,7 @@ class Transaction:
         #: message costs the reactor thread no write; the delivery thread writes them.
         self._held: list[bytes] = []
         self._held_size = 0
+        self._spilled = False  # some data was written while the message arrived
         self._write_error: OSError | None = None
         self.size = 0
         #: "spf=... dkim=... dmarc=..." for the log lines, once the message was checked.
@@ -167,20 +169,25 @@ class Transaction:
         self._held_size += len(data)
         self.size += len(data)
         if self._held_size >= SPOOL_HELD:
+            self._spilled = True
             self._write_held()  # a big message: written as it comes, memory stays bounded
 
-    def _write_held(self) -> None:
+    def _write_held(self) -> bytes | None:
         """Write the data held (on the reactor thread while the message is big and arriving,
-        else in the delivery thread). A failure is kept for the reply at the end."""
+        else in the delivery thread). A failure is kept for the reply at the end. Returns the
+        whole message when it was all held (its header section is then read from memory)."""
         held, self._held, self._held_size = self._held, [], 0
-        if self._write_error is not None or self._spool_fd is None or not held:
-            return
+        if self._write_error is not None or self._spool_fd is None:
+            return None
+        data = b"".join(held)
         try:
-            write_all(self._spool_fd, b"".join(held))
+            write_all(self._spool_fd, data)
         except OSError as e:
             # Keep reading the message to its end; the reply comes after it.
             self._write_error = e
             log.error("cannot write spool file {path}: {error}", path=self.spool_path, error=e)
+            return None
+        return None if self._spilled else data
 
     def _close_spool(self) -> None:
         self._held, self._held_size = [], 0
@@ -243,15 +250,18 @@ class Transaction:
         config = self.runtime.config
         checks = self.session.checks
         try:
-            self._write_held()  # the end of the spool file, written here, not on the reactor
+            whole = self._write_held()  # the spool file's end, written here, not on the reactor
             self._close_spool()
             if self._write_error is not None:
                 self.refused_by = "storage"
                 raise Refusal(_storage_reply(self._write_error))
             if self.binary:
-                self.size = make_text(self.spool_path)
-            with open(self.spool_path, "rb") as spool:
-                head = headsection.read_head(spool)
+                self.size, whole = make_text(self.spool_path), None
+            if whole is not None:  # (no reading back what was just written)
+                head = headsection.read_head(io.BytesIO(whole))
+            else:
+                with open(self.spool_path, "rb") as spool:
+                    head = headsection.read_head(spool)
             facts = Facts(
                 Stage.HEADER, client, self.runtime.directory, sender=self.sender,
                 recipients=tuple(self.recipients), head=headsection.inspect_head(head),
