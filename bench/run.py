@@ -53,10 +53,11 @@ class Plan:
     relay_e2e_messages: int = 2000  # relay end to end (issue 18): per server and client style
 
 
-QUICK = Plan(repeats=1, messages={"c1": 100, "c10": 300, "c50": 300, "c10r10": 100},
+#: Quick: counts for the checks, not figures (every throughput case runs in both styles).
+QUICK = Plan(repeats=1, messages={"c1": 50, "c10": 200, "c50": 200, "c10r10": 50},
              latency_seconds=1.5, idle_connections=1000, big_message=10 * 2**20,
-             relay_messages=200, queue_scale=2000, dkim_messages=300, auth_messages=300,
-             gate_messages=300, relay_e2e_messages=300)
+             relay_messages=200, queue_scale=2000, dkim_messages=200, auth_messages=200,
+             gate_messages=200, relay_e2e_messages=200)
 FULL = Plan(repeats=3, messages={"c1": 300, "c10": 2000, "c50": 3000, "c10r10": 500},
             latency_seconds=5.0, idle_connections=10000, big_message=100 * 2**20,
             relay_messages=2000, queue_scale=100000)
@@ -444,10 +445,11 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
                                      overrides={"queue": {"retry_schedule": [3600]},
                                                 "relay": {"tls": "none"}})
                 fill_mailsrv_queue(server.queue, count)
-                server.start()
+                server.start(accepting=False)
                 wait_until(lambda: "queue loaded" in server.log_text(), 120,
                            "the queue to load", 0.005)
                 start = time.monotonic()
+                early = sink.count()
                 cpu_start = cpuload.snapshot()
                 cpu = server.cpu_seconds()
             else:
@@ -470,6 +472,7 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
                 start = time.monotonic()
                 cpu_start = cpuload.snapshot()
                 cpu = server.cpu_seconds()
+                early = sink.count()
                 server.command("flush")
             try:
                 wait_until(lambda: sink.count() >= count, 300, "every message at the sink",
@@ -481,8 +484,11 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
             load = cpuload.between(cpu_start, cpuload.snapshot())
             got = sink.count()
             check = f"{count} queued, {got} at the sink"
-            RESULTS.add(DRAIN, name, count / elapsed, check, got == count, load)
-            RESULTS.add(cpu_measure(DRAIN), name, 1000 * cpu / count, check, got == count, load)
+            if early:  # the clock started late: the figure would be too high
+                check += f", but {early} of them there before the clock started: WRONG"
+            ok = got == count and not early
+            RESULTS.add(DRAIN, name, count / elapsed, check, ok, load)
+            RESULTS.add(cpu_measure(DRAIN), name, 1000 * cpu / count, check, ok, load)
         finally:
             if server is not None:
                 server.stop()
