@@ -211,6 +211,7 @@ def alternate(names: list[str], repeats: int, body: Callable[[str, int], None],
     """Run ``body(server, repeat)`` for every server, the order rotating each repeat; before
     each turn, how busy the machine is without the bench (``Results.background``, under
     ``server`` when the names are variants of one server)."""
+    began = time.monotonic()
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
@@ -222,6 +223,7 @@ def alternate(names: list[str], repeats: int, body: Callable[[str, int], None],
             except Exception as exc:  # one server's failure must not hide the others' figures
                 print(f"  {name}: ERROR {exc!r}", flush=True)
                 RESULTS.failures.append(f"{name}: {exc!r}")
+    print(f"  (this measure took {time.monotonic() - began:.0f} s)", flush=True)
 
 
 def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
