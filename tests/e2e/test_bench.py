@@ -475,3 +475,27 @@ def test_relay_end_to_end_quick(outside_var, name, monkeypatch):
         assert check.startswith("20 sent, 20 at the sink, ")
         if name == "mailsrv":
             assert "20 sent via sink.test's MX" in check
+
+
+@needs_postfix
+def test_throughput_both_client_styles_quick(outside_var, monkeypatch):
+    """A throughput case in both client styles against mailsrv with two receiving processes:
+    every message delivered as sent, the rate and the CPU of all its processes recorded."""
+    from bench import run
+
+    results = run.Results()
+    monkeypatch.setattr(run, "RESULTS", results)
+    monkeypatch.setattr(run, "PROCESSES", 2)
+    server = run.make_server("mailsrv", outside_var / "tp")
+    try:
+        server.start()
+        assert len(cpuload.tree_pids(server.pids()[0])) >= 3  # the parent and two children
+        for style in run.STYLES:
+            run.throughput(server, "c10", 20, results, style)
+    finally:
+        server.stop()
+    assert results.failures == []
+    for style in run.STYLES:
+        assert results.checks[f"throughput c10 {style}"]["mailsrv"] == [
+            "20x1 sent, 20 in new/, content of 20 as sent"]
+        assert results.samples[f"throughput c10 {style} CPU ms/msg"]["mailsrv"][0] > 0
