@@ -471,6 +471,7 @@ def test_relay_end_to_end_quick(outside_var, name, monkeypatch):
         measure = endtoend.measure(style)
         assert len(results.samples[measure][name]) == 1
         assert results.samples[run.cpu_measure(measure)][name][0] > 0
+        assert len(results.samples[endtoend.measure(style, "accepted msg/s")][name]) == 1
         check = results.checks[measure][name][0]
         assert check.startswith("20 sent, 20 at the sink, ")
         if name == "mailsrv":
