@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     global BASELINE, PROCESSES
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a few hundred messages, one repeat (about 1-2 minutes)")
+                        help="a few hundred messages, one repeat (about 3 minutes)")
     parser.add_argument("--repeats", type=int, help="repeats of every measure (3; quick: 1)")
     parser.add_argument("--only", default=",".join(MEASURES),
                         help=f"comma-separated measures of {MEASURES} (or, of relay, only "
