@@ -139,9 +139,8 @@ def measure_dkim_relay(plan: Plan, work: Path) -> None:
                                             "dkim": {"keys": str(wd / "dkim")}})
             record = keygen(server, variant) if variant != "unsigned" else None
             server.start()
-            pid = server.pids()[0]
             with cpuload.Interval() as load:
-                cpu = cpuload.process_seconds(pid)
+                cpu = server.cpu_seconds()
                 start = time.monotonic()
                 done = run_smtp_source(server.port, 10, count, 1, 5120, 300, to="u@sink.test",
                                        sender=f"bench@{DOMAIN}")
@@ -151,7 +150,7 @@ def measure_dkim_relay(plan: Plan, work: Path) -> None:
                 except RuntimeError:
                     pass
                 elapsed = time.monotonic() - start
-                cpu = cpuload.process_seconds(pid) - cpu
+                cpu = server.cpu_seconds() - cpu
             got, problems = check_signed(sink.dir, variant, record)
             ok = done.returncode == 0 and got == count and not problems
             what = "none signed" if variant == "unsigned" else f"all signed ({variant})"

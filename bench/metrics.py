@@ -107,11 +107,10 @@ def measure_metrics(plan: Plan, work: Path) -> None:
             subject = f"bench metrics {os.urandom(6).hex()}"
             sent = dataclasses.replace(sent_message(),
                                        headers={**sent_message().headers, "Subject": subject})
-            pid = server.pids()[0]
             before = server.delivered()
             scraper = Scraper(metrics_port(server)) if scraped else None
             with cpuload.Interval() as load:
-                cpu = cpuload.process_seconds(pid)
+                cpu = server.cpu_seconds()
                 start = time.time()
                 if scraper is not None:
                     scraper.__enter__()
@@ -126,7 +125,7 @@ def measure_metrics(plan: Plan, work: Path) -> None:
                 finally:
                     if scraper is not None:
                         scraper.__exit__()
-                cpu = cpuload.process_seconds(pid) - cpu
+                cpu = server.cpu_seconds() - cpu
             elapsed = max(server.last_delivery() - start, 1e-6)
             new = server.delivered() - before
             checked, problems = content.check(content.read_files(server.maildir_root, new),

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import content
+from bench import content, cpuload
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -129,6 +129,13 @@ class Server:
         """The processes whose memory is the server's (one for the Python servers)."""
         return [self.process.pid] if self.process is not None else []
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server has used so far: its first process, every process it started
+        and those they reaped (cpuload.tree_seconds): a server's CPU per message, whether it
+        is one process (aiosmtpd, Twisted) or many (Postfix, mailsrv's receiving processes)."""
+        pids = self.pids()
+        return cpuload.tree_seconds(pids[0]) if pids else 0.0
+
     def count(self) -> int:
         return count_new(self.maildir_root)
 
@@ -187,8 +194,14 @@ class Mailsrv(Server):
 
     def __init__(self, workdir: Path, *, dns_port: int = 0, relay_port: int = 25,
                  overrides: dict[str, dict[str, Any]] | None = None,
-                 python: str = sys.executable, name: str = "mailsrv") -> None:
+                 python: str = sys.executable, name: str = "mailsrv",
+                 processes: int | None = None) -> None:
         super().__init__(workdir)
+        #: ``[server] processes`` (the bench's ``--processes``; None: not in the config, for a
+        #: ``--baseline`` mailsrv that may predate the key); with more than one, connections
+        #: are answered once the parent logs "accepting connections" (README "Several
+        #: processes").
+        self.processes = processes
         #: The Python whose installed mailsrv runs (another one: an older version, compared).
         self.python = python
         self.name = name
@@ -212,6 +225,8 @@ class Mailsrv(Server):
             "relay": {"trusted_networks": ["127.0.0.0/8"],
                       "dns_servers": [f"127.0.0.1:{dns_port or 9}"], "port": relay_port},
         }
+        if processes is not None:
+            config["server"] = {"processes": processes}
         for table, values in (overrides or {}).items():
             config.setdefault(table, {}).update(values)
         self.config_path = workdir / "mailsrv.toml"
@@ -224,7 +239,11 @@ class Mailsrv(Server):
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> int:
+    def start(self, timeout: float = 60.0, accepting: bool = True) -> int:
+        """Start the server; return once it listens and (``accepting``, with several
+        processes) answers. ``accepting=False`` returns at "listening on", before the
+        receiving processes are ready: the relayer may be sending already (the queue-drain
+        measure starts its clock at "queue loaded", which comes first)."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
@@ -239,8 +258,12 @@ class Mailsrv(Server):
             if self.process.poll() is not None:
                 raise RuntimeError(f"mailsrv exited with {self.process.returncode}: "
                                    + (self.workdir / "twistd.out").read_text()[-2000:])
-            m = re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)",
-                          self.log_text()[offset:])
+            text = self.log_text()[offset:]
+            m = re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", text)
+            several = ((self.processes or len(os.sched_getaffinity(0))) > 1
+                       if self.processes is not None else "receiving processes" in text)
+            if m and accepting and several and "accepting connections: " not in text:
+                return 0  # several processes: they answer once the parent says so
             return int(m.group(1)) if m else 0
 
         self.port = wait_until(listening, timeout, "mailsrv to listen", 0.02)

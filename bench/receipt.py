@@ -40,9 +40,8 @@ def timed_receipt(
     """Send ``messages`` and wait (two minutes at most) until each is in ``new/``."""
     count = len(messages)
     before = server.delivered()
-    pid = server.pids()[0]
     with cpuload.Interval() as load:
-        cpu = cpuload.process_seconds(pid)
+        cpu = server.cpu_seconds()
         beside_cpu = beside() if beside else 0.0
         start = time.time()
         accepted, errors = clients.send_prepared(server.port, messages, sender, rcpt,
@@ -52,7 +51,7 @@ def timed_receipt(
                        f"{count} files in new/", 0.01)
         except RuntimeError:
             pass
-        cpu = cpuload.process_seconds(pid) - cpu
+        cpu = server.cpu_seconds() - cpu
         if beside:
             beside_cpu = beside() - beside_cpu
     elapsed = max(server.last_delivery() - start, 1e-6)

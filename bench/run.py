@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -50,16 +49,32 @@ class Plan:
     dkim_messages: int = 2000  # dkim relay: messages per variant
     auth_messages: int = 2000  # auth receive: messages per variant
     gate_messages: int = 2000  # gate (issue 14): messages per variant
+    relay_e2e_messages: int = 2000  # relay end to end (issue 18): per server and client style
 
 
-QUICK = Plan(repeats=1, messages={"c1": 100, "c10": 300, "c50": 300, "c10r10": 100},
+#: Quick: counts for the checks, not figures (every throughput case runs in both styles).
+QUICK = Plan(repeats=1, messages={"c1": 50, "c10": 200, "c50": 200, "c10r10": 50},
              latency_seconds=1.5, idle_connections=1000, big_message=10 * 2**20,
-             relay_messages=200, queue_scale=2000, dkim_messages=300, auth_messages=300,
-             gate_messages=300)
+             relay_messages=200, queue_scale=2000, dkim_messages=200, auth_messages=200,
+             gate_messages=200, relay_e2e_messages=200)
 FULL = Plan(repeats=3, messages={"c1": 300, "c10": 2000, "c50": 3000, "c10r10": 500},
             latency_seconds=5.0, idle_connections=10000, big_message=100 * 2**20,
             relay_messages=2000, queue_scale=100000)
 CASES = {"c1": (1, 1), "c10": (10, 1), "c50": (50, 1), "c10r10": (10, 10)}  # sessions, rcpts
+#: The two client styles of every throughput measure (issue 18), each a suffix of the measure's
+#: name -> whether smtp-source keeps its sessions open: ``-d`` ("Don't disconnect after sending
+#: a message; send the next message over the same connection", smtp-source(1)), or its
+#: default, a new connection for every message, which is what MTAs mostly do.
+STYLES = {"open": True, "conn/msg": False}
+#: ``[server] processes`` of the mailsrv under test (``--processes``; 0 is the server's default,
+#: one per core), in the results beside the machine.
+PROCESSES = max(1, len(os.sched_getaffinity(0)))
+
+
+def cpu_measure(measure: str) -> str:
+    """The server's CPU per message beside a rate: ``relay e2e c10 open msg/s`` -> ``relay e2e
+    c10 open CPU ms/msg``, ``throughput c10 open`` -> ``throughput c10 open CPU ms/msg``."""
+    return measure.removesuffix(" msg/s") + " CPU ms/msg"
 
 
 class Results:
@@ -96,10 +111,14 @@ MESSAGE_SIZE = 5120  # smtp-source -l: the body of every throughput message
 
 def run_smtp_source(port: int, sessions: int, messages: int, rcpts: int, size: int,
                     time_limit: float, to: str = f"alice@{DOMAIN}", subject: str = "",
-                    keep_open: bool = True, sender: str = SENDER) -> subprocess.CompletedProcess:
-    """Postfix's C load generator, one connection per session kept open (-d)."""
+                    keep_open: bool = True, sender: str = SENDER,
+                    numbered: bool = False) -> subprocess.CompletedProcess:
+    """Postfix's C load generator: ``keep_open``, each session sends its messages over one
+    connection (``-d``); otherwise a new connection for every message (smtp-source's default).
+    ``numbered``: ``-N``, a number 1, 2, … prepended to each message's recipient."""
     return subprocess.run(
         [peers.postfix_tool("smtp-source"), *(["-d"] if keep_open else []),
+         *(["-N"] if numbered else []),
          "-s", str(sessions), "-m", str(messages), "-l", str(size), "-r", str(rcpts),
          "-f", sender, "-t", to, *(["-S", subject] if subject else []), f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=time_limit, env=peers.postfix_env(),
@@ -124,9 +143,11 @@ def sent_message() -> content.Expected:
     return _SENT
 
 
-def throughput(server: peers.Server, case: str, messages: int, results: Results) -> None:
+def throughput(server: peers.Server, case: str, messages: int, results: Results,
+               style: str = "open") -> None:
     """Messages/s from the first connect to the last link into new/, with its count check and
-    the content check of every file the run delivered (bench/content.py)."""
+    the content check of every file the run delivered (bench/content.py), and the server's
+    CPU per message (every process of it) over the same interval."""
     sessions, rcpts = CASES[case]
     subject = f"bench {server.name} {case} {os.urandom(6).hex()}"
     sent = dataclasses.replace(sent_message(),
@@ -134,14 +155,16 @@ def throughput(server: peers.Server, case: str, messages: int, results: Results)
     before = server.delivered()
     expected = messages * rcpts
     with cpuload.Interval() as load:
+        cpu = server.cpu_seconds()
         start = time.time()
         done = run_smtp_source(server.port, sessions, messages, rcpts, MESSAGE_SIZE, 300,
-                               subject=subject)
+                               subject=subject, keep_open=STYLES[style])
         try:
             wait_until(lambda: server.count() - len(before) >= expected, 120,
                        f"{server.name}: {expected} files in new/", 0.01)
         except RuntimeError:
             pass
+        cpu = server.cpu_seconds() - cpu
     elapsed = max(server.last_delivery() - start, 1e-6)
     new = server.delivered() - before
     checked, problems = content.check(content.read_files(server.maildir_root, new), sent)
@@ -154,7 +177,9 @@ def throughput(server: peers.Server, case: str, messages: int, results: Results)
         print(f"  CONTENT CHECK FAILED: {server.name} throughput {case}:\n    "
               + "\n    ".join(problems), flush=True)
         check += ": " + "; ".join(problems[:2])
-    results.add(f"throughput {case}", server.name, messages / elapsed, check, ok, load.result)
+    measure = f"throughput {case} {style}"
+    results.add(measure, server.name, messages / elapsed, check, ok, load.result)
+    results.add(cpu_measure(measure), server.name, 1000 * cpu / messages, check, ok, load.result)
 
 
 def cleanup(path: Path) -> None:
@@ -169,8 +194,11 @@ BASELINE: str | None = None
 
 def make_server(name: str, workdir: Path, **kwargs: Any) -> peers.Server:
     workdir.mkdir(parents=True, exist_ok=True)
-    if name == "mailsrv-base":
+    if name == "mailsrv-base":  # its own default: it may predate [server] processes
+        kwargs.pop("processes", None)
         return Mailsrv(workdir, python=BASELINE, name=name, **kwargs)
+    if name == "mailsrv":
+        return Mailsrv(workdir, **{"processes": PROCESSES, **kwargs})
     return peers.ALL[name](workdir, **kwargs)
 
 
@@ -183,6 +211,7 @@ def alternate(names: list[str], repeats: int, body: Callable[[str, int], None],
     """Run ``body(server, repeat)`` for every server, the order rotating each repeat; before
     each turn, how busy the machine is without the bench (``Results.background``, under
     ``server`` when the names are variants of one server)."""
+    began = time.monotonic()
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
@@ -194,10 +223,12 @@ def alternate(names: list[str], repeats: int, body: Callable[[str, int], None],
             except Exception as exc:  # one server's failure must not hide the others' figures
                 print(f"  {name}: ERROR {exc!r}", flush=True)
                 RESULTS.failures.append(f"{name}: {exc!r}")
+    print(f"  (this measure took {time.monotonic() - began:.0f} s)", flush=True)
 
 
 def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
-    print("== durable local delivery (smtp-source, 5 KB messages)", flush=True)
+    print("== durable local delivery (smtp-source, 5 KB messages), sessions kept open (-d) "
+          "and a connection per message", flush=True)
 
     def one(name: str, r: int) -> None:
         server = make_server(name, work / f"tp-{name}-{r}")
@@ -206,7 +237,8 @@ def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
             if isinstance(server, Postfix) and not RESULTS.postfix_settings:
                 RESULTS.postfix_settings = server.non_default_settings()
             for case in CASES:
-                throughput(server, case, plan.messages[case], RESULTS)
+                for style in STYLES:
+                    throughput(server, case, plan.messages[case], RESULTS, style)
         finally:
             server.stop()
             cleanup(server.workdir)
@@ -219,9 +251,9 @@ def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
           flush=True)
 
     def one(name: str, r: int) -> None:
-        saturated = RESULTS.median("throughput c10", name)
+        saturated = RESULTS.median("throughput c10 open", name)
         if not saturated:
-            raise RuntimeError("no saturated rate measured (throughput c10)")
+            raise RuntimeError("no saturated rate measured (throughput c10 open)")
         rate = saturated / 2
         count = max(50, min(5000, int(rate * plan.latency_seconds)))
         server = make_server(name, work / f"lat-{name}-{r}")
@@ -250,6 +282,18 @@ def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
     alternate(names, plan.repeats, one)
 
 
+def tree_kib(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or VmHWM) summed over a server's processes: with ``[server] processes`` > 1,
+    mailsrv's connections live in its receiving processes, not in the parent."""
+    total = 0
+    for p in cpuload.tree_pids(pid):
+        try:
+            total += rss_kib(p, field)
+        except (OSError, RuntimeError):
+            pass  # gone meanwhile, or a zombie without memory
+    return total
+
+
 def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
     print(f"== memory: {plan.idle_connections} idle connections; one "
           f"{plan.big_message >> 20} MB message", flush=True)
@@ -261,12 +305,12 @@ def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
             server.start()
             pid = server.pids()[0]
             time.sleep(0.5)
-            base = rss_kib(pid)
+            base = tree_kib(pid)
             with cpuload.Interval() as load:
                 idle = clients.IdleConnections(server.port, plan.idle_connections)
                 try:
                     time.sleep(1.0)
-                    held = rss_kib(pid)
+                    held = tree_kib(pid)
                     # Still answering? One more connection must get its greeting.
                     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
                         alive = s.recv(100).startswith(b"220")
@@ -279,11 +323,12 @@ def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
                         load.result)
             time.sleep(1.0)
             before = server.count()
-            base = rss_kib(pid)
-            peers.reset_hwm(pid)
+            base = tree_kib(pid)
+            for p in cpuload.tree_pids(pid):
+                peers.reset_hwm(p)
             with cpuload.Interval() as load:
                 code = clients.big_message(server.port, plan.big_message)
-                peak = rss_kib(pid, "VmHWM")
+                peak = tree_kib(pid, "VmHWM")
             found = server.count() - before
             RESULTS.add("big msg RSS growth MiB", name, (peak - base) / 1024,
                         f"reply {code}, {found} in new/", code == 250 and found == 1,
@@ -379,9 +424,15 @@ def fill_mailsrv_queue(qdir: Path, count: int, due_in: float = 0.0, durable: boo
     os.sync()
 
 
+#: The relay measure of issue 6: draining a queue filled beforehand (the end-to-end relay of
+#: issue 18 is bench/endtoend.py).
+DRAIN = "relay queue drain msg/s"
+
+
 def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
     count = plan.relay_messages
-    print(f"== relay: {count} queued messages of 5 KB to a loopback smtp-sink", flush=True)
+    print(f"== relay, queue drain: {count} queued messages of 5 KB to a loopback smtp-sink",
+          flush=True)
     relay_names = [n for n in names if n in ("mailsrv", "mailsrv-base", "postfix")]
 
     def one(name: str, r: int) -> None:
@@ -392,15 +443,20 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
         server: peers.Server | None = None
         try:
             if name.startswith("mailsrv"):
+                # One process: the relayer (the parent's) alone. Receiving processes would
+                # start while it sends the queue, on the same cores, and be ready after.
                 server = make_server(name, wd, dns_port=dns.port, relay_port=sink.port,
+                                     processes=1,
                                      overrides={"queue": {"retry_schedule": [3600]},
                                                 "relay": {"tls": "none"}})
                 fill_mailsrv_queue(server.queue, count)
-                server.start()
+                server.start(accepting=False)
                 wait_until(lambda: "queue loaded" in server.log_text(), 120,
                            "the queue to load", 0.005)
                 start = time.monotonic()
+                early = sink.count()
                 cpu_start = cpuload.snapshot()
+                cpu = server.cpu_seconds()
             else:
                 server = Postfix(wd, relayhost=f"[127.0.0.1]:{sink.port}",
                                  extra={"defer_transports": "smtp"})
@@ -420,6 +476,8 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
                 server.command("reload")
                 start = time.monotonic()
                 cpu_start = cpuload.snapshot()
+                cpu = server.cpu_seconds()
+                early = sink.count()
                 server.command("flush")
             try:
                 wait_until(lambda: sink.count() >= count, 300, "every message at the sink",
@@ -427,10 +485,15 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
             except RuntimeError:
                 pass
             elapsed = time.monotonic() - start
+            cpu = server.cpu_seconds() - cpu
             load = cpuload.between(cpu_start, cpuload.snapshot())
             got = sink.count()
-            RESULTS.add("relay msg/s", name, count / elapsed,
-                        f"{count} queued, {got} at the sink", got == count, load)
+            check = f"{count} queued, {got} at the sink"
+            if early:  # the clock started late: the figure would be too high
+                check += f", but {early} of them there before the clock started: WRONG"
+            ok = got == count and not early
+            RESULTS.add(DRAIN, name, count / elapsed, check, ok, load)
+            RESULTS.add(cpu_measure(DRAIN), name, 1000 * cpu / count, check, ok, load)
         finally:
             if server is not None:
                 server.stop()
@@ -447,7 +510,7 @@ def measure_queue_scale(plan: Plan, work: Path) -> None:
     print(f"== queue scale: mailsrv start-up with {count} queued messages", flush=True)
     wd = work / "scale"
     wd.mkdir(parents=True)
-    server = Mailsrv(wd, overrides={"queue": {"retry_schedule": [3600]}})
+    server = Mailsrv(wd, processes=PROCESSES, overrides={"queue": {"retry_schedule": [3600]}})
     try:
         fill_mailsrv_queue(server.queue, count, due_in=3600, durable=False)
         for _ in range(plan.repeats):
@@ -472,169 +535,25 @@ def measure_queue_scale(plan: Plan, work: Path) -> None:
         cleanup(wd)
 
 
-# ---------------------------------------------------------------------------------- report
-
-
-TARGETS = [
-    # (label, measure, ratio against, minimum ratio) or absolute targets below
-    ("durable c10 >= 2.5x Postfix", "throughput c10", "postfix", 2.5),
-    ("durable c50 >= 2.5x Postfix", "throughput c50", "postfix", 2.5),
-    ("durable c10 >= 1.2x twisted.mail (non-durable)", "throughput c10", "twisted", 1.2),
-    ("durable c50 >= 1.2x twisted.mail (non-durable)", "throughput c50", "twisted", 1.2),
-    ("relay >= 1.0x Postfix", "relay msg/s", "postfix", 1.0),
-]
-#: (label, measure, against which measure of the same server, minimum ratio): issue 13
-RATIOS = [
-    ("DKIM-signed relay (RSA-2048) >= 0.8x unsigned", "dkim relay rsa msg/s",
-     "dkim relay unsigned msg/s", 0.8),
-    ("DKIM-signed relay (Ed25519) >= 0.8x unsigned", "dkim relay ed25519 msg/s",
-     "dkim relay unsigned msg/s", 0.8),
-    ("receive with every check on >= 0.7x checks off", "auth receive checks on msg/s",
-     "auth receive checks off msg/s", 0.7),
-    ("receive with every check on >= 0.7x durable c10 (smtp-source, trusted client)",
-     "auth receive checks on msg/s", "throughput c10", 0.7),
-    # issue 14: within 15 % of the rate without them
-    ("receive with DNSBL and greylisting on (triplet known) >= 0.85x without",
-     "gate dnsbl+greylist msg/s", "gate off msg/s", 0.85),
-]
-#: (label, measure, against which measure of the same server): ratios shown without a target
-INFO_RATIOS = [
-    ("receive with rspamd on / off (issue 14: no target; the rate and where the time goes)",
-     "gate rspamd msg/s", "gate off msg/s"),
-]
-LIMITS = [
-    ("idle connection ({idle} held) <= 4 KiB", "idle bytes/conn", 4096),
-    ("{big} MB message: RSS growth <= 5 MiB", "big msg RSS growth MiB", 5),
-    ("start-up with {queue} queued messages < 10 s", "queue start-up s", 10),
-]
-
-
-def machine() -> str:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.splitlines()
-    total = mem[1].split()[1] if len(mem) > 1 else "?"
-    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores "
-            f"(nproc), {cpu}; {total} RAM (free -h); Linux {platform.release()}; "
-            f"Python {platform.python_version()}")
-
-
-def report(plan_name: str, plan: Plan, names: list[str], out: Path) -> str:
-    lines = [f"Run: `python -m bench{' --quick' if plan_name == 'quick' else ''}` — {machine()}",
-             "", "| measure | " + " | ".join(names) + " |",
-             "|---|" + "---|" * len(names)]
-    for measure, per in RESULTS.samples.items():
-        cells = []
-        for name in names:
-            value = RESULTS.median(measure, name)
-            n = len(per.get(name, []))
-            load = cpuload.summary(RESULTS.loads.get(measure, {}).get(name, []))
-            notes = "; ".join(x for x in (f"n={n}" if n > 1 else "", load) if x)
-            cells.append("—" if value is None
-                         else f"{value:,.1f}" + (f" ({notes})" if notes else ""))
-        lines.append(f"| {measure} | " + " | ".join(cells) + " |")
-    lines.append("| CPU with the bench quiet | "
-                 + " | ".join(cpuload.summary(RESULTS.background.get(name, [])) or "—"
-                              for name in names) + " |")
-    lines += ["", "In brackets: CPU idle (idle + iowait) and steal, in % of all "
-              f"{os.cpu_count()} cores, from /proc/stat over each measured interval (a range: "
-              "lowest-highest over repeats, or over turns in the last row). The server and "
-              "the load generator are part of the busy share; the last row is the machine without the bench "
-              f"({QUIET_SAMPLE} s before each turn of that server), where idle well below 100% "
-              "or any steal means other load shared the run.",
-              "", "| target | measured | met? |", "|---|---|---|"]
-    for label, measure, peer, minimum in TARGETS:
-        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(measure, peer)
-        if ours is None or not theirs:
-            lines.append(f"| {label} | not measured | — |")
-            continue
-        ratio = ours / theirs
-        lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
-                     f"{'yes' if ratio >= minimum else 'NO'} |")
-    for label, measure, against, minimum in RATIOS:
-        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(against, "mailsrv")
-        if ours is None or not theirs:
-            continue  # the measure was not run (--only)
-        ratio = ours / theirs
-        lines.append(f"| {label} | {ratio:.2f}x ({ours:,.0f} / {theirs:,.0f}) | "
-                     f"{'yes' if ratio >= minimum else 'NO'} |")
-        cpu = [RESULTS.median(m.replace(" msg/s", " CPU ms/msg"), "mailsrv")
-               for m in (measure, against) if m.endswith(" msg/s")]
-        if len(cpu) == 2 and all(cpu):
-            lines.append(f"| ↳ the same from the server's CPU per message | "
-                         f"{cpu[1] / cpu[0]:.2f}x ({cpu[1]:.2f} / {cpu[0]:.2f} ms) | "
-                         f"{'yes' if cpu[1] / cpu[0] >= minimum else 'NO'} |")
-    for label, measure, against in INFO_RATIOS:
-        ours, theirs = RESULTS.median(measure, "mailsrv"), RESULTS.median(against, "mailsrv")
-        if ours is not None and theirs:
-            lines.append(f"| {label} | {ours / theirs:.2f}x ({ours:,.0f} / {theirs:,.0f}) | — |")
-    for label, measure, limit in LIMITS:
-        label = label.format(idle=f"{plan.idle_connections:,}", big=plan.big_message >> 20,
-                             queue=f"{plan.queue_scale:,}")
-        ours = RESULTS.median(measure, "mailsrv")
-        if ours is None:
-            lines.append(f"| {label} | not measured | — |")
-            continue
-        lines.append(f"| {label} | {ours:,.1f} | {'yes' if ours <= limit else 'NO'} |")
-    lines += ["", "Count and content checks: " + ("all passed" if not RESULTS.failures
-                                                   else "FAILED: " + "; ".join(RESULTS.failures))]
-    text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(
-        {"machine": machine(), "plan": plan_name, "samples": RESULTS.samples,
-         "checks": RESULTS.checks, "cpu": RESULTS.loads, "cpu_bench_quiet": RESULTS.background,
-         "postfix_non_default_settings": RESULTS.postfix_settings,
-         "failures": RESULTS.failures}, indent=1))
-    return text
-
-
-def chart(names: list[str], out: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no chart (bench/run installs it)")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    xs = [1, 10, 50]
-    for name in names:
-        ys = [RESULTS.median(f"throughput c{c}", name) for c in xs]
-        if all(y is not None for y in ys):
-            label = name + (" (no fsync)" if name == "twisted" else "")
-            ax.plot(xs, ys, marker="o", label=label,
-                    linestyle="--" if name == "twisted" else "-")
-    ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.set_xlabel("concurrent SMTP sessions (smtp-source -s)")
-    ax.set_ylabel("messages/second into new/ (5 KB, 1 rcpt)")
-    ax.set_title(f"Local delivery throughput, {os.cpu_count()} cores, median of repeats")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    path = out / "throughput.png"
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
 RESULTS = Results()
+#: ``relay`` is both relay measures: ``drain`` (the queue filled beforehand) and ``e2e``.
 MEASURES = ["throughput", "latency", "memory", "relay", "queue", "dkim", "auth", "gate",
             "rspamd", "metrics"]
+PARTS = {"drain": "relay", "e2e": "relay"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BASELINE, PROCESSES
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a few hundred messages, one repeat (about 1-2 minutes)")
+                        help="a few hundred messages, one repeat (about 3 minutes)")
     parser.add_argument("--repeats", type=int, help="repeats of every measure (3; quick: 1)")
     parser.add_argument("--only", default=",".join(MEASURES),
-                        help=f"comma-separated measures of {MEASURES}")
+                        help=f"comma-separated measures of {MEASURES} (or, of relay, only "
+                             "drain or e2e)")
+    parser.add_argument("--processes", type=int, default=PROCESSES,
+                        help="[server] processes of the mailsrv under test (default: the "
+                             f"number of cores, {PROCESSES}, as the server's own default 0)")
     parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated servers")
     parser.add_argument("--out", type=Path,
                         help="where the table and chart go (bench/results for a full run of "
@@ -646,12 +565,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the mailsrv installed in this Python, as mailsrv-base "
                              "(before/after comparisons of a change)")
     args = parser.parse_args(argv)
-    global BASELINE
     BASELINE = args.baseline
+    PROCESSES = args.processes
     plan = dataclasses.replace(QUICK if args.quick else FULL)
     if args.repeats:
         plan.repeats = args.repeats
     only = args.only.split(",")
+    for measure in only:
+        if measure not in MEASURES and measure not in PARTS:
+            parser.error(f"unknown measure {measure!r}")
     if args.out is None:
         complete = not args.quick and set(MEASURES) <= set(only)
         args.out = BENCH / "results" if complete else BENCH / "results" / "partial"
@@ -680,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
             measure_latency(plan, names, work)
         if "memory" in only:
             measure_memory(plan, names, work)
-        if "relay" in only:
+        if "relay" in only or "drain" in only:
             measure_relay(plan, names, work)
+        if "relay" in only or "e2e" in only:
+            from bench import endtoend  # issue 18's measure; it imports this module
+
+            endtoend.measure_relay_e2e(plan, names, work)
         if "queue" in only and "mailsrv" in names:
             measure_queue_scale(plan, work)
         if ("dkim" in only or "auth" in only) and "mailsrv" in names:
@@ -704,9 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")
-    print(report("quick" if args.quick else "full", plan, names, args.out))
-    png = chart(names, args.out) if any(m.startswith("throughput") for m in RESULTS.samples) \
-        else None
+    from bench.report import chart, report  # it imports this module
+
+    print(report(RESULTS, "quick" if args.quick else "full", plan, names, args.out, PROCESSES))
+    png = chart(RESULTS, names, args.out) \
+        if any(m.startswith("throughput") for m in RESULTS.samples) else None
     if png:
         print(f"chart: {png}")
     return 1 if RESULTS.failures else 0

@@ -361,3 +361,142 @@ def test_process_tree_seconds_counts_the_children():
     finally:
         child.kill()
         child.wait()
+
+
+# ------------------------------------------------------------------------ issue 18: CPU, relay
+
+
+def test_pid_stat_counts_reaped_children():
+    # pid (comm with ) and spaces) state ppid ... utime stime cutime cstime ...
+    text = "42 (a) b) S 7 1 1 0 -1 0 0 0 0 0 30 12 100 8 20 0 1 0 5 0 0\n"
+    assert cpuload.parse_pid_stat(text) == (7, 30 + 12 + 100 + 8)
+
+
+def test_tree_ticks_sums_the_server_and_what_it_started():
+    stats = {1: (0, 1000),      # init: not the server's
+             10: (1, 5),        # the server (e.g. Postfix's master), its reaped children in it
+             11: (10, 7),       # a child (smtpd)
+             12: (11, 3),       # a grandchild
+             13: (10, 2),       # another child
+             20: (1, 50)}       # another server beside it
+    assert cpuload.tree_ticks(stats, 10) == 5 + 7 + 3 + 2
+    assert sorted(cpuload.descendants(stats, 10)) == [10, 11, 12, 13]
+    assert cpuload.tree_ticks(stats, 99) == 0  # gone
+
+
+def test_tree_seconds_keeps_a_child_that_exited():
+    """A child's CPU stays in the tree's figure after it exited (in the parent's cutime), as
+    Postfix's smtpd processes do during a run."""
+    import subprocess
+    import sys
+
+    before = cpuload.tree_seconds(os.getpid())
+    burn = "import time\nwhile time.process_time() < 0.3: pass\n"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    assert cpuload.tree_seconds(os.getpid()) - before >= 0.3 - 0.02
+    assert os.getpid() in cpuload.tree_pids(os.getpid())
+
+
+def relayed(n: int, subject: str = "bench mailsrv e2e open x", body: bytes = BODY,
+            rcpts: int = 1) -> bytes:
+    """Message ``n`` of an end-to-end relay run as smtp-sink -d dumps it (then its empty line)."""
+    head = b"".join(b"X-Rcpt-Args: <%du@sink.test>\n" % (n + k) for k in range(rcpts))
+    message = (f"Received: from mailsrv.bench\r\nFrom: <bench@client.test>\r\n"
+               f"To: <{n}u@sink.test>\r\nMessage-Id: <{n}@vm>\r\nSubject: {subject}\r\n\r\n"
+               ).encode() + body
+    return (b"X-Client-Addr: 127.0.0.1\nX-Client-Proto: ESMTP\nX-Mail-Args: <b@client.test>\n"
+            + head + message.replace(b"\r\n", b"\n") + b"\n")
+
+
+E2E_EXPECTED = content.Expected(content.digest(BODY.replace(b"\r\n", b"\n")),
+                                len(BODY.replace(b"\r\n", b"\n")),
+                                {"Subject": "bench mailsrv e2e open x"})
+
+
+def test_sink_check_each_recipient_once():
+    from bench import endtoend
+
+    files = [(str(n), relayed(n)) for n in (3, 1, 2)]
+    assert endtoend.check_sink(files, 3, E2E_EXPECTED) == (3, [])
+    _, problems = endtoend.check_sink(files + [("4", relayed(2))], 3, E2E_EXPECTED)
+    assert problems[0] == "1 recipient(s) relayed more than once, e.g. ['2u@sink.test']"
+    _, problems = endtoend.check_sink(files[:2], 3, E2E_EXPECTED)
+    assert problems == ["1 recipient(s) never at the sink, e.g. ['2u@sink.test']"]
+    _, problems = endtoend.check_sink(files + [("9", relayed(9))], 3, E2E_EXPECTED)
+    assert problems == ["1 recipient(s) not sent, e.g. ['9u@sink.test']"]
+    _, problems = endtoend.check_sink([("1", relayed(1, rcpts=2))], 1, E2E_EXPECTED)
+    assert problems[0] == "1: 2 recipients, expected one"
+
+
+@pytest.mark.parametrize("damaged", [
+    relayed(2, body=BODY[:-3] + b"\r\n"),
+    relayed(2, body=BODY.replace(b"7XXXX", b"7XXXY")),
+    relayed(2, subject="bench postfix e2e open y"),
+])
+def test_sink_check_content(damaged):
+    from bench import endtoend
+
+    checked, problems = endtoend.check_sink([("1", relayed(1)), ("2", damaged)], 2,
+                                            E2E_EXPECTED)
+    assert checked == 2 and len(problems) == 1 and problems[0].startswith("sink/new/2: ")
+
+
+def test_relay_lines_through_the_mx():
+    from bench import endtoend
+
+    sent = ('2026-12-03T15:45:01+0000 [-] relay id=1xA from=<b@client.test> to=<1u@sink.test> '
+            'relay=mx.sink.test[127.0.0.1]:40001 tls=none delay=0.1 tries=1 status=sent '
+            'reply="250 2.0.0 Ok"\n')
+    elsewhere = sent.replace("mx.sink.test", "mx.other.test")
+    deferred = sent.replace("status=sent", "status=deferred")
+    assert endtoend.sent_lines(sent * 3 + elsewhere + deferred) == 3
+
+
+@needs_postfix
+@pytest.mark.parametrize("name", ["mailsrv", "postfix"])
+def test_relay_end_to_end_quick(outside_var, name, monkeypatch):
+    """The end-to-end relay measure, small: every message at the sink once and as sent, for
+    mailsrv (two receiving processes; its log shows each sent through sink.test's MX from
+    the bench's DNS server) and for Postfix, in both client styles."""
+    from bench import endtoend, run
+
+    results = run.Results()
+    monkeypatch.setattr(run, "RESULTS", results)
+    monkeypatch.setattr(endtoend, "RESULTS", results)
+    monkeypatch.setattr(run, "PROCESSES", 2)
+    for style in run.STYLES:
+        endtoend.relay(name, style, 20, outside_var / f"e2e-{name}-{style.replace('/', '-')}")
+    assert results.failures == []
+    for style in run.STYLES:
+        measure = endtoend.measure(style)
+        assert len(results.samples[measure][name]) == 1
+        assert results.samples[run.cpu_measure(measure)][name][0] > 0
+        assert len(results.samples[endtoend.measure(style, "accepted msg/s")][name]) == 1
+        check = results.checks[measure][name][0]
+        assert check.startswith("20 sent, 20 at the sink, ")
+        if name == "mailsrv":
+            assert "20 sent via sink.test's MX" in check
+
+
+@needs_postfix
+def test_throughput_both_client_styles_quick(outside_var, monkeypatch):
+    """A throughput case in both client styles against mailsrv with two receiving processes:
+    every message delivered as sent, the rate and the CPU of all its processes recorded."""
+    from bench import run
+
+    results = run.Results()
+    monkeypatch.setattr(run, "RESULTS", results)
+    monkeypatch.setattr(run, "PROCESSES", 2)
+    server = run.make_server("mailsrv", outside_var / "tp")
+    try:
+        server.start()
+        assert len(cpuload.tree_pids(server.pids()[0])) >= 3  # the parent and two children
+        for style in run.STYLES:
+            run.throughput(server, "c10", 20, results, style)
+    finally:
+        server.stop()
+    assert results.failures == []
+    for style in run.STYLES:
+        assert results.checks[f"throughput c10 {style}"]["mailsrv"] == [
+            "20x1 sent, 20 in new/, content of 20 as sent"]
+        assert results.samples[f"throughput c10 {style} CPU ms/msg"]["mailsrv"][0] > 0
