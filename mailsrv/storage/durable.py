@@ -116,15 +116,21 @@ def write_new(
     mode: int = 0o600,
     prepare: Callable[[int], None] | None = None,
     named: Naming = _as_is,
+    take: Callable[[os.PathLike[str] | str], bool] | None = None,
 ) -> None:
     """Create *path* (which must not exist) with *mode*, write *data*, fsync it.
 
     ``prepare(fd)``, called after the write and before the fsync, may change the new file's
-    owner and mode. On failure the file may remain; the caller removes it (:func:`replace`
-    removes its temporary itself).
+    owner and mode. ``take(path)`` may put an existing file of ours at *path* instead of a new
+    one (``mailsrv.storage.recycle``: True when it did, FileExistsError when *path* exists); it
+    is emptied on opening. On failure the file may remain; the caller removes it
+    (:func:`replace` removes its temporary itself).
     """
     with named("create", path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        if take is not None and take(path):
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         with named("write", path):
             os.fchmod(fd, mode)  # whatever the umask

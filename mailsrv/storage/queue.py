@@ -3,6 +3,7 @@
 Layout under the queue directory ``qdir``::
 
     incoming/<id>        bodies being received (written by the server, wiped at start-up)
+    recycle/             emptied files of finished entries, for reuse (mailsrv.storage.recycle)
     messages/<id>.body   the message body, spool format (dot-unstuffed, LF line ends)
     messages/<id>.json   the envelope and per-recipient state (see mailsrv.storage.envelope)
     corrupt/             envelopes that did not decode, moved aside with their bodies
@@ -28,7 +29,9 @@ while it lists and removes leftovers, so the scan never takes an enqueue in prog
 a leftover (the server accepts mail while its queue loads).
 
 State changes replace the ``.json`` the same way (write, fsync, rename, fsync the
-directory); a finished message loses its ``.json`` first, then its ``.body``.
+directory); a finished message loses its ``.json`` first, then its ``.body``: both are moved
+to ``recycle/`` (or removed when its stock is full), emptied only after the fsync of
+``messages/``, and reused by later enqueues for their envelopes and spool files.
 """
 
 from __future__ import annotations
@@ -46,22 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
-from mailsrv.storage import durable
+from mailsrv.storage import durable, recycle
 from mailsrv.storage.dirfd import DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
 
 __all__ = [
-    "new_queue_id",
-    "check_queue_id",
-    "queue_dirs",
-    "enqueue",
-    "save",
-    "remove",
-    "read_message",
-    "body_path",
-    "load",
-    "LoadReport",
+    "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
+    "body_path", "load", "LoadReport",
 ]
 
 # Queue ids are file names, log keys and part of Message-IDs: letters and
@@ -107,7 +102,7 @@ def queue_dirs(qdir: Path) -> None:
     """
     # spare/: spool files made ahead (mailsrv.storage.spoolfiles).  Created here, with the others,
     # because this runs as the server's own user even under ``twistd --uid``.
-    for name in ("incoming", "spare", "messages", "corrupt", "control"):
+    for name in ("incoming", "spare", "messages", "corrupt", "control", recycle.RECYCLE_DIR):
         ensure_dir(Path(qdir) / name)
 
 
@@ -209,7 +204,8 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
             os.close(fd)
         tmp_created = True
         try:
-            durable.write_new(json_tmp, data, named=doing)
+            durable.write_new(json_tmp, data, named=doing, take=functools.partial(
+                recycle.take, messages.parent / recycle.RECYCLE_DIR))
         except DeliveryError as exc:
             tmp_created = exc.errno != errno.EEXIST  # another enqueue's dot-file: not ours
             raise
@@ -277,23 +273,24 @@ def remove(qdir: Path, queue_id: str) -> bool:
     The envelope goes first: a crash in between leaves a bare body (or, where the
     file system wrote the second removal first, a bare envelope), which the loader
     recognises as unfinished and removes.  The fsync of ``messages/`` that makes the
-    removal durable is shared with the enqueues and removals running meanwhile.
+    removal durable is shared with the enqueues and removals running meanwhile.  The files
+    go to ``recycle/`` rather than away, and are emptied there after that fsync.
     """
     check_queue_id(queue_id)
     messages = Path(qdir) / "messages"
-    found = False
-    for suffix in (".json", ".body"):
-        try:
-            os.unlink(messages / f"{queue_id}{suffix}")
-            found = True
-        except FileNotFoundError:
-            pass
-    with doing("fsync directory", messages):
-        dir_fd = os.open(messages, _DIR_FLAGS)
-        try:
-            _sync_messages(dir_fd)
-        finally:
-            os.close(dir_fd)
+    found, moved = recycle.retire(Path(qdir) / recycle.RECYCLE_DIR, messages,
+                                  (f"{queue_id}.json", f"{queue_id}.body"))
+    try:
+        with doing("fsync directory", messages):
+            dir_fd = os.open(messages, _DIR_FLAGS)
+            try:
+                _sync_messages(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        recycle.stock(moved, keep=False)  # not known durable: never emptied, removed
+        raise
+    recycle.stock(moved)
     return found
 
 
@@ -345,6 +342,7 @@ def load(qdir: Path) -> LoadReport:
       of ``messages/`` after both renames) or a removal that was cut short: removed.
     - an envelope that does not decode is moved with its body to ``corrupt/`` for the
       administrator, and reported.
+    - what a crash left in ``recycle/`` is removed (``recycle.clean``).
     The listing and the removals hold ``messages/`` locked exclusively: enqueues running
     meanwhile (the server accepts mail while it loads) wait, or have finished, so what
     looks unfinished is a crash's leftover, never an enqueue in progress.
@@ -366,6 +364,7 @@ def load(qdir: Path) -> LoadReport:
     finally:
         os.close(dir_fd)
     names.difference_update(report.unfinished)
+    report.unfinished += [f"recycle/{name}" for name in recycle.clean(qdir / "recycle")]
     for name in sorted(names):
         path = messages_dir / name
         if name.endswith(".json"):

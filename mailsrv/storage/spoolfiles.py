@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.interfaces import ISpareSpoolFiles
+from mailsrv.storage import recycle
 
 __all__ = ["SpareSpoolFiles", "SPARE_DIR"]
 
@@ -46,6 +47,7 @@ class SpareSpoolFiles:
         # ``subdir``: a receiving process's own (mailsrv.procs), which it empties at its start
         # without touching the files of the others.
         self.directory = Path(queue_path) / SPARE_DIR
+        self.recycled = Path(queue_path) / recycle.RECYCLE_DIR
         if subdir is not None:
             self.directory = self.directory / subdir
         self.reactor = reactor
@@ -108,13 +110,19 @@ class SpareSpoolFiles:
         self.reactor.callInThread(self._create, wanted)
 
     def _create(self, count: int) -> None:
-        """In a worker thread: create ``count`` files, then hand them to the reactor thread."""
+        """In a worker thread: make ``count`` files, then hand them to the reactor thread.
+
+        A file is taken from the queue's recycled ones (``mailsrv.storage.recycle``: finished
+        messages' files, emptied) while there are some, and created otherwise."""
         made: list[tuple[Path, int]] = []
         error: OSError | None = None
         for _ in range(count):
             path = self.directory / f"s{secrets.token_hex(8)}"
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                if recycle.take(self.recycled, path):
+                    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+                else:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as e:  # full disk and the like: the callers create their own
                 error = e
                 break
