@@ -48,6 +48,9 @@ __all__ = ["RECYCLE_DIR", "LIMIT", "clean", "retire", "stock", "take"]
 RECYCLE_DIR = "recycle"
 #: At most about this many files in stock; a removal beyond it unlinks.
 LIMIT = 256
+#: After a listing found the stock empty, takers create files for this long (seconds) before
+#: listing again: the stock of another process's removals is found that late at most.
+_RELIST = 0.1
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -98,7 +101,7 @@ def take(directory: Path, dest: os.PathLike[str] | str) -> bool:
         with state.lock:
             if not state.names:
                 now = time.monotonic()
-                if now - state.listed < 0.5:
+                if now - state.listed < _RELIST:
                     return False  # listed empty a moment ago: do not list on every take
                 try:
                     state.names = [n for n in os.listdir(directory) if not n.startswith(".")]
@@ -173,7 +176,11 @@ def stock(moved: Iterable[Path], keep: bool = True) -> None:
             if not keep:
                 raise OSError(errno.ECANCELED, "not recycled")
             os.truncate(dot, 0)
-            os.rename(dot, dot.parent / f"r{secrets.token_hex(8)}")
+            name = f"r{secrets.token_hex(8)}"
+            os.rename(dot, dot.parent / name)
+            state = _state(dot.parent)
+            with state.lock:  # this process's takers need not list the directory to find it
+                state.names.append(name)
         except OSError:
             try:
                 os.unlink(dot)
