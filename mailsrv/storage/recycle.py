@@ -32,6 +32,7 @@ The stock is bounded (``LIMIT`` files, counted now and then): beyond it a remova
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -61,7 +62,9 @@ class _State:
     """This process's view of a stock directory: names seen in it, and a count of its files."""
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        # Bounded: a process that puts and seldom takes (the parent, with several processes)
+        # keeps only the newest names; the others are found again by listing.
+        self.names: collections.deque[str] = collections.deque(maxlen=LIMIT)
         self.listed = 0.0  # monotonic time of the last listing that found nothing
         self.count: int | None = None  # files in stock, as last counted plus our puts
         self.puts = 0  # puts since the last count
@@ -104,9 +107,9 @@ def take(directory: Path, dest: os.PathLike[str] | str) -> bool:
                 if now - state.listed < _RELIST:
                     return False  # listed empty a moment ago: do not list on every take
                 try:
-                    state.names = [n for n in os.listdir(directory) if not n.startswith(".")]
+                    state.names.extend(n for n in os.listdir(directory) if not n.startswith("."))
                 except FileNotFoundError:
-                    state.names = []
+                    pass
                 state.count = len(state.names)
                 if not state.names:
                     state.listed = now

@@ -371,3 +371,23 @@ def test_startup_removes_what_a_crash_left_in_stock(qdir: Path) -> None:
     report = queue.load(qdir)
     assert sorted(report.unfinished) == ["recycle/.ID9.json", "recycle/rfull"]
     assert stock(qdir) == {"rgood": b""}
+
+
+def test_a_process_that_puts_and_never_takes_keeps_a_bounded_view(
+    qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several processes the parent removes (puts) and the receiving processes take: the
+    names the parent remembers for its own takes stay bounded, and its take still works."""
+    monkeypatch.setattr(recycle, "LIMIT", 4)
+    recycle._states.clear()
+    for i in range(10):
+        (qdir / "spare" / f"b{i}").write_bytes(BODY)
+        _enqueue(qdir, f"ID{i}", body=f"b{i}")
+    for i in range(10):
+        queue.remove(qdir, f"ID{i}")
+        for path in list((qdir / "recycle").iterdir()):  # another process takes them all
+            os.rename(path, qdir / "spare" / f"taken-{path.name}")
+    view = recycle._states[os.fspath(qdir / "recycle")]
+    assert 0 < len(view.names) <= 4
+    assert not recycle.take(qdir / "recycle", qdir / "spare" / "mine")  # stale names skipped
+    assert not (qdir / "spare" / "mine").exists()
