@@ -20,27 +20,16 @@ from twisted.internet import defer
 
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.storage import queue
-from mailsrv.storage.queue import enqueue, queue_dirs
+from mailsrv.storage.queue import queue_dirs
 from support.procfs import fd_path
+from support.queue_files import BODY, enqueue_spare, spool_dir
 from support.queue_runtime import enqueue as queued
 from support.queue_runtime import queue_runtime
-
-BODY = b"Subject: hello\n\nHello Bob.\n" * 50
-PREFIX = b"Received: from x (unknown [192.0.2.7])\n"
-
-
-def _enqueue(qdir: Path, body: Path, queue_id: str = "ID1"):
-    return enqueue(qdir, queue_id, sender="a@example.org", recipients=["bob@other.example"],
-                   prefix=PREFIX, body_path=body, created=1795381621.25,
-                   received_from="client.example[192.0.2.7]")
 
 
 @pytest.fixture
 def qdir(tmp_path: Path) -> Path:
-    path = tmp_path / "spool"
-    queue_dirs(path)
-    (path / "spare" / "s1").write_bytes(BODY)
-    return path
+    return spool_dir(tmp_path)
 
 
 def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], object]:
@@ -58,7 +47,7 @@ def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tu
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    message = _enqueue(qdir, qdir / "spare" / "s1")
+    message = enqueue_spare(qdir)
     monkeypatch.undo()
     ops.append(("returned",))
     return ops, message
@@ -144,7 +133,7 @@ def test_body_without_envelope_is_removed(qdir: Path) -> None:
 
 def test_envelope_without_body_is_removed(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The envelope's rename reached the disk and the body's did not: no 250 was given."""
-    _enqueue(qdir, qdir / "spare" / "s1")
+    enqueue_spare(qdir)
     os.unlink(qdir / "messages" / "ID1.body")
     report = queue.load(qdir)
     assert report.messages == [] and report.unfinished == ["ID1.json"]
@@ -165,7 +154,7 @@ def test_the_scan_waits_for_an_enqueue_in_progress(
 ) -> None:
     """The server accepts mail while its queue loads: an enqueue half done when the scan
     starts must not be taken for a crash's leftover."""
-    _enqueue(qdir, qdir / "spare" / "s1", "OLD")
+    enqueue_spare(qdir, "OLD")
     # An enqueue in progress: messages/ locked shared, its body renamed, its envelope not yet.
     held = os.open(qdir / "messages", os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(held, fcntl.LOCK_SH)
@@ -220,6 +209,6 @@ def test_an_id_being_enqueued_elsewhere_is_refused_and_left_alone(qdir: Path) ->
     dot-file is not ours to remove."""
     (qdir / "messages" / ".ID1.json.tmp").write_bytes(b"theirs")
     with pytest.raises(queue.DeliveryError, match="File exists"):
-        _enqueue(qdir, qdir / "spare" / "s1")
+        enqueue_spare(qdir)
     assert (qdir / "messages" / ".ID1.json.tmp").read_bytes() == b"theirs"
     assert (qdir / "spare" / "s1").read_bytes() == BODY

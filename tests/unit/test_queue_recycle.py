@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 
 from mailsrv.storage import queue, recycle
-from mailsrv.storage.queue import enqueue, queue_dirs
+from mailsrv.storage.queue import queue_dirs
 from support.procfs import fd_path
-
-BODY = b"Subject: hello\n\nHello Bob.\n" * 50
-PREFIX = b"Received: from x (unknown [192.0.2.7])\n"
+from support.queue_files import BODY, enqueue_spare, spool_dir
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +36,7 @@ def fresh_views():
 
 @pytest.fixture
 def qdir(tmp_path: Path) -> Path:
-    path = tmp_path / "spool"
-    queue_dirs(path)
-    (path / "spare" / "s1").write_bytes(BODY)
-    return path
-
-
-def _enqueue(qdir: Path, queue_id: str = "ID1", body: str = "s1"):
-    return enqueue(qdir, queue_id, sender="a@example.org", recipients=["bob@other.example"],
-                   prefix=PREFIX, body_path=qdir / "spare" / body, created=1795381621.25,
-                   received_from="client.example[192.0.2.7]")
+    return spool_dir(tmp_path)
 
 
 def stock(qdir: Path) -> dict[str, bytes]:
@@ -210,7 +199,7 @@ def check_loaded(crashed: Path, message, may: bool, must: bool) -> list[str]:
 
 def test_every_crash_state_of_a_removal(qdir: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    message = _enqueue(qdir)
+    message = enqueue_spare(qdir)
     ops, before, found = traced(qdir, monkeypatch, lambda: queue.remove(qdir, "ID1"))
     assert found
     kinds = [op[0] for op in ops]
@@ -234,7 +223,7 @@ def test_every_crash_state_of_an_enqueue_taking_a_recycled_file(
 ) -> None:
     """The envelope's dot-file is a recycled file (here one a crash left not empty)."""
     (qdir / "recycle" / "rold").write_bytes(b"a finished message's body\n" * 200)
-    ops, before, message = traced(qdir, monkeypatch, lambda: _enqueue(qdir))
+    ops, before, message = traced(qdir, monkeypatch, lambda: enqueue_spare(qdir))
     assert ops[1] == ("rename", "recycle/rold", "messages/.ID1.json.tmp")  # after the body's fsync
     assert stock(qdir) == {}
     for i, op in enumerate(ops):  # a name in messages/ only for content fsync'd before it
@@ -255,13 +244,13 @@ def test_every_crash_state_of_an_enqueue_taking_a_recycled_file(
 def test_enqueue_and_spare_files_reuse_what_removals_recycle(qdir: Path) -> None:
     from mailsrv.storage.spoolfiles import SpareSpoolFiles
 
-    _enqueue(qdir)
+    enqueue_spare(qdir)
     inodes = {os.stat(qdir / "messages" / f"ID1.{s}").st_ino for s in ("json", "body")}
     queue.remove(qdir, "ID1")
     assert {os.stat(p).st_ino for p in (qdir / "recycle").iterdir()} == inodes
     recycle._states.clear()
     (qdir / "spare" / "s2").write_bytes(BODY)
-    _enqueue(qdir, "ID2", body="s2")
+    enqueue_spare(qdir, "ID2", body="s2")
     envelope = qdir / "messages" / "ID2.json"
     assert os.stat(envelope).st_ino in inodes
     assert queue.read_message(envelope).id == "ID2" and os.stat(envelope).st_mode & 0o777 == 0o600
@@ -337,7 +326,7 @@ def test_the_stock_is_bounded(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(recycle, "LIMIT", 4)
     for i in range(3):
         (qdir / "spare" / f"b{i}").write_bytes(BODY)
-        _enqueue(qdir, f"ID{i}", body=f"b{i}")
+        enqueue_spare(qdir, f"ID{i}", body=f"b{i}")
         queue.remove(qdir, f"ID{i}")
     # 6 files finished; 4 kept (empty), the others removed.
     assert sorted(stock(qdir).values()) == [b""] * 4
@@ -349,7 +338,7 @@ def test_a_failed_fsync_of_messages_recycles_nothing(
 ) -> None:
     """The removal is not known durable: its files are never emptied (a crash might leave them
     named in messages/), they are removed."""
-    _enqueue(qdir)
+    enqueue_spare(qdir)
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
@@ -382,7 +371,7 @@ def test_a_process_that_puts_and_never_takes_keeps_a_bounded_view(
     recycle._states.clear()
     for i in range(10):
         (qdir / "spare" / f"b{i}").write_bytes(BODY)
-        _enqueue(qdir, f"ID{i}", body=f"b{i}")
+        enqueue_spare(qdir, f"ID{i}", body=f"b{i}")
     for i in range(10):
         queue.remove(qdir, f"ID{i}")
         for path in list((qdir / "recycle").iterdir()):  # another process takes them all
