@@ -106,7 +106,7 @@ class _Converter:
 
         text = _text_kind(self.data, body, end)
         if text is not None:
-            label = ("8bit" if text == "8bit" else "7bit") if cte == "binary" else None
+            label = text if cte == "binary" else None  # "binary" that is text after all
             self._header(header, blank, label, [])
             self._copy_text(body, end)
             return
