@@ -13,12 +13,12 @@ with dkimpy's parser.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-__all__ = ["Record", "Verdict", "judge", "needed_records", "zone_text"]
+__all__ = ["Record", "Verdict", "judge", "needed_records", "only_record", "zone_text"]
 
 #: What --check says of a record.
 OK, MISSING, WRONG, UNKNOWN = "ok", "missing", "wrong", "unknown"
@@ -134,26 +134,41 @@ def _ptr(record: Record, found: list[str], hostname: str) -> Verdict:
     return Verdict(WRONG, ", ".join(bad) + f": should name {hostname}")
 
 
+def only_record(
+    found: list[str], is_it: Callable[[str], bool], missing: str, several: str
+) -> str | Verdict:
+    """The one TXT record of ``found`` that ``is_it``; else the verdict: MISSING (``missing``)
+    when there is none, WRONG when there are several (``several``, after their count), which
+    readers of every such record (SPF, DMARC, MTA-STS, TLS-RPT) take as none."""
+    matching = [text for text in found if is_it(text)]
+    if not matching:
+        return Verdict(MISSING, missing)
+    if len(matching) > 1:
+        return Verdict(WRONG, f"{len(matching)} {several}")
+    return matching[0]
+
+
 def _spf(record: Record, found: list[str], hostname: str) -> Verdict:
-    spf = [text for text in found if text.lower() == "v=spf1" or text.lower().startswith("v=spf1 ")]
-    if not spf:
-        return Verdict(MISSING, "no SPF record: receivers cannot tell your mail from forgeries")
-    if len(spf) > 1:
-        return Verdict(WRONG, f"{len(spf)} SPF records (a permanent error for every receiver)")
-    terms = [term.lower() for term in spf[0].split()[1:]]
+    spf = only_record(
+        found, lambda t: t.lower() == "v=spf1" or t.lower().startswith("v=spf1 "),
+        "no SPF record: receivers cannot tell your mail from forgeries",
+        "SPF records (a permanent error for every receiver)")
+    if isinstance(spf, Verdict):
+        return spf
+    terms = [term.lower() for term in spf.split()[1:]]
     if "+all" in terms or "all" in terms:
-        return Verdict(WRONG, f'"{spf[0]}" allows any server to send as the domain')
+        return Verdict(WRONG, f'"{spf}" allows any server to send as the domain')
     if not any(t.endswith("all") or t.startswith("redirect=") for t in terms):
-        return Verdict(WRONG, f'"{spf[0]}" ends without -all or ~all')
+        return Verdict(WRONG, f'"{spf}" ends without -all or ~all')
     ours = {"mx", "+mx", f"a:{hostname}", f"+a:{hostname}"}
     if record.name.lower() == hostname:
         ours |= {"a", "+a"}
     if ours & set(terms):
-        return Verdict(OK, spf[0])
+        return Verdict(OK, spf)
     if any(t.lstrip("+").startswith(("include:", "redirect=", "ip4:", "ip6:")) for t in terms):
-        return Verdict(OK, f"{spf[0]} (its include:/redirect=/ip4:/ip6: not checked: make sure "
+        return Verdict(OK, f"{spf} (its include:/redirect=/ip4:/ip6: not checked: make sure "
                            "they cover this server's address)")
-    return Verdict(WRONG, f'"{spf[0]}" does not name this server (mx, or a:{hostname})')
+    return Verdict(WRONG, f'"{spf}" does not name this server (mx, or a:{hostname})')
 
 
 def _dkim(record: Record, found: list[str], hostname: str) -> Verdict:
@@ -167,15 +182,16 @@ def _dkim(record: Record, found: list[str], hostname: str) -> Verdict:
 
 
 def _dmarc(record: Record, found: list[str], hostname: str) -> Verdict:
-    dmarc = [text for text in found if text.replace(" ", "").lower().startswith("v=dmarc1")]
-    if not dmarc:
-        return Verdict(MISSING, "no DMARC record: receivers apply no policy to forgeries")
-    if len(dmarc) > 1:
-        return Verdict(WRONG, f"{len(dmarc)} DMARC records (receivers ignore them all)")
-    tags = _tags(dmarc[0])
+    dmarc = only_record(
+        found, lambda t: t.replace(" ", "").lower().startswith("v=dmarc1"),
+        "no DMARC record: receivers apply no policy to forgeries",
+        "DMARC records (receivers ignore them all)")
+    if isinstance(dmarc, Verdict):
+        return dmarc
+    tags = _tags(dmarc)
     if tags is None or tags.get(b"p", b"").lower() not in (b"none", b"quarantine", b"reject"):
-        return Verdict(WRONG, f'"{dmarc[0]}": p= must be none, quarantine or reject')
-    return Verdict(OK, dmarc[0])
+        return Verdict(WRONG, f'"{dmarc}": p= must be none, quarantine or reject')
+    return Verdict(OK, dmarc)
 
 
 _JUDGES = {"MX": _mx, "A": _address, "PTR": _ptr, "SPF": _spf, "DKIM": _dkim,

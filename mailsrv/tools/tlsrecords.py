@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from mailsrv.outbound.mtasts.policy import PolicyError, parse_txt
 from mailsrv.outbound.tlsrpt.document import parse_record
-from mailsrv.tools.dnsrecords import MISSING, OK, WRONG, Record, Verdict
+from mailsrv.tools.dnsrecords import MISSING, OK, WRONG, Record, Verdict, only_record
 
 __all__ = ["JUDGES", "policy_id", "policy_text", "policy_url", "tls_records"]
 
@@ -58,33 +58,33 @@ def tls_records(
 
 
 def _mta_sts(record: Record, found: list[str], hostname: str) -> Verdict:
-    sts = [t for t in found if t.replace(" ", "").startswith("v=STSv1")]
-    if not sts:
-        return Verdict(MISSING, "no MTA-STS record: senders do not look for the policy")
-    if len(sts) > 1:
-        return Verdict(WRONG, f"{len(sts)} MTA-STS records (senders then use none)")
+    sts = only_record(found, lambda t: t.replace(" ", "").startswith("v=STSv1"),
+                      "no MTA-STS record: senders do not look for the policy",
+                      "MTA-STS records (senders then use none)")
+    if isinstance(sts, Verdict):
+        return sts
     want = parse_txt([record.value])
     try:
-        have = parse_txt([sts[0]])  # as a sender reads it
+        have = parse_txt([sts])  # as a sender reads it
     except PolicyError as e:
-        return Verdict(WRONG, f'"{sts[0]}": {e} (senders then use no policy)')
+        return Verdict(WRONG, f'"{sts}": {e} (senders then use no policy)')
     if have != want:
         return Verdict(WRONG, f"id={have}, but the policy now has id={want}: serve the new "
                               "policy file first, then publish the new id")
-    return Verdict(OK, sts[0])
+    return Verdict(OK, sts)
 
 
 def _tlsrpt(record: Record, found: list[str], hostname: str) -> Verdict:
-    rpt = [t for t in found if t.replace(" ", "").startswith("v=TLSRPTv1")]
-    if not rpt:
-        return Verdict(MISSING, "no TLS-RPT record: senders do not report their TLS failures")
-    if len(rpt) > 1:
-        return Verdict(WRONG, f"{len(rpt)} TLS-RPT records (senders then use none)")
+    rpt = only_record(found, lambda t: t.replace(" ", "").startswith("v=TLSRPTv1"),
+                      "no TLS-RPT record: senders do not report their TLS failures",
+                      "TLS-RPT records (senders then use none)")
+    if isinstance(rpt, Verdict):
+        return rpt
     want = set(parse_record([record.value]) or ())
-    have = set(parse_record([rpt[0]]) or ())  # the rua a sender would use
+    have = set(parse_record([rpt]) or ())  # the rua a sender would use
     if have != want:
-        return Verdict(WRONG, f'"{rpt[0]}": rua is not {",".join(sorted(want))}')
-    return Verdict(OK, rpt[0])
+        return Verdict(WRONG, f'"{rpt}": rua is not {",".join(sorted(want))}')
+    return Verdict(OK, rpt)
 
 
 def _web(record: Record, found: list[str], hostname: str) -> Verdict:

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from mailsrv.tools.dnsrecords import MISSING, OK, UNKNOWN, WRONG, judge, needed_records, zone_text
+from mailsrv.tools.dnsrecords import (
+    MISSING,
+    OK,
+    UNKNOWN,
+    WRONG,
+    Verdict,
+    judge,
+    needed_records,
+    only_record,
+    zone_text,
+)
 
 HOST = "mx.example.org"
 KEY = "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA" + "A" * 340 + "IDAQAB"
@@ -99,3 +109,15 @@ def test_ptr(found, status) -> None:
 def test_address() -> None:
     assert judge(records()["A"], ["192.0.2.1"], HOST).status == OK
     assert judge(records()["A"], [], HOST).status == MISSING
+
+
+def test_only_record_picks_the_one_or_says_none_or_how_many():
+    def spf(t: str) -> bool:
+        return t.startswith("v=spf1")
+
+    assert only_record(["google-site-verification=x", "v=spf1 mx -all"], spf, "none",
+                       "SPF records") == "v=spf1 mx -all"
+    assert only_record(["google-site-verification=x"], spf, "none", "SPF records") == (
+        Verdict(MISSING, "none"))
+    assert only_record(["v=spf1 mx -all", "v=spf1 -all"], spf, "none", "SPF records") == (
+        Verdict(WRONG, "2 SPF records"))
