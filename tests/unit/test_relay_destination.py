@@ -10,33 +10,12 @@ import pytest
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
-try:
-    from twisted.internet.testing import MemoryReactor
-except ImportError:  # Twisted 22.4 (Debian bookworm)
-    from twisted.test.proto_helpers import MemoryReactor
-
-from mailsrv.config import parse_config
-from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
+from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mx import DestinationError, MXHost
 from mailsrv.outbound.smtpclient import OutboundTransaction
 from mailsrv.replies import Reply
-from mailsrv.routing.router import Directory
-from mailsrv.runtime import Runtime
 from mailsrv.storage.envelope import QueuedRecipient
-
-
-def make(tmp_path, **relay) -> DestinationDelivery:
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-        "relay": relay,
-    }, None)
-    runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
-                      reactor=MemoryReactor())
-    return DestinationDelivery(runtime, rng=None)
+from support.destination import make
 
 
 def host(name: str, *addresses: str) -> MXHost:

@@ -4,38 +4,16 @@ TLS-Required: No: the hosts a policy allows and the TLS each connection gets."""
 from __future__ import annotations
 
 import pytest
-
-try:
-    from twisted.internet.testing import MemoryReactor
-except ImportError:  # Twisted 22.4 (Debian bookworm)
-    from twisted.test.proto_helpers import MemoryReactor
-
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
-from mailsrv.config import parse_config
-from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
+from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mtasts.policy import parse_policy
 from mailsrv.outbound.mtasts.source import Lookup
 from mailsrv.outbound.mx import MXHost
 from mailsrv.outbound.smtpclient import OutboundTransaction
 from mailsrv.replies import Reply
-from mailsrv.routing.router import Directory
-from mailsrv.runtime import Runtime
-
-
-def make(tmp_path, resolver=None, **relay) -> DestinationDelivery:
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-        "relay": relay,
-    }, None)
-    runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
-                      reactor=MemoryReactor(), resolver=resolver)
-    return DestinationDelivery(runtime, rng=None)
+from support.destination import make
 
 
 def host(name: str) -> MXHost:
