@@ -125,7 +125,7 @@ _HELD = 8
 def deliver(
     root: os.PathLike[str] | str,
     maildirs: Sequence[os.PathLike[str] | str],
-    prefix: bytes | Sequence[bytes],
+    prefix: bytes,
     body_path: os.PathLike[str] | str,
     *,
     hostname: str,
@@ -137,15 +137,13 @@ def deliver(
     domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
     path and saying why) and nothing is written through it.
 
-    *prefix* is one for all, or one per maildir (aligned with *maildirs*: a copy's own
-    ``Delivered-To:``).  The message is written once per distinct prefix into the
-    ``tmp/`` of the first maildir taking it (0600), fsync'd, then hard-linked into the
-    ``new/`` of each maildir taking that prefix (copied first when a maildir is on another
-    file system); every file is written before any is linked, so that a full disk shows
-    in no ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer
-    ``250``.  Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up
-    to the root) are created 0700.  Duplicate maildirs (same names, or the same directory
-    reached by a bind mount) receive one copy, with the prefix of the first occurrence.
+    The message is written once, into the ``tmp/`` of the first maildir (0600), fsync'd,
+    then hard-linked into the ``new/`` of each maildir (copied first when a maildir is on
+    another file system); it is written before any link, so that a full disk shows in no
+    ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer ``250``.
+    Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up to the root)
+    are created 0700.  Duplicate maildirs (same names, or the same directory reached by a
+    bind mount) receive one link.
 
     All or nothing: on any OSError or refusal, every file created by this call in any
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
@@ -161,12 +159,9 @@ def deliver(
     wanted = [_names(base, maildir) for maildir in maildirs]
     if not wanted:
         return []
-    prefixes = [prefix] * len(wanted) if isinstance(prefix, bytes) else list(prefix)
-    if len(prefixes) != len(wanted):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(wanted)} maildirs")
     run = _Delivery(_open_root(root), base)
     try:
-        run.write(wanted, prefixes, body_path, hostname)
+        run.write(wanted, prefix, body_path, hostname)
         new_paths = run.link()
     except BaseException:
         run.roll_back()
@@ -177,29 +172,29 @@ def deliver(
 
 
 class _Delivery:
-    """The state of one ``deliver`` call: which directories, which files, what is linked."""
+    """The state of one ``deliver`` call: which directories, which file, what is linked."""
 
     def __init__(self, root_fd: int, base: str) -> None:
         self.root_fd, self.base = root_fd, base
         self.unique: list[tuple[str, ...]] = []  # names of each distinct directory
         self.index_of: dict[tuple[str, ...], int] = {}  # names -> index in unique
         self.held: dict[int, dirfd.OpenMaildir] = {}  # index -> kept open (at most _HELD)
-        self.files: dict[bytes, tuple[list[int], str, int]] = {}  # prefix -> members, name, size
-        self.written: dict[int, str] = {}  # index -> the file in its tmp/ (removed at the end)
+        self.name, self.size = "", 0  # the file, and its size
+        self.written = False  # the file is in the tmp/ of the first directory (index 0)
         self.linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
 
     def write(
-        self, wanted: list[tuple[str, ...]], prefixes: list[bytes],
+        self, wanted: list[tuple[str, ...]], prefix: bytes,
         body_path: os.PathLike[str] | str, hostname: str,
     ) -> None:
-        """Open (or make) every directory, find duplicates, write one file per prefix."""
+        """Open (or make) every directory, find duplicates, write the file into the first."""
         with doing("open", body_path):
             src_fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             with doing("stat", body_path):
                 body_size = os.fstat(src_fd).st_size
             index_of_key: dict[tuple[int, int], int] = {}
-            for names, prefix in zip(wanted, prefixes):
+            for names in wanted:
                 if names in self.index_of:
                     continue
                 box = self._open(names)
@@ -211,16 +206,13 @@ class _Delivery:
                 index = index_of_key[box.key] = self.index_of[names] = len(self.unique)
                 self.unique.append(names)
                 try:
-                    if prefix in self.files:
-                        self.files[prefix][0].append(index)
-                    else:
-                        size = len(prefix) + body_size
-                        name = unique_name(hostname, size)
-                        _write_tmp(box, name, prefix, src_fd, body_size)
-                        self.written[index] = name
-                        self.files[prefix] = ([index], name, size)
+                    if index == 0:
+                        self.size = len(prefix) + body_size
+                        self.name = unique_name(hostname, self.size)
+                        _write_tmp(box, self.name, prefix, src_fd, body_size)
+                        self.written = True
                 finally:
-                    if len(self.held) < _HELD:
+                    if len(self.held) < _HELD:  # always the first one: it holds the file
                         self.held[index] = box
                     else:
                         box.close()
@@ -228,47 +220,43 @@ class _Delivery:
             os.close(src_fd)
 
     def link(self) -> dict[int, Path]:
-        """Link each file into the ``new/`` of its directories, fsync each; their paths."""
+        """Link the file into the ``new/`` of every directory, fsync each; their paths.
+
+        The directories held open are fsync'd after all the links: links made in a row
+        land in one transaction of a journaling file system, so the first fsync commits
+        them all and the others find (nearly) nothing left to do; one fsync after each
+        link made a delivery to ten mailboxes wait for ten commits.  A directory not held
+        is fsync'd before its descriptor is closed: walking to it again could reach another
+        directory than the one linked into."""
+        source = self.held[0]
         new_paths: dict[int, Path] = {}
-        for members, name, size in self.files.values():
-            source = self._box(members[0])
+        for index, names in enumerate(self.unique):
+            box = self._box(index)
             try:
-                for index in members:
-                    box = source if index == members[0] else self._box(index)
-                    try:
-                        _link(source, box, name, size)
-                        self.linked.append((self.unique[index], box.key, name))
-                        with doing("fsync directory", f"{box.path}/new"):
-                            _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
-                        new_paths[index] = Path(f"{box.path}/new/{name}")
-                    finally:
-                        if box is not source and index not in self.held:
-                            box.close()
-                # Linked everywhere: the tmp/ name is only litter now.  A failure to remove
-                # it must not turn a durable delivery into an error (and a retry, a
-                # duplicate); tmpclean removes what is left.
-                with suppress(OSError):
-                    os.unlink(self.written.pop(members[0]), dir_fd=source.tmp_fd)
+                _link(source, box, self.name, self.size)
+                self.linked.append((names, box.key, self.name))
+                new_paths[index] = Path(f"{box.path}/new/{self.name}")
+                if index not in self.held:
+                    _sync_new(box)
             finally:
-                if members[0] not in self.held:
-                    source.close()
+                if index not in self.held:
+                    box.close()
+        for box in self.held.values():
+            _sync_new(box)
+        # Linked everywhere: the tmp/ name is only litter now.  A failure to remove it must
+        # not turn a durable delivery into an error (and a retry, a duplicate); tmpclean
+        # removes what is left.
+        with suppress(OSError):
+            os.unlink(self.name, dir_fd=source.tmp_fd)
+        self.written = False
         return new_paths
 
     def roll_back(self) -> None:
-        """Remove every link made and every file written; best effort, never raises."""
+        """Remove every link made and the file written; best effort, never raises."""
         _rollback(self.root_fd, self.base, self.linked)
-        for index, name in self.written.items():
-            box = self.held.get(index)
-            try:
-                fd = box.tmp_fd if box else dirfd.open_sub(
-                    self.root_fd, self.base, self.unique[index], "tmp"
-                )
-            except OSError:
-                continue
+        if self.written:
             with suppress(OSError):
-                os.unlink(name, dir_fd=fd)
-            if box is None:
-                os.close(fd)
+                os.unlink(self.name, dir_fd=self.held[0].tmp_fd)
 
     def close(self) -> None:
         for box in self.held.values():
@@ -282,6 +270,12 @@ class _Delivery:
     def _box(self, index: int) -> dirfd.OpenMaildir:
         """The directory *index*, held open or walked to again (then the caller closes it)."""
         return self.held.get(index) or self._open(self.unique[index])
+
+
+def _sync_new(box: dirfd.OpenMaildir) -> None:
+    """fsync the ``new/`` of *box*, shared with concurrent deliveries into it."""
+    with doing("fsync directory", f"{box.path}/new"):
+        _new_dir_sync.sync(box.key, functools.partial(os.fsync, box.new_fd))
 
 
 def _write_tmp(

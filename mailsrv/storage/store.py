@@ -72,10 +72,10 @@ def store(
     set) and ``Delivered-To:`` (the mailbox the copy lands in, as Postfix's
     local and virtual write it; what Sieve and loop detection read): they belong to the
     final delivery only, so the queued copy, which is relayed onwards, does not carry them.
-    Each local copy is thus a file of its own, which also keeps one recipient's address out
-    of another's copy.  ``double_bounce`` marks a queued postmaster notice about a failed
-    bounce, ``no_bounce`` a queued copy whose failures are only logged (see
-    mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
+    ``Delivered-To:`` is written only when the local copies go to one mailbox; for several,
+    one file is linked into every mailbox and names none of them (see ``_local_prefix``).
+    ``double_bounce`` marks a queued postmaster notice about a failed bounce, ``no_bounce``
+    a queued copy whose failures are only logged (see mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
     local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
     others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
     client's DSN parameters, kept with the queued copy.  ``smtputf8``: the message came
@@ -102,8 +102,7 @@ def store(
             folders = folders or {}
             delivered = maildir.deliver(
                 root, [_maildir(root, t, folders.get(t)) for t in local],
-                [return_path + headers.delivered_to(t.address, utf8=smtputf8) + trace
-                 for t in local],
+                _local_prefix(local, return_path, trace, smtputf8),
                 body_path, hostname=config.hostname,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
@@ -172,6 +171,23 @@ def _store_for_lmtp(
             raise
         stored.places += [(t, "queue") for t in remote]
     return stored
+
+
+def _local_prefix(local: list[LocalTarget], return_path: bytes, trace: bytes,
+                  smtputf8: bool) -> bytes:
+    """The trace lines above the body of the local copies: one file for every mailbox.
+
+    ``Delivered-To:`` names the mailbox only when there is one, as Dovecot's LMTP does (and
+    our ``Received:`` has ``for`` only with one recipient): a message for several mailboxes
+    is then written and fsync'd once and hard-linked into each ``new/``, where a
+    ``Delivered-To:`` per copy would make a file, a block allocation and an fsync per mailbox
+    (ten mailboxes cost four times one; one file and ten links, a third of that). A shared
+    copy naming one recipient would also show a Bcc'd recipient's address to the others, so
+    a shared copy names none."""
+    mailboxes = {t.address for t in local}
+    if len(mailboxes) == 1:
+        return return_path + headers.delivered_to(local[0].address, utf8=smtputf8) + trace
+    return return_path + trace
 
 
 def _maildir(root: Path, target: LocalTarget, folder: str | None) -> Path:

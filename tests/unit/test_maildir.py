@@ -200,51 +200,16 @@ def test_deliver_same_directory_through_a_bind_mount_once(tmp_path: Path, body: 
         subprocess.run(["umount", str(b)], check=False)
 
 
-def dt(address: str) -> bytes:
-    return b"Delivered-To: " + address.encode() + b"\n" + PREFIX
-
-
-def test_deliver_one_prefix_per_maildir(tmp_path: Path, body: Path) -> None:
-    a, b, c = tmp_path / "alice", tmp_path / "bob", tmp_path / "carol"
-    pa, pb, pc = deliver(
-        tmp_path, ["alice", "bob", "carol"], [dt("alice"), dt("bob"), dt("alice")], body,
-        hostname="h",
-    )
-    assert pa.read_bytes() == dt("alice") + BODY and pb.read_bytes() == dt("bob") + BODY
-    # Different prefixes: files of their own, each in its own tmp/ first (no copying).
-    assert pa.stat().st_ino != pb.stat().st_ino and pb.stat().st_nlink == 1
-    # The same prefix: still one file, hard-linked.
-    assert pa.stat().st_ino == pc.stat().st_ino and pa.stat().st_nlink == 2
-    assert int(NAME_RE.fullmatch(pb.name)["size"]) == len(dt("bob") + BODY)  # type: ignore[index]
-    assert sorted(leftovers(a, b, c)) == sorted([pa, pb, pc])
-
-
-def test_deliver_duplicate_maildir_takes_the_first_prefix(tmp_path: Path, body: Path) -> None:
-    a = tmp_path / "alice"
-    first, again = deliver(tmp_path, ["alice", "alice"], [dt("one"), dt("two")], body, hostname="h")
-    assert first == again and first.read_bytes() == dt("one") + BODY
-    assert files_in(a / "new") == [first]
-
-
-def test_deliver_prefixes_must_match_maildirs(tmp_path: Path, body: Path) -> None:
-    with pytest.raises(ValueError):
-        deliver(tmp_path, ["a", "b"], [PREFIX], body, hostname="h")
-
-
-def test_every_copy_is_written_before_any_is_linked(
+def test_the_file_is_written_before_any_link(
     tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A disk that fills up while writing the second copy leaves nothing in any new/."""
+    """A disk that fills up while the file is written leaves nothing in any new/."""
     a, b = tmp_path / "alice", tmp_path / "bob"
-    real_create = maildir._create
     linked: list[str] = []
     real_link = os.link
 
     def create(dir_fd: int, name: str) -> int:
-        if is_dir_of(dir_fd, b / "tmp"):
-            assert linked == []
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
-        return real_create(dir_fd, name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
 
     def link(src: object, dst: object, **kwargs: object) -> None:
         linked.append(str(dst))
@@ -253,10 +218,40 @@ def test_every_copy_is_written_before_any_is_linked(
     monkeypatch.setattr(maildir, "_create", create)
     monkeypatch.setattr(os, "link", link)
     with pytest.raises(DeliveryError) as info:
-        deliver(tmp_path, ["alice", "bob"], [dt("alice"), dt("bob")], body, hostname="h")
+        deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")
     assert info.value.disk_full
     assert linked == []
     assert leftovers(a, b) == []
+
+
+def test_new_directories_are_fsynced_after_every_link(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Links in a row share one journal commit: no new/ is fsync'd between two links
+    (one fsync per link made ten mailboxes wait for ten commits); each new/ is fsync'd."""
+    users = [f"u{n}" for n in range(maildir._HELD)]
+    steps: list[tuple[str, object]] = []
+    real_link, real_fsync = os.link, os.fsync
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        steps.append(("link", kwargs.get("dst_dir_fd")))
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            steps.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "fsync", fsync)
+    paths = deliver(tmp_path, users, PREFIX, body, hostname="h")
+    kinds = [kind for kind, _ in steps]
+    first = kinds.index("link")  # the fsyncs before it made the directories
+    steps, kinds = steps[first:], kinds[first:]
+    assert kinds == ["link"] * len(users) + ["fsync"] * len(users)
+    assert {ino for kind, ino in steps if kind == "fsync"} == {
+        (tmp_path / u / "new").stat().st_ino for u in users}
+    assert paths[0].stat().st_nlink == len(users)
 
 
 def test_many_maildirs_keep_few_descriptors_open(
@@ -265,7 +260,6 @@ def test_many_maildirs_keep_few_descriptors_open(
     """Beyond the few Maildirs a delivery holds open, the others are walked to again."""
     count = 3 * maildir._HELD
     users = [f"u{n}" for n in range(count)]
-    prefixes = [dt("shared") if n % 3 == 0 else dt(user) for n, user in enumerate(users)]
     real_link = os.link
     open_fds: list[int] = []
 
@@ -275,13 +269,13 @@ def test_many_maildirs_keep_few_descriptors_open(
 
     monkeypatch.setattr(os, "link", link)
     before = open_fd_count()
-    paths = deliver(tmp_path, users, prefixes, body, hostname="h")
+    paths = deliver(tmp_path, users, PREFIX, body, hostname="h")
     assert max(open_fds) <= before + 2 * maildir._HELD + 8
     assert open_fd_count() == before
-    for user, prefix, path in zip(users, prefixes, paths):
+    for user, path in zip(users, paths):
         assert path.parent == tmp_path / user / "new"
-        assert path.read_bytes() == prefix + BODY
-    assert paths[0].stat().st_nlink == count // 3  # the shared prefix: one file
+        assert path.read_bytes() == PREFIX + BODY
+    assert paths[0].stat().st_nlink == count  # one file
     assert sorted(leftovers(*(tmp_path / u for u in users))) == sorted(paths)
 
 
@@ -299,7 +293,7 @@ def test_failure_with_many_maildirs_rolls_back_everything(
 
     monkeypatch.setattr(os, "link", link)
     with pytest.raises(DeliveryError):
-        deliver(tmp_path, users, [dt(u) for u in users], body, hostname="h")
+        deliver(tmp_path, users, PREFIX, body, hostname="h")
     assert leftovers(*(tmp_path / u for u in users)) == []
 
 
