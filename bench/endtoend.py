@@ -49,6 +49,7 @@ from bench.run import (
     make_server,
     run_smtp_source,
     sent_message,
+    turn_dir,
 )
 
 SESSIONS = 10
@@ -115,7 +116,7 @@ def measure_relay_e2e(plan: Plan, names: list[str], work: Path) -> None:
 
 
 def relay(name: str, style: str, count: int, wd: Path) -> None:
-    wd.mkdir(parents=True)
+    turn_dir(wd)
     sink = Sink(wd)
     dns = None
     server = None

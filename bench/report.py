@@ -83,6 +83,7 @@ def report(results: Results, plan_name: str, plan: Plan, names: list[str], out: 
              "", f"mailsrv: `[server] processes = {processes}`"
              + (" (one process)" if processes == 1 else " (receiving processes; the parent "
                 "accepts and relays)"), "",
+             f"The servers' files: {results.filesystem}.", "",
              "| measure | " + " | ".join(names) + " |",
              "|---|" + "---|" * len(names)]
     for measure, per in results.samples.items():
@@ -158,7 +159,7 @@ def report(results: Results, plan_name: str, plan: Plan, names: list[str], out: 
         {"machine": machine(), "plan": plan_name, "samples": results.samples,
          "checks": results.checks, "cpu": results.loads, "cpu_bench_quiet": results.background,
          "postfix_non_default_settings": results.postfix_settings,
-         "mailsrv_processes": processes,
+         "mailsrv_processes": processes, "filesystem": results.filesystem,
          "failures": results.failures}, indent=1))
     return text
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import clients, content, cpuload, peers
+from bench import clients, content, cpuload, freshfs, peers
 from bench.peers import DOMAIN, SENDER, Mailsrv, Postfix, rss_kib, wait_until
 
 BENCH = Path(__file__).resolve().parent
@@ -88,6 +88,8 @@ class Results:
         #: per server: CPU load over a short pause before each of its turns, the bench quiet
         self.background: dict[str, list[dict[str, float]]] = {}
         self.postfix_settings: dict[str, dict[str, str]] = {}
+        #: where the servers' files were (bench.freshfs), for the report
+        self.filesystem = "directories"
         self.failures: list[str] = []
 
     def add(self, measure: str, server: str, value: float, check: str, ok: bool,
@@ -183,9 +185,25 @@ def throughput(server: peers.Server, case: str, messages: int, results: Results,
 
 
 def cleanup(path: Path) -> None:
-    """Remove a measurement's files, unless BENCH_KEEP is set (to read the servers' logs)."""
+    """Remove a measurement's files (and its file system, FRESH_FS), unless BENCH_KEEP is set
+    (to read the servers' logs)."""
     if not os.environ.get("BENCH_KEEP"):
+        freshfs.unmount(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+#: Each server's turn on a fresh ext4 of its own (bench.freshfs); main() sets it when it can.
+FRESH_FS = False
+
+
+def turn_dir(path: Path) -> Path:
+    """A new directory for one server's turn, made the root of a fresh file system when
+    FRESH_FS: every peer meets the same disk state (see bench.freshfs for why)."""
+    if FRESH_FS:
+        freshfs.mount(path)
+    else:
+        path.mkdir(parents=True)
+    return path
 
 
 #: ``--baseline PYTHON``: a Python with another mailsrv installed, run as "mailsrv-base".
@@ -231,7 +249,7 @@ def measure_throughput(plan: Plan, names: list[str], work: Path) -> None:
           "and a connection per message", flush=True)
 
     def one(name: str, r: int) -> None:
-        server = make_server(name, work / f"tp-{name}-{r}")
+        server = make_server(name, turn_dir(work / f"tp-{name}-{r}"))
         try:
             server.start()
             if isinstance(server, Postfix) and not RESULTS.postfix_settings:
@@ -262,7 +280,7 @@ def measure_latency(plan: Plan, names: list[str], work: Path) -> None:
             raise RuntimeError("no saturated rate measured (throughput c10 open)")
         rate = saturated / 2
         count = max(50, min(5000, int(rate * plan.latency_seconds)))
-        server = make_server(name, work / f"lat-{name}-{r}")
+        server = make_server(name, turn_dir(work / f"lat-{name}-{r}"))
         try:
             server.start()
             c1_count = max(100, int(C1_LATENCY_RATE * plan.latency_seconds * 2))
@@ -312,7 +330,7 @@ def measure_memory(plan: Plan, names: list[str], work: Path) -> None:
     single = [n for n in names if n != "postfix"]  # Postfix: a process per connection
 
     def one(name: str, r: int) -> None:
-        server = make_server(name, work / f"mem-{name}-{r}")
+        server = make_server(name, turn_dir(work / f"mem-{name}-{r}"))
         try:
             server.start()
             pid = server.pids()[0]
@@ -448,8 +466,7 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
     relay_names = [n for n in names if n in ("mailsrv", "mailsrv-base", "postfix")]
 
     def one(name: str, r: int) -> None:
-        wd = work / f"relay-{name}-{r}"
-        wd.mkdir(parents=True)
+        wd = turn_dir(work / f"relay-{name}-{r}")
         sink = Sink(wd)
         dns = DNS(wd) if name.startswith("mailsrv") else None
         server: peers.Server | None = None
@@ -555,7 +572,7 @@ PARTS = {"drain": "relay", "e2e": "relay"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    global BASELINE, PROCESSES
+    global BASELINE, PROCESSES, FRESH_FS
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a few hundred messages, one repeat (about 3 minutes)")
@@ -573,11 +590,18 @@ def main(argv: list[str] | None = None) -> int:
                              "or partial run never replaces the published figures)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="disk-backed directory for the servers' files (/var/tmp)")
+    parser.add_argument("--no-fresh-fs", action="store_true",
+                        help="plain directories under --workdir, not a fresh ext4 per "
+                             "server's turn (bench.freshfs; made when root and mkfs.ext4 can)")
     parser.add_argument("--baseline", metavar="PYTHON",
                         help="also run the mailsrv installed in this Python, as mailsrv-base "
                              "(before/after comparisons of a change)")
     args = parser.parse_args(argv)
     BASELINE = args.baseline
+    why_not = "--no-fresh-fs" if args.no_fresh_fs else freshfs.available()
+    FRESH_FS = why_not is None
+    RESULTS.filesystem = (f"a fresh ext4 ({freshfs.SIZE} loop-mounted image) per server's turn"
+                          if FRESH_FS else f"directories under {args.workdir} ({why_not})")
     PROCESSES = args.processes
     plan = dataclasses.replace(QUICK if args.quick else FULL)
     if args.repeats:
@@ -606,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mailsrv-bench-", dir=args.workdir))
     work.chmod(0o755)  # Postfix's daemons (users postfix, nobody) must reach their files
     started = time.monotonic()
-    print(f"mailsrv bench ({'quick' if args.quick else 'full'}), work in {work}", flush=True)
+    print(f"mailsrv bench ({'quick' if args.quick else 'full'}), work in {work}, the servers' "
+          f"files on {RESULTS.filesystem}", flush=True)
     try:
         if "throughput" in only or "latency" in only:
             measure_throughput(plan, names, work)
@@ -640,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
 
             metrics.measure_metrics(plan, work)
     finally:
+        if not os.environ.get("BENCH_KEEP"):
+            freshfs.unmount_all()
         cleanup(work)
     print(f"\n(took {time.monotonic() - started:.0f} s)\n")
     from bench.report import chart, report  # it imports this module

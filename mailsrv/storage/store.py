@@ -75,10 +75,11 @@ def store(
     ``Delivered-To:`` is written only when the local copies go to one mailbox; for several,
     one file is linked into every mailbox and names none of them (see ``_local_prefix``).
     ``double_bounce`` marks a queued postmaster notice about a failed bounce, ``no_bounce``
-    a queued copy whose failures are only logged (see mailsrv.storage.envelope).  ``folders`` names the Maildir++ folder a check filed a
-    local target's copy into (``Junk``: ``<mailbox>/.Junk/``, created as needed); the
-    others go to the INBOX.  ``dsn`` and ``recipient_dsn`` (by target address) are the
-    client's DSN parameters, kept with the queued copy.  ``smtputf8``: the message came
+    a queued copy whose failures are only logged (see mailsrv.storage.envelope).
+    ``folders`` names the Maildir++ folder a check filed a local target's copy into
+    (``Junk``: ``<mailbox>/.Junk/``, created as needed); the others go to the INBOX.
+    ``dsn`` and ``recipient_dsn`` (by target address) are the client's DSN parameters,
+    kept with the queued copy.  ``smtputf8``: the message came
     with SMTPUTF8, so its queued copy is marked so, and the local copies' Return-Path: and
     Delivered-To: may be UTF-8 (RFC 6532).  ``tls_required`` (RFC 8689, mailsrv.storage.envelope)
     goes with the queued copy.  The body file is consumed: moved into the queue

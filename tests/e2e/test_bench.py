@@ -10,12 +10,13 @@ import ipaddress
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from bench import content, cpuload
+from bench import content, cpuload, freshfs
 from support.mail import send_mail
 
 STAT_BEFORE = """cpu  100 0 50 1000 20 0 5 0 0 0
@@ -65,6 +66,28 @@ def delivered(message: bytes) -> bytes:
 
 
 EXPECTED = content.expected_from(sent())
+
+
+def test_fresh_filesystem_for_a_turn(tmp_path):
+    """A turn's directory becomes a new ext4 (same disk state for every peer), then goes."""
+    why_not = freshfs.available()
+    if why_not:
+        pytest.skip(f"no fresh file system here: {why_not}")
+    turn = tmp_path / "tp-mailsrv-0"
+    try:
+        freshfs.mount(turn, size="64M")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no loop device to mount an image (a container?): {e.stderr.strip()}")
+    try:
+        assert os.path.ismount(turn) and (turn / "lost+found").is_dir()
+        assert (turn.stat().st_mode & 0o777) == 0o755  # Postfix's daemons reach their files
+        assert os.statvfs(turn).f_blocks * os.statvfs(turn).f_frsize <= 64 << 20
+        (turn / "mail").write_bytes(b"x")
+    finally:
+        assert freshfs.unmount(turn)
+    assert not os.path.ismount(turn) and not (turn / "mail").exists()
+    assert list(tmp_path.iterdir()) == [turn]  # the image went with it
+    assert not freshfs.unmount(turn)  # not one of ours any more
 
 
 def test_content_as_sent_passes():
