@@ -208,9 +208,10 @@ class Metrics:
         if started is not None:
             self.latency.observe(time.monotonic() - started)
 
-    def decision(self, check: str, stage: str, decision: str) -> None:
-        """One check's verdict (called by the pipeline, in any thread)."""
-        self._decisions.inc(check, stage, decision)
+    def decision(self, check: str, stage: str, decision: str, amount: int = 1) -> None:
+        """One check's verdict (called by the pipeline, in any thread); ``amount`` of them,
+        as a receiving process's turn sends them (mailsrv.procs.metricsrelay)."""
+        self._decisions.inc(check, stage, decision, amount=amount)
 
     # --- AUTH and TLS ----------------------------------------------------------------------
 

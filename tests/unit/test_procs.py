@@ -243,6 +243,27 @@ def test_counters_of_a_process_are_counted_in_the_parents_metrics():
     relay.stop()
 
 
+def test_the_same_verdicts_are_sent_once_with_their_amount():
+    sent = []
+    relay = MetricsRelay(sent.append)
+    for n in range(1000):
+        relay.decision("local_recipient", "rcpt", "accept" if n % 10 else "reject")
+    relay.refused("rcpt", "unknown")
+    relay.flush()
+    [payload] = sent
+    assert payload.count('"decision"') == 2 and len(payload) < 300
+    parent = Metrics()
+    counts = replay(parent, payload)
+    assert counts["decision"] == 1000 and counts["refused"] == 1
+    figures = snapshot(parent.registry)
+
+    def decisions(decision: str) -> float:
+        return figures[("mailsrv_check_decisions_total", (
+            ("check", "local_recipient"), ("decision", decision), ("stage", "rcpt")))]
+
+    assert decisions("accept") == 900 and decisions("reject") == 100
+
+
 def test_a_large_batch_is_split_into_messages_that_fit():
     sent = []
     relay = MetricsRelay(sent.append)
