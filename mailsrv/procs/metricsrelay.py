@@ -12,9 +12,10 @@ the message.  Events are recorded from any thread
 What this costs: a list append per event, one message (and one wake-up of the reactor) per
 turn that had events.  The checks' verdicts (``decision``: one per check, stage and recipient,
 most of the events) are sent as one event per distinct verdict with its ``amount``, so that
-neither process encodes, decodes and counts each: ten recipients made about forty of them.  What it loses: the events of the turn in which a process is killed
-by SIGKILL (the mail is safe; only those counts are missing).  The delivery latency is sent
-as the time it took, not as the monotonic start.
+neither process encodes, decodes and counts each: ten recipients made about forty of them.
+What it loses: the events of the turn in which a process is killed by SIGKILL (the mail is
+safe; only those counts are missing).  The delivery latency is sent as the time it took, not
+as the monotonic start.
 """
 
 from __future__ import annotations
