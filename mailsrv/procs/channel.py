@@ -117,10 +117,17 @@ class Channel:
             fd = fds[0] if fds else None
             try:
                 kind, fields = decode(data)
-                self.on_message(kind, fields, fd)
-            except Exception:
+            except ValueError:
                 if fd is not None:
                     os.close(fd)
+                log.failure("channel: message {data!r} not understood", Failure(),
+                            data=data[:80])
+                continue
+            try:
+                # The descriptor is on_message's from here, even when it raises (closing it
+                # again here closed it twice, and EBADF ended the channel and the process).
+                self.on_message(kind, fields, fd)
+            except Exception:
                 log.failure("channel: message {data!r} not handled", Failure(), data=data[:80])
 
     def send(self, data: bytes, fd: int | None = None) -> bool:

@@ -150,8 +150,10 @@ class Receiver:
             if fd is not None:
                 os.close(fd)
             return
+        from mailsrv.procs.channel import encode
+
+        conn_id, listener = fields[0], int(fields[1])
         try:
-            conn_id, listener = fields[0], int(fields[1])
             family = socket.socket(fileno=os.dup(fd))
             try:
                 kind_of = family.family
@@ -159,6 +161,11 @@ class Receiver:
                 family.close()
             self.reactor.adoptStreamConnection(
                 fd, kind_of, _OneConnection(self.factories[listener], conn_id, self.channel.send))
+        except OSError as e:
+            # The client reset the connection after the parent accepted it (Twisted asks for
+            # the peer's name first: ENOTCONN). No session: the parent stops counting it.
+            log.info("connection gone before its session: {error}", error=e.strerror or e)
+            self.channel.send(encode("closed", conn_id))
         finally:
             os.close(fd)
 

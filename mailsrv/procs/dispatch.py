@@ -145,6 +145,10 @@ class Dispatcher:
         inner.refusal = refusal
         try:
             self.reactor.adoptStreamConnection(sock.fileno(), sock.family, outer)
+        except OSError as e:
+            # Reset by the client since the accept (no peer name: ENOTCONN): nobody to tell.
+            log.info("refused connection gone before its reply: {error}",
+                     error=e.strerror or e)
         finally:
             sock.close()
 

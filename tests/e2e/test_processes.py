@@ -6,8 +6,12 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import struct
 import threading
 import time
+
+import pytest
 
 from support.harness import DNSServer, MailServer, SMTPSink, wait_for
 from support.mail import connect, send_mail
@@ -106,6 +110,57 @@ def test_connection_limits_hold_across_processes(make_server):
     finally:
         for client in held:
             client.close()
+
+
+def test_clients_resetting_at_once_neither_kill_processes_nor_leak_limits(make_server):
+    """A client that connects and resets at once (SO_LINGER 0) leaves the parent a socket
+    whose peer is gone by the time a process adopts it. That closed the descriptor twice and
+    ended the receiving process (a flood of them kept both restarting), and the connection was
+    never released: its address's slots stayed taken."""
+    server = make_server(overrides={**PROCS, "smtp": {
+        "listen": ["tcp:0:interface=127.0.0.1"], "max_connections": 5,
+        "max_connections_per_ip": 5}}).start()  # loopback is held to the total only
+    ready(server)
+    before = child_pids(server)
+    gone = "connection gone before its session"
+    deadline = time.monotonic() + 20
+    for _ in range(50):  # up to 1000 resets, bounded in time; stops once the race was seen
+        if gone in server.log_text() or time.monotonic() > deadline:
+            break
+        for _ in range(20):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.connect(("127.0.0.1", server.port))
+            s.close()
+        time.sleep(0.05)
+    time.sleep(0.5)  # a process that failed would have ended by now
+    assert "Bad file descriptor" not in server.log_text()
+    assert "ended after" not in server.log_text()
+    assert child_pids(server) == before
+    # Every slot is free again once the processes have said so; the limit is still exact.
+    held = wait_for(lambda: _hold(server, 5), 10, "5 connections admitted")
+    try:
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            connect(server.port)
+        assert refused.value.smtp_code == 421
+    finally:
+        for client in held:
+            client.close()
+    if gone not in server.log_text():
+        pytest.skip("no reset connection reached a receiving process before its adoption")
+
+
+def _hold(server, count):
+    """``count`` connections admitted at once, or None (some still counted: retry)."""
+    held = []
+    try:
+        for _ in range(count):
+            held.append(connect(server.port))
+    except smtplib.SMTPConnectError:
+        for client in held:
+            client.close()
+        return None
+    return held
 
 
 def _can_connect(server):

@@ -71,6 +71,55 @@ def test_a_descriptor_goes_across_with_its_message():
     assert lost == [True] and receiver.closed
 
 
+def test_a_handler_that_fails_owns_the_descriptor_and_the_channel_goes_on():
+    """on_message owns the descriptor even when it raises: the channel closing it again closed
+    it twice, and the EBADF ended the channel (and the receiving process)."""
+    a, b = ch.pair()
+    taken, lost = [], []
+
+    def fails(kind, fields, fd):
+        taken.append(fd)
+        os.close(fd)
+        raise OSError("handler failed")
+
+    r = _Reactor()
+    sender = ch.Channel(a, r, lambda *m: None)
+    receiver = ch.Channel(b, r, fails, lambda: lost.append(True))
+    left, right = socket.socketpair()
+    assert sender.send(ch.encode("conn", 1, 0), left.fileno())
+    assert sender.send(ch.encode("conn", 2, 0), right.fileno())
+    receiver.doRead()
+    assert len(taken) == 2 and lost == [] and not receiver.closed
+    for sock in (left, right, a, b):
+        sock.close()
+
+
+def test_a_connection_reset_before_its_adoption_is_reported_closed():
+    """The client reset the connection between the parent's accept and the adoption (Twisted
+    asks for the peer's name: ENOTCONN): no session, the descriptor closed once, and the
+    parent told ``closed`` so that the connection stops counting against the limits."""
+    import errno
+
+    from mailsrv.procs.child import Receiver
+
+    class GoneReactor:
+        def adoptStreamConnection(self, fd, family, factory):
+            raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+    sent = []
+    receiver = Receiver(1, None, None, GoneReactor())
+    receiver.channel = type("Channel", (), {"send": staticmethod(sent.append)})()
+    receiver.factories = [object()]
+    left, right = socket.socketpair()
+    fd = left.detach()
+    receiver.message("conn", ["7", "0"], fd)
+    assert sent == [ch.encode("closed", "7")]
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+    right.close()
+
+
 def test_a_full_socket_queues_messages_in_order():
     a, b = ch.pair()
     r = _Reactor()
