@@ -63,9 +63,7 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         delivery = self.runtime.new_session(self._client_ip, self._submission)
         self.core = SMTPSession(
             self.runtime, delivery, self._client_ip, self._submission, self._implicit_tls,
-            describe_tls=lambda: describe_connection(
-                getattr(self.transport, "getHandle", lambda: None)()),
-            on_activity=self.resetTimeout,
+            describe_tls=self._describe_tls, on_activity=self.resetTimeout,
         )
         # Told when the client reads no replies (a TLS layer passes its socket's state on).
         self.transport.registerProducer(self, True)
@@ -73,6 +71,11 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         log.info("connect client={client} listener={kind}", client=self._client_ip, kind=kind)
         # A client that talks before the banner is held back, like any pipelined input.
         self._hold_until(self.core.greeting())
+
+    def _describe_tls(self) -> str | None:
+        """The negotiated TLS version and cipher (a method, not a closure per connection)."""
+        get_handle = getattr(self.transport, "getHandle", None)
+        return describe_connection(get_handle() if get_handle is not None else None)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.setTimeout(None)

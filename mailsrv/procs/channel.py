@@ -6,8 +6,9 @@ A seqpacket socket keeps each message whole (no framing to parse) and carries a 
 descriptor with a message (SCM_RIGHTS): the parent hands an accepted connection over with the
 message that says which listener it came from.  Messages are short ASCII words:
 
-- parent to child: ``conn <id> <listener>`` with the connection's descriptor;
-- child to parent: ``closed <id>`` (the connection ended), ``queued <queue id>`` (a message
+- parent to child: ``conn <listener> <client address>`` with the connection's descriptor;
+- child to parent: ``closed <client address>`` (a connection from there ended: the parent
+  counts connections per address, the limits' unit; ``-`` for none), ``queued <queue id>`` (a message
   entered the queue: the relayer, in the parent, sends it at once), ``ready`` (it takes
   connections from now on), ``metrics <json>`` (its counters' events:
   mailsrv.procs.metricsrelay), whose field may hold spaces.

@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import protocol
 from twisted.logger import Logger, eventAsText, globalLogBeginner
 from zope.interface import implementer
 
@@ -72,31 +71,6 @@ class ParentRelayer:
         self.send(encode("queued", message.id))
 
 
-class _OneConnection(protocol.Factory):
-    """Builds one handed-over connection's protocol with its listener's factory, and tells
-    the parent when it ends (the parent counts it against the limits until then)."""
-
-    def __init__(self, factory: Any, conn_id: str, send: Any) -> None:
-        self.factory = factory
-        self.conn_id = conn_id
-        self.send = send
-
-    def buildProtocol(self, addr: Any) -> Any:
-        from mailsrv.procs.channel import encode
-
-        p = self.factory.buildProtocol(addr)
-        lost, conn_id, send = p.connectionLost, self.conn_id, self.send
-
-        def connection_lost(reason: Any = protocol.connectionDone) -> None:
-            try:
-                lost(reason)
-            finally:
-                send(encode("closed", conn_id))
-
-        p.connectionLost = connection_lost
-        return p
-
-
 class Receiver:
     """Starts the runtime and the listeners' factories, and takes the parent's connections."""
 
@@ -109,9 +83,8 @@ class Receiver:
         self.channel: Any = None
 
     def start(self) -> None:
-        from mailsrv.inbound.listener import ConnectionCounter
         from mailsrv.procs.channel import Channel, encode
-        from mailsrv.procs.dispatch import owns_network
+        from mailsrv.procs.dispatch import HandedConnections, owns_network
         from mailsrv.procs.metricsrelay import MetricsRelay
         from mailsrv.runtime import Runtime
         from mailsrv.service import Reloader, SpareFilesService, listener_factories
@@ -128,9 +101,7 @@ class Receiver:
             relayer=lambda runtime: ParentRelayer(self.channel.send), dkim=load_dkim(config),
             spare=f"proc{self.index}", metrics=metrics,
             greylist_owns=lambda network: owns_network(network, self.index - 1, processes))
-        # The parent applies the limits to every connection; this count is a part of its.
-        counter = ConnectionCounter(config.smtp.max_connections,
-                                    config.smtp.max_connections_per_ip, runtime.may_relay)
+        counter = HandedConnections(self.channel.send, runtime.may_relay)
         self.factories = [made[3] for made in listener_factories(runtime, counter)]
         top = service.MultiService()
         assert runtime.spool_files is not None
@@ -152,20 +123,20 @@ class Receiver:
             return
         from mailsrv.procs.channel import encode
 
-        conn_id, listener = fields[0], int(fields[1])
+        listener, ip = int(fields[0]), fields[1]
         try:
             family = socket.socket(fileno=os.dup(fd))
             try:
                 kind_of = family.family
             finally:
                 family.close()
-            self.reactor.adoptStreamConnection(
-                fd, kind_of, _OneConnection(self.factories[listener], conn_id, self.channel.send))
+            # The factory counts it (HandedConnections), and tells the parent when it ends.
+            self.reactor.adoptStreamConnection(fd, kind_of, self.factories[listener])
         except OSError as e:
             # The client reset the connection after the parent accepted it (Twisted asks for
             # the peer's name first: ENOTCONN). No session: the parent stops counting it.
             log.info("connection gone before its session: {error}", error=e.strerror or e)
-            self.channel.send(encode("closed", conn_id))
+            self.channel.send(encode("closed", ip))
         finally:
             os.close(fd)
 

@@ -20,8 +20,10 @@ answered ``421`` (try again later).
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +36,8 @@ from mailsrv.checks.greylist import client_network
 from mailsrv.inbound.listener import ConnectionCounter, Refused, plain_ip
 from mailsrv.procs.channel import Channel, encode
 
-__all__ = ["Acceptor", "Dispatcher", "choose", "Route"]
+__all__ = ["Acceptor", "Dispatcher", "choose", "Route", "address_field", "field_address",
+           "HandedConnections"]
 
 log = Logger(namespace="mailsrv")
 
@@ -81,14 +84,40 @@ def choose(route: Route, ip: str, open_counts: Sequence[int | None]) -> int | No
     return index if open_counts[index] is not None else None
 
 
+def address_field(ip: str) -> str:
+    """A client address as a channel field (a connection without one, a Unix socket's: ``-``)."""
+    return ip or "-"
+
+
+def field_address(field: str) -> str:
+    return "" if field == "-" else field
+
+
+class HandedConnections(ConnectionCounter):
+    """The connections of a receiving process: the parent applied the limits before handing
+    each over (this count is a part of its), and learns of each one's end from here, by its
+    client address (``send`` the channel's): nothing is kept per connection for it."""
+
+    def __init__(self, send: Callable[[bytes], Any], exempt: Callable[[str], bool]) -> None:
+        super().__init__(sys.maxsize, sys.maxsize, exempt)
+        self.send = send
+
+    def release(self, ip: str) -> None:
+        super().release(ip)
+        self.send(encode("closed", address_field(ip)))
+
+
 class Child:
-    """The parent's view of one receiving process: its channel and its open connections."""
+    """The parent's view of one receiving process: its channel and its open connections,
+    counted per client address (the process says ``closed <address>``: it keeps nothing per
+    connection for the parent, as a wrapper per connection cost it some 650 bytes)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.channel: Channel | None = None
         self.ready = False  # it said so: connections go to it
-        self.open: dict[int, str] = {}  # connection id -> client address
+        self.open: collections.Counter[str] = collections.Counter()  # address -> connections
+        self.connections = 0
         #: Its connections the parent's connections_open gauge counts (mailsrv.procs.pool).
         self.gauge = 0
 
@@ -112,7 +141,6 @@ class Dispatcher:
         # per listener: (RefusedFactory, the factory to adopt with: itself, or TLS around it)
         self.refused_factories = refused_factories
         self.routes = routes
-        self._next_id = 0
 
     def accepted(self, listener: int, sock: socket.socket, address: Any) -> None:
         """A connection just accepted on listener ``listener``: hand it over, or refuse it."""
@@ -126,18 +154,17 @@ class Dispatcher:
                 else "connections_per_minute")
             self._refuse(listener, sock, refusal)
             return
-        counts = [len(c.open) if c.taking else None for c in self.children]
+        counts = [c.connections if c.taking else None for c in self.children]
         index = choose(self.routes[listener], ip, counts)
         child = None if index is None else self.children[index]
-        self._next_id += 1
-        conn_id = self._next_id
         if child is None or child.channel is None or not child.channel.send(
-                encode("conn", conn_id, listener), sock.fileno()):
+                encode("conn", listener, address_field(ip)), sock.fileno()):
             self.counter.release(ip)
             self._refuse(listener, sock, (replies.PROCESS_UNAVAILABLE, "process",
                                           "receiving process not running"))
             return
-        child.open[conn_id] = ip
+        child.open[ip] += 1
+        child.connections += 1
         sock.close()  # the child has its own copy of the descriptor
 
     def _refuse(self, listener: int, sock: socket.socket, refusal: tuple) -> None:
@@ -152,16 +179,26 @@ class Dispatcher:
         finally:
             sock.close()
 
-    def closed(self, child: Child, conn_id: int) -> None:
-        ip = child.open.pop(conn_id, None)
-        if ip is not None:
-            self.counter.release(ip)
+    def closed(self, child: Child, ip: str) -> None:
+        """One of ``child``'s connections from ``ip`` ended (one it was not given: ignored)."""
+        if child.open[ip] <= 0:
+            del child.open[ip]
+            log.warn("receiving process proc={proc} closed a connection from {ip} it was not "
+                     "given", proc=child.index + 1, ip=ip)
+            return
+        child.open[ip] -= 1
+        if not child.open[ip]:
+            del child.open[ip]
+        child.connections -= 1
+        self.counter.release(ip)
 
     def lost(self, child: Child) -> None:
         """The process is gone: its connections went with it."""
-        for ip in child.open.values():
-            self.counter.release(ip)
+        for ip, count in child.open.items():
+            for _ in range(count):
+                self.counter.release(ip)
         child.open.clear()
+        child.connections = 0
         child.channel = None
         child.ready = False
 

@@ -33,7 +33,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsrv.inbound.listener import ConnectionCounter
 from mailsrv.procs.channel import Channel, pair
-from mailsrv.procs.dispatch import Acceptor, Child, Dispatcher, RefusedFactory, Route
+from mailsrv.procs.dispatch import (
+    Acceptor,
+    Child,
+    Dispatcher,
+    RefusedFactory,
+    Route,
+    field_address,
+)
 from mailsrv.procs.metricsrelay import replay
 from mailsrv.storage import queue
 
@@ -212,7 +219,7 @@ class ReceiverPool(service.Service):
         if fd is not None:
             os.close(fd)  # a receiving process never sends one
         if kind == "closed":
-            self.dispatcher.closed(child, int(fields[0]))
+            self.dispatcher.closed(child, field_address(fields[0]))
         elif kind == "queued":
             self.queued(fields[0])
         elif kind == "metrics":

@@ -11,7 +11,15 @@ from mailsrv import replies
 from mailsrv.inbound.listener import ConnectionCounter
 from mailsrv.metrics import Metrics, snapshot
 from mailsrv.procs import channel as ch
-from mailsrv.procs.dispatch import Child, Dispatcher, Route, choose, network_owner, owns_network
+from mailsrv.procs.dispatch import (
+    Child,
+    Dispatcher,
+    HandedConnections,
+    Route,
+    choose,
+    network_owner,
+    owns_network,
+)
 from mailsrv.procs.metricsrelay import MetricsRelay, replay
 from mailsrv.procs.pool import FIRST_DELAY, HEALTHY_AFTER, MAX_DELAY, restart_delay
 
@@ -112,8 +120,8 @@ def test_a_connection_reset_before_its_adoption_is_reported_closed():
     receiver.factories = [object()]
     left, right = socket.socketpair()
     fd = left.detach()
-    receiver.message("conn", ["7", "0"], fd)
-    assert sent == [ch.encode("closed", "7")]
+    receiver.message("conn", ["0", "192.0.2.7"], fd)
+    assert sent == [ch.encode("closed", "192.0.2.7")]
     with pytest.raises(OSError) as closed:
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
@@ -212,7 +220,7 @@ def test_limits_in_total_hold_across_processes_one_past():
     d, children, reactor = _dispatcher(4, 10)
     for n in range(4):
         _accept(d, f"192.0.2.{n}")
-    assert [len(c.open) for c in children] == [2, 2]  # spread: fewest first
+    assert [c.connections for c in children] == [2, 2]  # spread: fewest first
     _accept(d, "192.0.2.99")
     assert reactor.adopted == [replies.TOO_MANY_CONNECTIONS]
     # One closes in process 2: one more is admitted, and no more.
@@ -226,10 +234,33 @@ def test_limits_per_address_hold_across_processes_one_past():
     d, children, reactor = _dispatcher(100, 3)
     for _ in range(3):
         _accept(d, "192.0.2.1")
-    assert sorted(len(c.open) for c in children) == [1, 2]
+    assert sorted(c.connections for c in children) == [1, 2]
     _accept(d, "192.0.2.1")
     assert reactor.adopted == [replies.TOO_MANY_CONNECTIONS_FROM_IP]
     _accept(d, "192.0.2.2")  # another address is admitted
+    assert reactor.adopted == [replies.TOO_MANY_CONNECTIONS_FROM_IP]
+
+
+def test_a_process_reports_its_closed_connections_by_address():
+    """The parent counts a process's connections per client address; the process says
+    ``closed <address>`` from its connection counter, keeping nothing per connection."""
+    d, children, reactor = _dispatcher(10, 2)
+    _accept(d, "192.0.2.1")
+    _accept(d, "192.0.2.1")  # one in each process (the fewest first)
+    assert children[0].channel.sent == [ch.encode("conn", 0, "192.0.2.1")]
+    sent = []
+    handed = HandedConnections(sent.append, lambda ip: False)
+    assert handed.admit("192.0.2.1") is None and handed.admit("") is None
+    handed.release("192.0.2.1")
+    handed.release("")
+    assert sent == [ch.encode("closed", "192.0.2.1"), ch.encode("closed", "-")]
+    d.closed(children[0], "192.0.2.1")
+    assert d.counter.connections == 1
+    d.closed(children[0], "192.0.2.1")  # it had one only: nothing more released
+    d.closed(children[1], "198.51.100.1")  # never given
+    assert d.counter.connections == 1 and children[1].connections == 1
+    _accept(d, "192.0.2.1")  # the per-address limit (2) counts the one still open
+    _accept(d, "192.0.2.1")
     assert reactor.adopted == [replies.TOO_MANY_CONNECTIONS_FROM_IP]
 
 
@@ -237,7 +268,7 @@ def test_a_dead_process_releases_its_connections_and_gets_none():
     d, children, reactor = _dispatcher(3, 3)
     for _ in range(3):
         _accept(d, "192.0.2.1")
-    held = len(children[0].open)
+    held = children[0].connections
     d.lost(children[0])
     assert d.counter.connections == 3 - held
     sent_before = len(children[1].channel.sent)
