@@ -25,7 +25,8 @@ from pathlib import Path
 
 __all__ = ["available", "mount", "unmount", "unmount_all", "SIZE"]
 
-#: The image's size: room for the largest turn (the 100,000-message queue), written sparsely.
+#: The image's size: room for the largest turn (the 100,000-message queue, about 1 GB with
+#: its inodes), written sparsely.
 SIZE = "8G"
 
 _MOUNTED: dict[Path, Path] = {}  # mount point -> its image

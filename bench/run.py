@@ -537,8 +537,7 @@ def measure_relay(plan: Plan, names: list[str], work: Path) -> None:
 def measure_queue_scale(plan: Plan, work: Path) -> None:
     count = plan.queue_scale
     print(f"== queue scale: mailsrv start-up with {count} queued messages", flush=True)
-    wd = work / "scale"
-    wd.mkdir(parents=True)
+    wd = turn_dir(work / "scale")
     server = Mailsrv(wd, processes=PROCESSES, overrides={"queue": {"retry_schedule": [3600]}})
     try:
         fill_mailsrv_queue(server.queue, count, due_in=3600, durable=False)
