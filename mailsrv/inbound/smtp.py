@@ -78,13 +78,17 @@ class SMTPServerProtocol(protocol.Protocol, TimeoutMixin):
         return describe_connection(get_handle() if get_handle is not None else None)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.setTimeout(None)
-        self._force_close = _cancel(self._force_close)
-        self._data_deadline = _cancel(self._data_deadline)
-        self._closing = True
-        self.core.connection_lost()
-        log.info("disconnect client={client}", client=self._client_ip)
-        self.factory.connection_closed(self._client_ip)
+        try:
+            self.setTimeout(None)
+            self._force_close = _cancel(self._force_close)
+            self._data_deadline = _cancel(self._data_deadline)
+            self._closing = True
+            self.core.connection_lost()
+            log.info("disconnect client={client}", client=self._client_ip)
+        finally:
+            # Whatever failed above, the connection no longer counts against the limits
+            # (with receiving processes, this is what tells the parent).
+            self.factory.connection_closed(self._client_ip)
 
     def readConnectionLost(self) -> None:
         """The client closed its sending side: Exim does so right after a QUIT it pipelined

@@ -113,6 +113,25 @@ def test_too_many_connections_in_total_or_from_one_address_421_4_7_0(tmp_path, c
     assert TLSConnection(factory).output() == ["220 mx.example.org ESMTP mailsrv"]
 
 
+def test_a_session_whose_cleanup_fails_still_frees_its_slot(tmp_path, clock, monkeypatch):
+    """The slot is released whatever the session's cleanup raised: with receiving processes
+    that release is what tells the parent, which would otherwise count it for ever."""
+    counter = ConnectionCounter(max_connections=1, max_per_ip=1)
+    factory = factory_for(make_runtime(tmp_path, clock), counter)
+    connection = TLSConnection(factory)
+    assert connection.output() == ["220 mx.example.org ESMTP mailsrv"]
+
+    def fails(self) -> None:
+        raise RuntimeError("cleanup failed")
+
+    monkeypatch.setattr(type(connection.protocol.core), "connection_lost", fails)
+    with pytest.raises(RuntimeError):
+        connection.lose()
+    assert counter.connections == 0
+    monkeypatch.undo()
+    assert TLSConnection(factory).output() == ["220 mx.example.org ESMTP mailsrv"]
+
+
 def test_a_refused_connection_is_cut_if_it_does_not_go_away(tmp_path, clock):
     factory = factory_for(make_runtime(tmp_path, clock), ConnectionCounter(0, 0))
     connection = TLSConnection(factory)
