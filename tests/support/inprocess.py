@@ -22,7 +22,7 @@ from mailsrv.accounts.auth import (
     check_password_field,
     hash_password,
 )
-from mailsrv.config import parse_config, prepare_directories
+from mailsrv.config import prepare_directories
 from mailsrv.inbound.framing import Framing
 from mailsrv.inbound.listener import ConnectionCounter, SMTPServerFactory
 from mailsrv.inbound.session import SMTPSession
@@ -30,6 +30,7 @@ from mailsrv.replies import format_reply
 from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.storage import queue
+from support.config import minimal_config
 from support.queue_runtime import SyncWorkers
 
 __all__ = [
@@ -51,15 +52,10 @@ def make_runtime(
     run synchronously; with ``auth``, alice's password is PASSWORD and failures are tracked
     (the delay on ``clock``)."""
     clock = clock or task.Clock()
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"], "reverse_dns": False, **smtp},
-        "submission": {"check_from_header": check_from_header},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-        "relay": {"trusted_networks": list(trusted)},
-    }, None)
+    config = minimal_config(
+        tmp_path, smtp={"listen": ["tcp:2525"], "reverse_dns": False, **smtp},
+        submission={"check_from_header": check_from_header},
+        relay={"trusted_networks": list(trusted)})
     prepare_directories(config)
     queue.queue_dirs(config.queue.path)
     passwords = None

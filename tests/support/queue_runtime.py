@@ -11,10 +11,11 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from mailsrv.config import parse_config, prepare_directories
+from mailsrv.config import prepare_directories
 from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.storage import queue
+from support.config import minimal_config
 
 
 class SyncWorkers:
@@ -58,13 +59,7 @@ def queue_runtime(tmp_path: Path, users=("alice@example.org",), **queue_keys) ->
     """A Runtime for mx.example.org (local domain example.org, ``users`` its mailboxes, the
     postmaster an alias of the first), its queue and Maildirs under ``tmp_path``, time on a
     fresh task.Clock."""
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue"), **queue_keys},
-    }, None)
+    config = minimal_config(tmp_path, queue={"path": str(tmp_path / "queue"), **queue_keys})
     prepare_directories(config)
     queue.queue_dirs(config.queue.path)
     directory = Directory(["example.org"], frozenset(users), {"postmaster": (users[0],)})

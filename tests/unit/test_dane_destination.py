@@ -10,21 +10,14 @@ from __future__ import annotations
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
-try:
-    from twisted.internet.testing import MemoryReactor
-except ImportError:  # Twisted 22.4 (Debian bookworm)
-    from twisted.test.proto_helpers import MemoryReactor
-
-from mailsrv.config import parse_config
 from mailsrv.outbound.dane import TLSA
 from mailsrv.outbound.danelookup import DaneLookupFailed, DanePolicy
 from mailsrv.outbound.danetls import DaneTLS
-from mailsrv.outbound.destination import SMARTHOST, DestinationDelivery
+from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mx import MXHost
 from mailsrv.outbound.smtpclient import OutboundTransaction
 from mailsrv.replies import Reply
-from mailsrv.routing.router import Directory
-from mailsrv.runtime import Runtime
+from support import destination
 
 OK = Reply(250, "2.0.0", "Ok")
 MX1 = MXHost("mx1.remote.test", 10, ("192.0.2.1",))
@@ -46,18 +39,11 @@ class FakeDane:
 
 class Session:
     def __init__(self, tmp_path, plan, key="remote.test", hosts=(MX1, MX2), **relay):
-        config = parse_config({
-            "hostname": "mx.example.org", "smtp": {"listen": ["tcp:2525"]},
-            "domains": {"local": ["example.org"]},
-            "mailboxes": {"root": str(tmp_path / "mail")}, "queue": {"path": str(tmp_path / "q")},
-            "relay": dict({"dane": True, "dns_servers": ["127.0.0.1"]}, **relay),
-        }, None)
-        runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
-                          reactor=MemoryReactor())
-        self.destinations = DestinationDelivery(runtime, rng=None)
+        self.destinations = destination.make(
+            tmp_path, **dict({"dane": True, "dns_servers": ["127.0.0.1"]}, **relay))
         self.dane = self.destinations._dane = FakeDane(plan)
         self.destinations.route = lambda key: defer.succeed(list(hosts))
-        self.reactor = runtime.reactor
+        self.reactor = self.destinations.runtime.reactor
         self.attempts = []
         self.destinations.tls_attempts.append(self.attempts.append)
         self.recorded = []
@@ -140,10 +126,4 @@ def test_who_asks_for_a_plan(tmp_path):
 
 
 def test_no_dane_without_the_key(tmp_path):
-    config = parse_config({
-        "hostname": "mx.example.org", "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")}, "queue": {"path": str(tmp_path / "q")},
-    }, None)
-    runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
-                      reactor=MemoryReactor())
-    assert DestinationDelivery(runtime, rng=None)._dane is None
+    assert destination.make(tmp_path)._dane is None

@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from mailsrv.checks.builtin import builtin_pipeline
 from mailsrv.checks.pipeline import ACCEPT, AddHeaders, FileInto, Pipeline, Reject, Stage, TempFail
-from mailsrv.config import parse_config, prepare_directories
+from mailsrv.config import prepare_directories
 from mailsrv.interfaces import (
     ICheck,
     IMessageIntake,
@@ -30,6 +30,7 @@ from mailsrv.runtime import Runtime
 from mailsrv.storage import queue
 from mailsrv.storage.spoolfiles import SpareSpoolFiles
 from mailsrv.workers import ThreadRunner
+from support.config import minimal_config
 from support.inprocess import CLIENT, Connection, SyncWorkers
 from support.queue_runtime import maildir_of
 
@@ -56,15 +57,8 @@ class ThreadReactor(task.Clock):
 
 
 def make_runtime(tmp_path, checks=None, **tables) -> Runtime:
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-        "relay": {"trusted_networks": ["10.0.0.0/8"]},
-        **tables,
-    }, None)
+    config = minimal_config(tmp_path, **{"relay": {"trusted_networks": ["10.0.0.0/8"]},
+                                         **tables})
     prepare_directories(config)
     queue.queue_dirs(config.queue.path)
     directory = Directory(["example.org"], frozenset({"alice@example.org", "bob@example.org"}), {})

@@ -9,12 +9,13 @@ import pytest
 from twisted.internet import defer, task
 from twisted.names import client, dns
 
-from mailsrv.config import parse_config, prepare_directories
+from mailsrv.config import prepare_directories
 from mailsrv.inbound.session import MAX_ERRORS, RECIPIENT_OVERSHOOT_LIMIT
 from mailsrv.inbound.smtp import MAX_HELD_INPUT
 from mailsrv.routing.router import Directory
 from mailsrv.runtime import Runtime
 from mailsrv.storage import queue
+from support.config import minimal_config
 from support.inprocess import CLIENT, Connection, SyncWorkers
 
 
@@ -43,14 +44,8 @@ class ScriptedResolver(client.Resolver):
 
 
 def make_runtime(tmp_path, clock, resolver=None, trusted=("10.0.0.0/8",), **smtp) -> Runtime:
-    config = parse_config({
-        "hostname": "mx.example.org",
-        "smtp": {"listen": ["tcp:2525"], **smtp},
-        "domains": {"local": ["example.org"]},
-        "mailboxes": {"root": str(tmp_path / "mail")},
-        "queue": {"path": str(tmp_path / "queue")},
-        "relay": {"trusted_networks": list(trusted)},
-    }, None)
+    config = minimal_config(tmp_path, smtp={"listen": ["tcp:2525"], **smtp},
+                            relay={"trusted_networks": list(trusted)})
     directory = Directory(["example.org"], frozenset({"alice@example.org"}), {})
     return Runtime(config=config, directory=directory, reactor=clock, resolver=resolver)
 

@@ -545,7 +545,6 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     from twisted.internet import error as net_error
     from twisted.python.failure import Failure
 
-    from mailsrv.config import parse_config
     from mailsrv.outbound.dane import TLSA
     from mailsrv.outbound.danelookup import DaneLookupFailed, DanePolicy
     from mailsrv.outbound.destination import DestinationDelivery
@@ -553,6 +552,7 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     from mailsrv.outbound.smtpclient import OutboundTransaction
     from mailsrv.routing.router import Directory
     from mailsrv.runtime import Runtime
+    from support.config import minimal_config
 
     hosts = [MXHost("mx1.remote.test", 10, ("192.0.2.1",)),
              MXHost("mx2.remote.test", 20, ("192.0.2.2",)),
@@ -560,11 +560,7 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     policy = DanePolicy("mx2.remote.test", "mx2.remote.test", (TLSA(3, 1, 1, b"\1" * 32),))
     plan = {"mx1.remote.test": DaneLookupFailed("mx1.remote.test", "dnssec-invalid", "bogus"),
             "mx2.remote.test": policy}  # mx3: no TLSA records, relay.tls as before
-    config = parse_config({
-        "hostname": "mx.example.org", "smtp": {"listen": ["tcp:2525"]},
-        "domains": {"local": ["example.org"]}, "mailboxes": {"root": str(tmp_path / "m")},
-        "queue": {"path": str(tmp_path / "q")},
-        "relay": {"dane": True, "dns_servers": ["127.0.0.1"]}}, None)
+    config = minimal_config(tmp_path, relay={"dane": True, "dns_servers": ["127.0.0.1"]})
     counts = TLSCounts(task.Clock())
     runtime = Runtime(config=config, directory=Directory(["example.org"], frozenset(), {}),
                       reactor=MemoryReactor(), tls_counts=counts)
