@@ -101,7 +101,7 @@ class Receiver:
             relayer=lambda runtime: ParentRelayer(self.channel.send), dkim=load_dkim(config),
             spare=f"proc{self.index}", metrics=metrics,
             greylist_owns=lambda network: owns_network(network, self.index - 1, processes))
-        counter = HandedConnections(self.channel.send, runtime.may_relay)
+        counter = HandedConnections(self.channel.send)
         self.factories = [made[3] for made in listener_factories(runtime, counter)]
         top = service.MultiService()
         assert runtime.spool_files is not None

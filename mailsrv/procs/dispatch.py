@@ -98,8 +98,8 @@ class HandedConnections(ConnectionCounter):
     each over (this count is a part of its), and learns of each one's end from here, by its
     client address (``send`` the channel's): nothing is kept per connection for it."""
 
-    def __init__(self, send: Callable[[bytes], Any], exempt: Callable[[str], bool]) -> None:
-        super().__init__(sys.maxsize, sys.maxsize, exempt)
+    def __init__(self, send: Callable[[bytes], Any]) -> None:
+        super().__init__(sys.maxsize, sys.maxsize)  # no limit here: nothing is exempt either
         self.send = send
 
     def release(self, ip: str) -> None:
@@ -181,8 +181,7 @@ class Dispatcher:
 
     def closed(self, child: Child, ip: str) -> None:
         """One of ``child``'s connections from ``ip`` ended (one it was not given: ignored)."""
-        if child.open[ip] <= 0:
-            del child.open[ip]
+        if not child.open[ip]:  # (reading a Counter adds nothing)
             log.warn("receiving process proc={proc} closed a connection from {ip} it was not "
                      "given", proc=child.index + 1, ip=ip)
             return

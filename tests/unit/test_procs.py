@@ -249,7 +249,7 @@ def test_a_process_reports_its_closed_connections_by_address():
     _accept(d, "192.0.2.1")  # one in each process (the fewest first)
     assert children[0].channel.sent == [ch.encode("conn", 0, "192.0.2.1")]
     sent = []
-    handed = HandedConnections(sent.append, lambda ip: False)
+    handed = HandedConnections(sent.append)
     assert handed.admit("192.0.2.1") is None and handed.admit("") is None
     handed.release("192.0.2.1")
     handed.release("")
