@@ -8,7 +8,7 @@ waited on the disk (iowait, part of idle here) and that the hypervisor gave to a
 (steal), so that a reader can tell a busy run from a quiet one. The bench's own processes
 (server and load generator) are part of the "busy" share: a throughput run that uses every core
 shows little idle by itself; steal, and idle measured while the bench was quiet (the
-``background`` samples of bench/run.py), speak of other load.
+``background`` samples of bench/harness.py), speak of other load.
 """
 
 from __future__ import annotations

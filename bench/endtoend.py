@@ -1,7 +1,7 @@
 """
 Relaying end to end (issue 18): mail accepted over SMTP for a remote recipient, queued, and
 relayed to Postfix's ``smtp-sink`` on loopback; the clock stops when the last message is at
-the sink. Beside the queue-drain figure (bench/run.py ``measure_relay``), which times only the
+the sink. Beside the queue-drain figure (bench/drain.py ``measure_relay``), which times only the
 sending of a queue filled beforehand, this one includes what accepting remote mail costs.
 
 - Load: ``smtp-source -N -s 10 -m N -l 5120 -t u@sink.test`` from 127.0.0.1, in both client
@@ -34,9 +34,7 @@ from pathlib import Path
 
 from bench import content, cpuload
 from bench.gate import whole_log
-from bench.mailauth import sink_message
-from bench.peers import Postfix, wait_until
-from bench.run import (
+from bench.harness import (
     DNS,
     MESSAGE_SIZE,
     RESULTS,
@@ -51,6 +49,9 @@ from bench.run import (
     sent_message,
     turn_dir,
 )
+from bench.mailauth import sink_message
+from bench.peers import wait_until
+from bench.postfix import Postfix
 
 SESSIONS = 10
 RCPT = "u@sink.test"

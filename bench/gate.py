@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 from bench import clients, content
+from bench.harness import DNS, RESULTS, Plan, alternate, cleanup, make_server
 from bench.peers import DOMAIN, wait_until
 from bench.receipt import timed_receipt
-from bench.run import DNS, RESULTS, Plan, alternate, cleanup, make_server
 
 VARIANTS = ["off", "dnsbl+greylist", "rspamd"]
 SENDER = "bench@sender.test"

@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 from bench import clients, content, cpuload
-from bench.peers import DOMAIN, wait_until
-from bench.receipt import timed_receipt
-from bench.run import (
+from bench.harness import (
     DNS,
     RESULTS,
     Plan,
@@ -39,6 +37,8 @@ from bench.run import (
     make_server,
     run_smtp_source,
 )
+from bench.peers import DOMAIN, wait_until
+from bench.receipt import timed_receipt
 
 DKIM_VARIANTS = ["unsigned", "rsa", "ed25519"]
 AUTH_VARIANTS = ["checks off", "checks on"]

@@ -23,8 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from bench import content, cpuload
-from bench.peers import wait_until
-from bench.run import (
+from bench.harness import (
     MESSAGE_SIZE,
     RESULTS,
     Plan,
@@ -34,6 +33,7 @@ from bench.run import (
     run_smtp_source,
     sent_message,
 )
+from bench.peers import wait_until
 
 VARIANTS = ["metrics off", "metrics scraped"]
 SCRAPE_INTERVAL = 1.0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench import cpuload
-from bench.run import QUIET_SAMPLE, STYLES, Plan, Results, cpu_measure
+from bench.harness import QUIET_SAMPLE, STYLES, Plan, Results, cpu_measure
 
 #: (label, measure, ratio against, minimum ratio): issue 18's targets (issue 6's queue drain
 #: kept); each followed in the table by the same ratio of the servers' CPU per message.

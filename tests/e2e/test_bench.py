@@ -182,9 +182,9 @@ def test_capture_reports_a_client_that_never_came():
 
 
 def unpacked_postfix() -> Path | None:
-    from bench import peers
+    from bench import postfix
 
-    root = peers.POSTFIX_HOME / "root"
+    root = postfix.POSTFIX_HOME / "root"
     if os.geteuid() != 0 or not (root / "usr/sbin/postfix").exists():
         return None
     return root
@@ -206,12 +206,12 @@ def outside_var():
 
 @needs_postfix
 def test_postfix_starts_outside_var(outside_var):
-    from bench import peers
+    from bench import postfix
 
-    server = peers.Postfix(outside_var / "tp")
+    server = postfix.Postfix(outside_var / "tp")
     try:
         port = server.start()
-        assert peers.greets(port)
+        assert postfix.greets(port)
         settings = server.non_default_settings()
         assert settings["maillog_file_prefixes"]["value"] == str(server.dir)
         assert settings["biff"] == {"value": "no", "default": "yes"}
@@ -234,9 +234,9 @@ def readme_postfix_settings() -> set[str]:
 
 @needs_postfix
 def test_postfix_that_cannot_start_says_why(outside_var):
-    from bench import peers
+    from bench import postfix
 
-    server = peers.Postfix(outside_var / "tp", extra={"maillog_file_prefixes": "/var"})
+    server = postfix.Postfix(outside_var / "tp", extra={"maillog_file_prefixes": "/var"})
     try:
         with pytest.raises(RuntimeError) as failed:
             server.start()
@@ -481,21 +481,21 @@ def test_relay_end_to_end_quick(outside_var, name, monkeypatch):
     """The end-to-end relay measure, small: every message at the sink once and as sent, for
     mailsrv (two receiving processes; its log shows each sent through sink.test's MX from
     the bench's DNS server) and for Postfix, in both client styles."""
-    from bench import endtoend, run
+    from bench import endtoend, harness
 
-    results = run.Results()
-    monkeypatch.setattr(run, "RESULTS", results)
+    results = harness.Results()
+    monkeypatch.setattr(harness, "RESULTS", results)
     monkeypatch.setattr(endtoend, "RESULTS", results)
-    monkeypatch.setattr(run, "PROCESSES", 2)
+    monkeypatch.setattr(harness, "PROCESSES", 2)
     # 100 messages: /proc counts CPU in 10 ms ticks per process, and Postfix spreads 20
     # messages' few tens of ms over several daemons, each of which could read 0.
-    for style in run.STYLES:
+    for style in harness.STYLES:
         endtoend.relay(name, style, 100, outside_var / f"e2e-{name}-{style.replace('/', '-')}")
     assert results.failures == []
-    for style in run.STYLES:
+    for style in harness.STYLES:
         measure = endtoend.measure(style)
         assert len(results.samples[measure][name]) == 1
-        assert results.samples[run.cpu_measure(measure)][name][0] > 0
+        assert results.samples[harness.cpu_measure(measure)][name][0] > 0
         assert len(results.samples[endtoend.measure(style, "accepted msg/s")][name]) == 1
         check = results.checks[measure][name][0]
         assert check.startswith("100 sent, 100 at the sink, ")
@@ -507,21 +507,21 @@ def test_relay_end_to_end_quick(outside_var, name, monkeypatch):
 def test_throughput_both_client_styles_quick(outside_var, monkeypatch):
     """A throughput case in both client styles against mailsrv with two receiving processes:
     every message delivered as sent, the rate and the CPU of all its processes recorded."""
-    from bench import run
+    from bench import harness, run
 
-    results = run.Results()
-    monkeypatch.setattr(run, "RESULTS", results)
-    monkeypatch.setattr(run, "PROCESSES", 2)
-    server = run.make_server("mailsrv", outside_var / "tp")
+    results = harness.Results()
+    monkeypatch.setattr(harness, "RESULTS", results)
+    monkeypatch.setattr(harness, "PROCESSES", 2)
+    server = harness.make_server("mailsrv", outside_var / "tp")
     try:
         server.start()
         assert len(cpuload.tree_pids(server.pids()[0])) >= 3  # the parent and two children
-        for style in run.STYLES:
+        for style in harness.STYLES:
             run.throughput(server, "c10", 20, results, style)
     finally:
         server.stop()
     assert results.failures == []
-    for style in run.STYLES:
+    for style in harness.STYLES:
         assert results.checks[f"throughput c10 {style}"]["mailsrv"] == [
             "20x1 sent, 20 in new/, content of 20 as sent"]
         assert results.samples[f"throughput c10 {style} CPU ms/msg"]["mailsrv"][0] > 0
