@@ -3,9 +3,11 @@ the parent applies across processes, the restart delays, the counters relayed.""
 
 import os
 import socket
+import threading
 
 import pytest
 from twisted.internet import reactor as real_reactor
+from twisted.internet import task
 
 from mailsrv import replies
 from mailsrv.inbound.listener import ConnectionCounter
@@ -20,7 +22,7 @@ from mailsrv.procs.dispatch import (
     network_owner,
     owns_network,
 )
-from mailsrv.procs.metricsrelay import MetricsRelay, replay
+from mailsrv.procs.metricsrelay import FLUSH_DELAY, MetricsRelay, replay
 from mailsrv.procs.pool import FIRST_DELAY, HEALTHY_AFTER, MAX_DELAY, restart_delay
 
 
@@ -289,13 +291,8 @@ def test_restart_delay_doubles_while_a_process_dies_young():
 
 def test_counters_of_a_process_are_counted_in_the_parents_metrics():
     sent = []
-    calls = []
-
-    class Reactor:
-        def callFromThread(self, f, *args):
-            calls.append(f)
-
-    relay = MetricsRelay(sent.append, Reactor())
+    clock = task.Clock()
+    relay = MetricsRelay(sent.append, clock)
     relay.connection_opened("smtp")
     relay.accepted("smtp", 120, 1, 0, 0.0 + __import__("time").monotonic() - 0.004,
                    sender="<a@b.test>", recipients=iter(["<c@d.test>"]))
@@ -304,8 +301,8 @@ def test_counters_of_a_process_are_counted_in_the_parents_metrics():
     relay.add_state(object())
     with pytest.raises(AttributeError):
         relay.registry  # noqa: B018
-    assert sent == [] and len(calls) == 1  # one flush for the turn's events
-    calls[0]()
+    assert sent == [] and len(clock.getDelayedCalls()) == 1  # one flush for them all
+    clock.advance(FLUSH_DELAY)
     [payload] = sent
     parent = Metrics()
     counts = replay(parent, payload)
@@ -321,6 +318,39 @@ def test_counters_of_a_process_are_counted_in_the_parents_metrics():
     # A name that is not an event is not called.
     assert replay(parent, '[["__init__", [], {}]]')["__init__"] == 0
     relay.stop()
+
+
+def test_events_wait_for_one_message_per_flush_delay():
+    """The events of FLUSH_DELAY go in one message (not one per turn of the reactor); stop
+    sends what is left at once, and its timer is gone."""
+    sent = []
+    clock = task.Clock()
+    relay = MetricsRelay(sent.append, clock)
+    relay.auth("failure")
+    clock.advance(FLUSH_DELAY / 2)
+    relay.auth("success")
+    assert sent == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(FLUSH_DELAY / 2)
+    assert len(sent) == 1 and sent[0].count('"auth"') == 2
+    assert clock.getDelayedCalls() == []
+    relay.refused("rcpt", "unknown")  # a new flush after the last
+    assert len(clock.getDelayedCalls()) == 1
+    relay.stop()
+    assert len(sent) == 2 and '"refused"' in sent[1] and clock.getDelayedCalls() == []
+
+
+def test_an_event_from_a_worker_thread_schedules_its_flush_on_the_reactor():
+    sent, calls = [], []
+    clock = task.Clock()
+    clock.callFromThread = lambda f, *args: calls.append(f)  # the reactor's queue
+    relay = MetricsRelay(sent.append, clock)
+    worker = threading.Thread(target=relay.auth, args=("failure",))
+    worker.start()
+    worker.join()
+    assert clock.getDelayedCalls() == [] and len(calls) == 1
+    calls[0]()  # on the reactor thread
+    clock.advance(FLUSH_DELAY)
+    assert len(sent) == 1
 
 
 def test_the_same_verdicts_are_sent_once_with_their_amount():
