@@ -14,10 +14,9 @@ end). Pure, without I/O.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
-from mailsrv.inbound.datascan import MAX_TEXT_LINE, DataError
+from mailsrv.inbound.datascan import MAX_TEXT_LINE, DataError, line_error
 
 __all__ = ["ChunkScanner", "parse_bdat"]
 
@@ -49,8 +48,6 @@ class ChunkScanner:
         self._binary = binary
         self._max_size = max_size
         self._max_content = max_line - 2  # a line's octets without its CRLF
-        # Linear: run only on data starting at a line start without bare CR or LF (datascan).
-        self._too_long = re.compile(rb"^[^\r\n]{%d}" % (self._max_content + 1), re.MULTILINE)
         self._pending = b""  # the start of a line not ended yet (< 1000 octets)
         #: Octets received in the chunks (what the size limit counts).
         self.size = 0
@@ -75,11 +72,9 @@ class ChunkScanner:
         last = buf.rfind(b"\r\n")
         if last >= 0:
             lines, rest = buf[: last + 2], buf[last + 2 :]
-            crlf = lines.count(b"\r\n")
-            if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
-                return self._fail(DataError.BARE_LINE_END)
-            if self._too_long.search(lines):
-                return self._fail(DataError.LINE_TOO_LONG)
+            error = line_error(lines, self._max_content)
+            if error is not None:
+                return self._fail(error)
             self._sink(lines.replace(b"\r\n", b"\n"))
         else:
             rest = buf

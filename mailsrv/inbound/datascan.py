@@ -17,7 +17,6 @@ chunks instead, which is both safer and much faster than running Python per line
 from __future__ import annotations
 
 import enum
-import re
 from typing import Callable
 
 #: RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including its CRLF.
@@ -30,6 +29,23 @@ class DataError(enum.Enum):
     BARE_LINE_END = "bare CR or LF"
     LINE_TOO_LONG = "line too long"
     TOO_BIG = "message too big"
+
+
+def line_error(lines: bytes, max_content: int) -> DataError | None:
+    """What is wrong with complete CRLF-ended ``lines`` (starting at a line start): a bare CR
+    or LF, or a line of more than ``max_content`` octets before its CRLF; None if nothing.
+
+    The lines' lengths come from one split (in C): a regular expression for a run of too
+    many non-CR/LF octets took 44 us per 5 KB message on the reactor thread (anchored at
+    line starts; unanchored, ~0.5 ms), the split 6 us. Without a bare CR or LF, the parts
+    are exactly the lines' contents (and an empty one after the last CRLF)."""
+    parts = lines.split(b"\r\n")
+    crlf = len(parts) - 1
+    if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+        return DataError.BARE_LINE_END
+    if max(map(len, parts)) > max_content:
+        return DataError.LINE_TOO_LONG
+    return None
 
 
 _END_AT_START = b".\r\n"
@@ -55,12 +71,6 @@ class DataScanner:
         self._max_size = max_size
         # Longest line content allowed, without its CRLF.
         self._max_content = max_line - 2
-        # Anchored at line starts (MULTILINE ``^`` matches after every LF): the scan is linear.
-        # Unanchored, the search tried every offset of every line (quadratic in the line
-        # length), which cost ~0.5 ms per 5 KB message on the reactor thread. Equivalent here:
-        # ``_accept`` runs it only on chunks that start at a line start and hold no bare CR or
-        # LF, so every run of non-CR/LF octets starts at a line start.
-        self._too_long = re.compile(rb"^[^\r\n]{%d}" % (self._max_content + 1), re.MULTILINE)
         # Bytes of a line that has not ended yet (always starts at a line start, unless we are
         # skipping the tail of an over-long line).
         self._pending = b""
@@ -124,11 +134,9 @@ class DataScanner:
         """Check and pass on complete lines (``lines`` ends with CRLF)."""
         self.size += len(lines)
         if self.error is None:
-            crlf = lines.count(b"\r\n")
-            if lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
-                self._fail(DataError.BARE_LINE_END)
-            elif self._too_long.search(lines):
-                self._fail(DataError.LINE_TOO_LONG)
+            error = line_error(lines, self._max_content)
+            if error is not None:
+                self._fail(error)
             elif self.size > self._max_size:
                 self._fail(DataError.TOO_BIG)
         if self.error is not None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mailsrv.inbound.datascan import DataError, DataScanner
+from mailsrv.inbound.datascan import DataError, DataScanner, line_error
 
 
 def scan(chunks, max_size=10_000_000):
@@ -83,6 +83,20 @@ def test_line_of_998_octets_passes_and_999_fails():
         scanner, body, after = scan(chunks)
         assert scanner.error is DataError.LINE_TOO_LONG, chunks
         assert after == b""
+
+
+@pytest.mark.parametrize("lines, error", [
+    (b"a\r\n" + b"x" * 998 + b"\r\nb\r\n", None),
+    (b"a\r\n" + b"x" * 999 + b"\r\nb\r\n", DataError.LINE_TOO_LONG),  # one past, mid-chunk
+    (b"x" * 999 + b"\r\n", DataError.LINE_TOO_LONG),
+    (b"\r\n" * 1000, None),
+    (b"a\rb\r\n", DataError.BARE_LINE_END),
+    (b"a\nb\r\n", DataError.BARE_LINE_END),
+    (b"a\n\rb\r\n", DataError.BARE_LINE_END),  # as many CRs and LFs, but not paired
+    (b"x" * 999 + b"\rb\r\n", DataError.BARE_LINE_END),  # the bare CR counts first
+])
+def test_line_error_of_complete_lines(lines, error):
+    assert line_error(lines, 998) is error
 
 
 def test_endless_line_is_discarded_not_buffered():
