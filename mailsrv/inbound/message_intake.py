@@ -99,6 +99,8 @@ class Transaction:
         self._spilled = False  # some data was written while the message arrived
         self._write_error: OSError | None = None
         self.size = 0
+        #: A check changed the spool file in place (spool_edited): what is held is stale.
+        self.spool_changed = False
         #: "spf=... dkim=... dmarc=..." for the log lines, once the message was checked.
         self.auth_summary = ""
         #: The DKIM signatures made (``domain/selector``), for the log line.
@@ -271,6 +273,8 @@ class Transaction:
             if outcome.refusal is None:
                 auth = self._authenticate(client, facts)
                 spam = scan_message(self, client, received, head)
+                if self.spool_changed:
+                    whole = None  # no longer the spool file's content
                 outcome = outcome.then(checks.run(facts.at(
                     Stage.MESSAGE, body_path=self.spool_path, size=self.size, auth=auth,
                     spam=spam)))
@@ -303,7 +307,7 @@ class Transaction:
                     trace=trace, body_path=self.spool_path, received_from=client.name,
                     folders=self.folders, no_bounce=no_bounce, dsn=self.dsn,
                     recipient_dsn=by_address, smtputf8=self.smtputf8,
-                    tls_required=tls_required(self.requiretls, head),
+                    tls_required=tls_required(self.requiretls, head), body=whole,
                 )
             except maildir.DeliveryError as e:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
@@ -339,9 +343,15 @@ class Transaction:
                    if authserv_id(value) == self.runtime.config.hostname.lower()]
         if claimed:
             rename_fields(self.spool_path, claimed, FIELD_NAME, RENAMED_FIELD_NAME)
+            self.spool_edited()
             log.info("renamed {n} Authentication-Results: claiming to be ours id={id}",
                      n=len(claimed), id=self.queue_id)
         return auth
+
+    def spool_edited(self) -> None:
+        """Whoever changes the spool file in place (renaming header fields) says so: the
+        message held in memory is then not written into the Maildir for it."""
+        self.spool_changed = True
 
     def _delivered(self, stored: Stored) -> str:
         self._ended(accepted=True)

@@ -62,6 +62,7 @@ def store(
     recipient_dsn: Mapping[str, RecipientDSN] | None = None,
     smtputf8: bool = False,
     tls_required: str | None = None,
+    body: bytes | None = None,
 ) -> Stored:
     """Deliver local targets and queue remote ones; raise DeliveryError on failure.
 
@@ -83,7 +84,8 @@ def store(
     with SMTPUTF8, so its queued copy is marked so, and the local copies' Return-Path: and
     Delivered-To: may be UTF-8 (RFC 6532).  ``tls_required`` (RFC 8689, mailsrv.storage.envelope)
     goes with the queued copy.  The body file is consumed: moved into the queue
-    or left for the caller to remove.
+    or left for the caller to remove.  ``body``, when the caller holds it, is the body
+    file's content: the Maildir copy is written from it (maildir.deliver).
     """
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
@@ -104,7 +106,7 @@ def store(
             delivered = maildir.deliver(
                 root, [_maildir(root, t, folders.get(t)) for t in local],
                 _local_prefix(local, return_path, trace, smtputf8),
-                body_path, hostname=config.hostname,
+                body_path, hostname=config.hostname, body=body,
             )
             stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
         if remote:

@@ -152,6 +152,17 @@ def test_deliver_no_tmp_left(tmp_path: Path, body: Path) -> None:
     assert len(files_in(md / "new")) == 1
 
 
+def test_a_body_held_in_memory_is_written_without_reading_the_file(tmp_path: Path) -> None:
+    """The caller that holds the body passes it: the file is the same, and the body file
+    is never opened (here it does not even exist)."""
+    a, b = tmp_path / "d" / "alice", tmp_path / "d" / "bob"
+    missing = tmp_path / "spool" / "never-written"
+    pa, pb = deliver(tmp_path, rel(tmp_path, a, b), PREFIX, missing, hostname="h", body=BODY)
+    assert pa.read_bytes() == PREFIX + BODY and pb.samefile(pa)
+    assert int(NAME_RE.fullmatch(pa.name)["size"]) == len(PREFIX) + len(BODY)
+    assert mode(pa) == 0o600 and files_in(a / "tmp", b / "tmp") == []
+
+
 def test_deliver_existing_maildir(tmp_path: Path, body: Path) -> None:
     md = tmp_path / "alice"
     for sub in ("tmp", "new", "cur"):

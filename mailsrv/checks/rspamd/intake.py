@@ -57,6 +57,7 @@ def scan_message(
         found = removals(head, (*scan.remove_headers, ("x-spam", 0)))
         if found:
             rename_in_place(transaction.spool_path, found)
+            transaction.spool_edited()
             log.info("rspamd id={id} renamed {n} header field(s) it asked to remove",
                      id=transaction.queue_id, n=len(found))
     return scan
