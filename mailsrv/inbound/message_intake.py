@@ -251,6 +251,7 @@ class Transaction:
         assert self.spool_path is not None
         config = self.runtime.config
         checks = self.session.checks
+        queued = False
         try:
             whole = self._write_held()  # the spool file's end, written here, not on the reactor
             self._close_spool()
@@ -313,17 +314,19 @@ class Transaction:
                 log.error("delivery failed id={id}: {error}", id=self.queue_id, error=e)
                 self.refused_by = "storage"
                 raise Refusal(replies.DISK_FULL if e.disk_full else replies.LOCAL_ERROR)
+            queued = bool(stored.entries)
             delivered.report(self.runtime, self, stored, by_address, client.name, trace + head,
                              no_bounce)
             return stored
         finally:
-            if self.runtime.spool_files is not None:
-                self.runtime.spool_files.release(self.spool_path)  # reused, not removed
-            else:
-                try:
-                    os.unlink(self.spool_path)
-                except FileNotFoundError:
-                    pass  # moved into the queue
+            if not queued:  # else the file was moved into the queue: nothing left here
+                if self.runtime.spool_files is not None:
+                    self.runtime.spool_files.release(self.spool_path)  # reused, not removed
+                else:
+                    try:
+                        os.unlink(self.spool_path)
+                    except FileNotFoundError:
+                        pass
             self.spool_path = None
 
     def _authenticate(self, client: Client, facts: Facts) -> AuthResults | None:
