@@ -20,7 +20,7 @@ import errno
 import functools
 import itertools
 import os
-import secrets
+import random
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
@@ -63,7 +63,9 @@ def unique_name(hostname: str, size: int) -> str:
 
     Unique through time, pid, a per-process counter and 64 random bits (so
     even a pid reused within the same microsecond, say in a container, does
-    not collide).  ``/`` and ``:`` in the host are escaped as the Maildir
+    not collide). The bits are for uniqueness, not secrecy: Python's generator (seeded from
+    the kernel at start and again in a forked child), not a getrandom call per message in
+    the delivery thread.  ``/`` and ``:`` in the host are escaped as the Maildir
     specification asks, since they would be a path separator and the start of
     the info part.  ``,S=<size>`` lets readers (Dovecot) skip a stat.
     """
@@ -71,7 +73,7 @@ def unique_name(hostname: str, size: int) -> str:
     secs, nanos = divmod(now, 1_000_000_000)
     host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
     return (
-        f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{secrets.token_hex(8)}"
+        f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{random.getrandbits(64):016x}"
         f".{host},S={size}"
     )
 
