@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from mailsrv.interfaces import IRelayer
 
-__all__ = ["ParentRelayer", "main"]
+__all__ = ["ParentRelayer", "event_text", "main"]
 
 log = Logger(namespace="mailsrv")
 
@@ -46,9 +46,24 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def event_text(event: dict) -> str:
+    """The event's text. A plain format (every line mailsrv writes) is filled in by
+    ``str.format_map``, in C: twisted.logger's own formatting, a parser written in Python
+    that also calls ``{f()}``, took 10 us of the reactor thread per line, two lines per
+    message. Anything else (a call, a failure's traceback, a legacy event, a field
+    missing) goes to twisted.logger, which says what it could not format."""
+    text = event.get("log_format")
+    if text is not None and "log_failure" not in event:
+        try:
+            return text.format_map(event)
+        except Exception:
+            pass
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
 def _log_line(event: dict) -> None:
     """One event, one line on standard output (continuation lines indented)."""
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    text = event_text(event)
     level = event.get("log_level")
     name = level.name if level is not None else "info"
     data = f"{name}\t" + text.rstrip("\n").replace("\n", "\n" + name + "\t  ") + "\n"

@@ -8,11 +8,14 @@ import threading
 import pytest
 from twisted.internet import reactor as real_reactor
 from twisted.internet import task
+from twisted.logger import LogLevel, eventAsText
+from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.inbound.listener import ConnectionCounter
 from mailsrv.metrics import Metrics, snapshot
 from mailsrv.procs import channel as ch
+from mailsrv.procs.child import event_text
 from mailsrv.procs.dispatch import (
     Child,
     Dispatcher,
@@ -455,3 +458,23 @@ def test_a_process_that_cannot_be_spawned_is_retried_with_backoff_not_fatal():
     clock.advance(FIRST_DELAY)
     assert clock.spawned == 6
     pool.stopService()
+
+
+@pytest.mark.parametrize("event", [
+    {"log_format": "accepted id={id} size={size} time={time:.3f} from={sender!r}",
+     "id": "1xZ", "size": 5065, "time": 0.01234, "sender": "<a@b.test>"},
+    {"log_format": "no fields at all"},
+    {"log_format": "braces {{kept}} {n}", "n": 3},
+    {"log_format": "a call {f()}", "f": lambda: "made"},  # twisted.logger's own syntax
+    {"log_format": "a field missing {gone}"},
+    {"log_format": "failed {what}", "what": "this", "log_failure": Failure(ValueError("x"))},
+    {"message": ("a legacy event",), "isError": 0, "log_format": None},
+])
+def test_a_process_writes_an_event_as_twisted_logger_would(event):
+    """The plain formats go through str.format_map; the text is twisted.logger's all the same
+    (calls, failures, missing fields and legacy events are left to it)."""
+    event = {"log_level": LogLevel.info, "log_namespace": "mailsrv", "log_source": None,
+             "log_time": 0.0, **event}
+    if event["log_format"] is None:
+        del event["log_format"]
+    assert event_text(event) == eventAsText(event, includeTimestamp=False, includeSystem=False)
