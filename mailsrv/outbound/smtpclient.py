@@ -369,6 +369,9 @@ class RelayClientFactory(protocol.ClientFactory):
     ``client`` is the protocol spoken (SMTP here, LMTP in mailsrv.outbound.lmtpclient)."""
 
     client: Any = RelayClient
+    #: No "Starting factory <...RelayClientFactory object at 0x...>" and "Stopping factory"
+    #: lines around every outbound connection: the relay's own lines say what happened.
+    noisy = False
 
     def __init__(self, transactions: list[OutboundTransaction], **client_args: Any) -> None:
         self.transactions = transactions

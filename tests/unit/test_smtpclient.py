@@ -12,16 +12,34 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mailsrv.outbound import outgoing
 from mailsrv.outbound.chunks import MessageData
+from mailsrv.outbound.lmtpclient import LMTPClientFactory
 from mailsrv.outbound.smtpclient import (
     OutboundTransaction,
     RelayClient,
+    RelayClientFactory,
     SessionOutcome,
 )
 from mailsrv.replies import Reply
+
+
+@pytest.mark.parametrize("factory_class", [RelayClientFactory, LMTPClientFactory])
+def test_an_outbound_connection_logs_no_factory_lines(factory_class: type) -> None:
+    """Twisted's "Starting factory <... object at 0x...>" / "Stopping factory" pair, logged by
+    a noisy factory around each connection, says nothing an administrator can use."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        factory = factory_class([])
+        factory.doStart()
+        factory.doStop()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e.get("log_format") for e in events if "factory" in str(e.get("log_format"))] == []
 
 
 @pytest.mark.parametrize(
