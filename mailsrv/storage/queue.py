@@ -301,7 +301,7 @@ def _sync_messages(dir_fd: int) -> None:
     _messages_sync.sync((st.st_dev, st.st_ino), functools.partial(os.fsync, dir_fd))
 
 
-def read_message(path: Path) -> QueuedMessage:
+def read_message(path: Path | str) -> QueuedMessage:
     """Load one envelope file; ValueError (naming the file) when it is corrupt.
 
     OSError (a missing file, say) passes through unchanged: that is not
@@ -313,7 +313,7 @@ def read_message(path: Path) -> QueuedMessage:
         message = decode(raw)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    if message.id != Path(path).name[: -len(".json")]:
+    if message.id != os.path.basename(path)[: -len(".json")]:
         raise ValueError(f"{path}: corrupt queue envelope: it holds id {message.id!r}")
     return message
 
@@ -365,11 +365,13 @@ def load(qdir: Path) -> LoadReport:
         os.close(dir_fd)
     names.difference_update(report.unfinished)
     report.unfinished += [f"recycle/{name}" for name in recycle.clean(qdir / "recycle")]
+    # Paths as strings: a Path made and parsed per file was a fifth of the time of loading
+    # 100,000 envelopes (the server starts relaying once they are loaded).
+    prefix = f"{messages_dir}{os.sep}"
     for name in sorted(names):
-        path = messages_dir / name
         if name.endswith(".json"):
             try:
-                report.messages.append(read_message(path))
+                report.messages.append(read_message(prefix + name))
             except ValueError as exc:
                 stem = name[:-5]
                 for moved in (name, f"{stem}.body"):
@@ -377,7 +379,7 @@ def load(qdir: Path) -> LoadReport:
                         os.replace(messages_dir / moved, corrupt_dir / moved)
                 report.corrupt.append((name, str(exc)))
         elif not name.endswith(".body"):
-            os.replace(path, corrupt_dir / name)
+            os.replace(prefix + name, corrupt_dir / name)
             report.corrupt.append((name, "not a queue file"))
     if report.unfinished or report.corrupt:
         fsync_dir(messages_dir)
