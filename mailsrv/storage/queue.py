@@ -12,13 +12,14 @@ Layout under the queue directory ``qdir``::
 
 The lock and the control requests are ``mailsrv.storage.queue_control``'s.
 
-An enqueue fsyncs the body where it was
-received, writes the envelope to a dot-file and fsyncs it, renames the body to
+An enqueue writes the envelope to a dot-file,
+fsyncs the body where it was received, then the envelope, renames the body to
 ``<id>.body`` (same file system: no copy, atomic), renames the envelope to ``<id>.json``,
 then fsyncs ``messages/`` once: that fsync is the commit point, and the server answers
-``250`` only after it.  Cost: two
-file fsyncs and one directory fsync, and the directory's is a group commit
-(``DirectorySync``, as a Maildir's ``new/``): concurrent enqueues share one.  There is no
+``250`` only after it.  Cost: two file fsyncs, which one journal commit serves on ext4 (the
+envelope's writeback is started before the body's fsync: ``fdio.start_writeback``), and
+one directory fsync, a group commit (``DirectorySync``, as a Maildir's ``new/``):
+concurrent enqueues share one.  There is no
 fsync between the two renames, so a crash may leave either name without the other, or a
 dot-file; none of them ever got a ``250``, and the start-up scan removes them (never
 sends them).  Both contents are fsync'd before either rename, so a ``.json`` and a
@@ -53,6 +54,7 @@ from mailsrv.storage import durable, recycle
 from mailsrv.storage.dirfd import DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
+from mailsrv.storage.fdio import start_writeback
 
 __all__ = [
     "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
@@ -194,18 +196,11 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
                 raise DeliveryError(
                     f"cannot enqueue {existing}: queue id {queue_id} already in use"
                 )
-        with doing("open", source):
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            with doing("fsync", source):
-                os.fchmod(fd, 0o600)
-                os.fsync(fd)
-        finally:
-            os.close(fd)
         tmp_created = True
         try:
             durable.write_new(json_tmp, data, named=doing, take=functools.partial(
-                recycle.take, messages.parent / recycle.RECYCLE_DIR))
+                recycle.take, messages.parent / recycle.RECYCLE_DIR),
+                prepare=functools.partial(_sync_body, source))
         except DeliveryError as exc:
             tmp_created = exc.errno != errno.EEXIST  # another enqueue's dot-file: not ours
             raise
@@ -228,6 +223,21 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
             messages=messages,
         )
         raise
+
+
+def _sync_body(source: Path, envelope_fd: int) -> None:
+    """fsync the body at *source*, between the envelope's write and its fsync (write_new's
+    ``prepare``): the envelope's writeback started first, the body's fsync is the one
+    journal commit that both need (``fdio.start_writeback``)."""
+    start_writeback(envelope_fd)
+    with doing("open", source):
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with doing("fsync", source):
+            os.fchmod(fd, 0o600)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _undo(

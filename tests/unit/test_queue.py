@@ -159,7 +159,8 @@ def test_enqueue_creates_missing_dirs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "fail_on",
-    ["fsync-json", "write-json", "rename-json", "fsync-final", "rename-body", "open-json"],
+    ["fsync-json", "write-json", "rename-json", "fsync-final", "rename-body", "open-json",
+     "fsync-body"],
 )
 def test_failure_leaves_nothing_committed(
     qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch, fail_on: str
@@ -171,6 +172,8 @@ def test_failure_leaves_nothing_committed(
 
     def fsync(fd: int) -> None:
         if fail_on == "fsync-json" and fd_path(fd).endswith(".json.tmp"):
+            raise boom()
+        if fail_on == "fsync-body" and fd_path(fd) == str(body):  # the envelope written by then
             raise boom()
         # The one fsync of messages/, after both renames (the rollback's is queue.fsync_dir).
         if fail_on == "fsync-final" and fd_path(fd).endswith("/messages"):
@@ -204,6 +207,35 @@ def test_failure_leaves_nothing_committed(
     assert "Input/output error" in str(info.value)
     assert list((qdir / "messages").iterdir()) == []
     assert body.read_bytes() == BODY
+
+
+def test_the_body_is_fsyncd_after_the_envelopes_writeback_started(
+    qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One journal commit for both files: the envelope is written and its writeback started
+    before the body's fsync (which commits both on ext4), then the envelope is fsync'd too
+    (durability never rests on the hint), and only then are the names made."""
+    events: list[tuple[str, str, int]] = []
+    real_fsync, real_hint = os.fsync, queue.start_writeback
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.relpath(fd_path(fd), qdir), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def hint(fd: int) -> bool:
+        events.append(("writeback", os.path.relpath(fd_path(fd), qdir), os.fstat(fd).st_size))
+        return real_hint(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(queue, "start_writeback", hint)
+    envelope = do_enqueue(qdir, body)
+    size = envelope.stat().st_size
+    assert events == [
+        ("writeback", "messages/.ID1.json.tmp", size),
+        ("fsync", "incoming/ID1", len(BODY)),
+        ("fsync", "messages/.ID1.json.tmp", size),
+        ("fsync", "messages", events[-1][2]),
+    ]
 
 
 def test_disk_full(qdir: Path, body: Path, monkeypatch: pytest.MonkeyPatch) -> None:
