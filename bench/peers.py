@@ -243,18 +243,20 @@ class Mailsrv(Server):
         measure starts its clock at "queue loaded", which comes first)."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.started_at = time.monotonic()
+        # Logging as the Debian unit does (twistd -n without --logfile: to standard output,
+        # where the receiving processes write their lines themselves), into a file here.
         self.process = subprocess.Popen(
             [self.python, "-c", "from twisted.scripts.twistd import run; run()",
-             "-n", "--pidfile=", "--logfile", str(self.log_path),
-             "mailsrv", "--config", str(self.config_path)],
-            cwd=self.workdir, stdout=open(self.workdir / "twistd.out", "ab"),
-            stderr=subprocess.STDOUT,
+             "-n", "--pidfile=", "mailsrv", "--config", str(self.config_path)],
+            cwd=self.workdir, stdout=open(self.log_path, "ab"),
+            stderr=open(self.workdir / "twistd.out", "ab"),
         )
 
         def listening() -> int:
             if self.process.poll() is not None:
                 raise RuntimeError(f"mailsrv exited with {self.process.returncode}: "
-                                   + (self.workdir / "twistd.out").read_text()[-2000:])
+                                   + (self.workdir / "twistd.out").read_text()[-2000:]
+                                   + self.log_text()[-2000:])
             text = self.log_text()[offset:]
             m = re.search(r"listening on \S+ \(127\.0\.0\.1 port (\d+)\)", text)
             several = ((self.processes or len(os.sched_getaffinity(0))) > 1

@@ -206,11 +206,13 @@ def make_service(
     reactor: Any = None,
     directory: Directory | None = None,
     queue_lock: Any = None,
+    straight_logs: bool = False,
 ) -> service.MultiService:
     """The whole server: the relayer and one listener per endpoint, sharing one runtime.
 
     ``queue_lock`` is the lock taken by the caller at start-up (taken here when None); it
-    stays open as long as the service exists.
+    stays open as long as the service exists. ``straight_logs``: twistd logs to standard
+    output, where receiving processes write their lines themselves (mailsrv.procs.childlog).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -246,7 +248,7 @@ def make_service(
     if processes > 1:
         from mailsrv.procs.pool import ReceiverPool
 
-        pool = ReceiverPool(runtime, counter, listeners, processes)
+        pool = ReceiverPool(runtime, counter, listeners, processes, straight_logs)
         pool.setServiceParent(top)
     if config.metrics.listen is not None:
         metrics_listener(runtime, config.metrics.listen, reactor).setServiceParent(top)

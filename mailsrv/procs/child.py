@@ -1,13 +1,14 @@
 """
-A receiving process: ``python -m mailsrv.procs.child <n> <parent pid>``, started by the parent
+A receiving process: ``python -m mailsrv.procs.child <n> <parent pid> [straight]``, started by
+the parent
 (mailsrv.procs.pool) with the configuration and the users and aliases on its standard input
 (pickled: exactly the parent's, never a file edited or broken since) and its channel on file
 descriptor 3.
 
 It runs the SMTP sessions of the connections the parent hands over, delivers into the
 Maildirs and writes queue files itself, and tells the parent of every message it queued.
-Its log events go to standard output, one line each (``<level>\\t<text>``), which the parent
-writes into its own log with ``proc=<n> pid=<pid>``.
+Its log events go to standard output: the server's log itself when twistd logs to its own
+standard output, a pipe to the parent otherwise (mailsrv.procs.childlog).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.logger import Logger, eventAsText, globalLogBeginner
+from twisted.logger import Logger, globalLogBeginner
 from zope.interface import implementer
 
 from mailsrv.interfaces import IRelayer
+from mailsrv.procs.childlog import RelayedLines, StraightLines
 
-__all__ = ["ParentRelayer", "event_text", "main"]
+__all__ = ["ParentRelayer", "main"]
 
 log = Logger(namespace="mailsrv")
 
@@ -44,33 +46,6 @@ def die_with_parent(parent: int) -> None:
         pass  # not Linux: the channel's end stops this process instead
     if os.getppid() != parent:
         os._exit(1)
-
-
-def event_text(event: dict) -> str:
-    """The event's text. A plain format (every line mailsrv writes) is filled in by
-    ``str.format_map``, in C: twisted.logger's own formatting, a parser written in Python
-    that also calls ``{f()}``, took 10 us of the reactor thread per line, two lines per
-    message. Anything else (a call, a failure's traceback, a legacy event, a field
-    missing) goes to twisted.logger, which says what it could not format."""
-    text = event.get("log_format")
-    if text is not None and "log_failure" not in event:
-        try:
-            return text.format_map(event)
-        except Exception:
-            pass
-    return eventAsText(event, includeTimestamp=False, includeSystem=False)
-
-
-def _log_line(event: dict) -> None:
-    """One event, one line on standard output (continuation lines indented)."""
-    text = event_text(event)
-    level = event.get("log_level")
-    name = level.name if level is not None else "info"
-    data = f"{name}\t" + text.rstrip("\n").replace("\n", "\n" + name + "\t  ") + "\n"
-    try:
-        os.write(1, data.encode("utf-8", "replace"))
-    except OSError:
-        pass
 
 
 @implementer(IRelayer)
@@ -166,7 +141,9 @@ def main(argv: list[str]) -> None:
     die_with_parent(parent)
     config, directory = pickle.loads(sys.stdin.buffer.read())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    globalLogBeginner.beginLoggingTo([_log_line], redirectStandardIO=False)
+    straight = argv[3:4] == ["straight"]  # standard output is the server's log (childlog)
+    observer = StraightLines(index, os.getpid()) if straight else RelayedLines()
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     from twisted.internet import reactor
 
     receiver = Receiver(index, config, directory, reactor)

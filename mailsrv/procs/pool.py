@@ -13,8 +13,9 @@ themselves.
   end); one that dies is logged and started again, after 0.5 s doubling to 30 s while it
   keeps dying young.  What it had answered ``250`` was on disk before the ``250``.
 - SIGHUP to the parent reloads the parent and is passed on to every receiving process.
-- Logs: every line of a receiving process comes out of the parent's log prefixed
-  ``proc=<n> pid=<pid>``.
+- Logs: every line of a receiving process is in the server's log prefixed
+  ``proc=<n> pid=<pid>``, written by the process itself when the log is twistd's standard
+  output, relayed by the parent otherwise (mailsrv.procs.childlog).
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ class ReceiverPool(service.Service):
 
     def __init__(
         self, runtime: Any, counter: ConnectionCounter, listeners: list[Any], processes: int,
+        straight_logs: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.straight_logs = straight_logs  # the children inherit the log (childlog)
         self.reactor = runtime.reactor
         self.listeners = listeners
         self.children = [Child(i) for i in range(processes)]
@@ -182,12 +185,13 @@ class ReceiverPool(service.Service):
             return
         mine, theirs = pair()
         args = [sys.executable, "-m", "mailsrv.procs.child", str(child.index + 1),
-                str(os.getpid())]
+                str(os.getpid()), *(["straight"] if self.straight_logs else [])]
         proto = _ChildProtocol(self, child)
         try:
             process = self.reactor.spawnProcess(
                 proto, sys.executable, args, env=dict(os.environ), path=os.getcwd(),
-                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
+                childFDs={0: "w", 1: 1 if self.straight_logs else "r", 2: "r",
+                          3: theirs.fileno()})
         except OSError as e:
             # Twisted's posix_spawn fails here, in the parent (its fork fails in the child):
             # the same backoff as a process that died at once, never the parent's end.

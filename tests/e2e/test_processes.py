@@ -7,6 +7,7 @@ import re
 import signal
 import smtplib
 import socket
+import stat
 import struct
 import threading
 import time
@@ -49,9 +50,22 @@ def ready(server, count=2):
                     "receiving processes ready")
 
 
-def test_mail_is_delivered_through_both_processes(make_server):
-    server = make_server(overrides=PROCS).start()
+@pytest.mark.parametrize("logfile_option", [False, True], ids=["log-stdout", "log-file"])
+def test_mail_is_delivered_through_both_processes(make_server, logfile_option):
+    """Logging to twistd's standard output (the Debian unit), the receiving processes write
+    their lines there themselves; with --logfile (twistd's LogFile, which twistd rotates)
+    they go to the parent on a pipe. The same lines either way."""
+    server = make_server(overrides=PROCS)
+    server.logfile_option = logfile_option
+    server.start()
     ready(server)
+    stdout = server.workdir / "twistd.out" if logfile_option else server.log_path
+    assert os.path.samefile(f"/proc/{server.process.pid}/fd/1", stdout)
+    for pid in child_pids(server):
+        if logfile_option:
+            assert stat.S_ISFIFO(os.stat(f"/proc/{pid}/fd/1").st_mode)
+        else:
+            assert os.path.samefile(f"/proc/{pid}/fd/1", stdout)
     # The parent answers connections once every process said ready, and says so.
     log = server.log_text()
     assert "accepting connections: 2 of 2 receiving processes ready" in log
@@ -68,6 +82,10 @@ def test_mail_is_delivered_through_both_processes(make_server):
     wait_for(lambda: set(re.findall(r"proc=(\d+) pid=\d+ delivered", server.log_text()))
              == {"1", "2"}, 10, "a delivery logged by each process")
     assert len(child_pids(server)) == 2
+    # Each a line of its own, as twistd writes its own, naming a process that runs.
+    lines = re.findall(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[mailsrv#info\] "
+                       r"proc=\d pid=(\d+) delivered id=\w+ ", server.log_text(), re.M)
+    assert len(lines) == 2 and set(map(int, lines)) == set(child_pids(server))
 
 
 def test_relayed_mail_goes_out_at_once(tmp_path):

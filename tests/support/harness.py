@@ -159,6 +159,10 @@ class MailServer:
         self.listeners: list[tuple[str, str, int]] = []
         #: twistd's own options before "mailsrv", e.g. ["--uid", "mail", "--gid", "mail"].
         self.twistd_options: list[str] = []
+        #: False: twistd logs to its standard output, here the log file, as the Debian unit
+        #: has it (receiving processes write their lines there themselves); True: to the
+        #: file named by --logfile (twistd's LogFile; the parent relays those lines).
+        self.logfile_option = False
 
     def write_config(self) -> None:
         """Write ``self.config`` to the file again, after the test changed it."""
@@ -173,16 +177,18 @@ class MailServer:
         self.write_config()
 
     def command(self) -> list[str]:
+        logfile = ["--logfile", str(self.log_path)] if self.logfile_option else []
         return [
-            *TWISTD, "-n", "--pidfile=", "--logfile", str(self.log_path), *self.twistd_options,
+            *TWISTD, "-n", "--pidfile=", *logfile, *self.twistd_options,
             "mailsrv", "--config", str(self.config_path),
         ]
 
     def start(self) -> "MailServer":
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        out = open(self.workdir / "twistd.out", "ab")
         self.process = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=_env(),
-            stdout=open(self.workdir / "twistd.out", "ab"), stderr=subprocess.STDOUT,
+            self.command(), cwd=self.workdir, env=_env(), stderr=out,
+            stdout=out if self.logfile_option else open(self.log_path, "ab"),
         )
 
         def listening():
@@ -225,8 +231,8 @@ class MailServer:
             return ""
         processes = self.config["server"].get("processes", 1) or len(os.sched_getaffinity(0))
         if processes > 1 and self.process is not None:
-            # A receiving process's lines pass through the parent and reach the log a moment
-            # after the reply they describe (README "Several processes"): read once the log
+            # A receiving process's lines may reach the log a moment after the reply they
+            # describe, through the parent or not (README "Several processes"): read once the log
             # has stopped growing for a moment, as an administrator reading it would.
             deadline, size = time.monotonic() + 2.0, -1
             while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ from mailsrv import replies
 from mailsrv.inbound.listener import ConnectionCounter
 from mailsrv.metrics import Metrics, snapshot
 from mailsrv.procs import channel as ch
-from mailsrv.procs.child import event_text
+from mailsrv.procs.childlog import event_text
 from mailsrv.procs.dispatch import (
     Child,
     Dispatcher,

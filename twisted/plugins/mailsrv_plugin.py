@@ -61,11 +61,13 @@ class MailsrvServiceMaker:
     options = Options
 
     def makeService(self, options: Options):
+        from mailsrv.procs.childlog import logs_to_stdout
         from mailsrv.service import ListenError, listen_all, make_service
 
         top = make_service(
             options["parsed_config"], directory=options["directory"],
             queue_lock=options["queue_lock"],
+            straight_logs=logs_to_stdout(getattr(options, "parent", None) or {}),
         )
         # Listen here, still as root (port 25) and before twistd daemonizes: a port in use is
         # then one line from the command that was run, with exit status 2, as a
