@@ -67,6 +67,8 @@ class _StreamProtocol(dns.DNSProtocol):
 
 
 class _StreamFactory(client.DNSClientFactory):
+    noisy = False  # as twisted.names' own: no "Starting factory" line per TCP query
+
     def buildProtocol(self, addr: Any) -> Any:
         p = _StreamProtocol(self.controller)
         p.factory = self

@@ -268,3 +268,5 @@ def test_a_tlsa_rrset_too_large_for_udp_comes_over_tcp(env, server):
     assert received_by(env, "ee", "u@big.test")["tls"] is True
     assert "tls_policy=dane" in relay_line(server, "u@big.test")
     assert "result=success (DANE-EE 3 1 1)" in dane_line(server, "big.test")
+    # The TCP connection to the resolver logs nothing of its own ("Starting factory <...>").
+    assert "_StreamFactory" not in server.log_text()
