@@ -1,9 +1,8 @@
 """
 A receiving process: ``python -m mailsrv.procs.child <n> <parent pid> [straight]``, started by
-the parent
-(mailsrv.procs.pool) with the configuration and the users and aliases on its standard input
-(pickled: exactly the parent's, never a file edited or broken since) and its channel on file
-descriptor 3.
+the parent (mailsrv.procs.pool) with the configuration and the users and aliases on its
+standard input (pickled: exactly the parent's, never a file edited or broken since) and its
+channel on file descriptor 3.
 
 It runs the SMTP sessions of the connections the parent hands over, delivers into the
 Maildirs and writes queue files itself, and tells the parent of every message it queued.

@@ -56,7 +56,9 @@ def _lines(event: dict) -> tuple[str, list[str]]:
     return (level.name if level is not None else "info"), event_text(event).rstrip("\n").split("\n")
 
 
-def _write(fd: int, data: str) -> None:
+def _write(fd: int, head: str, lines: list[str]) -> None:
+    """The event's lines in one write, each after *head* (continuation lines indented)."""
+    data = "".join(f"{head}{'  ' if i else ''}{line}\n" for i, line in enumerate(lines))
     try:
         os.write(fd, data.encode("utf-8", "replace"))
     except OSError:
@@ -72,8 +74,7 @@ class RelayedLines:
 
     def __call__(self, event: dict) -> None:
         name, lines = _lines(event)
-        _write(self.fd, "".join(f"{name}\t{'  ' if i else ''}{line}\n"
-                                for i, line in enumerate(lines)))
+        _write(self.fd, f"{name}\t", lines)
 
 
 class StraightLines:
@@ -96,6 +97,4 @@ class StraightLines:
             if int(when) != self._second:
                 self._second, self._stamp = int(when), formatTime(when)
             stamp = self._stamp
-        head = f"{stamp} [mailsrv#{name}] {self.prefix}"
-        _write(self.fd, "".join(f"{head}{'  ' if i else ''}{line}\n"
-                                for i, line in enumerate(lines)))
+        _write(self.fd, f"{stamp} [mailsrv#{name}] {self.prefix}", lines)

@@ -122,9 +122,9 @@ def write_new(
 
     ``prepare(fd)``, called after the write and before the fsync, may change the new file's
     owner and mode, or do work the same journal commit should cover (the queue fsyncs a
-    message's body there). ``take(path)`` may put an existing file of ours at *path* instead of a new
-    one (``mailsrv.storage.recycle``: True when it did, FileExistsError when *path* exists); it
-    is emptied on opening. On failure the file may remain; the caller removes it
+    message's body there). ``take(path)`` may put an existing file of ours at *path* instead
+    of a new one (``mailsrv.storage.recycle``: True when it did, FileExistsError when *path*
+    exists); it is emptied on opening. On failure the file may remain; the caller removes it
     (:func:`replace` removes its temporary itself).
     """
     with named("create", path):

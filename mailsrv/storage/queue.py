@@ -12,14 +12,13 @@ Layout under the queue directory ``qdir``::
 
 The lock and the control requests are ``mailsrv.storage.queue_control``'s.
 
-An enqueue writes the envelope to a dot-file,
-fsyncs the body where it was received, then the envelope, renames the body to
-``<id>.body`` (same file system: no copy, atomic), renames the envelope to ``<id>.json``,
-then fsyncs ``messages/`` once: that fsync is the commit point, and the server answers
-``250`` only after it.  Cost: two file fsyncs, which one journal commit serves on ext4 (the
-envelope's writeback is started before the body's fsync: ``fdio.start_writeback``), and
-one directory fsync, a group commit (``DirectorySync``, as a Maildir's ``new/``):
-concurrent enqueues share one.  There is no
+An enqueue writes the envelope to a dot-file, fsyncs the body where it was received, then
+the envelope, renames the body to ``<id>.body`` (same file system: no copy, atomic),
+renames the envelope to ``<id>.json``, then fsyncs ``messages/`` once: that fsync is the
+commit point, and the server answers ``250`` only after it.  Cost: two file fsyncs, which
+one journal commit serves on ext4 (the envelope's writeback is started before the body's
+fsync: ``fdio.start_writeback``), and one directory fsync, a group commit
+(``DirectorySync``, as a Maildir's ``new/``): concurrent enqueues share one.  There is no
 fsync between the two renames, so a crash may leave either name without the other, or a
 dot-file; none of them ever got a ``250``, and the start-up scan removes them (never
 sends them).  Both contents are fsync'd before either rename, so a ``.json`` and a

@@ -232,8 +232,8 @@ class MailServer:
         processes = self.config["server"].get("processes", 1) or len(os.sched_getaffinity(0))
         if processes > 1 and self.process is not None:
             # A receiving process's lines may reach the log a moment after the reply they
-            # describe, through the parent or not (README "Several processes"): read once the log
-            # has stopped growing for a moment, as an administrator reading it would.
+            # describe, through the parent or not (README "Several processes"): read once
+            # the log has stopped growing for a moment, as an administrator reading it would.
             deadline, size = time.monotonic() + 2.0, -1
             while time.monotonic() < deadline:
                 now = self.log_path.stat().st_size
