@@ -25,6 +25,7 @@ service.
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -54,6 +55,9 @@ from mailsrv.storage.envelope import QueuedMessage
 __all__ = ["Relayer"]
 
 log = Logger(namespace="mailsrv")
+
+#: How many of the last finished messages' ids the relayer remembers (``Relayer.add``).
+FINISHED_REMEMBERED = 4096
 
 
 @implementer(IRelayer)
@@ -85,6 +89,8 @@ class Relayer(service.Service):
             self.qdir, self.reactor, self, in_thread=runtime.in_thread, ready=lambda: self.loaded,
         )
         self._writes: dict[str, defer.Deferred] = {}
+        self._finished: set[str] = set()
+        self._finished_order: collections.deque[str] = collections.deque()
 
     # --- service --------------------------------------------------------------------
 
@@ -122,7 +128,14 @@ class Relayer(service.Service):
         self.scheduler.wake()
 
     def add(self, message: QueuedMessage) -> None:
-        """A message just entered the queue (it is already durable): deliver it soon."""
+        """A message just entered the queue (it is already durable): deliver it soon.
+
+        One it holds or finished lately is not taken again: a receiving process's notice of a
+        message it queued while the start-up scan ran may be read after the scan found that
+        message, and even after the relayer sent and removed it.
+        """
+        if message.id in self.messages or message.id in self._finished:
+            return
         self.messages[message.id] = message
         self.scheduler.push(message)
         self.scheduler.wake()
@@ -187,7 +200,7 @@ class Relayer(service.Service):
         reports, warn, success = (list(outcome.reports), list(outcome.warnings),
                                   list(outcome.successes))
         if after.done:
-            del self.messages[after.id]
+            self._forget(after.id)
         else:
             self.messages[after.id] = after
         if outcome.dropped:
@@ -243,6 +256,13 @@ class Relayer(service.Service):
 
         self._in_order(after.id, blocking).addCallbacks(written, failed)
 
+    def _forget(self, queue_id: str) -> None:
+        del self.messages[queue_id]
+        self._finished.add(queue_id)
+        self._finished_order.append(queue_id)
+        if len(self._finished_order) > FINISHED_REMEMBERED:
+            self._finished.discard(self._finished_order.popleft())
+
     def _in_order(self, queue_id: str, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run ``f`` in a thread once the message's earlier writes are done: one at a time and
         in order, so that an older state never lands after a newer one.  stopService waits
@@ -281,7 +301,7 @@ class Relayer(service.Service):
 
     def delete(self, queue_id: str) -> defer.Deferred:
         """Forget the message, and remove its files once its pending writes are done."""
-        del self.messages[queue_id]
+        self._forget(queue_id)
         return self._in_order(queue_id, queue.remove, self.qdir, queue_id)
 
     def bounce(self, queue_id: str) -> defer.Deferred:

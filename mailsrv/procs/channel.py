@@ -8,10 +8,12 @@ message that says which listener it came from.  Messages are short ASCII words:
 
 - parent to child: ``conn <listener> <client address>`` with the connection's descriptor;
 - child to parent: ``closed <client address>`` (a connection from there ended: the parent
-  counts connections per address, the limits' unit; ``-`` for none), ``queued <queue id>`` (a message
-  entered the queue: the relayer, in the parent, sends it at once), ``ready`` (it takes
-  connections from now on), ``metrics <json>`` (its counters' events:
-  mailsrv.procs.metricsrelay), whose field may hold spaces.
+  counts connections per address, the limits' unit; ``-`` for none), ``queued <queue id>
+  <envelope>`` (a message entered the queue: the relayer, in the parent, sends it at once;
+  the envelope is ``mailsrv.storage.envelope.encode_line``'s, or ``-`` when it would not fit
+  in a message), ``ready`` (it takes connections from now on), ``metrics <json>`` (its
+  counters' events: mailsrv.procs.metricsrelay). The last field of ``queued`` and
+  ``metrics`` may hold spaces.
 
 ``encode``/``decode`` are the pure part; ``Channel`` the I/O.
 """
@@ -27,17 +29,20 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["Channel", "encode", "decode", "KINDS", "pair"]
+__all__ = ["Channel", "encode", "decode", "KINDS", "SEND_BYTES", "pair"]
 
 log = Logger(namespace="mailsrv")
 
 #: The messages' first words, and how many words follow each.
-KINDS = {b"conn": 2, b"closed": 1, b"queued": 1, b"ready": 0, b"metrics": 1}
+KINDS = {b"conn": 2, b"closed": 1, b"queued": 2, b"ready": 0, b"metrics": 1}
 #: The kinds whose last field may hold spaces.
-SPACED = frozenset((b"metrics",))
+SPACED = frozenset((b"queued", b"metrics"))
 
-#: The longest message read (a batch of counters' events is the longest sent).
+#: The longest message read.
 _MAX_MESSAGE = 1 << 17
+#: The most bytes a sender puts in one message (a batch of counters' events, an envelope):
+#: well under _MAX_MESSAGE and the socket's send buffer (about 208 KiB by default).
+SEND_BYTES = 60000
 #: Messages read in one turn of the reactor before the others get theirs.
 _READS_PER_TURN = 64
 

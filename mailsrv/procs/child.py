@@ -55,9 +55,13 @@ class ParentRelayer:
         self.send = send
 
     def add(self, message: Any) -> None:
-        from mailsrv.procs.channel import encode
+        """With its envelope, which spares the parent reading the file the moment it was
+        written; one too long for a message (thousands of recipients) is read there."""
+        from mailsrv.procs.channel import SEND_BYTES, encode
+        from mailsrv.storage.envelope import encode_line
 
-        self.send(encode("queued", message.id))
+        line = encode_line(message)
+        self.send(encode("queued", message.id, line if len(line) < SEND_BYTES else "-"))
 
 
 class Receiver:

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mailsrv.procs.channel import SEND_BYTES
+
 __all__ = ["EVENTS", "FLUSH_DELAY", "MetricsRelay", "replay"]
 
 #: Metrics' event methods (mailsrv.metrics.Metrics); anything else is not relayed.
@@ -44,9 +46,8 @@ NOT_RELAYED = frozenset(("reload",))
 #: Seconds from the first event recorded to the message that sends it and those after it.
 FLUSH_DELAY = 0.05
 
-#: Bytes of events per message at most (a message must fit the channel's socket buffer and
-#: its reader's buffer, mailsrv.procs.channel); one longer event goes alone.
-BATCH_BYTES = 60000
+#: Bytes of events per message at most; one longer event goes alone.
+BATCH_BYTES = SEND_BYTES
 
 
 class MetricsRelay:

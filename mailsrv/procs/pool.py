@@ -7,8 +7,9 @@ themselves.
 
 - Connections: the parent accepts and hands each over (mailsrv.procs.dispatch), so the
   connection limits stay exact.
-- New queue entries: a receiving process says ``queued <id>`` on its channel the moment the
-  message is durable; the parent reads the envelope and the relayer sends it at once.
+- New queue entries: a receiving process says ``queued <id> <envelope>`` on its channel the
+  moment the message is durable, and the relayer sends it at once (the parent reads the
+  envelope's file only when it was too long to come along).
 - Lifetimes: a receiving process dies with the parent (PR_SET_PDEATHSIG, and the channel's
   end); one that dies is logged and started again, after 0.5 s doubling to 30 s while it
   keeps dying young.  What it had answered ``250`` was on disk before the ``250``.
@@ -43,7 +44,7 @@ from mailsrv.procs.dispatch import (
     field_address,
 )
 from mailsrv.procs.metricsrelay import replay
-from mailsrv.storage import queue
+from mailsrv.storage import envelope, queue
 
 __all__ = ["ReceiverPool", "restart_delay"]
 
@@ -225,7 +226,7 @@ class ReceiverPool(service.Service):
         if kind == "closed":
             self.dispatcher.closed(child, field_address(fields[0]))
         elif kind == "queued":
-            self.queued(fields[0])
+            self.queued(fields[0], fields[1])
         elif kind == "metrics":
             counts = replay(self.runtime.metrics, fields[0])
             child.gauge += counts["connection_opened"] - counts["connection_closed"]
@@ -235,26 +236,34 @@ class ReceiverPool(service.Service):
             if all(c.ready for c in self.children):
                 self._accept()
 
-    def queued(self, queue_id: str) -> None:
+    def queued(self, queue_id: str, line: str) -> None:
         """A receiving process queued a message: the relayer takes it now (unless its
-        start-up scan of the queue found it already)."""
+        start-up scan of the queue found it already), with the envelope *line* that came
+        along (``encode_line``'s), or read from the file when that is ``-``."""
         relayer = self.runtime.relayer
         queue.check_queue_id(queue_id)
         if queue_id in relayer.messages:
             return
+        if line != "-":
+            try:
+                message = envelope.decode(line)
+                if message.id != queue_id:
+                    raise ValueError(f"it holds id {message.id!r}")
+            except ValueError as e:
+                log.error("queue id={id}: the envelope sent with the notice does not decode "
+                          "({error}); reading its file", id=queue_id, error=e)
+            else:
+                relayer.add(message)
+                return
         path = Path(self.runtime.config.queue.path) / "messages" / f"{queue_id}.json"
         d = self.runtime.in_thread(queue.read_message, path)
-
-        def read(message: Any) -> None:
-            if message.id not in relayer.messages:
-                relayer.add(message)
 
         def failed(failure: Any) -> None:
             if failure.check(FileNotFoundError):
                 return  # sent and removed by the relayer since (its scan found it)
             log.failure("queue id={id}: not handed to the relayer", failure, id=queue_id)
 
-        d.addCallbacks(read, failed)
+        d.addCallbacks(relayer.add, failed)
 
     def ended(self, child: Child, reason: Any) -> None:
         self._processes.pop(child.index, None)

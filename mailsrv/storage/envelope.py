@@ -53,6 +53,7 @@ __all__ = [
     "QueuedMessage",
     "new_message",
     "encode",
+    "encode_line",
     "decode",
 ]
 
@@ -177,6 +178,22 @@ def _queued(address: str, created: float, dsn: RecipientDSN | None) -> QueuedRec
 
 def encode(message: QueuedMessage) -> bytes:
     """The envelope file's content; ValueError when it cannot be stored as text."""
+    try:
+        # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
+        text = json.dumps(_fields(message), indent=1, ensure_ascii=False)
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"queue {message.id}: envelope is not valid text ({exc})") from None
+
+
+def encode_line(message: QueuedMessage) -> str:
+    """The same envelope on one line of ASCII (non-ASCII and control characters escaped), for
+    a channel that carries words of ASCII: ``decode`` reads it as it reads the file.  Compact,
+    so that json's C encoder makes it (the file's indentation takes the pure-Python one)."""
+    return json.dumps(_fields(message), separators=(",", ":"))
+
+
+def _fields(message: QueuedMessage) -> dict[str, Any]:
     recipients = []
     for r in message.recipients:
         entry: dict[str, Any] = {
@@ -215,11 +232,7 @@ def encode(message: QueuedMessage) -> bytes:
         data["smtputf8"] = True
     if message.tls_required:
         data["tls_required"] = message.tls_required
-    try:
-        # Non-ASCII addresses stay readable; a lone surrogate fails here, before any I/O.
-        return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"queue {message.id}: envelope is not valid text ({exc})") from None
+    return data
 
 
 class _Corrupt(ValueError):
@@ -306,10 +319,11 @@ def _ret(data: dict[str, Any]) -> str | None:
     return value
 
 
-def decode(raw: bytes) -> QueuedMessage:
-    """Parse an envelope file; ValueError saying what is wrong when it is corrupt."""
+def decode(raw: bytes | str) -> QueuedMessage:
+    """Parse an envelope (a file's bytes, or ``encode_line``'s text); ValueError saying what is
+    wrong when it is corrupt."""
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"corrupt queue envelope: {exc}") from None
     if not isinstance(data, dict):

@@ -31,14 +31,17 @@ from mailsrv.procs.pool import FIRST_DELAY, HEALTHY_AFTER, MAX_DELAY, restart_de
 
 def test_messages_round_trip_and_bad_ones_are_refused():
     assert ch.decode(ch.encode("conn", 7, 1)) == ("conn", ["7", "1"])
-    assert ch.decode(ch.encode("queued", "1xZabc")) == ("queued", ["1xZabc"])
+    assert ch.decode(ch.encode("queued", "1xZabc", "-")) == ("queued", ["1xZabc", "-"])
+    assert ch.decode(ch.encode("queued", "1xZ", '{"a": "b c"}')) == (
+        "queued", ["1xZ", '{"a": "b c"}'])  # the envelope may hold spaces
     assert ch.decode(ch.encode("ready")) == ("ready", [])
     assert ch.decode(ch.encode("metrics", '[["auth", ["a b"], {}]]')) == (
         "metrics", ['[["auth", ["a b"], {}]]'])  # the last field may hold spaces
-    for bad in (("conn", 1), ("queued", "a b", ), ("nope",), ("closed", "")):
+    for bad in (("conn", 1), ("queued", "a b", "-"), ("queued", "a"), ("nope",),
+                ("closed", "")):
         with pytest.raises(ValueError):
             ch.encode(*bad)
-    for bad in (b"conn 1", b"queued", b"closed 1 2", b"what 1", b"queued "):
+    for bad in (b"conn 1", b"queued", b"queued 1xZ", b"closed 1 2", b"what 1", b"queued "):
         with pytest.raises(ValueError):
             ch.decode(bad)
 
@@ -141,10 +144,10 @@ def test_a_full_socket_queues_messages_in_order():
     receiver = ch.Channel(b, r, lambda kind, fields, fd: got.append(fields[0]))
     sent = 0
     while not sender._out:  # until the socket refuses one
-        sender.send(ch.encode("queued", f"id{sent}"))
+        sender.send(ch.encode("queued", f"id{sent}", "-"))
         sent += 1
     for n in range(sent, sent + 50):
-        sender.send(ch.encode("queued", f"id{n}"))
+        sender.send(ch.encode("queued", f"id{n}", "-"))
     assert sender in r.writers
     while sender._out:
         receiver.doRead()

@@ -429,6 +429,22 @@ def test_encode_decode_round_trip(qdir: Path, body: Path) -> None:
     assert decode(encode(message)) == message
 
 
+def test_the_envelope_on_one_ascii_line_decodes_as_the_file(qdir: Path, body: Path) -> None:
+    """What a receiving process sends the parent with its notice (mailsrv.procs.channel)."""
+    from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
+    from mailsrv.storage.envelope import encode_line
+
+    rcpts = ["j\u00f6rg@b\u00fccher.example", "carol@third.example"]
+    message = read_message(do_enqueue(
+        qdir, body, recipients=rcpts, smtputf8=True, tls_required="no", double_bounce=True,
+        no_bounce="spf", dsn=MailDSN("HDRS", "env id+1"),
+        recipient_dsn={rcpts[1]: RecipientDSN(("SUCCESS", "DELAY"), "rfc822;c@x.example")}))
+    line = encode_line(message)
+    assert line.isascii() and "\n" not in line and "\r" not in line
+    assert decode(line) == message == decode(line.encode("ascii"))
+    assert decode(line).recipients[1].notify == ("SUCCESS", "DELAY")
+
+
 def test_queue_lock_is_exclusive(qdir: Path) -> None:
     held = queue_control.lock_queue(qdir)
     try:
