@@ -25,7 +25,12 @@ relay that must never lose or duplicate a message:
 - a server that offers CHUNKING gets the message as BDAT chunks (RFC 3030; mailsrv.outbound.chunks),
   each sent once the one before was accepted, without dot-stuffing;
 - TLS is judged before the first MAIL, and a REQUIRETLS message goes (with ``REQUIRETLS``)
-  only over verified TLS to a server offering it, else to the next host (sessiontls).
+  only over verified TLS to a server offering it, else to the next host (sessiontls);
+- a server that offers PIPELINING gets MAIL, the RCPTs and DATA in one write (RFC 2920;
+  mailsrv.outbound.pipelining);
+- after the reply to a message's data (or to its last BDAT chunk) the next MAIL follows
+  without RSET: that reply ended the transaction on both sides (RFC 5321 4.1.1.4). RSET is
+  sent only after a transaction that ended before its data.
 
 One :class:`OutboundTransaction` per message; the relayer reads the outcome from it after the
 session.
@@ -46,6 +51,7 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.outbound.chunks import CHUNK_SIZE, MessageData, bdat_chunks
 from mailsrv.outbound.dotstuff import DotStuffer
+from mailsrv.outbound.pipelining import Pipelining
 from mailsrv.outbound.session_outcome import SessionOutcome
 from mailsrv.outbound.sessiontls import SessionTLS
 from mailsrv.outbound.tlsrpt.results import handshake_failure
@@ -90,7 +96,7 @@ class OutboundTransaction:
         return all(address in self.results for address in self.recipients)
 
 
-class RelayClient(SessionTLS, smtp.ESMTPClient):
+class RelayClient(SessionTLS, Pipelining, smtp.ESMTPClient):
     """Sends a list of transactions over one connection, one after the other."""
 
     def __init__(
@@ -124,6 +130,7 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
         self._data: MessageData | None = None
         self._chunks: Iterator[bytes] | None = None  # the BDAT chunks still to send
         self._stuffer = DotStuffer()
+        self._transaction_ended = False  # the transaction ended with its data's reply: no RSET
         self._extensions: dict[bytes, Any] = {}
         #: (transaction, 8BITMIME offered) -> Deferred firing with an ``Outgoing`` or a Reply
         self._prepare = prepare
@@ -240,7 +247,11 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
             params += current.dsn_mail
         if current.requiretls:
             params += b" REQUIRETLS"
-        self.sendLine(b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params)
+        mail = b"MAIL FROM:<" + current.sender.encode("utf-8") + b">" + params
+        if b"PIPELINING" in self._extensions:
+            self._send_group(mail)
+            return
+        self.sendLine(mail)
         self._expected = [250]
         self._okresponse = self.smtpState_to
 
@@ -259,18 +270,35 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
         try:
             self.lastAddress = next(self.toAddresses)
         except StopIteration:
-            if self.successAddresses and b"CHUNKING" in self._extensions:
-                self._chunks = bdat_chunks(self.getMailData(), CHUNK_SIZE)
-                self._send_chunk(code, resp)
-            elif self.successAddresses:
-                self.sendLine(b"DATA")
-                self._expected = [354]
-                self._okresponse = self.smtpState_data
-            else:
-                self.smtpState_msgSent(code, resp)
+            self._recipients_answered(code, resp)
         else:
-            dsn = self._current.dsn_rcpt.get(self.lastAddress, b"") if self.outcome.dsn else b""
-            self.sendLine(b"RCPT TO:<" + self.lastAddress.encode("utf-8") + b">" + dsn)
+            self.sendLine(self._rcpt_line(self.lastAddress))
+
+    def _rcpt_line(self, address: str) -> bytes:
+        assert self._current is not None
+        dsn = self._current.dsn_rcpt.get(address, b"") if self.outcome.dsn else b""
+        return b"RCPT TO:<" + address.encode("utf-8") + b">" + dsn
+
+    def _recipients_answered(self, code: int, resp: bytes) -> None:
+        """Every RCPT answered (*code*, *resp*: the last reply): the data, or the end."""
+        if self.successAddresses and b"CHUNKING" in self._extensions:
+            self._chunks = bdat_chunks(self.getMailData(), CHUNK_SIZE)
+            self._send_chunk(code, resp)
+        elif self.successAddresses:
+            self.sendLine(b"DATA")
+            self._expected = [354]
+            self._okresponse = self.smtpState_data
+        else:
+            self.smtpState_msgSent(code, resp)
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        smtp.ESMTPClient.smtpState_data(self, code, resp)  # the data, then the final dot
+        self._okresponse = self._failresponse = self._data_answered
+
+    def _data_answered(self, code: int, resp: bytes) -> None:
+        """The reply to the end of the data: whatever it says, the transaction is over."""
+        self._transaction_ended = True
+        self.smtpState_msgSent(code, resp)
 
     def getMailData(self) -> MessageData:
         assert self._current is not None
@@ -287,7 +315,7 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
         chunk = next(self._chunks, None)
         if chunk is None:
             self._chunks = None
-            self.smtpState_msgSent(code, resp)
+            self._data_answered(code, resp)
             return
         self.transport.write(chunk)
         self._expected = smtp.SUCCESS
@@ -309,6 +337,7 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
         return self._stuffer(chunk)
 
     def smtpState_msgSent(self, code: int, resp: bytes) -> None:
+        ended, self._transaction_ended = self._transaction_ended, False
         current, self._current = self._current, None
         self._release()
         if current is not None:
@@ -323,6 +352,9 @@ class RelayClient(SessionTLS, smtp.ESMTPClient):
         self.successAddresses = []
         if self._remaining <= 0 or (current is not None and code == 421):
             self._disconnectFromServer()
+            return
+        if ended:
+            self.smtpState_from(code, resp)
             return
         self.sendLine(b"RSET")
         self._expected = smtp.SUCCESS

@@ -9,12 +9,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from twisted.internet import defer
-from twisted.internet.testing import StringTransport
-
-from mailsrv.outbound import outgoing
 from mailsrv.outbound.chunks import MessageData, bdat_chunks
-from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClient, SessionOutcome
+from mailsrv.outbound.smtpclient import OutboundTransaction
+from support.relay_session import Session
 
 PREFIX = b"Received: from client.test by mx.example.org; Mon, 1 Nov 2026 10:00:00 +0000\n"
 BODY = b"Subject: chunks\n\n.a line with a dot\n.\nend\n"
@@ -48,37 +45,11 @@ def transaction(tmp_path: Path, body: bytes = BODY) -> OutboundTransaction:
                                prefix=PREFIX, body_path=path)
 
 
-class Session:
-    """A RelayClient and a scripted server that offers ``extensions``."""
-
-    def __init__(self, transactions: list[OutboundTransaction], extensions: list[bytes],
-                 workdir: Path) -> None:
-        self.outcome = SessionOutcome()
-        self.client = RelayClient(
-            transactions, identity="mx.example.org", own_names=(), outcome=self.outcome,
-            prepare=lambda t, ok: defer.succeed(outgoing.prepare(t, ok, workdir)))
-        self.transport = StringTransport()
-        self.client.makeConnection(self.transport)
-        self.server(b"220 peer.test ESMTP")
-        lines = [b"peer.test", *extensions]
-        self.server(b"\r\n".join((b"250 " if i == len(lines) - 1 else b"250-") + line
-                                 for i, line in enumerate(lines)))
-        self.sent()
-
-    def server(self, reply: bytes) -> None:
-        self.client.dataReceived(reply + b"\r\n")
-
-    def sent(self) -> bytes:
-        data = self.transport.value()
-        self.transport.clear()
-        return data
-
-
 def test_a_server_offering_chunking_gets_bdat_chunk_by_chunk(tmp_path: Path, monkeypatch) -> None:
     from mailsrv.outbound import smtpclient
     monkeypatch.setattr(smtpclient, "CHUNK_SIZE", 64)
     t = transaction(tmp_path, BODY * 3)
-    s = Session([t], [b"CHUNKING", b"8BITMIME"], tmp_path)
+    s = Session([t], [b"CHUNKING", b"8BITMIME"], tmp_path, clear=True)
     s.server(b"250 2.1.0 Ok")
     assert s.sent() == b"RCPT TO:<r@y.test>\r\n"
     s.server(b"250 2.1.5 Ok")
@@ -102,7 +73,7 @@ def test_a_refused_chunk_ends_the_message_no_further_chunk(tmp_path: Path, monke
     from mailsrv.outbound import smtpclient
     monkeypatch.setattr(smtpclient, "CHUNK_SIZE", 16)
     t = transaction(tmp_path)
-    s = Session([t], [b"CHUNKING"], tmp_path)
+    s = Session([t], [b"CHUNKING"], tmp_path, clear=True)
     s.server(b"250 2.1.0 Ok")
     s.server(b"250 2.1.5 Ok")
     assert s.sent().startswith(b"RCPT TO:<r@y.test>\r\nBDAT 16\r\n")
@@ -113,7 +84,7 @@ def test_a_refused_chunk_ends_the_message_no_further_chunk(tmp_path: Path, monke
 
 def test_without_chunking_data_as_before(tmp_path: Path) -> None:
     t = transaction(tmp_path)
-    s = Session([t], [b"8BITMIME"], tmp_path)
+    s = Session([t], [b"8BITMIME"], tmp_path, clear=True)
     s.server(b"250 2.1.0 Ok")
     s.server(b"250 2.1.5 Ok")
     assert s.sent() == b"RCPT TO:<r@y.test>\r\nDATA\r\n"
