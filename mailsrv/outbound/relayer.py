@@ -91,6 +91,10 @@ class Relayer(service.Service):
         self._writes: dict[str, defer.Deferred] = {}
         self._finished: set[str] = set()
         self._finished_order: collections.deque[str] = collections.deque()
+        #: Finished messages waiting for the removal under way to end, with their state
+        #: before the attempt (restored if the removal fails); the removal under way.
+        self._removals: list[tuple[str, QueuedMessage]] = []
+        self._removing: defer.Deferred | None = None
 
     # --- service --------------------------------------------------------------------
 
@@ -213,6 +217,10 @@ class Relayer(service.Service):
                      "dropped for {rcpts}", id=after.id,
                      rcpts=",".join(f"<{r.address}>" for r in outcome.unwanted))
 
+        if after.done and not (reports or warn or success) and after.id not in self._writes:
+            self._remove(after.id, before)
+            return
+
         def blocking() -> list[Any]:
             stored = []
             for group in (reports, warn, success):
@@ -242,19 +250,58 @@ class Relayer(service.Service):
                     self.add(entry)
 
         def failed(failure: Any) -> None:
-            # The bounce or the state could not be stored: keep the recipients queued, so
-            # that nothing is lost; they are tried (and bounced) again later.
-            log.error("queue id={id}: cannot store the new state: {error}", id=after.id,
-                      error=failure.getErrorMessage())
-            if failure.check(DeliveryError, OSError):
-                restored = relay_outcome.rescheduled(before, time.time() + self.policy.schedule[0])
-                self.messages[after.id] = restored
-                self.scheduler.push(restored)
-                self.scheduler.wake(self.policy.schedule[0])
-            else:
+            if not failure.check(DeliveryError, OSError):
                 return failure
+            self._not_stored(after.id, before, failure.getErrorMessage())
 
         self._in_order(after.id, blocking).addCallbacks(written, failed)
+
+    def _not_stored(self, queue_id: str, before: QueuedMessage, error: str) -> None:
+        """The bounce or the state could not be stored: keep the recipients queued, so that
+        nothing is lost; they are tried (and bounced) again later."""
+        log.error("queue id={id}: cannot store the new state: {error}", id=queue_id,
+                  error=error)
+        restored = relay_outcome.rescheduled(before, time.time() + self.policy.schedule[0])
+        self.messages[queue_id] = restored
+        self.scheduler.push(restored)
+        self.scheduler.wake(self.policy.schedule[0])
+
+    def _remove(self, queue_id: str, before: QueuedMessage) -> None:
+        """A finished message with nothing else to store: removed with the others that finish
+        while a removal is under way, one thread hand-off and one fsync of ``messages/`` for
+        all of them (``queue.remove_many``)."""
+        self._removals.append((queue_id, before))
+        if self._removing is None:
+            self._remove_waiting()
+
+    def _remove_waiting(self) -> None:
+        batch, self._removals = self._removals, []
+        d = self._removing = self.runtime.in_thread(
+            queue.remove_many, self.qdir, [queue_id for queue_id, _ in batch])
+        for queue_id, _ in batch:
+            self._writes[queue_id] = d  # stopService waits for it; a later write follows it
+
+        def removed(results: list[Any]) -> None:
+            for (queue_id, before), result in zip(batch, results):
+                if isinstance(result, DeliveryError):
+                    self._not_stored(queue_id, before, str(result))
+
+        def failed(failure: Any) -> None:
+            log.failure("queue: cannot remove {ids}", failure,
+                        ids=" ".join(queue_id for queue_id, _ in batch))
+            for queue_id, before in batch:
+                self._not_stored(queue_id, before, failure.getErrorMessage())
+
+        def next_batch(_: Any) -> None:
+            for queue_id, _before in batch:
+                if self._writes.get(queue_id) is d:
+                    del self._writes[queue_id]
+            self._removing = None
+            if self._removals:
+                self._remove_waiting()
+
+        d.addCallbacks(removed, failed)
+        d.addBoth(next_batch)
 
     def _forget(self, queue_id: str) -> None:
         del self.messages[queue_id]

@@ -57,7 +57,7 @@ from mailsrv.storage.fdio import start_writeback
 
 __all__ = [
     "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
-    "body_path", "load", "LoadReport",
+    "body_path", "load", "LoadReport", "remove_many",
 ]
 
 # Queue ids are file names, log keys and part of Message-IDs: letters and
@@ -285,10 +285,31 @@ def remove(qdir: Path, queue_id: str) -> bool:
     removal durable is shared with the enqueues and removals running meanwhile.  The files
     go to ``recycle/`` rather than away, and are emptied there after that fsync.
     """
-    check_queue_id(queue_id)
-    messages = Path(qdir) / "messages"
-    found, moved = recycle.retire(Path(qdir) / recycle.RECYCLE_DIR, messages,
-                                  (f"{queue_id}.json", f"{queue_id}.body"))
+    [result] = remove_many(qdir, [queue_id])
+    if isinstance(result, DeliveryError):
+        raise result
+    return result
+
+
+def remove_many(qdir: Path, queue_ids: Sequence[str]) -> list[bool | DeliveryError]:
+    """``remove`` for several messages, with one fsync of ``messages/`` for all: for each,
+    whether it was there, or the DeliveryError that kept it from being removed durably."""
+    for queue_id in queue_ids:
+        check_queue_id(queue_id)
+    messages = os.path.join(qdir, "messages")
+    stock_dir = os.path.join(qdir, recycle.RECYCLE_DIR)
+    results: list[bool | DeliveryError] = []
+    moved: list[str] = []
+    for queue_id in queue_ids:
+        try:
+            with doing("remove from the queue", f"{messages}/{queue_id}.json"):
+                found, dots = recycle.retire(stock_dir, messages,
+                                             (f"{queue_id}.json", f"{queue_id}.body"))
+        except DeliveryError as e:
+            results.append(e)
+            continue
+        results.append(found)
+        moved += dots
     try:
         with doing("fsync directory", messages):
             dir_fd = os.open(messages, _DIR_FLAGS)
@@ -296,11 +317,11 @@ def remove(qdir: Path, queue_id: str) -> bool:
                 _sync_messages(dir_fd)
             finally:
                 os.close(dir_fd)
-    except BaseException:
+    except DeliveryError as e:
         recycle.stock(moved, keep=False)  # not known durable: never emptied, removed
-        raise
+        return [e if isinstance(r, bool) else r for r in results]
     recycle.stock(moved)
-    return found
+    return results
 
 
 def _sync_messages(dir_fd: int) -> None:

@@ -76,8 +76,8 @@ _states: dict[str, _State] = {}
 _states_lock = threading.Lock()
 
 
-def _state(directory: Path) -> _State:
-    key = os.fspath(directory)
+def _state(directory: os.PathLike[str] | str) -> _State:
+    key = os.path.normpath(directory)  # one view per directory, whether named by Path or str
     state = _states.get(key)
     if state is None:
         with _states_lock:
@@ -129,7 +129,7 @@ def take(directory: Path, dest: os.PathLike[str] | str) -> bool:
             return False
 
 
-def _room(directory: Path, state: _State) -> bool:
+def _room(directory: str, state: _State) -> bool:
     """Whether the stock may take one more file (counted again every LIMIT // 4 puts)."""
     with state.lock:
         if state.count is None or state.puts >= LIMIT // 4:
@@ -147,18 +147,19 @@ def _room(directory: Path, state: _State) -> bool:
         return True
 
 
-def retire(directory: Path, messages: Path, names: Iterable[str]) -> tuple[bool, list[Path]]:
+def retire(directory: str, messages: str, names: Iterable[str]) -> tuple[bool, list[str]]:
     """Take *names* out of *messages* (in order): moved to dot-files in the stock *directory*
     while it has room, removed otherwise. Returns whether any was there, and the dot-files,
-    for :func:`stock` once the caller has fsync'd *messages*."""
+    for :func:`stock` once the caller has fsync'd *messages*. (Paths as strings: this runs
+    for every message relayed, and making Path objects was a tenth of it.)"""
     state = _state(directory)
     found = False
-    moved: list[Path] = []
+    moved: list[str] = []
     for name in names:
-        source = messages / name
+        source = os.path.join(messages, name)
         try:
             if not state.disabled and _room(directory, state):
-                dot = directory / f".{name}"
+                dot = os.path.join(directory, f".{name}")
                 os.rename(source, dot)
                 moved.append(dot)
             else:
@@ -169,7 +170,7 @@ def retire(directory: Path, messages: Path, names: Iterable[str]) -> tuple[bool,
     return found, moved
 
 
-def stock(moved: Iterable[Path], keep: bool = True) -> None:
+def stock(moved: Iterable[str], keep: bool = True) -> None:
     """Empty the dot-files *retire* made and put them in stock (after the fsync of messages/:
     a truncated file must never be one a crash could leave named in messages/); with
     ``keep=False`` (that fsync failed) remove them. Never raises: a file that cannot be
@@ -180,8 +181,9 @@ def stock(moved: Iterable[Path], keep: bool = True) -> None:
                 raise OSError(errno.ECANCELED, "not recycled")
             os.truncate(dot, 0)
             name = f"r{secrets.token_hex(8)}"
-            os.rename(dot, dot.parent / name)
-            state = _state(dot.parent)
+            directory = os.path.dirname(dot)
+            os.rename(dot, os.path.join(directory, name))
+            state = _state(directory)
             with state.lock:  # this process's takers need not list the directory to find it
                 state.names.append(name)
         except OSError:

@@ -379,6 +379,34 @@ def test_remove(qdir: Path, body: Path) -> None:
     assert queue.remove(qdir, "ID1") is False
 
 
+def test_remove_many_one_fsync_and_a_result_for_each(
+        qdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("A1", "A2", "A3"):
+        source = qdir / "incoming" / name
+        source.write_bytes(BODY)
+        enqueue(qdir, name, sender="a@example.org", recipients=["b@other.example"],
+                prefix=PREFIX, body_path=source, created=CREATED, received_from="r")
+    real_rename, fsyncs = os.rename, []
+
+    def rename(src, dst):
+        if str(src).endswith("A2.json"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(queue.os, "rename", rename)
+    monkeypatch.setattr(queue, "_sync_messages", lambda fd: fsyncs.append(fd))
+    results = queue.remove_many(qdir, ["A1", "A2", "A3", "GONE"])
+    assert results[0] is True and results[2] is True and results[3] is False
+    assert isinstance(results[1], DeliveryError) and "A2.json" in str(results[1])
+    assert len(fsyncs) == 1
+    assert sorted(p.name for p in (qdir / "messages").iterdir()) == ["A2.body", "A2.json"]
+    monkeypatch.undo()  # rename again; now the directory's fsync fails
+    monkeypatch.setattr(queue, "_sync_messages", lambda fd: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    [result] = queue.remove_many(qdir, ["A2"])
+    assert isinstance(result, DeliveryError) and "fsync directory" in str(result)
+
+
 def test_load_recognises_crash_leftovers(qdir: Path, body: Path) -> None:
     do_enqueue(qdir, body)
     messages = qdir / "messages"

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.replies import Reply
 from mailsrv.storage import queue
+from mailsrv.storage.durable import DeliveryError
 from support.queue_runtime import enqueue, queue_runtime
 
 WHERE = "mx1.remote.test[192.0.2.25]:25"
@@ -134,10 +135,11 @@ def test_when_the_disk_refuses_the_recipients_stay_queued(relay, monkeypatch) ->
     before = relay.envelope("Q1")
     relay.replies = {"bob@remote.test": OK}
 
-    def full(qdir, message):
-        raise OSError(28, "No space left on device")
+    def full(qdir, queue_ids):
+        return [DeliveryError("cannot remove: [Errno 28] No space left on device",
+                              disk_full=True, errno=28) for _ in queue_ids]
 
-    monkeypatch.setattr(queue, "remove", full)
+    monkeypatch.setattr(queue, "remove_many", full)
     relay.start()
     assert relay.envelope("Q1") == before  # the disk is as it was
     (r,) = relay.relayer.messages["Q1"].recipients
@@ -192,3 +194,22 @@ def test_the_writes_of_one_message_never_overlap(relay) -> None:
     assert len(answers) == 1 and relay.files() == []
     (dsn,) = relay.maildir("alice")
     assert "returned to the sender by the administrator" in dsn.as_string()
+
+
+def test_messages_finishing_during_a_removal_are_removed_together(relay) -> None:
+    """One thread hand-off and one fsync of messages/ for the messages finished meanwhile."""
+    for n in range(4):
+        relay.queue(f"Q{n}", "alice@example.org", f"bob{n}@remote.test")
+    relay.replies = {f"bob{n}@remote.test": OK for n in range(4)}
+    relay.relayer.scheduler.per_session = 1  # a session per message: they finish one by one
+    relay.relayer.startService()
+    relay.workers.hold()
+    relay.clock.advance(0)
+    held = lambda: [(f, args[1]) for _, f, args in relay.workers.held]  # noqa: E731
+    assert held() == [(queue.remove_many, ["Q0"])]  # the first removal, under way
+    stopped = relay.relayer.stopService()
+    assert not stopped.called  # it waits for the removals
+    relay.workers.release_one()  # the first ends; the three finished meanwhile go together
+    assert held() == [(queue.remove_many, ["Q1", "Q2", "Q3"])]
+    relay.workers.release()
+    assert relay.files() == [] and relay.relayer.messages == {} and stopped.called
