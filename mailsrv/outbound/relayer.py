@@ -48,7 +48,7 @@ from mailsrv.outbound.scheduler import Batch, Scheduler
 from mailsrv.outbound.smtpclient import OutboundTransaction
 from mailsrv.replies import Reply
 from mailsrv.routing.dsn_params import mail_arguments, rcpt_arguments
-from mailsrv.storage import queue
+from mailsrv.storage import queue, queue_scan
 from mailsrv.storage.durable import DeliveryError
 from mailsrv.storage.envelope import QueuedMessage
 
@@ -101,7 +101,7 @@ class Relayer(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         started = time.monotonic()
-        d = self.runtime.in_thread(queue.load, self.qdir)
+        d = self.runtime.in_thread(queue_scan.load, self.qdir)
         d.addCallback(self._loaded, started)
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
         self.control.start()
@@ -113,7 +113,7 @@ class Relayer(service.Service):
         writes = list(self._writes.values())  # a finished write is forgotten
         return defer.DeferredList(writes) if writes else None
 
-    def _loaded(self, report: queue.LoadReport, started: float) -> None:
+    def _loaded(self, report: queue_scan.LoadReport, started: float) -> None:
         for name, reason in report.corrupt:
             log.error("queue: moved {name} to corrupt/: {reason}", name=name, reason=reason)
         for name in report.unfinished:

@@ -26,7 +26,8 @@ sends them).  Both contents are fsync'd before either rename, so a ``.json`` and
 
 Enqueues hold ``messages/`` locked shared (``flock``) and the start-up scan exclusively
 while it lists and removes leftovers, so the scan never takes an enqueue in progress for
-a leftover (the server accepts mail while its queue loads).
+a leftover (the server accepts mail while its queue loads). The scan is
+``mailsrv.storage.queue_scan``'s.
 
 State changes replace the ``.json`` the same way (write, fsync, rename, fsync the
 directory); a finished message loses its ``.json`` first, then its ``.body``: both are moved
@@ -45,7 +46,6 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
@@ -57,7 +57,7 @@ from mailsrv.storage.fdio import start_writeback
 
 __all__ = [
     "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
-    "body_path", "load", "LoadReport", "remove_many",
+    "body_path", "remove_many",
 ]
 
 # Queue ids are file names, log keys and part of Message-IDs: letters and
@@ -346,84 +346,3 @@ def read_message(path: Path | str) -> QueuedMessage:
     if message.id != os.path.basename(path)[: -len(".json")]:
         raise ValueError(f"{path}: corrupt queue envelope: it holds id {message.id!r}")
     return message
-
-
-# --------------------------------------------------------------------------- start-up
-
-
-@dataclass
-class LoadReport:
-    """What the start-up scan found: the messages to deliver, and what it cleaned up."""
-
-    messages: list[QueuedMessage] = field(default_factory=list)
-    #: (file name, reason) of envelopes moved to corrupt/.
-    corrupt: list[tuple[str, str]] = field(default_factory=list)
-    #: Names of leftovers of interrupted writes that were removed (never sent).
-    unfinished: list[str] = field(default_factory=list)
-
-
-def load(qdir: Path) -> LoadReport:
-    """Read the whole queue at start-up, recognising what a crash left behind.
-
-    - ``.<id>.json…tmp`` dot-files are envelope writes that never reached their
-      rename: removed (the previous state, if any, is still in ``<id>.json``).
-    - ``<id>.body`` without ``<id>.json``, or ``<id>.json`` without ``<id>.body``, is an
-      enqueue that never committed (no ``250`` was given for it: that waits for the fsync
-      of ``messages/`` after both renames) or a removal that was cut short: removed.
-    - an envelope that does not decode is moved with its body to ``corrupt/`` for the
-      administrator, and reported.
-    - what a crash left in ``recycle/`` is removed (``recycle.clean``).
-    The listing and the removals hold ``messages/`` locked exclusively: enqueues running
-    meanwhile (the server accepts mail while it loads) wait, or have finished, so what
-    looks unfinished is a crash's leftover, never an enqueue in progress.
-    Only a server holding the queue lock may call this.
-    """
-    qdir = Path(qdir)
-    messages_dir = qdir / "messages"
-    corrupt_dir = qdir / "corrupt"
-    report = LoadReport()
-    dir_fd = os.open(messages_dir, _DIR_FLAGS)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
-        names = set(os.listdir(messages_dir))
-        for name in sorted(names):
-            if _unfinished(name, names):
-                with suppress(FileNotFoundError):
-                    os.unlink(messages_dir / name)
-                report.unfinished.append(name)
-    finally:
-        os.close(dir_fd)
-    names.difference_update(report.unfinished)
-    report.unfinished += [f"recycle/{name}" for name in recycle.clean(qdir / "recycle")]
-    # Paths as strings: a Path made and parsed per file was a fifth of the time of loading
-    # 100,000 envelopes (the server starts relaying once they are loaded).
-    prefix = f"{messages_dir}{os.sep}"
-    for name in sorted(names):
-        if name.endswith(".json"):
-            try:
-                report.messages.append(read_message(prefix + name))
-            except ValueError as exc:
-                stem = name[:-5]
-                for moved in (name, f"{stem}.body"):
-                    if moved in names:
-                        os.replace(messages_dir / moved, corrupt_dir / moved)
-                report.corrupt.append((name, str(exc)))
-        elif not name.endswith(".body"):
-            os.replace(prefix + name, corrupt_dir / name)
-            report.corrupt.append((name, "not a queue file"))
-    if report.unfinished or report.corrupt:
-        fsync_dir(messages_dir)
-        fsync_dir(corrupt_dir)
-    return report
-
-
-def _unfinished(name: str, names: set[str]) -> bool:
-    """Whether *name* in ``messages/`` is the leftover of a write a crash cut short."""
-    if name.startswith("."):
-        return True
-    stem, dot, suffix = name.rpartition(".")
-    if dot and suffix == "body":
-        return f"{stem}.json" not in names
-    if dot and suffix == "json":
-        return f"{stem}.body" not in names
-    return False

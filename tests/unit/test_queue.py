@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv.storage import queue, queue_control
+from mailsrv.storage import queue, queue_control, queue_scan
 from mailsrv.storage.durable import DeliveryError
 from mailsrv.storage.queue import enqueue, queue_dirs, read_message
 from support.procfs import fd_path
@@ -417,7 +417,7 @@ def test_load_recognises_crash_leftovers(qdir: Path, body: Path) -> None:
     (messages / "NOBODY.json").write_bytes((messages / "ID1.json").read_bytes().replace(
         b'"id": "ID1"', b'"id": "NOBODY"'))
     (messages / "stray.txt").write_bytes(b"?")
-    report = queue.load(qdir)
+    report = queue_scan.load(qdir)
     assert [m.id for m in report.messages] == ["ID1"]
     # An envelope without its body: its enqueue never reached the fsync of messages/ (the
     # renames may reach the disk in either order), so it never got 250: removed.

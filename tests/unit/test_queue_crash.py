@@ -19,7 +19,7 @@ import pytest
 from twisted.internet import defer
 
 from mailsrv.outbound.relayer import Relayer
-from mailsrv.storage import queue
+from mailsrv.storage import queue, queue_scan
 from mailsrv.storage.queue import queue_dirs
 from support.procfs import fd_path
 from support.queue_files import BODY, enqueue_spare, spool_dir
@@ -106,7 +106,7 @@ def test_every_crash_state_loads_whole_or_not_at_all(
             if files[tmp_json] != envelope and renames:
                 continue  # renamed only once whole
             crashed = rebuild(tmp_path / "crashed", qdir, renames, files)
-            report = queue.load(crashed)
+            report = queue_scan.load(crashed)
             loaded = [m.id for m in report.messages]
             seen.add((len(renames), tuple(loaded)))
             if answered:
@@ -126,7 +126,7 @@ def test_body_without_envelope_is_removed(qdir: Path) -> None:
     """A crash between the body's rename and the envelope's (or with the envelope's lost)."""
     os.rename(qdir / "spare" / "s1", qdir / "messages" / "ID1.body")
     (qdir / "messages" / ".ID1.json.tmp").write_bytes(b"{}")
-    report = queue.load(qdir)
+    report = queue_scan.load(qdir)
     assert report.messages == [] and sorted(report.unfinished) == [".ID1.json.tmp", "ID1.body"]
     assert list((qdir / "messages").iterdir()) == [] and list((qdir / "corrupt").iterdir()) == []
 
@@ -135,7 +135,7 @@ def test_envelope_without_body_is_removed(qdir: Path, monkeypatch: pytest.Monkey
     """The envelope's rename reached the disk and the body's did not: no 250 was given."""
     enqueue_spare(qdir)
     os.unlink(qdir / "messages" / "ID1.body")
-    report = queue.load(qdir)
+    report = queue_scan.load(qdir)
     assert report.messages == [] and report.unfinished == ["ID1.json"]
     assert list((qdir / "messages").iterdir()) == [] and list((qdir / "corrupt").iterdir()) == []
 
@@ -169,8 +169,8 @@ def test_the_scan_waits_for_an_enqueue_in_progress(
         real_flock(fd, operation)
 
     monkeypatch.setattr(fcntl, "flock", flock)
-    result: list[queue.LoadReport] = []
-    scan = threading.Thread(target=lambda: result.append(queue.load(qdir)))
+    result: list[queue_scan.LoadReport] = []
+    scan = threading.Thread(target=lambda: result.append(queue_scan.load(qdir)))
     scan.start()
     try:
         assert asking.wait(30), "the scan did not lock messages/"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv.storage import queue, recycle
+from mailsrv.storage import queue, queue_scan, recycle
 from mailsrv.storage.queue import queue_dirs
 from support.procfs import fd_path
 from support.queue_files import BODY, enqueue_spare, spool_dir
@@ -178,7 +178,7 @@ def rebuild(tmp: Path, image: dict[str, bytes]) -> Path:
 
 def check_loaded(crashed: Path, message, may: bool, must: bool) -> list[str]:
     """Load the crashed queue: the message whole or absent, recycle/ holds empty files only."""
-    report = queue.load(crashed)
+    report = queue_scan.load(crashed)
     loaded = [m.id for m in report.messages]
     assert loaded in ((["ID1"], []) if may else ([],)), loaded
     if must:
@@ -360,7 +360,7 @@ def test_startup_removes_what_a_crash_left_in_stock(qdir: Path) -> None:
     (qdir / "recycle" / ".ID9.json").write_bytes(b"a finished message's envelope")
     (qdir / "recycle" / "rfull").write_bytes(b"not emptied before the crash")
     (qdir / "recycle" / "rgood").write_bytes(b"")
-    report = queue.load(qdir)
+    report = queue_scan.load(qdir)
     assert sorted(report.unfinished) == ["recycle/.ID9.json", "recycle/rfull"]
     assert stock(qdir) == {"rgood": b""}
 
