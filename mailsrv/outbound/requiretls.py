@@ -25,6 +25,8 @@ def tls_required(requiretls: bool, head: bytes) -> str | None:
     ``TLS-Required: No`` (RFC 8689 §5; the parameter wins over the field), else None."""
     if requiretls:
         return "yes"
+    if b"tls-required" not in head.lower():
+        return None  # nearly every message: no need to unfold its header section
     unfolded = head.replace(b"\r\n", b"\n").replace(b"\n ", b" ").replace(b"\n\t", b" ")
     for line in unfolded.split(b"\n"):
         name, colon, value = line.partition(b":")
