@@ -13,7 +13,7 @@ import ctypes.util
 import errno
 import os
 
-__all__ = ["copy_data", "start_writeback", "write_all"]
+__all__ = ["copy_data", "read_file", "start_writeback", "write_all"]
 
 _CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
 # sendfile errors meaning "not supported for these files": fall back to read/write.
@@ -41,6 +41,22 @@ def start_writeback(fd: int) -> bool:
     ``sync_file_range`` is missing or refused (other systems, pipes).
     """
     return _sync_file_range is not None and _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
+
+
+def read_file(path: os.PathLike[str] | str) -> bytes:
+    """A small file's whole content, read through a bare descriptor.
+
+    Why not ``open(path, "rb").read()``: a buffered file object costs four system calls more
+    (fstat, isatty's ioctl, lseek, another fstat), half the time of reading an envelope; the
+    start-up scan reads one per queued message (100,000: 0.6 s less)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def write_all(fd: int, data: bytes) -> None:

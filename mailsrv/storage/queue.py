@@ -53,7 +53,7 @@ from mailsrv.storage import durable, recycle
 from mailsrv.storage.dirfd import DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
-from mailsrv.storage.fdio import start_writeback
+from mailsrv.storage.fdio import read_file, start_writeback
 
 __all__ = [
     "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
@@ -337,8 +337,7 @@ def read_message(path: Path | str) -> QueuedMessage:
     OSError (a missing file, say) passes through unchanged: that is not
     corruption, and the caller may want to tell the two apart.
     """
-    with open(path, "rb") as handle:
-        raw = handle.read()
+    raw = read_file(path)
     try:
         message = decode(raw)
     except ValueError as exc:

@@ -104,6 +104,21 @@ def test_start_writeback_is_taken_by_a_file_and_refused_quietly_elsewhere(tmp_pa
             os.close(each)
 
 
+def test_read_file_reads_all_of_a_file_and_closes_it(tmp_path: Path) -> None:
+    from mailsrv.storage.fdio import read_file
+
+    data = bytes(range(256)) * 600  # beyond one read of 64 KiB
+    (tmp_path / "big").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    before = len(os.listdir("/proc/self/fd"))
+    assert read_file(tmp_path / "big") == data and read_file(str(tmp_path / "empty")) == b""
+    with pytest.raises(FileNotFoundError):
+        read_file(tmp_path / "missing")
+    with pytest.raises(IsADirectoryError):
+        read_file(tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_write_new_never_overwrites(tmp_path: Path) -> None:
     path = tmp_path / "x"
     durable.write_new(path, b"one")
