@@ -39,9 +39,10 @@ from mailsrv.outbound.lmtpclient import LMTPClientFactory
 from mailsrv.outbound.mtasts.tlscheck import handshake_options
 from mailsrv.outbound.mx import DestinationError, MXHost, resolve_destination, resolve_host
 from mailsrv.outbound.scheduler import Batch
-from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClientFactory
+from mailsrv.outbound.smtpclient import RelayClientFactory
 from mailsrv.outbound.tlsplan import NO_POLICY, TLSPlan
 from mailsrv.outbound.tlsrpt.results import record_session as record_tls_session
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from mailsrv.storage.envelope import QueuedRecipient
 

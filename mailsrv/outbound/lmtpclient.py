@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.smtpclient import (
-    OutboundTransaction,
     RelayClientFactory,
     SessionOutcome,
 )
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 
 __all__ = ["LMTPClient", "LMTPClientFactory"]

@@ -16,7 +16,8 @@ from twisted.internet import defer
 
 from mailsrv.config import LmtpDelivery
 from mailsrv.outbound.lmtpclient import LMTPClientFactory
-from mailsrv.outbound.smtpclient import OutboundTransaction, SessionOutcome
+from mailsrv.outbound.smtpclient import SessionOutcome
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 
 __all__ = ["PROBE_TIMEOUT", "full_mailbox"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from mailsrv import replies
 from mailsrv.message import headsection
 from mailsrv.outbound.mime7bit import ConversionError, to_7bit
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.outbound.utf8 import needs_smtputf8
 from mailsrv.replies import Reply
 

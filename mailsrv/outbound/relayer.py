@@ -45,7 +45,7 @@ from mailsrv.outbound.control import ControlChannel
 from mailsrv.outbound.destination import DestinationDelivery
 from mailsrv.outbound.retry import RetryPolicy
 from mailsrv.outbound.scheduler import Batch, Scheduler
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from mailsrv.routing.dsn_params import mail_arguments, rcpt_arguments
 from mailsrv.storage import queue, queue_scan

@@ -9,7 +9,8 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
 from mailsrv.outbound import outgoing
-from mailsrv.outbound.smtpclient import OutboundTransaction, RelayClient, SessionOutcome
+from mailsrv.outbound.smtpclient import RelayClient, SessionOutcome
+from mailsrv.outbound.transaction import OutboundTransaction
 
 
 class Session:

@@ -15,7 +15,7 @@ from mailsrv.outbound.danelookup import DaneLookupFailed, DanePolicy
 from mailsrv.outbound.danetls import DaneTLS
 from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mx import MXHost
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from support import destination
 

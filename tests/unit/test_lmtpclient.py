@@ -13,7 +13,8 @@ from twisted.python.failure import Failure
 
 from mailsrv.outbound.dotstuff import DotStuffer
 from mailsrv.outbound.lmtpclient import LMTPClient, LMTPClientFactory
-from mailsrv.outbound.smtpclient import OutboundTransaction, SessionOutcome
+from mailsrv.outbound.smtpclient import SessionOutcome
+from mailsrv.outbound.transaction import OutboundTransaction
 
 
 def transaction(tmp_path: Path, queue_id: str, recipients: list[str],

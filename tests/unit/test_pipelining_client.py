@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from support.relay_session import Session
 
 PREFIX = b"Received: from client.test by mx.example.org; Mon, 1 Nov 2026 10:00:00 +0000\n"

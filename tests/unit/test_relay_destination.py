@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mx import DestinationError, MXHost
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from mailsrv.storage.envelope import QueuedRecipient
 from support.destination import make

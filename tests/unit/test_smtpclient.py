@@ -18,11 +18,11 @@ from mailsrv.outbound import outgoing
 from mailsrv.outbound.chunks import MessageData
 from mailsrv.outbound.lmtpclient import LMTPClientFactory
 from mailsrv.outbound.smtpclient import (
-    OutboundTransaction,
     RelayClient,
     RelayClientFactory,
     SessionOutcome,
 )
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from support.relay_session import Session
 

@@ -11,7 +11,7 @@ from mailsrv.outbound.destination import SMARTHOST
 from mailsrv.outbound.mtasts.policy import parse_policy
 from mailsrv.outbound.mtasts.source import Lookup
 from mailsrv.outbound.mx import MXHost
-from mailsrv.outbound.smtpclient import OutboundTransaction
+from mailsrv.outbound.transaction import OutboundTransaction
 from mailsrv.replies import Reply
 from support.destination import make
 

@@ -549,7 +549,7 @@ def test_dane_attempts_counted_as_tlsa_and_never_twice(tmp_path):
     from mailsrv.outbound.danelookup import DaneLookupFailed, DanePolicy
     from mailsrv.outbound.destination import DestinationDelivery
     from mailsrv.outbound.mx import MXHost
-    from mailsrv.outbound.smtpclient import OutboundTransaction
+    from mailsrv.outbound.transaction import OutboundTransaction
     from mailsrv.routing.router import Directory
     from mailsrv.runtime import Runtime
     from support.config import minimal_config
