@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "DIR_FLAGS",
+    "FOLLOWED_DIR_FLAGS",
     "NOT_FOLLOWED",
     "DirectorySync",
     "OpenMaildir",
@@ -38,6 +39,9 @@ __all__ = [
 
 #: Open a directory, never through a link (a link fails: ENOTDIR on Linux, ELOOP elsewhere).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Open a directory the configuration names (the mail root, the queue's): a link is followed,
+#: the administrator's choice.
+FOLLOWED_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: What a refused link is called in errors and in the log.
 NOT_FOLLOWED = "a symbolic link, not followed"
 
@@ -52,7 +56,7 @@ class StepError(OSError):
 
 def fsync_dir(path: os.PathLike[str] | str) -> None:
     """fsync a directory, making the entries created in (or removed from) it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, FOLLOWED_DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:

@@ -109,12 +109,12 @@ def _open_root(root: str) -> int:
     """The root's descriptor. The root is the administrator's choice: a link there is followed."""
     with doing("open directory", root):
         try:
-            return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            return os.open(root, dirfd.FOLLOWED_DIR_FLAGS)
         except FileNotFoundError:
             pass
     ensure_dir(root)  # removed since start-up: made again, as before
     with doing("open directory", root):
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(root, dirfd.FOLLOWED_DIR_FLAGS)
 
 
 # Maildirs one delivery keeps open from writing its files to linking them (two descriptors
@@ -355,7 +355,7 @@ def remove_delivered(root: os.PathLike[str] | str, paths: Iterable[os.PathLike[s
     """
     root = Path(root)
     try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_fd = os.open(root, dirfd.FOLLOWED_DIR_FLAGS)
     except OSError:
         return
     linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from mailsrv.routing.dsn_params import MailDSN, RecipientDSN
 from mailsrv.storage import durable, recycle
-from mailsrv.storage.dirfd import DirectorySync, fsync_dir
+from mailsrv.storage.dirfd import FOLLOWED_DIR_FLAGS, DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
 from mailsrv.storage.fdio import read_file, start_writeback
@@ -64,7 +64,6 @@ __all__ = [
 # digits only, and never starting with '.' (dot-files are our temporaries).
 _QUEUE_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}")
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: Group commit of the fsyncs of messages/ that make new entries durable, shared by the
 #: enqueues of this process (as Maildir deliveries share one fsync of a new/).
 _messages_sync = DirectorySync()
@@ -175,11 +174,11 @@ def enqueue(
 def _open_messages(qdir: Path) -> int:
     """A descriptor of ``qdir/messages`` (made, with the other queue directories, if missing)."""
     try:
-        return os.open(qdir / "messages", _DIR_FLAGS)
+        return os.open(qdir / "messages", FOLLOWED_DIR_FLAGS)
     except FileNotFoundError:
         queue_dirs(qdir)
     with doing("open directory", qdir / "messages"):
-        return os.open(qdir / "messages", _DIR_FLAGS)
+        return os.open(qdir / "messages", FOLLOWED_DIR_FLAGS)
 
 
 def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Path) -> None:
@@ -312,7 +311,7 @@ def remove_many(qdir: Path, queue_ids: Sequence[str]) -> list[bool | DeliveryErr
         moved += dots
     try:
         with doing("fsync directory", messages):
-            dir_fd = os.open(messages, _DIR_FLAGS)
+            dir_fd = os.open(messages, FOLLOWED_DIR_FLAGS)
             try:
                 _sync_messages(dir_fd)
             finally:

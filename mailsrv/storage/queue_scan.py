@@ -11,14 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailsrv.storage import recycle
-from mailsrv.storage.dirfd import fsync_dir
+from mailsrv.storage.dirfd import FOLLOWED_DIR_FLAGS, fsync_dir
 from mailsrv.storage.envelope import QueuedMessage
 from mailsrv.storage.queue import read_message
 
 __all__ = ["LoadReport", "load"]
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
 
 @dataclass
 class LoadReport:
@@ -51,7 +48,7 @@ def load(qdir: Path) -> LoadReport:
     messages_dir = qdir / "messages"
     corrupt_dir = qdir / "corrupt"
     report = LoadReport()
-    dir_fd = os.open(messages_dir, _DIR_FLAGS)
+    dir_fd = os.open(messages_dir, FOLLOWED_DIR_FLAGS)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
         names = set(os.listdir(messages_dir))

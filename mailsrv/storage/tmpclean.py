@@ -68,7 +68,7 @@ def clean_tmp(
     cleaned = Cleaned()
     root = Path(root)
     try:
-        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # may be a link
+        root_fd = os.open(root, dirfd.FOLLOWED_DIR_FLAGS)  # may be a link
     except OSError as e:
         cleaned.errors.append(f"cannot open directory {root}: {e.strerror}")
         return cleaned
