@@ -77,7 +77,7 @@ _states_lock = threading.Lock()
 
 
 def _state(directory: os.PathLike[str] | str) -> _State:
-    key = os.path.normpath(directory)  # one view per directory, whether named by Path or str
+    key = os.fspath(directory)
     state = _states.get(key)
     if state is None:
         with _states_lock:
