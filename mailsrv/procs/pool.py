@@ -240,10 +240,8 @@ class ReceiverPool(service.Service):
         """A receiving process queued a message: the relayer takes it now (unless its
         start-up scan of the queue found it already), with the envelope *line* that came
         along (``encode_line``'s), or read from the file when that is ``-``."""
-        relayer = self.runtime.relayer
+        relayer = self.runtime.relayer  # its add() ignores a message it has or finished
         queue.check_queue_id(queue_id)
-        if queue_id in relayer.messages:
-            return
         if line != "-":
             try:
                 message = envelope.decode(line)
