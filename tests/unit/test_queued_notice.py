@@ -101,6 +101,18 @@ def test_an_envelope_too_long_for_a_message_is_read_from_its_file(parent) -> Non
     assert parent.reads == [str(parent.relayer.qdir / "messages" / "Q2.json")]
 
 
+def test_the_envelope_comes_along_up_to_one_byte_under_the_limit(parent, monkeypatch) -> None:
+    from mailsrv.storage.envelope import encode_line
+
+    message = enqueue(parent.runtime, "Q5", "a@example.org", ["b@remote.test"], time.time())
+    size = len(encode_line(message))
+    for limit, expected in ((size + 1, encode_line(message)), (size, "-")):
+        monkeypatch.setattr(ch, "SEND_BYTES", limit)
+        sent = []
+        ParentRelayer(sent.append).add(message)
+        assert ch.decode(sent[0]) == ("queued", ["Q5", expected])
+
+
 @pytest.mark.parametrize("line", ['{"version": 1, "id": "Q3"', '{"version": 1, "id": "OTHER", '
                                   '"created": 1, "sender": "", "prefix": "", '
                                   '"recipients": [{"address": "x@y.test", "status": "queued", '
