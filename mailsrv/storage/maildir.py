@@ -6,8 +6,16 @@ returns, so by then every copy must be on disk; and when anything fails, no
 partial message may be visible in any ``new/`` (the client will retry after our
 ``451``/``452``, so a half delivery would become a duplicate).
 
-The qmail discipline: write the message once into ``tmp/`` under a unique name,
-fsync it, hard-link it into each ``new/``, fsync each ``new/``, remove ``tmp/``.
+The qmail discipline, in the order that costs one journal commit: write the message once
+into ``tmp/`` under a unique name, write it out to the disk (``fdio.write_out``), hard-link it
+into each ``new/``, then fsync the file and each ``new/``, remove ``tmp/``.  Both fsyncs come
+before ``deliver`` returns, so a ``250`` rests on them as before.  With the data written
+before any link, a crash before them leaves no link or a whole message, never a short one,
+and the file's fsync commits the data and the links together (the fsync of ``new/`` then
+finds nothing left to commit): a fsync of the file before the links, then one of ``new/``,
+was two commits, one after the other, for every message (2.0 -> 1.4 ms on one ext4 disk).
+Where the data cannot be written out first (no ``sync_file_range``), the file is fsync'd
+before the links, qmail's own order.
 
 Below the configured root nothing is reached through a symbolic link: every level
 (domain, user, ``tmp``/``new``/``cur``) is opened by descriptor with ``O_NOFOLLOW``
@@ -18,10 +26,7 @@ from __future__ import annotations
 
 import errno
 import functools
-import itertools
 import os
-import random
-import time
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -30,52 +35,18 @@ from mailsrv.storage import dirfd
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.fdio import copy_data as _copy_data
 from mailsrv.storage.fdio import write_all as _write_all
+from mailsrv.storage.fdio import write_out as _write_out
+from mailsrv.storage.maildir_name import unique_name
 
 __all__ = [
     "DeliveryError",
-    "unique_name",
     "deliver",
     "remove_delivered",
     "ensure_dir",
 ]
 
-# The pid in unique names, read once (and again in a forked child) rather than per message.
-_pid = os.getpid()
-
-
-def _update_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_update_pid)
-
-# Per-process delivery counter for unique names.  next() on itertools.count is
-# atomic under the GIL, so concurrent worker threads never get the same value.
-_counter = itertools.count(1)
-
 # Group commit of the new/ directories' fsyncs, shared by the delivery threads.
 _new_dir_sync = dirfd.DirectorySync()
-
-
-def unique_name(hostname: str, size: int) -> str:
-    """A Maildir file name: ``<secs>.M<usecs>P<pid>Q<n>R<hex>.<host>,S=<size>``.
-
-    Unique through time, pid, a per-process counter and 64 random bits (so
-    even a pid reused within the same microsecond, say in a container, does
-    not collide). The bits are for uniqueness, not secrecy: Python's generator (seeded from
-    the kernel at start and again in a forked child), not a getrandom call per message in
-    the delivery thread.  ``/`` and ``:`` in the host are escaped as the Maildir
-    specification asks, since they would be a path separator and the start of
-    the info part.  ``,S=<size>`` lets readers (Dovecot) skip a stat.
-    """
-    now = time.time_ns()
-    secs, nanos = divmod(now, 1_000_000_000)
-    host = (hostname or "localhost").replace("/", "\\057").replace(":", "\\072")
-    return (
-        f"{secs}.M{nanos // 1000}P{_pid}Q{next(_counter)}R{random.getrandbits(64):016x}"
-        f".{host},S={size}"
-    )
 
 
 def _create(dir_fd: int, name: str) -> int:
@@ -145,10 +116,11 @@ def deliver(
     domain, user, ``tmp``/``new``/``cur`` — refuses the delivery (DeliveryError naming the
     path and saying why) and nothing is written through it.
 
-    The message is written once, into the ``tmp/`` of the first maildir (0600), fsync'd,
-    then hard-linked into the ``new/`` of each maildir (copied first when a maildir is on
+    The message is written once, into the ``tmp/`` of the first maildir (0600), then
+    hard-linked into the ``new/`` of each maildir (copied first when a maildir is on
     another file system); it is written before any link, so that a full disk shows in no
-    ``new/``.  Every ``new/`` is fsync'd before returning, so the caller may answer ``250``.
+    ``new/``.  The file and every ``new/`` are fsync'd before returning, so the caller may
+    answer ``250`` (the order of the writes and fsyncs: the module's docstring).
     Missing ``tmp``/``new``/``cur`` directories (and the levels above them, up to the root)
     are created 0700.  Duplicate maildirs (same names, or the same directory reached by a
     bind mount) receive one link.
@@ -188,6 +160,7 @@ class _Delivery:
         self.held: dict[int, dirfd.OpenMaildir] = {}  # index -> kept open (at most _HELD)
         self.name, self.size = "", 0  # the file, and its size
         self.written = False  # the file is in the tmp/ of the first directory (index 0)
+        self.unsynced: int | None = None  # the file, written out, to fsync after the links
         self.linked: list[tuple[tuple[str, ...], tuple[int, int] | None, str]] = []
 
     def write(
@@ -222,7 +195,8 @@ class _Delivery:
                     if index == 0:
                         self.size = len(prefix) + body_size
                         self.name = unique_name(hostname, self.size)
-                        _write_tmp(box, self.name, prefix, src_fd, body_size, body)
+                        self.unsynced = _write_tmp(
+                            box, self.name, prefix, src_fd, body_size, body, link_first=True)
                         self.written = True
                 finally:
                     if len(self.held) < _HELD:  # always the first one: it holds the file
@@ -234,7 +208,7 @@ class _Delivery:
                 os.close(src_fd)
 
     def link(self) -> dict[int, Path]:
-        """Link the file into the ``new/`` of every directory, fsync each; their paths.
+        """Link the file into the ``new/`` of every directory, fsync it and each; their paths.
 
         The directories held open are fsync'd after all the links: links made in a row
         land in one transaction of a journaling file system, so the first fsync commits
@@ -255,6 +229,9 @@ class _Delivery:
             finally:
                 if index not in self.held:
                     box.close()
+        if self.unsynced is not None:
+            with doing("fsync", f"{source.path}/tmp/{self.name}"):
+                os.fsync(self.unsynced)
         for box in self.held.values():
             _sync_new(box)
         # Linked everywhere: the tmp/ name is only litter now.  A failure to remove it must
@@ -273,6 +250,8 @@ class _Delivery:
                 os.unlink(self.name, dir_fd=self.held[0].tmp_fd)
 
     def close(self) -> None:
+        if self.unsynced is not None:
+            os.close(self.unsynced)
         for box in self.held.values():
             box.close()
         os.close(self.root_fd)
@@ -294,10 +273,14 @@ def _sync_new(box: dirfd.OpenMaildir) -> None:
 
 def _write_tmp(
     box: dirfd.OpenMaildir, name: str, prefix: bytes, src_fd: int | None, body_size: int,
-    body: bytes | None = None,
-) -> None:
+    body: bytes | None = None, *, link_first: bool = False,
+) -> int | None:
     """Write *prefix* and the body (*body*, or *body_size* octets of *src_fd*) into
-    ``tmp/name`` of *box*, fsync'd; nothing left on error."""
+    ``tmp/name`` of *box*, fsync'd; nothing left on error.
+
+    With *link_first*, a file whose data could be written out to the disk is not fsync'd
+    here but returned open, for the caller to link, fsync and close (the module's docstring);
+    else None."""
     path = f"{box.path}/tmp/{name}"
     with doing("create", path):
         dst_fd = _create(box.tmp_fd, name)
@@ -309,14 +292,17 @@ def _write_tmp(
             else:
                 _write_all(dst_fd, prefix)
                 _copy_data(src_fd, dst_fd, body_size)
+        if link_first and _write_out(dst_fd):
+            return dst_fd
         with doing("fsync", path):
             os.fsync(dst_fd)
     except BaseException:
         with suppress(OSError):
             os.unlink(name, dir_fd=box.tmp_fd)
-        raise
-    finally:
         os.close(dst_fd)
+        raise
+    os.close(dst_fd)
+    return None
 
 
 def _link(first: dirfd.OpenMaildir, box: dirfd.OpenMaildir, name: str, size: int) -> None:

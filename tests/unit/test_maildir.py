@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailsrv.storage import maildir
-from mailsrv.storage.maildir import DeliveryError, deliver, remove_delivered, unique_name
+from mailsrv.storage.maildir import DeliveryError, deliver, remove_delivered
+from mailsrv.storage.maildir_name import unique_name
 from support.procfs import open_fd_count
 
 PREFIX = b"Return-Path: <a@example.org>\nReceived: from x (unknown [192.0.2.7])\n"
@@ -263,6 +264,74 @@ def test_new_directories_are_fsynced_after_every_link(
     assert {ino for kind, ino in steps if kind == "fsync"} == {
         (tmp_path / u / "new").stat().st_ino for u in users}
     assert paths[0].stat().st_nlink == len(users)
+
+
+def _record_steps(monkeypatch: pytest.MonkeyPatch, steps: list[str], write_out: bool) -> None:
+    """Note each write-out, link and fsync (of the file or of a directory) in *steps*; the
+    write-out is refused when *write_out* is False (a system without sync_file_range)."""
+    real_link, real_fsync, real_write_out = os.link, os.fsync, maildir._write_out
+
+    def link(src: object, dst: object, **kwargs: object) -> None:
+        steps.append("link")
+        real_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    def fsync(fd: int) -> None:
+        steps.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def take_write_out(fd: int) -> bool:
+        steps.append("write out")
+        return write_out and real_write_out(fd)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(maildir, "_write_out", take_write_out)
+
+
+def test_the_links_come_between_the_write_out_and_the_fsyncs(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One journal commit per delivery: the data is written out before any link, the file
+    is fsync'd after the last link (committing the links with it), then each new/; all
+    before deliver returns."""
+    deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")  # makes the directories
+    steps: list[str] = []
+    _record_steps(monkeypatch, steps, write_out=True)
+    paths = deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")
+    assert steps == ["write out", "link", "link", "fsync file", "fsync dir", "fsync dir"]
+    assert paths[0].read_bytes() == PREFIX + BODY and paths[0].stat().st_nlink == 2
+
+
+def test_where_the_data_cannot_be_written_out_the_file_is_fsyncd_before_any_link(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")  # makes the directories
+    steps: list[str] = []
+    _record_steps(monkeypatch, steps, write_out=False)
+    paths = deliver(tmp_path, ["alice", "bob"], PREFIX, body, hostname="h")
+    assert steps == ["write out", "fsync file", "link", "link", "fsync dir", "fsync dir"]
+    assert paths[1].read_bytes() == PREFIX + BODY
+
+
+def test_failure_at_fsync_of_the_file_after_the_links_rolls_back(
+    tmp_path: Path, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The links made before the file's fsync are taken back when it fails: the client gets
+    a 451 and sends again, so no copy may stay."""
+    a, b = tmp_path / "alice", tmp_path / "bob"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(DeliveryError) as info:
+        deliver(tmp_path, rel(tmp_path, a, b), PREFIX, body, hostname="h")
+    assert str(info.value).startswith(f"cannot fsync {a / 'tmp'}/")
+    assert str(info.value).endswith(": [Errno 5] Input/output error")
+    assert leftovers(a, b) == []
 
 
 def test_many_maildirs_keep_few_descriptors_open(
