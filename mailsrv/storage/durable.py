@@ -6,7 +6,8 @@ half a users file; all three need the same discipline, and a step missed in one 
 (the directory's fsync, the temporary removed on failure) would lose data only after a crash,
 where no test looks. So the steps are written once here:
 
-- :func:`write_new` creates a file that must not exist, writes it and fsyncs it;
+- :func:`write_new` creates a file that must not exist, writes it and fsyncs it
+  (:func:`create` without the fsync, for a caller that names the file first);
 - :func:`replace` puts new content in place of a file atomically: a temporary in the same
   directory, written and fsync'd, renamed over the file, then the directory fsync'd;
 - :func:`sync_dir` fsyncs a directory, making the names created or removed in it durable.
@@ -32,6 +33,7 @@ from mailsrv.storage.fdio import write_all
 
 __all__ = [
     "DeliveryError",
+    "create",
     "doing",
     "ensure_dir",
     "replace",
@@ -109,23 +111,20 @@ def sync_dir(directory: os.PathLike[str] | str, *, named: Naming = _as_is) -> No
         fsync_dir(directory)
 
 
-def write_new(
+def create(
     path: os.PathLike[str] | str,
     data: bytes,
     *,
     mode: int = 0o600,
-    prepare: Callable[[int], None] | None = None,
     named: Naming = _as_is,
     take: Callable[[os.PathLike[str] | str], bool] | None = None,
-) -> None:
-    """Create *path* (which must not exist) with *mode*, write *data*, fsync it.
+) -> int:
+    """Create *path* (which must not exist) with *mode* and write *data*; its descriptor,
+    open, for the caller to fsync and close (:func:`write_new` does both).
 
-    ``prepare(fd)``, called after the write and before the fsync, may change the new file's
-    owner and mode, or do work the same journal commit should cover (the queue fsyncs a
-    message's body there). ``take(path)`` may put an existing file of ours at *path* instead
-    of a new one (``mailsrv.storage.recycle``: True when it did, FileExistsError when *path*
-    exists); it is emptied on opening. On failure the file may remain; the caller removes it
-    (:func:`replace` removes its temporary itself).
+    ``take(path)`` may put an existing file of ours at *path* instead of a new one
+    (``mailsrv.storage.recycle``: True when it did, FileExistsError when *path* exists); it
+    is emptied on opening. On failure the file may remain; the caller removes it.
     """
     with named("create", path):
         if take is not None and take(path):
@@ -136,6 +135,28 @@ def write_new(
         with named("write", path):
             os.fchmod(fd, mode)  # whatever the umask
             write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_new(
+    path: os.PathLike[str] | str,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    prepare: Callable[[int], None] | None = None,
+    named: Naming = _as_is,
+) -> None:
+    """Create *path* (which must not exist) with *mode*, write *data*, fsync it.
+
+    ``prepare(fd)``, called after the write and before the fsync, may change the new file's
+    owner and mode. On failure the file may remain; the caller removes it (:func:`replace`
+    removes its temporary itself).
+    """
+    fd = create(path, data, mode=mode, named=named)
+    try:
         if prepare is not None:
             prepare(fd)
         with named("fsync", path):

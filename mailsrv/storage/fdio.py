@@ -3,8 +3,8 @@
 Deliveries and the queue write through descriptors: a short ``write`` is finished, and a
 message body is copied by the kernel (``sendfile``) so that it never passes through Python
 memory, with a bounded read/write loop where the kernel cannot copy file to file.
-:func:`start_writeback` lets two files that must both be fsync'd share one journal commit;
-:func:`write_out` lets a file be named before its fsync without a crash ever showing it short.
+:func:`write_out` lets a file be named before its fsync without a crash ever showing it short,
+so that one journal commit makes the file and its name durable.
 """
 
 from __future__ import annotations
@@ -14,35 +14,20 @@ import ctypes.util
 import errno
 import os
 
-__all__ = ["copy_data", "read_file", "start_writeback", "write_all", "write_out"]
+__all__ = ["copy_data", "read_file", "write_all", "write_out"]
 
 _CHUNK = 1 << 20  # bytes per read/write when the kernel copy is not available
 # sendfile errors meaning "not supported for these files": fall back to read/write.
 _NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
-_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-_WRITE_OUT = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+# sync_file_range's flags: wait for writes under way, write the dirty pages, wait for them.
+_WRITE_OUT = 1 | 2 | 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     _sync_file_range.restype = ctypes.c_int
-
-
-def start_writeback(fd: int) -> bool:
-    """Start writing *fd*'s dirty pages to disk, without waiting; a hint that never raises
-    (False when it could not be given).
-
-    Why: an enqueue fsyncs two new files (the body, then the envelope). On ext4 each fsync of
-    a file whose blocks are not yet allocated is a journal commit of its own; once the
-    envelope's writeback has started, its blocks are allocated in the running transaction,
-    so the body's fsync commits both and the envelope's fsync finds nothing left to commit
-    (one commit instead of two: about 30 % more enqueues per second on one disk). Both
-    fsyncs are still made: durability never rests on this call, which does nothing where
-    ``sync_file_range`` is missing or refused (other systems, pipes).
-    """
-    return _sync_file_range is not None and _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def write_out(fd: int) -> bool:

@@ -12,16 +12,18 @@ Layout under the queue directory ``qdir``::
 
 The lock and the control requests are ``mailsrv.storage.queue_control``'s.
 
-An enqueue writes the envelope to a dot-file, fsyncs the body where it was received, then
-the envelope, renames the body to ``<id>.body`` (same file system: no copy, atomic),
-renames the envelope to ``<id>.json``, then fsyncs ``messages/`` once: that fsync is the
-commit point, and the server answers ``250`` only after it.  Cost: two file fsyncs, which
-one journal commit serves on ext4 (the envelope's writeback is started before the body's
-fsync: ``fdio.start_writeback``), and one directory fsync, a group commit
-(``DirectorySync``, as a Maildir's ``new/``): concurrent enqueues share one.  There is no
-fsync between the two renames, so a crash may leave either name without the other, or a
-dot-file; none of them ever got a ``250``, and the start-up scan removes them (never
-sends them).  Both contents are fsync'd before either rename, so a ``.json`` and a
+An enqueue writes the envelope to a dot-file, writes it and the body (where it was
+received) out to the disk (``fdio.write_out``, waited for), renames the body to
+``<id>.body`` (same file system: no copy, atomic) and the envelope to ``<id>.json``, then
+fsyncs the body, the envelope and ``messages/``; the server answers ``250`` only after all
+three.  Cost: one journal commit, as for a Maildir delivery (``mailsrv.storage.maildir``):
+with both contents on the disk before either name is made, a journaling file system commits
+the names only with or after them, so the body's fsync commits everything and the two
+fsyncs after it find nothing left; the fsync of ``messages/`` is a group commit besides
+(``DirectorySync``): concurrent enqueues share one.  Where the contents cannot be written
+out first, both are fsync'd before the renames, the order that needs no such file system.
+A crash may leave either name without the other, or a dot-file; none of them ever got a
+``250``, and the start-up scan removes them (never sends them).  A ``.json`` and a
 ``.body`` found together are whole.  A message that got ``250`` has both names durable.
 
 Enqueues hold ``messages/`` locked shared (``flock``) and the start-up scan exclusively
@@ -53,7 +55,7 @@ from mailsrv.storage import durable, recycle
 from mailsrv.storage.dirfd import FOLLOWED_DIR_FLAGS, DirectorySync, fsync_dir
 from mailsrv.storage.durable import DeliveryError, doing, ensure_dir
 from mailsrv.storage.envelope import QueuedMessage, decode, encode, new_message
-from mailsrv.storage.fdio import read_file, start_writeback
+from mailsrv.storage.fdio import read_file, write_out
 
 __all__ = [
     "new_queue_id", "check_queue_id", "queue_dirs", "enqueue", "save", "remove", "read_message",
@@ -130,11 +132,11 @@ def enqueue(
     """Put a message in the outbound queue, durably; return its envelope (with the DSN
     parameters ``dsn`` and, by address, ``recipient_dsn``).
 
-    *body_path* (normally a spool file under ``qdir``, same file system) is fsync'd; the
-    envelope is written to ``messages/.<id>.json.tmp`` and fsync'd; the body is renamed to
-    ``messages/<id>.body``, the envelope to ``messages/<id>.json`` (the commit point), and
-    ``messages/`` is fsync'd once, that fsync shared with the enqueues running at the same
-    time (group commit, ``DirectorySync``). All of it under a shared lock of ``messages/``,
+    The envelope is written to ``messages/.<id>.json.tmp``; *body_path* (normally a spool
+    file under ``qdir``, same file system) is renamed to ``messages/<id>.body``, the envelope
+    to ``messages/<id>.json``; both files and ``messages/`` are fsync'd, the last fsync
+    shared with the enqueues running at the same time (group commit, ``DirectorySync``); the
+    order: the module's docstring. All of it under a shared lock of ``messages/``,
     which the start-up scan takes exclusively: the scan never sees an enqueue half done.
 
     On failure nothing is committed: the temporary envelope is removed, the
@@ -187,6 +189,7 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
     json_dest = messages / f"{queue_id}.json"
     json_tmp = messages / f".{queue_id}.json.tmp"
     body_moved = tmp_created = committed = False
+    envelope_fd = body_fd = None
     try:
         # An id already in use (committed, or being enqueued) is never overwritten.
         for existing in (json_dest, body_dest):
@@ -196,20 +199,29 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
                 )
         tmp_created = True
         try:
-            durable.write_new(json_tmp, data, named=doing, take=functools.partial(
-                recycle.take, messages.parent / recycle.RECYCLE_DIR),
-                prepare=functools.partial(_sync_body, source))
+            envelope_fd = durable.create(json_tmp, data, named=doing, take=functools.partial(
+                recycle.take, messages.parent / recycle.RECYCLE_DIR))
         except DeliveryError as exc:
             tmp_created = exc.errno != errno.EEXIST  # another enqueue's dot-file: not ours
             raise
-        # Both contents are durable before either name is: a name that survives a crash
-        # never points at a half-written file.
+        with doing("open", source):
+            body_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        with doing("write", source):
+            os.fchmod(body_fd, 0o600)
+        # Both contents on the disk before either name is durable: a name that survives a
+        # crash never points at a short file. Written out, they are fsync'd after the names
+        # (one journal commit for all); else before them.
+        named_first = write_out(envelope_fd) and write_out(body_fd)
+        if not named_first:
+            _sync_contents(source, body_fd, json_tmp, envelope_fd)
         with doing("move into the queue", source):
             os.rename(source, body_dest)
         body_moved = True
         with doing("commit", json_dest):
             os.rename(json_tmp, json_dest)
         tmp_created, committed = False, True
+        if named_first:
+            _sync_contents(body_dest, body_fd, json_dest, envelope_fd)
         with doing("fsync directory", messages):
             _sync_messages(dir_fd)
     except BaseException:
@@ -221,21 +233,18 @@ def _commit(messages: Path, dir_fd: int, queue_id: str, data: bytes, source: Pat
             messages=messages,
         )
         raise
-
-
-def _sync_body(source: Path, envelope_fd: int) -> None:
-    """fsync the body at *source*, between the envelope's write and its fsync (write_new's
-    ``prepare``): the envelope's writeback started first, the body's fsync is the one
-    journal commit that both need (``fdio.start_writeback``)."""
-    start_writeback(envelope_fd)
-    with doing("open", source):
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with doing("fsync", source):
-            os.fchmod(fd, 0o600)
-            os.fsync(fd)
     finally:
-        os.close(fd)
+        for fd in (envelope_fd, body_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def _sync_contents(body: Path, body_fd: int, envelope: Path, envelope_fd: int) -> None:
+    """fsync an enqueue's two files, the body first (the paths are for the errors)."""
+    with doing("fsync", body):
+        os.fsync(body_fd)
+    with doing("fsync", envelope):
+        os.fsync(envelope_fd)
 
 
 def _undo(

@@ -87,16 +87,12 @@ def test_prepare_sees_the_written_file_before_its_fsync(tmp_path: Path) -> None:
     assert seen == [4] and target.stat().st_mode & 0o777 == 0o640
 
 
-@pytest.mark.parametrize("name", ["start_writeback", "write_out"])
-def test_the_writeback_calls_are_taken_by_a_file_and_refused_quietly_elsewhere(
-    tmp_path: Path, name: str
-) -> None:
+def test_write_out_is_taken_by_a_file_and_refused_quietly_elsewhere(tmp_path: Path) -> None:
     """The call reaches the kernel for a file with unwritten data (Linux has sync_file_range:
     were it not found, enqueues and Maildir deliveries would silently cost two journal
     commits again); a pipe refuses it (ESPIPE) without an exception."""
-    from mailsrv.storage import fdio
+    from mailsrv.storage.fdio import write_out as call
 
-    call = getattr(fdio, name)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     read_end, write_end = os.pipe()
     try:

@@ -32,14 +32,20 @@ def qdir(tmp_path: Path) -> Path:
     return spool_dir(tmp_path)
 
 
-def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], object]:
-    """Run one enqueue; its fsyncs and renames in order, then ("returned",)."""
+def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch,
+                   write_out: bool = True) -> tuple[list[tuple], object]:
+    """Run one enqueue; its write-outs, fsyncs and renames in order, then ("returned",). The
+    write-outs are refused when *write_out* is False (a system without sync_file_range)."""
     ops: list[tuple] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_write_out = os.fsync, os.rename, queue.write_out
 
     def fsync(fd: int) -> None:
         ops.append(("fsync", fd_path(fd)))
         real_fsync(fd)
+
+    def take_write_out(fd: int) -> bool:
+        ops.append(("write out", fd_path(fd)))
+        return write_out and real_write_out(fd)
 
     def rename(src: object, dst: object, **kwargs: object) -> None:
         real_rename(src, dst, **kwargs)  # type: ignore[arg-type]
@@ -47,6 +53,7 @@ def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tu
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(queue, "write_out", take_write_out)
     message = enqueue_spare(qdir)
     monkeypatch.undo()
     ops.append(("returned",))
@@ -54,13 +61,18 @@ def traced_enqueue(qdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tu
 
 
 def check_order(ops: list[tuple], messages: str) -> None:
-    """Each file's content is fsync'd before it gets its name in messages/, and messages/ is
-    fsync'd after the last such rename and before enqueue returns (the 250)."""
+    """Each file's content is on the disk before it gets its name in messages/: fsync'd, or
+    written out (fdio.write_out: a journaling file system commits the name only with or after
+    it); each file is fsync'd, and messages/ after the last rename, before enqueue returns
+    (the 250)."""
     renames = [i for i, op in enumerate(ops) if op[0] == "rename"]
     assert renames, ops
     for i in renames:
         source = ops[i][1]
-        assert ("fsync", source) in ops[:i], f"{source} renamed before its content was fsync'd"
+        assert ("fsync", source) in ops[:i] or ("write out", source) in ops[:i], (
+            f"{source} renamed before its content was on the disk")
+        fsynced = ("fsync", source) in ops[:i] or ("fsync", ops[i][2]) in ops[i:]
+        assert fsynced, f"{ops[i][2]} not fsync'd before the 250"
     assert ("fsync", messages) in ops[renames[-1]:], "messages/ not fsync'd before the 250"
 
 
@@ -89,16 +101,17 @@ def rebuild(tmp: Path, qdir: Path, renames: list[tuple], files: dict[str, bytes]
     return tmp
 
 
+@pytest.mark.parametrize("write_out", [True, False], ids=["written-out", "fsynced-first"])
 def test_every_crash_state_loads_whole_or_not_at_all(
-    qdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    qdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_out: bool
 ) -> None:
-    ops, message = traced_enqueue(qdir, monkeypatch)
+    ops, message = traced_enqueue(qdir, monkeypatch, write_out)
     messages = str(qdir / "messages")
     check_order(ops, messages)
     envelope = (qdir / "messages" / "ID1.json").read_bytes()
     tmp_json = str(qdir / "messages" / ".ID1.json.tmp")
-    # Before the first rename the body is in spare/ and the envelope (fsync'd: check_order)
-    # in its dot-file; the dot-file may also be there half written (a crash in its write).
+    # Before the first rename the body is in spare/ and the envelope (on the disk:
+    # check_order) in its dot-file; the dot-file may also be there half written (a crash in its write).
     start = {str(qdir / "spare" / "s1"): BODY, tmp_json: envelope}
     seen = set()
     for step, renames, answered in crash_states(ops, messages):
@@ -140,13 +153,29 @@ def test_envelope_without_body_is_removed(qdir: Path, monkeypatch: pytest.Monkey
     assert list((qdir / "messages").iterdir()) == [] and list((qdir / "corrupt").iterdir()) == []
 
 
-def test_one_file_fsync_per_file_and_one_of_the_directory(
+def test_both_files_written_out_named_then_fsyncd_with_the_directory(
     qdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One journal commit per enqueue: the body's fsync after the names commits them with
+    both contents; the envelope's and the directory's find nothing left to commit."""
     ops, _ = traced_enqueue(qdir, monkeypatch)
-    fsyncs = [op[1] for op in ops if op[0] == "fsync"]
-    assert fsyncs == [str(qdir / "spare" / "s1"), str(qdir / "messages" / ".ID1.json.tmp"),
-                      str(qdir / "messages")]
+    messages = qdir / "messages"
+    assert [op[:2] for op in ops] == [
+        ("write out", str(messages / ".ID1.json.tmp")), ("write out", str(qdir / "spare" / "s1")),
+        ("rename", str(qdir / "spare" / "s1")), ("rename", str(messages / ".ID1.json.tmp")),
+        ("fsync", str(messages / "ID1.body")), ("fsync", str(messages / "ID1.json")),
+        ("fsync", str(messages)), ("returned",)]
+
+
+def test_without_write_out_both_files_are_fsyncd_before_their_names(
+    qdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops, _ = traced_enqueue(qdir, monkeypatch, write_out=False)
+    messages = qdir / "messages"
+    assert [op[:2] for op in ops if op[0] != "write out"] == [
+        ("fsync", str(qdir / "spare" / "s1")), ("fsync", str(messages / ".ID1.json.tmp")),
+        ("rename", str(qdir / "spare" / "s1")), ("rename", str(messages / ".ID1.json.tmp")),
+        ("fsync", str(messages)), ("returned",)]
 
 
 def test_the_scan_waits_for_an_enqueue_in_progress(

@@ -1,11 +1,13 @@
 """Recycled queue files (mailsrv.storage.recycle): a finished message's files are moved to
 ``recycle/``, emptied, and taken again by enqueues and spare spool files.
 
-The crash tests trace the real operations (renames, truncations, removals, writes, fsyncs, on
-real files under tmp_path) and rebuild from the trace every state a crash can leave: at each
-step, with any change not yet covered by an fsync of ``messages/`` lost (per file in order; a
-truncation may be lost on its own, a file system may write it after the rename that follows),
-a write not yet fsync'd half done; then the start-up scan loads it. A recycled file is never
+The crash tests trace the real operations (renames, truncations, removals, writes, write-outs,
+fsyncs, on real files under tmp_path) and rebuild from the trace every state a crash can leave:
+at each step, with any change not yet covered by an fsync of ``messages/`` lost (per file in
+order; a truncation may be lost on its own, a file system may write it after the rename that
+follows), a write not yet fsync'd half done unless written out (``fdio.write_out``) before a
+rename or removal that survived (a journaling file system commits that change only after what
+was written out before it); then the start-up scan loads it. A recycled file is never
 taken for a message, a message is whole or absent, and what stays in stock is empty.
 """
 
@@ -53,6 +55,7 @@ def traced(qdir: Path, monkeypatch: pytest.MonkeyPatch, f) -> tuple[list[tuple],
     ops: list[tuple] = []
     real = {name: getattr(os, name) for name in ("fsync", "rename", "truncate", "unlink", "write")}
     real_noreplace = recycle._rename_noreplace
+    real_write_out = queue.write_out
 
     def rel(path: object) -> str:
         return os.path.relpath(os.fspath(path), qdir)  # type: ignore[arg-type]
@@ -86,6 +89,13 @@ def traced(qdir: Path, monkeypatch: pytest.MonkeyPatch, f) -> tuple[list[tuple],
             ops.append(("write", rel(path)))
         return n
 
+    def write_out(fd: int) -> bool:
+        done = real_write_out(fd)
+        path = fd_path(fd)
+        ops.append(("write out", rel(path), Path(path).read_bytes() if done else None))
+        return done
+
+    monkeypatch.setattr(queue, "write_out", write_out)
     for name, fake in (("fsync", fsync), ("rename", rename), ("truncate", truncate),
                        ("unlink", unlink), ("write", write)):
         monkeypatch.setattr(os, name, fake)
@@ -104,7 +114,7 @@ def _with_files(ops: list[tuple], before: dict) -> list[tuple]:
         if op[0] == "rename":
             file = names.pop(op[1])
             names[op[2]] = file
-        elif op[0] in ("truncate", "unlink", "write", "fsync"):
+        elif op[0] in ("truncate", "unlink", "write", "write out", "fsync"):
             file = names.get(op[1], op[1])
             if op[0] == "unlink":
                 names.pop(op[1], None)
@@ -140,6 +150,7 @@ def _image(done: list, lost: set[int], before: dict):
     content = dict(before)  # file: durable content
     gone: set[str] = set()  # files of which a metadata change was lost: later ones are too
     written: set[str] = set()  # files written and not fsync'd since
+    written_out: dict[str, bytes] = {}  # file: content on the disk once a later change is
     for i, (op, file) in enumerate(done):
         if op[0] in ("rename", "unlink"):
             if i in lost:
@@ -147,6 +158,9 @@ def _image(done: list, lost: set[int], before: dict):
                 continue
             if file in gone:
                 return None  # a later change of a file without its earlier one: not a state
+            content.update(written_out)  # committed after what was written out before it
+            written.difference_update(written_out)
+            written_out.clear()
             path = next(p for p, f in names.items() if f == file)
             del names[path]
             if op[0] == "rename":
@@ -155,6 +169,8 @@ def _image(done: list, lost: set[int], before: dict):
             content[file] = b""
         elif op[0] == "write":
             written.add(file)
+        elif op[0] == "write out" and op[2] is not None:
+            written_out[file] = op[2]
         elif op[0] == "fsync" and op[2] is not None:
             content[file] = op[2]
             written.discard(file)
@@ -224,14 +240,15 @@ def test_every_crash_state_of_an_enqueue_taking_a_recycled_file(
     """The envelope's dot-file is a recycled file (here one a crash left not empty)."""
     (qdir / "recycle" / "rold").write_bytes(b"a finished message's body\n" * 200)
     ops, before, message = traced(qdir, monkeypatch, lambda: enqueue_spare(qdir))
-    # Taken and written first; the body's fsync, then the envelope's (one journal commit).
-    assert [op[:2] for op in ops[:4]] == [
+    # Taken and written first; both written out, named, then fsync'd (one journal commit).
+    assert [op[:2] for op in ops[:5]] == [
         ("rename", "recycle/rold"), ("write", "messages/.ID1.json.tmp"),
-        ("fsync", "spare/s1"), ("fsync", "messages/.ID1.json.tmp")], ops
+        ("write out", "messages/.ID1.json.tmp"), ("write out", "spare/s1"),
+        ("rename", "spare/s1")], ops
     assert stock(qdir) == {}
-    for i, op in enumerate(ops):  # a name in messages/ only for content fsync'd before it
+    for i, op in enumerate(ops):  # a name in messages/ only for content on the disk before it
         if op[0] == "rename" and not op[2].startswith("messages/."):
-            assert any(o[0] == "fsync" and o[1] == op[1] for o in ops[:i]), op
+            assert any(o[0] in ("fsync", "write out") and o[1] == op[1] for o in ops[:i]), op
     returned = len(ops) - 1
     seen = set()
     for step, image in crash_images(ops, before):
