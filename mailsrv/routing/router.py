@@ -48,9 +48,15 @@ class LocalTarget:
     def address(self) -> str:
         return f"{self.user}@{self.domain}"
 
+    @property
+    def maildir_name(self) -> str:
+        """``domain/user``, the Maildir below the mail root: Dovecot's ``maildir:<root>/%d/%n``
+        layout (a string: deliveries take it per message)."""
+        return f"{self.domain}/{self.user}"
+
     def maildir(self, root: Path) -> Path:
-        """``root / domain / user``: Dovecot's ``maildir:<root>/%d/%n`` layout."""
-        return Path(root) / self.domain / self.user
+        """The Maildir under *root* (``maildir_name``)."""
+        return Path(root) / self.maildir_name
 
 
 @dataclass(frozen=True)

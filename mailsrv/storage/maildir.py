@@ -103,7 +103,7 @@ def deliver(
     *,
     hostname: str,
     body: bytes | None = None,
-) -> list[Path]:
+) -> list[str]:
     """Deliver *prefix* + the content of *body_path* into every maildir, durably.
 
     *body*, when the caller holds it, is that content: written from memory with the prefix
@@ -129,10 +129,10 @@ def deliver(
     ``new/`` or ``tmp/`` is removed and DeliveryError is raised (``disk_full``
     for ENOSPC/EDQUOT).
 
-    Returns the path in ``new/`` for each element of *maildirs*, aligned with
-    the argument (so callers can ``zip`` it with their recipients); a
-    duplicate maildir gets the same path as its first occurrence.  Undo a
-    delivery that must not stand with ``remove_delivered``.
+    Returns the path in ``new/`` for each element of *maildirs* (a string: a Path made per
+    delivery cost more than the link), aligned with the argument (so callers can ``zip``
+    it with their recipients); a duplicate maildir gets the same path as its first
+    occurrence.  Undo a delivery that must not stand with ``remove_delivered``.
     """
     base = os.fspath(root)  # a string: a Path made and printed per delivery cost 2 % of it
     wanted = [_names(base, maildir) for maildir in maildirs]
@@ -207,7 +207,7 @@ class _Delivery:
             if src_fd is not None:
                 os.close(src_fd)
 
-    def link(self) -> dict[int, Path]:
+    def link(self) -> dict[int, str]:
         """Link the file into the ``new/`` of every directory, fsync it and each; their paths.
 
         The directories held open are fsync'd after all the links: links made in a row
@@ -217,13 +217,13 @@ class _Delivery:
         is fsync'd before its descriptor is closed: walking to it again could reach another
         directory than the one linked into."""
         source = self.held[0]
-        new_paths: dict[int, Path] = {}
+        new_paths: dict[int, str] = {}
         for index, names in enumerate(self.unique):
             box = self._box(index)
             try:
                 _link(source, box, self.name, self.size)
                 self.linked.append((names, box.key, self.name))
-                new_paths[index] = Path(f"{box.path}/new/{self.name}")
+                new_paths[index] = f"{box.path}/new/{self.name}"
                 if index not in self.held:
                     _sync_new(box)
             finally:

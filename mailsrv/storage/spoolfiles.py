@@ -50,6 +50,7 @@ class SpareSpoolFiles:
         self.recycled = Path(queue_path) / recycle.RECYCLE_DIR
         if subdir is not None:
             self.directory = self.directory / subdir
+        self._directory = os.fspath(self.directory)  # compared per message, as a string
         self.reactor = reactor
         self.stock = stock
         self._ready: collections.deque[tuple[Path, int]] = collections.deque()
@@ -84,8 +85,7 @@ class SpareSpoolFiles:
         file with O_TRUNC changes no directory. A body moved into the queue is gone already;
         a file from elsewhere (incoming/, when the stock was empty) is removed.
         """
-        path = Path(path)
-        if path.parent == self.directory and not self._stopped and (
+        if os.path.dirname(path) == self._directory and not self._stopped and (
             len(self._ready) < 2 * self.stock
         ):
             try:
@@ -95,7 +95,8 @@ class SpareSpoolFiles:
             except OSError:
                 pass
             else:
-                self._ready.append((path, fd))  # deque.append: safe from any thread
+                # deque.append: safe from any thread
+                self._ready.append((path if isinstance(path, Path) else Path(path), fd))
                 return
         try:
             os.unlink(path)

@@ -90,7 +90,7 @@ def store(
     local = [t for t in targets if isinstance(t, LocalTarget)]
     remote = [t for t in targets if isinstance(t, RemoteTarget)]
     stored = Stored()
-    delivered: list[Path] = []
+    delivered: list[str] = []
     if local and config.mailboxes.delivery is not None:
         return _store_for_lmtp(config, queue_id, stored, local, remote, sender=sender,
                                queue_sender=queue_sender, queue_prefix=queue_prefix, trace=trace,
@@ -100,15 +100,14 @@ def store(
                                tls_required=tls_required)
     try:
         if local:
-            root = Path(config.mailboxes.root)
             return_path = headers.return_path(sender, utf8=smtputf8)
             folders = folders or {}
             delivered = maildir.deliver(
-                root, [_maildir(root, t, folders.get(t)) for t in local],
+                config.mailboxes.root, [_maildir(t, folders.get(t)) for t in local],
                 _local_prefix(local, return_path, trace, smtputf8),
                 body_path, hostname=config.hostname, body=body,
             )
-            stored.places += [(t, str(path)) for t, path in zip(local, delivered)]
+            stored.places += zip(local, delivered)
         if remote:
             stored.queued = queue.enqueue(
                 Path(config.queue.path), queue_id,
@@ -193,8 +192,8 @@ def _local_prefix(local: list[LocalTarget], return_path: bytes, trace: bytes,
     return return_path + trace
 
 
-def _maildir(root: Path, target: LocalTarget, folder: str | None) -> Path:
-    """The Maildir of ``target`` relative to ``root``: its INBOX, or the Maildir++ folder
-    ``.<folder>`` in it (the name is checked by mailsrv.checks.pipeline.FileInto)."""
-    inbox = target.maildir(root).relative_to(root)
-    return inbox / f".{folder}" if folder else inbox
+def _maildir(target: LocalTarget, folder: str | None) -> str:
+    """The Maildir of ``target`` relative to the mail root: its INBOX, or the Maildir++
+    folder ``.<folder>`` in it (the name is checked by mailsrv.checks.pipeline.FileInto)."""
+    inbox = target.maildir_name
+    return f"{inbox}/.{folder}" if folder else inbox

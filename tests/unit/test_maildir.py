@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailsrv.storage import maildir
-from mailsrv.storage.maildir import DeliveryError, deliver, remove_delivered
+from mailsrv.storage.maildir import DeliveryError, remove_delivered
 from mailsrv.storage.maildir_name import unique_name
 from support.procfs import open_fd_count
 
@@ -32,6 +32,11 @@ def body(tmp_path: Path) -> Path:
     path.parent.mkdir(parents=True)
     path.write_bytes(BODY)
     return path
+
+
+def deliver(*args: object, **kwargs: object) -> list[Path]:
+    """maildir.deliver, its paths (strings) read here as Paths."""
+    return [Path(p) for p in maildir.deliver(*args, **kwargs)]  # type: ignore[arg-type]
 
 
 def mode(path: Path) -> int:
